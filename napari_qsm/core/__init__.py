@@ -1,0 +1,1 @@
+"""Headless QSM numerics (numpy, scipy, torch, nibabel). Never imports Qt or napari."""

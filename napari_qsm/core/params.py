@@ -1,0 +1,177 @@
+"""Parameter records: one dataclass per method feeds the API, the command line and the widget.
+
+Declare fields with :func:`param`::
+
+    @dataclass
+    class TKDParams:
+        threshold: float = param(0.15, "k-space threshold δ on |D|", min=0.01, max=0.67)
+
+Metadata carried per field: ``doc`` (one line), ``min``/``max`` (inclusive), ``choices``,
+``cli`` (the command-line / display name when it differs from the attribute, e.g. ``lambda``),
+``allow`` (extra string values accepted besides numbers, e.g. ``("auto",)``) and ``widget``
+(hint for the GUI: "hidden" hides it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+
+class ParamError(ValueError):
+    """A parameter value is unknown, malformed or out of range."""
+
+
+def param(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
+          choices: tuple | None = None, cli: str | None = None, allow: tuple = (),
+          widget: str | None = None):
+    """A dataclass field with the metadata the API, CLI and GUI share."""
+    meta = {"doc": doc, "min": min, "max": max, "choices": choices, "cli": cli,
+            "allow": tuple(allow), "widget": widget}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Description of one parameter (what a widget or the CLI help needs)."""
+
+    attr: str          # attribute name on the dataclass
+    name: str          # public name (CLI --param NAME=..., widget label)
+    type: Any          # python type (float, int, bool, str)
+    default: Any
+    doc: str
+    min: float | None
+    max: float | None
+    choices: tuple | None
+    allow: tuple
+    widget: str | None
+
+
+def _base_type(tp: Any) -> Any:
+    if isinstance(tp, str):
+        tp = {"float": float, "int": int, "bool": bool, "str": str}.get(tp.split("|")[0].strip(), str)
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0]) if args else str
+    return tp
+
+
+def specs(cls) -> list[ParamSpec]:
+    """The :class:`ParamSpec` of every field of a parameter record class."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        m = f.metadata
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else None)
+        out.append(ParamSpec(attr=f.name, name=m.get("cli") or f.name, type=_base_type(hints[f.name]),
+                             default=default, doc=m.get("doc", ""), min=m.get("min"), max=m.get("max"),
+                             choices=m.get("choices"), allow=tuple(m.get("allow", ())),
+                             widget=m.get("widget")))
+    return out
+
+
+def _convert(spec: ParamSpec, value: Any) -> Any:
+    if isinstance(value, str):
+        v = value.strip()
+        if v.lower() in [a.lower() for a in spec.allow]:
+            return v.lower()
+        if spec.type is bool:
+            if v.lower() in ("1", "true", "yes", "on"):
+                return True
+            if v.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ParamError(f"parameter '{spec.name}': expected true/false, got {value!r}")
+        if spec.type in (int, float):
+            try:
+                num = float(v)
+            except ValueError:
+                extra = f" or one of {list(spec.allow)}" if spec.allow else ""
+                raise ParamError(f"parameter '{spec.name}': expected a number{extra}, got {value!r}") from None
+            if spec.type is int:
+                if num != int(num):
+                    raise ParamError(f"parameter '{spec.name}': expected an integer, got {value!r}")
+                num = int(num)
+            value = num
+        else:
+            value = v
+    elif isinstance(value, str) is False and spec.allow and isinstance(value, str):
+        return value
+    if isinstance(value, str) and spec.allow and value.lower() in spec.allow:
+        return value.lower()
+    if spec.type is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+    if spec.type is int and isinstance(value, float) and value == int(value):
+        value = int(value)
+    return value
+
+
+def validate_value(spec: ParamSpec, value: Any) -> Any:
+    value = _convert(spec, value)
+    if isinstance(value, str) and value in spec.allow:
+        return value
+    if spec.choices is not None and value not in spec.choices:
+        raise ParamError(f"parameter '{spec.name}': {value!r} is not one of {list(spec.choices)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value != value:  # NaN
+            raise ParamError(f"parameter '{spec.name}': NaN is not allowed")
+        if spec.min is not None and value < spec.min:
+            raise ParamError(f"parameter '{spec.name}': {value} is below the minimum {spec.min}")
+        if spec.max is not None and value > spec.max:
+            raise ParamError(f"parameter '{spec.name}': {value} is above the maximum {spec.max}")
+    return value
+
+
+def make_params(cls, values: dict | None = None, **kwargs):
+    """Build and validate a parameter record from public names or attribute names.
+
+    Values may be strings (from the command line) or python values. Unknown names raise
+    :class:`ParamError` listing the known ones.
+    """
+    merged = dict(values or {})
+    merged.update(kwargs)
+    by_name = {}
+    for s in specs(cls):
+        by_name[s.name] = s
+        by_name[s.attr] = s
+    init = {}
+    for key, val in merged.items():
+        if key not in by_name:
+            known = ", ".join(s.name for s in specs(cls))
+            raise ParamError(f"unknown parameter '{key}' for {cls.__name__} (known: {known})")
+        s = by_name[key]
+        init[s.attr] = validate_value(s, val)
+    return cls(**init)
+
+
+def check_params(obj) -> None:
+    """Validate every field of an existing record (raises :class:`ParamError`)."""
+    for s in specs(type(obj)):
+        validate_value(s, getattr(obj, s.attr))
+
+
+def params_to_dict(obj) -> dict:
+    """Public-name dict of a record (JSON friendly)."""
+    out = {}
+    for s in specs(type(obj)):
+        v = getattr(obj, s.attr)
+        if isinstance(v, tuple):
+            v = list(v)
+        out[s.name] = v
+    return out
+
+
+def parse_cli_params(items: list[str] | None) -> dict:
+    """``["threshold=0.2", "lambda=auto"]`` -> ``{"threshold": "0.2", "lambda": "auto"}``."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ParamError(f"--param expects NAME=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out

@@ -1,0 +1,135 @@
+"""Scan: the inputs of a reconstruction, validated once.
+
+A :class:`Scan` holds the local field (ppm), brain mask, optional magnitude and noise map, voxel
+size (mm) and B0 direction (unit vector), all in the scan's own voxel frame (i, j, k) after
+``nib.as_closest_canonical``; plus the affine and the source description for provenance.
+Validation errors name the input and say what was expected. Inputs are never modified: the
+scan keeps its own float32 / bool copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .dipole import check_voxel_size, unit_vector
+
+
+class ScanError(ValueError):
+    """Invalid scan input; the message names the input and what was expected."""
+
+
+def _as_3d(name: str, arr, dtype) -> np.ndarray:
+    if arr is None:
+        raise ScanError(f"{name}: missing")
+    a = np.asarray(arr)
+    if a.ndim == 4 and a.shape[3] == 1:
+        a = a[..., 0]
+    if a.ndim != 3:
+        hint = " (4-D multi-echo data: choose an echo)" if a.ndim == 4 else ""
+        raise ScanError(f"{name}: expected a 3-D volume, got {a.ndim}-D array of shape {a.shape}{hint}")
+    if a.size == 0:
+        raise ScanError(f"{name}: empty array of shape {a.shape}")
+    if np.iscomplexobj(a):
+        raise ScanError(f"{name}: complex data given; expected a real-valued volume")
+    return np.array(a, dtype=dtype, copy=True)
+
+
+@dataclass
+class Scan:
+    field: np.ndarray
+    mask: np.ndarray
+    voxel_size: tuple = (1.0, 1.0, 1.0)
+    b0_direction: np.ndarray = field(default_factory=lambda: np.array([0.0, 0.0, 1.0]))
+    magnitude: Optional[np.ndarray] = None
+    noise_std: Optional[np.ndarray] = None
+    affine: Optional[np.ndarray] = None
+    te: Optional[float] = None
+    b0_tesla: Optional[float] = None
+    name: str = "scan"
+    source: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.field = _as_3d("field", self.field, np.float32)
+        mask = _as_3d("mask", self.mask, np.float32)
+        if mask.shape != self.field.shape:
+            raise ScanError(f"mask: shape {mask.shape} does not match field shape {self.field.shape}")
+        if not np.all(np.isfinite(mask)):
+            raise ScanError("mask: contains NaN or Inf")
+        self.mask = mask > 0.5
+        if not self.mask.any():
+            raise ScanError("mask: empty (no voxel > 0.5); expected a brain mask with at least one voxel")
+        try:
+            self.voxel_size = tuple(float(v) for v in check_voxel_size(self.voxel_size))
+        except ValueError as exc:
+            raise ScanError(str(exc)) from None
+        try:
+            self.b0_direction = unit_vector(self.b0_direction)
+        except ValueError as exc:
+            raise ScanError(str(exc)) from None
+        bad = ~np.isfinite(self.field)
+        if bad.any():
+            inside = int((bad & self.mask).sum())
+            if inside:
+                raise ScanError(f"field: {inside} NaN/Inf voxels inside the mask; fix the field or exclude them from the mask")
+            warnings.warn(f"field: {int(bad.sum())} NaN/Inf voxels outside the mask were set to 0", stacklevel=2)
+            self.field[bad] = 0.0
+        if self.magnitude is not None:
+            mag = _as_3d("magnitude", self.magnitude, np.float32)
+            if mag.shape != self.field.shape:
+                raise ScanError(f"magnitude: shape {mag.shape} does not match field shape {self.field.shape}")
+            if not np.all(np.isfinite(mag[self.mask])):
+                raise ScanError("magnitude: NaN or Inf inside the mask")
+            mag[~np.isfinite(mag)] = 0.0
+            self.magnitude = mag
+        if self.noise_std is not None:
+            n = _as_3d("noise_std", self.noise_std, np.float32)
+            if n.shape != self.field.shape:
+                raise ScanError(f"noise_std: shape {n.shape} does not match field shape {self.field.shape}")
+            self.noise_std = n
+        if self.affine is not None:
+            aff = np.asarray(self.affine, dtype=np.float64)
+            if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
+                raise ScanError(f"affine: expected a finite 4x4 matrix, got shape {aff.shape}")
+            self.affine = aff
+        for nm in ("te", "b0_tesla"):
+            v = getattr(self, nm)
+            if v is not None and (not np.isfinite(v) or v <= 0):
+                raise ScanError(f"{nm}: expected a positive number, got {v!r}")
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.field.shape)
+
+    def info(self) -> dict:
+        """JSON-friendly description (for provenance)."""
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "voxel_size": [round(v, 6) for v in self.voxel_size],
+            "b0_direction": [round(float(v), 6) for v in self.b0_direction],
+            "mask_voxels": int(self.mask.sum()),
+            "has_magnitude": self.magnitude is not None,
+            "fingerprint": self.fingerprint(),
+            **({"source": dict(self.source)} if self.source else {}),
+        }
+
+    def fingerprint(self) -> str:
+        """sha256 (first 16 hex digits) of field, mask, voxel size and B0 direction."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.field).tobytes())
+        h.update(np.packbits(self.mask).tobytes())
+        h.update(np.asarray(self.voxel_size, np.float64).tobytes())
+        h.update(np.asarray(self.b0_direction, np.float64).round(9).tobytes())
+        return h.hexdigest()[:16]
+
+    @classmethod
+    def from_phantom(cls, ph, name: str = "phantom") -> "Scan":
+        """Scan from a :class:`~napari_qsm.core.phantom.Phantom` (field, mask, magnitude, noise)."""
+        return cls(field=ph.field, mask=ph.mask, voxel_size=ph.voxel_size, b0_direction=ph.b0_direction,
+                   magnitude=ph.magnitude, noise_std=ph.noise_std, affine=ph.affine,
+                   te=ph.te, b0_tesla=ph.b0_tesla, name=name)
