@@ -1,0 +1,266 @@
+"""The ``napari-qsm`` command line (contract in DESIGN.md).
+
+    napari-qsm recon FIELD --mask MASK [--magnitude MAG] --method NAME [--voxel-size X Y Z]
+               [--b0-dir X Y Z] [--units ppm|hz|rad] [--te S] [--b0 T] [--echo N]
+               [--device auto|cpu|cuda] [--weights CKPT] [--param NAME=VALUE ...]
+               [--orientation FIELD [X Y Z] ...]   (COSMOS: more orientations)  -o OUT.nii.gz
+    napari-qsm adapt FIELD --mask MASK [--magnitude MAG] [--steps N] [--weights CKPT]
+               [--save-weights OUT.pt] -o OUT.nii.gz
+    napari-qsm metrics RECON REFERENCE --mask MASK [--field FIELD] [--json]
+    napari-qsm phantom OUTDIR [--shape X Y Z] [--voxel-size X Y Z] [--seed N] [--snr S] [--oblique DEG]
+    napari-qsm methods            (list methods and their parameters)
+    napari-qsm demo [OUTDIR]      (every method on the built-in phantom: metrics table + comparison PNG)
+
+Errors print ``napari-qsm: error: ...`` to stderr and exit with status 2; nothing is written.
+Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _add_scan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("field", help="local field map (NIfTI), units per --units (default ppm)")
+    p.add_argument("--mask", required=True, help="brain mask (NIfTI, nonzero = inside)")
+    p.add_argument("--magnitude", help="magnitude image (NIfTI; 4-D: root sum of squares unless --echo)")
+    p.add_argument("--voxel-size", nargs=3, type=float, metavar=("X", "Y", "Z"),
+                   help="override voxel size (mm) in the canonical (RAS) voxel frame")
+    p.add_argument("--b0-dir", nargs=3, type=float, metavar=("X", "Y", "Z"),
+                   help="override B0 direction in the canonical voxel frame (default: from the affine)")
+    p.add_argument("--units", default="ppm", choices=["ppm", "hz", "rad"], help="field units (default ppm)")
+    p.add_argument("--te", type=float, help="echo time in seconds (needed for --units rad)")
+    p.add_argument("--b0", type=float, help="field strength in tesla (needed for --units hz/rad)")
+    p.add_argument("--echo", type=int, help="echo index for 4-D multi-echo input")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="napari-qsm", description="Quantitative susceptibility mapping (χ in ppm).")
+    ap.add_argument("--version", action="version", version=_version())
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("recon", help="reconstruct χ from a local field map",
+                       epilog="Run 'napari-qsm methods' for every method's parameters.")
+    _add_scan_args(r)
+    r.add_argument("--method", required=True, help="tkd, tsvd, medi, cosmos, dsbn, ...")
+    r.add_argument("--weights", help="network checkpoint (.pt) for network methods")
+    r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter (repeatable)")
+    r.add_argument("--orientation", action="append", nargs="+", default=[], metavar="FIELD [X Y Z]",
+                   help="COSMOS: another co-registered field map of the same head, optionally followed by its "
+                        "B0 direction in the canonical voxel frame (else from its affine); repeat per orientation")
+    r.add_argument("-o", "--output", required=True, help="output χ map (.nii or .nii.gz), JSON sidecar beside it")
+
+    a = sub.add_parser("adapt", help="adapt QSMInvNet+ to this scan, then reconstruct")
+    _add_scan_args(a)
+    a.add_argument("--steps", type=int, help="adaptation steps (default: the method's default)")
+    a.add_argument("--weights", help="base checkpoint (default: shipped weights)")
+    a.add_argument("--save-weights", help="where to write the adapted checkpoint (.pt, JSON sidecar beside it)")
+    a.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="adaptation parameter (repeatable)")
+    a.add_argument("-o", "--output", required=True, help="output χ map (.nii or .nii.gz)")
+
+    m = sub.add_parser("metrics", help="compare a χ map with a reference inside a mask")
+    m.add_argument("recon", help="reconstructed χ (NIfTI, ppm)")
+    m.add_argument("reference", nargs="?", help="reference χ (NIfTI, ppm); omit for reference-free metrics")
+    m.add_argument("--mask", required=True, help="mask (NIfTI)")
+    m.add_argument("--field", help="local field (ppm) for the field-consistency residual")
+    m.add_argument("--b0-dir", nargs=3, type=float, metavar=("X", "Y", "Z"), help="override B0 direction")
+    m.add_argument("--json", action="store_true", help="print one JSON object")
+
+    ph = sub.add_parser("phantom", help="write a procedural head phantom (field, mask, magnitude, χ, labels)")
+    ph.add_argument("outdir")
+    ph.add_argument("--shape", nargs=3, type=int, metavar=("X", "Y", "Z"))
+    ph.add_argument("--voxel-size", nargs=3, type=float, metavar=("X", "Y", "Z"))
+    ph.add_argument("--clinical", action="store_true", help="clinical-like preset 192x224x48 at 0.75x0.75x3 mm")
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--snr", type=float, help="magnitude SNR for magnitude-weighted field noise (default: none)")
+    ph.add_argument("--oblique", type=float, default=0.0, help="B0 tilt in degrees about the x axis")
+
+    sub.add_parser("methods", help="list methods and their parameters")
+
+    d = sub.add_parser("demo", help="every method on the built-in phantom: metrics table and comparison PNG")
+    d.add_argument("outdir", nargs="?", default="demo_output")
+    d.add_argument("--size", choices=["small", "full"], default="small",
+                   help="small: 1.25 mm 128x152x128 (fast); full: 1 mm 160x192x160")
+    d.add_argument("--snr", type=float, default=40.0)
+    d.add_argument("--device", default="auto")
+    d.add_argument("--methods", nargs="+", help="subset of methods (default: all)")
+    return ap
+
+
+def _version() -> str:
+    from . import __version__
+    return f"napari-qsm {__version__}"
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None
+    from .core.progress import stderr_progress
+    return stderr_progress()
+
+
+def _load(args):
+    from .core.io import load_scan
+    return load_scan(args.field, args.mask, args.magnitude, voxel_size=args.voxel_size,
+                     b0_direction=args.b0_dir, units=args.units, te=args.te, b0=args.b0, echo=args.echo)
+
+
+def cmd_recon(args) -> int:
+    from .core.io import check_output_path, load_scan, save_result
+    from .core.methods import get_method, reconstruct
+    from .core.params import make_params, parse_cli_params
+
+    inputs = [args.field, args.mask, args.magnitude, args.weights] + [o[0] for o in args.orientation]
+    check_output_path(args.output, inputs)
+    method = get_method(args.method)
+    params = make_params(method.params_cls, parse_cli_params(args.param))
+    scan = _load(args)
+    extra = {}
+    if args.weights:
+        if not method.accepts_weights:
+            raise ValueError(f"--weights: method {method.name} takes no network weights")
+        extra["weights"] = args.weights
+    if args.orientation:
+        if not method.multi_scan:
+            raise ValueError(f"--orientation: method {method.name} uses one orientation; use --method cosmos")
+        scans = [scan]
+        for o in args.orientation:
+            if len(o) not in (1, 4):
+                raise ValueError(f"--orientation: expected FIELD or FIELD X Y Z, got {o}")
+            b0 = [float(v) for v in o[1:]] if len(o) == 4 else None
+            scans.append(load_scan(o[0], args.mask, None, voxel_size=args.voxel_size, b0_direction=b0,
+                                   units=args.units, te=args.te, b0=args.b0, echo=args.echo))
+        extra["scans"] = scans
+    elif method.multi_scan:
+        raise ValueError(f"method {method.name}: give the other orientations with --orientation FIELD [X Y Z]")
+    res = reconstruct(scan, method.name, params, device=args.device, progress=_progress(args.quiet), **extra)
+    out = save_result(res, args.output, scan=scan, inputs=inputs)
+    if not args.quiet:
+        print(f"{method.label}: {res.seconds:.2f} s on {res.device} -> {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_adapt(args) -> int:
+    from .core.io import check_output_path, save_result
+    from .core.params import parse_cli_params
+    try:
+        from .nn import adapt as adapt_mod
+    except ImportError as exc:
+        raise ValueError(f"adapt: on-scan adaptation is not available in this build ({exc})") from None
+    inputs = [args.field, args.mask, args.magnitude, args.weights]
+    check_output_path(args.output, inputs)
+    if args.save_weights:
+        sw = Path(args.save_weights).resolve()
+        if any(i is not None and Path(i).resolve() == sw for i in inputs):
+            raise ValueError(f"--save-weights: {args.save_weights} is also an input; choose another path")
+    scan = _load(args)
+    res = adapt_mod.adapt_cli(scan, steps=args.steps, weights=args.weights, save_weights=args.save_weights,
+                              params=parse_cli_params(args.param), device=args.device,
+                              progress=_progress(args.quiet))
+    save_result(res, args.output, scan=scan, inputs=inputs)
+    return 0
+
+
+def cmd_metrics(args) -> int:
+    from .core.io import b0_from_affine, read_volume, voxel_sizes
+    from .core.metrics import compute_metrics
+
+    x, xaff, _ = read_volume(args.recon, "recon")
+    mask, maff, _ = read_volume(args.mask, "mask")
+    if mask.shape != x.shape:
+        raise ValueError(f"mask: shape {mask.shape} does not match recon shape {x.shape}")
+    ref = None
+    if args.reference:
+        ref, _, _ = read_volume(args.reference, "reference")
+        if ref.shape != x.shape:
+            raise ValueError(f"reference: shape {ref.shape} does not match recon shape {x.shape}")
+    field = vs = b0 = None
+    if args.field:
+        field, faff, _ = read_volume(args.field, "field")
+        if field.shape != x.shape:
+            raise ValueError(f"field: shape {field.shape} does not match recon shape {x.shape}")
+        vs = voxel_sizes(faff)
+        b0 = args.b0_dir if args.b0_dir else b0_from_affine(faff)
+    if ref is None and field is None:
+        raise ValueError("metrics: give a REFERENCE χ map and/or --field for the field-consistency residual")
+    vals = compute_metrics(x, ref, mask > 0.5, field=field, voxel_size=vs, b0_direction=b0)
+    if args.json:
+        print(json.dumps(vals))
+    else:
+        from .core.metrics import METRIC_INFO
+        for k, v in vals.items():
+            unit = METRIC_INFO.get(k, ("", ""))[1]
+            print(f"{k:18s} {v:10.4f} {unit}")
+    return 0
+
+
+def cmd_phantom(args) -> int:
+    from .core.phantom import CLINICAL, RESEARCH, make_phantom, oblique_direction, save_phantom
+
+    preset = dict(CLINICAL if args.clinical else RESEARCH)
+    if args.shape:
+        preset["shape"] = tuple(args.shape)
+    if args.voxel_size:
+        preset["voxel_size"] = tuple(args.voxel_size)
+    out = Path(args.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    ph = make_phantom(**preset, b0_direction=oblique_direction(args.oblique, "x"), seed=args.seed, snr=args.snr)
+    paths = save_phantom(ph, out)
+    for k, v in paths.items():
+        print(f"{k:10s} {v}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .core.methods import available_methods
+    from .core.params import specs
+
+    for m in available_methods():
+        print(f"{m.name:8s} {m.label}: {m.doc}")
+        for s in specs(m.params_cls):
+            rng = ""
+            if s.min is not None or s.max is not None:
+                rng = f" [{s.min if s.min is not None else ''}..{s.max if s.max is not None else ''}]"
+            if s.choices:
+                rng = f" {{{', '.join(map(str, s.choices))}}}"
+            allow = f" or {'/'.join(s.allow)}" if s.allow else ""
+            print(f"    --param {s.name}={s.default!s:<8}{rng}{allow}  {s.doc}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    run_demo(args.outdir, size=args.size, snr=args.snr, device=args.device, methods=args.methods)
+    return 0
+
+
+COMMANDS = {"recon": cmd_recon, "adapt": cmd_adapt, "metrics": cmd_metrics, "phantom": cmd_phantom,
+            "methods": cmd_methods, "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    from .core.progress import Cancelled
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except Cancelled:
+        print("napari-qsm: cancelled", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("napari-qsm: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"napari-qsm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

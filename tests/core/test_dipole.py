@@ -1,0 +1,111 @@
+"""Forward model against physics: the analytic field of a uniformly magnetised sphere."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_qsm.core.dipole import (dipole_kernel, fast_shape, forward_field, half_weights, sphere_field,
+                                    unit_vector)
+
+
+def voxelised_sphere(shape, voxel_size, center, radius, sub=4):
+    """Partial-volume sphere indicator (supersampled sub³ per voxel)."""
+    grids = np.meshgrid(*[np.arange(n) * d - c for n, d, c in zip(shape, voxel_size, center)], indexing="ij")
+    acc = np.zeros(shape)
+    offs = (np.arange(sub) + 0.5) / sub - 0.5
+    for a in offs:
+        for b in offs:
+            for c in offs:
+                r2 = sum((g + o * d) ** 2 for g, o, d in zip(grids, (a, b, c), voxel_size))
+                acc += r2 <= radius * radius
+    return (acc / sub ** 3).astype(np.float32), np.sqrt(sum(g * g for g in grids))
+
+
+@pytest.mark.parametrize("voxel_size,b0", [
+    ((1.0, 1.0, 1.0), (0.0, 0.0, 1.0)),
+    ((0.8, 0.9, 1.6), (0.0, 0.0, 1.0)),                       # anisotropic
+    ((1.0, 1.0, 1.0), (0.0, np.sin(0.35), np.cos(0.35))),     # 20° tilt
+    ((0.75, 0.75, 2.0), (0.2, -0.3, 0.93)),                   # both, oblique in two axes
+])
+def test_sphere_field_matches_analytic(voxel_size, b0):
+    # thick slices: a larger sphere so that it spans enough slices to be a sphere at all
+    shape, R = ((112, 112, 72), 12.0) if voxel_size[2] > 1.5 else ((80, 80, 80), 9.0)
+    center = np.array(shape) * np.array(voxel_size) / 2
+    dchi = 0.2
+    ind, r = voxelised_sphere(shape, voxel_size, center, R)
+    f = forward_field(ind * dchi, voxel_size, b0, device="cpu")
+    fa = sphere_field(shape, voxel_size, center, R, dchi, b0)
+    outside = (r >= 1.5 * R) & (r <= 2.5 * R)
+    rel = np.linalg.norm(f[outside] - fa[outside]) / np.linalg.norm(fa[outside])
+    assert rel < 0.05, rel
+    # Lorentz-corrected sphere: field inside is zero (up to partial-volume edges and the D(0)=0 offset)
+    inside = r <= 0.6 * R
+    assert np.abs(f[inside]).max() < 0.02 * dchi
+    # and the dipole pattern has the right sign: positive along B0, negative across it
+    b = unit_vector(b0)
+    along = np.round(center / np.array(voxel_size) + 2 * R * b / np.array(voxel_size)).astype(int)
+    assert f[tuple(along)] > 0
+
+
+def test_kernel_definition():
+    shape, vs = (8, 10, 12), (1.0, 2.0, 0.5)
+    D = dipole_kernel(shape, vs, (0, 0, 1), device="cpu", half=False).double().numpy()
+    assert D[0, 0, 0] == 0.0  # D(0) = 0 convention
+    k = np.meshgrid(*[np.fft.fftfreq(n, d) for n, d in zip(shape, vs)], indexing="ij")
+    k2 = k[0] ** 2 + k[1] ** 2 + k[2] ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref = 1 / 3 - k[2] ** 2 / k2
+    ref[0, 0, 0] = 0
+    np.testing.assert_allclose(D, ref, atol=1e-6)
+    assert D.max() <= 1 / 3 + 1e-6 and D.min() >= -2 / 3 - 1e-6
+    Dh = dipole_kernel(shape, vs, (0, 0, 1), device="cpu", half=True).numpy()
+    np.testing.assert_allclose(Dh, D[:, :, : shape[2] // 2 + 1], atol=1e-6)
+
+
+def test_half_weights_sum_to_full_grid():
+    for n in (7, 8):
+        w = half_weights((4, 5, n))
+        assert float(w.sum()) == n
+
+
+def test_b0_direction_rotates_pattern():
+    chi = np.zeros((40, 40, 40), np.float32)
+    chi[20, 20, 20] = 1
+    fz = forward_field(chi, (1, 1, 1), (0, 0, 1), device="cpu")
+    fx = forward_field(chi, (1, 1, 1), (1, 0, 0), device="cpu")
+    np.testing.assert_allclose(fz, np.transpose(fx, (2, 1, 0)), atol=1e-6)
+
+
+def test_no_wraparound_with_padding():
+    """A source at the edge does not leak into the opposite edge when padded 2x."""
+    chi = np.zeros((32, 32, 32), np.float32)
+    chi[1:4, 14:18, 14:18] = 1.0
+    f1 = forward_field(chi, (1, 1, 1), (1, 0, 0), pad_factor=1.0, device="cpu")
+    f2 = forward_field(chi, (1, 1, 1), (1, 0, 0), pad_factor=2.0, device="cpu")
+    f3 = forward_field(chi, (1, 1, 1), (1, 0, 0), pad_factor=3.0, device="cpu")
+    far = np.s_[26:, 14:18, 14:18]
+    assert np.abs(f2[far] - f3[far]).max() < 0.1 * np.abs(f1[far] - f3[far]).max()
+
+
+def test_fast_shape():
+    s = fast_shape((160, 192, 161), 2.0)
+    assert all(m >= 2 * n for m, n in zip(s, (160, 192, 161)))
+    assert all(m <= 2 * n * 1.15 for m, n in zip(s, (160, 192, 161)))
+
+
+@pytest.mark.parametrize("bad", [(0, 1, 1), (1, -1, 1), (1, 1), (np.nan, 1, 1)])
+def test_bad_voxel_size(bad):
+    with pytest.raises(ValueError, match="voxel_size"):
+        forward_field(np.zeros((4, 4, 4)), bad, (0, 0, 1), device="cpu")
+
+
+def test_bad_b0():
+    with pytest.raises(ValueError, match="b0_direction"):
+        forward_field(np.zeros((4, 4, 4)), (1, 1, 1), (0, 0, 0), device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_forward_cuda_matches_cpu():  # pragma: no cover - GPU machines only
+    chi = np.random.default_rng(0).standard_normal((32, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(forward_field(chi, (1, 1, 1), device="cuda"),
+                               forward_field(chi, (1, 1, 1), device="cpu"), atol=1e-5)

@@ -1,0 +1,44 @@
+from dataclasses import dataclass
+
+import pytest
+
+from napari_qsm.core.methods import available_methods, get_method
+from napari_qsm.core.params import ParamError, make_params, param, params_to_dict, parse_cli_params, specs
+
+
+@dataclass
+class P:
+    threshold: float = param(0.15, "thr", min=0.01, max=0.66)
+    lam: float = param(1000.0, "lambda", min=0.0, cli="lambda", allow=("auto",))
+    iters: int = param(10, "iterations", min=1)
+    flag: bool = param(False, "a flag")
+    mode: str = param("a", "mode", choices=("a", "b"))
+
+
+def test_make_params_from_strings():
+    p = make_params(P, parse_cli_params(["threshold=0.2", "lambda=auto", "iters=5", "flag=yes", "mode=b"]))
+    assert (p.threshold, p.lam, p.iters, p.flag, p.mode) == (0.2, "auto", 5, True, "b")
+    assert params_to_dict(p)["lambda"] == "auto"
+    assert [s.name for s in specs(P)] == ["threshold", "lambda", "iters", "flag", "mode"]
+
+
+@pytest.mark.parametrize("item,match", [
+    ("threshold=2", "above the maximum"), ("threshold=abc", "expected a number"), ("iters=1.5", "integer"),
+    ("flag=maybe", "true/false"), ("mode=c", "not one of"), ("bogus=1", "unknown parameter 'bogus'"),
+    ("lambda=-1", "below the minimum"),
+])
+def test_bad_params(item, match):
+    with pytest.raises(ParamError, match=match):
+        make_params(P, parse_cli_params([item]))
+
+
+def test_cli_param_syntax():
+    with pytest.raises(ParamError, match="NAME=VALUE"):
+        parse_cli_params(["threshold"])
+
+
+def test_registry():
+    names = [m.name for m in available_methods()]
+    assert names[:2] == ["tkd", "tsvd"]
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        get_method("nope")
