@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .dipole import dipole_kernel, fast_shape, half_weights, pad_volume, crop_volume
+from .dipole import crop_volume, dipole_kernel, fast_shape, half_weights, kernel_slabs, pad_volume
 from .methods import Method, register_method
 from .params import param
 
@@ -41,6 +41,16 @@ def inverse_kernel(D: torch.Tensor, threshold: float, mode: str = "tkd") -> torc
     raise ValueError(f"mode: expected 'tkd' or 'tsvd', got {mode!r}")
 
 
+def _inverse_inplace(D: torch.Tensor, threshold: float, mode: str) -> torch.Tensor:
+    """Truncated inverse computed in place on a kernel slab (same definition as :func:`inverse_kernel`)."""
+    small = D.abs() <= threshold
+    if mode == "tkd":
+        D.masked_fill_(small & (D >= 0), threshold).masked_fill_(small & (D < 0), -threshold)
+        return D.reciprocal_()
+    D.masked_fill_(small, 1.0).reciprocal_()
+    return D.masked_fill_(small, 0.0)
+
+
 def correction_factor(D: torch.Tensor, Dinv: torch.Tensor, shape) -> float:
     """Schweser's c = mean over the full k-space of D·D⁻¹_δ (rfft half grid weighted by multiplicity)."""
     w = half_weights(shape, device=D.device, dtype=D.dtype)
@@ -59,16 +69,21 @@ def truncated_inversion(field: np.ndarray, mask: np.ndarray, voxel_size, b0_dire
         f = torch.as_tensor(np.where(mask, field, 0).astype(np.float32), device=dev)
         F = torch.fft.rfftn(pad_volume(f, pshape), dim=(0, 1, 2))
         del f
-        Dinv = inverse_kernel(dipole_kernel(pshape, voxel_size, b0_direction, device=dev), threshold, mode)
         extras = {}
+        w = half_weights(pshape, device=dev)
+        acc = torch.zeros((), dtype=torch.float64, device=dev)
+        for i0, i1, D in kernel_slabs(pshape, voxel_size, b0_direction, device=dev):
+            if correction:
+                Dc = D.clone()
+                Dinv = _inverse_inplace(D, threshold, mode)
+                acc += ((Dc * Dinv) * w).sum(dtype=torch.float64)
+            else:
+                Dinv = _inverse_inplace(D, threshold, mode)
+            F[i0:i1] *= Dinv
         if correction:
-            D = dipole_kernel(pshape, voxel_size, b0_direction, device=dev)
-            c = correction_factor(D, Dinv, pshape)
-            del D
-            Dinv /= c
+            c = float(acc) / (float(np.prod(pshape[:-1])) * float(w.sum()))
+            F /= c
             extras["correction_factor"] = c
-        F *= Dinv
-        del Dinv
         chi = crop_volume(torch.fft.irfftn(F, s=pshape, dim=(0, 1, 2)), shape)
         chi = chi * torch.as_tensor(mask, device=dev)
         out = chi.cpu().numpy().astype(np.float32)
