@@ -1,0 +1,966 @@
+"""Seeded procedural head phantoms: susceptibility, local field, magnitude, labels and mask.
+
+:func:`make_phantom` draws a new head from a seed. Tests, the sample data and the synthetic
+training data of the network all use it. The anatomy is defined in physical millimetres and
+sampled at the voxel centres, so any matrix size, voxel size and B0 direction works. That
+includes 1 mm isotropic research scans and clinical-like 0.75x0.75x3 mm slabs.
+
+Geometry (voxel frame (i, j, k) = left→right, posterior→anterior, inferior→superior, head centred)
+-------------------------------------------------------------------------------------------
+* The head is about 140 x 172 x 140 mm: scalp, skull, a thin extra-axial CSF layer and the brain
+  (cerebrum, cerebellum, brainstem; their smooth union). If the field of view is smaller, the
+  whole head is scaled down to fit it on every axis. For partial coverage (a thin slab), generate
+  a full field of view and crop it.
+* Deep structures sit at approximate MNI positions (scaled by 0.87), each an ellipsoid. Bilateral
+  structures are mirrored, with independent jitter on each side.
+* Cortex: a 2.5–3 mm ribbon under the brain surface. Sulci are the zero sheets of band-limited
+  random noise (about 12–15 mm apart, 5–16 mm deep) and are lined with cortex. The
+  interhemispheric fissure and a tentorial CSF sheet divide the brain.
+* With ``randomize=True`` the whole head also gets a small random rotation (about 3°), an
+  anisotropic scale (±6 %), a shift and a smooth elastic displacement (1–2 mm rms). Each
+  structure gets jitter on its centre, axes and angle.
+* Veins: a superior-sagittal-sinus-like vessel along the top of the fissure, 3–5 cortical veins on
+  random paths across the convexity towards it, and one deep (internal-cerebral-like) vein.
+  Radius 1–2 mm.
+* One calcification (a sphere of radius 2–4 mm) and one haemorrhage (a lobulated blob of radius
+  4–8 mm) at seeded sites in the hemispheres, away from the deep nuclei.
+* Partial volume: every compartment is composited with a soft (sigmoid) edge about a quarter of
+  a voxel wide. Voxels much longer along one axis (e.g. 3 mm slices) are supersampled along that
+  axis (up to 4x) and averaged. Thick slices therefore show partial volume instead of stairs, and
+  the deep structures still appear. Labels take the most common label of the subsamples; on a
+  tie the smaller (higher-numbered) structure wins.
+
+Susceptibility (ppm; nominal value, randomised range when ``randomize=True``)
+-----------------------------------------------------------------------------
+=================  ========  ================
+white matter        −0.03    −0.045 … −0.02
+cortex (grey)       +0.02    +0.01 … +0.03
+CSF                  0        0 (reference)
+caudate             +0.075   +0.06 … +0.09
+putamen             +0.06    +0.04 … +0.08
+globus pallidus     +0.175   +0.15 … +0.20
+thalamus            +0.025   +0.01 … +0.04
+substantia nigra    +0.15    +0.12 … +0.18
+red nucleus         +0.13    +0.10 … +0.16
+vein                +0.375   +0.30 … +0.45
+calcification       −0.15    −0.20 … −0.10
+haemorrhage         +0.75    +0.50 … +1.00
+=================  ========  ================
+
+These ranges follow approximate in-vivo values reported relative to CSF. For deep grey matter,
+white matter and cortex: Deistung et al., NeuroImage 65:299 (2013); Lim et al., NeuroImage 82:449
+(2013); Li et al., NeuroImage 55:1645 (2011). The head phantom of the QSM reconstruction challenge
+2.0 (Marques et al., MRM 86:526, 2021) uses similar values. For veins (deoxygenated blood):
+Haacke et al., AJNR 30:19 (2009) and Fan et al., MRM 72:149 (2014). For calcification (negative)
+and haemorrhage: Chen et al., Radiology 270:496 (2014). The ranges are rounded and not fitted to
+any single study. Outside the brain mask χ is 0: the phantom models the *local* field only.
+``texture=True`` adds smooth zero-mean tissue texture (std 0.005–0.01 ppm, correlation lengths of
+about 1.5 mm and 8 mm) inside brain tissue. It is not added to CSF, veins or lesions.
+
+Field, magnitude and noise
+--------------------------
+``field = forward_field(chi) * mask`` (ppm, D(0) = 0; see :mod:`napari_qsm.core.dipole`).
+The magnitude is ``PD·exp(−TE·R2*)`` per compartment (a GRE at 3 T): CSF is bright, grey matter
+brighter than white matter, and iron-rich nuclei, veins, calcification and haemorrhage are dark.
+R2* follows the χ of iron-rich tissue. The skull is almost black and the scalp is medium-bright.
+A smooth coil-sensitivity bias is applied. With ``snr`` given, the magnitude has SNR ``snr`` at
+the mean in-mask magnitude and gets Rician noise. The phase noise is
+σ_φ(x) = 1 / (snr · mag(x) / mean_mag), capped at 1 rad, computed on the noise-free magnitude.
+The field noise is σ_f = σ_φ / (2π·γ̄·B0·TE)·1e6 ppm, with γ̄ = 42.577478 MHz/T. Gaussian noise with
+that σ is added to the field inside the mask. ``noise_std`` stores σ_f everywhere: it is finite
+and positive, and the field outside the mask has no noise.
+
+Determinism: the same arguments give identical arrays. The random streams are split by purpose
+(anatomy, values, texture, noise), so for example ``snr`` does not change the anatomy. The anatomy
+depends on the seed, not on the matrix size, so the same seed gives the same head at 1 mm and at
+0.75x0.75x3 mm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+from scipy.special import expit
+
+from .dipole import check_voxel_size, forward_field, unit_vector
+
+__all__ = [
+    "Phantom", "make_phantom", "oblique_direction", "save_phantom", "affine_for",
+    "CLINICAL", "RESEARCH", "LABEL_NAMES", "BRAIN_LABELS", "CHI_RANGES", "GAMMA_BAR",
+]
+
+GAMMA_BAR = 42.577478e6  # Hz/T (γ/2π of the proton)
+
+CLINICAL = dict(shape=(192, 224, 48), voxel_size=(0.75, 0.75, 3.0))
+RESEARCH = dict(shape=(160, 192, 160), voxel_size=(1.0, 1.0, 1.0))
+
+LABEL_NAMES: dict[int, str] = {
+    1: "white_matter", 2: "cortex", 3: "csf", 4: "caudate", 5: "putamen", 6: "globus_pallidus",
+    7: "thalamus", 8: "substantia_nigra", 9: "red_nucleus", 10: "vein", 11: "calcification",
+    12: "haemorrhage", 13: "extra_axial_csf", 14: "skull", 15: "scalp",
+}
+#: labels that make up the brain mask (13–15 lie outside it; χ there is 0)
+BRAIN_LABELS: tuple[int, ...] = tuple(range(1, 13))
+_TISSUE_LABELS = (1, 2, 4, 5, 6, 7, 8, 9)  # where texture is added
+
+#: χ (ppm) per label: (low, nominal, high). Values are drawn uniformly in [low, high] when randomising.
+CHI_RANGES: dict[str, tuple[float, float, float]] = {
+    "white_matter": (-0.045, -0.03, -0.02),
+    "cortex": (0.01, 0.02, 0.03),
+    "csf": (0.0, 0.0, 0.0),
+    "caudate": (0.06, 0.075, 0.09),
+    "putamen": (0.04, 0.06, 0.08),
+    "globus_pallidus": (0.15, 0.175, 0.20),
+    "thalamus": (0.01, 0.025, 0.04),
+    "substantia_nigra": (0.12, 0.15, 0.18),
+    "red_nucleus": (0.10, 0.13, 0.16),
+    "vein": (0.30, 0.375, 0.45),
+    "calcification": (-0.20, -0.15, -0.10),
+    "haemorrhage": (0.50, 0.75, 1.00),
+    "extra_axial_csf": (0.0, 0.0, 0.0),
+    "skull": (0.0, 0.0, 0.0),
+    "scalp": (0.0, 0.0, 0.0),
+}
+
+# Magnitude model per label: proton density (a.u.) and R2* (1/s) at 3 T (nominal).
+_PD = {1: 0.69, 2: 0.80, 3: 1.0, 4: 0.78, 5: 0.78, 6: 0.76, 7: 0.74, 8: 0.76, 9: 0.76,
+       10: 0.85, 11: 0.25, 12: 0.75, 13: 1.0, 14: 0.06, 15: 0.85}
+_R2S = {1: 21.0, 2: 15.0, 3: 3.0, 13: 3.0, 10: 55.0, 11: 80.0, 12: 100.0, 14: 250.0, 15: 30.0}
+_R2S_PER_PPM = 150.0  # 1/s per ppm of iron-related χ in deep grey matter
+_R2S_DEEP_BASE = 14.0
+
+# Anatomy in approximate MNI millimetres (right hemisphere, x > 0), mapped into the head frame.
+_MNI_SCALE = 0.87
+_MNI_SHIFT = np.array([0.0, 15.0, -8.0])
+_HEAD_EXTENT = np.array([70.0, 86.0, 70.0])  # half extent (mm) the fit-to-FOV scale is based on
+_NOISE_BOX = np.array([115.0, 125.0, 115.0])  # half size (mm) of the fixed grids of random fields
+
+# (label, centre, semi-axes, Euler angles in degrees about x, y, z) – right side, mirrored to the left
+_DEEP = [
+    (4, (13.0, 14.0, 9.0), (5.0, 8.5, 9.0), (0.0, 0.0, -10.0)),      # caudate head
+    (4, (16.0, -6.0, 19.0), (3.5, 13.0, 4.5), (-12.0, 0.0, -10.0)),  # caudate body
+    (5, (25.0, 2.0, 1.0), (5.5, 14.0, 9.0), (0.0, 0.0, -8.0)),       # putamen
+    (6, (19.0, -3.0, -1.0), (3.5, 8.0, 5.0), (0.0, 0.0, -10.0)),     # globus pallidus
+    (7, (11.0, -18.0, 7.0), (7.5, 14.0, 8.0), (0.0, 0.0, 18.0)),     # thalamus
+    (8, (11.0, -17.0, -11.0), (3.0, 8.0, 2.8), (0.0, 0.0, 35.0)),    # substantia nigra
+    (9, (5.0, -20.0, -8.0), (3.5, 4.0, 4.0), (0.0, 0.0, 0.0)),       # red nucleus
+]
+_VENTRICLES = [
+    ((9.0, -10.0, 20.0), (5.0, 24.0, 6.0), (-8.0, 0.0, -5.0)),   # body of the lateral ventricle
+    ((9.0, 14.0, 12.0), (4.0, 10.0, 8.0), (0.0, 0.0, -10.0)),    # frontal horn
+    ((22.0, -38.0, 12.0), (5.0, 14.0, 7.0), (0.0, 0.0, 25.0)),   # atrium / occipital horn
+]
+_THIRD_VENTRICLE = ((0.0, -12.0, 2.0), (1.5, 13.0, 8.0))
+_CEREBRUM = ((0.0, -17.0, 15.0), (68.0, 86.0, 62.0))
+_CEREBELLUM = ((0.0, -60.0, -38.0), (50.0, 30.0, 22.0))
+_BRAINSTEM = ((0.0, -26.0, -38.0), (13.0, 14.0, 32.0), (-20.0, 0.0, 0.0))
+_CORE = ((0.0, -10.0, 5.0), (25.0, 60.0, 28.0))  # no interhemispheric fissure inside (corpus callosum etc.)
+_NECK = ((0.0, -25.0, -95.0), (48.0, 52.0, 60.0))  # head frame (not MNI)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public helpers
+# ----------------------------------------------------------------------------------------------
+
+def oblique_direction(angle_deg: float, axis: str = "x") -> np.ndarray:
+    """(0, 0, 1) rotated by ``angle_deg`` (right-handed) about voxel axis ``axis`` ("x", "y" or "z")."""
+    a = math.radians(float(angle_deg))
+    ax = str(axis).lower()
+    if ax not in ("x", "y", "z"):
+        raise ValueError(f"axis: expected 'x', 'y' or 'z', got {axis!r}")
+    return _rotation(ax, a) @ np.array([0.0, 0.0, 1.0])
+
+
+def affine_for(shape: Sequence[int], voxel_size: Sequence[float], b0_direction) -> np.ndarray:
+    """Voxel→scanner (mm) affine whose B0 (scanner z) is ``b0_direction`` in the voxel frame.
+
+    The rotation part is R·diag(voxel_size). R is the smallest rotation with R·b̂ = ẑ, so that
+    Rᵀ·(0, 0, 1) = b̂. The translation puts the volume centre at the scanner origin.
+    """
+    b = unit_vector(b0_direction)
+    vs = check_voxel_size(voxel_size)
+    ez = np.array([0.0, 0.0, 1.0])
+    c = float(b @ ez)
+    if c < -1.0 + 1e-12:
+        R = np.diag([1.0, -1.0, -1.0])
+    else:
+        v = np.cross(b, ez)
+        vx = np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
+        R = np.eye(3) + vx + vx @ vx / (1.0 + c)
+    A = np.eye(4)
+    A[:3, :3] = R @ np.diag(vs)
+    centre = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
+    A[:3, 3] = -A[:3, :3] @ centre
+    return A
+
+
+@dataclass
+class Phantom:
+    """One generated head. See the module docstring for the model and the χ values.
+
+    Arrays are in voxel order (i, j, k). χ and the field are in ppm. ``field`` is the local field
+    of ``chi`` inside ``mask`` plus noise when ``snr`` is set. ``label_chi`` is the χ (ppm) used
+    for each label name, before texture and partial volume.
+    """
+
+    chi: np.ndarray
+    field: np.ndarray
+    mask: np.ndarray
+    magnitude: np.ndarray
+    labels: np.ndarray
+    label_names: dict
+    voxel_size: tuple
+    b0_direction: np.ndarray
+    affine: np.ndarray
+    noise_std: np.ndarray | None
+    te: float = 0.02
+    b0_tesla: float = 3.0
+    snr: float | None = None
+    seed: int = 0
+    label_chi: dict = dc_field(default_factory=dict)
+    texture: bool = True
+    randomize: bool = True
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(int(n) for n in self.chi.shape)
+
+    def info(self) -> dict:
+        """JSON-friendly description (what :func:`save_phantom` writes to phantom.json)."""
+        return {
+            "generator": "napari_qsm.core.phantom.make_phantom",
+            "shape": list(self.shape),
+            "voxel_size": [float(v) for v in self.voxel_size],
+            "b0_direction": [float(v) for v in self.b0_direction],
+            "te": float(self.te),
+            "b0_tesla": float(self.b0_tesla),
+            "snr": None if self.snr is None else float(self.snr),
+            "seed": int(self.seed),
+            "texture": bool(self.texture),
+            "randomize": bool(self.randomize),
+            "units": {"chi": "ppm", "field": "ppm", "noise_std": "ppm", "voxel_size": "mm"},
+            "label_names": {str(k): v for k, v in sorted(self.label_names.items())},
+            "label_chi": {k: float(v) for k, v in self.label_chi.items()},
+            "brain_labels": list(BRAIN_LABELS),
+            "affine": np.asarray(self.affine, dtype=float).round(10).tolist(),
+        }
+
+
+def save_phantom(phantom: Phantom, outdir) -> dict[str, Path]:
+    """Write the phantom as NIfTI (with ``phantom.affine``) plus ``phantom.json``.
+
+    Files: field.nii.gz (ppm), mask.nii.gz (uint8), magnitude.nii.gz, chi.nii.gz (ground truth,
+    ppm), labels.nii.gz (int16), noise_std.nii.gz (ppm, only when the phantom has noise), and
+    phantom.json (:meth:`Phantom.info`). Returns {name: path}.
+    """
+    import nibabel as nib
+
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "field": phantom.field.astype(np.float32),
+        "mask": phantom.mask.astype(np.uint8),
+        "magnitude": phantom.magnitude.astype(np.float32),
+        "chi": phantom.chi.astype(np.float32),
+        "labels": phantom.labels.astype(np.int16),
+    }
+    if phantom.noise_std is not None:
+        arrays["noise_std"] = phantom.noise_std.astype(np.float32)
+    paths: dict[str, Path] = {}
+    affine = np.asarray(phantom.affine, dtype=np.float64)
+    for name, data in arrays.items():
+        img = nib.Nifti1Image(data, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        img.header.set_xyzt_units("mm", "sec")
+        p = out / f"{name}.nii.gz"
+        tmp = out / f".{name}.tmp.nii.gz"
+        nib.save(img, str(tmp))
+        tmp.replace(p)
+        paths[name] = p
+    pj = out / "phantom.json"
+    pj.write_text(json.dumps(phantom.info(), indent=2))
+    paths["json"] = pj
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Small geometry helpers
+# ----------------------------------------------------------------------------------------------
+
+def _rotation(axis: str, a: float) -> np.ndarray:
+    c, s = math.cos(a), math.sin(a)
+    if axis == "x":
+        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=np.float64)
+    if axis == "y":
+        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]], dtype=np.float64)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]], dtype=np.float64)
+
+
+def _euler(deg) -> np.ndarray:
+    ax, ay, az = (math.radians(float(d)) for d in deg)
+    return _rotation("z", az) @ _rotation("y", ay) @ _rotation("x", ax)
+
+
+def _mni(p) -> np.ndarray:
+    return _MNI_SCALE * np.asarray(p, dtype=np.float64) + _MNI_SHIFT
+
+
+def _smin(a, b, k):
+    """Polynomial smooth minimum (smooth union of two signed distances)."""
+    h = np.clip(0.5 + 0.5 * (b - a) / k, 0.0, 1.0)
+    return b + (a - b) * h - k * h * (1.0 - h)
+
+
+class _SmoothNoise:
+    """Zero-mean, unit-variance smooth random field on a fixed physical box.
+
+    White noise on a coarse grid (spacing ``spacing`` mm) is Gaussian-filtered (σ ``sigma`` mm)
+    and evaluated on rectilinear grids by separable linear interpolation. That is O(N), and the
+    result does not depend on the sampling grid, so the same seed gives the same field at any
+    resolution.
+    """
+
+    def __init__(self, rng: np.random.Generator, sigma: float, spacing: float | None = None,
+                 half=_NOISE_BOX):
+        self.h = float(spacing or sigma / 2.0)
+        half = np.asarray(half, dtype=np.float64)
+        n = np.ceil(2 * half / self.h).astype(int) + 1
+        c = rng.standard_normal(tuple(n)).astype(np.float32)
+        c = ndimage.gaussian_filter(c, sigma / self.h, mode="wrap")
+        c /= max(float(c.std()), 1e-12)
+        self.c = c
+        self.lo = -half
+        self.max_abs = float(np.abs(c).max())
+
+    def gradient_norm(self) -> "_SmoothNoise":
+        """|∇field| (per mm) as a field on the same grid."""
+        out = object.__new__(_SmoothNoise)
+        out.h, out.lo = self.h, self.lo
+        gr = np.gradient(self.c, self.h)
+        out.c = np.sqrt(sum(g * g for g in gr)).astype(np.float32)
+        out.max_abs = float(out.c.max())
+        return out
+
+    def sample(self, axes) -> np.ndarray:
+        out = self.c
+        for ax, x in enumerate(axes):
+            u = (np.asarray(x, dtype=np.float64) - self.lo[ax]) / self.h
+            u = np.clip(u, 0.0, self.c.shape[ax] - 1 - 1e-6)
+            i = np.floor(u).astype(np.intp)
+            w = (u - i).astype(np.float32)
+            a = np.take(out, i, axis=ax)
+            b = np.take(out, i + 1, axis=ax)
+            shape = [1, 1, 1]
+            shape[ax] = -1
+            out = a + (b - a) * w.reshape(shape)
+        return out
+
+
+def _ellipsoid_sdf(P, centre, semi, rot=None):
+    """Approximate signed distance (mm) to an ellipsoid: (f − 1)/|∇f| with f = |Rᵀ(p−c)/a|."""
+    d = [P[k] - np.float32(centre[k]) for k in range(3)]
+    if rot is None:
+        q = d
+    else:
+        r = np.asarray(rot, dtype=np.float32)
+        q = [r[0, k] * d[0] + r[1, k] * d[1] + r[2, k] * d[2] for k in range(3)]
+    a = np.asarray(semi, dtype=np.float32)
+    f2 = (q[0] / a[0]) ** 2 + (q[1] / a[1]) ** 2 + (q[2] / a[2]) ** 2
+    g2 = (q[0] / a[0] ** 2) ** 2 + (q[1] / a[1] ** 2) ** 2 + (q[2] / a[2] ** 2) ** 2
+    f = np.sqrt(f2)
+    grad = np.sqrt(g2) / np.maximum(f, np.float32(1e-6))
+    grad = np.clip(grad, np.float32(1.0 / a.max()), np.float32(1.0 / a.min()))
+    return (f - 1.0) / grad
+
+
+def _polyline_distance(P, pts):
+    """Distance (mm) from points P to a polyline with vertices ``pts`` (m, 3)."""
+    best = None
+    for a, b in zip(pts[:-1], pts[1:]):
+        ab = (b - a).astype(np.float32)
+        L2 = float(ab @ ab)
+        d0, d1, d2 = P[0] - np.float32(a[0]), P[1] - np.float32(a[1]), P[2] - np.float32(a[2])
+        if L2 < 1e-12:
+            t = np.float32(0.0)
+        else:
+            t = np.clip((d0 * ab[0] + d1 * ab[1] + d2 * ab[2]) / np.float32(L2), 0.0, 1.0)
+        e2 = (d0 - t * ab[0]) ** 2 + (d1 - t * ab[1]) ** 2 + (d2 - t * ab[2]) ** 2
+        best = e2 if best is None else np.minimum(best, e2)
+    return np.sqrt(best)
+
+
+# ----------------------------------------------------------------------------------------------
+# The random anatomy
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _Shape:
+    label: int
+    centre: np.ndarray
+    semi: np.ndarray
+    rot: np.ndarray
+
+
+@dataclass
+class _Tube:
+    label: int
+    pts: np.ndarray   # (m, 3) head-frame mm
+    radius: float
+
+
+class _Anatomy:
+    """Every random choice of one head. Geometry is in the head frame (mm, origin at head centre)."""
+
+    def __init__(self, rng: np.random.Generator, randomize: bool):
+        self.randomize = randomize
+        R = rng if randomize else None
+
+        def jit(sd, size=None, lim=None):
+            if R is None:
+                return np.zeros(size) if size is not None else 0.0
+            v = R.normal(0.0, sd, size)
+            return np.clip(v, -lim, lim) if lim is not None else v
+
+        def uni(lo, hi, nominal=None):
+            if R is None:
+                return 0.5 * (lo + hi) if nominal is None else nominal
+            return float(R.uniform(lo, hi))
+
+        # head frame -> template frame: global rotation, scale, shift and elastic displacement
+        self.rot = _euler(jit(2.0, 3, 4.0)) if randomize else np.eye(3)
+        self.scale = np.array([uni(0.94, 1.06, 1.0) for _ in range(3)])
+        self.shift = jit(1.5, 3, 3.0)
+        self.disp_amp = uni(1.0, 1.8, 0.0)
+        # random streams that exist regardless of ``randomize`` (the seed always matters)
+        self.disp = [_SmoothNoise(rng, sigma=18.0, spacing=6.0) for _ in range(3)] if randomize else None
+        self.gyri = _SmoothNoise(rng, sigma=3.4, spacing=1.7)
+        self.gyri_grad = self.gyri.gradient_norm()
+        self.sulc_depth = _SmoothNoise(rng, sigma=12.0, spacing=6.0)
+        self.fissure = _SmoothNoise(rng, sigma=15.0, spacing=6.0)
+
+        # thicknesses (mm)
+        self.cortex = uni(2.5, 3.0, 2.75)
+        self.sulcus_hw = uni(0.6, 0.8, 0.7)
+        self.fissure_hw = uni(0.9, 1.3, 1.1)
+        self.depth_mean = uni(9.0, 12.0, 10.5)
+        self.csf_layer = uni(1.5, 2.5, 2.0)
+        self.skull = uni(4.0, 6.0, 5.0)
+        self.scalp = uni(3.0, 5.0, 4.0)
+
+        # brain envelope
+        s_brain = np.array([uni(0.96, 1.04, 1.0) for _ in range(3)])
+        c, a = _CEREBRUM
+        self.cerebrum = _Shape(1, _mni(c) + jit(1.0, 3, 2.0), _MNI_SCALE * np.array(a) * s_brain, np.eye(3))
+        c, a = _CEREBELLUM
+        self.cerebellum = _Shape(1, _mni(c) + jit(1.5, 3, 3.0),
+                                 _MNI_SCALE * np.array(a) * s_brain * [uni(0.92, 1.08, 1.0) for _ in range(3)],
+                                 _euler(jit(3.0, 3, 6.0)))
+        c, a, e = _BRAINSTEM
+        self.brainstem = _Shape(1, _mni(c) + jit(1.0, 3, 2.0), _MNI_SCALE * np.array(a),
+                                _euler(np.asarray(e) + jit(3.0, 3, 6.0)))
+        c, a = _CORE
+        self.core = _Shape(0, _mni(c), _MNI_SCALE * np.array(a), np.eye(3))
+        c, a = _NECK
+        self.neck = _Shape(15, np.array(c) + jit(2.0, 3, 4.0), np.array(a), np.eye(3))
+
+        # deep structures and ventricles: shared (both sides) + independent jitter
+        self.deep: list[_Shape] = []
+        for label, c, a, e in _DEEP:
+            self.deep += self._bilateral(label, c, a, e, jit)
+        self.ventricles: list[_Shape] = []
+        vscale = uni(0.8, 1.3, 1.0)  # ventricle size varies a lot between people
+        for c, a, e in _VENTRICLES:
+            a = np.asarray(a) * [1.0 + 0.8 * (vscale - 1.0), 1.0, 1.0 + 0.5 * (vscale - 1.0)]
+            self.ventricles += self._bilateral(3, c, a, e, jit)
+        c, a = _THIRD_VENTRICLE
+        self.ventricles.append(_Shape(3, _mni(c) + [0, *jit(0.8, 2, 1.5)], _MNI_SCALE * np.array(a) * [vscale, 1, 1],
+                                      np.eye(3)))
+
+        # veins
+        self.tubes: list[_Tube] = []
+        self._make_veins(rng, uni)
+
+        # lesions
+        self.lesions: list[tuple] = []
+        self._make_lesions(rng, uni)
+
+    # -- construction helpers -----------------------------------------------------------------
+    def _bilateral(self, label, c, a, e, jit):
+        c = np.asarray(c, dtype=np.float64)
+        a = np.asarray(a, dtype=np.float64)
+        e = np.asarray(e, dtype=np.float64)
+        c_shared = jit(1.0, 3, 2.0)
+        a_shared = 1.0 + jit(0.05, 3, 0.1)
+        e_shared = jit(3.0, 3, 6.0)
+        out = []
+        for side in (1.0, -1.0):
+            cc = _mni(c * [side, 1, 1]) + c_shared * [side, 1, 1] + jit(0.6, 3, 1.2)
+            aa = _MNI_SCALE * a * a_shared * (1.0 + jit(0.03, 3, 0.06))
+            ee = e + e_shared + jit(1.5, 3, 3.0)
+            ee = ee * [1, side, side]  # mirror: angles about y and z change sign
+            out.append(_Shape(label, cc, aa, _euler(ee)))
+        return out
+
+    def _on_cerebrum(self, theta, phi, depth):
+        """Point on the cerebrum ellipsoid shrunk by ``depth`` mm (θ polar from +z, φ from +x)."""
+        c, a = self.cerebrum.centre, self.cerebrum.semi
+        u = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], -1)
+        return c + u * (a - depth)
+
+    def _make_veins(self, rng, uni):
+        # sagittal-sinus-like vein: along the midline top, frontal -> occipital
+        r = uni(1.5, 2.0, 1.75)
+        t0 = math.radians(uni(45.0, 60.0, 52.0))  # from anterior (polar angle about +z)
+        t1 = math.radians(uni(105.0, 120.0, 112.0))
+        th = np.linspace(-t0, t1, 48)  # negative: anterior (+y), positive: posterior
+        theta = np.abs(th)
+        phi = np.where(th < 0, np.pi / 2, -np.pi / 2)
+        pts = self._on_cerebrum(theta, phi, r + 0.9)
+        pts[:, 0] = rng.normal(0.0, 0.2) + 0.3 * np.sin(np.linspace(0, 3, 48) + rng.uniform(0, 6))
+        self.tubes.append(_Tube(10, pts, r))
+        # cortical veins running up the convexity towards the midline
+        n = int(rng.integers(3, 6))
+        for _ in range(n):
+            side = 1.0 if rng.random() < 0.5 else -1.0
+            r = float(rng.uniform(1.0, 1.5))
+            th_a = rng.uniform(math.radians(65), math.radians(95))
+            ph_a = rng.uniform(math.radians(-60), math.radians(60)) + (0 if side > 0 else np.pi)
+            th_b = rng.uniform(math.radians(12), math.radians(25))
+            ph_b = rng.uniform(math.radians(-50), math.radians(50)) + (0 if side > 0 else np.pi)
+            t = np.linspace(0.0, 1.0, 40)
+            wig = rng.uniform(0.05, 0.12) * np.sin(2 * np.pi * rng.uniform(0.7, 1.6) * t + rng.uniform(0, 6)) * np.sin(np.pi * t)
+            theta = th_a + (th_b - th_a) * t
+            phi = ph_a + (ph_b - ph_a) * t + wig
+            self.tubes.append(_Tube(10, self._on_cerebrum(theta, phi, r + 0.7), r))
+        # deep midline vein (internal-cerebral / great-cerebral-vein-like)
+        r = float(rng.uniform(1.0, 1.4))
+        ctrl = np.array([[0, 6, 15], [0, -10, 18], [0, -28, 17], [0, -42, 11], [0, -50, 2]], dtype=float)
+        ctrl[:, 1:] += rng.normal(0.0, 1.0, (5, 2))
+        t = np.linspace(0, 1, 30)
+        tc = np.linspace(0, 1, len(ctrl))
+        pts = np.stack([np.interp(t, tc, ctrl[:, k]) for k in range(3)], -1)
+        pts = ndimage.gaussian_filter1d(pts, 2.0, axis=0, mode="nearest")
+        self.tubes.append(_Tube(10, _mni(pts), r))
+
+    def _make_lesions(self, rng, uni):
+        keep = [(s.centre, float(s.semi.max())) for s in self.deep + self.ventricles]
+        keep += [(p, tube.radius) for tube in self.tubes for p in tube.pts[::3]]
+        cer = self.cerebrum
+        placed = []
+        for label, rmin, rmax in ((12, 4.0, 8.0), (11, 2.0, 4.0)):
+            radius = float(rng.uniform(rmin, rmax))
+            for _ in range(400):
+                u = rng.normal(size=3)
+                u /= np.linalg.norm(u)
+                frac = rng.uniform(0.25, 0.75)
+                p = cer.centre + u * cer.semi * frac
+                p[2] = max(p[2], cer.centre[2] - 0.35 * cer.semi[2])  # keep out of the skull base
+                ok = all(np.linalg.norm(p - c) > radius + rr + 3.0 for c, rr in keep)
+                ok = ok and all(np.linalg.norm(p - c) > radius + rr + 5.0 for c, rr in placed)
+                if ok:
+                    break
+            placed.append((p, radius))
+            if label == 12:
+                lob = [(rng.normal(size=3), rng.uniform(-0.15, 0.15)) for _ in range(3)]
+                lob = [(n / np.linalg.norm(n), w) for n, w in lob]
+                quad = (rng.normal(size=3), rng.uniform(-0.2, 0.2))
+                quad = (quad[0] / np.linalg.norm(quad[0]), quad[1])
+            else:
+                lob, quad = [], (np.array([0.0, 0.0, 1.0]), 0.0)
+            self.lesions.append((label, p, radius, lob, quad))
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def template_coords(self, ax_u):
+        """Template coordinates (3 float32 arrays) at the rectilinear grid ``ax_u`` (head mm)."""
+        shape = tuple(len(a) for a in ax_u)
+        U = [np.asarray(a, dtype=np.float32).reshape([-1 if k == i else 1 for k in range(3)])
+             for i, a in enumerate(ax_u)]
+        M = (self.rot / self.scale[:, None]).astype(np.float32)  # p = M (u - shift) + disp
+        d = [U[k] - np.float32(self.shift[k]) for k in range(3)]
+        P = []
+        for i in range(3):
+            p = M[i, 0] * d[0] + M[i, 1] * d[1] + M[i, 2] * d[2]
+            p = np.broadcast_to(p, shape).astype(np.float32)
+            if self.disp is not None:
+                p += np.float32(self.disp_amp) * self.disp[i].sample(ax_u)
+            P.append(p)
+        return P
+
+    def head_bbox(self, lo, hi):
+        """Head-frame box containing every point whose template coordinate lies in [lo, hi]."""
+        D = self.disp_amp * max(n.max_abs for n in self.disp) if self.disp is not None else 0.0
+        lo = np.asarray(lo) - D
+        hi = np.asarray(hi) + D
+        M = self.rot / self.scale[:, None]
+        Minv = np.linalg.inv(M)
+        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+        u = corners @ Minv.T + self.shift
+        return u.min(0), u.max(0)
+
+
+class _Painter:
+    """Composites compartments into the arrays of one rectilinear chunk of sample points."""
+
+    def __init__(self, anat: _Anatomy, ax_u, w: float, props: dict):
+        self.anat = anat
+        self.ax_u = ax_u
+        self.w = np.float32(w)
+        self.props = props  # label -> (chi, pd, r2s)
+        shape = tuple(len(a) for a in ax_u)
+        self.P = anat.template_coords(ax_u)
+        self.chi = np.zeros(shape, np.float32)
+        self.pd = np.zeros(shape, np.float32)
+        self.r2s = np.zeros(shape, np.float32)
+        self.lab = np.zeros(shape, np.int16)
+
+    def region(self, lo, hi):
+        """Slices of the chunk that can hold template points in [lo, hi] (None if empty)."""
+        ulo, uhi = self.anat.head_bbox(lo, hi)
+        sl = []
+        for k in range(3):
+            x = self.ax_u[k]
+            i0 = int(np.searchsorted(x, ulo[k] - 1.0, side="left"))
+            i1 = int(np.searchsorted(x, uhi[k] + 1.0, side="right"))
+            if i1 <= i0:
+                return None
+            sl.append(slice(i0, i1))
+        return tuple(sl)
+
+    def alpha(self, sdf):
+        return expit(-sdf / self.w).astype(np.float32)
+
+    def paint(self, label, alpha, sl=(slice(None),) * 3):
+        chi, pd, r2 = self.props[label]
+        a = alpha
+        for arr, v in ((self.chi, chi), (self.pd, pd), (self.r2s, r2)):
+            view = arr[sl]
+            view += a * (np.float32(v) - view)
+        np.putmask(self.lab[sl], a > 0.5, np.int16(label))
+
+    def shape_sdf(self, s: _Shape, margin=0.0):
+        ext = np.abs(s.rot) @ s.semi + margin + 8.0 * float(self.w)
+        sl = self.region(s.centre - ext, s.centre + ext)
+        if sl is None:
+            return None, None
+        P = [p[sl] for p in self.P]
+        return _ellipsoid_sdf(P, s.centre, s.semi, s.rot), sl
+
+    def run(self):
+        A = self.anat
+        P = self.P
+        w = float(self.w)
+        r_skull_in = A.csf_layer
+        r_skull_out = r_skull_in + A.skull
+        r_head = r_skull_out + A.scalp
+        reach = r_head + 12.0 + 8.0 * w  # beyond this the smaller parts no longer shape the head
+
+        # brain envelope: smooth union of cerebrum, cerebellum and brainstem (each evaluated in its box)
+        d_cer = _ellipsoid_sdf(P, A.cerebrum.centre, A.cerebrum.semi)
+        brain = d_cer.copy()
+        d_cbl, sl_cbl = self.shape_sdf(A.cerebellum, margin=reach)
+        if sl_cbl is not None:
+            brain[sl_cbl] = _smin(brain[sl_cbl], d_cbl, 6.0)
+        d_stem, sl_stem = self.shape_sdf(A.brainstem, margin=reach)
+        if sl_stem is not None:
+            brain[sl_stem] = _smin(brain[sl_stem], d_stem, 5.0)
+
+        # extracranial layers as offsets of the brain surface (+ neck)
+        head = brain - np.float32(r_head)
+        d_neck, sl_neck = self.shape_sdf(A.neck, margin=12.0)
+        if sl_neck is not None:
+            head[sl_neck] = _smin(head[sl_neck], d_neck, 12.0)
+        del d_neck
+        self.paint(15, self.alpha(head))
+        del head
+        self.paint(14, self.alpha(brain - np.float32(r_skull_out)))
+        self.paint(13, self.alpha(brain - np.float32(r_skull_in)))
+        self.paint(1, self.alpha(brain))
+
+        # cortex and sulci: a ribbon under the surface, sulci at the zero sheets of band-limited noise
+        depth = -brain
+        g = A.gyri.sample(self.ax_u)
+        grad = A.gyri_grad.sample(self.ax_u)
+        s_sulc = np.abs(g) / np.maximum(grad, np.float32(0.05))
+        del g, grad
+        D = np.float32(A.depth_mean) + np.float32(3.0) * A.sulc_depth.sample(self.ax_u)
+        D = np.clip(D, 5.0, 16.0)
+        thk = np.float32(A.cortex)
+        hw, hwf = np.float32(A.sulcus_hw), np.float32(A.fissure_hw)
+        sdf_ctx = np.minimum(depth - thk, np.maximum(s_sulc - hw - thk, depth - D - thk))
+        sdf_csf = np.maximum(s_sulc - hw, depth - D)
+        del s_sulc, D, depth
+
+        # interhemispheric fissure (outside the callosal core), only near the midline
+        half = float(hwf + thk) + 8.0 * w + 4.0
+        lo = A.cerebrum.centre - A.cerebrum.semi
+        hi = A.cerebrum.centre + A.cerebrum.semi
+        sl = self.region([-half - 1.5, lo[1], lo[2]], [half + 1.5, hi[1], hi[2]])
+        if sl is not None:
+            Pl = [p[sl] for p in P]
+            ax = [self.ax_u[k][sl[k]] for k in range(3)]
+            s_fis = np.abs(Pl[0] - A.fissure.sample(ax))
+            outside_core = -_ellipsoid_sdf(Pl, A.core.centre, A.core.semi)
+            dc = d_cer[sl]
+            f_ctx = np.maximum(np.maximum(s_fis - hwf - thk, outside_core - thk), dc)
+            f_csf = np.maximum(np.maximum(s_fis - hwf, outside_core), dc)
+            np.minimum(sdf_ctx[sl], f_ctx, out=sdf_ctx[sl])
+            np.minimum(sdf_csf[sl], f_csf, out=sdf_csf[sl])
+            del s_fis, outside_core, f_ctx, f_csf
+
+        # tentorium: CSF sheet where cerebrum and cerebellum meet (not in the brainstem)
+        if sl_cbl is not None:
+            Pl = [p[sl_cbl] for p in P]
+            s_tent = np.abs(d_cer[sl_cbl] - d_cbl) * np.float32(0.5)
+            stem_out = -_ellipsoid_sdf(Pl, A.brainstem.centre, A.brainstem.semi, A.brainstem.rot)
+            np.minimum(sdf_ctx[sl_cbl], np.maximum(s_tent - hw - thk, stem_out - thk), out=sdf_ctx[sl_cbl])
+            np.minimum(sdf_csf[sl_cbl], np.maximum(s_tent - hw, stem_out), out=sdf_csf[sl_cbl])
+            del s_tent, stem_out
+        np.maximum(sdf_ctx, brain, out=sdf_ctx)
+        np.maximum(sdf_csf, brain, out=sdf_csf)
+        a_ctx = self.alpha(sdf_ctx)
+        a_csf = self.alpha(sdf_csf)
+        del sdf_ctx, sdf_csf
+        # no cortex on the brainstem: fade out where the brainstem is the nearest part of the brain
+        if sl_stem is not None:
+            Pl = [p[sl_stem] for p in P]
+            other = np.minimum(d_cer[sl_stem], _ellipsoid_sdf(Pl, A.cerebellum.centre, A.cerebellum.semi,
+                                                                A.cerebellum.rot))
+            allow = expit((d_stem - other) / np.float32(2.0)).astype(np.float32)
+            a_ctx[sl_stem] *= allow
+            a_csf[sl_stem] *= allow
+            del other, allow
+        self.paint(2, a_ctx)
+        self.paint(3, a_csf)
+        del a_ctx, a_csf, d_cer, d_cbl, d_stem, brain
+
+        # ventricles, then deep grey matter
+        for s in A.ventricles + A.deep:
+            sdf, sl = self.shape_sdf(s)
+            if sdf is not None:
+                self.paint(s.label, self.alpha(sdf), sl)
+
+        # veins (union per vein, painted once), chunked along the path for small bounding boxes
+        for tube in A.tubes:
+            pieces = []
+            pts = tube.pts
+            for j in range(0, len(pts) - 1, 6):
+                seg = pts[j:j + 7]
+                m = tube.radius + 8.0 * w + 0.5
+                sl = self.region(seg.min(0) - m, seg.max(0) + m)
+                if sl is not None:
+                    pieces.append((seg, sl))
+            if not pieces:
+                continue
+            box = tuple(slice(min(sl[k].start for _, sl in pieces), max(sl[k].stop for _, sl in pieces))
+                        for k in range(3))
+            acc = np.zeros(tuple(b.stop - b.start for b in box), np.float32)
+            for seg, sl in pieces:
+                Pl = [p[sl] for p in P]
+                a = self.alpha(_polyline_distance(Pl, seg) - np.float32(tube.radius))
+                local = tuple(slice(sl[k].start - box[k].start, sl[k].stop - box[k].start) for k in range(3))
+                np.maximum(acc[local], a, out=acc[local])
+            self.paint(10, acc, box)
+
+        # lesions
+        for label, c, radius, lob, quad in A.lesions:
+            ext = np.full(3, radius * 1.6 + 8.0 * w)
+            sl = self.region(c - ext, c + ext)
+            if sl is None:
+                continue
+            q = [P[k][sl] - np.float32(c[k]) for k in range(3)]
+            r = np.sqrt(q[0] ** 2 + q[1] ** 2 + q[2] ** 2)
+            rr = np.maximum(r, np.float32(1e-6))
+            reff = np.ones_like(r)
+            for n, wt in lob:
+                reff += np.float32(wt) * (q[0] * n[0] + q[1] * n[1] + q[2] * n[2]) / rr
+            n, wt = quad
+            cosq = (q[0] * n[0] + q[1] * n[1] + q[2] * n[2]) / rr
+            reff += np.float32(wt) * (cosq * cosq - np.float32(1.0 / 3.0))
+            self.paint(label, self.alpha(r - np.float32(radius) * reff), sl)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# make_phantom
+# ----------------------------------------------------------------------------------------------
+
+def _label_mode(lab_sub: np.ndarray) -> np.ndarray:
+    """Most common label along the last axis; ties go to the higher label (smaller structure)."""
+    F = lab_sub.shape[-1]
+    if F == 1:
+        return lab_sub[..., 0]
+    best = None
+    best_score = None
+    for j in range(F):
+        lj = lab_sub[..., j]
+        cnt = np.zeros(lj.shape, np.int16)
+        for k in range(F):
+            cnt += lab_sub[..., k] == lj
+        score = cnt * np.int16(64) + lj
+        if best is None:
+            best, best_score = lj.copy(), score
+        else:
+            upd = score > best_score
+            best[upd] = lj[upd]
+            best_score = np.maximum(best_score, score)
+    return best
+
+
+def _supersampling(vs: np.ndarray) -> tuple[int, ...]:
+    dmin = float(vs.min())
+    out = []
+    for d in vs:
+        r = d / dmin
+        out.append(int(min(4, max(1, round(r)))) if r >= 1.5 else 1)
+    return tuple(out)
+
+
+def make_phantom(shape=(160, 192, 160), voxel_size=(1.0, 1.0, 1.0), b0_direction=(0, 0, 1), seed=0,
+                 snr: float | None = None, texture: bool = True, randomize: bool = True,
+                 te: float = 0.02, b0_tesla: float = 3.0, device="auto") -> Phantom:
+    """Generate a seeded procedural head phantom (see the module docstring for the model).
+
+    shape / voxel_size (mm): sampling grid. The head is centred in the field of view and scaled
+    down if the field of view is smaller than the head.
+    b0_direction: unit vector in the voxel frame; the returned affine is consistent with it.
+    seed: the head (geometry, values, texture, lesion sites, veins, noise) is a function of it.
+    snr: magnitude SNR at the mean in-mask magnitude; None = noise-free field and magnitude.
+    texture: add smooth χ texture (0.005–0.01 ppm) inside brain tissue.
+    randomize: draw χ values in their ranges and jitter the anatomy. With False the χ values are
+    the nominal ones and the anatomy keeps its nominal pose and sizes. The seed still sets the
+    cortical folding, the veins, the lesion sites, the texture and the noise.
+    te (s), b0_tesla (T): used by the magnitude contrast and the noise model.
+    device: torch device for the forward model ("auto", "cpu", "cuda").
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"shape: expected 3 positive sizes, got {shape!r}")
+    vs = check_voxel_size(voxel_size)
+    b0 = unit_vector(b0_direction)
+    if snr is not None and not (np.isfinite(snr) and snr > 0):
+        raise ValueError(f"snr: expected a positive number or None, got {snr!r}")
+    if not (te > 0 and b0_tesla > 0):
+        raise ValueError(f"te and b0_tesla must be positive (got te={te!r}, b0_tesla={b0_tesla!r})")
+    seed = int(seed)
+
+    ss = np.random.SeedSequence([seed, 20240611])
+    rng_anat, rng_val, rng_tex, rng_noise = (np.random.default_rng(s) for s in ss.spawn(4))
+
+    # --- values ---------------------------------------------------------------------------
+    label_chi = {}
+    for name, (lo, nom, hi) in CHI_RANGES.items():
+        label_chi[name] = float(rng_val.uniform(lo, hi)) if (randomize and hi > lo) else float(nom)
+    props = {}
+    for lab, name in LABEL_NAMES.items():
+        chi_v = label_chi[name] if lab in BRAIN_LABELS else 0.0
+        pd = _PD[lab] * (float(rng_val.uniform(0.95, 1.05)) if randomize else 1.0)
+        if lab in _R2S:
+            r2 = _R2S[lab]
+        else:  # iron-rich deep grey matter: R2* follows χ
+            r2 = _R2S_DEEP_BASE + _R2S_PER_PPM * max(chi_v, 0.0)
+        r2 *= float(rng_val.uniform(0.95, 1.05)) if randomize else 1.0
+        props[lab] = (chi_v, pd, r2)
+    tex_amp = float(rng_val.uniform(0.005, 0.01)) if randomize else 0.0075
+
+    # --- geometry ---------------------------------------------------------------------------
+    anat = _Anatomy(rng_anat, randomize)
+    fov_half = 0.5 * np.asarray(shape) * vs
+    s_fit = float(min(1.0, np.min(fov_half / (_HEAD_EXTENT * 1.06 + 3.0))))  # room for the random scale
+    if s_fit < 0.25:
+        raise ValueError(
+            f"shape x voxel_size: the field of view {tuple(np.round(2 * fov_half, 1))} mm is too small for a "
+            f"head (the head is scaled to fit the field of view; each axis needs at least about 40 mm). "
+            f"Generate a larger phantom and crop it for partial coverage.")
+    sub = _supersampling(vs)
+    eff = vs / np.asarray(sub)
+    w = 0.25 * float(np.prod(eff) ** (1.0 / 3.0))  # sigmoid width (mm) ≈ partial-volume slope
+    axes_x = []
+    for n, d, f in zip(shape, vs, sub):
+        centres = (np.arange(n) - (n - 1) / 2.0) * d
+        offs = ((np.arange(f) + 0.5) / f - 0.5) * d
+        axes_x.append((centres[:, None] + offs[None, :]).reshape(-1))
+    ax_u = [x / s_fit for x in axes_x]  # head-frame mm (scaled to fit the FOV)
+
+    chi = np.empty(shape, np.float32)
+    mag = np.empty(shape, np.float32)
+    labels = np.empty(shape, np.int16)
+    tissue = np.empty(shape, np.float32)
+    F = int(np.prod(sub))
+    plane = len(ax_u[1]) * len(ax_u[2])
+    step = max(1, int(1_500_000 // max(plane * sub[0], 1)))
+    tissue_lut = np.zeros(32, np.float32)
+    tissue_lut[list(_TISSUE_LABELS)] = 1.0
+    for i0 in range(0, shape[0], step):
+        i1 = min(shape[0], i0 + step)
+        ax = [ax_u[0][i0 * sub[0]:i1 * sub[0]], ax_u[1], ax_u[2]]
+        p = _Painter(anat, ax, w / s_fit, props).run()
+        m_hr = p.pd * np.exp(-np.float32(te) * p.r2s)
+        n0 = i1 - i0
+        red = (n0, sub[0], shape[1], sub[1], shape[2], sub[2])
+
+        def down(a):
+            return a.reshape(red).mean(axis=(1, 3, 5)) if F > 1 else a
+
+        chi[i0:i1] = down(p.chi)
+        mag[i0:i1] = down(m_hr)
+        tissue[i0:i1] = down(tissue_lut[p.lab])
+        if F > 1:
+            lab_sub = p.lab.reshape(red).transpose(0, 2, 4, 1, 3, 5).reshape(n0, shape[1], shape[2], F)
+            labels[i0:i1] = _label_mode(lab_sub)
+        else:
+            labels[i0:i1] = p.lab
+        del p, m_hr
+
+    mask = np.isin(labels, BRAIN_LABELS)
+
+    # --- texture (χ and a matching R2* modulation of the magnitude) ----------------------------
+    ax_mm = [(np.arange(n) - (n - 1) / 2.0) * d / s_fit for n, d in zip(shape, vs)]
+    if texture:
+        fine = rng_tex.standard_normal(shape).astype(np.float32)
+        fine = ndimage.gaussian_filter(fine, 1.5 / (vs / s_fit), mode="reflect")
+        fine /= max(float(fine.std()), 1e-12)
+        coarse = _SmoothNoise(rng_tex, sigma=8.0, spacing=4.0).sample(ax_mm)
+        tex = (np.float32(0.6) * fine + np.float32(0.8) * coarse) * np.float32(tex_amp)
+        tex *= tissue
+        chi += tex
+        mag *= np.exp(-np.float32(te * _R2S_PER_PPM) * tex)
+        del fine, coarse, tex
+    chi[~mask] = 0.0
+
+    # --- smooth receive bias on the magnitude ------------------------------------------------------
+    bias_noise = _SmoothNoise(rng_tex, sigma=40.0, spacing=10.0).sample(ax_mm)
+    r2 = sum((np.asarray(a, np.float32).reshape([-1 if k == i else 1 for k in range(3)]) / np.float32(h)) ** 2
+             for i, (a, h) in enumerate(zip(ax_mm, _HEAD_EXTENT)))
+    mag *= (1.0 + np.float32(0.08) * bias_noise) * (1.0 + np.float32(0.15) * np.minimum(r2, 1.5))
+    mag = np.maximum(mag, 0.0).astype(np.float32)
+
+    # --- field and noise -------------------------------------------------------------------------
+    fld = forward_field(chi, vs, b0, device=device)
+    fld *= mask
+    noise_std = None
+    if snr is not None:
+        mean_mag = float(mag[mask].mean()) if mask.any() else float(mag.mean())
+        mean_mag = mean_mag if mean_mag > 0 else 1.0
+        sig_phi = np.minimum(1.0, mean_mag / (float(snr) * np.maximum(mag, 1e-12)))
+        scale = 1e6 / (2.0 * np.pi * GAMMA_BAR * float(b0_tesla) * float(te))
+        noise_std = (sig_phi * scale).astype(np.float32)
+        fld += (rng_noise.standard_normal(shape).astype(np.float32) * noise_std) * mask
+        sig_m = np.float32(mean_mag / float(snr))
+        n1 = rng_noise.standard_normal(shape).astype(np.float32) * sig_m
+        n2 = rng_noise.standard_normal(shape).astype(np.float32) * sig_m
+        mag = np.sqrt((mag + n1) ** 2 + n2 ** 2).astype(np.float32)
+
+    return Phantom(
+        chi=chi.astype(np.float32), field=fld.astype(np.float32), mask=mask, magnitude=mag,
+        labels=labels.astype(np.int16), label_names=dict(LABEL_NAMES), voxel_size=tuple(float(v) for v in vs),
+        b0_direction=b0.astype(np.float64), affine=affine_for(shape, vs, b0), noise_std=noise_std,
+        te=float(te), b0_tesla=float(b0_tesla), snr=None if snr is None else float(snr), seed=seed,
+        label_chi=label_chi, texture=bool(texture), randomize=bool(randomize),
+    )

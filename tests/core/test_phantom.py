@@ -1,0 +1,279 @@
+"""Tests of the procedural head phantom (napari_qsm.core.phantom). Small grids keep them quick."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from napari_qsm.core.dipole import forward_field
+from napari_qsm.core.phantom import (
+    BRAIN_LABELS, CHI_RANGES, CLINICAL, GAMMA_BAR, LABEL_NAMES, Phantom, make_phantom,
+    oblique_direction, save_phantom,
+)
+
+SMALL = dict(shape=(64, 72, 64), voxel_size=(2.5, 2.5, 2.5))
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_phantom(**SMALL, seed=3, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_mm():
+    # 1 mm isotropic; the FOV is a bit smaller than a head, so the head is scaled to fit it
+    return make_phantom(shape=(128, 152, 120), voxel_size=(1.0, 1.0, 1.0), seed=11, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def clinical():
+    return make_phantom(**CLINICAL, seed=5, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def noisy_pair():
+    kw = dict(SMALL, seed=7, device="cpu", b0_direction=oblique_direction(15, "y"))
+    return make_phantom(**kw, snr=None), make_phantom(**kw, snr=15.0)
+
+
+def test_types_and_shapes(small):
+    p = small
+    assert isinstance(p, Phantom)
+    for name in ("chi", "field", "magnitude"):
+        arr = getattr(p, name)
+        assert arr.dtype == np.float32 and arr.shape == SMALL["shape"], name
+        assert np.all(np.isfinite(arr)), name
+    assert p.mask.dtype == bool and p.labels.dtype == np.int16
+    assert p.noise_std is None and p.snr is None
+    assert p.b0_direction.dtype == np.float64 and p.b0_direction.shape == (3,)
+    assert p.affine.shape == (4, 4)
+    assert p.voxel_size == (2.5, 2.5, 2.5)
+    assert p.label_names == LABEL_NAMES
+    assert np.array_equal(p.mask, np.isin(p.labels, BRAIN_LABELS))
+    info = p.info()
+    json.dumps(info)  # JSON-friendly
+    for key in ("shape", "voxel_size", "b0_direction", "te", "b0_tesla", "snr", "seed", "label_names", "label_chi"):
+        assert key in info
+    assert set(info["label_chi"]) == set(LABEL_NAMES.values())
+
+
+def test_head_fits_and_is_centred(small):
+    lab = small.labels
+    # no head on the side faces or the top face (the neck leaves through the bottom)
+    for face in (lab[0], lab[-1], lab[:, 0], lab[:, -1], lab[:, :, -1]):
+        assert not face.any()
+    com = np.array(ndimage.center_of_mass(small.mask)) - (np.array(lab.shape) - 1) / 2
+    assert np.all(np.abs(com * 2.5) < 15.0)  # brain centre within 15 mm of the volume centre
+    # magnitude: skull dark, CSF bright, haemorrhage/veins darker than white matter
+    med = {n: np.median(small.magnitude[lab == l]) for l, n in LABEL_NAMES.items()}
+    assert med["skull"] < 0.3 * med["white_matter"]
+    assert med["csf"] > med["cortex"] > med["white_matter"] > med["globus_pallidus"]
+    assert med["haemorrhage"] < med["white_matter"] and med["vein"] < med["white_matter"]
+    far = ~ndimage.binary_dilation(lab > 0, iterations=3)
+    assert np.all(small.magnitude[far] < 0.01 * med["white_matter"])
+
+
+def test_deterministic():
+    kw = dict(shape=(40, 48, 40), voxel_size=(4.0, 4.0, 4.0), seed=4, snr=20.0, device="cpu")
+    a, b = make_phantom(**kw), make_phantom(**kw)
+    for name in ("chi", "field", "mask", "magnitude", "labels", "noise_std", "affine"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert a.label_chi == b.label_chi
+
+
+def test_seed_changes_geometry_and_values(small):
+    other = make_phantom(**SMALL, seed=4, device="cpu")
+    assert other.label_chi != small.label_chi
+    differ = np.mean(other.labels != small.labels)
+    assert differ > 0.02, differ
+    # lesion sites move with the seed
+    for lab in (11, 12):
+        c0 = np.array(ndimage.center_of_mass(small.labels == lab))
+        c1 = np.array(ndimage.center_of_mass(other.labels == lab))
+        assert np.linalg.norm((c0 - c1) * 2.5) > 3.0
+    assert not np.allclose(other.chi, small.chi)
+
+
+def test_same_seed_same_head_at_other_resolution(small):
+    coarse = make_phantom(shape=(32, 36, 32), voxel_size=(5.0, 5.0, 5.0), seed=3, device="cpu")
+    v_small = small.mask.sum() * 2.5 ** 3
+    v_coarse = coarse.mask.sum() * 5.0 ** 3
+    assert abs(v_coarse / v_small - 1) < 0.05
+    assert coarse.label_chi == small.label_chi
+
+
+def test_brain_and_head_size():
+    # a field of view that holds the head unscaled (research preset FOV at 4 mm)
+    p = make_phantom(shape=(40, 48, 40), voxel_size=(4.0, 4.0, 4.0), seed=0, device="cpu")
+    v = p.mask.sum() * 4.0 ** 3
+    assert 0.85e6 < v < 1.5e6, v  # mm³; adult brains are ~1.1–1.4 l
+    head = np.argwhere(p.labels > 0)
+    ext = (head[:, :2].max(0) - head[:, :2].min(0) + 1) * 4.0
+    assert 125 <= ext[0] <= 156 and 155 <= ext[1] <= 188, ext  # left-right, anterior-posterior (mm)
+
+
+def _label_medians(p):
+    out = {}
+    for lab, name in p.label_names.items():
+        m = p.labels == lab
+        core = ndimage.binary_erosion(m)  # away from partial-volume edges
+        sel = core if core.sum() >= 5 else m
+        out[name] = (float(np.median(p.chi[sel])), int(m.sum()))
+    return out
+
+
+def test_all_labels_and_chi_ranges_at_1mm(one_mm):
+    p = one_mm
+    meds = _label_medians(p)
+    for name, (med, count) in meds.items():
+        assert count > 0, f"label {name} missing at 1 mm"
+        lo, _, hi = CHI_RANGES[name]
+        assert lo <= p.label_chi[name] <= hi
+        if name in ("extra_axial_csf", "skull", "scalp"):
+            assert med == 0.0
+            continue
+        assert lo - 2e-3 <= med <= hi + 2e-3, (name, med, (lo, hi))
+    assert np.all(p.chi[~p.mask] == 0)
+
+
+def test_all_labels_in_clinical(clinical):
+    p = clinical
+    assert p.chi.shape == CLINICAL["shape"]
+    counts = {name: int((p.labels == lab).sum()) for lab, name in p.label_names.items()}
+    assert all(c > 0 for c in counts.values()), counts
+    # deep structures exist in several 3 mm slices
+    for lab in (4, 5, 6, 7, 8, 9):
+        assert np.any(p.labels == lab, axis=(0, 1)).sum() >= 2, LABEL_NAMES[lab]
+    # partial volume through the thick slices: values between white matter and globus pallidus
+    gp = ndimage.binary_dilation(p.labels == 6, iterations=1) & p.mask
+    vals = p.chi[gp]
+    wm, gpv = p.label_chi["white_matter"], p.label_chi["globus_pallidus"]
+    inter = np.mean((vals > wm + 0.3 * (gpv - wm)) & (vals < wm + 0.7 * (gpv - wm)))
+    assert inter > 0.05
+    assert np.all(p.chi[~p.mask] == 0)
+
+
+def test_randomize_false_uses_nominal_values():
+    p = make_phantom(**SMALL, seed=2, randomize=False, texture=False, device="cpu")
+    for name, (lo, nom, hi) in CHI_RANGES.items():
+        assert p.label_chi[name] == nom
+    wm = ndimage.binary_erosion(p.labels == 1, iterations=1)
+    nominal = CHI_RANGES["white_matter"][1]
+    assert np.mean(np.abs(p.chi[wm] - nominal) < 1e-5) > 0.3  # pure white matter (no sub-voxel sulci)
+    assert abs(np.median(p.chi[wm]) - nominal) < 2e-3
+
+
+def test_texture_amplitude(small):
+    flat = make_phantom(**SMALL, seed=3, texture=False, device="cpu")
+    assert np.array_equal(flat.labels, small.labels)
+    wm = ndimage.binary_erosion(small.labels == 1, iterations=2)
+    d = (small.chi - flat.chi)[wm]
+    assert 0.002 < d.std() < 0.012
+    assert abs(d.mean()) < 0.004
+    csf = ndimage.binary_erosion(small.labels == 3, iterations=1)
+    if csf.any():
+        assert np.allclose(small.chi[csf], flat.chi[csf])
+
+
+def test_field_is_forward_model_times_mask(small):
+    ref = forward_field(small.chi, small.voxel_size, small.b0_direction, device="cpu") * small.mask
+    assert np.allclose(small.field, ref, atol=1e-7)
+    assert np.all(small.field[~small.mask] == 0)
+
+
+def test_noise_model(noisy_pair):
+    clean, noisy = noisy_pair
+    assert np.array_equal(clean.chi, noisy.chi) and np.array_equal(clean.labels, noisy.labels)
+    m = clean.mask
+    std = noisy.noise_std
+    assert std.dtype == np.float32 and std.shape == clean.chi.shape and np.all(std > 0)
+    # σ_f = min(1, mean_mag / (snr · mag)) / (2π γ̄ B0 TE) · 1e6
+    mean_mag = clean.magnitude[m].mean()
+    sig_phi = np.minimum(1.0, mean_mag / (15.0 * np.maximum(clean.magnitude, 1e-12)))
+    expect = sig_phi / (2 * np.pi * GAMMA_BAR * 3.0 * 0.02) * 1e6
+    assert np.allclose(std, expect, rtol=1e-4)
+    resid = (noisy.field - clean.field)
+    assert np.all(resid[~m] == 0)
+    z = resid[m] / std[m]
+    assert abs(z.std() - 1.0) < 0.1
+    # empirical noise of a homogeneous σ group within 10 %
+    band = m & (std > np.percentile(std[m], 40)) & (std < np.percentile(std[m], 60))
+    assert abs(resid[band].std() / std[band].mean() - 1) < 0.1
+    # darker voxels are noisier
+    mag = clean.magnitude
+    lo = m & (mag < np.percentile(mag[m], 20))
+    hi = m & (mag > np.percentile(mag[m], 80))
+    assert resid[lo].std() > 1.3 * resid[hi].std()
+    assert np.corrcoef(std[m], mag[m])[0, 1] < 0
+    # magnitude carries noise of SNR ~15 at the mean
+    assert not np.array_equal(noisy.magnitude, clean.magnitude)
+    bg = clean.labels == 0
+    assert noisy.magnitude[bg].mean() > 0
+
+
+@pytest.mark.parametrize("b0", [(0.0, 0.0, 1.0), tuple(oblique_direction(20, "x")), tuple(oblique_direction(-35, "y"))])
+def test_affine_consistent_with_b0(b0):
+    from napari_qsm.core.phantom import affine_for
+
+    shape, vs = (20, 24, 10), (0.75, 0.75, 3.0)
+    A = affine_for(shape, vs, b0)
+    cols = A[:3, :3]
+    norms = np.linalg.norm(cols, axis=0)
+    assert np.allclose(norms, vs)
+    R = cols / norms
+    assert np.allclose(R.T @ R, np.eye(3), atol=1e-12) and np.linalg.det(R) > 0
+    b = np.linalg.inv(R) @ np.array([0.0, 0.0, 1.0])
+    assert np.allclose(b, b0, atol=1e-12)
+    centre = np.r_[(np.array(shape) - 1) / 2.0, 1.0]
+    assert np.allclose(A @ centre, [0, 0, 0, 1], atol=1e-9)
+
+
+def test_oblique_direction_and_phantom_affine():
+    b = oblique_direction(20, "x")
+    assert np.allclose(b, [0.0, -np.sin(np.radians(20)), np.cos(np.radians(20))])
+    assert np.allclose(np.linalg.norm(b), 1.0)
+    assert np.allclose(oblique_direction(90, "y"), [1, 0, 0], atol=1e-12)
+    p = make_phantom(shape=(24, 28, 12), voxel_size=(6.0, 6.0, 12.0), seed=1, b0_direction=b, device="cpu")
+    R = p.affine[:3, :3] / np.linalg.norm(p.affine[:3, :3], axis=0)
+    assert np.allclose(np.linalg.inv(R) @ [0, 0, 1], p.b0_direction)
+    assert np.allclose(p.b0_direction, b)
+    with pytest.raises(ValueError):
+        oblique_direction(10, "w")
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError):
+        make_phantom(shape=(10, 10), voxel_size=(1, 1, 1))
+    with pytest.raises(ValueError):
+        make_phantom(shape=(10, 10, 10), voxel_size=(1, 0, 1))
+    with pytest.raises(ValueError):
+        make_phantom(shape=(10, 10, 10), snr=-3)
+    with pytest.raises(ValueError, match="too small"):
+        make_phantom(shape=(64, 64, 1), voxel_size=(2, 2, 2))
+
+
+def test_save_phantom_roundtrip(tmp_path, noisy_pair):
+    nib = pytest.importorskip("nibabel")
+    p = noisy_pair[1]
+    paths = save_phantom(p, tmp_path / "ph")
+    for name in ("field", "mask", "magnitude", "chi", "labels", "noise_std", "json"):
+        assert paths[name].exists(), name
+    for name, ref in (("field", p.field), ("magnitude", p.magnitude), ("chi", p.chi),
+                      ("labels", p.labels), ("mask", p.mask), ("noise_std", p.noise_std)):
+        img = nib.load(str(paths[name]))
+        assert np.allclose(img.affine, p.affine, atol=1e-5), name
+        data = np.asanyarray(img.dataobj)
+        assert data.shape == ref.shape
+        assert np.array_equal(data, ref.astype(data.dtype)), name
+    assert nib.load(str(paths["mask"])).get_data_dtype() == np.uint8
+    assert nib.load(str(paths["labels"])).get_data_dtype() == np.int16
+    info = json.loads(paths["json"].read_text())
+    assert info["seed"] == 7 and info["snr"] == 15.0
+    assert np.allclose(info["b0_direction"], p.b0_direction)
+    # B0 read back from the written affine equals the phantom's direction
+    A = nib.load(str(paths["field"])).affine
+    R = A[:3, :3] / np.linalg.norm(A[:3, :3], axis=0)
+    assert np.allclose(np.linalg.inv(R) @ [0, 0, 1], p.b0_direction, atol=1e-6)
