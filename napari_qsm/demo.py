@@ -98,7 +98,7 @@ def _write_tables(rows, out: Path) -> None:
                                     "correlation unitless; PSNR in dB; seconds of reconstruction.\n")
 
 
-def _comparison_png(ph, results: dict, path: Path, limit: float = 0.15) -> None:
+def _comparison_png(ph, results: dict, path: Path, limit: float = 0.15, dlimit: float = 0.1) -> None:
     import matplotlib.pyplot as plt
 
     c = [int(v) for v in np.argwhere(ph.mask).mean(axis=0)]
@@ -118,12 +118,17 @@ def _comparison_png(ph, results: dict, path: Path, limit: float = 0.15) -> None:
             ax.set_xticks([]), ax.set_yticks([])
         for i, (img, aspect) in enumerate(planes(d)):
             ax = axes[3 + i, j]
-            ax.imshow(img, cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower", aspect=aspect)
             ax.set_xticks([]), ax.set_yticks([])
+            if j == 0:  # the truth has no difference to itself: show the magnitude image instead
+                mag = planes(np.asarray(ph.magnitude))[i][0]
+                ax.imshow(mag, cmap="gray", origin="lower", aspect=aspect)
+                ax.set_title("magnitude" if i == 0 else "", fontsize=9)
+                continue
+            ax.imshow(img, cmap="RdBu_r", vmin=-dlimit, vmax=dlimit, origin="lower", aspect=aspect)
         axes[0, j].set_title(name, fontsize=10)
     for i, lab in enumerate(["axial χ", "coronal χ", "sagittal χ", "axial Δ", "coronal Δ", "sagittal Δ"]):
         axes[i, 0].set_ylabel(lab)
-    fig.suptitle(f"χ (gray, ±{limit} ppm) and difference to truth (RdBu, ±{limit} ppm)", fontsize=11)
+    fig.suptitle(f"χ (gray, ±{limit} ppm) and difference to truth (blue-red, ±{dlimit} ppm)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
