@@ -1,0 +1,1 @@
+"""Deep dipole inversion: QSMInvNet / QSMInvNet+ (DSBN), training, inference (headless torch)."""

@@ -1,0 +1,239 @@
+"""Train (or resume) the shipped QSMInvNet+ checkpoint on synthetic data, on CPU or CUDA.
+
+    python -m src_models.train_qsminvnet --config src_models/qsminvnet_plus.json
+
+Writes into ``--out`` (default ``runs/<config name>``, not committed): ``checkpoint.pt``
+(resumable; rerunning the same command continues from it), ``losses.csv``, ``losses.png``,
+``train.log``. ``--export`` writes the shipped weights (``napari_qsm/nn/weights/<name>.pt`` + ``.json``)
+from the current checkpoint; ``--steps N`` raises the step target (to continue a finished run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_qsm.core.device import resolve_device
+from napari_qsm.nn.losses import loss_supervised
+from napari_qsm.nn.synth import PhantomPool, Regime, SynthConfig, make_head, sample_pair, to_tensors
+from napari_qsm.nn.train import Trainer, TrainConfig, plot_losses, synthetic_step_fn
+from napari_qsm.nn.unet import NetConfig, QSMInvNet, count_parameters, flops_per_voxel
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "napari_qsm" / "nn" / "weights"
+
+# validation heads: seeds below 1000 are never used for training (training uses seed_base + k, seed_base ≥ 100000)
+VAL_HEADS = [(1, Regime((160, 192, 160), (1.0, 1.0, 1.0))), (2, Regime((192, 224, 48), (0.75, 0.75, 3.0)))]
+
+
+def load_config(path) -> dict:
+    cfg = json.loads(Path(path).read_text())
+    cfg.setdefault("name", Path(path).stem)
+    return cfg
+
+
+def build(cfg: dict):
+    net = NetConfig.from_dict(cfg.get("net", {}))
+    synth = SynthConfig.from_dict(cfg.get("synth", {}))
+    train = TrainConfig.from_dict(cfg.get("train", {}))
+    return net, synth, train
+
+
+def make_val_patches(synth: SynthConfig, n_per_head: int = 3):
+    """Fixed validation patches from unseen heads (no augmentation, snr 100, B0 tilted 15°)."""
+    out = []
+    for seed, reg in VAL_HEADS:
+        head = make_head(seed, reg)
+        for j in range(n_per_head):
+            rng = np.random.default_rng([seed, j, 99])
+            th = np.deg2rad(15.0)
+            b0 = np.array([np.sin(th), 0.0, np.cos(th)])
+            out.append(sample_pair(head, rng, synth, augment=False, b0_direction=b0, snr=100.0))
+    return out
+
+
+def nrmse(pred, ref, mask):
+    m = mask > 0.5
+    p = pred[m] - pred[m].mean()
+    r = ref[m] - ref[m].mean()
+    return 100.0 * float(np.linalg.norm(p - r) / max(np.linalg.norm(r), 1e-12))
+
+
+def make_val_fn(model, patches, net: NetConfig, device):
+    x, y = to_tensors(patches, net.field_scale, net.chi_scale, device)
+
+    def fn(step):
+        vals = []
+        losses = []
+        for i in range(x.shape[0]):
+            pred = model(x[i:i + 1], domain=0) * x[i:i + 1, 1:2]
+            losses.append(float(loss_supervised(pred, y[i:i + 1])))
+            vals.append(nrmse(pred[0, 0].cpu().numpy(), y[i, 0].cpu().numpy(), x[i, 1].cpu().numpy()))
+        return {"val_L_S": float(np.mean(losses)), "val_nrmse": float(np.mean(vals))}
+
+    return fn
+
+
+def tkd_val(patches, threshold=0.15):
+    from napari_qsm.core.tkd import truncated_inversion
+
+    vals = []
+    for s in patches:
+        chi, _ = truncated_inversion(s.field, s.mask > 0.5, s.voxel_size, s.b0_direction, threshold=threshold,
+                                     device=torch.device("cpu"))
+        vals.append(nrmse(chi, s.chi, s.mask))
+    return float(np.mean(vals))
+
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export(cfg: dict, run_dir: Path, out_dir: Path = WEIGHTS, extra_card: dict | None = None) -> Path:
+    """Write the shipped state_dict (domain-1 BN = copy of domain 0, untrained flag) and its JSON card."""
+    from napari_qsm.nn.infer import write_card
+
+    net, synth, train = build(cfg)
+    ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    model = QSMInvNet(net)
+    model.load_state_dict(ck["model"])
+    if net.num_domains > 1:
+        for d in range(1, net.num_domains):
+            model.copy_domain(0, d)
+    model.domain_trained.zero_()
+    model.domain_trained[0] = 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pt = out_dir / f"{cfg['name']}.pt"
+    from napari_qsm.nn.train import atomic_torch_save
+    atomic_torch_save(model.state_dict(), pt)
+    hist = json.loads(ck.get("history_json", "[]"))
+    meta = json.loads(ck.get("meta_json", "{}"))
+    vals = [h for h in hist if "val_nrmse" in h]
+    card = {
+        "name": cfg["name"],
+        "model": "QSMInvNet+ (DSBN 3-D U-Net)" if net.num_domains > 1 else "QSMInvNet (3-D U-Net)",
+        "architecture": net.to_dict(),
+        "parameters": count_parameters(model),
+        "flops_per_voxel": flops_per_voxel(net),
+        "normalisation": {
+            "input": "channel 0 = field_ppm * mask * field_scale, channel 1 = mask (0/1)",
+            "output": "chi_ppm = output / chi_scale, multiplied by the mask",
+            "field_scale": net.field_scale, "chi_scale": net.chi_scale,
+            "spatial_multiple": net.multiple,
+        },
+        "domains": {"0": "synthetic (trained)", "1": "target scan (copy of domain 0 until adapted)"},
+        "domain_trained": model.domain_trained.tolist(),
+        "training": {
+            "data_recipe": synth.to_dict(),
+            "train_config": train.to_dict(),
+            "steps": int(ck["step"]),
+            "patches_seen": int(ck["step"]) * train.batch_size,
+            "wall_seconds": round(float(ck.get("seconds", 0.0)), 1),
+            "hardware": meta.get("hardware", {}),
+            "loss": "L_S (mean squared error in scaled chi units, masked)",
+            "final_train_L_S_mean_last100": float(np.mean([h["L_S"] for h in hist[-100:]])) if hist else None,
+            "val_patches_nrmse_percent": vals[-1]["val_nrmse"] if vals else None,
+            "val_patches_tkd_nrmse_percent": meta.get("val_tkd_nrmse"),
+            "command": f"python -m src_models.train_qsminvnet --config src_models/{cfg['name']}.json",
+        },
+        "file": pt.name,
+        "size_bytes": pt.stat().st_size,
+        "sha256": sha256(pt),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if extra_card:
+        card.update(extra_card)
+    old = out_dir / f"{cfg['name']}.json"
+    if old.exists():  # keep validation results written by validate_qsminvnet when the weights are unchanged
+        prev = json.loads(old.read_text())
+        if prev.get("sha256") == card["sha256"] and "validation" in prev:
+            card["validation"] = prev["validation"]
+    write_card(out_dir / f"{cfg['name']}.json", card)
+    return pt
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "src_models" / "qsminvnet_plus.json"))
+    ap.add_argument("--out", default=None, help="run directory (default runs/<name>)")
+    ap.add_argument("--steps", type=int, default=None, help="override the step target (continue training)")
+    ap.add_argument("--max-minutes", type=float, default=None, help="wall-time budget of this session")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--export", action="store_true", help="only export the shipped weights from the checkpoint")
+    ap.add_argument("--no-export", action="store_true", help="do not export at the end of training")
+    ap.add_argument("--weights-dir", default=str(WEIGHTS), help="where --export writes the shipped weights")
+    args = ap.parse_args(argv)
+
+    cfg = load_config(args.config)
+    run_dir = Path(args.out) if args.out else ROOT / "runs" / cfg["name"]
+    if args.export:
+        print(export(cfg, run_dir, Path(args.weights_dir)))
+        return 0
+    net, synth, train = build(cfg)
+    if args.steps is not None:
+        train.steps = args.steps
+    if args.max_minutes is not None:
+        train.max_seconds = 60.0 * args.max_minutes
+    if args.device is not None:
+        train.device = args.device
+    if args.threads is not None:
+        train.threads = args.threads
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logf = open(run_dir / "train.log", "a")
+
+    def log(msg):
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    dev = resolve_device(train.device)
+    torch.manual_seed(train.seed)
+    model = QSMInvNet(net).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=train.lr)
+    log(f"config {args.config}: {count_parameters(model)} parameters, "
+        f"{flops_per_voxel(net)['forward'] / 1e3:.1f} kFLOP/voxel forward, device {dev}, threads {torch.get_num_threads()}")
+    val_patches = make_val_patches(synth)
+    tkd_nrmse = tkd_val(val_patches)
+    log(f"validation patches: {len(val_patches)}, TKD(0.15) NRMSE {tkd_nrmse:.1f}%")
+    pool = PhantomPool(synth, log=log)
+    meta = {"config": cfg, "val_tkd_nrmse": tkd_nrmse,
+            "hardware": {"device": str(dev), "cpu": platform.processor() or platform.machine(),
+                         "threads": torch.get_num_threads(), "torch": torch.__version__,
+                         "python": sys.version.split()[0],
+                         "cuda": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}}
+    step_fn = synthetic_step_fn(model, pool, synth, net, train.batch_size, train.seed, dev, domain=0)
+
+    def step_with_mark(step):
+        model.domain_trained[0] = 1
+        return step_fn(step)
+
+    trainer = Trainer(model, opt, step_with_mark, train, out_dir=run_dir,
+                      val_fn=make_val_fn(model, val_patches, net, dev), meta=meta, log=log,
+                      title=f"{cfg['name']} (TKD val NRMSE {tkd_nrmse:.0f}%)")
+    t0 = time.time()
+    trainer.run()
+    log(f"session done: step {trainer.step}, {time.time() - t0:.0f} s this session, {trainer.seconds:.0f} s total")
+    plot_losses(trainer.history, run_dir / "losses.png", trainer.title)
+    if not args.no_export:
+        log(f"exported {export(cfg, run_dir, Path(args.weights_dir))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

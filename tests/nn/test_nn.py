@@ -1,0 +1,263 @@
+"""QSMInvNet+ unit tests: small widths and 32³ volumes, a few seconds in total."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_qsm.core.dipole import forward_field
+from napari_qsm.nn.infer import WeightsError, default_weights_path, load_model, predict
+from napari_qsm.nn.losses import LambdaSchedule, loss_field, loss_supervised, noise_weights
+from napari_qsm.nn.synth import Head, SynthConfig, phase_per_ppm, sample_pair, to_tensors
+from napari_qsm.nn.train import Trainer, TrainConfig
+from napari_qsm.nn.unet import DSBN, NetConfig, QSMInvNet, count_parameters, flops_per_voxel
+
+
+def tiny(nd=2, w=2, seed=0):
+    torch.manual_seed(seed)
+    return QSMInvNet(NetConfig(base_width=w, num_domains=nd))
+
+
+def blob_volume(shape=(32, 32, 32), seed=0):
+    rng = np.random.default_rng(seed)
+    g = np.meshgrid(*[np.arange(n) - n / 2 for n in shape], indexing="ij")
+    mask = (g[0] ** 2 / 14 ** 2 + g[1] ** 2 / 13 ** 2 + g[2] ** 2 / 12 ** 2) < 1
+    chi = np.zeros(shape, np.float32)
+    for _ in range(6):
+        c = rng.uniform(-8, 8, 3)
+        r = rng.uniform(2, 5)
+        chi += rng.uniform(-0.2, 0.3) * ((g[0] - c[0]) ** 2 + (g[1] - c[1]) ** 2 + (g[2] - c[2]) ** 2 < r * r)
+    chi *= mask
+    return chi.astype(np.float32), mask
+
+
+def test_architecture_counts():
+    m = tiny(w=4)
+    convs = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv3d)]
+    assert sum(c.kernel_size == (3, 3, 3) for c in convs) == 9
+    assert sum(c.kernel_size == (1, 1, 1) for c in convs) == 1
+    assert all(c.padding == (1, 1, 1) for c in convs if c.kernel_size == (3, 3, 3))
+    assert sum(isinstance(mod, DSBN) for mod in m.modules()) == 9
+    # 4 levels of pooling: output shape equals input shape (multiple of 16)
+    y = m(torch.randn(1, 2, 32, 32, 16))
+    assert y.shape == (1, 1, 32, 32, 16)
+    assert count_parameters(m) > 0
+    f = flops_per_voxel(m.config)
+    assert f["train_step"] == pytest.approx(3 * f["forward"])
+    with pytest.raises(ValueError):
+        m(torch.randn(1, 2, 30, 32, 32))
+
+
+def test_dsbn_separate_stats_shared_weights():
+    m = tiny(nd=2)
+    m.train()
+    x0 = torch.randn(2, 2, 32, 32, 32)
+    x1 = 5.0 + 3.0 * torch.randn(2, 2, 32, 32, 32)
+    m(x0, domain=0)
+    bn0 = m.down[0].norm.bns[0]
+    bn1 = m.down[0].norm.bns[1]
+    mean1_before = bn1.running_mean.clone()
+    assert torch.equal(bn1.running_mean, mean1_before) and bn0.num_batches_tracked == 1 and bn1.num_batches_tracked == 0
+    m(x1, domain=1)
+    assert bn1.num_batches_tracked == 1 and bn0.num_batches_tracked == 1
+    assert not torch.allclose(bn0.running_mean, bn1.running_mean)
+    # conv weights are the same objects for both domains; each BN parameter belongs to exactly one domain
+    shared = {id(p) for p in m.shared_parameters()}
+    assert id(m.down[0].conv.weight) in shared
+    d0 = {id(p) for p in m.bn_parameters(0)}
+    d1 = {id(p) for p in m.bn_parameters(1)}
+    assert d0.isdisjoint(d1) and d0.isdisjoint(shared) and d1.isdisjoint(shared)
+    assert len(d0) == len(d1) == 18  # 9 BNs x (weight, bias)
+    # plain QSMInvNet: one BN per layer
+    m1 = tiny(nd=1)
+    assert len(m1.down[0].norm.bns) == 1
+    with pytest.raises(ValueError):
+        m1(x0, domain=1)
+
+
+def test_forward_each_domain_and_gradients():
+    m = tiny(nd=2)
+    m.train()
+    x = torch.randn(1, 2, 32, 32, 32)
+    for d in (0, 1):
+        m.zero_grad()
+        y = m(x, domain=d)
+        assert y.shape == (1, 1, 32, 32, 32) and torch.isfinite(y).all()
+        y.square().mean().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.shared_parameters())
+        used = [p for p in m.bn_parameters(d)]
+        other = [p for p in m.bn_parameters(1 - d)]
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in used[:2])
+        assert all(p.grad is None or p.grad.abs().sum() == 0 for p in other)
+    m.eval()
+    y0, y1 = m(x, domain=0), m(x, domain=1)
+    assert torch.isfinite(y0).all() and torch.isfinite(y1).all()
+
+
+def test_save_load_identical(tmp_path):
+    m = tiny(nd=2)
+    m.train()
+    for d in (0, 1):
+        m(torch.randn(1, 2, 32, 32, 32) + d, domain=d)
+    m.mark_trained(0)
+    m.mark_trained(1)
+    p = tmp_path / "w.pt"
+    torch.save(m.state_dict(), p)
+    m2 = load_model(p)
+    m.eval()
+    x = torch.randn(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        for d in (0, 1):
+            assert torch.equal(m(x, domain=d), m2(x, domain=d))
+    assert m2.default_domain() == 1
+    assert m2.config.base_width == 2 and m2.num_domains == 2
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        load_model(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(WeightsError, match="cannot read"):
+        load_model(bad)
+    other = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(3, 3).state_dict(), other)
+    with pytest.raises(WeightsError):
+        load_model(other)
+    sd = tiny().state_dict()
+    sd.pop("head.bias")
+    partial = tmp_path / "partial.pt"
+    torch.save(sd, partial)
+    with pytest.raises(WeightsError, match="missing"):
+        load_model(partial)
+
+
+def test_field_loss_zero_for_exact_chi():
+    chi, mask = blob_volume()
+    vs, b0 = (1.0, 1.0, 1.2), (0.1, 0.2, 0.97)
+    f = forward_field(chi, vs, b0, device="cpu")
+    t = lambda a: torch.as_tensor(a, dtype=torch.float32)[None, None]
+    m = t(mask.astype(np.float32))
+    ppp = phase_per_ppm(3.0, 0.02)
+    assert ppp == pytest.approx(16.05, abs=0.01)
+    l0 = loss_field(t(chi), t(f) * m, m, vs, b0, phase_per_ppm=ppp)
+    l1 = loss_field(t(chi) * 1.3, t(f) * m, m, vs, b0, phase_per_ppm=ppp)
+    assert float(l0) < 1e-8
+    assert float(l1) > 1e-4
+    w = noise_weights(m, t(np.full(chi.shape, 0.01, np.float32)))
+    assert float(w[m > 0].mean()) == pytest.approx(1.0, rel=1e-5)
+    assert float(loss_supervised(t(chi), t(chi))) == 0.0
+
+
+def test_lambda_schedule():
+    s = LambdaSchedule(lam_max=2.0, ramp=10, warmup=5)
+    assert s(0) == 0 and s(5) == 0 and s(10) == pytest.approx(1.0) and s(15) == 2.0 and s(100) == 2.0
+    e = LambdaSchedule(lam_max=1.0, ramp=10, kind="exp")
+    assert e(0) == pytest.approx(0.01) and e(10) == 1.0
+    vals = [LambdaSchedule(1.0, 20, kind="cosine")(t) for t in range(25)]
+    assert all(b >= a for a, b in zip(vals, vals[1:]))
+
+
+def test_padding_and_tiling_equal_one_pass():
+    m = tiny(nd=2, w=2)
+    m.train()
+    m(torch.randn(1, 2, 32, 32, 32))
+    m.eval()
+    rng = np.random.default_rng(0)
+    # odd size along the tiled axis: padding + 3 tiles with a halo larger than the receptive field
+    shape = (20, 24, 300)
+    f = rng.standard_normal(shape).astype(np.float32) * 0.05
+    mask = np.ones(shape, bool)
+    mask[:, :, :5] = False
+    one, info1 = predict(m, f, mask, memory_gb=64)
+    assert info1["tiles"] == 1 and info1["padded_shape"] == [32, 32, 304]
+    tiled, info2 = predict(m, f, mask, tile=224, overlap=160, memory_gb=64)
+    assert info2["tiles"] > 1
+    scale = np.abs(one).max()
+    assert np.abs(tiled - one).max() <= 1e-4 * max(scale, 1.0)
+    # a practical overlap still gives nearly the same result
+    approx, info3 = predict(m, f, mask, tile=128, overlap=32, memory_gb=64)
+    assert info3["tiles"] > 1 and np.isfinite(approx).all()
+    assert one.shape == shape and np.all(one[~mask] == 0)
+
+
+def _toy_head(shape=(48, 48, 48)):
+    chi, mask = blob_volume(shape)
+    lab = np.where(mask, 1, 0).astype(np.int16)
+    return Head(chi=chi, mask=mask, magnitude=np.where(mask, 1.0, 0.1).astype(np.float32), labels=lab,
+                voxel_size=(1.0, 1.0, 1.0), seed=0)
+
+
+def test_synthetic_pair_consistent():
+    head = _toy_head()
+    cfg = SynthConfig(patch=(32, 32, 32), min_mask_fraction=0.1)
+    s = sample_pair(head, np.random.default_rng(0), cfg, augment=True, snr=None)
+    assert s.field.shape == s.chi.shape == s.mask.shape == (32, 32, 32)
+    assert np.all(s.chi[s.mask == 0] == 0) and np.all(s.field[s.mask == 0] == 0)
+    # without noise the field is exactly the masked forward field of the label
+    f = forward_field(s.chi, s.voxel_size, s.b0_direction, device="cpu") * s.mask
+    assert np.allclose(f, s.field, atol=1e-6)
+    x, y = to_tensors([s], 10.0, 10.0)
+    assert x.shape == (1, 2, 32, 32, 32) and y.shape == (1, 1, 32, 32, 32)
+    tilt = np.degrees(np.arccos(abs(s.b0_direction[2])))
+    assert 0 <= tilt <= 25.0 + 1e-6
+
+
+def test_training_smoke_lowers_loss(tmp_path):
+    head = _toy_head()
+    cfg = SynthConfig(patch=(32, 32, 32), min_mask_fraction=0.1, p_elastic=0.0, max_lesions=0, p_contrast=0.0)
+    samples = [sample_pair(head, np.random.default_rng(i), cfg, snr=None) for i in range(2)]
+    x, y = to_tensors(samples, 10.0, 10.0)
+    m = tiny(nd=2, w=4)
+    opt = torch.optim.Adam(m.parameters(), 3e-3)
+
+    def step_fn(step):
+        pred = m(x, domain=0) * x[:, 1:2]
+        loss = loss_supervised(pred, y)
+        return loss, {"L_S": float(loss.detach())}
+
+    tc = TrainConfig(steps=25, lr=3e-3, log_every=100, ckpt_every=10, ckpt_minutes=0)
+    hist = Trainer(m, opt, step_fn, tc, out_dir=tmp_path).run()
+    first = np.mean([h["L_S"] for h in hist[:3]])
+    last = np.mean([h["L_S"] for h in hist[-3:]])
+    assert last < 0.7 * first
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "losses.csv").exists()
+    # resume: a second trainer continues at step 25 and goes on to 30
+    tc2 = TrainConfig(steps=30, lr=3e-3, log_every=100, ckpt_every=10, ckpt_minutes=0)
+    m2 = tiny(nd=2, w=4)
+    tr2 = Trainer(m2, torch.optim.Adam(m2.parameters(), 3e-3), step_fn, tc2, out_dir=tmp_path)
+    tr2.run()
+    assert tr2.step == 30 and len(tr2.history) == 30
+
+
+def test_dsbn_method_registered():
+    from napari_qsm.core.methods import get_method
+
+    meth = get_method("dsbn")
+    assert meth.accepts_weights and meth.long_running and meth.label == "QSMInvNet+ (DSBN)"
+
+
+def test_method_runs_with_given_weights(tmp_path):
+    from napari_qsm.core.methods import reconstruct
+    from napari_qsm.core.scan import Scan
+
+    m = tiny()
+    p = tmp_path / "w.pt"
+    torch.save(m.state_dict(), p)
+    chi, mask = blob_volume((24, 28, 20))
+    scan = Scan(field=forward_field(chi, (1, 1, 1), device="cpu") * mask, mask=mask)
+    res = reconstruct(scan, "dsbn", {"domain": "0"}, device="cpu", weights=str(p))
+    assert res.chi.shape == scan.shape and res.extras["domain"] == 0
+    assert res.extras["weights_sha256"]
+
+
+@pytest.mark.skipif(not default_weights_path().exists(), reason="no shipped weights")
+def test_shipped_weights_load_and_card():
+    m = load_model()
+    card = json.loads(default_weights_path().with_suffix(".json").read_text())
+    assert card["sha256"] == m.weights_sha256
+    assert default_weights_path().stat().st_size < 50 * 2 ** 20
+    assert card["architecture"]["base_width"] == m.config.base_width
