@@ -1,0 +1,564 @@
+"""The orthogonal-slices panel of the Compare widget (pure Qt painting, no matplotlib).
+
+One column per volume (the reference first, then the results), rows axial / coronal /
+sagittal for χ and, below a separator, the same planes of the difference to the reference (or
+of the field residual when there is no reference). All planes are drawn at one scale
+(pixels per mm), so the physical aspect is kept and the planes of a column line up. Colour
+mapping is a numpy lookup table into a QImage that Qt scales with nearest-neighbour sampling:
+updating 36 planes of 256×256 takes a few tens of milliseconds.
+
+Orientation (the scan's voxel frame after ``as_closest_canonical``, RAS+): axial and coronal
+show the patient's right on the right (neurological; ``radiological=True`` flips them), axial
+anterior up, coronal and sagittal superior up, sagittal anterior on the left. Letters at the
+image edges say so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+from qtpy.QtCore import QPointF, QRectF, Qt, Signal
+from qtpy.QtGui import QColor, QFont, QFontMetrics, QImage, QPainter, QPen
+from qtpy.QtWidgets import QSizePolicy, QWidget
+
+from ..core.compare import PLANES, Plane, clamp_point, orthogonal_slices, plane_click_to_point
+
+
+def colormap_lut(name: str) -> np.ndarray:
+    """(256,) uint32 lookup table of a matplotlib colormap; each entry holds the RGBA bytes."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps[name]
+    lut = (cmap(np.linspace(0.0, 1.0, 256)) * 255.0 + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(lut).view(np.uint32).reshape(256)
+
+
+_BLACK = np.array([0, 0, 0, 255], np.uint8).view(np.uint32)[0]
+
+
+def to_rgba(data: np.ndarray, lo: float, hi: float, lut: np.ndarray, flip_h: bool = False,
+            flip_v: bool = False, mask: Optional[np.ndarray] = None) -> np.ndarray:
+    """Map a 2-D array to a contiguous (h, w) uint32 RGBA image through ``lut``.
+
+    NaN and voxels outside ``mask`` (same shape as ``data``) are black. ``flip_v``/``flip_h``
+    reverse rows/columns (row 0 of a QImage is the top).
+    """
+    a = data
+    m = mask
+    if flip_v:
+        a = a[::-1]
+        m = None if m is None else m[::-1]
+    if flip_h:
+        a = a[:, ::-1]
+        m = None if m is None else m[:, ::-1]
+    span = float(hi - lo) if hi > lo else 1e-12
+    t = np.subtract(a, np.float32(lo), dtype=np.float32)
+    t *= np.float32(255.0 / span)
+    np.clip(t, 0.0, 255.0, out=t)
+    nan = np.isnan(t)
+    has_nan = bool(nan.any())
+    if has_nan:
+        t[nan] = 0.0
+    out = lut.take(t.astype(np.uint8))
+    if has_nan:
+        out[nan] = _BLACK
+    if m is not None:
+        out[~m] = _BLACK
+    return out
+
+
+class _LazyDiff(dict):
+    """plane name → result plane − reference plane, computed on first use."""
+
+    def __init__(self, chi_planes, ref_planes) -> None:
+        super().__init__()
+        self._chi = chi_planes
+        self._ref = ref_planes
+
+    def __missing__(self, name):
+        d = np.subtract(self._chi[name].data, self._ref[name], dtype=np.float32)
+        self[name] = d
+        return d
+
+
+@dataclass
+class PanelColumn:
+    """One column of the panel (volumes in the canonical voxel frame, ppm).
+
+    The difference row shows ``diff_volume`` when given (e.g. the field residual), else
+    ``volume − ref − offset`` when ``ref`` is given, else nothing (``diff_note`` is written).
+    """
+
+    title: str
+    volume: np.ndarray
+    ref: Optional[np.ndarray] = None
+    offset: float = 0.0
+    diff_volume: Optional[np.ndarray] = None
+    diff_note: str = ""
+    subtitle: str = ""
+    mask: Optional[np.ndarray] = None  # difference shown inside it only (black outside)
+
+    def has_diff(self) -> bool:
+        return self.diff_volume is not None or self.ref is not None
+
+
+# (plane, edge) → orientation letter, for the neurological display; radiological swaps R/L.
+_LETTERS = {
+    "axial": ("L", "R", "A", "P"),      # left, right, top, bottom
+    "coronal": ("L", "R", "S", "I"),
+    "sagittal": ("A", "P", "S", "I"),
+}
+
+
+class SliceGrid(QWidget):
+    """Columns of orthogonal slices (χ rows, then difference rows), one contrast per group."""
+
+    #: canonical voxel point (i, j, k) the user clicked / scrolled to
+    pointRequested = Signal(tuple)
+    #: text describing the value under the mouse (empty when outside the images)
+    hovered = Signal(str)
+
+    LEFT, TOP, RIGHT, BOTTOM, GAP, SEP = 64, 36, 84, 18, 3, 18
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.setMinimumSize(320, 260)
+        self.setMouseTracking(True)
+        self._columns: list[PanelColumn] = []
+        self._vs = np.ones(3)
+        self._shape: Optional[tuple] = None
+        self._point = (0, 0, 0)
+        self._planes: tuple = PLANES
+        self._chi_lim = (-0.1, 0.2)
+        self._diff_lim = 0.1
+        self._chi_lut = colormap_lut("gray")
+        self._diff_lut = colormap_lut("RdBu_r")
+        self._radiological = False
+        self._diff_title = "Δχ = result − reference"
+        self._chi_unit = "χ (ppm)"
+        self._diff_unit = "Δχ (ppm)"
+        self._images: dict = {}       # (col, row) → (QImage, buffer)
+        self._image_cache: dict = {}  # (col, row) → (key, (QImage, buffer)) of the last rendering
+        self._planes_cache: dict = {}  # (col, row) → Plane (for clicks / hover)
+        self._layout: dict = {}        # geometry of the last paint
+        self.last_render_ms = 0.0      # timing of the last update (benchmarks)
+        self.last_paint_ms = 0.0
+        self.paint_count = 0
+
+    # ------------------------------------------------------------------ configuration
+    def set_columns(self, columns: Sequence[PanelColumn], voxel_size, diff_title: str = "",
+                    diff_unit: str = "") -> None:
+        cols = list(columns)
+        shape = tuple(cols[0].volume.shape) if cols else None
+        for c in cols:
+            if tuple(c.volume.shape) != shape:
+                raise ValueError(f"panel: {c.title!r} has shape {c.volume.shape}, expected {shape}")
+        self._columns = cols
+        self._image_cache.clear()
+        self._shape = shape
+        self._vs = np.asarray(voxel_size, dtype=np.float64)
+        if diff_title:
+            self._diff_title = diff_title
+        if diff_unit:
+            self._diff_unit = diff_unit
+        if shape is not None:
+            self._point = clamp_point(self._point, shape)
+        self.refresh()
+
+    def set_offsets(self, offsets: dict) -> None:
+        """Update the demeaning offsets (title → ppm) without rebuilding."""
+        for c in self._columns:
+            if c.title in offsets:
+                c.offset = float(offsets[c.title])
+        self.refresh()
+
+    def set_diff_volume(self, title: str, vol: Optional[np.ndarray]) -> None:
+        for c in self._columns:
+            if c.title == title:
+                c.diff_volume = vol
+        self.refresh()
+
+    def set_point(self, point) -> None:
+        if self._shape is None:
+            self._point = tuple(int(round(float(p))) for p in point)
+            return
+        p = clamp_point(point, self._shape)
+        if p != self._point or not self._images:
+            self._point = p
+            self.refresh()
+
+    def point(self) -> tuple:
+        return self._point
+
+    def set_planes(self, planes: Sequence[str]) -> None:
+        self._planes = tuple(p for p in PLANES if p in planes) or PLANES
+        self.refresh()
+
+    def set_chi_limits(self, lo: float, hi: float) -> None:
+        self._chi_lim = (float(lo), float(hi))
+        self.refresh()
+
+    def set_diff_limit(self, lim: float) -> None:
+        self._diff_lim = abs(float(lim)) or 1e-6
+        self.refresh()
+
+    def set_radiological(self, on: bool) -> None:
+        self._radiological = bool(on)
+        self.refresh()
+
+    @property
+    def columns(self) -> list:
+        return self._columns
+
+    @property
+    def planes(self) -> tuple:
+        return self._planes
+
+    # ------------------------------------------------------------------ rendering
+    def _flip_h(self, plane: str) -> bool:
+        if plane == "sagittal":
+            return True  # anterior on the left
+        return self._radiological
+
+    def _rows(self) -> list[tuple[str, bool]]:
+        rows = [(p, False) for p in self._planes]
+        if any(c.has_diff() for c in self._columns):
+            rows += [(p, True) for p in self._planes]
+        return rows
+
+    def refresh(self) -> None:
+        """Recompute the plane images for the current point and schedule a repaint."""
+        t0 = time.perf_counter()
+        self._render()
+        self.last_render_ms = (time.perf_counter() - t0) * 1e3
+        self.update()
+
+    def _render(self) -> None:
+        self._images.clear()
+        self._planes_cache.clear()
+        if not self._columns or self._shape is None:
+            return
+        want = set(self._planes)
+        lo, hi = self._chi_lim
+        dl = self._diff_lim
+        rows = self._rows()
+        shared: dict = {}  # id(volume) → its planes (the reference and mask are shared by columns)
+
+        def planes_of(vol):
+            key = id(vol)
+            if key not in shared:
+                shared[key] = {p.name: p.data for p in orthogonal_slices(vol, self._point, self._vs)}
+            return shared[key]
+
+        for ci, col in enumerate(self._columns):
+            chi_planes = {p.name: p for p in orthogonal_slices(col.volume, self._point, self._vs)}
+            diff_planes = None
+            off = 0.0
+            if col.diff_volume is not None:
+                diff_planes = planes_of(col.diff_volume)
+            elif col.ref is not None:
+                refp = planes_of(col.ref)
+                diff_planes = _LazyDiff(chi_planes, refp)
+                off = float(col.offset)
+            mplanes = planes_of(col.mask) if (diff_planes is not None and col.mask is not None) else None
+            for ri, (name, is_diff) in enumerate(rows):
+                pl = chi_planes[name]
+                self._planes_cache[(ci, ri)] = pl
+                flip = self._flip_h(name)
+                if is_diff:
+                    if diff_planes is None:
+                        continue
+                    key = ("diff", pl.index, id(col.volume), id(col.ref), id(col.diff_volume), id(col.mask),
+                           off, dl, flip)
+                else:
+                    key = ("chi", pl.index, id(col.volume), lo, hi, flip)
+                hit = self._image_cache.get((ci, ri))
+                if hit is not None and hit[0] == key:  # same plane and window: only the cross-hair moved
+                    self._images[(ci, ri)] = hit[1]
+                    continue
+                if is_diff:
+                    rgba = to_rgba(diff_planes[name], off - dl, off + dl, self._diff_lut, flip, True,
+                                   None if mplanes is None else mplanes[name])
+                else:
+                    rgba = to_rgba(pl.data, lo, hi, self._chi_lut, flip, True)
+                h, w = rgba.shape
+                img = QImage(rgba.data, w, h, 4 * w, QImage.Format.Format_RGBA8888)
+                self._images[(ci, ri)] = (img, rgba)
+                self._image_cache[(ci, ri)] = (key, (img, rgba))
+
+    def _geometry(self) -> dict:
+        """Pixel layout: scale (px/mm) and the image rectangle of every cell."""
+        if not self._columns or self._shape is None:
+            return {}
+        n = len(self._columns)
+        rows = self._rows()
+        shp = np.asarray(self._shape) * self._vs  # extent in mm per axis
+        wh = {"axial": (shp[0], shp[1]), "coronal": (shp[0], shp[2]), "sagittal": (shp[1], shp[2])}
+        W, H = self.width(), self.height()
+        L, T, R, B, G, S = self.LEFT, self.TOP, self.RIGHT, self.BOTTOM, self.GAP, self.SEP
+        n_diff = sum(1 for _, d in rows if d)
+        cw = max(10.0, (W - L - R - G * (n - 1)) / n)
+        max_w = max(wh[p][0] for p, _ in rows)
+        sum_h = sum(wh[p][1] for p, _ in rows)
+        avail_h = H - T - B - G * (len(rows) - 1) - (S if n_diff else 0)
+        s = max(1e-3, min(cw / max_w, max(10.0, avail_h) / sum_h))
+        rects = {}
+        row_y = []
+        y = T
+        for ri, (p, d) in enumerate(rows):
+            if d and (ri == 0 or not rows[ri - 1][1]):
+                y += S
+            w_mm, h_mm = wh[p]
+            row_y.append((y, h_mm * s))
+            for ci in range(n):
+                x0 = L + ci * (cw + G) + (cw - w_mm * s) / 2.0
+                rects[(ci, ri)] = QRectF(x0, y, w_mm * s, h_mm * s)
+            y += h_mm * s + G
+        return {"scale": s, "rects": rects, "rows": rows, "row_y": row_y, "cw": cw, "bottom": y}
+
+    def paintEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        t0 = time.perf_counter()
+        painter = QPainter(self)
+        try:
+            self._paint(painter)
+        finally:
+            painter.end()
+        self.paint_count += 1
+        self.last_paint_ms = (time.perf_counter() - t0) * 1e3
+
+    def _paint(self, qp: QPainter) -> None:
+        pal = self.palette()
+        bg = pal.color(pal.ColorRole.Window)
+        fg = pal.color(pal.ColorRole.WindowText)
+        qp.fillRect(self.rect(), bg)
+        geo = self._geometry()
+        self._layout = geo
+        if not geo:
+            qp.setPen(fg)
+            qp.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter,
+                        "Choose result layers (and a reference) to compare")
+            return
+        qp.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, False)
+        small = QFont(self.font())
+        small.setPointSizeF(max(7.0, self.font().pointSizeF() * 0.85))
+        bold = QFont(self.font())
+        bold.setBold(True)
+        fm = QFontMetrics(bold)
+        rows = geo["rows"]
+        cw = geo["cw"]
+        rects = geo["rects"]
+        s = geo["scale"]
+        # column titles
+        qp.setFont(bold)
+        qp.setPen(fg)
+        sfm = QFontMetrics(small)
+        for ci, col in enumerate(self._columns):
+            x = self.LEFT + ci * (cw + self.GAP)
+            title = fm.elidedText(col.title, Qt.TextElideMode.ElideMiddle, int(cw))
+            qp.setFont(bold)
+            qp.drawText(QRectF(x, 1, cw, fm.height()), Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop, title)
+            if col.subtitle:
+                qp.setFont(small)
+                sub = sfm.elidedText(col.subtitle, Qt.TextElideMode.ElideRight, int(cw))
+                qp.drawText(QRectF(x, 1 + fm.height(), cw, sfm.height()),
+                            Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop, sub)
+        # separator title for the difference rows
+        qp.setFont(small)
+        for ri, (p, d) in enumerate(rows):
+            if d and (ri == 0 or not rows[ri - 1][1]):
+                y0 = geo["row_y"][ri][0] - self.SEP
+                qp.setPen(fg)
+                qp.drawText(QRectF(self.LEFT, y0, self.width() - self.LEFT - self.RIGHT, self.SEP),
+                            Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignVCenter, self._diff_title)
+        # images, cross-hairs and notes
+        cross_pen = QPen(QColor(255, 210, 0, 150))
+        cross_pen.setWidthF(1.0)
+        letter_pen = QPen(QColor(255, 255, 140))
+        for (ci, ri), rect in rects.items():
+            name, is_diff = rows[ri]
+            qp.fillRect(rect, QColor(0, 0, 0))
+            item = self._images.get((ci, ri))
+            if item is None:
+                note = self._columns[ci].diff_note if is_diff else ""
+                if note:
+                    qp.setPen(fg)
+                    qp.setFont(small)
+                    qp.drawText(rect, Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap, note)
+                continue
+            qp.drawImage(rect, item[0])
+            pl = self._planes_cache[(ci, ri)]
+            cx, cy = self._mm_to_px(pl, rect, *pl.cross)
+            qp.setPen(cross_pen)
+            qp.drawLine(QPointF(cx, rect.top()), QPointF(cx, rect.bottom()))
+            qp.drawLine(QPointF(rect.left(), cy), QPointF(rect.right(), cy))
+            if ci == 0 and rect.width() > 40:
+                lt, rt, tp, bt = _LETTERS[name]
+                if self._radiological and name != "sagittal":
+                    lt, rt = rt, lt
+                qp.setPen(letter_pen)
+                qp.setFont(small)
+                sm = QFontMetrics(small)
+                hh = sm.height()
+                qp.drawText(QRectF(rect.left() + 2, rect.center().y() - hh / 2, 14, hh), Qt.AlignmentFlag.AlignLeft, lt)
+                qp.drawText(QRectF(rect.right() - 16, rect.center().y() - hh / 2, 14, hh), Qt.AlignmentFlag.AlignRight, rt)
+                qp.drawText(QRectF(rect.center().x() - 8, rect.top() + 1, 16, hh), Qt.AlignmentFlag.AlignHCenter, tp)
+                qp.drawText(QRectF(rect.center().x() - 8, rect.bottom() - hh - 1, 16, hh), Qt.AlignmentFlag.AlignHCenter, bt)
+        # row labels: plane and slice index (mm)
+        qp.setFont(small)
+        qp.setPen(fg)
+        ax_name = "ijk"
+        for ri, (name, is_diff) in enumerate(rows):
+            y, h = geo["row_y"][ri]
+            pl = self._planes_cache.get((0, ri))
+            label = ("Δ " if is_diff else "") + name
+            if pl is not None:
+                label += f"\n{ax_name[pl.normal]} = {pl.index}\n{pl.index * self._vs[pl.normal]:.0f} mm"
+            qp.drawText(QRectF(2, y, self.LEFT - 6, h), Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, label)
+        # colour bars
+        chi_rows = [geo["row_y"][ri] for ri, (_, d) in enumerate(rows) if not d]
+        diff_rows = [geo["row_y"][ri] for ri, (_, d) in enumerate(rows) if d]
+        x_bar = self.width() - self.RIGHT + 8
+        if chi_rows:
+            self._colorbar(qp, x_bar, chi_rows[0][0], chi_rows[-1][0] + chi_rows[-1][1], self._chi_lut,
+                           *self._chi_lim, self._chi_unit, fg, small)
+        if diff_rows and self._images and any(k[1] >= len(self._planes) for k in self._images):
+            self._colorbar(qp, x_bar, diff_rows[0][0], diff_rows[-1][0] + diff_rows[-1][1], self._diff_lut,
+                           -self._diff_lim, self._diff_lim, self._diff_unit, fg, small)
+        # scale bar (10 mm or 50 mm) under the first column
+        if rects:
+            r0 = rects[(0, len(rows) - 1)]
+            mm = 50 if 50 * s < 0.8 * r0.width() else 10
+            if mm * s > 8:
+                y = r0.bottom() + 5
+                qp.setPen(QPen(fg, 2))
+                qp.drawLine(QPointF(r0.left(), y), QPointF(r0.left() + mm * s, y))
+                qp.setFont(small)
+                qp.drawText(QRectF(r0.left() + mm * s + 4, y - sfm.height() / 2, 60, sfm.height()),
+                            Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter, f"{mm} mm")
+
+    def _colorbar(self, qp, x, y0, y1, lut, lo, hi, unit, fg, font) -> None:
+        h = max(10, int(y1 - y0))
+        grad = np.ascontiguousarray(np.repeat(lut[::-1][:, None], 10, axis=1))
+        img = QImage(grad.data, 10, 256, 40, QImage.Format.Format_RGBA8888)
+        qp.drawImage(QRectF(x, y0, 10, h), img)
+        qp.setPen(fg)
+        qp.setFont(font)
+        fmh = QFontMetrics(font).height()
+        for frac, val in ((0.0, hi), (0.5, 0.5 * (lo + hi)), (1.0, lo)):
+            yy = y0 + frac * h
+            qp.drawLine(QPointF(x + 10, yy), QPointF(x + 13, yy))
+            qp.drawText(QRectF(x + 15, yy - fmh / 2, self.RIGHT - 24, fmh), Qt.AlignmentFlag.AlignLeft, f"{val:+.3g}")
+        qp.save()
+        qp.translate(x - 3, y0 + h / 2)
+        qp.rotate(-90)
+        qp.drawText(QRectF(-h / 2, -fmh, h, fmh), Qt.AlignmentFlag.AlignCenter, unit)
+        qp.restore()
+
+    # ------------------------------------------------------------------ coordinates
+    def _mm_to_px(self, pl: Plane, rect: QRectF, x_mm: float, y_mm: float) -> tuple[float, float]:
+        l, r, b, t = pl.extent
+        fx = (x_mm - l) / (r - l)
+        fy = (y_mm - b) / (t - b)
+        if self._flip_h(pl.name):
+            fx = 1.0 - fx
+        return rect.left() + fx * rect.width(), rect.bottom() - fy * rect.height()
+
+    def _px_to_mm(self, pl: Plane, rect: QRectF, px: float, py: float) -> tuple[float, float]:
+        l, r, b, t = pl.extent
+        fx = (px - rect.left()) / rect.width()
+        fy = (rect.bottom() - py) / rect.height()
+        if self._flip_h(pl.name):
+            fx = 1.0 - fx
+        return l + fx * (r - l), b + fy * (t - b)
+
+    def cell_at(self, pos) -> Optional[tuple]:
+        """(column, row) of the image under a widget position, or None."""
+        geo = self._layout or self._geometry()
+        for key, rect in geo.get("rects", {}).items():
+            if rect.contains(QPointF(pos)):
+                return key
+        return None
+
+    def point_at(self, pos) -> Optional[tuple]:
+        """Canonical voxel point for a widget position inside an image (in-plane indices change)."""
+        key = self.cell_at(pos)
+        if key is None or key not in self._planes_cache:
+            return None
+        geo = self._layout or self._geometry()
+        pl = self._planes_cache[key]
+        x_mm, y_mm = self._px_to_mm(pl, geo["rects"][key], float(QPointF(pos).x()), float(QPointF(pos).y()))
+        return plane_click_to_point(pl, x_mm, y_mm, self._point, self._shape, self._vs)
+
+    def image_center(self, col: int, plane: str, diff: bool = False) -> QPointF:
+        """Widget position of the centre of a cell (used by tests and scripts)."""
+        geo = self._layout or self._geometry()
+        ri = geo["rows"].index((plane, diff))
+        return geo["rects"][(col, ri)].center()
+
+    def pos_for_point(self, col: int, plane: str, point, diff: bool = False) -> QPointF:
+        """Widget position of a canonical voxel point inside a cell."""
+        geo = self._layout or self._geometry()
+        ri = geo["rows"].index((plane, diff))
+        rect = geo["rects"][(col, ri)]
+        pl = self._planes_cache[(col, ri)]
+        x = point[pl.h_axis] * self._vs[pl.h_axis]
+        y = point[pl.v_axis] * self._vs[pl.v_axis]
+        px, py = self._mm_to_px(pl, rect, x, y)
+        return QPointF(px, py)
+
+    # ------------------------------------------------------------------ mouse
+    def mousePressEvent(self, event) -> None:  # noqa: N802
+        if event.button() == Qt.MouseButton.LeftButton:
+            p = self.point_at(event.position())
+            if p is not None:
+                self.pointRequested.emit(tuple(int(v) for v in p))
+                return
+        super().mousePressEvent(event)
+
+    def mouseMoveEvent(self, event) -> None:  # noqa: N802
+        if event.buttons() & Qt.MouseButton.LeftButton:
+            p = self.point_at(event.position())
+            if p is not None:
+                self.pointRequested.emit(tuple(int(v) for v in p))
+        self.hovered.emit(self._describe(event.position()))
+        super().mouseMoveEvent(event)
+
+    def leaveEvent(self, event) -> None:  # noqa: N802
+        self.hovered.emit("")
+        super().leaveEvent(event)
+
+    def wheelEvent(self, event) -> None:  # noqa: N802
+        key = self.cell_at(event.position())
+        if key is None or key not in self._planes_cache or self._shape is None:
+            return super().wheelEvent(event)
+        step = 1 if event.angleDelta().y() > 0 else -1
+        pl = self._planes_cache[key]
+        p = list(self._point)
+        p[pl.normal] += step
+        self.pointRequested.emit(tuple(clamp_point(p, self._shape)))
+        event.accept()
+
+    def _describe(self, pos) -> str:
+        key = self.cell_at(pos)
+        if key is None or key not in self._planes_cache:
+            return ""
+        p = self.point_at(pos)
+        ci, ri = key
+        col = self._columns[ci]
+        is_diff = self._layout["rows"][ri][1]
+        if is_diff:
+            if col.diff_volume is not None:
+                v = float(col.diff_volume[p])
+            elif col.ref is not None:
+                v = float(col.volume[p]) - float(col.ref[p]) - col.offset
+            else:
+                return ""
+            what = "Δ"
+        else:
+            v = float(col.volume[p])
+            what = "χ"
+        return f"{col.title}: {what}({p[0]}, {p[1]}, {p[2]}) = {v:+.4f} ppm"

@@ -1,0 +1,261 @@
+"""Layers <-> core: volume geometry in layer metadata, layers -> Scan, Result -> layer.
+
+The core works in the canonical voxel frame (i, j, k) = (L→R, P→A, I→S) of
+``nib.as_closest_canonical``. Layers present a volume with its axes permuted for axial browsing:
+layer axis ``a`` holds canonical axis ``axes[a]``; the default ``DISPLAY_AXES = (2, 1, 0)`` puts the
+slices (k, I→S) on the slider and shows (j, i) in the canvas.
+
+Layer metadata keys written by the reader, the sample data and the widgets (all in the canonical
+frame, never permuted):
+
+``role``          "field", "mask", "magnitude", "chi", "chi_true", "labels", "noise_std", "image"
+``axes``          the permutation above (list of 3 ints)
+``affine``        4x4 canonical voxel -> scanner mm (list of lists)
+``voxel_size``    mm, canonical order
+``b0_direction``  unit vector, canonical voxel frame (from the affine: R⁻¹·ẑ)
+``geometry_known`` False when the layer carried no geometry and it was guessed
+``path``          source file (or None); ``nifti_info`` original orientation/header (python objects)
+``sidecar``       the JSON sidecar next to the file, when there was one (BIDS EchoTime, …)
+``provenance``    for results: :meth:`napari_qsm.core.methods.Result.provenance`
+
+Anything handing a layer to the core goes through :func:`to_canonical` /
+:func:`scan_from_layers`, which undo the permutation, so a reconstruction from layers equals the
+one from the files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..core.io import b0_from_affine, to_ppm, voxel_sizes
+from ..core.scan import Scan, ScanError
+
+DISPLAY_AXES = (2, 1, 0)
+# Canonical axis names (RAS+): i, j, k.
+AXIS_NAMES = ("L→R", "P→A", "I→S")
+CHI_CONTRAST = (-0.15, 0.15)  # ppm, result display window
+GEOMETRY_KEYS = ("axes", "affine", "voxel_size", "b0_direction", "geometry_known", "path",
+                 "nifti_info", "sidecar")
+
+
+@dataclass
+class Geometry:
+    """Where a layer's voxels are: permutation to the canonical frame and physical description."""
+
+    axes: tuple            # layer axis a holds canonical axis axes[a]
+    voxel_size: np.ndarray  # canonical order, mm
+    b0_direction: np.ndarray  # canonical voxel frame
+    affine: np.ndarray      # canonical voxel -> scanner mm
+    known: bool = True      # False: guessed from scale/translate (no affine in the metadata)
+
+    def layer_kwargs(self) -> dict:
+        """scale / translate / units / axis_labels of a layer presenting the volume with ``axes``."""
+        ax = list(self.axes)
+        return {
+            "scale": tuple(float(v) for v in np.asarray(self.voxel_size)[ax]),
+            "translate": tuple(float(v) for v in np.asarray(self.affine)[:3, 3][ax]),
+            "units": ("mm",) * 3,
+            "axis_labels": tuple(AXIS_NAMES[a] for a in ax),
+        }
+
+    def metadata(self) -> dict:
+        return {
+            "axes": [int(a) for a in self.axes],
+            "affine": np.asarray(self.affine, float).tolist(),
+            "voxel_size": [float(v) for v in self.voxel_size],
+            "b0_direction": [float(v) for v in self.b0_direction],
+            "geometry_known": bool(self.known),
+        }
+
+    @classmethod
+    def from_affine(cls, affine, axes=DISPLAY_AXES) -> "Geometry":
+        aff = np.asarray(affine, dtype=np.float64)
+        return cls(axes=tuple(int(a) for a in axes), voxel_size=voxel_sizes(aff),
+                   b0_direction=b0_from_affine(aff), affine=aff, known=True)
+
+
+def check_axes(axes) -> tuple:
+    ax = tuple(int(a) for a in axes)
+    if sorted(ax) != [0, 1, 2]:
+        raise ScanError(f"layer metadata: 'axes' must be a permutation of (0, 1, 2), got {axes!r}")
+    return ax
+
+
+def to_layer_order(data: np.ndarray, axes=DISPLAY_AXES) -> np.ndarray:
+    """Canonical (i, j, k) array -> layer order (contiguous, for fast slicing)."""
+    return np.ascontiguousarray(np.transpose(np.asarray(data), check_axes(axes)))
+
+
+def to_canonical(data: np.ndarray, axes=DISPLAY_AXES) -> np.ndarray:
+    """Layer-order array -> canonical (i, j, k) order (undoes the display permutation)."""
+    return np.ascontiguousarray(np.transpose(np.asarray(data), np.argsort(check_axes(axes))))
+
+
+def layer_geometry(layer) -> Geometry:
+    """Geometry of a layer: from its metadata, or guessed from scale/translate.
+
+    A layer without napari-qsm metadata (e.g. from numpy or another reader) is taken to be in
+    numpy (slice, row, column) order, i.e. ``axes = (2, 1, 0)``: voxel size = reversed scale and
+    B0 along the slice axis. ``known`` is then False and the widget says so.
+    """
+    md = getattr(layer, "metadata", None) or {}
+    if np.ndim(layer.data) != 3 and getattr(layer, "ndim", 3) != 3:
+        raise ScanError(f"layer '{layer.name}': expected a 3-D volume, got {layer.ndim}-D data")
+    if "affine" in md and "axes" in md:
+        axes = check_axes(md["axes"])
+        aff = np.asarray(md["affine"], dtype=np.float64)
+        vs = np.asarray(md.get("voxel_size", voxel_sizes(aff)), dtype=np.float64)
+        b0 = np.asarray(md.get("b0_direction", b0_from_affine(aff)), dtype=np.float64)
+        return Geometry(axes=axes, voxel_size=vs, b0_direction=b0, affine=aff,
+                        known=bool(md.get("geometry_known", True)))
+    axes = DISPLAY_AXES
+    scale = np.abs(np.asarray(layer.scale, dtype=np.float64)[-3:])
+    translate = np.asarray(layer.translate, dtype=np.float64)[-3:]
+    inv = np.argsort(axes)
+    vs = scale[inv]
+    aff = np.eye(4)
+    aff[:3, :3] = np.diag(vs)
+    aff[:3, 3] = translate[inv]
+    return Geometry(axes=axes, voxel_size=vs, b0_direction=np.array([0.0, 0.0, 1.0]), affine=aff, known=False)
+
+
+def _layer_array(layer, what: str) -> np.ndarray:
+    data = layer.data
+    if isinstance(data, (list, tuple)):  # multiscale: full resolution
+        data = data[0]
+    arr = np.asarray(data)
+    if arr.ndim != 3:
+        raise ScanError(f"{what}: layer '{layer.name}' is {arr.ndim}-D (shape {arr.shape}); expected a 3-D volume")
+    return arr
+
+
+def scan_from_layers(field_layer, mask_layer, magnitude_layer=None, *, units: str = "ppm",
+                     te: Optional[float] = None, b0_tesla: Optional[float] = None,
+                     b0_direction: Optional[Sequence[float]] = None,
+                     voxel_size: Optional[Sequence[float]] = None, noise_layer=None) -> Scan:
+    """Build a :class:`Scan` (canonical frame) from napari layers.
+
+    ``b0_direction`` / ``voxel_size`` override the field layer's geometry; both are in the
+    canonical voxel frame (i, j, k). ``units``/``te``/``b0_tesla`` convert the field to ppm.
+    Errors are :class:`ScanError` naming the input.
+    """
+    if field_layer is None:
+        raise ScanError("field: no layer chosen; open a local field map (ppm, Hz or rad)")
+    if mask_layer is None:
+        raise ScanError("mask: no layer chosen; open a brain mask (0/1) for the field")
+    geom = layer_geometry(field_layer)
+    fdata = _layer_array(field_layer, "field")
+    layers = {"mask": mask_layer, "magnitude": magnitude_layer, "noise_std": noise_layer}
+    arrays = {}
+    for name, lay in layers.items():
+        if lay is None:
+            arrays[name] = None
+            continue
+        arr = _layer_array(lay, name)
+        if arr.shape != fdata.shape:
+            raise ScanError(f"{name}: layer '{lay.name}' has shape {arr.shape}, the field layer "
+                            f"'{field_layer.name}' has {fdata.shape}")
+        g = layer_geometry(lay)
+        if g.known and geom.known and (tuple(g.axes) != tuple(geom.axes)
+                                        or not np.allclose(g.affine, geom.affine, atol=1e-3)):
+            raise ScanError(f"{name}: layer '{lay.name}' is on a different voxel grid (affine or axis "
+                            f"order) than the field layer '{field_layer.name}'; resample it first")
+        if not np.allclose(np.abs(np.asarray(lay.scale)[-3:]), np.abs(np.asarray(field_layer.scale)[-3:]), rtol=1e-4):
+            raise ScanError(f"{name}: layer '{lay.name}' has voxel size (scale) {tuple(lay.scale)}, the field "
+                            f"layer has {tuple(field_layer.scale)}")
+        arrays[name] = to_canonical(arr, geom.axes)
+    field = to_ppm(to_canonical(fdata, geom.axes).astype(np.float32), units, te=te, b0=b0_tesla, name="field")
+    mask = arrays["mask"]
+    if mask is not None and mask.dtype != bool:
+        mask = mask > 0 if np.issubdtype(mask.dtype, np.integer) else mask > 0.5
+    md = field_layer.metadata or {}
+    source = {"field": md.get("path") or f"layer:{field_layer.name}",
+              "mask": (mask_layer.metadata or {}).get("path") or f"layer:{mask_layer.name}",
+              "units": units}
+    if magnitude_layer is not None:
+        source["magnitude"] = (magnitude_layer.metadata or {}).get("path") or f"layer:{magnitude_layer.name}"
+    if units != "ppm":
+        source.update({"te": te, "b0_tesla": b0_tesla})
+    scan = Scan(field=field, mask=mask,
+                voxel_size=tuple(voxel_size) if voxel_size is not None else tuple(geom.voxel_size),
+                b0_direction=b0_direction if b0_direction is not None else geom.b0_direction,
+                magnitude=arrays["magnitude"], noise_std=arrays["noise_std"], affine=geom.affine,
+                te=te, b0_tesla=b0_tesla, name=str(field_layer.name), source=source)
+    if md.get("nifti_info") is not None:
+        scan._nifti_info = md["nifti_info"]
+    return scan
+
+
+def derived_layer_kwargs(reference_layer, *, name: str, role: str, extra_metadata: Optional[dict] = None) -> dict:
+    """Layer kwargs for a new volume on the same grid as ``reference_layer`` (scale, translate, metadata)."""
+    geom = layer_geometry(reference_layer)
+    md = dict(geom.metadata())
+    ref_md = reference_layer.metadata or {}
+    for k in ("path", "nifti_info"):
+        if k in ref_md:
+            md[k] = ref_md[k]
+    md["role"] = role
+    md.update(extra_metadata or {})
+    kw = {"name": name, "metadata": md,
+          "scale": tuple(float(s) for s in reference_layer.scale),
+          "translate": tuple(float(t) for t in reference_layer.translate)}
+    if geom.known:
+        kw.update(units=("mm",) * 3, axis_labels=geom.layer_kwargs()["axis_labels"])
+    else:
+        kw["units"] = tuple(str(u) for u in reference_layer.units)
+        kw["axis_labels"] = tuple(reference_layer.axis_labels)
+    return kw
+
+
+def result_layer_data(result, field_layer, *, scan: Optional[Scan] = None, inputs: Optional[dict] = None):
+    """(data in layer order, Image kwargs) for a :class:`~napari_qsm.core.methods.Result`."""
+    geom = layer_geometry(field_layer)
+    prov = result.provenance()
+    if inputs:
+        prov["inputs"] = dict(inputs)
+    extra = {"provenance": prov, "units": "ppm", "quantity": "magnetic susceptibility", "method": result.method}
+    if scan is not None:  # record the geometry actually used (e.g. an edited B0 direction)
+        extra["b0_direction"] = [float(v) for v in scan.b0_direction]
+        extra["voxel_size"] = [float(v) for v in scan.voxel_size]
+    kw = derived_layer_kwargs(field_layer, name=result.name, role="chi", extra_metadata=extra)
+    kw.update(colormap="gray", contrast_limits=CHI_CONTRAST)
+    return to_layer_order(result.chi, geom.axes), kw
+
+
+def extra_volumes(result, shape) -> dict:
+    """The 3-D arrays among a result's extras that live on the scan grid (e.g. residual maps)."""
+    out = {}
+    for k, v in (result.extras or {}).items():
+        if isinstance(v, np.ndarray) and v.shape == tuple(shape) and np.issubdtype(v.dtype, np.number):
+            out[k] = v
+    return out
+
+
+def robust_limits(data: np.ndarray, symmetric: Optional[bool] = None, pct: float = 99.5) -> tuple:
+    """Display window from percentiles of the non-zero voxels (symmetric about 0 for signed maps)."""
+    a = np.asarray(data)
+    step = max(1, int(round((a.size / 2_000_000) ** (1 / 3)))) if a.ndim == 3 else 1
+    sub = a[::step, ::step, ::step] if a.ndim == 3 else a
+    v = sub[np.isfinite(sub) & (sub != 0)]
+    if v.size == 0:
+        return (0.0, 1.0)
+    lo, hi = np.percentile(v, [100 - pct, pct])
+    if symmetric is None:
+        symmetric = lo < 0 < hi and min(-lo, hi) > 0.2 * max(-lo, hi)
+    if symmetric:
+        m = float(max(abs(lo), abs(hi))) or 1.0
+        return (-m, m)
+    lo = min(float(lo), 0.0) if lo >= 0 else float(lo)
+    if hi <= lo:
+        hi = lo + 1.0
+    return (float(lo), float(hi))
+
+
+def b0_angle_deg(b0_direction, axis: int = 2) -> float:
+    """Angle (degrees) between B0 and a canonical voxel axis (default k, the slice axis)."""
+    b = np.asarray(b0_direction, float)
+    b = b / np.linalg.norm(b)
+    return float(np.degrees(np.arccos(min(1.0, abs(b[axis])))))

@@ -1,0 +1,778 @@
+"""Dock widgets: QSM inputs + Reconstruct (one dock, two sections).
+
+Thin over the core: the inputs panel turns layers into a :class:`~napari_qsm.core.scan.Scan`
+(:mod:`napari_qsm._napari.layers`), the method drop-down and parameter form come from the
+registry and the parameter records (:mod:`napari_qsm._napari.form`), and the run goes through
+:class:`~napari_qsm._napari.workers.JobRunner` (napari generator worker, progress bar, cancel).
+"""
+
+from __future__ import annotations
+
+import html
+import warnings
+from typing import Optional
+
+import numpy as np
+from qtpy.QtCore import QSize, Qt, QTimer, Signal
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame,
+                            QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton, QScrollArea,
+                            QSizePolicy, QToolButton, QVBoxLayout, QWidget)
+
+from ..core.device import available_devices
+from ..core.methods import available_methods, get_method, reconstruct
+from ..core.params import ParamError, make_params
+from ..core.scan import ScanError
+from .form import ParamForm
+from .layers import b0_angle_deg, extra_volumes, layer_geometry, result_layer_data, scan_from_layers
+from .reader import guess_role
+from .workers import JobRunner
+
+NONE_TEXT = "(none)"
+UNITS = [("ppm", "ppm (of B0)"), ("hz", "Hz"), ("rad", "rad (phase over TE)")]
+ORIENTATIONS = [
+    ("neurological", "Anterior up, patient right on the right", ("up", "right")),
+    ("radiological", "Anterior up, patient right on the left", ("up", "left")),
+    ("napari", "napari default (anterior down)", ("down", "right")),
+]
+OK_COLOR, WARN_COLOR, ERR_COLOR, DIM_COLOR = "#5cb85c", "#f0ad4e", "#e8635f", "#9a9a9a"
+
+
+def _notify_error(msg: str) -> None:
+    from napari.utils.notifications import show_error
+    show_error(msg)
+
+
+def _notify_info(msg: str) -> None:
+    from napari.utils.notifications import show_info
+    show_info(msg)
+
+
+def _section(title: str) -> tuple[QGroupBox, QVBoxLayout]:
+    box = QGroupBox(title)
+    lay = QVBoxLayout(box)
+    lay.setContentsMargins(8, 6, 8, 8)
+    lay.setSpacing(6)
+    return box, lay
+
+
+def _wrap_label(text: str = "", color: Optional[str] = None, small: bool = False) -> QLabel:
+    lab = QLabel(text)
+    lab.setWordWrap(True)
+    lab.setTextFormat(Qt.TextFormat.RichText)
+    lab.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+    style = []
+    if color:
+        style.append(f"color: {color};")
+    if small:
+        style.append("font-size: 11px;")
+    if style:
+        lab.setStyleSheet(" ".join(style))
+    return lab
+
+
+def _is_image(layer) -> bool:
+    from napari.layers import Image
+    return isinstance(layer, Image) and not getattr(layer, "rgb", False)
+
+
+def _is_volume(layer) -> bool:
+    from napari.layers import Image, Labels
+    return isinstance(layer, (Image, Labels)) and getattr(layer, "ndim", 0) == 3 and not getattr(layer, "rgb", False)
+
+
+def _role(layer) -> str:
+    md = getattr(layer, "metadata", None) or {}
+    return md.get("role") or guess_role(layer.name)
+
+
+class VScrollArea(QScrollArea):
+    """Scroll area asking for the width its content needs (a horizontal bar only when squeezed)."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+
+    def _extra(self) -> int:
+        return self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth() + 2
+
+    def minimumSizeHint(self) -> QSize:
+        w = self.widget()
+        base = super().minimumSizeHint()
+        if w is None:
+            return base
+        return QSize(w.minimumSizeHint().width() + self._extra(), base.height())
+
+    def sizeHint(self) -> QSize:
+        w = self.widget()
+        if w is None:
+            return super().sizeHint()
+        hint = w.sizeHint()
+        return QSize(hint.width() + self._extra(), min(hint.height(), 900))
+
+
+class LayerCombo(QComboBox):
+    """Drop-down of the viewer's 3-D layers that pass ``accept``; keeps the choice by name."""
+
+    def __init__(self, viewer, accept, optional: bool = False, parent=None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self.accept = accept
+        self.optional = optional
+        self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(12)
+
+    def candidates(self) -> list:
+        return [lay for lay in self.viewer.layers if _is_volume(lay) and self.accept(lay)]
+
+    def refresh(self) -> None:
+        current = self.currentText()
+        names = ([NONE_TEXT] if self.optional else []) + [lay.name for lay in reversed(self.candidates())]
+        self.blockSignals(True)
+        self.clear()
+        self.addItems(names)
+        if current in names:
+            self.setCurrentIndex(names.index(current))
+        self.blockSignals(False)
+        if self.currentText() != current:
+            self.currentIndexChanged.emit(self.currentIndex())
+
+    def layer(self):
+        name = self.currentText()
+        if not name or name == NONE_TEXT or name not in self.viewer.layers:
+            return None
+        return self.viewer.layers[name]
+
+    def select(self, layer) -> None:
+        name = NONE_TEXT if layer is None else layer.name
+        i = self.findText(name)
+        if i >= 0:
+            self.setCurrentIndex(i)
+
+
+class InputsPanel(QWidget):
+    """Choose field / mask / magnitude layers, units (TE, B0) and the B0 direction; validates inline."""
+
+    changed = Signal()
+
+    def __init__(self, viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self._b0_from_layer: Optional[np.ndarray] = None
+        self._b0_edited = False
+        self._geometry_known = True
+        self.last_error: Optional[str] = None
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        form = QFormLayout()
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        lay.addLayout(form)
+
+        self.field_combo = LayerCombo(viewer, _is_image)
+        self.field_combo.setToolTip("Local (tissue) field map: background field removed; ppm, Hz or rad")
+        form.addRow("Field", self.field_combo)
+
+        self.units_combo = QComboBox()
+        for value, text in UNITS:
+            self.units_combo.addItem(text, value)
+        self.units_combo.setToolTip("Units of the field map; Hz needs B0, rad needs TE and B0")
+        form.addRow("Field units", self.units_combo)
+
+        self.te_spin = QDoubleSpinBox()
+        self.te_spin.setRange(0.01, 1000.0)
+        self.te_spin.setDecimals(2)
+        self.te_spin.setSuffix(" ms")
+        self.te_spin.setValue(20.0)
+        self.te_spin.setToolTip("Echo time of the phase (or ΔTE of a multi-echo fit), milliseconds")
+        self.te_label = QLabel("TE")
+        form.addRow(self.te_label, self.te_spin)
+
+        self.b0t_spin = QDoubleSpinBox()
+        self.b0t_spin.setRange(0.05, 21.1)
+        self.b0t_spin.setDecimals(2)
+        self.b0t_spin.setSuffix(" T")
+        self.b0t_spin.setValue(3.0)
+        self.b0t_spin.setToolTip("Main field strength in tesla (γ/2π = 42.577 MHz/T)")
+        self.b0t_label = QLabel("B0 strength")
+        form.addRow(self.b0t_label, self.b0t_spin)
+
+        self.mask_combo = LayerCombo(viewer, lambda layer: True)
+        self.mask_combo.setToolTip("Brain mask (0/1 labels or an image, > 0.5 inside) on the field's grid")
+        form.addRow("Mask", self.mask_combo)
+
+        self.mag_combo = LayerCombo(viewer, _is_image, optional=True)
+        self.mag_combo.setToolTip("Magnitude image (optional; MEDI uses it for edges and noise weights)")
+        form.addRow("Magnitude", self.mag_combo)
+
+        self.grid_label = _wrap_label("", DIM_COLOR, small=True)
+        form.addRow("Grid", self.grid_label)
+
+        b0row = QHBoxLayout()
+        b0row.setSpacing(3)
+        self.b0_spins = []
+        for axis in ("x", "y", "z"):
+            s = QDoubleSpinBox()
+            s.setRange(-1.0, 1.0)
+            s.setDecimals(3)
+            s.setSingleStep(0.01)
+            s.setKeyboardTracking(False)
+            s.setButtonSymbols(QDoubleSpinBox.ButtonSymbols.NoButtons)
+            s.setPrefix(f"{axis} ")
+            s.setMinimumWidth(60)
+            s.setToolTip(f"B0 component along voxel axis {axis} (x = L→R, y = P→A, z = I→S, RAS canonical "
+                         "frame); normalised before use")
+            b0row.addWidget(s)
+            self.b0_spins.append(s)
+        self.b0_reset = QToolButton()
+        self.b0_reset.setText("↺")
+        self.b0_reset.setToolTip("Reset the B0 direction to the field layer's (from its affine)")
+        b0row.addWidget(self.b0_reset)
+        form.addRow("B0 direction", b0row)
+        self.b0_info = _wrap_label("", DIM_COLOR, small=True)
+        form.addRow("", self.b0_info)
+
+        self.orient_combo = QComboBox()
+        for key, text, _ in ORIENTATIONS:
+            self.orient_combo.addItem(text, key)
+        self.orient_combo.setToolTip("Orientation of the 2-D view (napari camera): anterior up for axial "
+                                     "slices, superior up for coronal and sagittal ones")
+        form.addRow("View", self.orient_combo)
+
+        self.message = _wrap_label("")
+        self.message.setObjectName("inputs_message")
+        lay.addWidget(self.message)
+
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(150)
+        self._timer.timeout.connect(self.validate)
+
+        self.field_combo.currentIndexChanged.connect(self._on_field_changed)
+        for w in (self.mask_combo, self.mag_combo):
+            w.currentIndexChanged.connect(self._schedule)
+        self.units_combo.currentIndexChanged.connect(self._on_units_changed)
+        self.te_spin.valueChanged.connect(self._schedule)
+        self.b0t_spin.valueChanged.connect(self._schedule)
+        for s in self.b0_spins:
+            s.valueChanged.connect(self._on_b0_edited)
+        self.b0_reset.clicked.connect(self.reset_b0)
+        self.orient_combo.currentIndexChanged.connect(self._apply_orientation)
+
+        ev = viewer.layers.events
+        ev.inserted.connect(self._on_layers_changed)
+        ev.removed.connect(self._on_layers_changed)
+        ev.moved.connect(self._on_layers_changed)
+        for layer in viewer.layers:
+            layer.events.name.connect(self._on_layers_changed)
+        self._on_units_changed()
+        self._on_layers_changed()
+        self._apply_orientation()
+
+    # -- layer lists ------------------------------------------------------------------------
+    def _on_layers_changed(self, event=None) -> None:
+        if event is not None and getattr(event, "type", "") == "inserted":
+            try:
+                event.value.events.name.connect(self._on_layers_changed)
+            except Exception:
+                pass
+        before = (self.field_combo.layer(), self.mask_combo.layer(), self.mag_combo.layer())
+        for c in (self.field_combo, self.mask_combo, self.mag_combo):
+            c.blockSignals(True)
+            c.refresh()
+        self._autopick(force=False)
+        for c in (self.field_combo, self.mask_combo, self.mag_combo):
+            c.blockSignals(False)
+        after = (self.field_combo.layer(), self.mask_combo.layer(), self.mag_combo.layer())
+        if before[0] is not after[0]:
+            self._on_field_changed()
+        elif before != after:
+            self._schedule()
+        else:
+            self._schedule()
+
+    def _best(self, combo: LayerCombo, roles: tuple, shape=None):
+        cands = combo.candidates()
+        if shape is not None:
+            cands = [c for c in cands if tuple(c.data.shape) == tuple(shape)]
+        for role in roles:
+            hits = [c for c in cands if _role(c) == role]
+            if hits:
+                return hits[-1]
+        return None
+
+    def _autopick(self, force: bool) -> None:
+        field = self.field_combo.layer()
+        if field is None or force:
+            best = self._best(self.field_combo, ("field",))
+            if best is None and not force:
+                cands = [c for c in self.field_combo.candidates() if _role(c) not in ("mask", "labels")]
+                best = cands[-1] if cands else None
+            if best is not None:
+                self.field_combo.select(best)
+            field = self.field_combo.layer()
+        shape = tuple(field.data.shape) if field is not None else None
+        mask = self.mask_combo.layer()
+        if mask is None or mask is field or (shape is not None and tuple(mask.data.shape) != shape):
+            best = self._best(self.mask_combo, ("mask",), shape)
+            if best is not None:
+                self.mask_combo.select(best)
+        mag = self.mag_combo.layer()
+        if mag is None or (shape is not None and tuple(mag.data.shape) != shape):
+            best = self._best(self.mag_combo, ("magnitude",), shape)
+            self.mag_combo.select(best)
+
+    # -- field / geometry ---------------------------------------------------------------------
+    def _on_field_changed(self, *_) -> None:
+        layer = self.field_combo.layer()
+        if layer is not None:
+            self.mask_combo.blockSignals(True)
+            self.mag_combo.blockSignals(True)
+            self._autopick(force=False)
+            self.mask_combo.blockSignals(False)
+            self.mag_combo.blockSignals(False)
+            md = layer.metadata or {}
+            side = md.get("sidecar") or {}
+            te = md.get("echo_time", side.get("EchoTime"))
+            if isinstance(te, (int, float)) and te > 0:
+                self.te_spin.setValue(float(te) * 1000.0 if te < 1 else float(te))
+            b0t = side.get("MagneticFieldStrength")
+            if isinstance(b0t, (int, float)) and b0t > 0:
+                self.b0t_spin.setValue(float(b0t))
+            units = md.get("units")
+            if units in ("ppm", "hz", "rad"):
+                self.units_combo.setCurrentIndex([u for u, _ in UNITS].index(units))
+        self.reset_b0()
+
+    def reset_b0(self) -> None:
+        layer = self.field_combo.layer()
+        if layer is None:
+            self._b0_from_layer = None
+            self.grid_label.setText("")
+            self._schedule()
+            return
+        try:
+            geom = layer_geometry(layer)
+        except ScanError as exc:
+            self._b0_from_layer = None
+            self.grid_label.setText(html.escape(str(exc)))
+            self._schedule()
+            return
+        self._geometry_known = geom.known
+        self._b0_from_layer = np.asarray(geom.b0_direction, float)
+        for s, v in zip(self.b0_spins, self._b0_from_layer):
+            s.blockSignals(True)
+            s.setValue(float(v))
+            s.blockSignals(False)
+        self._b0_edited = False
+        shp = tuple(layer.data.shape)
+        canon_shape = tuple(int(shp[list(geom.axes).index(a)]) for a in range(3))
+        vs = "×".join(f"{v:.3g}" for v in geom.voxel_size)
+        self.grid_label.setText(f"{'×'.join(str(n) for n in canon_shape)} voxels (x×y×z), {vs} mm"
+                                + ("" if geom.known else " <i>(from the layer scale; no affine)</i>"))
+        self._update_b0_info()
+        self._schedule()
+
+    def _on_b0_edited(self, *_):
+        self._b0_edited = True
+        self._update_b0_info()
+        self._schedule()
+
+    def b0_direction(self) -> Optional[np.ndarray]:
+        v = np.array([s.value() for s in self.b0_spins], float)
+        n = np.linalg.norm(v)
+        return None if n < 1e-9 else v / n
+
+    def _update_b0_info(self) -> None:
+        b = self.b0_direction()
+        if b is None:
+            self.b0_info.setText(f"<span style='color:{ERR_COLOR}'>B0 direction is the zero vector</span>")
+            return
+        ang = b0_angle_deg(b)
+        if self._b0_edited:
+            src = "edited"
+        elif self._geometry_known:
+            src = "from the affine"
+        else:
+            src = "<span style='color:%s'>assumed along the slice axis (no affine): check it</span>" % WARN_COLOR
+        self.b0_info.setText(f"{ang:.1f}° from the slice axis (z); {src}")
+
+    def _on_units_changed(self, *_):
+        u = self.units()
+        self.te_spin.setVisible(u == "rad")
+        self.te_label.setVisible(u == "rad")
+        self.b0t_spin.setVisible(u in ("hz", "rad"))
+        self.b0t_label.setVisible(u in ("hz", "rad"))
+        self._schedule()
+
+    def _apply_orientation(self, *_):
+        key = self.orient_combo.currentData()
+        for k, _, orient in ORIENTATIONS:
+            if k == key:
+                try:
+                    self.viewer.camera.orientation2d = orient
+                except Exception:
+                    pass
+
+    # -- values -----------------------------------------------------------------------------
+    def units(self) -> str:
+        return self.units_combo.currentData()
+
+    def te_seconds(self) -> Optional[float]:
+        return self.te_spin.value() / 1000.0 if self.units() == "rad" else None
+
+    def b0_tesla(self) -> Optional[float]:
+        return self.b0t_spin.value() if self.units() in ("hz", "rad") else None
+
+    def build_scan(self):
+        """The Scan for the chosen layers (raises ScanError / ValueError naming the input)."""
+        b0 = self.b0_direction()
+        if b0 is None:
+            raise ScanError("b0_direction: the zero vector has no direction; set the B0 direction")
+        return scan_from_layers(self.field_combo.layer(), self.mask_combo.layer(), self.mag_combo.layer(),
+                                units=self.units(), te=self.te_seconds(), b0_tesla=self.b0_tesla(),
+                                b0_direction=b0)
+
+    def input_names(self) -> dict:
+        out = {"field": getattr(self.field_combo.layer(), "name", None),
+               "mask": getattr(self.mask_combo.layer(), "name", None)}
+        if self.mag_combo.layer() is not None:
+            out["magnitude"] = self.mag_combo.layer().name
+        out["units"] = self.units()
+        return out
+
+    # -- validation ---------------------------------------------------------------------------
+    def _schedule(self, *_):
+        self._timer.start()
+
+    def validate(self):
+        """Build the scan as the core would; show the problem (or a summary) inline. Returns the Scan or None."""
+        self._timer.stop()
+        try:
+            with warnings.catch_warnings(record=True) as wlist:
+                warnings.simplefilter("always")
+                scan = self.build_scan()
+        except (ScanError, ValueError) as exc:
+            self.last_error = str(exc)
+            self.message.setText(f"<span style='color:{ERR_COLOR}'>✗ {html.escape(str(exc))}</span>")
+            self.changed.emit()
+            return None
+        self.last_error = None
+        f = scan.field[scan.mask]
+        lo, hi = np.percentile(f, [1, 99]) if f.size else (0.0, 0.0)
+        text = (f"<span style='color:{OK_COLOR}'>✓ ready</span>: {int(scan.mask.sum()):,} voxels in the mask; "
+                f"field 1–99% {lo:+.3f} … {hi:+.3f} ppm")
+        if scan.magnitude is None:
+            text += f"<br><span style='color:{DIM_COLOR}'>no magnitude: MEDI edge weighting unavailable</span>"
+        for w in wlist:
+            text += f"<br><span style='color:{WARN_COLOR}'>⚠ {html.escape(str(w.message))}</span>"
+        self.message.setText(text)
+        self.changed.emit()
+        return scan
+
+
+class PreviewLayer:
+    """A temporary image layer showing a solver's preview (χ estimate) while it runs."""
+
+    def __init__(self, viewer, name: str, min_interval: float = 0.7):
+        self.viewer = viewer
+        self.name = name
+        self.layer = None
+        self.min_interval = min_interval
+        self._last = 0.0
+
+    def update(self, array, reference_layer) -> None:
+        import time
+
+        from .layers import derived_layer_kwargs, to_layer_order, CHI_CONTRAST
+
+        now = time.perf_counter()
+        if now - self._last < self.min_interval:
+            return
+        self._last = now
+        geom = layer_geometry(reference_layer)
+        data = to_layer_order(np.asarray(array, np.float32), geom.axes)
+        if self.layer is not None and self.layer in self.viewer.layers and self.layer.data.shape == data.shape:
+            self.layer.data = data
+            return
+        kw = derived_layer_kwargs(reference_layer, name=self.name, role="preview")
+        self.layer = self.viewer.add_image(data, colormap="gray", contrast_limits=CHI_CONTRAST, **kw)
+
+    def remove(self) -> None:
+        if self.layer is not None and self.layer in self.viewer.layers:
+            self.viewer.layers.remove(self.layer)
+        self.layer = None
+
+
+class QSMWidget(QWidget):
+    """Dock widget "QSM reconstruction": inputs section and reconstruct section."""
+
+    result_added = Signal(object)  # the χ layer
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.runner = JobRunner(napari_viewer)
+        self._form_values: dict = {}
+        self._results: dict = {}  # method -> {"chi": layer, extra key: layer}
+        self._current_method = None
+        self.last_result = None
+        self._preview: Optional[PreviewLayer] = None
+
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = VScrollArea()
+        outer.addWidget(scroll)
+        inner = QWidget()
+        scroll.setWidget(inner)
+        body = QVBoxLayout(inner)
+        body.setContentsMargins(6, 6, 6, 6)
+
+        box, lay = _section("Inputs")
+        self.inputs = InputsPanel(napari_viewer)
+        lay.addWidget(self.inputs)
+        body.addWidget(box)
+
+        box, lay = _section("Reconstruct")
+        form = QFormLayout()
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        self.method_combo = QComboBox()
+        self._methods = available_methods()
+        for m in self._methods:
+            self.method_combo.addItem(m.label, m.name)
+            self.method_combo.setItemData(self.method_combo.count() - 1, m.doc, Qt.ItemDataRole.ToolTipRole)
+        form.addRow("Method", self.method_combo)
+        lay.addLayout(form)
+        self.method_doc = _wrap_label("", DIM_COLOR, small=True)
+        lay.addWidget(self.method_doc)
+
+        self.form = ParamForm()
+        lay.addWidget(self.form)
+        reset_row = QHBoxLayout()
+        reset_row.addStretch(1)
+        self.reset_button = QPushButton("Defaults")
+        self.reset_button.setToolTip("Reset the parameters of this method to their defaults")
+        reset_row.addWidget(self.reset_button)
+        lay.addLayout(reset_row)
+
+        form2 = QFormLayout()
+        form2.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        wrow = QHBoxLayout()
+        self.weights_edit = QLineEdit()
+        self.weights_edit.setPlaceholderText("built-in checkpoint")
+        self.weights_edit.setToolTip("Network weights (.pt); empty = the checkpoint shipped with napari-qsm")
+        self.weights_browse = QPushButton("…")
+        self.weights_browse.setMaximumWidth(30)
+        self.weights_browse.setToolTip("Choose a weights file (.pt)")
+        wrow.addWidget(self.weights_edit)
+        wrow.addWidget(self.weights_browse)
+        self.weights_label = QLabel("Weights")
+        form2.addRow(self.weights_label, wrow)
+        self.device_combo = QComboBox()
+        for value, label in available_devices():
+            self.device_combo.addItem(label, value)
+        self.device_combo.setToolTip("Where the numerics run (only devices present on this machine)")
+        form2.addRow("Device", self.device_combo)
+        self.output_combo = QComboBox()
+        self.output_combo.addItem("Replace this method's last result", "replace")
+        self.output_combo.addItem("Add a new layer", "add")
+        self.output_combo.setToolTip("Re-running a method updates its previous χ layer, or adds another one")
+        form2.addRow("Result", self.output_combo)
+        lay.addLayout(form2)
+
+        self.method_problem = _wrap_label("")
+        lay.addWidget(self.method_problem)
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.run_button.setObjectName("run_button")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setObjectName("cancel_button")
+        self.cancel_button.setEnabled(False)
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        lay.addLayout(buttons)
+        self.status = _wrap_label("", small=True)
+        self.status.setObjectName("status_label")
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        lay.addWidget(self.status)
+        body.addWidget(box)
+        body.addStretch(1)
+
+        self.method_combo.currentIndexChanged.connect(self._on_method_changed)
+        self.reset_button.clicked.connect(self.form.reset)
+        self.weights_browse.clicked.connect(self._browse_weights)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.inputs.changed.connect(self._update_method_problem)
+        runner = self.runner
+        self.destroyed.connect(lambda *_: runner.cancel(detach=True))  # dock closed: stop the run
+        self._on_method_changed()
+        self.setMinimumWidth(300)
+
+    # -- method / form ------------------------------------------------------------------------
+    def method(self):
+        return get_method(self.method_combo.currentData())
+
+    def set_method(self, name: str) -> None:
+        i = self.method_combo.findData(name)
+        if i < 0:
+            raise ValueError(f"method {name!r} is not registered")
+        self.method_combo.setCurrentIndex(i)
+
+    def _on_method_changed(self, *_):
+        if self._current_method is not None:
+            self._form_values[self._current_method] = self.form.raw_values()
+        m = self.method()
+        self._current_method = m.name
+        self.form.set_params_cls(m.params_cls, self._form_values.get(m.name))
+        self.method_doc.setText(html.escape(m.doc or ""))
+        self.weights_edit.setVisible(m.accepts_weights)
+        self.weights_browse.setVisible(m.accepts_weights)
+        self.weights_label.setVisible(m.accepts_weights)
+        self._update_method_problem()
+
+    def _update_method_problem(self, *_):
+        m = self.method()
+        msgs = []
+        if m.multi_scan:
+            msgs.append(f"{m.label} combines several head orientations; run it from the command line "
+                        "(napari-qsm recon --orientation …) or the Python API")
+        if m.needs_magnitude and self.inputs.mag_combo.layer() is None:
+            msgs.append(f"{m.label} needs a magnitude image: choose one in Inputs")
+        self.method_problem.setText("<br>".join(f"<span style='color:{WARN_COLOR}'>⚠ {html.escape(t)}</span>"
+                                                for t in msgs))
+        if not self.runner.running:
+            self.run_button.setEnabled(not m.multi_scan)
+
+    def _browse_weights(self):
+        path, _ = QFileDialog.getOpenFileName(self, "Network weights", "", "PyTorch weights (*.pt *.pth)")
+        if path:
+            self.weights_edit.setText(path)
+
+    def set_weights(self, path) -> None:
+        """Use these weights for network methods (e.g. adapted weights from the Adapt dock)."""
+        self.weights_edit.setText(str(path) if path else "")
+
+    # -- run --------------------------------------------------------------------------------
+    def _fail(self, msg: str) -> None:
+        self.status.setText(f"<span style='color:{ERR_COLOR}'>✗ {html.escape(msg)}</span>")
+        _notify_error(f"napari-qsm: {msg}")
+
+    def run(self) -> bool:
+        """Validate, then start the reconstruction in a worker. Returns False when it could not start."""
+        if self.runner.running:
+            return False
+        m = self.method()
+        if m.multi_scan:
+            self._fail(f"{m.label} needs several orientations; use the command line or the Python API")
+            return False
+        scan = self.inputs.validate()
+        if scan is None:
+            self._fail(self.inputs.last_error or "invalid inputs")
+            return False
+        try:
+            params = make_params(m.params_cls, self.form.values())
+        except (ParamError, ValueError, TypeError) as exc:
+            self._fail(str(exc))
+            return False
+        if m.needs_magnitude and scan.magnitude is None:
+            self._fail(f"magnitude: {m.label} needs a magnitude image; choose one in Inputs")
+            return False
+        extra = {}
+        if m.accepts_weights and self.weights_edit.text().strip():
+            extra["weights"] = self.weights_edit.text().strip()
+        device = self.device_combo.currentData()
+        field_layer = self.inputs.field_combo.layer()
+        inputs = self.inputs.input_names()
+        runner = self.runner
+
+        def job(progress):
+            return reconstruct(scan, m.name, params, device=device, progress=progress, cancel=runner.token, **extra)
+
+        self._set_running(True)
+        self.status.setText(f"{m.label} running on {self.device_combo.currentText()}…")
+        self._preview = PreviewLayer(self.viewer, f"{m.name} (preview)") if m.long_running else None
+        runner.start(job, description=f"{m.label} reconstruction",
+                     on_progress=lambda p: self._on_progress(p, field_layer),
+                     on_result=lambda res: self._on_result(res, field_layer, scan, inputs),
+                     on_error=self._on_error, on_cancelled=self._on_cancelled, on_finished=self._on_finished)
+        return True
+
+    def cancel(self) -> None:
+        if self.runner.running:
+            self.status.setText("cancelling…")
+            self.runner.cancel()
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        for w in (self.inputs, self.method_combo, self.form, self.reset_button, self.device_combo,
+                  self.output_combo, self.weights_edit, self.weights_browse):
+            w.setEnabled(not running)
+
+    def _on_progress(self, p, field_layer) -> None:
+        frac = f"{p.step}/{p.total}" if p.total else f"{p.step}"
+        losses = "  ".join(f"{k} {v:.3g}" for k, v in list(p.losses.items())[:3])
+        self.status.setText(html.escape(f"{p.message or p.stage} ({frac}, {p.elapsed:.1f} s)  {losses}".strip()))
+        if self._preview is not None and p.preview is not None and np.ndim(p.preview) == 3:
+            try:
+                self._preview.update(p.preview, field_layer)
+            except Exception:
+                pass
+
+    def _on_result(self, result, field_layer, scan, inputs) -> None:
+        data, kw = result_layer_data(result, field_layer, scan=scan, inputs=inputs)
+        mode = self.output_combo.currentData()
+        previous = self._results.get(result.method, {})
+        chi_layer = previous.get("chi")
+        if mode == "replace" and chi_layer is not None and chi_layer in self.viewer.layers \
+                and chi_layer.data.shape == data.shape:
+            chi_layer.data = data
+            chi_layer.metadata = kw["metadata"]
+            chi_layer.name = kw["name"]
+            for k in ("scale", "translate"):
+                setattr(chi_layer, k, kw[k])
+        else:
+            previous = {}
+            chi_layer = self.viewer.add_image(data, **kw)
+        layers = {"chi": chi_layer}
+        for key, arr in extra_volumes(result, scan.shape).items():
+            ekw = dict(kw)
+            ekw["name"] = f"{kw['name']} {key}"
+            ekw["metadata"] = dict(kw["metadata"], role=f"extra:{key}")
+            from .layers import robust_limits, to_layer_order
+            edata = to_layer_order(arr.astype(np.float32), layer_geometry(field_layer).axes)
+            ekw["contrast_limits"] = robust_limits(edata)
+            old = previous.get(key)
+            if old is not None and old in self.viewer.layers and old.data.shape == edata.shape:
+                old.data = edata
+                old.metadata = ekw["metadata"]
+                layers[key] = old
+            else:
+                layers[key] = self.viewer.add_image(edata, visible=False, **ekw)
+        self._results[result.method] = layers
+        self.viewer.layers.selection.active = chi_layer
+        self.last_result = result
+        self.status.setText(f"<span style='color:{OK_COLOR}'>✓</span> {html.escape(get_method(result.method).label)} "
+                            f"done in {result.seconds:.1f} s on {html.escape(result.device)} → "
+                            f"layer <b>{html.escape(chi_layer.name)}</b> (χ, ppm; window ±0.15)")
+        self.result_added.emit(chi_layer)
+
+    def _on_error(self, exc) -> None:
+        msg = str(exc) or type(exc).__name__
+        self._fail(msg)
+
+    def _on_cancelled(self) -> None:
+        self.status.setText(f"<span style='color:{WARN_COLOR}'>cancelled</span>; nothing was added")
+
+    def _on_finished(self) -> None:
+        if self._preview is not None:
+            self._preview.remove()
+            self._preview = None
+        self._set_running(False)
+        self._update_method_problem()
+
+
+def make_qsm_widget(napari_viewer):
+    """npe2 widget factory."""
+    return QSMWidget(napari_viewer)

@@ -1,0 +1,66 @@
+"""Shared helpers of the napari plugin tests (constants, NIfTI writing, a slow test method)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from napari_qsm.core.params import param
+from napari_qsm.core.progress import Reporter
+
+ROOT = Path(__file__).resolve().parents[2]
+MANIFEST = ROOT / "napari.yaml"
+
+TINY_SHAPE = (32, 36, 28)
+TINY_VS = (1.5, 1.5, 1.8)  # anisotropic; the phantom needs ≥ 40 mm of field of view
+OBLIQUE_B0 = np.array([0.25, -0.30, 0.92]) / np.linalg.norm([0.25, -0.30, 0.92])
+# Stored (on-disk) orientation of the oblique files: sagittal-like, P-S-L, so that reading them
+# reorients (permutes and flips) the axes.
+STORED_AXCODES = ("P", "S", "L")
+
+
+def save_stored(data, canonical_affine, path, axcodes=STORED_AXCODES, dtype=np.float32):
+    """Write a canonical-frame array to ``path`` stored in another voxel orientation."""
+    img = nib.Nifti1Image(np.asarray(data, dtype), canonical_affine)
+    target = nib.orientations.axcodes2ornt(axcodes)
+    img = img.as_reoriented(nib.orientations.ornt_transform(nib.io_orientation(canonical_affine), target))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(path))
+    return Path(path)
+
+
+def add_layer_data(viewer, layer_data):
+    out = []
+    for data, kw, typ in layer_data:
+        out.append(getattr(viewer, f"add_{typ}")(data, **kw))
+    return out
+
+
+# -- a slow, cancellable test method exercising every kind of parameter ---------------------------
+
+@dataclass
+class SlowParams:
+    steps: int = param(50, "number of steps", min=1, max=100000)
+    delay: float = param(0.02, "seconds per step", min=0.0, max=1.0)
+    mode: str = param("a", "a mode", choices=("a", "b"))
+    strength: float | str = param(1.0, "a number or 'auto'", min=0.0, max=1e6, allow=("auto",))
+    flag: bool = param(False, "a switch")
+    fail_at: int = param(0, "raise at this step (0 = never)", min=0, max=100000)
+    secret: int = param(7, "not shown", widget="hidden")
+
+
+def _slow_run(scan, p: SlowParams, *, device, progress=None, cancel=None, **_):
+    rep = Reporter(progress, cancel, total=p.steps, stage="slow")
+    for i in range(p.steps):
+        time.sleep(p.delay)
+        if p.fail_at and i + 1 == p.fail_at:
+            raise RuntimeError(f"slowtest failed on purpose at step {i + 1}")
+        rep(i + 1, f"slow step {i + 1}/{p.steps}", preview=scan.field * 0.5 if i % 5 == 0 else None,
+            loss=1.0 / (i + 1))
+    return {"chi": scan.field * scan.mask, "extras": {"residual": scan.field * 0.0, "note": "ok"}}
