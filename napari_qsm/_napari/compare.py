@@ -791,6 +791,7 @@ class CompareWidget(QWidget):
         worker.errored.connect(lambda exc, g=gen: self._on_error(g, exc))
         self._worker = worker
         self._partial_rows = []
+        self._job_reference = sel.reference
         self._set_status(f"Computing metrics for {len(job['results'])} result(s)…")
         worker.start()
 
@@ -848,7 +849,7 @@ class CompareWidget(QWidget):
             self._partial_rows.append(item[1])
             keys = [k for r in self._partial_rows for k in r.metrics]
             partial = core.CompareTable(rows=list(self._partial_rows), columns=core._columns_for(keys),
-                                        reference=self.selection().reference)
+                                        reference=self._job_reference)
             self._fill_table(partial)
             self._set_status(f"Computing metrics… {item[2]}/{item[3]}")
         elif kind == "table":
@@ -1216,6 +1217,9 @@ class CompareWidget(QWidget):
 
     def cleanup(self) -> None:
         """Stop the worker and disconnect from the viewer (called on close)."""
+        self._generation += 1  # late results of a running worker are ignored
+        self._recompute_timer.stop()
+        self._cursor_timer.stop()
         if self._worker is not None:
             try:
                 self._worker.quit()
