@@ -148,6 +148,7 @@ class SliceGrid(QWidget):
         self.last_render_ms = 0.0      # timing of the last update (benchmarks)
         self.last_paint_ms = 0.0
         self.paint_count = 0
+        self._dirty = False
 
     # ------------------------------------------------------------------ configuration
     def set_columns(self, columns: Sequence[PanelColumn], voxel_size, diff_title: str = "",
@@ -189,7 +190,10 @@ class SliceGrid(QWidget):
         p = clamp_point(point, self._shape)
         if p != self._point or not self._images:
             self._point = p
-            self.refresh()
+            if self.isVisibleTo(self.window()):  # not on a hidden tab / in a closed dock
+                self.refresh()
+            else:  # hidden (other tab, closed dock): render when shown
+                self._dirty = True
 
     def point(self) -> tuple:
         return self._point
@@ -230,8 +234,14 @@ class SliceGrid(QWidget):
             rows += [(p, True) for p in self._planes]
         return rows
 
+    def showEvent(self, event) -> None:  # noqa: N802
+        if self._dirty:
+            self.refresh()
+        super().showEvent(event)
+
     def refresh(self) -> None:
         """Recompute the plane images for the current point and schedule a repaint."""
+        self._dirty = False
         t0 = time.perf_counter()
         self._render()
         self.last_render_ms = (time.perf_counter() - t0) * 1e3

@@ -107,7 +107,7 @@ def _label_names(path, sidecar: dict):
                 names = None
     if isinstance(names, dict):
         try:
-            return {int(k): str(v) for k, v in names.items()}
+            return {int(k): str(v).replace("_", " ") for k, v in names.items()}
         except ValueError:
             return None
     return None

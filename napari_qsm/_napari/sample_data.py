@@ -40,7 +40,8 @@ def phantom_layer_data(phantom, prefix: str = "phantom", axes=DISPLAY_AXES) -> l
 
     names = {int(k): str(v) for k, v in phantom.label_names.items()}
     idx = sorted(set(names) | {0})
-    features = {"index": idx, "name": [names.get(i, "background") for i in idx]}
+    features = {"index": idx, "name": [names.get(i, "background").replace("_", " ") for i in idx],
+                "nominal χ (ppm)": [round(float(phantom.label_chi.get(names.get(i, ""), 0.0)), 4) for i in idx]}
     field = to_layer_order(phantom.field.astype(np.float32), axes)
     mag = to_layer_order(phantom.magnitude.astype(np.float32), axes)
     out = [

@@ -409,8 +409,10 @@ class InputsPanel(QWidget):
         key = self.orient_combo.currentData()
         for k, _, orient in ORIENTATIONS:
             if k == key:
+                scene = getattr(self.viewer, "scene", None)  # napari ≥ 0.9; viewer.camera before
+                camera = scene.camera if scene is not None else self.viewer.camera
                 try:
-                    self.viewer.camera.orientation2d = orient
+                    camera.orientation2d = orient
                 except Exception:
                     pass
 
@@ -759,7 +761,7 @@ class QSMWidget(QWidget):
         self.result_added.emit(chi_layer)
 
     def _on_error(self, exc) -> None:
-        msg = str(exc) or type(exc).__name__
+        msg = str(exc) if isinstance(exc, ValueError) and str(exc) else f"{type(exc).__name__}: {exc}"
         self._fail(msg)
 
     def _on_cancelled(self) -> None:

@@ -25,6 +25,19 @@ from ..core.progress import Cancelled, CancelToken, Progress
 _DONE = object()
 
 
+class JobFailed(Exception):
+    """A job's exception, carried out of the worker (``original`` is the real one).
+
+    superqt's generator worker treats a RuntimeError raised by the generator as "worker deleted"
+    and drops it silently (no ``errored``, no ``finished``); torch reports many failures (e.g. out
+    of memory) as RuntimeError, so every job error is wrapped.
+    """
+
+    def __init__(self, original: BaseException):
+        super().__init__(str(original))
+        self.original = original
+
+
 def run_job(job: Callable[[Callable[[Progress], None]], Any], token: CancelToken, poll: float = 0.1,
             min_interval: float = 0.05):
     """Generator: run ``job(progress_callback)`` in a helper thread; yield Progress / None; return its result."""
@@ -75,7 +88,10 @@ def run_job(job: Callable[[Callable[[Progress], None]], Any], token: CancelToken
             token.cancel()
             t.join(timeout=30)
     if "error" in box:
-        raise box["error"]
+        err = box["error"]
+        if isinstance(err, Cancelled):
+            raise Cancelled(str(err))
+        raise JobFailed(err) from err
     return box.get("result")
 
 
@@ -113,7 +129,7 @@ class JobRunner:
         self.token = token
         self._cancel_requested = False
         self._detached = False
-        worker = create_worker(run_job, job, token, _start_thread=False)
+        worker = create_worker(run_job, job, token, _start_thread=False, _ignore_errors=True)
         self.worker = worker
         self.pbar = progress(total=total or 0, desc=description)
         worker.aborted.connect(token.cancel)  # quit() → cancel the core job
@@ -139,7 +155,7 @@ class JobRunner:
                     on_cancelled()
                 return
             if on_error is not None:
-                on_error(exc)
+                on_error(getattr(exc, "original", exc))
 
         def _aborted():
             if on_cancelled is not None and not self._detached:

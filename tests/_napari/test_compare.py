@@ -125,8 +125,15 @@ def test_panel_follows_viewer_and_click_moves_viewer(scene, phantom, qtbot):
     assert w.panel.point() == target
     step = v.dims.current_step
     assert (step[0], step[1], step[2]) == (15, target[1], 6)   # layer order (k, j, i)
-    # the wheel over the axial plane steps k
-    assert tuple(v.dims.current_step)[0] == 15
+    # hover read-out names the layer, the voxel and the value in ppm
+    text = w.panel._describe(w.panel.pos_for_point(1, "axial", target))
+    assert text.startswith("half: χ(6, ") and text.endswith("ppm")
+    # the panel renders only while visible, and catches up when shown again
+    w.tabs.setCurrentIndex(1)
+    v.dims.set_current_step(0, 3)
+    assert w.panel.point()[2] == 3 and w.panel._dirty
+    w.tabs.setCurrentIndex(0)
+    assert not w.panel._dirty and w.panel._planes_cache[(1, 0)].index == 3
 
 
 def test_copy_and_csv_export(scene, tmp_path):
