@@ -93,42 +93,89 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return lr
 
 
-def plot_losses(history: list[dict], path, title: str = "training") -> None:
-    """Loss curves (log y) of every numeric column except step/lr/seconds; validation as markers."""
+def plot_losses(history: list[dict], path, title: str = "training", refs: Optional[dict] = None) -> None:
+    """Loss curves: left, training losses (raw + running mean, log y) and validation losses;
+    right, validation error metrics (names containing "nrmse"/"hfen"), with optional horizontal
+    reference lines ``refs`` ({label: value}, e.g. TKD's NRMSE). Timing and lr columns are skipped."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     if not history:
         return
-    keys = sorted({k for h in history for k, v in h.items()
-                   if isinstance(v, (int, float)) and k not in ("step", "lr", "seconds", "lambda")})
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for k in keys:
-        pts = [(h["step"], h[k]) for h in history if k in h and h[k] is not None and np.isfinite(h[k]) and h[k] > 0]
-        if not pts:
+    skip = ("step", "lr", "lambda")
+    keys = []
+    for h in history:
+        for k, v in h.items():
+            if k not in keys and k not in skip and not k.endswith("seconds") and isinstance(v, (int, float)):
+                keys.append(k)
+    if "loss" in keys and any(k.startswith("L_") for k in keys) and \
+            all(h.get("loss") == h.get(next(k for k in keys if k.startswith("L_"))) for h in history[:20]):
+        keys.remove("loss")  # identical to the only loss term
+    metric_keys = [k for k in keys if "nrmse" in k or "hfen" in k]
+    loss_keys = [k for k in keys if k not in metric_keys]
+    fig, axes = plt.subplots(1, 2 if metric_keys else 1, figsize=(11 if metric_keys else 7, 4), squeeze=False)
+    ax = axes[0, 0]
+
+    def series(k):
+        pts = [(h["step"], h[k]) for h in history if isinstance(h.get(k), (int, float)) and np.isfinite(h[k])]
+        return np.array(pts).T if pts else (np.array([]), np.array([]))
+
+    for k in loss_keys:
+        s, v = series(k)
+        if not s.size:
             continue
-        s, v = np.array(pts).T
         if k.startswith("val"):
             ax.plot(s, v, "o-", label=k, ms=3)
         else:
-            ax.plot(s, v, alpha=0.25, lw=0.7)
+            line = ax.plot(s, v, alpha=0.2, lw=0.6)[0]
             n = max(1, min(50, len(v) // 10))
-            if len(v) >= n:
-                sm = np.convolve(v, np.ones(n) / n, mode="valid")
-                ax.plot(s[n - 1:], sm, label=f"{k} (mean of {n})")
+            sm = np.convolve(v, np.ones(n) / n, mode="valid")
+            ax.plot(s[n - 1:], sm, color=line.get_color(), label=f"{k} (running mean of {n})")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if metric_keys:
+        ax2 = axes[0, 1]
+        for k in metric_keys:
+            s, v = series(k)
+            if s.size:
+                ax2.plot(s, v, "o-", ms=3, label=k)
+        for lab, val in (refs or {}).items():
+            ax2.axhline(val, ls="--", color="k", lw=1)
+            ax2.text(0.01, val, f" {lab}", va="bottom", fontsize=8, transform=ax2.get_yaxis_transform())
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("%")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(".tmp-" + path.name)
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def read_csv_history(path) -> list[dict]:
+    """``losses.csv`` back into a history (numbers as floats, empty cells dropped)."""
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    out = []
+    for r in rows:
+        h = {}
+        for k, v in r.items():
+            if v not in ("", None):
+                try:
+                    h[k] = float(v)
+                except ValueError:
+                    pass
+        if "step" in h:
+            h["step"] = int(h["step"])
+            out.append(h)
+    return out
 
 
 class Trainer:
@@ -149,6 +196,7 @@ class Trainer:
         self.log = log or (lambda s: None)
         self.title = title
         self.checkpoint_name = checkpoint_name
+        self.plot_refs: dict = {}
         self.step = 0
         self.history: list[dict] = []
         self.seconds = 0.0          # training wall time accumulated over all sessions
@@ -174,7 +222,7 @@ class Trainer:
         if self.out_dir is not None:
             self.write_csv()
             try:
-                plot_losses(self.history, self.out_dir / "losses.png", self.title)
+                plot_losses(self.history, self.out_dir / "losses.png", self.title, self.plot_refs)
             except Exception as exc:  # a plot must never kill training
                 self.log(f"plot failed: {exc!r}")
         return path
