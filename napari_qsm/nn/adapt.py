@@ -1,0 +1,712 @@
+"""On-scan adaptation of QSMInvNet+ (DSBN) to the one scan that is open, and the QSMInvNet baseline.
+
+Stable API (used by the command line ``napari-qsm adapt`` and the napari Adapt widget)
+--------------------------------------------------------------------------------------
+``AdaptParams``
+    The parameter record (built with :func:`napari_qsm.core.params.param`: defaults, ranges and a
+    one-line doc per field, so the CLI ``--param NAME=VALUE`` and a generated form work unchanged).
+``adapt(scan, params=None, *, weights=None, device="auto", progress=None, cancel=None, resume=None,
+on_cancel="raise") -> AdaptResult``
+    Adapts a copy of the base checkpoint (``weights``: a path, default the shipped
+    ``napari_qsm/nn/weights/qsminvnet_plus.pt``) to ``scan`` and returns the adapted model, the
+    final χ (whole-volume inference with :func:`napari_qsm.nn.infer.predict`, exactly what
+    ``recon --method dsbn --weights ADAPTED.pt`` computes), the loss history (one row per step:
+    ``step, L_S, L_T, lambda, loss, seconds``), wall seconds and the device.
+    ``resume``: path of an adapted checkpoint written by :func:`save_adapted`; the run continues
+    from its step (optimiser state included) to ``params.steps`` (the base is then not needed).
+    ``progress``: callable receiving :class:`napari_qsm.core.progress.Progress` every step
+    (``step``, ``total``, message ``"step s/n L_S=… L_T=… λ=… ETA …s"``, ``losses`` with
+    ``L_S``, ``L_T``, ``lambda``, ``eta_s``) and, every ``preview_every`` steps, ``preview`` = the
+    current χ (ppm, the scan's shape). ``cancel``: a token (``is_set()``); checked between steps
+    and inside every step (each conv block, forward and backward), so a cancel is honoured within
+    a fraction of a second. On cancel the model is restored to the state after the last completed
+    step and :class:`AdaptCancelled` (a :class:`~napari_qsm.core.progress.Cancelled`) is raised
+    with that state in ``exc.result`` (``chi`` is None; ``save_adapted(exc.result, …)`` works);
+    with ``on_cancel="return"`` that result is returned instead (``result.cancelled`` is True).
+``save_adapted(result, path, base_weights_path=None, scan=None) -> Path``
+    Writes the adapted checkpoint atomically (temporary file, then ``os.replace``) plus a JSON
+    sidecar ``path.with_suffix(".json")`` (the card :func:`napari_qsm.nn.infer.read_card` reads):
+    base checkpoint sha256, scan fingerprint, steps, losses, seconds, device, parameters. Refuses
+    (ValueError, nothing written) a path inside the shipped weights directory or the base file.
+    The checkpoint is ``{"model": state_dict, "optimizer": …, "step": …, "adapt_json": …}`` and
+    loads with ``torch.load(weights_only=True)`` and :func:`napari_qsm.nn.infer.load_model`.
+``adapt_cli(scan, steps=None, weights=None, save_weights=None, params=None, device="auto",
+progress=None) -> napari_qsm.core.methods.Result``
+    What ``napari-qsm adapt`` calls (``params``: dict of strings from ``--param``).
+
+A method ``"dsbn_adapt"`` (label "QSMInvNet+ adapted to this scan") is registered when this module
+is imported, so ``reconstruct(scan, "dsbn_adapt", params, weights=…)`` and generated widgets work;
+it returns the adapted χ and the history in ``extras`` (the adapted weights are not kept).
+
+The two modes
+-------------
+``mode="dsbn"`` (QSMInvNet+, DESIGN.md "The method"): domain 1 of every DSBN layer belongs to the
+scan; it starts as a copy of domain 0 (unless the checkpoint was already adapted). Each step:
+
+* a fresh synthetic batch (``synth_batch`` patches of ``synth_patch``³ voxels, drawn by
+  :func:`napari_qsm.nn.synth.sample_pair` with the training augmentations from ``synth_heads``
+  procedural heads at the scan's voxel-size regime, field computed with the scan's B0 direction)
+  on domain 0 with L_S (keeps the shared weights honest);
+* ``scan_batch`` random patches of the scan (``patch`` voxels per axis, capped to the scan, centres
+  on mask voxels) on domain 1 with λ(t)·L_T, L_T = ‖W_t(e^{iφ(d∗χ)} − e^{iφ(f)})‖² /#mask
+  (:func:`napari_qsm.nn.losses.loss_field`, φ = rad/ppm of the scan's TE and B0, default 3 T and
+  20 ms). W_t = mask × noise weighting (1/noise_std when the scan has a noise map, else the
+  magnitude, normalised to mean 1), restricted to the patch interior (``margin_mm`` from each
+  cut face of the patch) because the field of sources outside the patch is not modelled there;
+* λ(t) rises linearly from ``lam_start`` to ``lam_end`` over the run; Adam (``lr``), gradient
+  norm clipped at ``grad_clip``; all weights are updated (shared convolutions by both losses,
+  BN of domain 0 by L_S, BN of domain 1 by L_T).
+
+``mode="finetune"`` (the paper's QSMInvNet baseline with the same budget): the network with one
+shared BN (the base's domain-0 BN, i.e. the network trained on synthetic data only), fine-tuned
+with L_T alone on the scan patches, no synthetic batches. Its checkpoint has one domain.
+
+Data of step t is a function of (seed, t) and the initial weights, so the same seed gives the same
+result, and a resumed run continues with the same stream.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..core.device import device_label, resolve_device
+from ..core.methods import Method, Result, register_method
+from ..core.params import check_params, make_params, param, params_to_dict
+from ..core.progress import Cancelled, Reporter, check_cancel
+from .infer import (DSBNParams, WEIGHTS_DIR, WeightsError, default_weights_path, file_sha256, load_model,
+                    predict, read_card)
+from .losses import DipoleOperator, LambdaSchedule, loss_field, loss_supervised, noise_weights
+from .unet import ConvBlock, QSMInvNet
+
+__all__ = ["AdaptParams", "AdaptResult", "AdaptCancelled", "adapt", "save_adapted", "adapt_cli",
+           "load_adapted", "scan_patch_shape"]
+
+GAMMA_BAR = 42.577478e6  # Hz/T
+
+
+class AdaptCancelled(Cancelled):
+    """Adaptation cancelled; ``result`` holds the state after the last completed step."""
+
+    def __init__(self, msg: str, result: "AdaptResult"):
+        super().__init__(msg)
+        self.result = result
+
+
+@dataclass
+class AdaptParams:
+    steps: int = param(40, "adaptation steps (each: one synthetic batch + scan patches; ~2.5 s on a 2-core CPU "
+                           "for the defaults)", min=0, max=100000)
+    mode: str = param("dsbn", "dsbn = QSMInvNet+ (L_S on synthetic domain 0 + λ·L_T on scan domain 1); "
+                              "finetune = QSMInvNet baseline (one shared BN, L_T only)", choices=("dsbn", "finetune"))
+    lr: float = param(3e-4, "Adam learning rate", min=1e-7, max=1e-1)
+    patch: int = param(64, "scan patch edge in voxels (rounded up to a multiple of 16, capped to the scan)",
+                       min=16, max=512)
+    scan_batch: int = param(1, "scan patches per step (domain 1, L_T)", min=1, max=64)
+    synth_batch: int = param(1, "synthetic patches per step (domain 0, L_S; dsbn mode only)", min=0, max=64)
+    synth_patch: int = param(48, "synthetic patch edge in voxels (multiple of 16)", min=16, max=256)
+    synth_heads: int = param(1, "procedural heads generated for the synthetic batches (~3-8 s each)",
+                             min=1, max=16)
+    lam_start: float = param(1.0, "λ at the first step (weight of L_T)", min=0.0, max=1e6)
+    lam_end: float = param(10.0, "λ at the last step (linear rise)", min=0.0, max=1e6)
+    margin_mm: float = param(6.0, "L_T ignores this band (mm) inside each cut face of a scan patch", min=0.0,
+                             max=100.0)
+    weighting: str = param("auto", "W_t noise weighting: auto (noise map if present, else magnitude, else mask), "
+                                   "noise, magnitude or mask", choices=("auto", "noise", "magnitude", "mask"))
+    grad_clip: float = param(1.0, "max gradient norm (0 = off)", min=0.0, max=1e6)
+    seed: int = param(0, "random seed (patches, synthetic data); same seed = same result", min=0, max=2 ** 31 - 1)
+    preview_every: int = param(0, "χ preview (whole-volume inference) every N steps (0 = off)", min=0, max=100000)
+
+
+@dataclass
+class AdaptResult:
+    """Outcome of :func:`adapt` (see the module docstring)."""
+
+    model: QSMInvNet
+    chi: Optional[np.ndarray]
+    history: list
+    seconds: float
+    device: str
+    params: AdaptParams
+    step: int
+    base_weights: Optional[str] = None
+    base_sha256: Optional[str] = None
+    scan_fingerprint: Optional[str] = None
+    optimizer_state: Optional[dict] = None
+    cancelled: bool = False
+    info: dict = field(default_factory=dict)
+
+    @property
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    @property
+    def mode(self) -> str:
+        return self.params.mode
+
+    def losses(self, name: str) -> np.ndarray:
+        """One loss column of the history (``"L_S"``, ``"L_T"``, ``"lambda"``, ``"loss"``)."""
+        return np.array([h.get(name, np.nan) for h in self.history], dtype=float)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+def _round16(n: int, mult: int = 16) -> int:
+    return int(math.ceil(int(n) / mult) * mult)
+
+
+def scan_patch_shape(scan_shape, patch: int, mult: int = 16) -> tuple:
+    """Patch shape on a scan: ``patch`` per axis (multiple of 16), capped to the scan's padded size."""
+    p = _round16(patch, mult)
+    return tuple(min(p, _round16(n, mult)) for n in scan_shape)
+
+
+def _crop(a: np.ndarray, start, size, fill=0):
+    out = np.full(size, fill, dtype=a.dtype)
+    src, dst = [], []
+    for s, n, N in zip(start, size, a.shape):
+        s0, s1 = max(s, 0), min(s + n, N)
+        if s1 <= s0:
+            return out
+        src.append(slice(s0, s1))
+        dst.append(slice(s0 - s, s1 - s))
+    out[tuple(dst)] = a[tuple(src)]
+    return out
+
+
+def _rad_per_ppm(scan) -> float:
+    te = scan.te if getattr(scan, "te", None) else 0.02
+    b0 = scan.b0_tesla if getattr(scan, "b0_tesla", None) else 3.0
+    return 2.0 * math.pi * GAMMA_BAR * float(b0) * float(te) * 1e-6
+
+
+def _inv_weight(scan, how: str) -> tuple[np.ndarray, str]:
+    """σ-like map whose inverse is the noise weighting (1 = uniform), and the kind used."""
+    if how in ("auto", "noise") and scan.noise_std is not None:
+        return np.where(np.isfinite(scan.noise_std) & (scan.noise_std > 0), scan.noise_std, np.inf).astype(
+            np.float32), "noise"
+    if how == "noise":
+        raise ValueError("weighting: 'noise' needs a noise map (scan.noise_std); use auto, magnitude or mask")
+    if how in ("auto", "magnitude") and scan.magnitude is not None:
+        mag = np.abs(scan.magnitude).astype(np.float32)
+        ref = float(np.median(mag[scan.mask])) if scan.mask.any() else 1.0
+        ref = ref if ref > 0 else 1.0
+        return (ref / np.maximum(mag, 1e-3 * ref)).astype(np.float32), "magnitude"
+    if how == "magnitude":
+        raise ValueError("weighting: 'magnitude' needs a magnitude image; use auto or mask")
+    return np.ones(scan.shape, np.float32), "mask"
+
+
+def _synth_regime(voxel_size):
+    """The training regime with the closest voxel size, else a standard 160x192x160 mm field of view."""
+    from .synth import DEFAULT_REGIMES, Regime
+
+    vs = np.asarray(voxel_size, float)
+    best, dist = None, 1e9
+    for r in DEFAULT_REGIMES:
+        d = float(np.abs(np.log(vs / np.asarray(r.voxel_size, float))).max())
+        if d < dist:
+            best, dist = r, d
+    if best is not None and dist < 0.05:
+        return Regime(tuple(best.shape), tuple(best.voxel_size))
+    shape = tuple(int(max(32, round(f / v))) for f, v in zip((160.0, 192.0, 160.0), vs))
+    return Regime(shape, tuple(float(v) for v in vs))
+
+
+def _check_scan(scan, p: AdaptParams, pshape) -> None:
+    if not np.all(np.isfinite(scan.field[scan.mask])):
+        raise ValueError("field: NaN/Inf inside the mask; fix the field or exclude those voxels from the mask")
+    if scan.magnitude is not None and not np.all(np.isfinite(scan.magnitude[scan.mask])):
+        raise ValueError("magnitude: NaN/Inf inside the mask")
+    n = int(scan.mask.sum())
+    need = max(512, int(0.02 * np.prod(pshape)))
+    if n < need:
+        raise ValueError(f"mask: {n} voxels, too small for one adaptation patch of {tuple(pshape)} voxels "
+                         f"(need at least {need} mask voxels)")
+
+
+class _ScanPatches:
+    """Random scan patches (network input, field, mask, interior weights) for step t."""
+
+    def __init__(self, scan, p: AdaptParams, fs: float, mult: int):
+        self.scan = scan
+        self.p = p
+        self.fs = fs
+        self.pshape = scan_patch_shape(scan.shape, p.patch, mult)
+        self.inv_w, self.weighting = _inv_weight(scan, p.weighting)
+        self.idx = np.flatnonzero(scan.mask)
+        vs = np.asarray(scan.voxel_size, float)
+        self.margin = np.ceil(p.margin_mm / vs).astype(int)
+
+    def starts(self, step: int, k: int) -> np.ndarray:
+        rng = np.random.default_rng([int(self.p.seed), int(step), int(k), 23])
+        P = np.asarray(self.pshape)
+        N = np.asarray(self.scan.shape)
+        c = np.array(np.unravel_index(int(self.idx[rng.integers(self.idx.size)]), self.scan.shape))
+        start = c - P // 2
+        for ax in range(3):
+            start[ax] = int(np.clip(start[ax], 0, N[ax] - P[ax])) if N[ax] >= P[ax] else 0
+        return start
+
+    def batch(self, step: int, device):
+        xs, fs_, ms, ws = [], [], [], []
+        for k in range(self.p.scan_batch):
+            st = self.starts(step, k)
+            m = _crop(self.scan.mask, st, self.pshape, False)
+            f = _crop(self.scan.field, st, self.pshape, 0.0) * m
+            iw = _crop(self.inv_w, st, self.pshape, np.inf)
+            # interior: drop a band along each face that cuts through the volume
+            inner = np.ones(self.pshape, bool)
+            for ax in range(3):
+                N = self.scan.shape[ax]
+                lo, hi = st[ax], st[ax] + self.pshape[ax]
+                b = int(self.margin[ax])
+                sl = [slice(None)] * 3
+                if lo > 0 and b > 0:
+                    sl[ax] = slice(0, b)
+                    inner[tuple(sl)] = False
+                if hi < N and b > 0:
+                    sl[ax] = slice(self.pshape[ax] - b, None)
+                    inner[tuple(sl)] = False
+            mi = m & inner
+            if not mi.any():      # a patch with no interior brain: fall back to the whole patch
+                mi = m
+            xs.append(np.stack([f * self.fs, m.astype(np.float32)]))
+            fs_.append(f[None])
+            ms.append(mi.astype(np.float32)[None])
+            ws.append(iw[None])
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(np.stack(a), dtype=np.float32)).to(device)
+        x, f, mi, iw = t(xs), t(fs_), t(ms), t(ws)
+        w = noise_weights(mi, iw)
+        return x, f, mi, w
+
+
+class _CancelHooks:
+    """Cancel checks inside a step: before each conv block (forward) and on its output's gradient (backward)."""
+
+    def __init__(self, model, cancel):
+        self.handles = []
+        if cancel is None:
+            return
+
+        def pre(mod, args):
+            check_cancel(cancel)
+
+        def post(mod, args, out):
+            if out.requires_grad:
+                out.register_hook(lambda g: (check_cancel(cancel), g)[1])
+
+        for mod in model.modules():
+            if isinstance(mod, ConvBlock):
+                self.handles.append(mod.register_forward_pre_hook(pre))
+                self.handles.append(mod.register_forward_hook(post))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _buffers(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.named_buffers()}
+
+
+def _restore_buffers(model, snap: dict) -> None:
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(snap[k])
+
+
+def _single_domain(model: QSMInvNet) -> QSMInvNet:
+    """QSMInvNet (one shared BN) with the shared weights and the domain-0 BN of a QSMInvNet+."""
+    if model.num_domains == 1:
+        return model
+    cfg = copy.deepcopy(model.config)
+    cfg.num_domains = 1
+    m1 = QSMInvNet(cfg)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if ".bns." in k:
+            head, tail = k.split(".bns.", 1)
+            d, rest = tail.split(".", 1)
+            if d != "0":
+                continue
+            sd[k] = v
+        elif k == "domain_trained":
+            sd[k] = v[:1].clone()
+        else:
+            sd[k] = v
+    m1.load_state_dict(sd)
+    return m1
+
+
+def _load_base(weights, base_path: str) -> QSMInvNet:
+    try:
+        return load_model(weights, device="cpu")
+    except WeightsError as exc:
+        msg = str(exc)
+        if base_path not in msg:
+            msg = f"{msg} [file: {base_path}]"
+        raise WeightsError(msg) from None
+
+
+def load_adapted(path) -> tuple[QSMInvNet, dict]:
+    """Model and bookkeeping (step, optimizer, history, params, base) of an adapted checkpoint."""
+    model = _load_base(path, str(path))
+    try:
+        ck = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # load_model read it a moment ago; keep the message uniform anyway
+        raise WeightsError(f"resume: cannot read {path}: {exc}") from None
+    if not isinstance(ck, dict) or "adapt_json" not in ck:
+        raise WeightsError(f"resume: {path} is not an adapted checkpoint written by save_adapted "
+                           f"(no adaptation state); pass it as weights= to start a new adaptation")
+    meta = json.loads(ck["adapt_json"])
+    meta["optimizer"] = ck.get("optimizer")
+    meta["step"] = int(ck.get("step", meta.get("step", 0)))
+    return model, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# adaptation
+# ----------------------------------------------------------------------------------------------
+
+def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, device="auto", progress=None,
+          cancel=None, resume=None, on_cancel: str = "raise", synth_regime=None) -> AdaptResult:
+    """Adapt QSMInvNet+ (or fine-tune QSMInvNet) to ``scan``; see the module docstring.
+
+    ``synth_regime`` (advanced, tests): ``(shape, voxel_size)`` of the synthetic heads instead of the
+    training regime closest to the scan's voxel size.
+    """
+    from .synth import PhantomPool, Regime, SynthConfig, sample_pair, to_tensors
+
+    t_start = time.perf_counter()
+    if params is None or isinstance(params, dict):
+        p = make_params(AdaptParams, params or {})
+    else:
+        check_params(params)
+        p = copy.deepcopy(params)
+    if on_cancel not in ("raise", "return"):
+        raise ValueError(f"on_cancel: expected 'raise' or 'return', got {on_cancel!r}")
+    dev = resolve_device(device)
+    check_cancel(cancel)
+
+    # -- model -----------------------------------------------------------------------------------
+    history: list = []
+    step0 = 0
+    opt_state = None
+    seconds0 = 0.0
+    if resume is not None:
+        model, meta = load_adapted(resume)
+        if meta.get("params", {}).get("mode", p.mode) != p.mode:
+            raise ValueError(f"resume: {resume} was adapted in mode {meta['params']['mode']!r}, not {p.mode!r}")
+        if meta.get("scan_fingerprint") and meta["scan_fingerprint"] != scan.fingerprint():
+            raise ValueError(f"resume: {resume} was adapted to another scan (fingerprint "
+                             f"{meta['scan_fingerprint']} ≠ {scan.fingerprint()})")
+        base_path, base_sha = meta.get("base_weights"), meta.get("base_sha256")
+        history = list(meta.get("history", []))
+        step0 = int(meta["step"])
+        opt_state = meta.get("optimizer")
+        seconds0 = float(meta.get("seconds", 0.0))
+    else:
+        base_path = str(Path(weights) if weights is not None else default_weights_path())
+        model = _load_base(weights, base_path)
+        base_sha = model.weights_sha256
+        if p.mode == "dsbn":
+            if model.num_domains < 2:
+                raise WeightsError(f"weights: {base_path} is a plain QSMInvNet (one BN domain); dsbn adaptation "
+                                   f"needs a QSMInvNet+ checkpoint with 2 domains (or use mode=finetune)")
+            if not int(model.domain_trained[1]):
+                model.copy_domain(0, 1)   # the scan's BN starts from the synthetic one
+        else:
+            model = _single_domain(model)
+    if p.mode == "dsbn" and model.num_domains < 2:
+        raise WeightsError("weights: dsbn adaptation needs a checkpoint with 2 BN domains")
+    if p.mode == "finetune" and model.num_domains != 1:
+        raise WeightsError("resume: a finetune checkpoint must have one BN domain")
+    dom_t = 1 if p.mode == "dsbn" else 0
+    fs, cs = (float(v) for v in model.io_scale.tolist())
+    mult = model.config.multiple
+    patches = _ScanPatches(scan, p, fs, mult)
+    _check_scan(scan, p, patches.pshape)
+    model = model.to(dev).train()
+    opt = torch.optim.Adam(model.parameters(), lr=p.lr)
+    if opt_state:
+        try:
+            opt.load_state_dict(opt_state)
+            for g in opt.param_groups:
+                g["lr"] = p.lr
+        except Exception as exc:
+            raise WeightsError(f"resume: optimiser state of {resume} does not fit the model ({exc})") from None
+    sched = LambdaSchedule(lam_max=p.lam_end, lam_min=p.lam_start, ramp=max(p.steps - 1, 1), kind="linear")
+    op = DipoleOperator()
+    ppp = _rad_per_ppm(scan)
+    vs = tuple(float(v) for v in scan.voxel_size)
+    b0 = np.asarray(scan.b0_direction, float)
+
+    rep = Reporter(progress, cancel, total=p.steps, stage="adapt" if p.mode == "dsbn" else "finetune")
+
+    # -- synthetic data (dsbn) --------------------------------------------------------------------
+    use_synth = p.mode == "dsbn" and p.synth_batch > 0
+    pool = scfg = None
+    if use_synth and step0 < p.steps:
+        scfg = SynthConfig(patch=(p.synth_patch,) * 3, pool_size=p.synth_heads, refresh_every=0,
+                           seed_base=200_000 + 1000 * (p.seed % 1000),
+                           regimes=(_synth_regime(vs) if synth_regime is None else
+                                    Regime(tuple(synth_regime[0]), tuple(synth_regime[1])),))
+        pool = PhantomPool(scfg, device="cpu")
+        rep(step0, f"generating {p.synth_heads} synthetic head(s)", L_S=float("nan"), L_T=float("nan"))
+        pool.sync(0, cancel_check=lambda: check_cancel(cancel))
+
+    def synth_batch(step):
+        heads = pool.heads()
+        out = []
+        for b in range(p.synth_batch):
+            rng = np.random.default_rng([int(p.seed), int(step), b, 31])
+            h = heads[int(rng.integers(len(heads)))]
+            out.append(sample_pair(h, rng, scfg, augment=True, b0_direction=b0))
+        return to_tensors(out, fs, cs, dev)
+
+    def current_chi():
+        chi, _ = predict(model, scan.field, scan.mask, domain=dom_t, device=dev, cancel=cancel)
+        model.train()
+        return chi
+
+    hooks = _CancelHooks(model, cancel)
+    good = _buffers(model)
+    step = step0
+    t_loop = time.perf_counter()
+    cancelled = False
+    try:
+        while step < p.steps:
+            check_cancel(cancel)
+            t0 = time.perf_counter()
+            lam = sched(step) if p.mode == "dsbn" else 1.0
+            opt.zero_grad(set_to_none=True)
+            ls_val = float("nan")
+            if use_synth:
+                xs, ys = synth_batch(step)
+                check_cancel(cancel)
+                pred = model(xs, domain=0) * xs[:, 1:2]
+                ls = loss_supervised(pred, ys)
+                ls.backward()
+                ls_val = float(ls.detach())
+                del xs, ys, pred, ls
+            check_cancel(cancel)
+            x, f, mi, w = patches.batch(step, dev)
+            chi_t = model(x, domain=dom_t) * x[:, 1:2] / cs
+            lt = loss_field(chi_t, f, mi, vs, b0, weights=w, phase_per_ppm=ppp, op=op)
+            (lam * lt).backward()
+            lt_val = float(lt.detach())
+            del x, f, mi, w, chi_t, lt
+            check_cancel(cancel)
+            if not (math.isfinite(lt_val) and (math.isfinite(ls_val) or not use_synth)):
+                raise FloatingPointError(f"adapt: loss became {lt_val}/{ls_val} at step {step}; lower lr")
+            if p.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+            opt.step()
+            step += 1
+            good = _buffers(model)
+            now = time.perf_counter()
+            done_here = step - step0
+            eta = (now - t_loop) / done_here * (p.steps - step)
+            row = {"step": step, "L_S": ls_val, "L_T": lt_val, "lambda": lam,
+                   "loss": (ls_val if use_synth else 0.0) + lam * lt_val,
+                   "seconds": round(seconds0 + now - t_start, 3), "step_seconds": round(now - t0, 3)}
+            history.append(row)
+            preview = None
+            if p.preview_every and (step % p.preview_every == 0 or step == p.steps):
+                preview = current_chi()
+            msg = (f"step {step}/{p.steps} L_S={ls_val:.4g} L_T={lt_val:.4g} λ={lam:.3g} ETA {eta:.0f}s")
+            rep(step, msg, preview=preview, L_S=ls_val, L_T=lt_val, **{"lambda": lam}, eta_s=eta)
+    except Cancelled:
+        cancelled = True
+        _restore_buffers(model, good)
+        opt.zero_grad(set_to_none=True)
+    finally:
+        hooks.remove()
+
+    model.eval()
+    if step > 0 or resume is not None:
+        model.mark_trained(dom_t)
+    res = AdaptResult(model=model, chi=None, history=history, seconds=0.0, device=device_label(dev), params=p,
+                      step=step, base_weights=base_path, base_sha256=base_sha, scan_fingerprint=scan.fingerprint(),
+                      optimizer_state=opt.state_dict(), cancelled=cancelled,
+                      info={"patch_shape": list(patches.pshape), "weighting": patches.weighting,
+                            "rad_per_ppm": ppp, "domain": dom_t,
+                            "synth_regime": None if scfg is None else
+                            {"shape": list(scfg.regimes[0].shape), "voxel_size": list(scfg.regimes[0].voxel_size)}})
+    if cancelled:
+        res.seconds = seconds0 + time.perf_counter() - t_start
+        if on_cancel == "return":
+            return res
+        raise AdaptCancelled(f"adaptation cancelled after step {step}/{p.steps}", res)
+    dp = DSBNParams()
+    try:
+        chi, pinfo = predict(model, scan.field, scan.mask, domain="auto", device=dev, memory_gb=dp.memory_gb,
+                             tile=dp.tile, overlap=dp.overlap, cancel=cancel)
+    except Cancelled:
+        res.cancelled = True
+        res.seconds = seconds0 + time.perf_counter() - t_start
+        if on_cancel == "return":
+            return res
+        raise AdaptCancelled(f"adaptation cancelled during the final inference (after step {step})", res) from None
+    res.chi = chi
+    res.info["predict"] = pinfo
+    res.seconds = seconds0 + time.perf_counter() - t_start
+    rep(step, f"done: {step} steps in {res.seconds:.1f} s", L_S=history[-1]["L_S"] if history else float("nan"),
+        L_T=history[-1]["L_T"] if history else float("nan"))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# saving
+# ----------------------------------------------------------------------------------------------
+
+def _check_target(path, base_weights_path=None) -> Path:
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        raise ValueError(f"save path: {path} ends in .json (the sidecar); choose a .pt path")
+    if path.exists() and path.is_dir():
+        raise ValueError(f"save path: {path} is a directory; give a file name ending in .pt")
+    rp = path.resolve()
+    shipped = WEIGHTS_DIR.resolve()
+    if rp.parent == shipped or shipped in rp.parents:
+        raise ValueError(f"save path: {path} is inside the shipped weights directory {shipped}; "
+                         f"adapted weights never go there, choose another path")
+    if base_weights_path is not None and Path(base_weights_path).exists() and rp == Path(base_weights_path).resolve():
+        raise ValueError(f"save path: {path} is the base checkpoint; choose another path")
+    return path
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.floating, np.integer)):
+        return _jsonable(v.item())
+    return v
+
+
+def save_adapted(result: AdaptResult, path, base_weights_path=None, scan=None) -> Path:
+    """Write the adapted checkpoint + JSON sidecar atomically (see the module docstring)."""
+    base = base_weights_path if base_weights_path is not None else result.base_weights
+    path = _check_target(path, base)
+    base_sha = result.base_sha256
+    if base_weights_path is not None:
+        if not Path(base_weights_path).is_file():
+            raise ValueError(f"base_weights_path: {base_weights_path} is not a file")
+        base_sha = file_sha256(base_weights_path)
+    fp = scan.fingerprint() if scan is not None else result.scan_fingerprint
+    if scan is not None and result.scan_fingerprint and fp != result.scan_fingerprint:
+        raise ValueError(f"scan: fingerprint {fp} differs from the adapted scan's {result.scan_fingerprint}")
+    model = result.model
+    L_T = result.losses("L_T")
+    L_S = result.losses("L_S")
+    meta = {
+        "kind": "napari-qsm adapted checkpoint",
+        "model": "QSMInvNet+ (DSBN) adapted to one scan" if result.mode == "dsbn"
+        else "QSMInvNet fine-tuned on one scan (L_T only)",
+        "mode": result.mode,
+        "base_weights": str(base) if base is not None else None,
+        "base_sha256": base_sha,
+        "scan_fingerprint": fp,
+        "scan": scan.info() if scan is not None else None,
+        "step": int(result.step),
+        "steps_target": int(result.params.steps),
+        "cancelled": bool(result.cancelled),
+        "seconds": round(float(result.seconds), 2),
+        "device": result.device,
+        "params": params_to_dict(result.params),
+        "architecture": model.config.to_dict(),
+        "domain_trained": model.domain_trained.tolist(),
+        "losses": {
+            "L_T_first": float(L_T[0]) if L_T.size else None, "L_T_last": float(L_T[-1]) if L_T.size else None,
+            "L_S_first": float(L_S[0]) if L_S.size else None, "L_S_last": float(L_S[-1]) if L_S.size else None,
+        },
+        "history": result.history,
+        "info": result.info,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    meta = _jsonable(meta)
+    ck = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+          "optimizer": result.optimizer_state or {}, "step": int(result.step),
+          "adapt_json": json.dumps({k: meta[k] for k in ("mode", "base_weights", "base_sha256", "scan_fingerprint",
+                                                         "step", "seconds", "params", "history")})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    side = path.with_suffix(".json")
+    fd, tmp_pt = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=str(path.parent))
+    os.close(fd)
+    fd, tmp_js = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=str(path.parent))
+    os.close(fd)
+    try:
+        torch.save(ck, tmp_pt)
+        meta["sha256"] = file_sha256(tmp_pt)
+        meta["file"] = path.name
+        with open(tmp_js, "w") as fh:
+            json.dump(meta, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp_pt, path)
+        os.replace(tmp_js, side)
+    finally:
+        for t in (tmp_pt, tmp_js):
+            if os.path.exists(t):
+                os.remove(t)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# command line and method registry
+# ----------------------------------------------------------------------------------------------
+
+def adapt_cli(scan, steps=None, weights=None, save_weights=None, params=None, device="auto",
+              progress=None) -> Result:
+    """``napari-qsm adapt``: adapt, optionally save the checkpoint, return a :class:`Result`."""
+    values = dict(params or {})
+    if steps is not None:
+        values["steps"] = steps
+    p = make_params(AdaptParams, values)
+    if save_weights is not None:
+        _check_target(save_weights, weights if weights is not None else default_weights_path())
+    res = adapt(scan, p, weights=weights, device=device, progress=progress)
+    extras = _extras(res)
+    if save_weights is not None:
+        out = save_adapted(res, save_weights, weights, scan)
+        extras["adapted_weights"] = str(out)
+    return Result(chi=res.chi, method="dsbn_adapt" if p.mode == "dsbn" else "qsminvnet_finetune",
+                  params=params_to_dict(p), seconds=res.seconds, device=res.device, extras=extras,
+                  scan_info=scan.info())
+
+
+def _extras(res: AdaptResult) -> dict:
+    L_T = res.losses("L_T")
+    return {"mode": res.mode, "steps": res.step, "base_weights": res.base_weights, "base_sha256": res.base_sha256,
+            "L_T_first": float(L_T[0]) if L_T.size else None, "L_T_last": float(L_T[-1]) if L_T.size else None,
+            "seconds_per_step": float(np.mean([h["step_seconds"] for h in res.history])) if res.history else None,
+            **{k: v for k, v in res.info.items() if k != "predict"}}
+
+
+def _run(scan, p: AdaptParams, *, device, progress=None, cancel=None, weights=None, **_):
+    res = adapt(scan, p, weights=weights, device=device, progress=progress, cancel=cancel)
+    return {"chi": res.chi, "extras": _extras(res)}
+
+
+register_method(Method(
+    "dsbn_adapt", "QSMInvNet+ adapted to this scan", AdaptParams, _run, order=45, accepts_weights=True,
+    long_running=True, uses_magnitude=True,
+    doc="Adapts QSMInvNet+ to the open scan for a few minutes (synthetic L_S on domain 0 + λ·L_T on the scan's "
+        "domain 1), then reconstructs with the scan's own batch norms. mode=finetune gives the QSMInvNet baseline."))

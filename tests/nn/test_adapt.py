@@ -1,0 +1,262 @@
+"""On-scan adaptation (napari_qsm.nn.adapt): tiny widths, 32³ volumes, a few steps."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_qsm.cli import main
+from napari_qsm.core.dipole import forward_field
+from napari_qsm.core.progress import CancelToken, Cancelled
+from napari_qsm.core.scan import Scan
+from napari_qsm.nn.adapt import AdaptCancelled, AdaptParams, adapt, adapt_cli, load_adapted, save_adapted
+from napari_qsm.nn.infer import WEIGHTS_DIR, load_model, predict
+from napari_qsm.nn.train import atomic_torch_save
+from napari_qsm.nn.unet import NetConfig, QSMInvNet
+
+SHAPE = (32, 32, 32)
+SMALL_HEAD = ((32, 40, 32), (4.5, 4.5, 4.5))   # synthetic heads for the tests: tiny and fast
+
+
+def _blob_scan(seed=0, noise=0.0):
+    rng = np.random.default_rng(seed)
+    g = np.meshgrid(*[np.arange(n) - n / 2 for n in SHAPE], indexing="ij")
+    mask = (g[0] ** 2 / 14 ** 2 + g[1] ** 2 / 13 ** 2 + g[2] ** 2 / 12 ** 2) < 1
+    chi = np.zeros(SHAPE, np.float32)
+    for _ in range(6):
+        c = rng.uniform(-8, 8, 3)
+        r = rng.uniform(2, 5)
+        chi += rng.uniform(-0.2, 0.3) * ((g[0] - c[0]) ** 2 + (g[1] - c[1]) ** 2 + (g[2] - c[2]) ** 2 < r * r)
+    chi = (chi * mask).astype(np.float32)
+    b0 = np.array([np.sin(0.2), 0.0, np.cos(0.2)])
+    f = forward_field(chi, (1, 1, 1), b0, device="cpu") * mask
+    f = f + noise * rng.standard_normal(SHAPE).astype(np.float32) * mask
+    mag = (1.0 + 0.2 * rng.random(SHAPE)).astype(np.float32)
+    return Scan(field=f, mask=mask, magnitude=mag, b0_direction=b0, te=0.02, b0_tesla=3.0), chi
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    m = QSMInvNet(NetConfig(base_width=2, num_domains=2))
+    m.mark_trained(0)
+    p = d / "tiny_plus.pt"
+    atomic_torch_save(m.state_dict(), p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def scan():
+    return _blob_scan()[0]
+
+
+def P(**kw):
+    kw = {"steps": 3, "patch": 32, "synth_patch": 32, "lr": 3e-3, "seed": 0, **kw}
+    return AdaptParams(**kw)
+
+
+def run(scan, base, **kw):
+    extra = {k: kw.pop(k) for k in ("cancel", "progress", "resume", "on_cancel") if k in kw}
+    return adapt(scan, P(**kw), weights=None if "resume" in extra else base, device="cpu",
+                 synth_regime=SMALL_HEAD, **extra)
+
+
+def test_lt_falls_and_history(scan, base):
+    res = run(scan, base, steps=10, lr=1e-2, lam_start=5.0, lam_end=5.0)
+    lt = res.losses("L_T")
+    assert len(res.history) == 10 and res.step == 10
+    assert np.isfinite(res.losses("L_S")).all()
+    assert lt[-3:].mean() < 0.8 * lt[:2].mean(), lt
+    assert res.chi.shape == SHAPE and res.chi.dtype == np.float32
+    assert not res.chi[~scan.mask].any()
+    assert int(res.model.domain_trained[1]) == 1
+    assert {"step", "L_S", "L_T", "lambda", "seconds"} <= set(res.history[0])
+    # λ rises linearly from start to end
+    res2 = run(scan, base, steps=3, lam_start=1.0, lam_end=3.0)
+    assert res2.losses("lambda").tolist() == [1.0, 2.0, 3.0]
+
+
+def test_finetune_mode_has_one_domain(scan, base, tmp_path):
+    res = run(scan, base, steps=2, mode="finetune")
+    assert res.model.num_domains == 1
+    assert np.isnan(res.losses("L_S")).all()
+    out = save_adapted(res, tmp_path / "ft.pt", base, scan)
+    m = load_model(out)
+    assert m.num_domains == 1
+    chi, _ = predict(m, scan.field, scan.mask)
+    np.testing.assert_array_equal(chi, res.chi)
+
+
+def test_progress_and_preview(scan, base):
+    seen = []
+    res = run(scan, base, steps=4, preview_every=2, progress=seen.append)
+    steps = [p for p in seen if p.message.startswith("step")]
+    assert [p.step for p in steps] == [1, 2, 3, 4] and all(p.total == 4 for p in steps)
+    assert all({"L_S", "L_T", "lambda", "eta_s"} <= set(p.losses) for p in steps)
+    assert "ETA" in steps[0].message and "λ=" in steps[0].message
+    previews = [p for p in steps if p.preview is not None]
+    assert [p.step for p in previews] == [2, 4]
+    np.testing.assert_array_equal(previews[-1].preview, res.chi)
+
+
+def test_seeded_determinism(scan, base):
+    a = run(scan, base, steps=3, seed=5)
+    b = run(scan, base, steps=3, seed=5)
+    c = run(scan, base, steps=3, seed=6)
+    np.testing.assert_array_equal(a.chi, b.chi)
+    assert a.history[-1]["L_T"] == b.history[-1]["L_T"]
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    assert not np.array_equal(a.chi, c.chi)
+
+
+def test_cancel_within_a_second_keeps_last_good_state(scan, base):
+    tok = CancelToken()
+    t_cancel = []
+
+    def prog(p):
+        if p.step == 2 and p.message.startswith("step") and not t_cancel:
+            def fire():
+                t_cancel.append(time.perf_counter())
+                tok.cancel()
+            threading.Timer(0.02, fire).start()
+
+    t0 = time.perf_counter()
+    with pytest.raises(AdaptCancelled) as ei:
+        run(scan, base, steps=50, lam_start=2.0, lam_end=2.0, cancel=tok, progress=prog)
+    latency = time.perf_counter() - t_cancel[0]
+    assert latency < 1.0, latency
+    assert isinstance(ei.value, Cancelled)
+    res = ei.value.result
+    assert res.cancelled and res.chi is None
+    k = res.step
+    assert 2 <= k < 50 and len(res.history) == k
+    # the kept state is exactly the state after step k (a run of k steps, same constant λ)
+    ref = run(scan, base, steps=k, lam_start=2.0, lam_end=2.0)
+    for name, v in ref.model.state_dict().items():
+        assert torch.equal(v, res.model.state_dict()[name]), name
+    # on_cancel="return" gives the same record without raising
+    tok2 = CancelToken()
+    tok2.cancel()
+    with pytest.raises(Cancelled):
+        run(scan, base, steps=5, cancel=tok2)
+    assert time.perf_counter() - t0 < 120
+
+
+def test_save_then_recon_reproduces_exactly(scan, base, tmp_path):
+    res = run(scan, base, steps=3)
+    out = save_adapted(res, tmp_path / "adapted.pt", base, scan)
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["scan_fingerprint"] == scan.fingerprint()
+    assert side["base_sha256"] == load_model(base).weights_sha256
+    assert side["step"] == 3 and len(side["history"]) == 3 and side["params"]["steps"] == 3
+    assert side["device"] and side["seconds"] > 0
+    assert not list(tmp_path.glob(".tmp-*"))
+    # the weights_only loader and the dsbn method read it; domain 1 is chosen automatically
+    ck = torch.load(out, weights_only=True)
+    assert "model" in ck
+    m = load_model(out)
+    assert m.default_domain() == 1
+    # through the command line: recon --method dsbn --weights ADAPTED.pt
+    A = np.diag(list(scan.voxel_size) + [1.0])
+    fp, mp = tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"
+    nib.save(nib.Nifti1Image(scan.field, A), str(fp))
+    nib.save(nib.Nifti1Image(scan.mask.astype(np.uint8), A), str(mp))
+    b0 = [str(v) for v in scan.b0_direction]
+    o = tmp_path / "chi.nii.gz"
+    assert main(["recon", str(fp), "--mask", str(mp), "--method", "dsbn", "--weights", str(out), "--device", "cpu",
+                 "--b0-dir", *b0, "-q", "-o", str(o)]) == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(str(o)).dataobj, np.float32), res.chi)
+
+
+def test_resume_continues_exactly(scan, base, tmp_path):
+    kw = dict(lam_start=3.0, lam_end=3.0, seed=2)
+    first = run(scan, base, steps=2, **kw)
+    ck = save_adapted(first, tmp_path / "half.pt", base, scan)
+    model, meta = load_adapted(ck)
+    assert meta["step"] == 2
+    resumed = run(scan, base, steps=4, resume=ck, **kw)
+    straight = run(scan, base, steps=4, **kw)
+    assert resumed.step == 4 and len(resumed.history) == 4
+    np.testing.assert_array_equal(resumed.chi, straight.chi)
+    other, _ = _blob_scan(seed=3)
+    with pytest.raises(ValueError, match="another scan"):
+        run(other, base, steps=4, resume=ck, **kw)
+
+
+def test_cli_adapt_then_recon(scan, base, tmp_path):
+    A = np.diag(list(scan.voxel_size) + [1.0])
+    fp, mp = tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"
+    nib.save(nib.Nifti1Image(scan.field, A), str(fp))
+    nib.save(nib.Nifti1Image(scan.mask.astype(np.uint8), A), str(mp))
+    b0 = [str(v) for v in scan.b0_direction]
+    o1, w = tmp_path / "adapted_Chimap.nii.gz", tmp_path / "w.pt"
+    assert main(["adapt", str(fp), "--mask", str(mp), "--steps", "2", "--weights", str(base), "--save-weights",
+                 str(w), "--param", "mode=finetune", "--param", "patch=32", "--device", "cpu", "--b0-dir", *b0,
+                 "-q", "-o", str(o1)]) == 0
+    assert w.exists() and w.with_suffix(".json").exists()
+    o2 = tmp_path / "recon.nii.gz"
+    assert main(["recon", str(fp), "--mask", str(mp), "--method", "dsbn", "--weights", str(w), "--device", "cpu",
+                 "--b0-dir", *b0, "-q", "-o", str(o2)]) == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(str(o1)).dataobj), np.asarray(nib.load(str(o2)).dataobj))
+
+
+def test_refuses_shipped_weights_dir(scan, base, tmp_path):
+    res = run(scan, base, steps=1)
+    target = WEIGHTS_DIR / "adapted_test_should_not_exist.pt"
+    with pytest.raises(ValueError, match="shipped weights"):
+        save_adapted(res, target, base, scan)
+    assert not target.exists() and not target.with_suffix(".json").exists()
+    with pytest.raises(ValueError, match="shipped weights"):
+        adapt_cli(scan, steps=1, weights=str(base), save_weights=str(target), params={"patch": "32"}, device="cpu")
+    assert not target.exists()
+    with pytest.raises(ValueError, match="base checkpoint"):
+        save_adapted(res, base, base, scan)
+
+
+def test_bad_inputs(scan, base, tmp_path):
+    before = sorted(tmp_path.iterdir())
+    # mask too small for one patch
+    tiny_mask = np.zeros(SHAPE, bool)
+    tiny_mask[15:18, 15:18, 15:18] = True
+    s = Scan(field=scan.field * tiny_mask, mask=tiny_mask, b0_direction=scan.b0_direction)
+    with pytest.raises(ValueError, match="mask"):
+        run(s, base, steps=1)
+    # NaN in the field: the Scan refuses it, and adapt checks a scan modified afterwards
+    f = scan.field.copy()
+    f[16, 16, 16] = np.nan
+    with pytest.raises(ValueError, match="field"):
+        Scan(field=f, mask=scan.mask)
+    s2 = Scan(field=scan.field, mask=scan.mask)
+    s2.field[16, 16, 16] = np.nan
+    with pytest.raises(ValueError, match="field"):
+        run(s2, base, steps=1)
+    # a checkpoint of the wrong architecture
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(ValueError, match="wrong.pt"):
+        run(scan, wrong, steps=1)
+    one = tmp_path / "plain.pt"
+    torch.save(QSMInvNet(NetConfig(base_width=2, num_domains=1)).state_dict(), one)
+    with pytest.raises(ValueError, match="2 domains|one BN"):
+        run(scan, one, steps=1)
+    # a corrupted file
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(ValueError, match="corrupt.pt"):
+        run(scan, bad, steps=1)
+    # resume from something that is not an adapted checkpoint
+    with pytest.raises(ValueError, match="adapted checkpoint"):
+        run(scan, base, steps=1, resume=base)
+    # bad parameters
+    with pytest.raises(ValueError, match="mode"):
+        adapt_cli(scan, steps=1, weights=str(base), params={"mode": "nope"}, device="cpu")
+    # nothing written by any of the failures
+    assert sorted(tmp_path.iterdir()) == sorted(before + [wrong, one, bad])
