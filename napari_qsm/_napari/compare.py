@@ -28,7 +28,7 @@ import numpy as np
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtGui import QBrush, QColor, QFont, QGuiApplication
 from qtpy.QtWidgets import (
-    QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
+    QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QGridLayout, QHBoxLayout,
     QHeaderView, QLabel, QListWidget, QListWidgetItem, QPushButton, QSizePolicy, QSplitter,
     QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget,
 )
@@ -232,13 +232,14 @@ class _ViewState:
         g = viewer.canvas.grid
         self.grid = dict(enabled=g.enabled, shape=tuple(g.shape), stride=g.stride, spacing=g.spacing)
         cam = viewer.scene.camera
-        self.camera = dict(center=tuple(cam.center), zoom=float(cam.zoom), angles=tuple(cam.angles))
+        self.camera = dict(center=tuple(cam.center), zoom=float(cam.zoom), angles=tuple(cam.angles),
+                           orientation=tuple(getattr(cam, "orientation", ())))
         self.visible = {id(lay): bool(lay.visible) for lay in viewer.layers}
         self.layers = list(viewer.layers)
         self.selection = set(viewer.layers.selection)
         self.active = viewer.layers.selection.active
         self.contrast = {}
-        self.colormap = {}
+        self.name_overlay = {}
         self.added: list = []
         self.links = []
 
@@ -286,13 +287,22 @@ class CompareWidget(QWidget):
         ev.moved.connect(self._on_layers_changed)
         self.viewer.dims.events.point.connect(self._on_dims)
         self.viewer.cursor.events.position.connect(self._on_cursor)
+        cam_ev = getattr(self.viewer.scene.camera.events, "orientation", None)
+        if cam_ev is not None:
+            cam_ev.connect(self._on_camera_orientation)
+        self._on_camera_orientation()
         self._selection_changed()
+
+    def _on_camera_orientation(self, event=None) -> None:
+        """Show the patient's right where napari's 2-D view shows it (camera orientation)."""
+        orient = tuple(getattr(self.viewer.scene.camera, "orientation2d", ()) or ())
+        if len(orient) == 2 and self._view_state is None:
+            self.radio_check.setChecked(orient[1] == "left")
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
         root = QVBoxLayout(self)
         root.setContentsMargins(4, 4, 4, 4)
-        form = QFormLayout()
         self.reference_combo = QComboBox()
         self.reference_combo.setToolTip("Reference χ (e.g. the phantom's true χ, COSMOS or one method's result). "
                                         "(none): score each result by its field residual.")
@@ -304,14 +314,26 @@ class CompareWidget(QWidget):
         self.labels_combo.setToolTip("Labels layer for region statistics (mean χ per label).")
         self.results_list = QListWidget()
         self.results_list.setToolTip("Result layers to compare (checked ones).")
-        self.results_list.setMaximumHeight(110)
+        self.results_list.setMaximumHeight(84)
         self.results_list.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
-        form.addRow("Reference", self.reference_combo)
-        form.addRow("Results", self.results_list)
-        form.addRow("Mask", self.mask_combo)
-        form.addRow("Field", self.field_combo)
-        form.addRow("Labels", self.labels_combo)
-        root.addLayout(form)
+        for cb in (self.reference_combo, self.mask_combo, self.field_combo, self.labels_combo):
+            cb.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            cb.setMinimumContentsLength(8)
+        grid = QGridLayout()
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.setHorizontalSpacing(6)
+        grid.setVerticalSpacing(3)
+        for r, (lab, w1, lab2, w2) in enumerate((("Reference", self.reference_combo, "Mask", self.mask_combo),
+                                                  ("Field", self.field_combo, "Labels", self.labels_combo))):
+            grid.addWidget(QLabel(lab), r, 0)
+            grid.addWidget(w1, r, 1)
+            grid.addWidget(QLabel(lab2), r, 2)
+            grid.addWidget(w2, r, 3)
+        grid.addWidget(QLabel("Results"), 2, 0, Qt.AlignmentFlag.AlignTop)
+        grid.addWidget(self.results_list, 2, 1, 1, 3)
+        grid.setColumnStretch(1, 1)
+        grid.setColumnStretch(3, 1)
+        root.addLayout(grid)
 
         # view buttons
         row = QHBoxLayout()
@@ -456,6 +478,11 @@ class CompareWidget(QWidget):
         self.recompute_button.clicked.connect(self.recompute)
         self.chart_combo.currentIndexChanged.connect(self._draw_chart)
         self.region_copy_button.clicked.connect(self.copy_regions)
+        self.tabs.currentChanged.connect(self._on_tab)
+
+    def _on_tab(self, index: int) -> None:
+        if self.tabs.widget(index) is self.panel.parentWidget() and self.panel._dirty:
+            self.panel.refresh()
 
     def _spin(self, value, tip, lo=-10.0) -> QDoubleSpinBox:
         sp = QDoubleSpinBox()
@@ -964,7 +991,15 @@ class CompareWidget(QWidget):
         if key is None or table is None or not table.rows:
             self.chart_canvas.draw_idle()
             return
+        pal = self.palette()
+        bg = pal.color(pal.ColorRole.Window).name()
+        fg = pal.color(pal.ColorRole.WindowText).name()
+        fig.set_facecolor(bg)
         ax = fig.add_subplot(111)
+        ax.set_facecolor(bg)
+        for sp in ax.spines.values():
+            sp.set_color(fg)
+        ax.tick_params(colors=fg)
         vals = table.column(key)
         names = table.names
         lab, unit, hib, _ = core.metric_info(key)
@@ -974,12 +1009,12 @@ class CompareWidget(QWidget):
         ax.barh(y, np.nan_to_num(vals), color=colors)
         ax.set_yticks(y, names, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel(f"{lab} ({unit})" if unit else lab, fontsize=8)
+        ax.set_xlabel(f"{lab} ({unit})" if unit else lab, fontsize=8, color=fg)
         ax.tick_params(axis="x", labelsize=8)
-        ax.set_title(("higher" if hib else "lower") + " is better", fontsize=8)
+        ax.set_title(("higher" if hib else "lower") + " is better", fontsize=8, color=fg)
         for yi, v in zip(y, vals):
             if np.isfinite(v):
-                ax.text(v, yi, " " + _fmt(key, v), va="center", fontsize=7)
+                ax.text(v, yi, " " + _fmt(key, v), va="center", fontsize=7, color=fg)
         ax.margins(x=0.2)
         self.chart_canvas.draw_idle()
 
@@ -1126,10 +1161,20 @@ class CompareWidget(QWidget):
                     diff_layers.append(dl_layer)
             for lay in results:
                 state.contrast[id(lay)] = tuple(lay.contrast_limits)
+                state.name_overlay[id(lay)] = (bool(lay.name_overlay.visible), float(lay.name_overlay.font_size))
                 lay.contrast_limits = (lo, hi)
                 lay.visible = True
-            for lay in state.added:
+            for lay in results + state.added:  # layer name in its grid cell
                 lay.visible = True
+                lay.name_overlay.font_size = 9
+                lay.name_overlay.visible = True
+            # one colour bar per group (ppm), in the cells of the reference and of the first difference
+            for lay in ([state.added[0]] if ref_layer is not None else []) + diff_layers[:1]:
+                try:
+                    lay.colorbar.position = "bottom_right"
+                    lay.colorbar.visible = True
+                except Exception:  # pragma: no cover - older napari without layer colour bars
+                    pass
             ncols = len(chi_layers)
             if len(chi_layers) > 1:
                 cm = layers_linked(chi_layers, ("contrast_limits",))
@@ -1188,6 +1233,8 @@ class CompareWidget(QWidget):
             for lay in v.layers:
                 if id(lay) in st.contrast:
                     lay.contrast_limits = st.contrast[id(lay)]
+                if id(lay) in st.name_overlay:
+                    lay.name_overlay.visible, lay.name_overlay.font_size = st.name_overlay[id(lay)]
                 if id(lay) in st.visible:
                     lay.visible = st.visible[id(lay)]
             g = v.canvas.grid
@@ -1196,6 +1243,8 @@ class CompareWidget(QWidget):
             g.stride = st.grid["stride"]
             g.spacing = st.grid["spacing"]
             cam = v.scene.camera
+            if st.camera["orientation"]:
+                cam.orientation = st.camera["orientation"]
             cam.angles = st.camera["angles"]
             cam.center = st.camera["center"]
             cam.zoom = st.camera["zoom"]
@@ -1230,9 +1279,12 @@ class CompareWidget(QWidget):
                             (self.viewer.layers.events.removed, self._on_layers_changed),
                             (self.viewer.layers.events.moved, self._on_layers_changed),
                             (self.viewer.dims.events.point, self._on_dims),
-                            (self.viewer.cursor.events.position, self._on_cursor)):
+                            (self.viewer.cursor.events.position, self._on_cursor),
+                            (getattr(self.viewer.scene.camera.events, "orientation", None),
+                             self._on_camera_orientation)):
             try:
-                emitter.disconnect(cb)
+                if emitter is not None:
+                    emitter.disconnect(cb)
             except Exception:
                 pass
         for lay in self._connected_layers:
@@ -1264,13 +1316,13 @@ def _describe_result(layer) -> str:
     if not isinstance(prov, dict):
         return ""
     bits = [str(prov.get("method", "")).upper()]
+    sec = prov.get("seconds")
+    if isinstance(sec, (int, float)):
+        bits.append(f"{sec:.1f} s" if sec < 100 else f"{sec / 60:.1f} min")
     params = prov.get("parameters") or {}
     for k, v in list(params.items())[:2]:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             bits.append(f"{k} {v:g}")
-    sec = prov.get("seconds")
-    if isinstance(sec, (int, float)):
-        bits.append(f"{sec:.1f} s" if sec < 100 else f"{sec / 60:.1f} min")
     return " · ".join(b for b in bits if b)
 
 

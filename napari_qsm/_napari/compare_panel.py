@@ -390,8 +390,9 @@ class SliceGrid(QWidget):
         letter_pen = QPen(QColor(255, 255, 140))
         for (ci, ri), rect in rects.items():
             name, is_diff = rows[ri]
-            qp.fillRect(rect, QColor(0, 0, 0))
             item = self._images.get((ci, ri))
+            if item is not None:
+                qp.fillRect(rect, QColor(0, 0, 0))
             if item is None:
                 note = self._columns[ci].diff_note if is_diff else ""
                 if note:
@@ -487,7 +488,7 @@ class SliceGrid(QWidget):
 
     def cell_at(self, pos) -> Optional[tuple]:
         """(column, row) of the image under a widget position, or None."""
-        geo = self._layout or self._geometry()
+        geo = self._geometry()
         for key, rect in geo.get("rects", {}).items():
             if rect.contains(QPointF(pos)):
                 return key
@@ -498,20 +499,20 @@ class SliceGrid(QWidget):
         key = self.cell_at(pos)
         if key is None or key not in self._planes_cache:
             return None
-        geo = self._layout or self._geometry()
+        geo = self._geometry()
         pl = self._planes_cache[key]
         x_mm, y_mm = self._px_to_mm(pl, geo["rects"][key], float(QPointF(pos).x()), float(QPointF(pos).y()))
         return plane_click_to_point(pl, x_mm, y_mm, self._point, self._shape, self._vs)
 
     def image_center(self, col: int, plane: str, diff: bool = False) -> QPointF:
         """Widget position of the centre of a cell (used by tests and scripts)."""
-        geo = self._layout or self._geometry()
+        geo = self._geometry()
         ri = geo["rows"].index((plane, diff))
         return geo["rects"][(col, ri)].center()
 
     def pos_for_point(self, col: int, plane: str, point, diff: bool = False) -> QPointF:
         """Widget position of a canonical voxel point inside a cell."""
-        geo = self._layout or self._geometry()
+        geo = self._geometry()
         ri = geo["rows"].index((plane, diff))
         rect = geo["rects"][(col, ri)]
         pl = self._planes_cache[(col, ri)]
@@ -559,7 +560,7 @@ class SliceGrid(QWidget):
         p = self.point_at(pos)
         ci, ri = key
         col = self._columns[ci]
-        is_diff = self._layout["rows"][ri][1]
+        is_diff = self._geometry()["rows"][ri][1]
         if is_diff:
             if col.diff_volume is not None:
                 v = float(col.diff_volume[p])

@@ -163,6 +163,8 @@ def _view_snapshot(v):
         "grid": (g.enabled, tuple(g.shape), g.stride, g.spacing),
         "camera": (tuple(np.round(cam.center, 6)), round(cam.zoom, 6), tuple(np.round(cam.angles, 6))),
         "selection": sorted(lay.name for lay in v.layers.selection),
+        "name_overlays": [(lay.name_overlay.visible, lay.name_overlay.font_size) for lay in v.layers],
+        "orientation": tuple(cam.orientation),
         "active": v.layers.selection.active.name if v.layers.selection.active else None,
     }
 
@@ -184,6 +186,7 @@ def test_side_by_side_and_exact_restore(scene):
     assert pos["half"] == (0, 0) and pos["Δ half"] == (1, 0) and pos["Δ noisy"] == (1, 1)
     d = v.layers["Δ half"]
     assert d.colormap.name.startswith("RdBu_r")
+    assert all(v.layers[n].name_overlay.visible for n in names)  # every grid cell is labelled
     lo, hi = d.contrast_limits
     assert lo == pytest.approx(-hi)
     mask = v.layers["mask"].data > 0
