@@ -123,6 +123,8 @@ class AdaptParams:
                              max=100.0)
     weighting: str = param("auto", "W_t noise weighting: auto (noise map if present, else magnitude, else mask), "
                                    "noise, magnitude or mask", choices=("auto", "noise", "magnitude", "mask"))
+    keep_mean: bool = param(True, "keep the mean χ in the mask at the unadapted network's (the field carries no "
+                                  "information about it; L_T alone lets it drift): shifts the output bias at the end")
     grad_clip: float = param(1.0, "max gradient norm (0 = off)", min=0.0, max=1e6)
     seed: int = param(0, "random seed (patches, synthetic data); same seed = same result", min=0, max=2 ** 31 - 1)
     preview_every: int = param(0, "χ preview (whole-volume inference) every N steps (0 = off)", min=0, max=100000)
@@ -374,6 +376,9 @@ def load_adapted(path) -> tuple[QSMInvNet, dict]:
                            f"(no adaptation state); pass it as weights= to start a new adaptation")
     meta = json.loads(ck["adapt_json"])
     meta["optimizer"] = ck.get("optimizer")
+    if isinstance(ck.get("train_head_bias"), torch.Tensor):   # undo the mean shift baked in at the end
+        with torch.no_grad():
+            model.head.bias.copy_(ck["train_head_bias"])
     meta["step"] = int(ck.get("step", meta.get("step", 0)))
     return model, meta
 
@@ -404,6 +409,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
 
     # -- model -----------------------------------------------------------------------------------
     history: list = []
+    ref_mean = None
     step0 = 0
     opt_state = None
     seconds0 = 0.0
@@ -419,6 +425,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
         step0 = int(meta["step"])
         opt_state = meta.get("optimizer")
         seconds0 = float(meta.get("seconds", 0.0))
+        ref_mean = meta.get("ref_mean")
     else:
         base_path = str(Path(weights) if weights is not None else default_weights_path())
         model = _load_base(weights, base_path)
@@ -481,7 +488,16 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
     def current_chi():
         chi, _ = predict(model, scan.field, scan.mask, domain=dom_t, device=dev, cancel=cancel)
         model.train()
-        return chi
+        if ref_mean is not None:
+            chi = np.where(scan.mask, chi + (ref_mean - float(chi[scan.mask].mean(dtype=np.float64))), 0.0)
+        return chi.astype(np.float32)
+
+    if p.keep_mean and ref_mean is None:
+        rep(step0, "reference χ mean of the unadapted network", L_S=float("nan"), L_T=float("nan"))
+        chi0, _ = predict(model, scan.field, scan.mask, domain=dom_t, device=dev, cancel=cancel)
+        ref_mean = float(chi0[scan.mask].mean(dtype=np.float64))
+        del chi0
+        model.train()
 
     hooks = _CancelHooks(model, cancel)
     good = _buffers(model)
@@ -544,7 +560,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
                       step=step, base_weights=base_path, base_sha256=base_sha, scan_fingerprint=scan.fingerprint(),
                       optimizer_state=opt.state_dict(), cancelled=cancelled,
                       info={"patch_shape": list(patches.pshape), "weighting": patches.weighting,
-                            "rad_per_ppm": ppp, "domain": dom_t,
+                            "rad_per_ppm": ppp, "domain": dom_t, "ref_mean": ref_mean,
                             "synth_regime": None if scfg is None else
                             {"shape": list(scfg.regimes[0].shape), "voxel_size": list(scfg.regimes[0].voxel_size)}})
     if cancelled:
@@ -556,6 +572,15 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
     try:
         chi, pinfo = predict(model, scan.field, scan.mask, domain="auto", device=dev, memory_gb=dp.memory_gb,
                              tile=dp.tile, overlap=dp.overlap, cancel=cancel)
+        if ref_mean is not None and step > 0:
+            res.info["train_head_bias"] = model.head.bias.detach().cpu().clone()
+            # bake the mean correction into the output bias, so the checkpoint alone reproduces χ
+            delta = ref_mean - float(chi[scan.mask].mean(dtype=np.float64))
+            with torch.no_grad():
+                model.head.bias += torch.tensor([delta * cs], dtype=model.head.bias.dtype, device=model.head.bias.device)
+            res.info["mean_shift_ppm"] = delta
+            chi, pinfo = predict(model, scan.field, scan.mask, domain="auto", device=dev, memory_gb=dp.memory_gb,
+                                 tile=dp.tile, overlap=dp.overlap, cancel=cancel)
     except Cancelled:
         res.cancelled = True
         res.seconds = seconds0 + time.perf_counter() - t_start
@@ -639,14 +664,16 @@ def save_adapted(result: AdaptResult, path, base_weights_path=None, scan=None) -
             "L_S_first": float(L_S[0]) if L_S.size else None, "L_S_last": float(L_S[-1]) if L_S.size else None,
         },
         "history": result.history,
-        "info": result.info,
+        "info": {k: v for k, v in result.info.items() if not isinstance(v, torch.Tensor)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     meta = _jsonable(meta)
     ck = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
           "optimizer": result.optimizer_state or {}, "step": int(result.step),
+          "train_head_bias": result.info.get("train_head_bias", model.head.bias.detach().cpu()),
           "adapt_json": json.dumps({k: meta[k] for k in ("mode", "base_weights", "base_sha256", "scan_fingerprint",
-                                                         "step", "seconds", "params", "history")})}
+                                                         "step", "seconds", "params", "history")}
+                                | {"ref_mean": result.info.get("ref_mean")})}
     path.parent.mkdir(parents=True, exist_ok=True)
     side = path.with_suffix(".json")
     fd, tmp_pt = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=str(path.parent))
@@ -697,7 +724,7 @@ def _extras(res: AdaptResult) -> dict:
     return {"mode": res.mode, "steps": res.step, "base_weights": res.base_weights, "base_sha256": res.base_sha256,
             "L_T_first": float(L_T[0]) if L_T.size else None, "L_T_last": float(L_T[-1]) if L_T.size else None,
             "seconds_per_step": float(np.mean([h["step_seconds"] for h in res.history])) if res.history else None,
-            **{k: v for k, v in res.info.items() if k != "predict"}}
+            **{k: v for k, v in res.info.items() if k != "predict" and not isinstance(v, torch.Tensor)}}
 
 
 def _run(scan, p: AdaptParams, *, device, progress=None, cancel=None, weights=None, **_):
