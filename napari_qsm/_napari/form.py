@@ -54,12 +54,18 @@ def tooltip(spec: ParamSpec) -> str:
     return "<qt>" + " ".join(bits) + "</qt>"
 
 
+def _n_decimals(v: float) -> int:
+    text = f"{abs(v):.10g}"
+    if "e" in text:
+        exp = int(text.split("e")[1])
+        return max(0, -exp)
+    return len(text.split(".")[1]) if "." in text else 0
+
+
 def _decimals_for(spec: ParamSpec) -> int:
-    vals = [abs(v) for v in (spec.default, spec.min) if isinstance(v, (int, float)) and not isinstance(v, bool) and v]
-    if not vals:
-        return 3
-    smallest = min(vals)
-    return int(min(6, max(2, 2 - math.floor(math.log10(smallest)))))
+    """Enough decimals to show the default and the minimum exactly (2 … 6)."""
+    vals = [v for v in (spec.default, spec.min) if isinstance(v, (int, float)) and not isinstance(v, bool) and v]
+    return int(min(6, max([2] + [_n_decimals(float(v)) for v in vals])))
 
 
 def _spin_ok(spec: ParamSpec) -> bool:

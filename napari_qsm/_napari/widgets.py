@@ -30,9 +30,9 @@ from .workers import JobRunner
 NONE_TEXT = "(none)"
 UNITS = [("ppm", "ppm (of B0)"), ("hz", "Hz"), ("rad", "rad (phase over TE)")]
 ORIENTATIONS = [
-    ("neurological", "Anterior up, patient right on the right", ("up", "right")),
-    ("radiological", "Anterior up, patient right on the left", ("up", "left")),
-    ("napari", "napari default (anterior down)", ("down", "right")),
+    ("neurological", "Neurological (A up, R right)", ("up", "right")),
+    ("radiological", "Radiological (A up, R left)", ("up", "left")),
+    ("napari", "napari default (A down)", ("down", "right")),
 ]
 OK_COLOR, WARN_COLOR, ERR_COLOR, DIM_COLOR = "#5cb85c", "#f0ad4e", "#e8635f", "#9a9a9a"
 
@@ -134,6 +134,8 @@ class LayerCombo(QComboBox):
         self.addItems(names)
         if current in names:
             self.setCurrentIndex(names.index(current))
+        else:  # nothing chosen yet, or the chosen layer is gone: let the panel pick by role
+            self.setCurrentIndex(0 if self.optional else -1)
         self.blockSignals(False)
         if self.currentText() != current:
             self.currentIndexChanged.emit(self.currentIndex())
@@ -219,7 +221,7 @@ class InputsPanel(QWidget):
             s.setKeyboardTracking(False)
             s.setButtonSymbols(QDoubleSpinBox.ButtonSymbols.NoButtons)
             s.setPrefix(f"{axis} ")
-            s.setMinimumWidth(60)
+            s.setMinimumWidth(56)
             s.setToolTip(f"B0 component along voxel axis {axis} (x = L→R, y = P→A, z = I→S, RAS canonical "
                          "frame); normalised before use")
             b0row.addWidget(s)
@@ -228,9 +230,12 @@ class InputsPanel(QWidget):
         self.b0_reset.setText("↺")
         self.b0_reset.setToolTip("Reset the B0 direction to the field layer's (from its affine)")
         b0row.addWidget(self.b0_reset)
-        form.addRow("B0 direction", b0row)
+        b0box = QVBoxLayout()
+        b0box.setSpacing(2)
+        b0box.addLayout(b0row)
         self.b0_info = _wrap_label("", DIM_COLOR, small=True)
-        form.addRow("", self.b0_info)
+        b0box.addWidget(self.b0_info)
+        form.addRow("B0 direction", b0box)
 
         self.orient_combo = QComboBox()
         for key, text, _ in ORIENTATIONS:
@@ -308,13 +313,20 @@ class InputsPanel(QWidget):
             if best is None and not force:
                 cands = [c for c in self.field_combo.candidates() if _role(c) not in ("mask", "labels")]
                 best = cands[-1] if cands else None
-            if best is not None:
+            if best is None and self.field_combo.layer() is None and self.field_combo.count():
+                self.field_combo.setCurrentIndex(0)
+            elif best is not None:
                 self.field_combo.select(best)
             field = self.field_combo.layer()
         shape = tuple(field.data.shape) if field is not None else None
         mask = self.mask_combo.layer()
         if mask is None or mask is field or (shape is not None and tuple(mask.data.shape) != shape):
             best = self._best(self.mask_combo, ("mask",), shape)
+            if best is None:  # else a labels layer on the field's grid (never an image: pick it by hand)
+                from napari.layers import Labels
+                cands = [c for c in self.mask_combo.candidates() if isinstance(c, Labels) and
+                         (shape is None or tuple(c.data.shape) == shape)]
+                best = cands[-1] if cands else None
             if best is not None:
                 self.mask_combo.select(best)
         mag = self.mag_combo.layer()
@@ -584,6 +596,14 @@ class QSMWidget(QWidget):
 
         self.method_problem = _wrap_label("")
         lay.addWidget(self.method_problem)
+        body.addWidget(box)
+        body.addStretch(1)
+
+        # footer, always visible under the scrolling part: Run / Cancel and the status line
+        footer = QFrame()
+        footer.setFrameShape(QFrame.Shape.NoFrame)
+        flay = QVBoxLayout(footer)
+        flay.setContentsMargins(8, 4, 8, 6)
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run")
         self.run_button.setObjectName("run_button")
@@ -592,13 +612,13 @@ class QSMWidget(QWidget):
         self.cancel_button.setEnabled(False)
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
-        lay.addLayout(buttons)
+        flay.addLayout(buttons)
         self.status = _wrap_label("", small=True)
         self.status.setObjectName("status_label")
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        lay.addWidget(self.status)
-        body.addWidget(box)
-        body.addStretch(1)
+        self.status.setMinimumHeight(30)
+        flay.addWidget(self.status)
+        outer.addWidget(footer)
 
         self.method_combo.currentIndexChanged.connect(self._on_method_changed)
         self.reset_button.clicked.connect(self.form.reset)
@@ -609,7 +629,17 @@ class QSMWidget(QWidget):
         runner = self.runner
         self.destroyed.connect(lambda *_: runner.cancel(detach=True))  # dock closed: stop the run
         self._on_method_changed()
-        self.setMinimumWidth(300)
+        self._scroll = scroll
+        self._fit_width()
+
+    def _fit_width(self) -> None:
+        """Ask the dock for the width the content needs, so nothing is clipped on the right."""
+        self.setMinimumWidth(max(320, self._scroll.minimumSizeHint().width()))
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt name
+        super().showEvent(event)
+        # the napari style sheet (fonts, padding) applies once the dock is shown: measure again
+        QTimer.singleShot(0, self._fit_width)
 
     # -- method / form ------------------------------------------------------------------------
     def method(self):
@@ -632,6 +662,8 @@ class QSMWidget(QWidget):
         self.weights_browse.setVisible(m.accepts_weights)
         self.weights_label.setVisible(m.accepts_weights)
         self._update_method_problem()
+        if hasattr(self, "_scroll"):
+            self._fit_width()
 
     def _update_method_problem(self, *_):
         m = self.method()

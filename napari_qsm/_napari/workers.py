@@ -18,6 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 from ..core.progress import Cancelled, CancelToken, Progress
@@ -203,7 +204,9 @@ class JobRunner:
             if p.total and self.pbar.total != p.total:
                 self.pbar.total = int(p.total)
             if p.total:
-                self.pbar.n = min(int(p.step), int(p.total))
+                delta = min(int(p.step), int(p.total)) - int(self.pbar.n)
+                if delta:
+                    self.pbar.update(delta)  # emits the event the Qt progress bar listens to
             msg = p.message or p.stage
             if msg:
                 self.pbar.set_description(msg[:80])
@@ -212,8 +215,10 @@ class JobRunner:
             pass
 
     def _register_task(self, description: str) -> None:
+        # napari 0.9 has no public API for this yet: the window's task-status registry is what makes
+        # napari ask before closing and cancel the run when it closes (private, so guarded).
         window = getattr(self.viewer, "window", None)
-        if window is None or not hasattr(window, "_register_task_status"):
+        if window is None:
             return
         try:
             from napari.utils.task_status import Status
@@ -222,8 +227,10 @@ class JobRunner:
                 self.cancel(detach=True)
                 return True
 
-            self._task_id = window._register_task_status(self.provider, Status.BUSY, description,
-                                                         cancel_callback=_cancel_cb)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                self._task_id = window._register_task_status(self.provider, Status.BUSY, description,
+                                                             cancel_callback=_cancel_cb)
         except Exception:
             self._task_id = None
 
@@ -238,7 +245,9 @@ class JobRunner:
             try:
                 from napari.utils.task_status import Status
                 status = Status.CANCELLED if self._cancel_requested else Status.COMPLETED
-                self.viewer.window._update_task_status(self._task_id, status)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self.viewer.window._update_task_status(self._task_id, status)
             except Exception:
                 pass
         self._task_id = None

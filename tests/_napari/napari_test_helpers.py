@@ -64,3 +64,19 @@ def _slow_run(scan, p: SlowParams, *, device, progress=None, cancel=None, **_):
         rep(i + 1, f"slow step {i + 1}/{p.steps}", preview=scan.field * 0.5 if i % 5 == 0 else None,
             loss=1.0 / (i + 1))
     return {"chi": scan.field * scan.mask, "extras": {"residual": scan.field * 0.0, "note": "ok"}}
+
+
+def assert_responsive(qtbot, ticks: list, seconds: float = 2.0, max_gap: float = 1.0) -> None:
+    """A 20 ms QTimer appending to ``ticks`` kept firing during ``seconds`` of a background run.
+
+    A frozen event loop shows as one long gap; a busy shared CPU only thins the ticks out, so the
+    check is on the largest gap (not on the count). One adaptation step takes 1.5-3.5 s here, a
+    MEDI iteration far longer, so a solver on the GUI thread would fail it.
+    """
+    t0 = time.perf_counter()
+    qtbot.wait(int(seconds * 1000))
+    t1 = time.perf_counter()
+    recent = [t0] + [t for t in ticks if t0 <= t <= t1] + [t1]
+    gaps = np.diff(recent)
+    assert len(recent) - 2 >= 5, f"only {len(recent) - 2} timer ticks in {seconds} s"
+    assert gaps.max() < max_gap, f"event loop blocked for {gaps.max():.2f} s during the run"

@@ -271,3 +271,47 @@ def test_contrast_spinboxes_drive_panel(scene):
     w.planes_combo.setCurrentText("axial")
     assert w.panel.planes == ("axial",)
     assert len(w.panel._rows()) == 2
+
+
+def test_slice_grid_alone(qtbot):
+    """The panel on its own: physical aspect, subsampling of small cells, clicks and hover."""
+    from napari_qsm._napari.compare_panel import PanelColumn, SliceGrid
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((64, 80, 40)).astype(np.float32) * 0.05
+    res = ref + 0.01
+    mask = np.zeros(ref.shape, bool)
+    mask[8:-8, 8:-8, 4:-4] = True
+    g = SliceGrid()
+    qtbot.addWidget(g)
+    g.resize(900, 900)
+    g.set_columns([PanelColumn("ref", ref, subtitle="reference", diff_note="reference"),
+                   PanelColumn("res", res, ref=ref, mask=mask, offset=0.01)], (1.0, 1.0, 2.0))
+    g.set_point((10, 20, 30))
+    rects = g._geometry()["rects"]
+    rows = g._rows()
+    ax = rects[(0, rows.index(("axial", False)))]
+    sa = rects[(0, rows.index(("sagittal", False)))]
+    assert ax.width() / ax.height() == pytest.approx(64 / 80, rel=1e-6)      # mm, not voxels
+    assert sa.width() / sa.height() == pytest.approx(80 / 80, rel=1e-6)      # 80 mm × 40·2 mm
+    # the demeaned difference inside the mask is 0 (white); outside it is black
+    ri = rows.index(("axial", True))
+    buf = g._images[(1, ri)][1]
+    rgba = buf.view(np.uint8).reshape(buf.shape + (4,))
+    assert tuple(rgba[rgba.shape[0] // 2, rgba.shape[1] // 2][:3]) == pytest.approx((247, 247, 247), abs=8)
+    assert tuple(rgba[0, 0][:3]) == (0, 0, 0)
+    # small cells: planes are subsampled (never fewer samples than pixels)
+    full = g._images[(0, 0)][1].shape
+    g.resize(260, 300)
+    g.refresh()
+    small = g._images[(0, 0)][1].shape
+    assert small[0] < full[0] and small[0] >= g._geometry()["rects"][(0, 0)].height() - 1
+    # a click in the sagittal plane changes j and k and keeps i
+    g.resize(900, 900)
+    g.refresh()
+    seen = []
+    g.pointRequested.connect(seen.append)
+    pos = g.pos_for_point(1, "sagittal", (10, 50, 7))
+    qtbot.mouseClick(g, Qt.MouseButton.LeftButton, pos=pos.toPoint())
+    assert seen == [(10, 50, 7)]
+    assert g._describe(pos).startswith("res: χ(10, 50, 7) = ")

@@ -1,0 +1,166 @@
+"""Screenshots of the napari-qsm dock widgets in use, written to docs/.
+
+Run (a virtual screen is enough):
+
+    xvfb-run -a -s "-screen 0 1920x1200x24" python docs/make_screenshots.py
+
+It loads the 1 mm sample phantom, runs TKD in the "QSM reconstruction" dock, and saves:
+
+* ``docs/screenshot_reconstruct_tkd.png``  whole window: TKD result, dock with inputs and parameters
+* ``docs/screenshot_dock_tkd.png``         the dock alone (readable detail)
+* ``docs/screenshot_truth_vs_tkd.png``     grid view: true χ next to TKD, same ±0.15 ppm window
+* ``docs/screenshot_medi_running.png``     a MEDI run in flight (progress bar, Cancel enabled, live preview)
+* ``docs/screenshot_clinical_oblique.png`` the clinical-like phantom, 0.75×0.75×3 mm, B0 tilted 15°
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DOCS = Path(__file__).resolve().parent
+WINDOW = (1680, 1000)
+
+
+def _pump(app, seconds: float) -> None:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def _wait(app, cond, timeout: float) -> bool:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        app.processEvents()
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _add(viewer, layer_data):
+    for data, kw, typ in layer_data:
+        getattr(viewer, f"add_{typ}")(data, **kw)
+
+
+def _save_window(viewer, app, name: str) -> Path:
+    _pump(app, 0.5)
+    path = DOCS / name
+    viewer.screenshot(str(path), canvas_only=False, flash=False)
+    print("wrote", path)
+    return path
+
+
+def _save_widget(widget, app, name: str) -> Path:
+    _pump(app, 0.3)
+    path = DOCS / name
+    widget.grab().save(str(path))
+    print("wrote", path)
+    return path
+
+
+def _new_viewer(app):
+    import napari
+
+    viewer = napari.Viewer(title="napari-qsm")
+    qtw = viewer.window._qt_window
+    qtw.resize(*WINDOW)
+    overlays = viewer.canvas.overlays
+    overlays.scale_bar.visible = True  # units come from the layers (mm)
+    overlays.text.position = "top_left"
+    overlays.text.font_size = 11
+    _pump(app, 0.5)
+    return viewer
+
+
+def main() -> int:
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_qsm._napari.sample_data import make_phantom_1mm, make_phantom_clinical
+    from napari_qsm._napari.widgets import QSMWidget
+    from napari_qsm.core.methods import available_methods
+
+    app = QApplication.instance() or napari.qt.get_qapp()
+
+    # 1. 1 mm phantom, TKD -----------------------------------------------------------------
+    viewer = _new_viewer(app)
+    _add(viewer, make_phantom_1mm())
+    dock = QSMWidget(viewer)
+    viewer.window.add_dock_widget(dock, name="QSM reconstruction", area="right")
+    _wait(app, lambda: "ready" in dock.inputs.message.text(), 10)
+    viewer.dims.set_point(0, float(viewer.layers["phantom field"].translate[0] + 62))
+    dock.set_method("tkd")
+    dock.run()
+    _wait(app, lambda: not dock.runner.running, 120)
+    chi = viewer.layers[-1]
+    viewer.layers["phantom field"].visible = False
+    viewer.canvas.overlays.text.visible = True
+    viewer.canvas.overlays.text.text = f"{chi.name}: χ (ppm), window −0.15 … +0.15"
+    viewer.reset_view()
+    _save_window(viewer, app, "screenshot_reconstruct_tkd.png")
+    _save_widget(dock, app, "screenshot_dock_tkd.png")
+
+    # 2. truth vs TKD in grid mode -------------------------------------------------------------
+    for layer in viewer.layers:
+        layer.visible = layer.name in ("phantom true χ", chi.name)
+    grid = viewer.canvas.grid
+    grid.enabled = True
+    grid.shape = (1, 2)
+    viewer.canvas.overlays.text.text = "left: true χ · right: TKD (δ 0.15) · both −0.15 … +0.15 ppm"
+    viewer.reset_view()
+    _save_window(viewer, app, "screenshot_truth_vs_tkd.png")
+    grid.enabled = False
+
+    # 3. MEDI in flight --------------------------------------------------------------------------
+    if "medi" in [m.name for m in available_methods()]:
+        for layer in viewer.layers:
+            layer.visible = layer.name == "phantom magnitude"
+        viewer.canvas.overlays.text.text = "MEDI-L1 running: live χ preview, progress in the activity dock"
+        dock.set_method("medi")
+        dock.output_combo.setCurrentIndex(dock.output_combo.findData("add"))
+        dock.run()
+        try:  # show napari's activity dock with the progress bar
+            viewer.window._status_bar._toggle_activity_dock(True)
+        except Exception:
+            pass
+        _wait(app, lambda: "(preview)" in " ".join(lay.name for lay in viewer.layers), 90)
+        _wait(app, lambda: (dock.runner.pbar is not None and dock.runner.pbar.n >= 1), 240)
+        viewer.reset_view()
+        _pump(app, 1.0)
+        _save_window(viewer, app, "screenshot_medi_running.png")
+        dock.cancel()
+        _wait(app, lambda: not dock.runner.running, 30)
+        try:
+            viewer.window._status_bar._toggle_activity_dock(False)
+        except Exception:
+            pass
+    viewer.close()
+
+    # 4. clinical-like phantom with an oblique B0 ------------------------------------------------
+    viewer = _new_viewer(app)
+    _add(viewer, make_phantom_clinical())
+    dock = QSMWidget(viewer)
+    viewer.window.add_dock_widget(dock, name="QSM reconstruction", area="right")
+    _wait(app, lambda: "ready" in dock.inputs.message.text(), 10)
+    dock.set_method("tkd")
+    dock.form.set_values({"threshold": 0.2})
+    dock.run()
+    _wait(app, lambda: not dock.runner.running, 120)
+    viewer.layers["clinical field"].visible = False
+    viewer.dims.set_point(0, float(viewer.layers["clinical field"].translate[0] + 3.0 * 26))
+    viewer.canvas.overlays.text.visible = True
+    viewer.canvas.overlays.text.text = "clinical-like 0.75×0.75×3 mm, B0 15° off the slice axis: TKD δ 0.2, χ ±0.15 ppm"
+    viewer.reset_view()
+    _save_window(viewer, app, "screenshot_clinical_oblique.png")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Dock widget "Adapt network": QSMInvNet+ adapted to the open scan (napari_qsm.nn.adapt).
+
+Inputs as in the reconstruction dock; the adaptation parameters (steps, λ schedule, learning rate,
+…) are the form generated from :class:`napari_qsm.nn.adapt.AdaptParams`; a live matplotlib plot of
+L_S, L_T and λ; a χ preview layer updated during the run; the adapted χ added as a layer at the end.
+"Save adapted weights…" writes the checkpoint and its JSON card (atomically, where the user
+chooses); "Use adapted weights" hands that checkpoint to the reconstruction dock (method DSBN).
+Cancel keeps the state after the last completed step, which can still be saved.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel, QLineEdit,
+                            QPushButton, QVBoxLayout, QWidget)
+
+from ..core.device import available_devices
+from ..core.methods import Result
+from ..core.params import ParamError, make_params, params_to_dict
+from .form import ParamForm
+from .layers import result_layer_data
+from .widgets import (DIM_COLOR, ERR_COLOR, OK_COLOR, WARN_COLOR, InputsPanel, PreviewLayer, VScrollArea,
+                      _notify_error, _notify_info, _section, _wrap_label)
+from .workers import JobRunner
+
+PREVIEW_EVERY = 10  # widget default for the χ preview (the API default is off)
+
+
+class LossPlot(QWidget):
+    """L_S and L_T (log scale, left axis) and λ (right axis) against the adaptation step."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.fig = Figure(figsize=(3.6, 2.4), dpi=100, facecolor="#262930", layout="constrained")
+        self.canvas = FigureCanvasQTAgg(self.fig)
+        self.canvas.setMinimumHeight(220)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.canvas)
+        self.rows: dict[int, dict] = {}
+        self._dirty = False
+        self._timer = QTimer(self)
+        self._timer.setInterval(400)
+        self._timer.timeout.connect(self._flush)
+        self._timer.start()
+        self._draw()
+
+    def clear(self) -> None:
+        self.rows = {}
+        self._draw()
+
+    def add(self, step: int, losses: dict) -> None:
+        if not losses or "L_T" not in losses:
+            return
+        self.rows[int(step)] = {k: float(losses.get(k, math.nan)) for k in ("L_S", "L_T", "lambda")}
+        self._dirty = True
+
+    def set_history(self, history) -> None:
+        self.rows = {}
+        for row in history or []:
+            if "step" in row:
+                self.rows[int(row["step"])] = {k: float(row.get(k, math.nan)) for k in ("L_S", "L_T", "lambda")}
+        self._draw()
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        steps = np.array(sorted(self.rows), dtype=float)
+        vals = np.array([self.rows[int(s)][key] for s in steps], dtype=float)
+        return steps, vals
+
+    def _flush(self) -> None:
+        if self._dirty:
+            self._dirty = False
+            self._draw()
+
+    def _draw(self) -> None:
+        fg, grid = "#d6d6d6", "#4a4d55"
+        self.fig.clear()
+        ax = self.fig.add_subplot(111)
+        ax.set_facecolor("#262930")
+        ax2 = ax.twinx()
+        plotted = False
+        for key, color, label in (("L_S", "#f0a04b", "L_S (synthetic)"), ("L_T", "#5ec8e5", "L_T (this scan)")):
+            x, y = self.series(key)
+            ok = np.isfinite(y) & (y > 0)
+            if ok.any():
+                ax.plot(x[ok], y[ok], color=color, lw=1.6, marker="o" if ok.sum() < 20 else None, ms=3, label=label)
+                plotted = True
+        x, lam = self.series("lambda")
+        if np.isfinite(lam).any():
+            ax2.plot(x, lam, color="#b0b0b0", lw=1.2, ls="--", label="λ")
+        if plotted:
+            ax.set_yscale("log")
+        ax.set_xlabel("step", color=fg, fontsize=8)
+        ax.set_ylabel("loss", color=fg, fontsize=8)
+        ax2.set_ylabel("λ", color=fg, fontsize=8)
+        for a in (ax, ax2):
+            a.tick_params(colors=fg, labelsize=7)
+            for sp in a.spines.values():
+                sp.set_color(grid)
+        ax.grid(True, color=grid, lw=0.5, alpha=0.6)
+        if not self.rows:
+            ax.text(0.5, 0.5, "losses appear here during a run", transform=ax.transAxes, ha="center",
+                    va="center", color=DIM_COLOR, fontsize=8)
+            ax.set_yticks([])
+            ax2.set_yticks([])
+        else:
+            h1, l1 = ax.get_legend_handles_labels()
+            h2, l2 = ax2.get_legend_handles_labels()
+            leg = ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right", frameon=False)
+            for t in leg.get_texts():
+                t.set_color(fg)
+        self.canvas.draw_idle()
+
+
+class AdaptWidget(QWidget):
+    """Dock widget: adapt QSMInvNet+ to the open scan; loss plot, preview, save/use adapted weights."""
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        from ..nn.adapt import AdaptParams  # registers the adapt method too
+
+        self.viewer = napari_viewer
+        self.runner = JobRunner(napari_viewer)
+        self.adapted = None          # AdaptResult of the last run (complete or cancelled)
+        self.saved_path: Optional[Path] = None
+        self._scan = None
+        self._base_weights: Optional[str] = None
+        self._preview: Optional[PreviewLayer] = None
+        self.chi_layer = None
+
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = VScrollArea()
+        outer.addWidget(scroll)
+        inner = QWidget()
+        scroll.setWidget(inner)
+        body = QVBoxLayout(inner)
+        body.setContentsMargins(6, 6, 6, 6)
+
+        box, lay = _section("Inputs")
+        self.inputs = InputsPanel(napari_viewer)
+        lay.addWidget(self.inputs)
+        body.addWidget(box)
+
+        box, lay = _section("Adaptation (QSMInvNet+, DSBN)")
+        lay.addWidget(_wrap_label("Each step: a synthetic batch on BN domain 0 (L_S) and patches of this scan "
+                                  "on domain 1 (λ·L_T, field consistency); λ rises linearly.", DIM_COLOR, small=True))
+        form = QFormLayout()
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        wrow = QHBoxLayout()
+        self.weights_edit = QLineEdit()
+        self.weights_edit.setPlaceholderText("built-in checkpoint")
+        self.weights_edit.setToolTip("Base QSMInvNet+ checkpoint (.pt); empty = the one shipped with napari-qsm")
+        self.weights_browse = QPushButton("…")
+        self.weights_browse.setMaximumWidth(30)
+        wrow.addWidget(self.weights_edit)
+        wrow.addWidget(self.weights_browse)
+        form.addRow("Base weights", wrow)
+        lay.addLayout(form)
+        self.form = ParamForm(AdaptParams)
+        if "preview_every" in self.form.names():
+            self.form.set_values({"preview_every": PREVIEW_EVERY})
+        lay.addWidget(self.form)
+        form2 = QFormLayout()
+        self.device_combo = QComboBox()
+        for value, label in available_devices():
+            self.device_combo.addItem(label, value)
+        form2.addRow("Device", self.device_combo)
+        lay.addLayout(form2)
+        body.addWidget(box)
+
+        box, lay = _section("Losses")
+        self.plot = LossPlot()
+        lay.addWidget(self.plot)
+        body.addWidget(box)
+        body.addStretch(1)
+
+        footer = QFrame()
+        flay = QVBoxLayout(footer)
+        flay.setContentsMargins(8, 4, 8, 6)
+        row = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        row.addWidget(self.run_button)
+        row.addWidget(self.cancel_button)
+        flay.addLayout(row)
+        row = QHBoxLayout()
+        self.save_button = QPushButton("Save adapted weights…")
+        self.save_button.setToolTip("Write the adapted checkpoint (.pt) and its JSON card where you choose")
+        self.use_button = QPushButton("Use adapted weights")
+        self.use_button.setToolTip("Reconstruct with the adapted network (method DSBN in the reconstruction dock)")
+        self.save_button.setEnabled(False)
+        self.use_button.setEnabled(False)
+        row.addWidget(self.save_button)
+        row.addWidget(self.use_button)
+        flay.addLayout(row)
+        self.status = _wrap_label("", small=True)
+        self.status.setMinimumHeight(30)
+        flay.addWidget(self.status)
+        outer.addWidget(footer)
+
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.save_button.clicked.connect(lambda: self.save_weights())
+        self.use_button.clicked.connect(lambda: self.use_weights())
+        self.weights_browse.clicked.connect(self._browse)
+        runner = self.runner
+        self.destroyed.connect(lambda *_: runner.cancel(detach=True))
+        self._scroll = scroll
+        self.setMinimumWidth(max(340, scroll.minimumSizeHint().width()))
+
+    def showEvent(self, event) -> None:  # noqa: N802
+        super().showEvent(event)
+        QTimer.singleShot(0, lambda: self.setMinimumWidth(max(340, self._scroll.minimumSizeHint().width())))
+
+    def _browse(self):
+        path, _ = QFileDialog.getOpenFileName(self, "Base weights", "", "PyTorch weights (*.pt *.pth)")
+        if path:
+            self.weights_edit.setText(path)
+
+    def _fail(self, msg: str) -> None:
+        self.status.setText(f"<span style='color:{ERR_COLOR}'>✗ {html.escape(msg)}</span>")
+        _notify_error(f"napari-qsm: {msg}")
+
+    # -- run ------------------------------------------------------------------------------------
+    def run(self) -> bool:
+        from ..nn.adapt import AdaptParams, adapt
+
+        if self.runner.running:
+            return False
+        scan = self.inputs.validate()
+        if scan is None:
+            self._fail(self.inputs.last_error or "invalid inputs")
+            return False
+        try:
+            params = make_params(AdaptParams, self.form.values())
+        except (ParamError, ValueError) as exc:
+            self._fail(str(exc))
+            return False
+        weights = self.weights_edit.text().strip() or None
+        device = self.device_combo.currentData()
+        field_layer = self.inputs.field_combo.layer()
+        inputs = self.inputs.input_names()
+        runner = self.runner
+        self._scan = scan
+        self._base_weights = weights
+        self.adapted = None
+        self.saved_path = None
+        self.plot.clear()
+
+        def job(progress):
+            return adapt(scan, params, weights=weights, device=device, progress=progress, cancel=runner.token,
+                         on_cancel="return")
+
+        self._set_running(True)
+        self.status.setText(f"adapting on {html.escape(self.device_combo.currentText())}…")
+        self._preview = PreviewLayer(self.viewer, "adapt (preview)", min_interval=0.0)
+        runner.start(job, description="QSMInvNet+ adaptation", total=params.steps,
+                     on_progress=lambda p: self._on_progress(p, field_layer),
+                     on_result=lambda res: self._on_result(res, field_layer, scan, inputs, params),
+                     on_error=lambda exc: self._fail(str(exc) if isinstance(exc, ValueError)
+                                                     else f"{type(exc).__name__}: {exc}"),
+                     on_cancelled=lambda: self.status.setText(
+                         f"<span style='color:{WARN_COLOR}'>cancelled</span>"),
+                     on_finished=self._on_finished)
+        return True
+
+    def cancel(self) -> None:
+        """Stop after the current step; the state after the last completed step is kept (and can be saved)."""
+        if self.runner.running and self.runner.token is not None:
+            self.status.setText("cancelling (finishing the current step)…")
+            self.runner.token.cancel()  # the job returns its partial result (on_cancel="return")
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        for w in (self.inputs, self.form, self.device_combo, self.weights_edit, self.weights_browse):
+            w.setEnabled(not running)
+        if running:
+            self.save_button.setEnabled(False)
+            self.use_button.setEnabled(False)
+
+    def _on_progress(self, p, field_layer) -> None:
+        for rec in getattr(p, "history", None) or [p]:
+            self.plot.add(rec.step, rec.losses)
+        msg = p.message or p.stage
+        self.status.setText(html.escape(f"{msg} ({p.elapsed:.0f} s)"))
+        if p.preview is not None and np.ndim(p.preview) == 3 and self._preview is not None:
+            try:
+                self._preview.update(p.preview, field_layer)
+            except Exception:
+                pass
+
+    def _on_result(self, res, field_layer, scan, inputs, params) -> None:
+        self.adapted = res
+        self.plot.set_history(res.history)
+        if res.cancelled or res.chi is None:
+            self.status.setText(f"<span style='color:{WARN_COLOR}'>cancelled after step {res.step}</span>; "
+                                "the adapted state so far can be saved")
+            return
+        pd = params_to_dict(res.params)
+        result = Result(chi=res.chi, method="dsbn_adapt", params=pd, seconds=res.seconds, device=res.device,
+                        extras={"steps_done": res.step, "base_weights": res.base_weights,
+                                "final_losses": res.history[-1] if res.history else {}},
+                        scan_info=scan.info())
+        data, kw = result_layer_data(result, field_layer, scan=scan, inputs=inputs)
+        kw["name"] = f"dsbn_adapted_{res.step}steps"
+        self.chi_layer = self.viewer.add_image(data, **kw)
+        last = res.history[-1] if res.history else {}
+        lt = last.get("L_T", float("nan"))
+        self.status.setText(f"<span style='color:{OK_COLOR}'>✓</span> adapted {res.step} steps in {res.seconds:.0f} s "
+                            f"on {html.escape(res.device)} (final L_T {lt:.3g}) → layer "
+                            f"<b>{html.escape(kw['name'])}</b>")
+
+    def _on_finished(self) -> None:
+        if self._preview is not None:
+            self._preview.remove()
+            self._preview = None
+        self._set_running(False)
+        ok = self.adapted is not None
+        self.save_button.setEnabled(ok)
+        self.use_button.setEnabled(ok)
+
+    # -- weights ----------------------------------------------------------------------------------
+    def save_weights(self, path=None) -> Optional[Path]:
+        """Write the adapted checkpoint (+ JSON card); asks for a path when none is given."""
+        from ..nn.adapt import save_adapted
+
+        if self.adapted is None:
+            self._fail("no adapted network yet: run the adaptation first")
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Save adapted weights", "qsminvnet_plus_adapted.pt",
+                                                  "PyTorch weights (*.pt)")
+            if not path:
+                return None
+        try:
+            out = save_adapted(self.adapted, path, base_weights_path=self._base_weights, scan=self._scan)
+        except (ValueError, OSError) as exc:
+            self._fail(str(exc))
+            return None
+        self.saved_path = Path(out)
+        self.status.setText(f"<span style='color:{OK_COLOR}'>✓</span> saved {html.escape(str(out))} "
+                            "(+ JSON card)")
+        _notify_info(f"napari-qsm: adapted weights saved to {out}")
+        return self.saved_path
+
+    def use_weights(self, path=None):
+        """Point the reconstruction dock at the adapted weights (saving them first if needed)."""
+        from .widgets import QSMWidget
+
+        if self.saved_path is None or path is not None:
+            if self.save_weights(path) is None:
+                return None
+        qt_window = self.viewer.window._qt_window
+        docks = qt_window.findChildren(QSMWidget)
+        if not docks:
+            try:
+                _, widget = self.viewer.window.add_plugin_dock_widget("napari-qsm", "QSM reconstruction")
+                docks = [widget]
+            except Exception:
+                widget = QSMWidget(self.viewer)
+                self.viewer.window.add_dock_widget(widget, name="QSM reconstruction")
+                docks = [widget]
+        target = docks[0]
+        target.set_method("dsbn")
+        target.set_weights(self.saved_path)
+        self.status.setText(f"reconstruction dock set to DSBN with {html.escape(self.saved_path.name)}")
+        return target
+
+
+def make_adapt_widget(napari_viewer):
+    return AdaptWidget(napari_viewer)

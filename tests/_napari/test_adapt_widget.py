@@ -1,0 +1,102 @@
+"""The "Adapt network" dock: a few adaptation steps on a tiny phantom, loss plot, preview, save/use, cancel."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+from qtpy.QtCore import QTimer
+
+pytest.importorskip("napari_qsm.nn.adapt")
+torch = pytest.importorskip("torch")
+
+from napari_qsm._napari.adapt_widget import AdaptWidget  # noqa: E402
+from napari_qsm._napari.widgets import QSMWidget  # noqa: E402
+from napari_test_helpers import assert_responsive  # noqa: E402
+
+FAST = {"patch": 32, "synth_batch": 0, "preview_every": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from napari_qsm.nn.unet import NetConfig, QSMInvNet
+
+    torch.manual_seed(0)
+    p = tmp_path_factory.mktemp("weights") / "tiny_dsbn.pt"
+    torch.save(QSMInvNet(NetConfig(base_width=4)).state_dict(), str(p))
+    return p
+
+
+def _dock(viewer, qtbot, ckpt):
+    w = AdaptWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Adapt network")
+    qtbot.waitUntil(lambda: "ready" in w.inputs.message.text(), timeout=5000)
+    w.weights_edit.setText(str(ckpt))
+    return w
+
+
+def test_adapt_end_to_end_save_and_use(phantom_viewer, qtbot, tiny_checkpoint, tmp_path):
+    w = _dock(phantom_viewer, qtbot, tiny_checkpoint)
+    assert {"steps", "lr", "lam_start", "lam_end", "mode"} <= set(w.form.names())  # generated form
+    w.form.set_values(dict(FAST, steps=3))
+    assert w.run()
+    assert not w.run_button.isEnabled() and w.cancel_button.isEnabled() and not w.save_button.isEnabled()
+    qtbot.waitUntil(lambda: "adapt (preview)" in phantom_viewer.layers, timeout=120000)
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=180000)
+    assert "adapt (preview)" not in phantom_viewer.layers
+    chi = phantom_viewer.layers[-1]
+    assert chi.name == "dsbn_adapted_3steps", w.status.text()
+    assert chi.metadata["provenance"]["method"] == "dsbn_adapt"
+    assert chi.data.shape == phantom_viewer.layers["phantom field"].data.shape
+    steps, lt = w.plot.series("L_T")
+    assert list(steps) == [1, 2, 3] and np.all(np.isfinite(lt))
+    _, lam = w.plot.series("lambda")
+    assert lam[0] < lam[-1]  # λ schedule rises
+    assert w.save_button.isEnabled() and w.use_button.isEnabled()
+    out = w.save_weights(tmp_path / "adapted.pt")
+    assert out.exists() and out.with_suffix(".json").exists()
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert isinstance(card, dict) and card  # the JSON card (schema owned by napari_qsm.nn.adapt)
+    target = w.use_weights()
+    assert isinstance(target, QSMWidget)
+    assert target.method().name == "dsbn" and target.weights_edit.text() == str(out)
+    n = len(phantom_viewer.layers)
+    assert target.inputs.input_names()["field"] == "phantom field"
+    assert target.run()
+    qtbot.waitUntil(lambda: not target.runner.running, timeout=120000)
+    assert len(phantom_viewer.layers) == n + 1, (target.status.text(), target.inputs.input_names())
+    assert phantom_viewer.layers[-1].metadata["provenance"]["method"] == "dsbn"
+
+
+def test_adapt_cancel_keeps_state_and_gui_responsive(phantom_viewer, qtbot, tiny_checkpoint, tmp_path):
+    w = _dock(phantom_viewer, qtbot, tiny_checkpoint)
+    w.form.set_values(dict(FAST, steps=500, preview_every=0))
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    n = len(phantom_viewer.layers)
+    assert w.run()
+    qtbot.waitUntil(lambda: len(w.plot.rows) >= 1, timeout=120000)
+    assert_responsive(qtbot, ticks)
+    w.cancel_button.click()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=30000)
+    timer.stop()
+    assert "cancelled" in w.status.text()
+    assert len(phantom_viewer.layers) == n
+    assert w.adapted is not None and w.adapted.cancelled and w.save_button.isEnabled()
+    assert w.save_weights(tmp_path / "partial.pt").exists()
+
+
+def test_adapt_bad_weights_is_a_notification(phantom_viewer, qtbot, tmp_path, monkeypatch):
+    seen = []
+    import napari.utils.notifications as nt
+    monkeypatch.setattr(nt, "show_error", lambda msg: seen.append(str(msg)))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"junk")
+    w = _dock(phantom_viewer, qtbot, bad)
+    w.form.set_values(dict(FAST, steps=2))
+    assert w.run()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=30000)
+    assert seen and "weights" in seen[-1]
+    assert not w.save_button.isEnabled()
