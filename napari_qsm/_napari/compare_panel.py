@@ -73,13 +73,15 @@ def to_rgba(data: np.ndarray, lo: float, hi: float, lut: np.ndarray, flip_h: boo
 class _LazyDiff(dict):
     """plane name → result plane − reference plane, computed on first use."""
 
-    def __init__(self, chi_planes, ref_planes) -> None:
+    def __init__(self, chi_planes, ref_planes, steps) -> None:
         super().__init__()
         self._chi = chi_planes
         self._ref = ref_planes
+        self._steps = steps
 
     def __missing__(self, name):
-        d = np.subtract(self._chi[name].data, self._ref[name], dtype=np.float32)
+        sv, sh = self._steps[name]
+        d = np.subtract(self._chi[name].data[::sv, ::sh], self._ref[name][::sv, ::sh], dtype=np.float32)
         self[name] = d
         return d
 
@@ -190,7 +192,7 @@ class SliceGrid(QWidget):
         p = clamp_point(point, self._shape)
         if p != self._point or not self._images:
             self._point = p
-            if self.isVisibleTo(self.window()):  # not on a hidden tab / in a closed dock
+            if self._shown():
                 self.refresh()
             else:  # hidden (other tab, closed dock): render when shown
                 self._dirty = True
@@ -234,6 +236,15 @@ class SliceGrid(QWidget):
             rows += [(p, True) for p in self._planes]
         return rows
 
+    def _shown(self) -> bool:
+        """False on a hidden tab or in a closed dock (then rendering waits until shown)."""
+        return self.isWindow() or self.isVisibleTo(self.window())
+
+    def resizeEvent(self, event) -> None:  # noqa: N802
+        super().resizeEvent(event)
+        if self._columns and self._shown():
+            self.refresh()  # the subsampling step depends on the size (cached planes are reused)
+
     def showEvent(self, event) -> None:  # noqa: N802
         if self._dirty:
             self.refresh()
@@ -256,6 +267,7 @@ class SliceGrid(QWidget):
         lo, hi = self._chi_lim
         dl = self._diff_lim
         rows = self._rows()
+        steps = self._steps()
         shared: dict = {}  # id(volume) → its planes (the reference and mask are shared by columns)
 
         def planes_of(vol):
@@ -272,33 +284,47 @@ class SliceGrid(QWidget):
                 diff_planes = planes_of(col.diff_volume)
             elif col.ref is not None:
                 refp = planes_of(col.ref)
-                diff_planes = _LazyDiff(chi_planes, refp)
+                diff_planes = _LazyDiff(chi_planes, refp, steps)
                 off = float(col.offset)
             mplanes = planes_of(col.mask) if (diff_planes is not None and col.mask is not None) else None
             for ri, (name, is_diff) in enumerate(rows):
                 pl = chi_planes[name]
                 self._planes_cache[(ci, ri)] = pl
                 flip = self._flip_h(name)
+                sv, sh = steps[name]
                 if is_diff:
                     if diff_planes is None:
                         continue
                     key = ("diff", pl.index, id(col.volume), id(col.ref), id(col.diff_volume), id(col.mask),
-                           off, dl, flip)
+                           off, dl, flip, sv, sh)
                 else:
-                    key = ("chi", pl.index, id(col.volume), lo, hi, flip)
+                    key = ("chi", pl.index, id(col.volume), lo, hi, flip, sv, sh)
                 hit = self._image_cache.get((ci, ri))
                 if hit is not None and hit[0] == key:  # same plane and window: only the cross-hair moved
                     self._images[(ci, ri)] = hit[1]
                     continue
                 if is_diff:
-                    rgba = to_rgba(diff_planes[name], off - dl, off + dl, self._diff_lut, flip, True,
-                                   None if mplanes is None else mplanes[name])
+                    d = diff_planes[name]
+                    if col.diff_volume is not None:
+                        d = d[::sv, ::sh]
+                    rgba = to_rgba(d, off - dl, off + dl, self._diff_lut, flip, True,
+                                   None if mplanes is None else mplanes[name][::sv, ::sh])
                 else:
-                    rgba = to_rgba(pl.data, lo, hi, self._chi_lut, flip, True)
+                    rgba = to_rgba(pl.data[::sv, ::sh], lo, hi, self._chi_lut, flip, True)
                 h, w = rgba.shape
                 img = QImage(rgba.data, w, h, 4 * w, QImage.Format.Format_RGBA8888)
                 self._images[(ci, ri)] = (img, rgba)
                 self._image_cache[(ci, ri)] = (key, (img, rgba))
+
+    def _steps(self) -> dict:
+        """plane → (row step, column step): planes shown smaller than one pixel per voxel are
+        subsampled before colour mapping (what nearest-neighbour scaling would show anyway)."""
+        geo = self._geometry()
+        s = geo.get("scale", 1.0)
+        out = {}
+        for name, n_ax, h_ax, v_ax in (("axial", 2, 0, 1), ("coronal", 1, 0, 2), ("sagittal", 0, 1, 2)):
+            out[name] = tuple(max(1, int(1.0 / max(s * self._vs[a], 1e-6))) for a in (v_ax, h_ax))
+        return out
 
     def _geometry(self) -> dict:
         """Pixel layout: scale (px/mm) and the image rectangle of every cell."""
