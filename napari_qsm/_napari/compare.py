@@ -269,6 +269,9 @@ class CompareWidget(QWidget):
         self._contrast_set = False
         self._busy = False
         self._canon_cache: dict = {}
+        self._known_names: dict = {}   # id(layer) → name at the last refresh (to follow renames)
+        self._name_hooked: set = set()
+        self._user_set: set = set()    # combos the user set (an explicit "(none)" is kept)
 
         self._recompute_timer = QTimer(self)
         self._recompute_timer.setSingleShot(True)
@@ -461,6 +464,7 @@ class CompareWidget(QWidget):
         # signals
         for cb in (self.reference_combo, self.mask_combo, self.field_combo, self.labels_combo):
             cb.currentIndexChanged.connect(self._selection_changed)
+            cb.activated.connect(lambda _i, c=cb: self._user_set.add(c))
         self.results_list.itemChanged.connect(self._selection_changed)
         self.chi_min.valueChanged.connect(self._contrast_changed)
         self.chi_max.valueChanged.connect(self._contrast_changed)
@@ -519,16 +523,24 @@ class CompareWidget(QWidget):
             names = [lay.name for lay in images]
             labels = [lay.name for lay in self.viewer.layers if _is_labels(lay)]
             mask_names = names + [n for n in labels if n not in names]
+            # follow renamed layers (choices are kept by layer, not by name)
+            renamed = {}
+            for lay in self.viewer.layers:
+                old = self._known_names.get(id(lay))
+                if old is not None and old != lay.name:
+                    renamed[old] = lay.name
+            self._known_names = {id(lay): lay.name for lay in self.viewer.layers}
 
             def fill(combo, options, guess):
                 cur = combo.currentText() if combo.count() else None
+                cur = renamed.get(cur, cur)
                 combo.clear()
                 combo.addItems([NONE] + options)
                 if cur and cur in options:
                     combo.setCurrentText(cur)
-                elif cur is None and guess in options:
-                    combo.setCurrentText(guess)
-                elif cur not in (None, NONE) and guess in options:
+                elif combo in self._user_set and cur == NONE:
+                    pass  # the user chose (none): keep it
+                elif guess in options:
                     combo.setCurrentText(guess)
 
             non_results = [lay for lay in images if not _is_result(lay)]
@@ -537,8 +549,8 @@ class CompareWidget(QWidget):
             fill(self.field_combo, names, _guess(non_results, ("field",), ("field",)))
             fill(self.labels_combo, labels, None)
             # results: checkable list; keep check states, default = layers that carry provenance
-            checked = {self.results_list.item(i).text(): self.results_list.item(i).checkState()
-                       for i in range(self.results_list.count())}
+            checked = {renamed.get(self.results_list.item(i).text(), self.results_list.item(i).text()):
+                       self.results_list.item(i).checkState() for i in range(self.results_list.count())}
             self.results_list.clear()
             skip = {self.mask_combo.currentText(), self.field_combo.currentText()}
             for lay in images:
@@ -552,19 +564,28 @@ class CompareWidget(QWidget):
                     st = Qt.CheckState.Checked if _is_result(lay) else Qt.CheckState.Unchecked
                 it.setCheckState(st)
                 self.results_list.addItem(it)
+            # layer renames refresh the choices
+            for lay in self.viewer.layers:
+                if id(lay) not in self._name_hooked:
+                    lay.events.name.connect(self._on_layers_changed)
+                    self._name_hooked.add(id(lay))
         finally:
             self._updating = False
 
     def set_reference(self, name: Optional[str]) -> None:
+        self._user_set.add(self.reference_combo)
         self.reference_combo.setCurrentText(name or NONE)
 
     def set_mask(self, name: Optional[str]) -> None:
+        self._user_set.add(self.mask_combo)
         self.mask_combo.setCurrentText(name or NONE)
 
     def set_field(self, name: Optional[str]) -> None:
+        self._user_set.add(self.field_combo)
         self.field_combo.setCurrentText(name or NONE)
 
     def set_labels(self, name: Optional[str]) -> None:
+        self._user_set.add(self.labels_combo)
         self.labels_combo.setCurrentText(name or NONE)
 
     def set_results(self, names) -> None:

@@ -315,3 +315,23 @@ def test_slice_grid_alone(qtbot):
     qtbot.mouseClick(g, Qt.MouseButton.LeftButton, pos=pos.toPoint())
     assert seen == [(10, 50, 7)]
     assert g._describe(pos).startswith("res: χ(10, 50, 7) = ")
+
+
+def test_choices_follow_renames_and_new_layers(make_napari_viewer, phantom, qtbot):
+    from napari_qsm._napari.compare import CompareWidget
+
+    v = make_napari_viewer()
+    w = CompareWidget(v)            # opened before any data
+    assert w.selection().reference is None and w.selection().results == []
+    kw = _layer_kw(phantom)
+    v.add_image(_to_layer(phantom.chi), name="truth", metadata=_geometry_md(phantom, "chi_true"), **kw)
+    md = _geometry_md(phantom, "chi")
+    md["provenance"] = {"method": "tkd", "parameters": {}, "seconds": 0.1}
+    v.add_image(_to_layer(0.5 * phantom.chi), name="tkd", metadata=md, **kw)
+    assert w.selection().reference == "truth"   # picked up when it appears
+    assert w.selection().results == ["tkd"]     # new results are checked
+    v.layers["tkd"].name = "tkd renamed"
+    assert w.selection().results == ["tkd renamed"]
+    v.layers["truth"].name = "true chi"
+    assert w.selection().reference == "true chi"
+    w.cleanup()
