@@ -98,11 +98,12 @@ def run_medi(ph, **kw):
     scan = Scan.from_phantom(ph)
 
     def fn():
+        cpu0 = time.process_time()
         (chi, info), sec = timed(lambda: medi_l1(scan.field, scan.mask, scan.voxel_size, scan.b0_direction,
                                                  magnitude=scan.magnitude, noise_std=scan.noise_std,
                                                  b0_tesla=scan.b0_tesla, device="cpu", return_info=True, **kw))
         h = info["history"]
-        meta = {"seconds": sec, "lambda": info["lambda"], "gn_iters": h["gn_iters"], "cg_iters": h["cg_iters"],
+        meta = {"seconds": sec, "cpu_seconds": time.process_time() - cpu0, "lambda": info["lambda"], "gn_iters": h["gn_iters"], "cg_iters": h["cg_iters"],
                 "residual": info["residual"], "fft_shape": info["fft_shape"], "edge_share": info.get("edge_share")}
         if "lambda_search" in info:
             meta["lambda_search"] = info["lambda_search"]

@@ -2,12 +2,22 @@
 
 import numpy as np
 import pytest
+import torch
 
 from napari_qsm.core.cosmos import cosmos
 from napari_qsm.core.dipole import forward_field
 from napari_qsm.core.methods import get_method, reconstruct
 from napari_qsm.core.scan import Scan
 from napari_qsm.core.tkd import truncated_inversion
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small volumes: one torch thread avoids thread hand-off overhead on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def nrmse(x, ref, mask):

@@ -16,6 +16,15 @@ from napari_qsm.core.scan import Scan
 from napari_qsm.core.tkd import truncated_inversion
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny volumes: one torch thread avoids thread hand-off overhead on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def nrmse(x, ref, mask):
     a = x[mask] - x[mask].mean()
     b = ref[mask] - ref[mask].mean()
@@ -64,6 +73,22 @@ def test_gradient_divergence_exact_adjoint_anisotropic():
     lhs = float((divergence(u32, vs) * x32).double().sum())
     rhs = -float((u32 * gradient(x32, vs)).double().sum())
     assert abs(lhs - rhs) <= 1e-5 * max(abs(lhs), abs(rhs))
+
+
+def test_solver_regulariser_equals_minus_div_w_grad():
+    from napari_qsm.core.medi import EPSILON, _MEDIReporter, _Problem
+
+    rng = np.random.default_rng(0)
+    n, vs = (9, 10, 11), (0.7, 1.3, 2.1)
+    wG = rng.random((3,) + n) > 0.3
+    p = _Problem(rng.standard_normal(n).astype(np.float32), np.ones(n, bool), wG, None, None, vs, (0, 0, 1.0),
+                 1.25, 0, torch.device("cpu"), _MEDIReporter(None, None, 1))
+    x, y = torch.randn(n), torch.randn(n)
+    wt = torch.as_tensor(wG)
+    Wp = torch.rsqrt((gradient(x, vs) * wt) ** 2 + EPSILON) * wt
+    ref = -divergence(Wp * gradient(y, vs), vs)
+    got = p.reg_op(y, p.lagged_weights(x))
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 
 def test_gradient_is_forward_difference_neumann():
@@ -149,7 +174,7 @@ def test_gauss_newton_stop_rule_and_cost_decrease():
 def test_medi_beats_tkd_on_small_noisy_phantom(small_phantom):
     ph = small_phantom
     tkd, _ = truncated_inversion(ph.field, ph.mask, ph.voxel_size, ph.b0_direction, 0.15, device="cpu")
-    res = reconstruct(Scan.from_phantom(ph), "medi", {"lambda": 1000, "cg_max_iter": 40, "max_iter": 5}, device="cpu")
+    res = reconstruct(Scan.from_phantom(ph), "medi", {"lambda": 1000}, device="cpu")   # toolbox defaults
     e_medi, e_tkd = nrmse(res.chi, ph.chi, ph.mask), nrmse(tkd, ph.chi, ph.mask)
     assert e_medi < 0.8 * e_tkd, (e_medi, e_tkd)
     assert res.extras["lambda"] == 1000
@@ -157,16 +182,31 @@ def test_medi_beats_tkd_on_small_noisy_phantom(small_phantom):
     assert np.all(res.chi[~ph.mask] == 0)
 
 
-def test_lambda_auto_discrepancy(small_phantom):
+def test_lambda_auto_upre(small_phantom):
     ph = small_phantom
-    res = reconstruct(Scan.from_phantom(ph), "medi", {"lambda": "auto", "auto_max_solves": 3, "cg_max_iter": 40,
-                                                      "max_iter": 5}, device="cpu")
+    res = reconstruct(Scan.from_phantom(ph), "medi", {"lambda": "auto", "auto_max_solves": 3}, device="cpu")
     search = res.extras["lambda_search"]
-    assert 1 <= len(search["tried"]) <= 3
+    assert search["rule"] == "upre"
+    assert 2 <= len(search["tried"]) <= 3
     assert search["lambda"] == res.extras["lambda"] > 0
-    assert search["target_residual"] > 0
+    assert search["noise_energy"] > 0
+    tried = [t for t in search["tried"] if t["upre"] is not None]
+    assert all(t["trace"] > 0 for t in tried)       # tr(K·H) of a PSD influence matrix
+    for t in tried:                                 # U = R + 2 tr − E
+        assert abs(t["upre"] - (t["residual"] + 2 * t["trace"] - search["noise_energy"])) < 1e-6 * search["noise_energy"]
     tkd, _ = truncated_inversion(ph.field, ph.mask, ph.voxel_size, ph.b0_direction, 0.15, device="cpu")
     assert nrmse(res.chi, ph.chi, ph.mask) < nrmse(tkd, ph.chi, ph.mask)
+
+
+def test_lambda_auto_discrepancy_rule_hits_target():
+    chi, field, mask, mag = blob_problem(noise=0.003)
+    noise = np.full(field.shape, 0.003, np.float32)
+    _, info = medi_l1(field, mask, (1.5, 1.5, 1.5), magnitude=mag, noise_std=noise, lam="auto",
+                      auto_rule="discrepancy", auto_max_solves=6, max_iter=4, return_info=True)
+    search = info["lambda_search"]
+    assert search["rule"] == "discrepancy"
+    best = min(search["tried"], key=lambda t: abs(t["log_ratio"]))
+    assert abs(best["log_ratio"]) < 0.5 and info["lambda"] == best["lambda"]
 
 
 def test_progress_reports_cg_and_gn():
