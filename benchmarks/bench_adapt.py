@@ -140,60 +140,80 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_case(i: int, weights: str, work: Path, medi: bool = True, steps: int | None = None) -> dict:
+def run_classic(i: int, work: Path, medi: bool = True) -> dict:
+    """TKD sweep and MEDI of case i (independent of the network weights; cached in work/classic{i}.json)."""
     import torch
 
     from napari_qsm.core.methods import available_methods, reconstruct
     from napari_qsm.core.tkd import truncated_inversion
-    from napari_qsm.nn.adapt import AdaptParams, adapt
-    from napari_qsm.nn.infer import load_model, predict
 
-    out = work / f"case{i}.json"
+    out = work / f"classic{i}.json"
     if out.exists():
-        return json.loads(out.read_text())
-    t0 = time.perf_counter()
+        rec = json.loads(out.read_text())
+        if rec.get("medi_done") or not medi:
+            return rec
     scan, chi, desc = make_case(i)
-    rec = {"desc": desc, "gen_seconds": round(time.perf_counter() - t0, 1), "methods": {}}
     mask = scan.mask
-    # TKD: every threshold of the sweep (the best mean threshold is chosen when assembling)
-    tkd = {}
+    rec = {"desc": desc, "tkd_sweep": {}, "methods": {}}
     for th in TKD_THRESHOLDS:
+        t = time.perf_counter()
         x, _ = truncated_inversion(scan.field, mask, scan.voxel_size, scan.b0_direction, threshold=th,
                                    device=torch.device("cpu"))
-        tkd[str(th)] = _metrics(x, chi, mask)
-    rec["tkd_sweep"] = tkd
-    # MEDI
+        rec["tkd_sweep"][str(th)] = {**_metrics(x, chi, mask), "seconds": round(time.perf_counter() - t, 2)}
     if medi and "medi" in [m.name for m in available_methods()]:
         t = time.perf_counter()
         r = reconstruct(scan, "medi", device="cpu")
         rec["methods"]["MEDI"] = {**_metrics(r.chi, chi, mask), "seconds": round(time.perf_counter() - t, 1)}
-    # QSMInvNet+ base (domain 0 = what the shipped network does on an unadapted scan)
-    t = time.perf_counter()
-    model = load_model(weights)
-    x, _ = predict(model, scan.field, mask, domain="auto")
-    rec["methods"]["QSMInvNet+ base"] = {**_metrics(x, chi, mask), "seconds": round(time.perf_counter() - t, 1)}
-    # QSMInvNet fine-tune and QSMInvNet+ adapted, default parameters (same budget)
-    for label, mode in (("QSMInvNet fine-tune", "finetune"), ("QSMInvNet+ adapted", "dsbn")):
-        kw = {"mode": mode} if steps is None else {"mode": mode, "steps": steps}
-        p = AdaptParams(**kw)
-        r = adapt(scan, p, weights=weights, device="cpu")
-        lt = r.losses("L_T")
-        rec["methods"][label] = {**_metrics(r.chi, chi, mask), "seconds": round(r.seconds, 1), "steps": r.step,
-                                 "step_seconds": float(np.mean([h["step_seconds"] for h in r.history])),
-                                 "L_T_first": float(lt[0]), "L_T_last": float(lt[-1]),
-                                 "L_T_first5": float(lt[:5].mean()), "L_T_last5": float(lt[-5:].mean())}
+        rec["medi_done"] = True
     rec["peak_mb"] = round(_peak_mb(), 0)
-    work.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=1))
     return rec
 
 
-def run_curve(weights: str, work: Path, case: int = 0, steps: int = max(CURVE_STEPS), modes=("dsbn", "finetune")) -> dict:
-    """NRMSE after 0, 25, 50, 100, 200 steps of one run (λ ramp over `steps`), both modes."""
+def run_case(i: int, weights: str, work: Path, medi: bool = True, steps: int | None = None) -> dict:
+    """Network results of case i (cached in work/<weights sha>/case{i}.json) merged with the classic ones."""
     from napari_qsm.nn.adapt import AdaptParams, adapt
     from napari_qsm.nn.infer import load_model, predict
 
-    out = work / f"curve{case}.json"
+    classic = run_classic(i, work, medi)
+    wdir = work / _sha(weights)[:16]
+    wdir.mkdir(parents=True, exist_ok=True)
+    out = wdir / f"case{i}.json"
+    if out.exists():
+        rec = json.loads(out.read_text())
+    else:
+        scan, chi, desc = make_case(i)
+        mask = scan.mask
+        rec = {"methods": {}}
+        # QSMInvNet+ base (no adaptation: what the shipped network gives on this scan)
+        t = time.perf_counter()
+        model = load_model(weights)
+        x, _ = predict(model, scan.field, mask, domain="auto")
+        rec["methods"]["QSMInvNet+ base"] = {**_metrics(x, chi, mask), "seconds": round(time.perf_counter() - t, 1)}
+        # QSMInvNet fine-tune and QSMInvNet+ adapted, default parameters (same budget)
+        for label, mode in (("QSMInvNet fine-tune", "finetune"), ("QSMInvNet+ adapted", "dsbn")):
+            kw = {"mode": mode} if steps is None else {"mode": mode, "steps": steps}
+            r = adapt(scan, AdaptParams(**kw), weights=weights, device="cpu")
+            lt = r.losses("L_T")
+            rec["methods"][label] = {**_metrics(r.chi, chi, mask), "seconds": round(r.seconds, 1), "steps": r.step,
+                                     "step_seconds": float(np.mean([h["step_seconds"] for h in r.history])),
+                                     "L_T_first": float(lt[0]), "L_T_last": float(lt[-1]),
+                                     "L_T_first5": float(lt[:5].mean()), "L_T_last5": float(lt[-5:].mean())}
+        rec["peak_mb"] = round(_peak_mb(), 0)
+        out.write_text(json.dumps(rec, indent=1))
+    merged = {"desc": classic["desc"], "tkd_sweep": classic["tkd_sweep"],
+              "methods": {**classic["methods"], **rec["methods"]},
+              "peak_mb": max(classic.get("peak_mb", 0), rec.get("peak_mb", 0))}
+    return merged
+
+
+def run_curve(weights: str, work: Path, case: int = 0, steps: int = max(CURVE_STEPS), modes=("dsbn",)) -> dict:
+    """NRMSE after 0, 25, 50, 100, 200 steps of one run per mode (λ ramp over `steps`)."""
+    from napari_qsm.nn.adapt import AdaptParams, adapt
+    from napari_qsm.nn.infer import load_model, predict
+
+    out = work / _sha(weights)[:16] / f"curve{case}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         return json.loads(out.read_text())
     scan, chi, desc = make_case(case)
@@ -225,7 +245,8 @@ def run_timing(weights: str, work: Path) -> dict:
     """Default adaptation (dsbn) on the clinical-size case 0, alone in its process: wall time and peak memory."""
     from napari_qsm.nn.adapt import AdaptParams, adapt
 
-    out = work / "timing.json"
+    out = work / _sha(weights)[:16] / "timing.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         return json.loads(out.read_text())
     scan, chi, desc = make_case(0)
@@ -372,8 +393,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-medi", action="store_true")
     ap.add_argument("--no-curve", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--classic-only", action="store_true",
+                    help="only TKD and MEDI of every case (independent of the weights; cached for later runs)")
     ap.add_argument("--steps", type=int, default=None, help="override the default adaptation steps")
-    ap.add_argument("--worker", choices=["case", "curve", "timing"], help=argparse.SUPPRESS)
+    ap.add_argument("--curve-modes", default="dsbn", help="comma-separated modes of the steps curve (dsbn,finetune)")
+    ap.add_argument("--worker", choices=["case", "classic", "curve", "timing"], help=argparse.SUPPRESS)
     ap.add_argument("--ids", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from napari_qsm.nn.infer import default_weights_path
@@ -386,16 +410,20 @@ def main(argv=None) -> int:
         if args.worker == "case":
             for i in [int(x) for x in args.ids.split(",") if x]:
                 run_case(i, weights, work, medi=not args.no_medi, steps=args.steps)
+        elif args.worker == "classic":
+            for i in [int(x) for x in args.ids.split(",") if x]:
+                run_classic(i, work, medi=not args.no_medi)
         elif args.worker == "curve":
-            run_curve(weights, work)
+            run_curve(weights, work, modes=tuple(args.curve_modes.split(",")))
         else:
             run_timing(weights, work)
         return 0
-    jobs = [["case", str(i)] for i in range(args.cases)]
-    if not args.no_curve:
+    jobs = [["classic" if args.classic_only else "case", str(i)] for i in range(args.cases)]
+    if not args.no_curve and not args.classic_only:
         jobs.insert(0, ["curve", ""])
     procs, t0 = [], time.perf_counter()
-    base = [sys.executable, __file__, "--weights", weights, "--work", str(work), "--threads", str(args.threads)]
+    base = [sys.executable, __file__, "--weights", weights, "--work", str(work), "--threads", str(args.threads),
+            "--curve-modes", args.curve_modes]
     if args.no_medi:
         base.append("--no-medi")
     if args.steps is not None:
@@ -412,13 +440,16 @@ def main(argv=None) -> int:
                     print(f"worker failed: {p.args}", file=sys.stderr)
                 procs.remove(p)
     # timing alone at the end (nothing else of ours running), with the default thread count
+    if args.classic_only:
+        return 0
     if not args.no_timing:
         subprocess.run([sys.executable, __file__, "--weights", weights, "--work", str(work), "--threads",
                         str(os.cpu_count() or 1), "--worker", "timing"])
-    cases = [json.loads((work / f"case{i}.json").read_text()) for i in range(args.cases)
-             if (work / f"case{i}.json").exists()]
-    curve = json.loads((work / "curve0.json").read_text()) if (work / "curve0.json").exists() else None
-    timing = json.loads((work / "timing.json").read_text()) if (work / "timing.json").exists() else None
+    wdir = work / _sha(weights)[:16]
+    cases = [run_case(i, weights, work, medi=not args.no_medi) for i in range(args.cases)
+             if (wdir / f"case{i}.json").exists()]
+    curve = json.loads((wdir / "curve0.json").read_text()) if (wdir / "curve0.json").exists() else None
+    timing = json.loads((wdir / "timing.json").read_text()) if (wdir / "timing.json").exists() else None
     if curve and cases:
         c0 = [c for c in cases if c["desc"]["case"] == curve["case"]]
         if c0:

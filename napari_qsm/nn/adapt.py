@@ -105,11 +105,11 @@ class AdaptCancelled(Cancelled):
 
 @dataclass
 class AdaptParams:
-    steps: int = param(40, "adaptation steps (each: one synthetic batch + scan patches; ~2.5 s on a 2-core CPU "
-                           "for the defaults)", min=0, max=100000)
+    steps: int = param(40, "adaptation steps (each: one synthetic batch + one scan patch; 2.5-4 s on a 2-core CPU "
+                           "for a clinical scan)", min=0, max=100000)
     mode: str = param("dsbn", "dsbn = QSMInvNet+ (L_S on synthetic domain 0 + λ·L_T on scan domain 1); "
                               "finetune = QSMInvNet baseline (one shared BN, L_T only)", choices=("dsbn", "finetune"))
-    lr: float = param(3e-4, "Adam learning rate", min=1e-7, max=1e-1)
+    lr: float = param(1e-3, "Adam learning rate", min=1e-7, max=1e-1)
     patch: int = param(64, "scan patch edge in voxels (rounded up to a multiple of 16, capped to the scan)",
                        min=16, max=512)
     scan_batch: int = param(1, "scan patches per step (domain 1, L_T)", min=1, max=64)
@@ -117,8 +117,11 @@ class AdaptParams:
     synth_patch: int = param(48, "synthetic patch edge in voxels (multiple of 16)", min=16, max=256)
     synth_heads: int = param(1, "procedural heads generated for the synthetic batches (~3-8 s each)",
                              min=1, max=16)
-    lam_start: float = param(1.0, "λ at the first step (weight of L_T)", min=0.0, max=1e6)
-    lam_end: float = param(10.0, "λ at the last step (linear rise)", min=0.0, max=1e6)
+    lam_start: float = param(30.0, "λ at the first step (weight of L_T)", min=0.0, max=1e6)
+    lam_end: float = param(300.0, "λ at the last step (linear rise)", min=0.0, max=1e6)
+    rad_per_ppm: float | str = param("auto", "phase (rad) per ppm of field in L_T: auto = 2π·γ̄·B0·TE of the scan "
+                                              "(3 T, 20 ms = 16.05 when unknown); smaller values wrap less",
+                                     min=0.01, max=1000.0, allow=("auto",))
     margin_mm: float = param(6.0, "L_T ignores this band (mm) inside each cut face of a scan patch", min=0.0,
                              max=100.0)
     weighting: str = param("auto", "W_t noise weighting: auto (noise map if present, else magnitude, else mask), "
@@ -458,7 +461,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
             raise WeightsError(f"resume: optimiser state of {resume} does not fit the model ({exc})") from None
     sched = LambdaSchedule(lam_max=p.lam_end, lam_min=p.lam_start, ramp=max(p.steps - 1, 1), kind="linear")
     op = DipoleOperator()
-    ppp = _rad_per_ppm(scan)
+    ppp = _rad_per_ppm(scan) if p.rad_per_ppm == "auto" else float(p.rad_per_ppm)
     vs = tuple(float(v) for v in scan.voxel_size)
     b0 = np.asarray(scan.b0_direction, float)
 
