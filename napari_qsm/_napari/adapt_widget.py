@@ -42,7 +42,8 @@ class LossPlot(QWidget):
 
         self.fig = Figure(figsize=(3.6, 2.4), dpi=100, facecolor="#262930", layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.fig)
-        self.canvas.setMinimumHeight(220)
+        self.canvas.setMinimumHeight(200)
+        self.canvas.setMaximumHeight(240)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(self.canvas)
@@ -115,7 +116,8 @@ class LossPlot(QWidget):
         else:
             h1, l1 = ax.get_legend_handles_labels()
             h2, l2 = ax2.get_legend_handles_labels()
-            leg = ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right", frameon=False)
+            leg = ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                            ncol=3, frameon=False, borderaxespad=0.2)
             for t in leg.get_texts():
                 t.set_color(fg)
         self.canvas.draw_idle()
@@ -178,15 +180,14 @@ class AdaptWidget(QWidget):
         lay.addLayout(form2)
         body.addWidget(box)
 
-        box, lay = _section("Losses")
-        self.plot = LossPlot()
-        lay.addWidget(self.plot)
-        body.addWidget(box)
         body.addStretch(1)
 
+        # footer, always visible: the loss plot, Run / Cancel, weights buttons, status
         footer = QFrame()
         flay = QVBoxLayout(footer)
         flay.setContentsMargins(8, 4, 8, 6)
+        self.plot = LossPlot()
+        flay.addWidget(self.plot)
         row = QHBoxLayout()
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
@@ -317,10 +318,13 @@ class AdaptWidget(QWidget):
         kw["name"] = f"dsbn_adapted_{res.step}steps"
         self.chi_layer = self.viewer.add_image(data, **kw)
         last = res.history[-1] if res.history else {}
-        lt = last.get("L_T", float("nan"))
+        try:
+            lt = f"final L_T {float(last.get('L_T')):.3g}, "
+        except (TypeError, ValueError):
+            lt = ""
         self.status.setText(f"<span style='color:{OK_COLOR}'>✓</span> adapted {res.step} steps in {res.seconds:.0f} s "
-                            f"on {html.escape(res.device)} (final L_T {lt:.3g}) → layer "
-                            f"<b>{html.escape(kw['name'])}</b>")
+                            f"on {html.escape(str(res.device))} ({lt}base {html.escape(Path(str(res.base_weights)).name)})"
+                            f" → layer <b>{html.escape(kw['name'])}</b>")
 
     def _on_finished(self) -> None:
         if self._preview is not None:

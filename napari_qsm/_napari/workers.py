@@ -135,20 +135,25 @@ class JobRunner:
         self.pbar = progress(total=total or 0, desc=description)
         worker.aborted.connect(token.cancel)  # quit() → cancel the core job
 
+        over = []  # set once the job has ended: progress delivered late (re-entrantly, while a handler
+        # processes events, e.g. napari's progress widget) must not overwrite what the result handler showed
+
         def _yielded(p):
-            if p is None or self.worker is not worker or self._detached:
+            if p is None or self.worker is not worker or self._detached or over:
                 return
-            self._update_pbar(p)
-            if on_progress is not None:
+            self._update_pbar(p)  # napari's progress widget may process events: the job can end in there
+            if on_progress is not None and not over:
                 on_progress(p)
 
         def _returned(value):
+            over.append(True)
             if self.worker is not worker or self._detached:
                 return
             if on_result is not None:
                 on_result(value)
 
         def _errored(exc):
+            over.append(True)
             if self._detached:
                 return
             if isinstance(exc, Cancelled) or self._cancel_requested:
@@ -159,6 +164,7 @@ class JobRunner:
                 on_error(getattr(exc, "original", exc))
 
         def _aborted():
+            over.append(True)
             if on_cancelled is not None and not self._detached:
                 on_cancelled()
 

@@ -66,17 +66,18 @@ def _slow_run(scan, p: SlowParams, *, device, progress=None, cancel=None, **_):
     return {"chi": scan.field * scan.mask, "extras": {"residual": scan.field * 0.0, "note": "ok"}}
 
 
-def assert_responsive(qtbot, ticks: list, seconds: float = 2.0, max_gap: float = 1.0) -> None:
+def assert_responsive(qtbot, ticks: list, seconds: float = 4.0, max_gap: float = 3.0) -> None:
     """A 20 ms QTimer appending to ``ticks`` kept firing during ``seconds`` of a background run.
 
-    A frozen event loop shows as one long gap; a busy shared CPU only thins the ticks out, so the
-    check is on the largest gap (not on the count). One adaptation step takes 1.5-3.5 s here, a
-    MEDI iteration far longer, so a solver on the GUI thread would fail it.
+    A solver on the GUI thread blocks the event loop for the whole run (one gap as long as the
+    window). On this shared, loaded 2-core machine a background run only thins the ticks out
+    (gaps up to ~1-2 s were seen, from CPU and GIL contention), so the check is a generous bound on
+    the largest gap plus a minimum tick count.
     """
     t0 = time.perf_counter()
     qtbot.wait(int(seconds * 1000))
     t1 = time.perf_counter()
     recent = [t0] + [t for t in ticks if t0 <= t <= t1] + [t1]
     gaps = np.diff(recent)
-    assert len(recent) - 2 >= 5, f"only {len(recent) - 2} timer ticks in {seconds} s"
+    assert len(recent) - 2 >= 10, f"only {len(recent) - 2} timer ticks in {seconds} s"
     assert gaps.max() < max_gap, f"event loop blocked for {gaps.max():.2f} s during the run"

@@ -265,3 +265,19 @@ def test_dsbn_runs_with_weights_file(phantom_viewer, qtbot, tmp_path):
     assert w.run()
     _wait_done(w, qtbot, timeout=60000)
     assert len(phantom_viewer.layers) == n and "weights" in w.status.text()
+
+
+def test_docks_closed_then_layers_change(phantom_viewer, qtbot):
+    """Removing the docks leaves no dangling callbacks on the viewer's events."""
+    from napari_qsm._napari.adapt_widget import AdaptWidget
+
+    for cls in (QSMWidget, AdaptWidget):
+        w = cls(phantom_viewer)
+        dock = phantom_viewer.window.add_dock_widget(w, name=cls.__name__)
+        qtbot.wait(50)
+        phantom_viewer.window.remove_dock_widget(dock)
+        qtbot.wait(50)
+    layer = phantom_viewer.add_image(np.zeros((4, 5, 6), np.float32), name="later")
+    layer.name = "renamed"
+    phantom_viewer.layers.remove(layer)
+    qtbot.wait(50)
