@@ -171,6 +171,15 @@ class InputsPanel(QWidget):
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
         lay.addLayout(form)
 
+        open_row = QHBoxLayout()
+        open_row.addStretch(1)
+        self.open_button = QPushButton("Open NIfTI files…")
+        self.open_button.setToolTip("Open field / mask / magnitude files (.nii, .nii.gz) as layers; they are "
+                                    "picked below by their names (field, mask, mag…)")
+        self.open_button.clicked.connect(self._open_files)
+        open_row.addWidget(self.open_button)
+        lay.addLayout(open_row)
+
         self.field_combo = LayerCombo(viewer, _is_image)
         self.field_combo.setToolTip("Local (tissue) field map: background field removed; ppm, Hz or rad")
         form.addRow("Field", self.field_combo)
@@ -216,7 +225,7 @@ class InputsPanel(QWidget):
         for axis in ("x", "y", "z"):
             s = QDoubleSpinBox()
             s.setRange(-1.0, 1.0)
-            s.setDecimals(3)
+            s.setDecimals(4)
             s.setSingleStep(0.01)
             s.setKeyboardTracking(False)
             s.setButtonSymbols(QDoubleSpinBox.ButtonSymbols.NoButtons)
@@ -253,6 +262,9 @@ class InputsPanel(QWidget):
         self._timer.setInterval(150)
         self._timer.timeout.connect(self.validate)
 
+        self._user_picked: dict = {}
+        for c in (self.field_combo, self.mask_combo, self.mag_combo):
+            c.activated.connect(lambda _i, c=c: self._user_picked.__setitem__(id(c), True))
         self.field_combo.currentIndexChanged.connect(self._on_field_changed)
         for w in (self.mask_combo, self.mag_combo):
             w.currentIndexChanged.connect(self._schedule)
@@ -273,6 +285,23 @@ class InputsPanel(QWidget):
         self._on_units_changed()
         self._on_layers_changed()
         self._apply_orientation()
+
+    def open_files(self, paths) -> list:
+        """Read NIfTI files with the plugin's reader and add them as layers (errors are notifications)."""
+        from .reader import read_nifti
+
+        added = []
+        for data in read_nifti([str(p) for p in paths]):
+            if len(data) == 3:
+                arr, kw, typ = data
+                added.append(getattr(self.viewer, f"add_{typ}")(arr, **kw))
+        return added
+
+    def _open_files(self) -> None:
+        paths, _ = QFileDialog.getOpenFileNames(self, "Open NIfTI volumes", "",
+                                                "NIfTI (*.nii *.nii.gz);;All files (*)")
+        if paths:
+            self.open_files(paths)
 
     # -- layer lists ------------------------------------------------------------------------
     def _on_layers_changed(self, event=None) -> None:
@@ -306,11 +335,16 @@ class InputsPanel(QWidget):
                 return hits[-1]
         return None
 
+    def _auto(self, combo: LayerCombo, role: str) -> bool:
+        """May the panel re-pick this combo? (not when the user chose a layer by hand)"""
+        layer = combo.layer()
+        return layer is None or (not self._user_picked.get(id(combo)) and _role(layer) != role)
+
     def _autopick(self, force: bool) -> None:
         field = self.field_combo.layer()
-        if field is None or force:
+        if force or self._auto(self.field_combo, "field"):
             best = self._best(self.field_combo, ("field",))
-            if best is None and not force:
+            if best is None and field is None:
                 cands = [c for c in self.field_combo.candidates() if _role(c) not in ("mask", "labels")]
                 best = cands[-1] if cands else None
             if best is None and self.field_combo.layer() is None and self.field_combo.count():
@@ -320,7 +354,8 @@ class InputsPanel(QWidget):
             field = self.field_combo.layer()
         shape = tuple(field.data.shape) if field is not None else None
         mask = self.mask_combo.layer()
-        if mask is None or mask is field or (shape is not None and tuple(mask.data.shape) != shape):
+        if mask is None or mask is field or (shape is not None and tuple(mask.data.shape) != shape) or (
+                self._auto(self.mask_combo, "mask") and self._best(self.mask_combo, ("mask",), shape) is not None):
             best = self._best(self.mask_combo, ("mask",), shape)
             if best is None:  # else a labels layer on the field's grid (never an image: pick it by hand)
                 from napari.layers import Labels
@@ -330,9 +365,11 @@ class InputsPanel(QWidget):
             if best is not None:
                 self.mask_combo.select(best)
         mag = self.mag_combo.layer()
-        if mag is None or (shape is not None and tuple(mag.data.shape) != shape):
+        mismatch = mag is not None and shape is not None and tuple(mag.data.shape) != shape
+        if mismatch or (not self._user_picked.get(id(self.mag_combo)) and self._auto(self.mag_combo, "magnitude")):
             best = self._best(self.mag_combo, ("magnitude",), shape)
-            self.mag_combo.select(best)
+            if best is not None or mismatch:
+                self.mag_combo.select(best)
 
     # -- field / geometry ---------------------------------------------------------------------
     def _on_field_changed(self, *_) -> None:
@@ -391,6 +428,9 @@ class InputsPanel(QWidget):
         self._schedule()
 
     def b0_direction(self) -> Optional[np.ndarray]:
+        """Unit B0 vector (canonical voxel frame): the layer's exact one unless the user edited it."""
+        if not self._b0_edited and self._b0_from_layer is not None:
+            return np.asarray(self._b0_from_layer, float) / np.linalg.norm(self._b0_from_layer)
         v = np.array([s.value() for s in self.b0_spins], float)
         n = np.linalg.norm(v)
         return None if n < 1e-9 else v / n

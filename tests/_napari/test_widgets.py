@@ -281,3 +281,33 @@ def test_docks_closed_then_layers_change(phantom_viewer, qtbot):
     layer.name = "renamed"
     phantom_viewer.layers.remove(layer)
     qtbot.wait(50)
+
+
+def test_inputs_from_files_oblique(make_napari_viewer, qtbot, oblique_files):
+    """Files opened from the dock (any order): roles picked by name, exact B0 from the affine, and the
+    dock's TKD equals the one from the files (oblique, anisotropic, stored sagittally)."""
+    from napari_qsm.core.io import load_scan
+
+    viewer = make_napari_viewer()
+    w = QSMWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.inputs.open_files([oblique_files["mask"], oblique_files["magnitude"], oblique_files["field"]])
+    qtbot.waitUntil(lambda: "ready" in w.inputs.message.text(), timeout=5000)
+    names = w.inputs.input_names()
+    assert (names["field"], names["mask"], names["magnitude"]) == ("sub-01_field", "sub-01_mask", "sub-01_magnitude")
+    files_scan = load_scan(oblique_files["field"], oblique_files["mask"], oblique_files["magnitude"])
+    np.testing.assert_array_equal(w.inputs.b0_direction(), files_scan.b0_direction)
+    assert "from the affine" in w.inputs.b0_info.text()
+    w.set_method("tkd")
+    assert w.run()
+    _wait_done(w, qtbot)
+    chi = viewer.layers[-1]
+    expected = reconstruct(files_scan, "tkd", device="cpu").chi
+    np.testing.assert_allclose(to_canonical(chi.data, chi.metadata["axes"]), expected, rtol=0, atol=1e-7)
+    # a layer the user picks by hand is kept even when a better-named one arrives
+    w.inputs.mag_combo.setCurrentIndex(0)
+    w.inputs._user_picked[id(w.inputs.mag_combo)] = True
+    viewer.add_image(np.ones_like(viewer.layers["sub-01_magnitude"].data), name="other_mag",
+                     metadata={"role": "magnitude"})
+    qtbot.wait(300)
+    assert w.inputs.mag_combo.layer() is None
