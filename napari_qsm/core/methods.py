@@ -53,6 +53,7 @@ _METHOD_MODULES = [
     "napari_qsm.core.medi",
     "napari_qsm.core.cosmos",
     "napari_qsm.nn.infer",
+    "napari_qsm.nn.adapt",
 ]
 _IMPORT_ERRORS: dict[str, str] = {}
 _LOADED = False
