@@ -29,6 +29,16 @@ Problem (all arrays on the scan grid, χ in radians of phase, see *Scaling* belo
   ``merit``: after each GN step, voxels whose demeaned complex residual exceeds 6·std get
   N_std ×= (|r|/6σ)² and m, b0 are rebuilt. MEDI+0 (``csf``): see :func:`derive_csf_mask`.
 
+Grid and FFTs
+-------------
+χ is estimated on the mask's bounding box plus 4 voxels (plus the SMV radius), free outside the
+mask as the toolbox's χ is free over its whole field of view, and returned masked. The dipole
+convolutions use real FFTs (rfftn) on a fast size ≥ ``pad_factor`` × that box (zero padding;
+``pad_factor`` = 1 is the toolbox's periodic convolution). One CG iteration costs two FFT pairs
+(D p, then Dᵀ(2λm²·D p)) plus the finite differences; one GN step adds two more. On a 2 mm phantom
+the NRMSE at λ = 1000 was 15.1 % (pad 1.0), 14.6 % (1.25), 14.6 % (1.5) and 14.6 % (2.0), so the
+default is 1.25 (half the FFT volume of 1.5).
+
 Scaling (ppm ↔ the toolbox's radians)
 -------------------------------------
 The toolbox's local field RDF is the phase in radians accumulated over the echo spacing ΔTE of a

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_qsm.core.medi import (MEDIParams, data_weight, derive_csf_mask, divergence, gradient, gradient_mask,
-                                  medi_l1, phase_scale)
+from napari_qsm.core.medi import (MEDIParams, data_weight, derive_csf_mask, divergence, estimate_noise_scale, gradient,
+                                  gradient_mask, medi_l1, phase_scale)
 from napari_qsm.core.methods import get_method, reconstruct
 from napari_qsm.core.params import make_params
 from napari_qsm.core.progress import CancelToken, Cancelled
@@ -207,6 +207,27 @@ def test_lambda_auto_discrepancy_rule_hits_target():
     assert search["rule"] == "discrepancy"
     best = min(search["tried"], key=lambda t: abs(t["log_ratio"]))
     assert abs(best["log_ratio"]) < 0.5 and info["lambda"] == best["lambda"]
+
+
+def test_noise_scale_estimate_from_field(rng):
+    shape = (30, 32, 28)
+    g = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    smooth = 0.05 * np.sin(2 * g[0]) * np.cos(3 * g[1]) + 0.02 * g[2] ** 2
+    mask = np.ones(shape, bool)
+    rel = 1.0 / (0.5 + np.abs(g[0]))                 # noise ∝ 1/magnitude
+    field = smooth + 0.003 * rel * rng.standard_normal(shape)
+    assert abs(estimate_noise_scale(field, mask, rel) / 0.003 - 1) < 0.1
+    assert abs(estimate_noise_scale(smooth + 0.002 * rng.standard_normal(shape), mask) / 0.002 - 1) < 0.1
+
+
+def test_lambda_auto_without_noise_map(small_phantom):
+    ph = small_phantom
+    chi, info = medi_l1(ph.field, ph.mask, ph.voxel_size, ph.b0_direction, magnitude=ph.magnitude, lam="auto",
+                        auto_max_solves=3, return_info=True)
+    assert info["data_weighting"] == "1/magnitude"
+    assert info["lambda_search"]["noise_energy"] > 0 and info["lambda"] > 0
+    tkd, _ = truncated_inversion(ph.field, ph.mask, ph.voxel_size, ph.b0_direction, 0.15, device="cpu")
+    assert nrmse(chi, ph.chi, ph.mask) < nrmse(tkd, ph.chi, ph.mask)
 
 
 def test_progress_reports_cg_and_gn():
