@@ -4,7 +4,9 @@
 
 Writes into ``--out`` (default ``runs/<config name>``, not committed): ``checkpoint.pt``
 (resumable; rerunning the same command continues from it), ``losses.csv``, ``losses.png``,
-``train.log``. ``--export`` writes the shipped weights (``napari_qsm/nn/weights/<name>.pt`` + ``.json``)
+``train.log``. When the run directory is empty but ``src_models/checkpoints/<name>_train.pt``
+(the committed training state) exists, training continues from that state (``--fresh`` starts
+over); ``--save-state`` copies the current state there for committing. ``--export`` writes the shipped weights (``napari_qsm/nn/weights/<name>.pt`` + ``.json``)
 from the current checkpoint; ``--steps N`` raises the step target (to continue a finished run).
 """
 
@@ -14,6 +16,7 @@ import argparse
 import hashlib
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,6 +32,7 @@ from napari_qsm.nn.unet import NetConfig, QSMInvNet, count_parameters, flops_per
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "napari_qsm" / "nn" / "weights"
+COMMITTED = ROOT / "src_models" / "checkpoints"   # full training state (model + Adam + history) for resuming
 
 # validation heads: seeds below 1000 are never used for training (training uses seed_base + k, seed_base ≥ 100000)
 VAL_HEADS = [(1, Regime((160, 192, 160), (1.0, 1.0, 1.0))), (2, Regime((192, 224, 48), (0.75, 0.75, 3.0)))]
@@ -173,14 +177,23 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--export", action="store_true", help="only export the shipped weights from the checkpoint")
+    ap.add_argument("--fresh", action="store_true",
+                    help="ignore the committed training state (src_models/checkpoints/) when the run directory is empty")
+    ap.add_argument("--save-state", action="store_true",
+                    help="copy the run's checkpoint.pt to src_models/checkpoints/<name>_train.pt (for committing)")
     ap.add_argument("--no-export", action="store_true", help="do not export at the end of training")
     ap.add_argument("--weights-dir", default=str(WEIGHTS), help="where --export writes the shipped weights")
     args = ap.parse_args(argv)
 
     cfg = load_config(args.config)
     run_dir = Path(args.out) if args.out else ROOT / "runs" / cfg["name"]
-    if args.export:
-        print(export(cfg, run_dir, Path(args.weights_dir)))
+    if args.export or args.save_state:
+        if args.export:
+            print(export(cfg, run_dir, Path(args.weights_dir)))
+        if args.save_state:
+            COMMITTED.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run_dir / "checkpoint.pt", COMMITTED / f"{cfg['name']}_train.pt")
+            print(COMMITTED / f"{cfg['name']}_train.pt")
         return 0
     net, synth, train = build(cfg)
     if args.steps is not None:
@@ -195,6 +208,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(train.threads)
     run_dir.mkdir(parents=True, exist_ok=True)
     logf = open(run_dir / "train.log", "a")
+    committed = COMMITTED / f"{cfg['name']}_train.pt"
+    if not (run_dir / "checkpoint.pt").exists() and committed.exists() and not args.fresh:
+        shutil.copyfile(committed, run_dir / "checkpoint.pt")
+        print(f"starting from the committed training state {committed} (use --fresh to start over)", flush=True)
 
     def log(msg):
         line = f"{time.strftime('%H:%M:%S')} {msg}"

@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "src_models" / "validation.json"))
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     cases = [CASES[0], CASES[2]] if args.quick else CASES
     res = validate(args.weights, cases, device=args.device)
     Path(args.out).write_text(json.dumps(res, indent=2))
