@@ -60,6 +60,7 @@ def write_card(path, card: dict) -> None:
     with os.fdopen(fd, "w") as fh:
         json.dump(card, fh, indent=2, default=str)
         fh.write("\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

@@ -76,6 +76,7 @@ def atomic_torch_save(obj, path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights must be readable when packaged
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
