@@ -272,16 +272,23 @@ def peak_memory(shape=(256, 256, 160)):
     if not npz.exists():
         ph = make_phantom(shape, (1.0, 1.0, 1.0), seed=0, snr=40)
         np.savez(npz, field=ph.field, mask=ph.mask, mag=ph.magnitude, noise=ph.noise_std)
+    # VmHWM (peak resident set of this process image) from /proc; ru_maxrss is not reset by exec and
+    # would report the benchmark parent's size.
     code = f"""
-import resource, numpy as np, torch, time
+import numpy as np, torch, time
 torch.set_num_threads(2)
 from napari_qsm.core.medi import medi_l1
+def hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            return float(line.split()[1]) / 1024
 d = np.load({str(npz)!r})
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+d = {{k: d[k] for k in d.files}}
+base = hwm()
 t = time.perf_counter()
 medi_l1(d['field'], d['mask'], (1.0, 1.0, 1.0), magnitude=d['mag'], noise_std=d['noise'], max_iter=2, cg_max_iter=10,
         device='cpu')
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base / 1024, time.perf_counter() - t)
+print(hwm(), base, time.perf_counter() - t)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT),
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
