@@ -4,7 +4,7 @@ achieved GFLOP/s against a plain conv3d, and validation against TKD.
     python benchmarks/bench_nn.py [--weights CKPT] [--skip-validation] [--threads 2]
 
 Writes docs/benchmarks/nn.md and docs/benchmarks/nn.json. Inference is timed in a fresh
-subprocess so that its peak resident memory (ru_maxrss) is the inference's own.
+subprocess so that its peak resident memory (VmHWM, includes torch and the input arrays) is its own.
 """
 
 from __future__ import annotations
@@ -38,8 +38,13 @@ model = load_model(w, device="cpu")
 times = []
 for i in range(int(sys.argv[5])):
     t = time.perf_counter(); chi, info = predict(model, f, m, device="cpu"); times.append(time.perf_counter() - t)
-rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": times, "rss_before_mb": rss0 / 1024, "peak_rss_mb": rss1 / 1024, "info": info}))
+def vmhwm():
+    # VmHWM is this process's own high-water mark (ru_maxrss would include the parent's RSS at fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": times, "rss_before_mb": rss0 / 1024, "peak_rss_mb": vmhwm(), "info": info}))
 """
 
 
