@@ -25,8 +25,8 @@ from ..core.methods import Result
 from ..core.params import ParamError, make_params, params_to_dict
 from .form import ParamForm
 from .layers import result_layer_data
-from .widgets import (DIM_COLOR, ERR_COLOR, OK_COLOR, WARN_COLOR, InputsPanel, PreviewLayer, VScrollArea,
-                      _notify_error, _notify_info, _section, _wrap_label)
+from .widgets import (DIM_COLOR, ERR_COLOR, OK_COLOR, WARN_COLOR, PreviewLayer,
+                      _inputs_section, _notify_error, _notify_info, _scrolling_body, _section, _wrap_label)
 from .workers import JobRunner
 
 PREVIEW_EVERY = 10  # widget default for the χ preview (the API default is off)
@@ -139,19 +139,8 @@ class AdaptWidget(QWidget):
         self._preview: Optional[PreviewLayer] = None
         self.chi_layer = None
 
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        scroll = VScrollArea()
-        outer.addWidget(scroll)
-        inner = QWidget()
-        scroll.setWidget(inner)
-        body = QVBoxLayout(inner)
-        body.setContentsMargins(6, 6, 6, 6)
-
-        box, lay = _section("Inputs")
-        self.inputs = InputsPanel(napari_viewer)
-        lay.addWidget(self.inputs)
-        body.addWidget(box)
+        outer, scroll, body = _scrolling_body(self)
+        self.inputs = _inputs_section(body, napari_viewer)
 
         box, lay = _section("Adaptation (QSMInvNet+, DSBN)")
         lay.addWidget(_wrap_label("Each step: a synthetic batch on BN domain 0 (L_S) and patches of this scan "

@@ -55,6 +55,28 @@ def _section(title: str) -> tuple[QGroupBox, QVBoxLayout]:
     return box, lay
 
 
+
+def _scrolling_body(widget: QWidget) -> tuple:
+    """Give a dock a vertically scrolling body: returns (outer layout, scroll area, body layout)."""
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    scroll = VScrollArea()
+    outer.addWidget(scroll)
+    inner = QWidget()
+    scroll.setWidget(inner)
+    body = QVBoxLayout(inner)
+    body.setContentsMargins(6, 6, 6, 6)
+    return outer, scroll, body
+
+
+def _inputs_section(body: QVBoxLayout, viewer) -> "InputsPanel":
+    """Add the shared "Inputs" section (field, mask, magnitude, units, B0) to a dock body."""
+    box, lay = _section("Inputs")
+    panel = InputsPanel(viewer)
+    lay.addWidget(panel)
+    body.addWidget(box)
+    return panel
+
 def _wrap_label(text: str = "", color: Optional[str] = None, small: bool = False) -> QLabel:
     lab = QLabel(text)
     lab.setWordWrap(True)
@@ -573,19 +595,8 @@ class QSMWidget(QWidget):
         self.last_result = None
         self._preview: Optional[PreviewLayer] = None
 
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        scroll = VScrollArea()
-        outer.addWidget(scroll)
-        inner = QWidget()
-        scroll.setWidget(inner)
-        body = QVBoxLayout(inner)
-        body.setContentsMargins(6, 6, 6, 6)
-
-        box, lay = _section("Inputs")
-        self.inputs = InputsPanel(napari_viewer)
-        lay.addWidget(self.inputs)
-        body.addWidget(box)
+        outer, scroll, body = _scrolling_body(self)
+        self.inputs = _inputs_section(body, napari_viewer)
 
         box, lay = _section("Reconstruct")
         form = QFormLayout()
