@@ -82,10 +82,11 @@ import torch
 
 from ..core.device import device_label, resolve_device
 from ..core.methods import Method, Result, register_method
+from .synth import _crop
 from ..core.params import check_params, make_params, param, params_to_dict
 from ..core.progress import Cancelled, Reporter, check_cancel
 from .infer import (DSBNParams, WEIGHTS_DIR, WeightsError, default_weights_path, file_sha256, load_model,
-                    predict, read_card)
+                    predict)
 from .losses import DipoleOperator, LambdaSchedule, loss_field, loss_supervised, noise_weights
 from .unet import ConvBlock, QSMInvNet
 
@@ -176,19 +177,6 @@ def scan_patch_shape(scan_shape, patch: int, mult: int = 16) -> tuple:
     """Patch shape on a scan: ``patch`` per axis (multiple of 16), capped to the scan's padded size."""
     p = _round16(patch, mult)
     return tuple(min(p, _round16(n, mult)) for n in scan_shape)
-
-
-def _crop(a: np.ndarray, start, size, fill=0):
-    out = np.full(size, fill, dtype=a.dtype)
-    src, dst = [], []
-    for s, n, N in zip(start, size, a.shape):
-        s0, s1 = max(s, 0), min(s + n, N)
-        if s1 <= s0:
-            return out
-        src.append(slice(s0, s1))
-        dst.append(slice(s0 - s, s1 - s))
-    out[tuple(dst)] = a[tuple(src)]
-    return out
 
 
 def _rad_per_ppm(scan) -> float:

@@ -2,28 +2,16 @@
 
 import numpy as np
 import pytest
-import torch
 
 from napari_qsm.core.cosmos import cosmos
 from napari_qsm.core.dipole import forward_field
 from napari_qsm.core.methods import get_method, reconstruct
+from napari_qsm.core.metrics import nrmse_demeaned as nrmse
 from napari_qsm.core.scan import Scan
 from napari_qsm.core.tkd import truncated_inversion
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small volumes: one torch thread avoids thread hand-off overhead on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def nrmse(x, ref, mask):
-    a = x[mask] - x[mask].mean()
-    b = ref[mask] - ref[mask].mean()
-    return 100 * np.linalg.norm(a - b) / np.linalg.norm(b)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,23 +12,12 @@ from napari_qsm.core.medi import (MEDIParams, data_weight, derive_csf_mask, dive
 from napari_qsm.core.methods import get_method, reconstruct
 from napari_qsm.core.params import make_params
 from napari_qsm.core.progress import CancelToken, Cancelled
+from napari_qsm.core.metrics import nrmse_demeaned as nrmse
 from napari_qsm.core.scan import Scan
 from napari_qsm.core.tkd import truncated_inversion
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny volumes: one torch thread avoids thread hand-off overhead on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def nrmse(x, ref, mask):
-    a = x[mask] - x[mask].mean()
-    b = ref[mask] - ref[mask].mean()
-    return 100 * np.linalg.norm(a - b) / np.linalg.norm(b)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
