@@ -100,10 +100,6 @@ def _convert(spec: ParamSpec, value: Any) -> Any:
             value = num
         else:
             value = v
-    elif isinstance(value, str) is False and spec.allow and isinstance(value, str):
-        return value
-    if isinstance(value, str) and spec.allow and value.lower() in spec.allow:
-        return value.lower()
     if spec.type is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = float(value)
     if spec.type is int and isinstance(value, float) and value == int(value):

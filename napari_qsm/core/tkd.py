@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .dipole import crop_volume, dipole_kernel, fast_shape, half_weights, kernel_slabs, pad_volume
+from .dipole import crop_volume, fast_shape, half_weights, kernel_slabs, pad_volume
 from .methods import Method, register_method
 from .params import param
 
@@ -28,35 +28,21 @@ class TKDParams:
     pad_factor: float = param(2.0, "zero-padding factor of the FFT grid (≥1; 2 prevents wrap-around)", min=1.0, max=4.0)
 
 
-def inverse_kernel(D: torch.Tensor, threshold: float, mode: str = "tkd") -> torch.Tensor:
-    """Truncated inverse of the dipole kernel: TKD (sign(D)/δ below δ) or TSVD (0 below δ)."""
-    small = D.abs() <= threshold
-    safe = torch.where(small, torch.ones_like(D), D)
-    inv = 1.0 / safe
-    if mode == "tkd":
-        sign = torch.where(D >= 0, torch.ones_like(D), -torch.ones_like(D))
-        return torch.where(small, sign / threshold, inv)
-    if mode == "tsvd":
-        return torch.where(small, torch.zeros_like(D), inv)
-    raise ValueError(f"mode: expected 'tkd' or 'tsvd', got {mode!r}")
+def inverse_kernel(D: torch.Tensor, threshold: float, mode: str = "tkd", inplace: bool = False) -> torch.Tensor:
+    """Truncated inverse of the dipole kernel: TKD (sign(D)/δ where |D| ≤ δ) or TSVD (0 there).
 
-
-def _inverse_inplace(D: torch.Tensor, threshold: float, mode: str) -> torch.Tensor:
-    """Truncated inverse computed in place on a kernel slab (same definition as :func:`inverse_kernel`)."""
+    ``inplace=True`` overwrites ``D`` (used slab by slab in :func:`truncated_inversion`).
+    """
+    if mode not in ("tkd", "tsvd"):
+        raise ValueError(f"mode: expected 'tkd' or 'tsvd', got {mode!r}")
+    if not inplace:
+        D = D.clone()
     small = D.abs() <= threshold
     if mode == "tkd":
         D.masked_fill_(small & (D >= 0), threshold).masked_fill_(small & (D < 0), -threshold)
         return D.reciprocal_()
     D.masked_fill_(small, 1.0).reciprocal_()
     return D.masked_fill_(small, 0.0)
-
-
-def correction_factor(D: torch.Tensor, Dinv: torch.Tensor, shape) -> float:
-    """Schweser's c = mean over the full k-space of D·D⁻¹_δ (rfft half grid weighted by multiplicity)."""
-    w = half_weights(shape, device=D.device, dtype=D.dtype)
-    num = ((D * Dinv) * w).sum(dtype=torch.float64)
-    den = float(np.prod(shape[:-1])) * float(w.sum())
-    return float(num / den)
 
 
 def truncated_inversion(field: np.ndarray, mask: np.ndarray, voxel_size, b0_direction, threshold=0.15,
@@ -73,12 +59,9 @@ def truncated_inversion(field: np.ndarray, mask: np.ndarray, voxel_size, b0_dire
         w = half_weights(pshape, device=dev)
         acc = torch.zeros((), dtype=torch.float64, device=dev)
         for i0, i1, D in kernel_slabs(pshape, voxel_size, b0_direction, device=dev):
-            if correction:
-                Dc = D.clone()
-                Dinv = _inverse_inplace(D, threshold, mode)
-                acc += ((Dc * Dinv) * w).sum(dtype=torch.float64)
-            else:
-                Dinv = _inverse_inplace(D, threshold, mode)
+            Dinv = inverse_kernel(D, threshold, mode, inplace=not correction)
+            if correction:  # Schweser's c = mean over the full k-space of D·D⁻¹_δ (half grid weighted)
+                acc += ((D * Dinv) * w).sum(dtype=torch.float64)
             F[i0:i1] *= Dinv
         if correction:
             c = float(acc) / (float(np.prod(pshape[:-1])) * float(w.sum()))

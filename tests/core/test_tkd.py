@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_qsm.core.dipole import dipole_kernel, fast_shape, forward_field
+from napari_qsm.core.dipole import dipole_kernel, forward_field
 from napari_qsm.core.methods import reconstruct
 from napari_qsm.core.metrics import nrmse
 from napari_qsm.core.phantom import make_phantom
 from napari_qsm.core.scan import Scan
-from napari_qsm.core.tkd import correction_factor, inverse_kernel
+from napari_qsm.core.tkd import inverse_kernel, truncated_inversion
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,16 @@ def test_inverse_kernel_definitions():
 
 
 def test_correction_factor_is_mean_of_D_times_inverse():
-    # odd sizes: no Nyquist planes, so the rfft half grid weighted by multiplicity is exactly the full grid
-    shape = (15, 17, 19)
-    D = dipole_kernel(shape, (1, 1, 2), (0, 0.3, 1), device="cpu", half=True)
+    # odd fast sizes with pad_factor 1: the padded grid is the volume itself and has no Nyquist planes,
+    # so the rfft half grid weighted by multiplicity covers the full grid exactly
+    shape = (15, 25, 27)
     Df = dipole_kernel(shape, (1, 1, 2), (0, 0.3, 1), device="cpu", half=False)
+    field = np.zeros(shape, np.float32)
     for mode in ("tkd", "tsvd"):
-        c = correction_factor(D, inverse_kernel(D, 0.2, mode), shape)
+        _, extras = truncated_inversion(field, np.ones(shape, bool), (1, 1, 2), (0, 0.3, 1), 0.2, mode, True, 1.0,
+                                        torch.device("cpu"))
+        assert extras["padded_shape"] == list(shape)
+        c = extras["correction_factor"]
         ref = float((Df * inverse_kernel(Df, 0.2, mode)).mean())
         assert c == pytest.approx(ref, rel=1e-5)
         assert 0.5 < c < 1.0
