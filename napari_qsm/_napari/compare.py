@@ -206,6 +206,30 @@ class _NumItem(QTableWidgetItem):
         return a < b
 
 
+def _page() -> tuple[QWidget, QVBoxLayout]:
+    """A plain page (tab or sub-panel) with a margin-less vertical layout."""
+    w = QWidget()
+    lay = QVBoxLayout(w)
+    lay.setContentsMargins(0, 0, 0, 0)
+    return w, lay
+
+
+def _wrapped_label(text: str) -> QLabel:
+    lab = QLabel(text)
+    lab.setWordWrap(True)
+    return lab
+
+
+def _readonly_table(sortable: bool = False) -> QTableWidget:
+    """An empty read-only table without row numbers (sortable by clicking a header if asked)."""
+    t = QTableWidget(0, 0)
+    if sortable:
+        t.setSortingEnabled(True)
+    t.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    t.verticalHeader().setVisible(False)
+    return t
+
+
 def _fmt(key: str, v: float) -> str:
     if v is None or not math.isfinite(v):
         return "—"
@@ -353,9 +377,7 @@ class CompareWidget(QWidget):
         root.addWidget(self.tabs, 1)
 
         # --- slices tab
-        sl = QWidget()
-        sv = QVBoxLayout(sl)
-        sv.setContentsMargins(0, 0, 0, 0)
+        sl, sv = _page()
         c1 = QHBoxLayout()
         self.chi_min = self._spin(-0.15, "χ window minimum (ppm), shared by all χ panels")
         self.chi_max = self._spin(0.25, "χ window maximum (ppm), shared by all χ panels")
@@ -395,22 +417,14 @@ class CompareWidget(QWidget):
         self.tabs.addTab(sl, "Slices")
 
         # --- metrics tab
-        mt = QWidget()
-        mv = QVBoxLayout(mt)
-        mv.setContentsMargins(0, 0, 0, 0)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
+        mt, mv = _page()
+        self.status_label = _wrapped_label("")
         mv.addWidget(self.status_label)
-        self.metric_table = QTableWidget(0, 0)
-        self.metric_table.setSortingEnabled(True)
-        self.metric_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.metric_table = _readonly_table(sortable=True)
         self.metric_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.metric_table.verticalHeader().setVisible(False)
         splitter = QSplitter(Qt.Orientation.Vertical)
         splitter.addWidget(self.metric_table)
-        chart = QWidget()
-        cv = QVBoxLayout(chart)
-        cv.setContentsMargins(0, 0, 0, 0)
+        chart, cv = _page()
         crow = QHBoxLayout()
         crow.addWidget(QLabel("Bar chart"))
         self.chart_combo = QComboBox()
@@ -438,20 +452,13 @@ class CompareWidget(QWidget):
         self.tabs.addTab(mt, "Metrics")
 
         # --- regions tab
-        rt = QWidget()
-        rv = QVBoxLayout(rt)
-        rv.setContentsMargins(0, 0, 0, 0)
-        self.region_label = QLabel("Choose a Labels layer to get the mean χ per region and the fit against the reference.")
-        self.region_label.setWordWrap(True)
+        rt, rv = _page()
+        self.region_label = _wrapped_label(
+            "Choose a Labels layer to get the mean χ per region and the fit against the reference.")
         rv.addWidget(self.region_label)
-        self.region_table = QTableWidget(0, 0)
-        self.region_table.setSortingEnabled(True)
-        self.region_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.region_table.verticalHeader().setVisible(False)
+        self.region_table = _readonly_table(sortable=True)
         rv.addWidget(self.region_table, 1)
-        self.fit_table = QTableWidget(0, 0)
-        self.fit_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.fit_table.verticalHeader().setVisible(False)
+        self.fit_table = _readonly_table()
         self.fit_table.setMaximumHeight(150)
         rv.addWidget(self.fit_table)
         rrow = QHBoxLayout()
@@ -637,13 +644,16 @@ class CompareWidget(QWidget):
             return None
         return m > 0.5 if m.dtype != bool else m
 
-    def _connect_layer_events(self, sel: _Selection) -> None:
+    def _disconnect_layer_data(self) -> None:
         for lay in self._connected_layers:
             try:
                 lay.events.data.disconnect(self._on_layer_data)
             except Exception:
                 pass
         self._connected_layers = []
+
+    def _connect_layer_events(self, sel: _Selection) -> None:
+        self._disconnect_layer_data()
         for name in [sel.reference, sel.mask, sel.field, sel.labels] + list(sel.results):
             lay = self._layer(name)
             if lay is not None and lay not in self._connected_layers:
@@ -808,12 +818,7 @@ class CompareWidget(QWidget):
         sel = self.selection()
         self._generation += 1
         gen = self._generation
-        if self._worker is not None:
-            try:
-                self._worker.quit()
-            except Exception:
-                pass
-            self._worker = None
+        self._stop_worker()
         self.table = None
         self.regions = None
         if not sel.results:
@@ -926,6 +931,15 @@ class CompareWidget(QWidget):
         self._worker = None
         self._set_status(f"Metrics failed: {exc}")
         self._warn(f"Compare: metrics failed: {exc}")
+
+    def _stop_worker(self) -> None:
+        """Quit a running metrics worker (its late results are ignored by generation)."""
+        if self._worker is not None:
+            try:
+                self._worker.quit()
+            except Exception:
+                pass
+            self._worker = None
 
     @property
     def busy(self) -> bool:
@@ -1290,12 +1304,7 @@ class CompareWidget(QWidget):
         self._generation += 1  # late results of a running worker are ignored
         self._recompute_timer.stop()
         self._cursor_timer.stop()
-        if self._worker is not None:
-            try:
-                self._worker.quit()
-            except Exception:
-                pass
-            self._worker = None
+        self._stop_worker()
         for emitter, cb in ((self.viewer.layers.events.inserted, self._on_layers_changed),
                             (self.viewer.layers.events.removed, self._on_layers_changed),
                             (self.viewer.layers.events.moved, self._on_layers_changed),
@@ -1308,12 +1317,7 @@ class CompareWidget(QWidget):
                     emitter.disconnect(cb)
             except Exception:
                 pass
-        for lay in self._connected_layers:
-            try:
-                lay.events.data.disconnect(self._on_layer_data)
-            except Exception:
-                pass
-        self._connected_layers = []
+        self._disconnect_layer_data()
 
 
 _GEOMETRY_KEYS = ("axes", "affine", "voxel_size", "b0_direction", "geometry_known")
