@@ -17,16 +17,16 @@ from typing import Optional
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel, QLineEdit,
-                            QPushButton, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton,
+                            QVBoxLayout, QWidget)
 
 from ..core.device import available_devices
 from ..core.methods import Result
 from ..core.params import ParamError, make_params, params_to_dict
 from .form import ParamForm
 from .layers import result_layer_data
-from .widgets import (DIM_COLOR, ERR_COLOR, OK_COLOR, WARN_COLOR, PreviewLayer,
-                      _inputs_section, _notify_error, _notify_info, _scrolling_body, _section, _wrap_label)
+from .widgets import (DIM_COLOR, OK_COLOR, WARN_COLOR, PreviewLayer, _inputs_section, _notify_info,
+                      _run_footer, _scrolling_body, _section, _show_failure, _wrap_label)
 from .workers import JobRunner
 
 PREVIEW_EVERY = 10  # widget default for the χ preview (the API default is off)
@@ -172,18 +172,7 @@ class AdaptWidget(QWidget):
         body.addStretch(1)
 
         # footer, always visible: the loss plot, Run / Cancel, weights buttons, status
-        footer = QFrame()
-        flay = QVBoxLayout(footer)
-        flay.setContentsMargins(8, 4, 8, 6)
         self.plot = LossPlot()
-        flay.addWidget(self.plot)
-        row = QHBoxLayout()
-        self.run_button = QPushButton("Run")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        row.addWidget(self.run_button)
-        row.addWidget(self.cancel_button)
-        flay.addLayout(row)
         row = QHBoxLayout()
         self.save_button = QPushButton("Save adapted weights…")
         self.save_button.setToolTip("Write the adapted checkpoint (.pt) and its JSON card where you choose")
@@ -193,11 +182,7 @@ class AdaptWidget(QWidget):
         self.use_button.setEnabled(False)
         row.addWidget(self.save_button)
         row.addWidget(self.use_button)
-        flay.addLayout(row)
-        self.status = _wrap_label("", small=True)
-        self.status.setMinimumHeight(30)
-        flay.addWidget(self.status)
-        outer.addWidget(footer)
+        self.run_button, self.cancel_button, self.status = _run_footer(outer, top=self.plot, extra=row)
 
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
@@ -219,8 +204,7 @@ class AdaptWidget(QWidget):
             self.weights_edit.setText(path)
 
     def _fail(self, msg: str) -> None:
-        self.status.setText(f"<span style='color:{ERR_COLOR}'>✗ {html.escape(msg)}</span>")
-        _notify_error(f"napari-qsm: {msg}")
+        _show_failure(self.status, msg)
 
     # -- run ------------------------------------------------------------------------------------
     def run(self) -> bool:
@@ -285,11 +269,8 @@ class AdaptWidget(QWidget):
             self.plot.add(rec.step, rec.losses)
         msg = p.message or p.stage
         self.status.setText(html.escape(f"{msg} ({p.elapsed:.0f} s)"))
-        if p.preview is not None and np.ndim(p.preview) == 3 and self._preview is not None:
-            try:
-                self._preview.update(p.preview, field_layer)
-            except Exception:
-                pass
+        if self._preview is not None:
+            self._preview.show_progress(p, field_layer)
 
     def _on_result(self, res, field_layer, scan, inputs, params) -> None:
         self.adapted = res

@@ -92,6 +92,40 @@ def _wrap_label(text: str = "", color: Optional[str] = None, small: bool = False
     return lab
 
 
+def _run_footer(outer: QVBoxLayout, top: Optional[QWidget] = None,
+                extra: Optional[QHBoxLayout] = None) -> tuple[QPushButton, QPushButton, QLabel]:
+    """A dock's footer, always visible under its scrolling body: [top], Run / Cancel, [extra row], status.
+
+    Returns (Run button, Cancel button (disabled until a run starts), status label).
+    """
+    footer = QFrame()
+    footer.setFrameShape(QFrame.Shape.NoFrame)
+    flay = QVBoxLayout(footer)
+    flay.setContentsMargins(8, 4, 8, 6)
+    if top is not None:
+        flay.addWidget(top)
+    buttons = QHBoxLayout()
+    run_button = QPushButton("Run")
+    cancel_button = QPushButton("Cancel")
+    cancel_button.setEnabled(False)
+    buttons.addWidget(run_button)
+    buttons.addWidget(cancel_button)
+    flay.addLayout(buttons)
+    if extra is not None:
+        flay.addLayout(extra)
+    status = _wrap_label("", small=True)
+    status.setMinimumHeight(30)
+    flay.addWidget(status)
+    outer.addWidget(footer)
+    return run_button, cancel_button, status
+
+
+def _show_failure(status: QLabel, msg: str) -> None:
+    """A run could not start or failed: red line in the dock's status label, and a napari error notification."""
+    status.setText(f"<span style='color:{ERR_COLOR}'>✗ {html.escape(msg)}</span>")
+    _notify_error(f"napari-qsm: {msg}")
+
+
 def _is_image(layer) -> bool:
     from napari.layers import Image
     return isinstance(layer, Image) and not getattr(layer, "rgb", False)
@@ -574,6 +608,15 @@ class PreviewLayer:
         kw = derived_layer_kwargs(reference_layer, name=self.name, role="preview")
         self.layer = self.viewer.add_image(data, colormap="gray", contrast_limits=CHI_CONTRAST, **kw)
 
+    def show_progress(self, p, reference_layer) -> None:
+        """Show the χ preview a Progress record carries, if any (a preview problem never breaks the run)."""
+        if p.preview is None or np.ndim(p.preview) != 3:
+            return
+        try:
+            self.update(p.preview, reference_layer)
+        except Exception:
+            pass
+
     def remove(self) -> None:
         if self.layer is not None and self.layer in self.viewer.layers:
             self.viewer.layers.remove(self.layer)
@@ -651,25 +694,11 @@ class QSMWidget(QWidget):
         body.addStretch(1)
 
         # footer, always visible under the scrolling part: Run / Cancel and the status line
-        footer = QFrame()
-        footer.setFrameShape(QFrame.Shape.NoFrame)
-        flay = QVBoxLayout(footer)
-        flay.setContentsMargins(8, 4, 8, 6)
-        buttons = QHBoxLayout()
-        self.run_button = QPushButton("Run")
+        self.run_button, self.cancel_button, self.status = _run_footer(outer)
         self.run_button.setObjectName("run_button")
-        self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setObjectName("cancel_button")
-        self.cancel_button.setEnabled(False)
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        flay.addLayout(buttons)
-        self.status = _wrap_label("", small=True)
         self.status.setObjectName("status_label")
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.status.setMinimumHeight(30)
-        flay.addWidget(self.status)
-        outer.addWidget(footer)
 
         self.method_combo.currentIndexChanged.connect(self._on_method_changed)
         self.reset_button.clicked.connect(self.form.reset)
@@ -740,8 +769,7 @@ class QSMWidget(QWidget):
 
     # -- run --------------------------------------------------------------------------------
     def _fail(self, msg: str) -> None:
-        self.status.setText(f"<span style='color:{ERR_COLOR}'>✗ {html.escape(msg)}</span>")
-        _notify_error(f"napari-qsm: {msg}")
+        _show_failure(self.status, msg)
 
     def run(self) -> bool:
         """Validate, then start the reconstruction in a worker. Returns False when it could not start."""
@@ -799,11 +827,8 @@ class QSMWidget(QWidget):
         frac = f"{p.step}/{p.total}" if p.total else f"{p.step}"
         losses = "  ".join(f"{k} {v:.3g}" for k, v in list(p.losses.items())[:3])
         self.status.setText(html.escape(f"{p.message or p.stage} ({frac}, {p.elapsed:.1f} s)  {losses}".strip()))
-        if self._preview is not None and p.preview is not None and np.ndim(p.preview) == 3:
-            try:
-                self._preview.update(p.preview, field_layer)
-            except Exception:
-                pass
+        if self._preview is not None:
+            self._preview.show_progress(p, field_layer)
 
     def _on_result(self, result, field_layer, scan, inputs) -> None:
         data, kw = result_layer_data(result, field_layer, scan=scan, inputs=inputs)
