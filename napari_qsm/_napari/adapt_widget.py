@@ -17,16 +17,15 @@ from typing import Optional
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton,
-                            QVBoxLayout, QWidget)
+from qtpy.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from ..core.device import available_devices
 from ..core.methods import Result
 from ..core.params import ParamError, make_params, params_to_dict
 from .form import ParamForm
 from .layers import result_layer_data
-from .widgets import (DIM_COLOR, OK_COLOR, WARN_COLOR, PreviewLayer, _inputs_section, _notify_info,
-                      _run_footer, _scrolling_body, _section, _show_failure, _wrap_label)
+from .widgets import (DIM_COLOR, OK_COLOR, WARN_COLOR, PreviewLayer, _device_combo, _inputs_section,
+                      _notify_info, _pick_weights_file, _run_footer, _scrolling_body, _section, _show_failure,
+                      _wrap_label, _weights_row)
 from .workers import JobRunner
 
 PREVIEW_EVERY = 10  # widget default for the χ preview (the API default is off)
@@ -147,14 +146,8 @@ class AdaptWidget(QWidget):
                                   "on domain 1 (λ·L_T, field consistency); λ rises linearly.", DIM_COLOR, small=True))
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-        wrow = QHBoxLayout()
-        self.weights_edit = QLineEdit()
-        self.weights_edit.setPlaceholderText("built-in checkpoint")
-        self.weights_edit.setToolTip("Base QSMInvNet+ checkpoint (.pt); empty = the one shipped with napari-qsm")
-        self.weights_browse = QPushButton("…")
-        self.weights_browse.setMaximumWidth(30)
-        wrow.addWidget(self.weights_edit)
-        wrow.addWidget(self.weights_browse)
+        wrow, self.weights_edit, self.weights_browse = _weights_row(
+            "Base QSMInvNet+ checkpoint (.pt); empty = the one shipped with napari-qsm")
         form.addRow("Base weights", wrow)
         lay.addLayout(form)
         self.form = ParamForm(AdaptParams)
@@ -162,9 +155,7 @@ class AdaptWidget(QWidget):
             self.form.set_values({"preview_every": PREVIEW_EVERY})
         lay.addWidget(self.form)
         form2 = QFormLayout()
-        self.device_combo = QComboBox()
-        for value, label in available_devices():
-            self.device_combo.addItem(label, value)
+        self.device_combo = _device_combo()
         form2.addRow("Device", self.device_combo)
         lay.addLayout(form2)
         body.addWidget(box)
@@ -199,9 +190,7 @@ class AdaptWidget(QWidget):
         QTimer.singleShot(0, lambda: self.setMinimumWidth(max(340, self._scroll.minimumSizeHint().width())))
 
     def _browse(self):
-        path, _ = QFileDialog.getOpenFileName(self, "Base weights", "", "PyTorch weights (*.pt *.pth)")
-        if path:
-            self.weights_edit.setText(path)
+        _pick_weights_file(self, "Base weights", self.weights_edit)
 
     def _fail(self, msg: str) -> None:
         _show_failure(self.status, msg)

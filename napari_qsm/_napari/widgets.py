@@ -92,6 +92,36 @@ def _wrap_label(text: str = "", color: Optional[str] = None, small: bool = False
     return lab
 
 
+def _weights_row(tooltip: str, browse_tooltip: Optional[str] = None) -> tuple[QHBoxLayout, QLineEdit, QPushButton]:
+    """A network-weights path field (empty = the built-in checkpoint) and its "…" browse button, in a row."""
+    row = QHBoxLayout()
+    edit = QLineEdit()
+    edit.setPlaceholderText("built-in checkpoint")
+    edit.setToolTip(tooltip)
+    browse = QPushButton("…")
+    browse.setMaximumWidth(30)
+    if browse_tooltip:
+        browse.setToolTip(browse_tooltip)
+    row.addWidget(edit)
+    row.addWidget(browse)
+    return row, edit, browse
+
+
+def _pick_weights_file(parent: QWidget, title: str, edit: QLineEdit) -> None:
+    """Ask for a weights file (.pt / .pth) and put its path into ``edit`` (unchanged when cancelled)."""
+    path, _ = QFileDialog.getOpenFileName(parent, title, "", "PyTorch weights (*.pt *.pth)")
+    if path:
+        edit.setText(path)
+
+
+def _device_combo() -> QComboBox:
+    """Drop-down of the devices present on this machine (item data: the device value)."""
+    combo = QComboBox()
+    for value, label in available_devices():
+        combo.addItem(label, value)
+    return combo
+
+
 def _run_footer(outer: QVBoxLayout, top: Optional[QWidget] = None,
                 extra: Optional[QHBoxLayout] = None) -> tuple[QPushButton, QPushButton, QLabel]:
     """A dock's footer, always visible under its scrolling body: [top], Run / Cancel, [extra row], status.
@@ -665,20 +695,11 @@ class QSMWidget(QWidget):
 
         form2 = QFormLayout()
         form2.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-        wrow = QHBoxLayout()
-        self.weights_edit = QLineEdit()
-        self.weights_edit.setPlaceholderText("built-in checkpoint")
-        self.weights_edit.setToolTip("Network weights (.pt); empty = the checkpoint shipped with napari-qsm")
-        self.weights_browse = QPushButton("…")
-        self.weights_browse.setMaximumWidth(30)
-        self.weights_browse.setToolTip("Choose a weights file (.pt)")
-        wrow.addWidget(self.weights_edit)
-        wrow.addWidget(self.weights_browse)
+        wrow, self.weights_edit, self.weights_browse = _weights_row(
+            "Network weights (.pt); empty = the checkpoint shipped with napari-qsm", "Choose a weights file (.pt)")
         self.weights_label = QLabel("Weights")
         form2.addRow(self.weights_label, wrow)
-        self.device_combo = QComboBox()
-        for value, label in available_devices():
-            self.device_combo.addItem(label, value)
+        self.device_combo = _device_combo()
         self.device_combo.setToolTip("Where the numerics run (only devices present on this machine)")
         form2.addRow("Device", self.device_combo)
         self.output_combo = QComboBox()
@@ -759,9 +780,7 @@ class QSMWidget(QWidget):
             self.run_button.setEnabled(not m.multi_scan)
 
     def _browse_weights(self):
-        path, _ = QFileDialog.getOpenFileName(self, "Network weights", "", "PyTorch weights (*.pt *.pth)")
-        if path:
-            self.weights_edit.setText(path)
+        _pick_weights_file(self, "Network weights", self.weights_edit)
 
     def set_weights(self, path) -> None:
         """Use these weights for network methods (e.g. adapted weights from the Adapt dock)."""
