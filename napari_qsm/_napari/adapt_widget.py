@@ -20,12 +20,12 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ..core.methods import Result
-from ..core.params import ParamError, make_params, params_to_dict
+from ..core.params import params_to_dict
 from .form import ParamForm
 from .layers import result_layer_data
 from .widgets import (DIM_COLOR, OK_COLOR, WARN_COLOR, PreviewLayer, _device_combo, _inputs_section,
-                      _notify_info, _pick_weights_file, _run_footer, _scrolling_body, _section, _show_failure,
-                      _wrap_label, _weights_row)
+                      _notify_info, _pick_weights_file, _run_footer, _scan_and_params, _scrolling_body, _section,
+                      _show_failure, _wrap_label, _weights_row)
 from .workers import JobRunner
 
 PREVIEW_EVERY = 10  # widget default for the χ preview (the API default is off)
@@ -201,15 +201,10 @@ class AdaptWidget(QWidget):
 
         if self.runner.running:
             return False
-        scan = self.inputs.validate()
-        if scan is None:
-            self._fail(self.inputs.last_error or "invalid inputs")
+        got = _scan_and_params(self, AdaptParams)
+        if got is None:
             return False
-        try:
-            params = make_params(AdaptParams, self.form.values())
-        except (ParamError, ValueError) as exc:
-            self._fail(str(exc))
-            return False
+        scan, params = got
         weights = self.weights_edit.text().strip() or None
         device = self.device_combo.currentData()
         field_layer = self.inputs.field_combo.layer()

@@ -156,6 +156,20 @@ def _show_failure(status: QLabel, msg: str) -> None:
     _notify_error(f"napari-qsm: {msg}")
 
 
+def _scan_and_params(dock, params_cls, errors: tuple = (ParamError, ValueError)) -> Optional[tuple]:
+    """(Scan from ``dock.inputs``, parameter record from ``dock.form``), or None after ``dock._fail(why)``."""
+    scan = dock.inputs.validate()
+    if scan is None:
+        dock._fail(dock.inputs.last_error or "invalid inputs")
+        return None
+    try:
+        params = make_params(params_cls, dock.form.values())
+    except errors as exc:
+        dock._fail(str(exc))
+        return None
+    return scan, params
+
+
 def _is_image(layer) -> bool:
     from napari.layers import Image
     return isinstance(layer, Image) and not getattr(layer, "rgb", False)
@@ -798,15 +812,10 @@ class QSMWidget(QWidget):
         if m.multi_scan:
             self._fail(f"{m.label} needs several orientations; use the command line or the Python API")
             return False
-        scan = self.inputs.validate()
-        if scan is None:
-            self._fail(self.inputs.last_error or "invalid inputs")
+        got = _scan_and_params(self, m.params_cls, errors=(ParamError, ValueError, TypeError))
+        if got is None:
             return False
-        try:
-            params = make_params(m.params_cls, self.form.values())
-        except (ParamError, ValueError, TypeError) as exc:
-            self._fail(str(exc))
-            return False
+        scan, params = got
         if m.needs_magnitude and scan.magnitude is None:
             self._fail(f"magnitude: {m.label} needs a magnitude image; choose one in Inputs")
             return False
