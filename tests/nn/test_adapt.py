@@ -19,6 +19,7 @@ from napari_qsm.nn.adapt import AdaptCancelled, AdaptParams, adapt, adapt_cli, l
 from napari_qsm.nn.infer import WEIGHTS_DIR, load_model, predict
 from napari_qsm.nn.train import atomic_torch_save
 from napari_qsm.nn.unet import NetConfig, QSMInvNet
+from nn_test_helpers import blob_volume
 
 SHAPE = (32, 32, 32)
 SMALL_HEAD = ((32, 40, 32), (4.5, 4.5, 4.5))   # synthetic heads for the tests: tiny and fast
@@ -26,14 +27,7 @@ SMALL_HEAD = ((32, 40, 32), (4.5, 4.5, 4.5))   # synthetic heads for the tests: 
 
 def _blob_scan(seed=0, noise=0.0):
     rng = np.random.default_rng(seed)
-    g = np.meshgrid(*[np.arange(n) - n / 2 for n in SHAPE], indexing="ij")
-    mask = (g[0] ** 2 / 14 ** 2 + g[1] ** 2 / 13 ** 2 + g[2] ** 2 / 12 ** 2) < 1
-    chi = np.zeros(SHAPE, np.float32)
-    for _ in range(6):
-        c = rng.uniform(-8, 8, 3)
-        r = rng.uniform(2, 5)
-        chi += rng.uniform(-0.2, 0.3) * ((g[0] - c[0]) ** 2 + (g[1] - c[1]) ** 2 + (g[2] - c[2]) ** 2 < r * r)
-    chi = (chi * mask).astype(np.float32)
+    chi, mask = blob_volume(SHAPE, rng)  # the noise and magnitude below draw on from the same rng
     b0 = np.array([np.sin(0.2), 0.0, np.cos(0.2)])
     f = forward_field(chi, (1, 1, 1), b0, device="cpu") * mask
     f = f + noise * rng.standard_normal(SHAPE).astype(np.float32) * mask

@@ -14,24 +14,12 @@ from napari_qsm.nn.losses import LambdaSchedule, loss_field, loss_supervised, no
 from napari_qsm.nn.synth import Head, SynthConfig, phase_per_ppm, sample_pair, to_tensors
 from napari_qsm.nn.train import Trainer, TrainConfig
 from napari_qsm.nn.unet import DSBN, NetConfig, QSMInvNet, count_parameters, flops_per_voxel
+from nn_test_helpers import blob_volume
 
 
 def tiny(nd=2, w=2, seed=0):
     torch.manual_seed(seed)
     return QSMInvNet(NetConfig(base_width=w, num_domains=nd))
-
-
-def blob_volume(shape=(32, 32, 32), seed=0):
-    rng = np.random.default_rng(seed)
-    g = np.meshgrid(*[np.arange(n) - n / 2 for n in shape], indexing="ij")
-    mask = (g[0] ** 2 / 14 ** 2 + g[1] ** 2 / 13 ** 2 + g[2] ** 2 / 12 ** 2) < 1
-    chi = np.zeros(shape, np.float32)
-    for _ in range(6):
-        c = rng.uniform(-8, 8, 3)
-        r = rng.uniform(2, 5)
-        chi += rng.uniform(-0.2, 0.3) * ((g[0] - c[0]) ** 2 + (g[1] - c[1]) ** 2 + (g[2] - c[2]) ** 2 < r * r)
-    chi *= mask
-    return chi.astype(np.float32), mask
 
 
 def test_architecture_counts():
