@@ -66,6 +66,21 @@ def _slow_run(scan, p: SlowParams, *, device, progress=None, cancel=None, **_):
     return {"chi": scan.field * scan.mask, "extras": {"residual": scan.field * 0.0, "note": "ok"}}
 
 
+def start_ticks(interval_ms: int = 20):
+    """Start a QTimer that appends ``time.perf_counter()`` to a list every ``interval_ms``.
+
+    Returns (timer, ticks): keep the timer referenced while it runs, pass ``ticks`` to
+    :func:`assert_responsive`, and stop the timer when done.
+    """
+    from qtpy.QtCore import QTimer
+
+    ticks: list = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(interval_ms)
+    return timer, ticks
+
+
 def assert_responsive(qtbot, ticks: list, seconds: float = 4.0, max_gap: float = 3.0) -> None:
     """A 20 ms QTimer appending to ``ticks`` kept firing during ``seconds`` of a background run.
 

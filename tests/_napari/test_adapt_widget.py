@@ -1,18 +1,16 @@
 """The "Adapt network" dock: a few adaptation steps on a tiny phantom, loss plot, preview, save/use, cancel."""
 
 import json
-import time
 
 import numpy as np
 import pytest
-from qtpy.QtCore import QTimer
 
 pytest.importorskip("napari_qsm.nn.adapt")
 torch = pytest.importorskip("torch")
 
 from napari_qsm._napari.adapt_widget import AdaptWidget  # noqa: E402
 from napari_qsm._napari.widgets import QSMWidget  # noqa: E402
-from napari_test_helpers import assert_responsive  # noqa: E402
+from napari_test_helpers import assert_responsive, start_ticks  # noqa: E402
 
 FAST = {"patch": 32, "synth_batch": 0, "preview_every": 1}
 
@@ -72,10 +70,7 @@ def test_adapt_end_to_end_save_and_use(phantom_viewer, qtbot, tiny_checkpoint, t
 def test_adapt_cancel_keeps_state_and_gui_responsive(phantom_viewer, qtbot, tiny_checkpoint, tmp_path):
     w = _dock(phantom_viewer, qtbot, tiny_checkpoint)
     w.form.set_values(dict(FAST, steps=500, preview_every=0))
-    ticks = []
-    timer = QTimer()
-    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
-    timer.start(20)
+    timer, ticks = start_ticks()
     n = len(phantom_viewer.layers)
     assert w.run()
     qtbot.waitUntil(lambda: len(w.plot.rows) >= 1, timeout=120000)

@@ -1,11 +1,9 @@
 """The "QSM reconstruction" dock end to end on a tiny phantom: generated forms, runs, cancel, errors."""
 
 import threading
-import time
 
 import numpy as np
 import pytest
-from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QSpinBox
 
 from napari_qsm._napari.layers import to_canonical
@@ -13,7 +11,7 @@ from napari_qsm._napari.widgets import QSMWidget
 from napari_qsm.core.methods import available_methods, reconstruct
 from napari_qsm.core.params import specs
 from napari_qsm.core.scan import Scan
-from napari_test_helpers import assert_responsive
+from napari_test_helpers import assert_responsive, start_ticks
 
 
 @pytest.fixture
@@ -149,10 +147,7 @@ def test_long_run_progress_responsive_and_cancel(phantom_viewer, qtbot, slow_met
     w = _dock(phantom_viewer, qtbot)
     w.set_method("slowtest")
     w.form.set_values({"steps": 2000, "delay": 0.01})
-    ticks = []
-    timer = QTimer()
-    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
-    timer.start(20)
+    timer, ticks = start_ticks()
     n_layers = len(phantom_viewer.layers)
     assert w.run()
     assert not w.inputs.isEnabled() and not w.form.isEnabled()
