@@ -240,7 +240,6 @@ def run_curve(weights: str, work: Path, case: int = 0, steps: int = max(CURVE_ST
     rec = {"case": case, "steps": steps, "curves": {}}
     for mode in modes:
         pts = {0: _metrics(x, chi, scan.mask)}
-        lt = []
 
         def prog(pr):
             if pr.preview is not None and pr.step in CURVE_STEPS:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -171,7 +169,6 @@ def accuracy(ph, cache: Cache, args, tag):
 
 def lambda_curve(ph, cache: Cache, tag):
     """Cold solves over λ: NRMSE, residual R, noise energy E and the UPRE estimate at each."""
-    from napari_qsm.core import medi as MD
 
     scan = Scan.from_phantom(ph)
     out = []

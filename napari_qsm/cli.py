@@ -22,7 +22,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 
 def _add_scan_args(p: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 
 from ..core.methods import Result
 from ..core.params import params_to_dict

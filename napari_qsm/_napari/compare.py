@@ -29,7 +29,7 @@ from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtGui import QBrush, QColor, QFont, QGuiApplication
 from qtpy.QtWidgets import (
     QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QGridLayout, QHBoxLayout,
-    QHeaderView, QLabel, QListWidget, QListWidgetItem, QPushButton, QSizePolicy, QSplitter,
+    QHeaderView, QLabel, QListWidget, QListWidgetItem, QPushButton, QSplitter,
     QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget,
 )
 

@@ -263,7 +263,6 @@ class SliceGrid(QWidget):
         self._planes_cache.clear()
         if not self._columns or self._shape is None:
             return
-        want = set(self._planes)
         lo, hi = self._chi_lim
         dl = self._diff_lim
         rows = self._rows()

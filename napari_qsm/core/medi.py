@@ -79,7 +79,6 @@ minus its 3×3×3 mean in the interior of the mask: an upper bound when the fiel
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 

@@ -20,7 +20,7 @@ import datetime as _dt
 import importlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 

@@ -82,11 +82,11 @@ import torch
 
 from ..core.device import device_label, resolve_device
 from ..core.methods import Method, Result, register_method
-from .synth import _crop
 from ..core.params import check_params, make_params, param, params_to_dict
 from ..core.progress import Cancelled, Reporter, check_cancel
 from .infer import (DSBNParams, WEIGHTS_DIR, WeightsError, default_weights_path, file_sha256, load_model,
                     predict)
+from .synth import crop_box
 from .losses import DipoleOperator, LambdaSchedule, loss_field, loss_supervised, noise_weights
 from .unet import ConvBlock, QSMInvNet
 
@@ -257,9 +257,9 @@ class _ScanPatches:
         xs, fs_, ms, ws = [], [], [], []
         for k in range(self.p.scan_batch):
             st = self.starts(step, k)
-            m = _crop(self.scan.mask, st, self.pshape, False)
-            f = _crop(self.scan.field, st, self.pshape, 0.0) * m
-            iw = _crop(self.inv_w, st, self.pshape, np.inf)
+            m = crop_box(self.scan.mask, st, self.pshape, False)
+            f = crop_box(self.scan.field, st, self.pshape, 0.0) * m
+            iw = crop_box(self.inv_w, st, self.pshape, np.inf)
             # interior: drop a band along each face that cuts through the volume
             inner = np.ones(self.pshape, bool)
             for ax in range(3):

@@ -191,7 +191,7 @@ class PhantomPool:
 # augmentations
 # ----------------------------------------------------------------------------------------------
 
-def _crop(a: np.ndarray, start, size, fill=0):
+def crop_box(a: np.ndarray, start, size, fill=0):
     """Crop ``size`` from ``a`` at ``start`` (may extend outside: filled with ``fill``)."""
     out = np.full(size, fill, dtype=a.dtype)
     src, dst = [], []
@@ -219,7 +219,7 @@ def _smooth_field(rng, shape, vs, sigma_mm):
     f = ndimage.zoom(c, [n / m for n, m in zip(shape, coarse)], order=3, mode="nearest", grid_mode=True)
     f = f[: shape[0], : shape[1], : shape[2]]
     if f.shape != tuple(shape):
-        f = _crop(f, (0, 0, 0), shape)
+        f = crop_box(f, (0, 0, 0), shape)
     f -= f.mean()
     return f / max(float(f.std()), 1e-6)
 
@@ -270,14 +270,14 @@ def sample_pair(head: Head, rng: np.random.Generator, cfg: SynthConfig, augment:
         for ax in range(3):
             N = head.mask.shape[ax]
             start[ax] = int(np.clip(start[ax], 0, N - P[ax])) if N >= P[ax] else (N - P[ax]) // 2
-        m = _crop(head.mask, start, P)
+        m = crop_box(head.mask, start, P)
         if m.mean() >= cfg.min_mask_fraction:
             break
     bstart = start - amp_vox
-    chi = _crop(head.chi, bstart, big)
-    mag = _crop(head.magnitude, bstart, big)
-    lab = _crop(head.labels, bstart, big)
-    msk = _crop(head.mask, bstart, big)
+    chi = crop_box(head.chi, bstart, big)
+    mag = crop_box(head.magnitude, bstart, big)
+    lab = crop_box(head.labels, bstart, big)
+    msk = crop_box(head.mask, bstart, big)
     info = {"seed": head.seed, "voxel_size": list(head.voxel_size), "start": [int(s) for s in start]}
     # -- elastic deformation -------------------------------------------------------------------
     if augment and rng.random() < cfg.p_elastic:

@@ -6,7 +6,6 @@ Volumes are tiny (≈30³) so the suite stays light on a shared 2-core machine.
 
 from __future__ import annotations
 
-import nibabel as nib
 import numpy as np
 import pytest
 

@@ -10,7 +10,7 @@ import pytest
 from napari_qsm.core.io import (GAMMA_BAR_MHZ_PER_T, NiftiError, b0_from_affine, check_output_path, from_ppm,
                                 load_scan, read_volume, save_result, save_volume, sidecar_path, to_ppm)
 from napari_qsm.core.methods import reconstruct
-from napari_qsm.core.scan import Scan, ScanError
+from napari_qsm.core.scan import ScanError
 
 
 def rot(axis, deg):
