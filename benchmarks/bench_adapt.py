@@ -203,7 +203,8 @@ def run_case(i: int, weights: str, work: Path, medi: bool = True, steps: int | N
         # QSMInvNet+ base (no adaptation: what the shipped network gives on this scan)
         t = time.perf_counter()
         model = load_model(weights)
-        x, _ = predict(model, scan.field, mask, domain="auto")
+        x, _ = predict(model, scan.field, mask, domain="auto", voxel_size=scan.voxel_size,
+                       b0_direction=scan.b0_direction)
         rec["methods"]["QSMInvNet+ base"] = {**_metrics(x, chi, mask), "seconds": round(time.perf_counter() - t, 1),
                                              "L_T_volume": _volume_lt(x, scan)}
         rec["L_T_volume_truth"] = _volume_lt(chi, scan)
@@ -236,7 +237,8 @@ def run_curve(weights: str, work: Path, case: int = 0, steps: int = max(CURVE_ST
         return json.loads(out.read_text())
     scan, chi, desc = make_case(case)
     model = load_model(weights)
-    x, _ = predict(model, scan.field, scan.mask, domain="auto")
+    x, _ = predict(model, scan.field, scan.mask, domain="auto", voxel_size=scan.voxel_size,
+                   b0_direction=scan.b0_direction)
     rec = {"case": case, "steps": steps, "curves": {}}
     for mode in modes:
         pts = {0: _metrics(x, chi, scan.mask)}

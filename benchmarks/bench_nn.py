@@ -31,13 +31,13 @@ import json, resource, sys, time
 import numpy as np, torch
 torch.set_num_threads(int(sys.argv[4]))
 from napari_qsm.nn.infer import load_model, predict
-f = np.load(sys.argv[1]); m = np.load(sys.argv[2])
+f = np.load(sys.argv[1]); m = np.load(sys.argv[2]); geom = json.loads(sys.argv[6])
 w = None if sys.argv[3] == "-" else sys.argv[3]
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 model = load_model(w, device="cpu")
 times = []
 for i in range(int(sys.argv[5])):
-    t = time.perf_counter(); chi, info = predict(model, f, m, device="cpu"); times.append(time.perf_counter() - t)
+    t = time.perf_counter(); chi, info = predict(model, f, m, device="cpu", **geom); times.append(time.perf_counter() - t)
 def vmhwm():
     # VmHWM is this process's own high-water mark (ru_maxrss would include the parent's RSS at fork)
     for line in open("/proc/self/status"):
@@ -72,7 +72,8 @@ def inference_bench(weights, threads: int, passes: int = 2) -> dict:
         fp, mp = Path(d) / "f.npy", Path(d) / "m.npy"
         np.save(fp, ph.field)
         np.save(mp, ph.mask)
-        out = subprocess.run([sys.executable, "-c", _INFER_CHILD, str(fp), str(mp), weights or "-", str(threads), str(passes)],
+        out = subprocess.run([sys.executable, "-c", _INFER_CHILD, str(fp), str(mp), weights or "-", str(threads), str(passes),
+                              json.dumps({"voxel_size": list(ph.voxel_size), "b0_direction": [float(v) for v in ph.b0_direction]})],
                              capture_output=True, text=True, cwd=str(ROOT))
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])

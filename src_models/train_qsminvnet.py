@@ -72,7 +72,7 @@ def nrmse(pred, ref, mask):
 
 
 def make_val_fn(model, patches, net: NetConfig, device):
-    x, y = to_tensors(patches, net.field_scale, net.chi_scale, device)
+    x, y = to_tensors(patches, net, device)
 
     def fn(step):
         vals = []
@@ -132,7 +132,9 @@ def export(cfg: dict, run_dir: Path, out_dir: Path = WEIGHTS, extra_card: dict |
         "parameters": count_parameters(model),
         "flops_per_voxel": flops_per_voxel(net),
         "normalisation": {
-            "input": "channel 0 = field_ppm * mask * field_scale, channel 1 = mask (0/1)",
+            "input": "channel 0 = field_ppm * mask * field_scale, channel 1 = mask (0/1)"
+                     + (f", channel 2 = TKD(field; delta={net.tkd_delta}, scan voxel size and B0) * mask * chi_scale; "
+                        f"output = correction added to channel 2" if net.has_tkd else ""),
             "output": "chi_ppm = output / chi_scale, multiplied by the mask",
             "field_scale": net.field_scale, "chi_scale": net.chi_scale,
             "spatial_multiple": net.multiple,

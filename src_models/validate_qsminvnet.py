@@ -80,7 +80,8 @@ def validate(weights=None, cases=CASES, device="cpu", log=print) -> dict:
         t0 = time.time()
         ph = make_case(c)
         t1 = time.time()
-        chi_nn, info = predict(model, ph.field, ph.mask, device=device)
+        chi_nn, info = predict(model, ph.field, ph.mask, device=device, voxel_size=ph.voxel_size,
+                               b0_direction=ph.b0_direction)
         t_nn = time.time() - t1
         thr, chi_tkd, _ = best_tkd(ph)
         r = {"case": c["name"], "seed": c["seed"], "shape": list(c["shape"]), "voxel_size": list(c["voxel_size"]),

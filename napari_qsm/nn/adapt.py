@@ -86,6 +86,7 @@ from ..core.params import check_params, make_params, param, params_to_dict
 from ..core.progress import Cancelled, Reporter, check_cancel
 from .infer import (DSBNParams, WEIGHTS_DIR, WeightsError, default_weights_path, file_sha256, load_model,
                     predict)
+from .inputs import network_input, tkd_channel
 from .synth import crop_box
 from .losses import DipoleOperator, LambdaSchedule, loss_field, loss_supervised, noise_weights
 from .unet import ConvBlock, QSMInvNet
@@ -233,10 +234,13 @@ def _check_scan(scan, p: AdaptParams, pshape) -> None:
 class _ScanPatches:
     """Random scan patches (network input, field, mask, interior weights) for step t."""
 
-    def __init__(self, scan, p: AdaptParams, fs: float, mult: int):
+    def __init__(self, scan, p: AdaptParams, net_cfg, mult: int, device=None):
         self.scan = scan
         self.p = p
-        self.fs = fs
+        self.net_cfg = net_cfg
+        # the TKD channel is computed once on the whole scan and cropped, exactly as inference sees it
+        self.tkd = (tkd_channel(scan.field, scan.mask, scan.voxel_size, scan.b0_direction, net_cfg.tkd_delta,
+                                device=device) if net_cfg.has_tkd else None)
         self.pshape = scan_patch_shape(scan.shape, p.patch, mult)
         self.inv_w, self.weighting = _inv_weight(scan, p.weighting)
         self.idx = np.flatnonzero(scan.mask)
@@ -276,7 +280,8 @@ class _ScanPatches:
             mi = m & inner
             if not mi.any():      # a patch with no interior brain: fall back to the whole patch
                 mi = m
-            xs.append(np.stack([f * self.fs, m.astype(np.float32)]))
+            tk = crop_box(self.tkd, st, self.pshape, 0.0) if self.tkd is not None else None
+            xs.append(network_input(f, m, self.net_cfg, tkd=tk))
             fs_.append(f[None])
             ms.append(mi.astype(np.float32)[None])
             ws.append(iw[None])
@@ -434,9 +439,9 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
     if p.mode == "finetune" and model.num_domains != 1:
         raise WeightsError("resume: a finetune checkpoint must have one BN domain")
     dom_t = 1 if p.mode == "dsbn" else 0
-    fs, cs = (float(v) for v in model.io_scale.tolist())
+    cs = float(model.io_scale[1])
     mult = model.config.multiple
-    patches = _ScanPatches(scan, p, fs, mult)
+    patches = _ScanPatches(scan, p, model.config, mult, device=dev)
     _check_scan(scan, p, patches.pshape)
     model = model.to(dev).train()
     opt = torch.optim.Adam(model.parameters(), lr=p.lr)
@@ -452,6 +457,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
     ppp = _rad_per_ppm(scan) if p.rad_per_ppm == "auto" else float(p.rad_per_ppm)
     vs = tuple(float(v) for v in scan.voxel_size)
     b0 = np.asarray(scan.b0_direction, float)
+    geom = {"voxel_size": vs, "b0_direction": b0}
 
     rep = Reporter(progress, cancel, total=p.steps, stage="adapt" if p.mode == "dsbn" else "finetune")
 
@@ -474,10 +480,10 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
             rng = np.random.default_rng([int(p.seed), int(step), b, 31])
             h = heads[int(rng.integers(len(heads)))]
             out.append(sample_pair(h, rng, scfg, augment=True, b0_direction=b0))
-        return to_tensors(out, fs, cs, dev)
+        return to_tensors(out, model.config, dev)
 
     def current_chi():
-        chi, _ = predict(model, scan.field, scan.mask, domain=dom_t, device=dev, cancel=cancel)
+        chi, _ = predict(model, scan.field, scan.mask, domain=dom_t, device=dev, cancel=cancel, **geom)
         model.train()
         if ref_mean is not None:
             chi = np.where(scan.mask, chi + (ref_mean - float(chi[scan.mask].mean(dtype=np.float64))), 0.0)
@@ -485,7 +491,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
 
     if p.keep_mean and ref_mean is None:
         rep(step0, "reference χ mean of the unadapted network", L_S=float("nan"), L_T=float("nan"))
-        chi0, _ = predict(model, scan.field, scan.mask, domain=dom_t, device=dev, cancel=cancel)
+        chi0, _ = predict(model, scan.field, scan.mask, domain=dom_t, device=dev, cancel=cancel, **geom)
         ref_mean = float(chi0[scan.mask].mean(dtype=np.float64))
         del chi0
         model.train()
@@ -561,7 +567,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
         raise AdaptCancelled(f"adaptation cancelled after step {step}/{p.steps}", res)
     dp = DSBNParams()
     try:
-        chi, pinfo = predict(model, scan.field, scan.mask, domain="auto", device=dev, memory_gb=dp.memory_gb,
+        chi, pinfo = predict(model, scan.field, scan.mask, domain="auto", device=dev, **geom, memory_gb=dp.memory_gb,
                              tile=dp.tile, overlap=dp.overlap, cancel=cancel)
         if ref_mean is not None and step > 0:
             res.info["train_head_bias"] = model.head.bias.detach().cpu().clone()
@@ -570,7 +576,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
             with torch.no_grad():
                 model.head.bias += torch.tensor([delta * cs], dtype=model.head.bias.dtype, device=model.head.bias.device)
             res.info["mean_shift_ppm"] = delta
-            chi, pinfo = predict(model, scan.field, scan.mask, domain="auto", device=dev, memory_gb=dp.memory_gb,
+            chi, pinfo = predict(model, scan.field, scan.mask, domain="auto", device=dev, **geom, memory_gb=dp.memory_gb,
                                  tile=dp.tile, overlap=dp.overlap, cancel=cancel)
     except Cancelled:
         res.cancelled = True

@@ -34,6 +34,7 @@ from ..core.device import resolve_device
 from ..core.methods import Method, register_method
 from ..core.params import param
 from ..core.progress import Reporter
+from .inputs import network_input
 from .unet import NetConfig, QSMInvNet, receptive_radius
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -88,10 +89,15 @@ def config_from_state_dict(sd: dict) -> NetConfig:
         base, cin = int(w0.shape[0]), int(w0.shape[1])
         nd = len({k.split(".bns.")[1].split(".")[0] for k in sd if k.startswith("down.0.norm.bns.")})
         fs, cs = (float(v) for v in sd["io_scale"].tolist()) if "io_scale" in sd else (10.0, 10.0)
+        delta = float(sd["tkd_delta"]) if "tkd_delta" in sd else 0.0
     except Exception as exc:
         raise WeightsError(f"weights: not a QSMInvNet state_dict (missing {exc}); expected the keys of "
                            f"napari_qsm.nn.unet.QSMInvNet") from None
-    return NetConfig(base_width=base, num_domains=max(nd, 1), in_channels=cin, field_scale=fs, chi_scale=cs)
+    if (delta > 0) != (cin == 3):
+        raise WeightsError(f"weights: {cin} input channels but TKD threshold {delta} (expected 3 channels with "
+                           f"a TKD channel, 2 without)")
+    return NetConfig(base_width=base, num_domains=max(nd, 1), in_channels=cin, field_scale=fs, chi_scale=cs,
+                     tkd_delta=delta)
 
 
 def load_model(path=None, device="cpu") -> QSMInvNet:
@@ -117,6 +123,8 @@ def load_model(path=None, device="cpu") -> QSMInvNet:
         sd = sd["model"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"weights: {p} does not hold a state_dict of tensors")
+    if "tkd_delta" not in sd and "down.0.conv.weight" in sd:   # checkpoints older than the physics channel
+        sd = dict(sd, tkd_delta=torch.tensor(0.0))
     cfg = config_from_state_dict(sd)
     model = QSMInvNet(cfg)
     missing, unexpected = [], []
@@ -192,8 +200,13 @@ def _window_1d(n: int, tile: int, start: int, overlap: int, dtype=np.float32) ->
 
 @torch.no_grad()
 def predict(model: QSMInvNet, field: np.ndarray, mask: np.ndarray, *, domain="auto", device=None,
-            memory_gb: float = 3.0, tile: int = 0, overlap: int = 32, progress=None, cancel=None) -> tuple[np.ndarray, dict]:
-    """χ (ppm, float32, masked) of a field (ppm) and mask; returns (χ, info)."""
+            memory_gb: float = 3.0, tile: int = 0, overlap: int = 32, progress=None, cancel=None,
+            voxel_size=None, b0_direction=None) -> tuple[np.ndarray, dict]:
+    """χ (ppm, float32, masked) of a field (ppm) and mask; returns (χ, info).
+
+    ``voxel_size`` (mm) and ``b0_direction`` are needed by checkpoints with a TKD input channel
+    (:mod:`napari_qsm.nn.inputs`); the channel is computed on the whole volume before tiling.
+    """
     field = np.asarray(field, dtype=np.float32)
     mask = np.asarray(mask) > 0.5
     if field.ndim != 3 or field.shape != mask.shape:
@@ -206,7 +219,7 @@ def predict(model: QSMInvNet, field: np.ndarray, mask: np.ndarray, *, domain="au
         dom = int(domain)
         if not 0 <= dom < model.num_domains:
             raise ValueError(f"domain: expected 0..{model.num_domains - 1} or 'auto', got {domain!r}")
-    fs, cs = (float(v) for v in model.io_scale.tolist())
+    cs = float(model.io_scale[1])
     mult = model.config.multiple
     shape = field.shape
     pshape = tuple(_round_up(n, mult) for n in shape)
@@ -222,9 +235,9 @@ def predict(model: QSMInvNet, field: np.ndarray, mask: np.ndarray, *, domain="au
         t = _round_up(int(tile), mult)
         tile_shape = tuple(min(p, t) for p in pshape)
     ov = _round_up(max(int(overlap), 0), mult) if overlap else 0
-    x = np.zeros((2,) + pshape, np.float32)
-    x[0][: shape[0], : shape[1], : shape[2]] = np.where(mask, field, 0.0) * fs
-    x[1][: shape[0], : shape[1], : shape[2]] = mask
+    x = np.zeros((model.config.in_channels,) + pshape, np.float32)
+    x[:, : shape[0], : shape[1], : shape[2]] = network_input(field, mask, model.config, voxel_size, b0_direction,
+                                                             device=dev)
     rep = Reporter(progress, cancel, stage="QSMInvNet+ inference")
     if tile_shape == pshape:
         rep(0, "one pass", total=1)
@@ -299,7 +312,8 @@ def cached_model(path, device) -> QSMInvNet:
 def _run(scan, p: DSBNParams, *, device, progress=None, cancel=None, weights=None, **_):
     model = cached_model(weights, device)
     chi, info = predict(model, scan.field, scan.mask, domain=p.domain, device=device, memory_gb=p.memory_gb,
-                        tile=p.tile, overlap=p.overlap, progress=progress, cancel=cancel)
+                        tile=p.tile, overlap=p.overlap, progress=progress, cancel=cancel,
+                        voxel_size=scan.voxel_size, b0_direction=scan.b0_direction)
     card = getattr(model, "card", {}) or {}
     info.update(weights=model.weights_path, weights_sha256=model.weights_sha256,
                 base_width=model.config.base_width, num_domains=model.num_domains,

@@ -24,8 +24,8 @@ Recipe (DESIGN.md "The method", issue 4):
    (σ_φ = mean_mag/(snr·mag), capped at 1 rad; σ_f = σ_φ / phase_per_ppm), snr log-uniform in
    ``snr_range`` (noise-free with probability ``p_noise_free``).
 
-Everything is float32 numpy; :func:`to_tensors` builds the network input (field·field_scale·mask,
-mask) and target (χ·chi_scale) of a batch.
+Everything is float32 numpy; :func:`to_tensors` builds the network input
+(:mod:`napari_qsm.nn.inputs`) and target (χ·chi_scale) of a batch.
 """
 
 from __future__ import annotations
@@ -352,8 +352,11 @@ def draw_batch(pool: PhantomPool, step: int, batch_size: int, cfg: SynthConfig, 
     return out
 
 
-def to_tensors(samples: list[Sample], field_scale: float, chi_scale: float, device="cpu"):
-    """Network input (N, 2, ...) = [field·field_scale·mask, mask] and target (N, 1, ...) = χ·chi_scale."""
-    x = np.stack([np.stack([s.field * s.mask * field_scale, s.mask]) for s in samples]).astype(np.float32)
-    y = np.stack([(s.chi * s.mask * chi_scale)[None] for s in samples]).astype(np.float32)
+def to_tensors(samples: list[Sample], net_cfg, device="cpu"):
+    """Network input (N, C, ...) of :func:`napari_qsm.nn.inputs.network_input` (field·field_scale·mask,
+    mask[, χ_TKD·chi_scale] with the patch's voxel size and B0) and target (N, 1, ...) = χ·chi_scale."""
+    from .inputs import network_input
+
+    x = np.stack([network_input(s.field, s.mask, net_cfg, s.voxel_size, s.b0_direction) for s in samples])
+    y = np.stack([(s.chi * s.mask * net_cfg.chi_scale)[None] for s in samples]).astype(np.float32)
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)

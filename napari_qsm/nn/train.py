@@ -338,7 +338,7 @@ def synthetic_step_fn(model, pool, synth_cfg, net_cfg, batch_size: int, seed: in
         pool.sync(step, cancel_check)
         t0 = time.time()
         batch = draw_batch(pool, step, batch_size, synth_cfg, seed=seed)
-        x, y = to_tensors(batch, net_cfg.field_scale, net_cfg.chi_scale, device)
+        x, y = to_tensors(batch, net_cfg, device)
         t_data = time.time() - t0
         mask = x[:, 1:2]
         pred = model(x, domain=domain) * mask

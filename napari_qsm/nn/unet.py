@@ -10,9 +10,16 @@ Architecture (DESIGN.md, "The method"; Liu & Koch, QSMInvNet+):
   feature map of the same level (4 skip concatenations);
 * a final 1x1x1 linear convolution to one channel (χ).
 
-Inputs: 2 channels (local field, brain mask). Output: 1 channel (χ), in the network's scaled
-units (see :class:`NetConfig`: ``field_scale`` / ``chi_scale``; :func:`napari_qsm.nn.infer`
-handles the scaling). Spatial sizes must be multiples of 16 (4 poolings).
+Inputs: 2 channels (local field, brain mask), as in the paper. Output: 1 channel (χ), in the
+network's scaled units (see :class:`NetConfig`: ``field_scale`` / ``chi_scale``;
+:mod:`napari_qsm.nn.inputs` builds the input). Spatial sizes must be multiples of 16 (4 poolings).
+
+Physics channel (``tkd_delta > 0``, this project's extension, off by default): a third input
+channel holds the parameter-free TKD estimate of the same field (threshold δ = ``tkd_delta``, the
+scan's own voxel size and B0 direction) and the network output is a correction added to it,
+χ = χ_TKD + head(features). The final convolution starts at zero, so an untrained network is
+exactly TKD and training only has to learn the streaking and underestimation TKD leaves. The
+architecture (9 convolutions, DSBN, 4 poolings, 4 upsamplings, 4 skips, 1x1x1 head) is unchanged.
 
 DSBN (Chang et al., CVPR 2019): every normalisation is a ``ModuleList`` of ``BatchNorm3d``, one per
 domain, picked by the ``domain`` label given to ``forward``; all convolution weights are shared.
@@ -42,6 +49,17 @@ class NetConfig:
     bn_eps: float = 1e-5
     field_scale: float = 10.0     # network input = field_ppm * field_scale (mask channel unscaled)
     chi_scale: float = 10.0       # network output = chi_ppm * chi_scale
+    tkd_delta: float = 0.0        # > 0: third input channel χ_TKD(δ) and residual output (see module doc)
+
+    def __post_init__(self):
+        if self.tkd_delta < 0:
+            raise ValueError("tkd_delta must be ≥ 0")
+        if self.tkd_delta > 0:
+            self.in_channels = 3
+
+    @property
+    def has_tkd(self) -> bool:
+        return self.tkd_delta > 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,9 +128,14 @@ class QSMInvNet(nn.Module):
             self.up.append(ConvBlock(cin + widths[l], widths[l], nd, m, e))
             cin = widths[l]
         self.head = nn.Conv3d(cin, 1, 1)       # final 1x1x1 linear convolution
+        if cfg.has_tkd:                        # residual on χ_TKD: an untrained net returns TKD
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         self.register_buffer("domain_trained", torch.zeros(nd, dtype=torch.uint8))
         # input/output scales travel with the weights: (field_scale, chi_scale)
         self.register_buffer("io_scale", torch.tensor([cfg.field_scale, cfg.chi_scale], dtype=torch.float32))
+        # the TKD threshold of the physics channel travels with the weights too (0 = none)
+        self.register_buffer("tkd_delta", torch.tensor(float(cfg.tkd_delta), dtype=torch.float32))
 
     @property
     def num_domains(self) -> int:
@@ -124,6 +147,7 @@ class QSMInvNet(nn.Module):
         mult = self.config.multiple
         if any(s % mult for s in x.shape[2:]):
             raise ValueError(f"input: spatial size {tuple(x.shape[2:])} must be a multiple of {mult} (pad first)")
+        x_in = x
         skips = []
         for i, blk in enumerate(self.down):
             x = blk(x, domain)
@@ -134,7 +158,10 @@ class QSMInvNet(nn.Module):
             x = F.interpolate(x, scale_factor=2, mode="nearest")
             x = torch.cat([x, skips.pop()], dim=1)
             x = blk(x, domain)
-        return self.head(x)
+        out = self.head(x)
+        if self.config.has_tkd:
+            out = out + x_in[:, 2:3]
+        return out
 
     def bn_parameters(self, domain: int | None = None):
         """BatchNorm parameters (all domains, or one)."""

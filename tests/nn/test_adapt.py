@@ -47,6 +47,20 @@ def base(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tkd_base(tmp_path_factory):
+    """A QSMInvNet+ with the TKD physics channel (residual output), like the shipped weights."""
+    d = tmp_path_factory.mktemp("base_tkd")
+    torch.manual_seed(0)
+    m = QSMInvNet(NetConfig(base_width=2, num_domains=2, tkd_delta=0.1))
+    with torch.no_grad():
+        m.head.weight.normal_(0, 0.05)
+    m.mark_trained(0)
+    p = d / "tiny_plus_tkd.pt"
+    atomic_torch_save(m.state_dict(), p)
+    return p
+
+
+@pytest.fixture(scope="module")
 def scan():
     return _blob_scan()[0]
 
@@ -86,7 +100,7 @@ def test_finetune_mode_has_one_domain(scan, base, tmp_path):
     out = save_adapted(res, tmp_path / "ft.pt", base, scan)
     m = load_model(out)
     assert m.num_domains == 1
-    chi, _ = predict(m, scan.field, scan.mask)
+    chi, _ = predict(m, scan.field, scan.mask, voxel_size=scan.voxel_size, b0_direction=scan.b0_direction)
     np.testing.assert_array_equal(chi, res.chi)
 
 
@@ -146,7 +160,9 @@ def test_cancel_within_a_second_keeps_last_good_state(scan, base):
     assert time.perf_counter() - t0 < 120
 
 
-def test_save_then_recon_reproduces_exactly(scan, base, tmp_path):
+@pytest.mark.parametrize("which", ["base", "tkd_base"])
+def test_save_then_recon_reproduces_exactly(scan, which, request, tmp_path):
+    base = request.getfixturevalue(which)
     res = run(scan, base, steps=3, keep_mean=True)
     assert "mean_shift_ppm" in res.info
     out = save_adapted(res, tmp_path / "adapted.pt", base, scan)

@@ -172,6 +172,66 @@ def test_padding_and_tiling_equal_one_pass():
     assert one.shape == shape and np.all(one[~mask] == 0)
 
 
+def test_tkd_channel_network_starts_as_tkd_and_tiles():
+    """Physics channel: an untrained residual net is exactly TKD; the channel is built before tiling."""
+    from napari_qsm.core.tkd import truncated_inversion
+
+    torch.manual_seed(0)
+    m = QSMInvNet(NetConfig(base_width=2, num_domains=2, tkd_delta=0.1))
+    assert m.config.in_channels == 3 and float(m.tkd_delta) == pytest.approx(0.1)
+    chi, mask = blob_volume((40, 36, 44))
+    vs, b0 = (1.0, 1.0, 1.5), (0.2, 0.0, 0.98)
+    f = forward_field(chi, vs, b0, device="cpu") * mask
+    ref, _ = truncated_inversion(f, mask, vs, b0, threshold=0.1)
+    one, _ = predict(m, f, mask, voxel_size=vs, b0_direction=b0)
+    assert np.abs(one - ref).max() < 1e-5 * max(np.abs(ref).max(), 1.0)
+    with pytest.raises(ValueError, match="voxel_size and b0_direction"):
+        predict(m, f, mask)
+    # after some training-mode updates the output differs from TKD, and tiles still match one pass
+    m.train()
+    with torch.no_grad():
+        m.head.weight.normal_(0, 1.0)
+    m(torch.randn(1, 3, 48, 48, 48))
+    m.eval()
+    one, _ = predict(m, f, mask, voxel_size=vs, b0_direction=b0, memory_gb=64)
+    assert np.abs(one - ref).max() > 1e-3
+    # tiles (halo larger than the receptive field) equal one pass: the TKD channel is whole-volume
+    f2 = np.random.default_rng(0).standard_normal((20, 24, 300)).astype(np.float32) * 0.05
+    m2 = np.ones(f2.shape, bool)
+    one, _ = predict(m, f2, m2, voxel_size=vs, b0_direction=b0, memory_gb=64)
+    tiled, info = predict(m, f2, m2, voxel_size=vs, b0_direction=b0, tile=224, overlap=160, memory_gb=64)
+    assert info["tiles"] > 1
+    assert np.abs(tiled - one).max() <= 1e-4 * max(np.abs(one).max(), 1.0)
+
+
+def test_tkd_checkpoint_round_trip_and_old_checkpoints(tmp_path):
+    torch.manual_seed(1)
+    m = QSMInvNet(NetConfig(base_width=2, num_domains=2, tkd_delta=0.12))
+    with torch.no_grad():
+        m.head.weight.normal_(0, 0.1)
+    p = tmp_path / "tkd.pt"
+    torch.save(m.state_dict(), p)
+    m2 = load_model(p)
+    assert m2.config.tkd_delta == pytest.approx(0.12) and m2.config.in_channels == 3
+    x = torch.randn(1, 3, 32, 32, 32)
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), m2(x))
+    # a checkpoint written before the physics channel existed (no tkd_delta buffer) loads as field-only
+    sd = tiny().state_dict()
+    sd.pop("tkd_delta")
+    old = tmp_path / "old.pt"
+    torch.save(sd, old)
+    assert load_model(old).config.tkd_delta == 0.0
+    # inconsistent: TKD threshold without the third channel
+    sd = tiny().state_dict()
+    sd["tkd_delta"] = torch.tensor(0.1)
+    bad = tmp_path / "bad.pt"
+    torch.save(sd, bad)
+    with pytest.raises(WeightsError, match="input channels"):
+        load_model(bad)
+
+
 def _toy_head(shape=(48, 48, 48)):
     chi, mask = blob_volume(shape)
     lab = np.where(mask, 1, 0).astype(np.int16)
@@ -188,8 +248,14 @@ def test_synthetic_pair_consistent():
     # without noise the field is exactly the masked forward field of the label
     f = forward_field(s.chi, s.voxel_size, s.b0_direction, device="cpu") * s.mask
     assert np.allclose(f, s.field, atol=1e-6)
-    x, y = to_tensors([s], 10.0, 10.0)
+    x, y = to_tensors([s], NetConfig())
     assert x.shape == (1, 2, 32, 32, 32) and y.shape == (1, 1, 32, 32, 32)
+    # with the physics channel: channel 2 is the TKD of the patch's own field, voxel size and B0
+    from napari_qsm.core.tkd import truncated_inversion
+    x3, _ = to_tensors([s], NetConfig(tkd_delta=0.1))
+    ref, _ = truncated_inversion(s.field, s.mask > 0, s.voxel_size, s.b0_direction, threshold=0.1)
+    assert x3.shape == (1, 3, 32, 32, 32) and torch.equal(x3[:, :2], x)
+    assert np.allclose(x3[0, 2].numpy(), ref * 10.0, atol=1e-5)
     tilt = np.degrees(np.arccos(abs(s.b0_direction[2])))
     assert 0 <= tilt <= 25.0 + 1e-6
 
@@ -198,7 +264,7 @@ def test_training_smoke_lowers_loss(tmp_path):
     head = _toy_head()
     cfg = SynthConfig(patch=(32, 32, 32), min_mask_fraction=0.1, p_elastic=0.0, max_lesions=0, p_contrast=0.0)
     samples = [sample_pair(head, np.random.default_rng(i), cfg, snr=None) for i in range(2)]
-    x, y = to_tensors(samples, 10.0, 10.0)
+    x, y = to_tensors(samples, NetConfig())
     m = tiny(nd=2, w=4)
     opt = torch.optim.Adam(m.parameters(), 3e-3)
 
@@ -263,7 +329,8 @@ def test_shipped_weights_beat_tkd_on_small_phantom():
     from napari_qsm.core.tkd import truncated_inversion
 
     ph = make_phantom((96, 112, 96), (1.0, 1.0, 1.0), oblique_direction(10, "x"), seed=7, snr=100.0, device="cpu")
-    chi_nn, _ = predict(load_model(), ph.field, ph.mask, device="cpu")
+    chi_nn, _ = predict(load_model(), ph.field, ph.mask, device="cpu", voxel_size=ph.voxel_size,
+                        b0_direction=ph.b0_direction)
     best = min((nrmse_demeaned(truncated_inversion(ph.field, ph.mask, ph.voxel_size, ph.b0_direction, threshold=t,
                                                    device=torch.device("cpu"))[0], ph.chi, ph.mask), t)
                for t in (0.08, 0.1, 0.15, 0.2, 0.3))
