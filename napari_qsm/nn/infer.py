@@ -5,7 +5,7 @@
   of domains, the ``io_scale`` buffer), so adapted checkpoints need no separate config; a file of
   another architecture or a corrupted file raises :class:`WeightsError` with a clear message.
 * :func:`predict` runs the network on a whole volume, float32: the network input is
-  (field·mask·field_scale, mask); the volume is zero-padded at the end of each axis to a multiple
+  (field·mask·field_scale, mask[, χ_TKD·chi_scale]) from :mod:`napari_qsm.nn.inputs`; the volume is zero-padded at the end of each axis to a multiple
   of 16 and cropped back. When the padded volume exceeds the memory budget it is cut into tiles
   (multiples of 16, aligned to the pooling grid) that overlap by ``overlap`` voxels: in each
   overlap the outer half of a tile is discarded (its halo, where zero padding at the tile border
@@ -331,5 +331,5 @@ register_method(Method(
     "dsbn", "QSMInvNet+ (DSBN)", DSBNParams, _run, order=40, accepts_weights=True, long_running=True,
     uses_magnitude=False,
     doc="Deep dipole inversion: 3-D U-Net with domain-specific batch norms trained on synthetic heads "
-        "(field + mask → χ). Uses the shipped weights or --weights CKPT (an adapted checkpoint uses its "
+        "(field + mask, and the TKD of the field as a physics channel when the checkpoint has one → χ). Uses the shipped weights or --weights CKPT (an adapted checkpoint uses its "
         "scan-specific BN)."))
