@@ -319,22 +319,37 @@ def test_shipped_weights_load_and_card():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not default_weights_path().exists(), reason="no shipped weights")
-@pytest.mark.xfail(strict=False, reason="the 2026-11-24 weights (2,500 CPU steps) are under-trained and do not beat "
-                                        "TKD at its best threshold yet; see src_models/README.md. Remove this mark "
-                                        "once a longer-trained checkpoint passes.")
 def test_shipped_weights_beat_tkd_on_small_phantom():
-    """Unseen seed, 1 mm, head scaled down to fit 96x112x96, oblique B0, noise: NRMSE and HFEN vs best TKD."""
-    from napari_qsm.core.metrics import hfen, nrmse_demeaned
+    """Unseen seed, 1 mm, head scaled down to fit 96x112x96, oblique B0, noise: the shipped network beats
+    TKD's per-metric oracle (best δ for each metric separately) on NRMSE, demeaned NRMSE and HFEN.
+    (SSIM is not asserted on this shrunken head, which is smaller than any training anatomy: 0.929 vs
+    0.936 at δ = 0.2; it is on the full-size clinical case below and in src_models/validation.md.)"""
+    from napari_qsm.core.metrics import compute_metrics
     from napari_qsm.core.phantom import make_phantom, oblique_direction
     from napari_qsm.core.tkd import truncated_inversion
 
     ph = make_phantom((96, 112, 96), (1.0, 1.0, 1.0), oblique_direction(10, "x"), seed=7, snr=100.0, device="cpu")
     chi_nn, _ = predict(load_model(), ph.field, ph.mask, device="cpu", voxel_size=ph.voxel_size,
                         b0_direction=ph.b0_direction)
-    best = min((nrmse_demeaned(truncated_inversion(ph.field, ph.mask, ph.voxel_size, ph.b0_direction, threshold=t,
-                                                   device=torch.device("cpu"))[0], ph.chi, ph.mask), t)
-               for t in (0.08, 0.1, 0.15, 0.2, 0.3))
-    chi_tkd = truncated_inversion(ph.field, ph.mask, ph.voxel_size, ph.b0_direction, threshold=best[1],
-                                  device=torch.device("cpu"))[0]
-    assert nrmse_demeaned(chi_nn, ph.chi, ph.mask) < best[0]
-    assert hfen(chi_nn, ph.chi, ph.mask) < hfen(chi_tkd, ph.chi, ph.mask)
+    nn = compute_metrics(chi_nn, ph.chi, ph.mask, device="cpu")
+    tkd = [compute_metrics(truncated_inversion(ph.field, ph.mask, ph.voxel_size, ph.b0_direction, threshold=t,
+                                               device=torch.device("cpu"))[0], ph.chi, ph.mask, device="cpu")
+           for t in (0.05, 0.08, 0.1, 0.15, 0.2, 0.3)]
+    for k in ("nrmse", "nrmse_demeaned", "hfen"):
+        assert nn[k] < min(m[k] for m in tkd), k
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not default_weights_path().exists(), reason="no shipped weights")
+def test_shipped_weights_beat_tkd_oracle_on_clinical_validation_case():
+    """A full-size unseen clinical head of the model card's validation (0.75x0.75x3 mm, 192x224x48, SNR 50,
+    B0 15° oblique): NRMSE, HFEN and SSIM beat TKD's per-metric oracle over thresholds 0.05-0.4."""
+    from src_models.validate_qsminvnet import CASES, best_tkd, make_case, metrics
+
+    case = next(c for c in CASES if c["name"] == "clinical-0.75x0.75x3-a")
+    ph = make_case(case)
+    chi_nn, _ = predict(load_model(), ph.field, ph.mask, device="cpu", voxel_size=ph.voxel_size,
+                        b0_direction=ph.b0_direction)
+    nn = metrics(chi_nn, ph)
+    _, _, oracle = best_tkd(ph)
+    assert nn["nrmse"] < oracle["nrmse"] and nn["hfen"] < oracle["hfen"] and nn["ssim"] > oracle["ssim"], (nn, oracle)
