@@ -82,10 +82,10 @@ def inference_bench(weights, threads: int, passes: int = 2) -> dict:
     return res
 
 
-def training_throughput(run_dir: Path, batch: int) -> dict:
+def training_throughput(losses_csv: Path, batch: int) -> dict:
     import csv
 
-    p = run_dir / "losses.csv"
+    p = Path(losses_csv)
     if not p.exists():
         return {}
     with open(p) as fh:
@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick-validation", action="store_true")
     ap.add_argument("--validation-json", default=None,
                     help="reuse results of `python -m src_models.validate_qsminvnet` instead of recomputing")
-    ap.add_argument("--run-dir", default=str(ROOT / "runs" / "qsminvnet_plus"))
+    ap.add_argument("--losses", default=str(ROOT / "src_models" / "qsminvnet_plus_losses.csv"),
+                    help="losses.csv of the shipped weights' training run (committed copy by default)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
         res["inference_other_threads"] = {"threads": args.also_threads, **inf2}
     batch = card.get("training", {}).get("train_config", {}).get("batch_size", 1)
     patch = card.get("training", {}).get("data_recipe", {}).get("patch", [48, 48, 48])
-    tr = training_throughput(Path(args.run_dir), batch)
+    tr = training_throughput(Path(args.losses), batch)
     if tr:
         tr["achieved_gflops_median"] = fpv["train_step"] * batch * float(np.prod(patch)) / tr["median_step_seconds"] / 1e9
         tr["patch"] = patch
