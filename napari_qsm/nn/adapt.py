@@ -130,6 +130,8 @@ class AdaptParams:
                                    "noise, magnitude or mask", choices=("auto", "noise", "magnitude", "mask"))
     keep_mean: bool = param(True, "keep the mean χ in the mask at the unadapted network's (the field carries no "
                                   "information about it; L_T alone lets it drift): shifts the output bias at the end")
+    update: str = param("all", "what the optimiser changes: all weights, or only the scan domain's BatchNorm "
+                        "scale/shift (shared convolutions frozen)", choices=("all", "bn"))
     grad_clip: float = param(1.0, "max gradient norm (0 = off)", min=0.0, max=1e6)
     seed: int = param(0, "random seed (patches, synthetic data); same seed = same result", min=0, max=2 ** 31 - 1)
     preview_every: int = param(0, "χ preview (whole-volume inference) every N steps (0 = off)", min=0, max=100000)
@@ -444,7 +446,8 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
     patches = _ScanPatches(scan, p, model.config, mult, device=dev)
     _check_scan(scan, p, patches.pshape)
     model = model.to(dev).train()
-    opt = torch.optim.Adam(model.parameters(), lr=p.lr)
+    trainable = list(model.bn_parameters(dom_t)) if p.update == "bn" else list(model.parameters())
+    opt = torch.optim.Adam(trainable, lr=p.lr)
     if opt_state:
         try:
             opt.load_state_dict(opt_state)
@@ -527,7 +530,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
             if not (math.isfinite(lt_val) and (math.isfinite(ls_val) or not use_synth)):
                 raise FloatingPointError(f"adapt: loss became {lt_val}/{ls_val} at step {step}; lower lr")
             if p.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable, p.grad_clip)
             opt.step()
             step += 1
             good = _buffers(model)

@@ -273,3 +273,13 @@ def test_bad_inputs(scan, base, tmp_path):
         adapt_cli(scan, steps=1, weights=str(base), params={"mode": "nope"}, device="cpu")
     # nothing written by any of the failures
     assert sorted(tmp_path.iterdir()) == sorted(before + [wrong, one, bad])
+
+
+def test_update_bn_only_freezes_shared_weights(scan, base):
+    """update="bn": the optimiser changes only the scan domain's BatchNorm scale/shift."""
+    res = run(scan, base, steps=2, update="bn")
+    ref = load_model(base).state_dict()
+    bn = {id(p) for p in res.model.bn_parameters(1)}
+    names = {n for n, p in res.model.named_parameters() if id(p) in bn}
+    changed = {n for n, p in res.model.named_parameters() if not torch.equal(p.detach().cpu(), ref[n])}
+    assert changed and changed <= names
