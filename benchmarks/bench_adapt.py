@@ -330,7 +330,7 @@ def assemble(cases: list[dict], curve: dict | None, timing: dict | None, weights
                        for c in cases) + ". ")
     if all(ad):
         lt_text += (
-f"Per-step L_T on the random patches (mean of the first 5 → last 5 steps, adapted; λ rises meanwhile): "
+"Per-step L_T on the random patches (mean of the first 5 → last 5 steps, adapted; λ rises meanwhile): "
                    + ", ".join(f"{a['L_T_first5']:.4g} → {a['L_T_last5']:.4g}" for a in ad))
     md = ["# On-scan adaptation benchmark (QSMInvNet+ with DSBN)", "",
           f"Regenerate: `{cmd}`", "",
@@ -415,6 +415,36 @@ def _plot_curve(curve: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def run_variants(weights: str, case: int, variants: list[str], out: Path) -> int:
+    """NRMSE/HFEN of the base network and of one adaptation per AdaptParams variant on one case."""
+    from napari_qsm.core.params import make_params, parse_cli_params
+    from napari_qsm.nn.adapt import AdaptParams, adapt
+    from napari_qsm.nn.infer import file_sha256, load_model, predict
+
+    scan, chi, desc = make_case(case)
+    model = load_model(weights)
+    x, _ = predict(model, scan.field, scan.mask, domain="auto", voxel_size=scan.voxel_size,
+                   b0_direction=scan.b0_direction)
+    rows = [{"variant": "base (no adaptation)", **_metrics(x, chi, scan.mask), "seconds": None}]
+    for v in variants:
+        p = make_params(AdaptParams, parse_cli_params(v.split(",")))
+        t = time.perf_counter()
+        r = adapt(scan, p, weights=weights, device="cpu")
+        rows.append({"variant": v, **_metrics(r.chi, chi, scan.mask), "seconds": round(time.perf_counter() - t, 1)})
+        print(rows[-1], flush=True)
+    md = [f"# Adaptation variants on case {case}", "",
+          f"`python benchmarks/bench_adapt.py --variant-case {case} --variants {' '.join(variants)}` "
+          f"(weights sha256 {file_sha256(weights)[:16]}…; other AdaptParams at their defaults).", "",
+          "| variant | NRMSE % | HFEN % | SSIM | seconds |", "|---|---|---|---|---|"]
+    md += [f"| {r['variant']} | {r['nrmse']:.2f} | {r['hfen']:.2f} | {r['ssim']:.4f} | {r['seconds'] or ''} |"
+           for r in rows]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapt_variants.md").write_text("\n".join(md) + "\n")
+    (out / "adapt_variants.json").write_text(json.dumps({"case": case, "rows": rows}, indent=1))
+    print("\n".join(md))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=None, help="base checkpoint (default: the shipped weights)")
@@ -430,6 +460,10 @@ def main(argv=None) -> int:
                     help="only TKD and MEDI of every case (independent of the weights; cached for later runs)")
     ap.add_argument("--steps", type=int, default=None, help="override the default adaptation steps")
     ap.add_argument("--curve-modes", default="dsbn", help="comma-separated modes of the steps curve (dsbn,finetune)")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="K=V[,K=V]",
+                    help="instead of the benchmark: adapt case --variant-case once per AdaptParams variant "
+                         "(e.g. lr=1e-4 update=bn,lr=1e-3) and write adapt_variants.{md,json}")
+    ap.add_argument("--variant-case", type=int, default=0)
     ap.add_argument("--worker", choices=["case", "classic", "curve", "timing"], help=argparse.SUPPRESS)
     ap.add_argument("--ids", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -437,6 +471,8 @@ def main(argv=None) -> int:
     weights = str(Path(args.weights).resolve()) if args.weights else str(default_weights_path())
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.variants:
+        return run_variants(weights, args.variant_case, args.variants, Path(args.out))
     if args.worker:
         import torch
         torch.set_num_threads(args.threads)

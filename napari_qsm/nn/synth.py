@@ -40,6 +40,7 @@ from scipy import ndimage
 from scipy.special import expit
 
 from ..core.dipole import forward_field
+from .inputs import network_input
 
 GAMMA_BAR = 42.577478e6  # Hz/T
 
@@ -355,8 +356,6 @@ def draw_batch(pool: PhantomPool, step: int, batch_size: int, cfg: SynthConfig, 
 def to_tensors(samples: list[Sample], net_cfg, device="cpu"):
     """Network input (N, C, ...) of :func:`napari_qsm.nn.inputs.network_input` (field·field_scale·mask,
     mask[, χ_TKD·chi_scale] with the patch's voxel size and B0) and target (N, 1, ...) = χ·chi_scale."""
-    from .inputs import network_input
-
     x = np.stack([network_input(s.field, s.mask, net_cfg, s.voxel_size, s.b0_direction) for s in samples])
     y = np.stack([(s.chi * s.mask * net_cfg.chi_scale)[None] for s in samples]).astype(np.float32)
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
