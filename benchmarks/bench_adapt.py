@@ -24,6 +24,7 @@ AdaptParams). Metrics from :func:`napari_qsm.core.metrics.compute_metrics` insid
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -191,7 +192,7 @@ def run_case(i: int, weights: str, work: Path, medi: bool = True, steps: int | N
     from napari_qsm.nn.infer import load_model, predict
 
     classic = run_classic(i, work, medi)
-    wdir = work / _sha(weights)[:16]
+    wdir = work / _cache_key(weights)
     wdir.mkdir(parents=True, exist_ok=True)
     out = wdir / f"case{i}.json"
     if out.exists():
@@ -231,7 +232,7 @@ def run_curve(weights: str, work: Path, case: int = 0, steps: int = max(CURVE_ST
     from napari_qsm.nn.adapt import AdaptParams, adapt
     from napari_qsm.nn.infer import load_model, predict
 
-    out = work / _sha(weights)[:16] / f"curve{case}.json"
+    out = work / _cache_key(weights) / f"curve{case}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         return json.loads(out.read_text())
@@ -264,7 +265,7 @@ def run_timing(weights: str, work: Path) -> dict:
     """Default adaptation (dsbn) on the clinical-size case 0, alone in its process: wall time and peak memory."""
     from napari_qsm.nn.adapt import AdaptParams, adapt
 
-    out = work / _sha(weights)[:16] / "timing.json"
+    out = work / _cache_key(weights) / "timing.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         return json.loads(out.read_text())
@@ -379,6 +380,15 @@ def assemble(cases: list[dict], curve: dict | None, timing: dict | None, weights
 def _sha(path) -> str:
     from napari_qsm.nn.infer import file_sha256
     return file_sha256(path)
+
+
+def _cache_key(weights) -> str:
+    """Cache folder of network results: base weights sha + the default AdaptParams (a new default = a new run)."""
+    from napari_qsm.core.params import params_to_dict
+    from napari_qsm.nn.adapt import AdaptParams
+
+    d = json.dumps(params_to_dict(AdaptParams()), sort_keys=True, default=str)
+    return f"{_sha(weights)[:16]}-{hashlib.sha256(d.encode()).hexdigest()[:8]}"
 
 
 def _plot_curve(curve: dict, path: Path) -> None:
@@ -514,7 +524,7 @@ def main(argv=None) -> int:
     if not args.no_timing:
         subprocess.run([sys.executable, __file__, "--weights", weights, "--work", str(work), "--threads",
                         str(os.cpu_count() or 1), "--worker", "timing"])
-    wdir = work / _sha(weights)[:16]
+    wdir = work / _cache_key(weights)
     cases = [run_case(i, weights, work, medi=not args.no_medi) for i in range(args.cases)
              if (wdir / f"case{i}.json").exists()]
     curve = json.loads((wdir / "curve0.json").read_text()) if (wdir / "curve0.json").exists() else None

@@ -53,13 +53,18 @@ scan; it starts as a copy of domain 0 (unless the checkpoint was already adapted
   20 ms). W_t = mask × noise weighting (1/noise_std when the scan has a noise map, else the
   magnitude, normalised to mean 1), restricted to the patch interior (``margin_mm`` from each
   cut face of the patch) because the field of sources outside the patch is not modelled there;
+* plus β·R on the same patches (``tv``, default 100): R = ‖w_G∘∇χ‖₁/#mask
+  (:func:`napari_qsm.nn.losses.loss_edge_tv`), MEDI's morphology prior, with w_G the MEDI gradient
+  mask of the scan's magnitude (:func:`napari_qsm.core.medi.gradient_mask`, computed once on the
+  whole scan and cropped like the field); plain TV when the scan has no magnitude. L_T alone pulls
+  this base away from the truth (docs/benchmarks/adapt_variants.md); with the prior it improves;
 * λ(t) rises linearly from ``lam_start`` to ``lam_end`` over the run; Adam (``lr``), gradient
   norm clipped at ``grad_clip``; all weights are updated (shared convolutions by both losses,
   BN of domain 0 by L_S, BN of domain 1 by L_T).
 
 ``mode="finetune"`` (the paper's QSMInvNet baseline with the same budget): the network with one
 shared BN (the base's domain-0 BN, i.e. the network trained on synthetic data only), fine-tuned
-with L_T alone on the scan patches, no synthetic batches. Its checkpoint has one domain.
+with L_T alone on the scan patches (``tv`` is ignored), no synthetic batches. Its checkpoint has one domain.
 
 Data of step t is a function of (seed, t) and the initial weights, so the same seed gives the same
 result, and a resumed run continues with the same stream.
@@ -88,7 +93,7 @@ from .infer import (DSBNParams, WEIGHTS_DIR, WeightsError, default_weights_path,
                     predict)
 from .inputs import network_input, tkd_channel
 from .synth import crop_box
-from .losses import DipoleOperator, LambdaSchedule, loss_field, loss_supervised, noise_weights
+from .losses import DipoleOperator, LambdaSchedule, loss_edge_tv, loss_field, loss_supervised, noise_weights
 from .unet import ConvBlock, QSMInvNet
 
 __all__ = ["AdaptParams", "AdaptResult", "AdaptCancelled", "adapt", "save_adapted", "adapt_cli",
@@ -128,6 +133,10 @@ class AdaptParams:
                              max=100.0)
     weighting: str = param("auto", "W_t noise weighting: auto (noise map if present, else magnitude, else mask), "
                                    "noise, magnitude or mask", choices=("auto", "noise", "magnitude", "mask"))
+    tv: float = param(100.0, "dsbn mode: weight β of MEDI's morphology prior on the scan patches, "
+                             "β·‖w_G∘∇χ‖₁/#mask (χ in ppm, ∇ per mm; w_G from the magnitude's edges, plain TV "
+                             "without a magnitude); 0 = off. finetune mode (L_T only) ignores it",
+                      min=0.0, max=1e6)
     keep_mean: bool = param(True, "keep the mean χ in the mask at the unadapted network's (the field carries no "
                                   "information about it; L_T alone lets it drift): shifts the output bias at the end")
     update: str = param("all", "what the optimiser changes: all weights, or only the scan domain's BatchNorm "
@@ -205,6 +214,18 @@ def _inv_weight(scan, how: str) -> tuple[np.ndarray, str]:
     return np.ones(scan.shape, np.float32), "mask"
 
 
+def _edge_weights(scan) -> tuple[np.ndarray, str]:
+    """MEDI's gradient mask w_G (3, X, Y, Z) of the whole scan (1 = no magnitude edge), and its kind."""
+    from ..core.medi import MEDIParams, gradient_mask
+
+    if scan.magnitude is None:
+        return np.ones((3,) + tuple(scan.shape), bool), "plain TV (no magnitude)"
+    mag = torch.from_numpy(np.abs(scan.magnitude).astype(np.float32))
+    m = torch.from_numpy(scan.mask.astype(np.float32))
+    wg, _ = gradient_mask(mag, m, scan.voxel_size, MEDIParams().percentage)
+    return wg.numpy(), "magnitude edges"
+
+
 def _synth_regime(voxel_size):
     """The training regime with the closest voxel size, else a standard 160x192x160 mm field of view."""
     from .synth import DEFAULT_REGIMES, Regime
@@ -248,6 +269,9 @@ class _ScanPatches:
         self.idx = np.flatnonzero(scan.mask)
         vs = np.asarray(scan.voxel_size, float)
         self.margin = np.ceil(p.margin_mm / vs).astype(int)
+        self.wg = self.edge_kind = None
+        if p.tv > 0 and p.mode == "dsbn":
+            self.wg, self.edge_kind = _edge_weights(scan)
 
     def starts(self, step: int, k: int) -> np.ndarray:
         rng = np.random.default_rng([int(self.p.seed), int(step), int(k), 23])
@@ -260,7 +284,7 @@ class _ScanPatches:
         return start
 
     def batch(self, step: int, device):
-        xs, fs_, ms, ws = [], [], [], []
+        xs, fs_, ms, ws, gs = [], [], [], [], []
         for k in range(self.p.scan_batch):
             st = self.starts(step, k)
             m = crop_box(self.scan.mask, st, self.pshape, False)
@@ -287,10 +311,12 @@ class _ScanPatches:
             fs_.append(f[None])
             ms.append(mi.astype(np.float32)[None])
             ws.append(iw[None])
+            if self.wg is not None:
+                gs.append(np.stack([crop_box(g, st, self.pshape, False) for g in self.wg]))
         t = lambda a: torch.from_numpy(np.ascontiguousarray(np.stack(a), dtype=np.float32)).to(device)
         x, f, mi, iw = t(xs), t(fs_), t(ms), t(ws)
         w = noise_weights(mi, iw)
-        return x, f, mi, w
+        return x, f, mi, w, (t(gs) if gs else None)
 
 
 class _CancelHooks:
@@ -499,6 +525,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
         del chi0
         model.train()
 
+    wg_on = patches.wg is not None
     hooks = _CancelHooks(model, cancel)
     good = _buffers(model)
     step = step0
@@ -520,12 +547,19 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
                 ls_val = float(ls.detach())
                 del xs, ys, pred, ls
             check_cancel(cancel)
-            x, f, mi, w = patches.batch(step, dev)
+            x, f, mi, w, wg = patches.batch(step, dev)
             chi_t = model(x, domain=dom_t) * x[:, 1:2] / cs
             lt = loss_field(chi_t, f, mi, vs, b0, weights=w, phase_per_ppm=ppp, op=op)
-            (lam * lt).backward()
+            tv_val = float("nan")
+            if wg is not None:
+                tv = loss_edge_tv(chi_t, wg, mi, vs)
+                (lam * lt + p.tv * tv).backward()
+                tv_val = float(tv.detach())
+                del tv
+            else:
+                (lam * lt).backward()
             lt_val = float(lt.detach())
-            del x, f, mi, w, chi_t, lt
+            del x, f, mi, w, wg, chi_t, lt
             check_cancel(cancel)
             if not (math.isfinite(lt_val) and (math.isfinite(ls_val) or not use_synth)):
                 raise FloatingPointError(f"adapt: loss became {lt_val}/{ls_val} at step {step}; lower lr")
@@ -537,8 +571,8 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
             now = time.perf_counter()
             done_here = step - step0
             eta = (now - t_loop) / done_here * (p.steps - step)
-            row = {"step": step, "L_S": ls_val, "L_T": lt_val, "lambda": lam,
-                   "loss": (ls_val if use_synth else 0.0) + lam * lt_val,
+            row = {"step": step, "L_S": ls_val, "L_T": lt_val, "lambda": lam, "TV": tv_val,
+                   "loss": (ls_val if use_synth else 0.0) + lam * lt_val + (p.tv * tv_val if wg_on else 0.0),
                    "seconds": round(seconds0 + now - t_start, 3), "step_seconds": round(now - t0, 3)}
             history.append(row)
             preview = None
@@ -559,7 +593,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
     res = AdaptResult(model=model, chi=None, history=history, seconds=0.0, device=device_label(dev), params=p,
                       step=step, base_weights=base_path, base_sha256=base_sha, scan_fingerprint=scan.fingerprint(),
                       optimizer_state=opt.state_dict(), cancelled=cancelled,
-                      info={"patch_shape": list(patches.pshape), "weighting": patches.weighting,
+                      info={"patch_shape": list(patches.pshape), "weighting": patches.weighting, "edge_prior": patches.edge_kind,
                             "rad_per_ppm": ppp, "domain": dom_t, "ref_mean": ref_mean,
                             "synth_regime": None if scfg is None else
                             {"shape": list(scfg.regimes[0].shape), "voxel_size": list(scfg.regimes[0].voxel_size)}})
