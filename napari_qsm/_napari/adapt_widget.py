@@ -28,11 +28,12 @@ from .widgets import (DIM_COLOR, OK_COLOR, WARN_COLOR, PreviewLayer, _device_com
                       _show_failure, _wrap_label, _weights_row)
 from .workers import JobRunner
 
+LOSS_KEYS = ("L_S", "L_T", "TV", "lambda")
 PREVIEW_EVERY = 10  # widget default for the χ preview (the API default is off)
 
 
 class LossPlot(QWidget):
-    """L_S and L_T (log scale, left axis) and λ (right axis) against the adaptation step."""
+    """L_S, L_T and the edge prior R (log scale, left axis) and λ (right axis) against the adaptation step."""
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -61,14 +62,14 @@ class LossPlot(QWidget):
     def add(self, step: int, losses: dict) -> None:
         if not losses or "L_T" not in losses:
             return
-        self.rows[int(step)] = {k: float(losses.get(k, math.nan)) for k in ("L_S", "L_T", "lambda")}
+        self.rows[int(step)] = {k: float(losses.get(k, math.nan)) for k in LOSS_KEYS}
         self._dirty = True
 
     def set_history(self, history) -> None:
         self.rows = {}
         for row in history or []:
             if "step" in row:
-                self.rows[int(row["step"])] = {k: float(row.get(k, math.nan)) for k in ("L_S", "L_T", "lambda")}
+                self.rows[int(row["step"])] = {k: float(row.get(k, math.nan)) for k in LOSS_KEYS}
         self._draw()
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +89,8 @@ class LossPlot(QWidget):
         ax.set_facecolor("#262930")
         ax2 = ax.twinx()
         plotted = False
-        for key, color, label in (("L_S", "#f0a04b", "L_S (synthetic)"), ("L_T", "#5ec8e5", "L_T (this scan)")):
+        for key, color, label in (("L_S", "#f0a04b", "L_S (synthetic)"), ("L_T", "#5ec8e5", "L_T (this scan)"),
+                                  ("TV", "#9fd17a", "R (edge prior)")):
             x, y = self.series(key)
             ok = np.isfinite(y) & (y > 0)
             if ok.any():
@@ -143,7 +145,7 @@ class AdaptWidget(QWidget):
 
         box, lay = _section("Adaptation (QSMInvNet+, DSBN)")
         lay.addWidget(_wrap_label("Each step: a synthetic batch on BN domain 0 (L_S) and patches of this scan "
-                                  "on domain 1 (λ·L_T, field consistency); λ rises linearly.", DIM_COLOR, small=True))
+                                  "on domain 1 (λ·L_T field consistency + tv·R, MEDI's magnitude-edge prior); λ rises linearly.", DIM_COLOR, small=True))
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
         wrow, self.weights_edit, self.weights_browse = _weights_row(

@@ -11,16 +11,16 @@ on_cancel="raise") -> AdaptResult``
     ``napari_qsm/nn/weights/qsminvnet_plus.pt``) to ``scan`` and returns the adapted model, the
     final χ (whole-volume inference with :func:`napari_qsm.nn.infer.predict`, exactly what
     ``recon --method dsbn --weights ADAPTED.pt`` computes), the loss history (one row per step:
-    ``step, L_S, L_T, lambda, loss, seconds``), wall seconds and the device.
+    ``step, L_S, L_T, TV, lambda, loss, seconds``), wall seconds and the device.
     ``resume``: path of an adapted checkpoint written by :func:`save_adapted`; the run continues
     from its step (optimiser state included) to ``params.steps`` (the base is then not needed).
     ``progress``: callable receiving :class:`napari_qsm.core.progress.Progress` every step
-    (``step``, ``total``, message ``"step s/n L_S=… L_T=… λ=… ETA …s"``, ``losses`` with
-    ``L_S``, ``L_T``, ``lambda``, ``eta_s``) and, every ``preview_every`` steps, ``preview`` = the
-    current χ (ppm, the scan's shape). ``cancel``: a token (``is_set()``); checked between steps
-    and inside every step (each conv block, forward and backward), so a cancel is honoured within
-    a fraction of a second. On cancel the model is restored to the state after the last completed
-    step and :class:`AdaptCancelled` (a :class:`~napari_qsm.core.progress.Cancelled`) is raised
+    (``step``, ``total``, message ``"step s/n L_S=… L_T=… [R=…] λ=… ETA …s"``, ``losses`` with
+    ``L_S``, ``L_T``, ``TV`` (R of the edge prior, NaN when off), ``lambda``, ``eta_s``) and, every
+    ``preview_every`` steps, ``preview`` = the current χ (ppm, the scan's shape). ``cancel``: a token
+    (``is_set()``); checked between steps and inside every step (each conv block, forward and
+    backward), so a cancel is honoured within a fraction of a second. On cancel the model is
+    restored to the state after the last completed step and :class:`AdaptCancelled` (a :class:`~napari_qsm.core.progress.Cancelled`) is raised
     with that state in ``exc.result`` (``chi`` is None; ``save_adapted(exc.result, …)`` works);
     with ``on_cancel="return"`` that result is returned instead (``result.cancelled`` is True).
 ``save_adapted(result, path, base_weights_path=None, scan=None) -> Path``
@@ -112,7 +112,7 @@ class AdaptCancelled(Cancelled):
 
 @dataclass
 class AdaptParams:
-    steps: int = param(40, "adaptation steps (each: one synthetic batch + one scan patch; 2.5-4 s on a 2-core CPU "
+    steps: int = param(120, "adaptation steps (each: one synthetic batch + one scan patch; ~1 s on a 2-core CPU "
                            "for a clinical scan)", min=0, max=100000)
     mode: str = param("dsbn", "dsbn = QSMInvNet+ (L_S on synthetic domain 0 + λ·L_T on scan domain 1); "
                               "finetune = QSMInvNet baseline (one shared BN, L_T only)", choices=("dsbn", "finetune"))
@@ -578,8 +578,9 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
             preview = None
             if p.preview_every and (step % p.preview_every == 0 or step == p.steps):
                 preview = current_chi()
-            msg = (f"step {step}/{p.steps} L_S={ls_val:.4g} L_T={lt_val:.4g} λ={lam:.3g} ETA {eta:.0f}s")
-            rep(step, msg, preview=preview, L_S=ls_val, L_T=lt_val, **{"lambda": lam}, eta_s=eta)
+            msg = (f"step {step}/{p.steps} L_S={ls_val:.4g} L_T={lt_val:.4g}" + (f" R={tv_val:.3g}" if wg_on else "")
+                   + f" λ={lam:.3g} ETA {eta:.0f}s")
+            rep(step, msg, preview=preview, L_S=ls_val, L_T=lt_val, TV=tv_val, **{"lambda": lam}, eta_s=eta)
     except Cancelled:
         cancelled = True
         _restore_buffers(model, good)
