@@ -453,7 +453,7 @@ def run_variants(weights: str, case: int, variants: list[str], out: Path, work: 
 
     Each variant's row is cached in ``work/<cache key>/variants{case}.json`` (the result of a seed is
     deterministic), so a longer list reruns only the new variants."""
-    from napari_qsm.core.params import make_params, parse_cli_params
+    from napari_qsm.core.params import make_params, params_to_dict, parse_cli_params
     from napari_qsm.nn.adapt import AdaptParams, adapt
     from napari_qsm.nn.infer import file_sha256, load_model, predict
 
@@ -477,7 +477,9 @@ def run_variants(weights: str, case: int, variants: list[str], out: Path, work: 
         print(rows[-1], flush=True)
     md = [f"# Adaptation variants on case {case}", "",
           f"`python benchmarks/bench_adapt.py --variant-case {case} --variants {' '.join(variants)}` "
-          f"(weights sha256 {file_sha256(weights)[:16]}…; other AdaptParams at their defaults).", "",
+          f"(weights sha256 {file_sha256(weights)[:16]}…; other AdaptParams at their defaults: "
+          f"{', '.join(f'{k}={v}' for k, v in params_to_dict(AdaptParams()).items())}). Seconds: wall time of the "
+          f"run that made the row (rows come from the cache in --work; a run beside other jobs is slower).", "",
           "| variant | NRMSE % | HFEN % | SSIM | seconds |", "|---|---|---|---|---|"]
     md += [f"| {r['variant']} | {r['nrmse']:.2f} | {r['hfen']:.2f} | {r['ssim']:.4f} | {r['seconds'] or ''} |"
            for r in rows]
