@@ -353,7 +353,7 @@ def assemble(cases: list[dict], curve: dict | None, timing: dict | None, weights
                    + ", ".join(f"{a['L_T_first5']:.4g} → {a['L_T_last5']:.4g}" for a in ad))
     md = ["# On-scan adaptation benchmark (QSMInvNet+ with DSBN)", "",
           f"Regenerate: `{cmd}`", "",
-          f"Base checkpoint: `{weights}` (sha256 {_sha(weights)[:16]}…).", "",
+          f"Base checkpoint: `{_shown(weights)}` (sha256 {_sha(weights)[:16]}…).", "",
           f"{len(cases)} domain-shifted clinical-like phantoms (192×224×48 at 0.75×0.75×3 mm, B0 tilted 10–20°, "
           "magnitude-weighted noise SNR 40–120, deep grey matter ×1.3–1.8, white matter ×0.5–1.5, global χ ×0.6–1.6, "
           "microbleed clusters at +1.5–3 ppm, a ring lesion and a −0.5 ppm calcified plaque — none of which the training "
@@ -403,6 +403,12 @@ def assemble(cases: list[dict], curve: dict | None, timing: dict | None, weights
 def _sha(path) -> str:
     from napari_qsm.nn.infer import file_sha256
     return file_sha256(path)
+
+
+def _shown(path) -> str:
+    """A path as the report shows it: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if ROOT in p.parents else str(p)
 
 
 def _cache_key(weights) -> str:
