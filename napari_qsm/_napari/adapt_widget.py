@@ -145,7 +145,8 @@ class AdaptWidget(QWidget):
 
         box, lay = _section("Adaptation (QSMInvNet+, DSBN)")
         lay.addWidget(_wrap_label("Each step: a synthetic batch on BN domain 0 (L_S) and patches of this scan "
-                                  "on domain 1 (λ·L_T field consistency + tv·R, MEDI's magnitude-edge prior); λ rises linearly.", DIM_COLOR, small=True))
+                                  "on domain 1 (λ·L_T field consistency + tv·R, MEDI's magnitude-edge prior); "
+                                  "λ rises linearly.", DIM_COLOR, small=True))
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
         wrow, self.weights_edit, self.weights_browse = _weights_row(
