@@ -137,6 +137,8 @@ class AdaptParams:
                              "β·‖w_G∘∇χ‖₁/#mask (χ in ppm, ∇ per mm; w_G from the magnitude's edges, plain TV "
                              "without a magnitude); 0 = off. finetune mode (L_T only) ignores it",
                       min=0.0, max=1e6)
+    tv_follow: bool = param(False, "scale the prior's weight with λ(t): β(t) = tv·λ(t)/lam_end (fixed ratio of prior "
+                                   "to field term over the run) instead of a constant tv")
     keep_mean: bool = param(True, "keep the mean χ in the mask at the unadapted network's (the field carries no "
                                   "information about it; L_T alone lets it drift): shifts the output bias at the end")
     update: str = param("all", "what the optimiser changes: all weights, or only the scan domain's BatchNorm "
@@ -536,6 +538,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
             check_cancel(cancel)
             t0 = time.perf_counter()
             lam = sched(step) if p.mode == "dsbn" else 1.0
+            beta_t = p.tv * (lam / p.lam_end if p.tv_follow and p.lam_end > 0 else 1.0)
             opt.zero_grad(set_to_none=True)
             ls_val = float("nan")
             if use_synth:
@@ -553,7 +556,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
             tv_val = float("nan")
             if wg is not None:
                 tv = loss_edge_tv(chi_t, wg, mi, vs)
-                (lam * lt + p.tv * tv).backward()
+                (lam * lt + beta_t * tv).backward()
                 tv_val = float(tv.detach())
                 del tv
             else:
@@ -572,7 +575,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
             done_here = step - step0
             eta = (now - t_loop) / done_here * (p.steps - step)
             row = {"step": step, "L_S": ls_val, "L_T": lt_val, "lambda": lam, "TV": tv_val,
-                   "loss": (ls_val if use_synth else 0.0) + lam * lt_val + (p.tv * tv_val if wg_on else 0.0),
+                   "loss": (ls_val if use_synth else 0.0) + lam * lt_val + (beta_t * tv_val if wg_on else 0.0),
                    "seconds": round(seconds0 + now - t_start, 3), "step_seconds": round(now - t0, 3)}
             history.append(row)
             preview = None

@@ -331,3 +331,11 @@ def test_tv_prior_in_adaptation(scan, base):
     whole = [float(loss_edge_tv(torch.from_numpy(x.chi)[None, None], wg, m, scan.voxel_size)) for x in (plain, reg)]
     assert 0 < whole[1] < whole[0], whole
     assert reg.history[0]["loss"] == pytest.approx(reg.history[0]["L_S"] + 5.0 * reg.history[0]["L_T"] + beta * r[0])
+
+
+def test_tv_follow_scales_the_prior_with_lambda(scan, base):
+    """tv_follow: β(t) = tv·λ(t)/lam_end, so the logged loss of each step uses that weight."""
+    res = run(scan, base, steps=2, lam_start=1.0, lam_end=4.0, tv=2.0, tv_follow=True)
+    for row, beta in zip(res.history, (0.5, 2.0)):
+        assert row["lambda"] == pytest.approx(4.0 * beta / 2.0)
+        assert row["loss"] == pytest.approx(row["L_S"] + row["lambda"] * row["L_T"] + beta * row["TV"])
