@@ -527,7 +527,6 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
         del chi0
         model.train()
 
-    wg_on = patches.wg is not None
     hooks = _CancelHooks(model, cancel)
     good = _buffers(model)
     step = step0
@@ -553,16 +552,13 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
             x, f, mi, w, wg = patches.batch(step, dev)
             chi_t = model(x, domain=dom_t) * x[:, 1:2] / cs
             lt = loss_field(chi_t, f, mi, vs, b0, weights=w, phase_per_ppm=ppp, op=op)
-            tv_val = float("nan")
-            if wg is not None:
-                tv = loss_edge_tv(chi_t, wg, mi, vs)
-                (lam * lt + beta_t * tv).backward()
-                tv_val = float(tv.detach())
-                del tv
-            else:
-                (lam * lt).backward()
+            tv = loss_edge_tv(chi_t, wg, mi, vs) if wg is not None else None
+            scan_loss = lam * lt if tv is None else lam * lt + beta_t * tv
+            scan_loss.backward()
             lt_val = float(lt.detach())
-            del x, f, mi, w, wg, chi_t, lt
+            tv_val = float("nan") if tv is None else float(tv.detach())
+            scan_val = float(scan_loss.detach())   # the value that was optimised, logged as is
+            del x, f, mi, w, wg, chi_t, lt, tv, scan_loss
             check_cancel(cancel)
             if not (math.isfinite(lt_val) and (math.isfinite(ls_val) or not use_synth)):
                 raise FloatingPointError(f"adapt: loss became {lt_val}/{ls_val} at step {step}; lower lr")
@@ -575,13 +571,13 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
             done_here = step - step0
             eta = (now - t_loop) / done_here * (p.steps - step)
             row = {"step": step, "L_S": ls_val, "L_T": lt_val, "lambda": lam, "TV": tv_val,
-                   "loss": (ls_val if use_synth else 0.0) + lam * lt_val + (beta_t * tv_val if wg_on else 0.0),
+                   "loss": (ls_val if use_synth else 0.0) + scan_val,
                    "seconds": round(seconds0 + now - t_start, 3), "step_seconds": round(now - t0, 3)}
             history.append(row)
             preview = None
             if p.preview_every and (step % p.preview_every == 0 or step == p.steps):
                 preview = current_chi()
-            msg = (f"step {step}/{p.steps} L_S={ls_val:.4g} L_T={lt_val:.4g}" + (f" R={tv_val:.3g}" if wg_on else "")
+            msg = (f"step {step}/{p.steps} L_S={ls_val:.4g} L_T={lt_val:.4g}" + (f" R={tv_val:.3g}" if math.isfinite(tv_val) else "")
                    + f" λ={lam:.3g} ETA {eta:.0f}s")
             rep(step, msg, preview=preview, L_S=ls_val, L_T=lt_val, TV=tv_val, **{"lambda": lam}, eta_s=eta)
     except Cancelled:

@@ -5,8 +5,8 @@
   of domains, the ``io_scale`` buffer), so adapted checkpoints need no separate config; a file of
   another architecture or a corrupted file raises :class:`WeightsError` with a clear message.
 * :func:`predict` runs the network on a whole volume, float32: the network input is
-  (field·mask·field_scale, mask[, χ_TKD·chi_scale]) from :mod:`napari_qsm.nn.inputs`; the volume is zero-padded at the end of each axis to a multiple
-  of 16 and cropped back. When the padded volume exceeds the memory budget it is cut into tiles
+  (field·mask·field_scale, mask[, χ_TKD·chi_scale]) from :mod:`napari_qsm.nn.inputs`; the volume
+  is zero-padded at the end of each axis to a multiple of 16 and cropped back. When the padded volume exceeds the memory budget it is cut into tiles
   (multiples of 16, aligned to the pooling grid) that overlap by ``overlap`` voxels: in each
   overlap the outer half of a tile is discarded (its halo, where zero padding at the tile border
   leaks in) and the inner half is cross-faded with a cosine window. With ``overlap/2`` at least

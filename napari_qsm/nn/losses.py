@@ -103,7 +103,9 @@ def loss_edge_tv(chi_ppm: torch.Tensor, wg: torch.Tensor, mask: torch.Tensor, vo
     """R = Σ_mask Σ_axes |w_G,a · ∂_a χ| / #mask for ``chi_ppm`` and ``mask`` (N, 1, X, Y, Z), ``wg`` (N, 3, X, Y, Z).
 
     ∂_a is the forward difference divided by the voxel size (0 on the last plane of each axis), as
-    :func:`napari_qsm.core.medi.gradient`. ``wg`` is 1 where gradients are penalised (no magnitude edge).
+    :func:`napari_qsm.core.medi.gradient`, which cannot serve here: it writes into a preallocated
+    tensor (``out=``), which autograd does not support, and takes one unbatched volume.
+    ``wg`` is 1 where gradients are penalised (no magnitude edge).
     """
     m = (mask > 0.5).to(chi_ppm.dtype)
     total = chi_ppm.new_zeros(())
