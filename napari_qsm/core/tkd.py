@@ -1,7 +1,7 @@
 """Truncated k-space division (TKD) and truncated SVD (TSVD).
 
 χ = F⁻¹[ D⁻¹_δ(k) · F[field] ] · mask with
-* TKD (Shmueli et al. 2009; Wharton et al. 2010): D⁻¹_δ = 1/D where |D| > δ, else sign(D)/δ;
+* TKD (Shmueli et al. 2009; Wharton et al. 2010): D⁻¹_δ = 1/D where |D| > δ, else sign(D)/δ (sign(0) = 0);
 * TSVD: D⁻¹_δ = 1/D where |D| > δ, else 0 (what SEPIA calls "TKD").
 Threshold δ default 0.15 (QSM.jl, QSM.rs). Optional Schweser et al. (2013) correction divides χ
 by c = mean over k-space of D·D⁻¹_δ, compensating the underestimation truncation causes
@@ -29,7 +29,7 @@ class TKDParams:
 
 
 def inverse_kernel(D: torch.Tensor, threshold: float, mode: str = "tkd", inplace: bool = False) -> torch.Tensor:
-    """Truncated inverse of the dipole kernel: TKD (sign(D)/δ where |D| ≤ δ) or TSVD (0 there).
+    """Truncated inverse of the dipole kernel: TKD (sign(D)/δ where |D| ≤ δ, sign(0) = 0) or TSVD (0 there).
 
     ``inplace=True`` overwrites ``D`` (used slab by slab in :func:`truncated_inversion`).
     """
@@ -39,8 +39,12 @@ def inverse_kernel(D: torch.Tensor, threshold: float, mode: str = "tkd", inplace
         D = D.clone()
     small = D.abs() <= threshold
     if mode == "tkd":
-        D.masked_fill_(small & (D >= 0), threshold).masked_fill_(small & (D < 0), -threshold)
-        return D.reciprocal_()
+        # sign(D)/δ where |D| ≤ δ, with sign(0) = 0: D(0) = 0 (and any exact zero) keeps a zero inverse, so a
+        # constant field never leaks into χ's mean (QSM.jl's convention)
+        zero = D == 0
+        D.masked_fill_(small & (D > 0), threshold).masked_fill_(small & (D < 0), -threshold)
+        D.masked_fill_(zero, 1.0).reciprocal_()
+        return D.masked_fill_(zero, 0.0)
     D.masked_fill_(small, 1.0).reciprocal_()
     return D.masked_fill_(small, 0.0)
 

@@ -21,8 +21,23 @@ def test_inverse_kernel_definitions():
     D = torch.tensor([0.0, 0.05, -0.05, 0.15, -0.2, 0.3, -0.6])
     tkd = inverse_kernel(D, 0.15, "tkd")
     tsvd = inverse_kernel(D, 0.15, "tsvd")
-    np.testing.assert_allclose(tkd.numpy(), [1 / 0.15, 1 / 0.15, -1 / 0.15, 1 / 0.15, -5, 1 / 0.3, -1 / 0.6], rtol=1e-6)
+    np.testing.assert_allclose(tkd.numpy(), [0, 1 / 0.15, -1 / 0.15, 1 / 0.15, -5, 1 / 0.3, -1 / 0.6], rtol=1e-6)
     np.testing.assert_allclose(tsvd.numpy(), [0, 0, 0, 0, -5, 1 / 0.3, -1 / 0.6], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["tkd", "tsvd"])
+def test_constant_field_does_not_leak_into_chi(mode):
+    """D(0) = 0: the k = 0 term of the inverse is 0 (not 1/δ), so a uniform field offset leaves χ unchanged.
+
+    Without padding (pad_factor 1) a constant field is exactly the k = 0 component."""
+    shape, vs, b0 = (16, 18, 20), (1.0, 1.0, 2.0), (0.0, 0.2, 1.0)
+    rng = np.random.default_rng(0)
+    field = rng.standard_normal(shape).astype(np.float32) * 0.01
+    full = np.ones(shape, bool)
+    chi0, _ = truncated_inversion(field, full, vs, b0, 0.15, mode, pad_factor=1.0)
+    chi1, _ = truncated_inversion(field + np.float32(0.05), full, vs, b0, 0.15, mode, pad_factor=1.0)
+    # 1/δ at k = 0 would shift χ by 0.05/0.15 = 0.33 ppm
+    np.testing.assert_allclose(chi1, chi0, atol=1e-5)
 
 
 def test_correction_factor_is_mean_of_D_times_inverse():
