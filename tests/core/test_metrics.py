@@ -168,7 +168,6 @@ def test_ssim_matches_skimage_cropped_mean(rng):
     a, b = _joint_scale(x, ref, mask)
     mssim = skm.structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
                                       data_range=255)
-    assert ssim(x, ref, mask) == pytest.approx(mssim, abs=1e-3)
     assert ssim(x, ref, mask) == pytest.approx(mssim, abs=1e-9)
 
 
@@ -180,10 +179,13 @@ def test_xsim_matches_skimage(data):
     _, gmap = skm.structural_similarity(a, b, gaussian_weights=True, sigma=1.5, **common)
     _, umap = skm.structural_similarity(a, b, win_size=5, **common)
     # skimage's Gaussian is always truncated at 3.5σ (11³); Milovic's default window is 7³
-    assert xsim(x, ref, mask, truncate=3.5) == pytest.approx(gmap[mask].mean(), abs=1e-9)
+    assert xsim(x, ref, mask, window="gaussian", truncate=3.5) == pytest.approx(gmap[mask].mean(), abs=1e-9)
     assert xsim(x, ref, mask, window="uniform") == pytest.approx(umap[mask].mean(), abs=1e-9)
-    assert xsim(x, ref, mask) == pytest.approx(gmap[mask].mean(), abs=0.02)
-    assert xsim(x, ref, mask) != xsim(x, ref, mask, truncate=3.5)
+    # the default is the QSM-CI scorer's uniform 5³ window (not Milovic's Gaussian), also in compute_metrics
+    assert xsim(x, ref, mask) == pytest.approx(umap[mask].mean(), abs=1e-9)
+    assert compute_metrics(x, ref, mask)["xsim"] == pytest.approx(umap[mask].mean(), abs=1e-9)
+    assert xsim(x, ref, mask, window="gaussian") == pytest.approx(gmap[mask].mean(), abs=0.02)
+    assert xsim(x, ref, mask, window="gaussian") != xsim(x, ref, mask, window="gaussian", truncate=3.5)
 
 
 def test_xsim_constants_are_in_ppm(data):
@@ -219,9 +221,10 @@ def test_crop_equals_whole_volume(data):
     """Filtering on the mask's bounding box (+radius) gives the whole-volume result."""
     x, ref, mask = data
     a, b = np.where(mask, x, 0).astype(np.float64), np.where(mask, ref, 0).astype(np.float64)
-    filt = lambda v: ndimage.gaussian_filter(v, 1.5, truncate=2.0)  # noqa: E731
-    whole = M._ssim_mean(a, b, mask, 1e-4, 1e-6, filt)
-    assert xsim(x, ref, mask) == pytest.approx(whole, abs=1e-12)
+    gauss = lambda v: ndimage.gaussian_filter(v, 1.5, truncate=2.0)  # noqa: E731
+    box = lambda v: ndimage.uniform_filter(v, 5)  # noqa: E731
+    assert xsim(x, ref, mask, window="gaussian") == pytest.approx(M._ssim_mean(a, b, mask, 1e-4, 1e-6, gauss), abs=1e-12)
+    assert xsim(x, ref, mask) == pytest.approx(M._ssim_mean(a, b, mask, 1e-4, 1e-6, box), abs=1e-12)
 
 
 def test_inputs_not_modified(data):
