@@ -11,6 +11,14 @@
   or 1 when unknown), normalised to mean 1 inside the mask (as MEDI's m). Returned as
   ‖·‖₂² / (number of mask voxels). Since |e^{ia} − e^{ib}|² = 2 − 2cos(a − b) it is computed
   in that real form (same value, cheaper, exact gradients).
+* ``L_T`` on a patch (``smv_radius_mm`` > 0, what the adaptation uses): the field measured inside a
+  patch also contains the field of tissue outside it, which d∗χ_patch cannot produce. Both fields
+  are passed through the same spherical-mean-value high-pass (1 − S), S the normalised sphere of
+  radius r mm on the voxel grid (as MEDI's SMV option), and the residual is taken only where the
+  sphere lies inside the patch's mask (SMV(mask) > 0.999, which also keeps r away from every cut
+  face of the patch). Outside sources give a harmonic field there, which (1 − S) removes (mean-value
+  property), so the true χ of the patch has a residual ~0 (:func:`field_residual`). The noise std
+  becomes √(σ² + S(σ²)) (MEDI's SMV propagation of N_std).
 * ``R = ‖w_G ∘ ∇χ‖₁ / #mask`` (:func:`loss_edge_tv`): MEDI's morphology prior on a batch, forward
   differences per mm (Neumann boundary: the last difference along each axis is 0), w_G = 1 where
   the magnitude has no edge (see :func:`napari_qsm.core.medi.gradient_mask`), summed over the
@@ -24,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from ..core.dipole import dipole_kernel, fast_shape
@@ -56,12 +65,45 @@ class DipoleOperator:
             self._cache[key] = (D, pshape)
         return self._cache[key]
 
+    def smv(self, pshape, voxel_size, radius_mm: float, device) -> torch.Tensor:
+        """rfft spectrum of the normalised sphere S (radius mm) on the padded grid ``pshape`` (cached)."""
+        key = ("smv", tuple(pshape), tuple(round(float(v), 6) for v in voxel_size), round(float(radius_mm), 6),
+               str(device))
+        if key not in self._cache:
+            if len(self._cache) >= self.max_cache:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = sphere_spectrum(pshape, voxel_size, radius_mm, device)
+        return self._cache[key]
+
     def __call__(self, chi: torch.Tensor, voxel_size, b0_direction) -> torch.Tensor:
         shape = tuple(chi.shape[-3:])
         D, pshape = self.kernel(shape, voxel_size, b0_direction, chi.device)
         X = torch.fft.rfftn(chi, s=pshape, dim=(-3, -2, -1))   # zero-pads at the end of each axis
         y = torch.fft.irfftn(X * D, s=pshape, dim=(-3, -2, -1))
         return y[..., : shape[0], : shape[1], : shape[2]]
+
+
+def sphere_spectrum(pshape, voxel_size, radius_mm: float, device=None) -> torch.Tensor:
+    """Real rfft spectrum of the normalised sphere (voxels whose centre lies within ``radius_mm`` of the
+    origin, physical voxel sizes, weights summing to 1) centred at the origin of the grid ``pshape``."""
+    if not radius_mm > 0:
+        raise ValueError(f"smv radius: expected > 0 mm, got {radius_mm}")
+    axes = []
+    for n, d in zip(pshape, voxel_size):
+        i = np.arange(int(n))
+        axes.append(np.where(i > n // 2, i - n, i) * float(d))
+    r2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
+    sph = (r2 <= float(radius_mm) ** 2).astype(np.float64)
+    sph /= sph.sum()
+    # the sphere is symmetric under x → −x, so its spectrum is real
+    return torch.fft.rfftn(torch.as_tensor(sph, dtype=torch.float64)).real.to(torch.float32).to(device).contiguous()
+
+
+def smv_pad_shape(shape, voxel_size, radius_mm: float, pad_factor: float = 2.0) -> tuple:
+    """FFT grid for a patch: the dipole operator's padding, and at least one sphere radius of zeros."""
+    base = fast_shape(shape, pad_factor)
+    need = [int(n) + int(math.ceil(float(radius_mm) / float(d))) + 1 for n, d in zip(shape, voxel_size)]
+    return tuple(max(b, fast_shape((m,), 1.0)[0]) for b, m in zip(base, need))
 
 
 _DEFAULT_OP = DipoleOperator()
@@ -80,20 +122,73 @@ def noise_weights(mask: torch.Tensor, noise_std: torch.Tensor | None = None) -> 
     return w / torch.clamp(mean, min=1e-12)
 
 
+def field_residual(chi_ppm: torch.Tensor, field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size, b0_direction,
+                   smv_radius_mm: float = 0.0, op: DipoleOperator | None = None,
+                   noise_std: torch.Tensor | None = None, threshold: float = 0.999):
+    """Field residual (ppm) of χ against a measured field, the region where it is valid, and the noise std.
+
+    ``smv_radius_mm`` = 0: ``(d∗χ − f, mask, noise_std)``. > 0: ``((1 − S)(d∗χ) − (1 − S)f, region,
+    √(σ² + S(σ²)))`` with region = mask ∧ (S∗mask > ``threshold``), S the normalised sphere; d∗χ,
+    f and the mask are zero beyond the array (the patch), so the region also keeps one radius away
+    from its faces. Shapes (N, 1, X, Y, Z) or 3-D; ``field_ppm`` should be 0 outside ``mask``.
+    """
+    op = op or _DEFAULT_OP
+    r = float(smv_radius_mm)
+    if not r > 0:
+        return op(chi_ppm, voxel_size, b0_direction) - field_ppm, (mask > 0.5).to(chi_ppm.dtype), noise_std
+    shape = tuple(chi_ppm.shape[-3:])
+    dims = (-3, -2, -1)
+    pshape = smv_pad_shape(shape, voxel_size, r, op.pad_factor)
+    key = (tuple(shape), tuple(round(float(v), 6) for v in voxel_size),
+           tuple(round(float(v), 9) for v in b0_direction), str(chi_ppm.device), "smv-grid", pshape)
+    if key not in op._cache:
+        if len(op._cache) >= op.max_cache:
+            op._cache.pop(next(iter(op._cache)))
+        op._cache[key] = dipole_kernel(pshape, voxel_size, b0_direction, device=chi_ppm.device)
+    D = op._cache[key]
+    S = op.smv(pshape, voxel_size, r, chi_ppm.device)
+    hp = 1.0 - S
+    crop = lambda y: y[..., : shape[0], : shape[1], : shape[2]]
+    conv = lambda a, K: crop(torch.fft.irfftn(torch.fft.rfftn(a, s=pshape, dim=dims) * K, s=pshape, dim=dims))
+    m = (mask > 0.5).to(chi_ppm.dtype)
+    with torch.no_grad():
+        region = m * (conv(m, S) > threshold).to(m.dtype)
+        f_hp = conv(field_ppm * m, hp)
+        sig = None
+        if noise_std is not None:
+            var = noise_std.to(chi_ppm.dtype) ** 2
+            fin = torch.isfinite(var)
+            fill = var[fin & (m > 0)].max() if bool((fin & (m > 0)).any()) else var.new_ones(())
+            var = torch.where(fin, var, fill) * m
+            sig = torch.sqrt(var + torch.clamp(conv(var, S), min=0.0))
+            sig = torch.where(region > 0, sig, torch.full_like(sig, float("inf")))
+    model_hp = conv(chi_ppm, D * hp)
+    return model_hp - f_hp, region, sig
+
+
 def loss_field(chi_ppm: torch.Tensor, field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size, b0_direction,
                weights: torch.Tensor | None = None, phase_per_ppm: float = 16.05, op: DipoleOperator | None = None,
-               noise_std: torch.Tensor | None = None) -> torch.Tensor:
+               noise_std: torch.Tensor | None = None, smv_radius_mm: float = 0.0) -> torch.Tensor:
     """L_T = ‖W (e^{i φ(d∗χ)} − e^{i φ(f)})‖₂² / #mask with φ(x) = phase_per_ppm · x.
 
     ``chi_ppm``, ``field_ppm``, ``mask``: (N, 1, X, Y, Z) (or 3-D). ``weights`` (W_t) overrides
     the default :func:`noise_weights` of ``mask`` and ``noise_std``. All samples of the batch
     share ``voxel_size`` and ``b0_direction``.
+
+    ``smv_radius_mm`` > 0 (patches): both fields high-passed by (1 − S) and the sum taken over the
+    region of :func:`field_residual` (mask eroded by the sphere, away from the patch faces), with
+    the propagated noise std; ``weights``, when given, are restricted to that region and
+    renormalised to mean 1 in it.
     """
     op = op or _DEFAULT_OP
+    res, region, sig = field_residual(chi_ppm, field_ppm, mask, voxel_size, b0_direction, smv_radius_mm, op,
+                                      noise_std)
     if weights is None:
-        weights = noise_weights(mask, noise_std)
-    model_field = op(chi_ppm, voxel_size, b0_direction)
-    diff = phase_per_ppm * (model_field - field_ppm)
+        weights = noise_weights(region, sig)
+    elif smv_radius_mm > 0:
+        weights = noise_weights(region, 1.0 / torch.clamp(weights * region, min=0.0))
+    mask = region
+    diff = phase_per_ppm * res
     r2 = 2.0 - 2.0 * torch.cos(diff)          # = |e^{iφ1} − e^{iφ2}|²
     n = torch.clamp((mask > 0.5).sum(), min=1).to(chi_ppm.dtype)
     return (weights * weights * r2).sum() / n
