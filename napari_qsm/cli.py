@@ -3,7 +3,8 @@
     napari-qsm recon FIELD --mask MASK [--magnitude MAG] --method NAME [--voxel-size X Y Z]
                [--b0-dir X Y Z] [--units ppm|hz|rad] [--te S] [--b0 T] [--echo N]
                [--device auto|cpu|cuda] [--weights CKPT] [--param NAME=VALUE ...]
-               [--orientation FIELD [X Y Z] ...]   (COSMOS: more orientations)  -o OUT.nii.gz
+               [--csf-mask MASK] [--orientation FIELD [X Y Z] ...]   (COSMOS: more orientations)
+               -o OUT.nii.gz
     napari-qsm adapt FIELD --mask MASK [--magnitude MAG] [--steps N] [--weights CKPT]
                [--save-weights OUT.pt] -o OUT.nii.gz
     napari-qsm metrics RECON REFERENCE --mask MASK [--field FIELD] [--json]
@@ -13,6 +14,21 @@
 
 Errors print ``napari-qsm: error: ...`` to stderr and exit with status 2; nothing is written.
 Progress goes to stderr.
+
+Geometry: ``--voxel-size`` and ``--b0-dir`` (and the X Y Z of ``--orientation``) are in the FIELD
+file's own voxel order as stored on disk (what its header / fslinfo show: pixdim1..3 and axes
+i, j, k); they are converted to the canonical frame used internally. Without ``--b0-dir`` B0
+comes from the field's JSON sidecar (``FIELD.json``: ``"B0Direction"`` in that voxel frame, or
+``"RegistrationMatrix"``, the 4x4 rigid world transform acquisition scanner mm -> this file's
+world mm), else from its header (scanner z in voxel coordinates). ``--te`` / ``--b0`` default to
+the sidecar's ``EchoTime`` (s) / ``MagneticFieldStrength`` (T). See ``napari_qsm.core.io``.
+
+COSMOS: every ``--orientation`` field must be registered (resampled) onto FIELD's voxel grid
+(same stored shape and voxel size). Registration rotates the head, not B0: each orientation's
+B0 in the common voxel frame is R_grid⁻¹ · M · ẑ, M the rotation of its registration. Give it
+as X Y Z after the file name, or in that file's sidecar (``"B0Direction"`` or
+``"RegistrationMatrix"``), or keep each orientation's own header placing the common grid in
+that acquisition's scanner space.
 """
 
 from __future__ import annotations
@@ -24,17 +40,39 @@ from pathlib import Path
 
 
 
+RECON_EPILOG = """\
+geometry:
+  --voxel-size and --b0-dir (and the X Y Z of --orientation) follow the FIELD file's voxel axes
+  i, j, k as stored on disk (header pixdim order, as fslinfo shows); they are converted to the
+  canonical (RAS) frame used internally. Without --b0-dir, B0 comes from FIELD.json
+  ("B0Direction": 3 numbers in that voxel frame, or "RegistrationMatrix": the 4x4 rigid
+  transform acquisition scanner mm -> FIELD's world mm), else from the header (scanner z).
+
+COSMOS (--method cosmos --orientation F2 [X Y Z] --orientation F3 ...):
+  every orientation is registered (resampled) onto FIELD's voxel grid: same stored shape and
+  voxel size; the mask is shared. Registration rotates the head, not B0, so each orientation
+  needs its own B0 in the common voxel frame: X Y Z after its file name, or its sidecar
+  (B0Direction / RegistrationMatrix; B0 = R_grid^-1 M z), or its own header when that places
+  the common grid in the acquisition's scanner space. Identical directions are refused.
+
+Run 'napari-qsm methods' for every method's parameters."""
+
+
 def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("field", help="local field map (NIfTI), units per --units (default ppm)")
     p.add_argument("--mask", required=True, help="brain mask (NIfTI, nonzero = inside)")
     p.add_argument("--magnitude", help="magnitude image (NIfTI; 4-D: root sum of squares unless --echo)")
     p.add_argument("--voxel-size", nargs=3, type=float, metavar=("X", "Y", "Z"),
-                   help="override voxel size (mm) in the canonical (RAS) voxel frame")
+                   help="override voxel size (mm) along the FIELD file's voxel axes i, j, k as stored on disk "
+                        "(the header's pixdim order, as fslinfo shows it); default: from the header")
     p.add_argument("--b0-dir", nargs=3, type=float, metavar=("X", "Y", "Z"),
-                   help="override B0 direction in the canonical voxel frame (default: from the affine)")
+                   help="override the B0 direction, components along the FIELD file's stored voxel axes i, j, k "
+                        "(default: FIELD.json sidecar \"B0Direction\" or \"RegistrationMatrix\", else scanner z "
+                        "from the affine)")
     p.add_argument("--units", default="ppm", choices=["ppm", "hz", "rad"], help="field units (default ppm)")
-    p.add_argument("--te", type=float, help="echo time in seconds (needed for --units rad)")
-    p.add_argument("--b0", type=float, help="field strength in tesla (needed for --units hz/rad)")
+    p.add_argument("--te", type=float, help="echo time in seconds (needed for --units rad; default: sidecar EchoTime)")
+    p.add_argument("--b0", type=float, help="field strength in tesla (needed for --units hz/rad; default: sidecar "
+                                            "MagneticFieldStrength); recorded in the output's provenance")
     p.add_argument("--echo", type=int, help="echo index for 4-D multi-echo input")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -45,15 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    r = sub.add_parser("recon", help="reconstruct χ from a local field map",
-                       epilog="Run 'napari-qsm methods' for every method's parameters.")
+    r = sub.add_parser("recon", help="reconstruct χ from a local field map", epilog=RECON_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_scan_args(r)
     r.add_argument("--method", required=True, help="tkd, tsvd, medi, cosmos, dsbn, ...")
     r.add_argument("--weights", help="network checkpoint (.pt) for network methods")
     r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter (repeatable)")
-    r.add_argument("--orientation", action="append", nargs="+", default=[], metavar="FIELD [X Y Z]",
-                   help="COSMOS: another co-registered field map of the same head, optionally followed by its "
-                        "B0 direction in the canonical voxel frame (else from its affine); repeat per orientation")
+    r.add_argument("--csf-mask", metavar="MASK",
+                   help="CSF mask (NIfTI on the field's grid) for MEDI+0: turns on the CSF term (param lambda_csf) "
+                        "and references χ to the CSF mean")
+    r.add_argument("--orientation", action="append", nargs="+", default=[], metavar=("FIELD", "X Y Z"),
+                   help="COSMOS: another field map of the same head registered onto FIELD's voxel grid, optionally "
+                        "followed by its B0 direction along the stored voxel axes i, j, k; without X Y Z: its "
+                        "sidecar (\"B0Direction\", or \"RegistrationMatrix\" = acquisition scanner mm -> common "
+                        "world mm), else its own header. Repeat per orientation")
     r.add_argument("-o", "--output", required=True, help="output χ map (.nii or .nii.gz), JSON sidecar beside it")
 
     a = sub.add_parser("adapt", help="adapt QSMInvNet+ to this scan, then reconstruct")
@@ -69,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("reference", nargs="?", help="reference χ (NIfTI, ppm); omit for reference-free metrics")
     m.add_argument("--mask", required=True, help="mask (NIfTI)")
     m.add_argument("--field", help="local field (ppm) for the field-consistency residual")
-    m.add_argument("--b0-dir", nargs=3, type=float, metavar=("X", "Y", "Z"), help="override B0 direction")
+    m.add_argument("--b0-dir", nargs=3, type=float, metavar=("X", "Y", "Z"),
+                   help="override the B0 direction along the --field file's stored voxel axes i, j, k")
     m.add_argument("--json", action="store_true", help="print one JSON object")
 
     ph = sub.add_parser("phantom", help="write a procedural head phantom (field, mask, magnitude, χ, labels)")
@@ -111,34 +155,47 @@ def _load(args):
                      b0_direction=args.b0_dir, units=args.units, te=args.te, b0=args.b0, echo=args.echo)
 
 
+def _accepts(method, name: str) -> bool:
+    import inspect
+    return name in inspect.signature(method.run).parameters
+
+
 def cmd_recon(args) -> int:
-    from .core.io import check_output_path, load_scan, save_result
+    from .core.io import check_output_path, load_orientation, read_aligned, save_result
     from .core.methods import get_method, reconstruct
     from .core.params import make_params, parse_cli_params
 
-    inputs = [args.field, args.mask, args.magnitude, args.weights] + [o[0] for o in args.orientation]
+    inputs = [args.field, args.mask, args.magnitude, args.weights, args.csf_mask] + [o[0] for o in args.orientation]
     check_output_path(args.output, inputs)
     method = get_method(args.method)
     params = make_params(method.params_cls, parse_cli_params(args.param))
-    scan = _load(args)
     extra = {}
+    if args.weights and not method.accepts_weights:
+        raise ValueError(f"--weights: method {method.name} takes no network weights")
+    if args.csf_mask and not _accepts(method, "csf_mask"):
+        raise ValueError(f"--csf-mask: method {method.name} takes no CSF mask (it is used by medi, MEDI+0)")
+    if args.orientation and not method.multi_scan:
+        raise ValueError(f"--orientation: method {method.name} uses one orientation; use --method cosmos")
+    if method.multi_scan and not args.orientation:
+        raise ValueError(f"method {method.name}: give the other orientations with --orientation FIELD [X Y Z]")
+    for o in args.orientation:
+        if len(o) not in (1, 4):
+            raise ValueError(f"--orientation: expected FIELD or FIELD X Y Z, got {' '.join(o)}")
+    scan = _load(args)
     if args.weights:
-        if not method.accepts_weights:
-            raise ValueError(f"--weights: method {method.name} takes no network weights")
         extra["weights"] = args.weights
+    if args.csf_mask:
+        extra["csf_mask"] = read_aligned(args.csf_mask, "csf-mask", scan._nifti_info) > 0.5
     if args.orientation:
-        if not method.multi_scan:
-            raise ValueError(f"--orientation: method {method.name} uses one orientation; use --method cosmos")
         scans = [scan]
         for o in args.orientation:
-            if len(o) not in (1, 4):
-                raise ValueError(f"--orientation: expected FIELD or FIELD X Y Z, got {o}")
-            b0 = [float(v) for v in o[1:]] if len(o) == 4 else None
-            scans.append(load_scan(o[0], args.mask, None, voxel_size=args.voxel_size, b0_direction=b0,
-                                   units=args.units, te=args.te, b0=args.b0, echo=args.echo))
+            try:
+                b0 = [float(v) for v in o[1:]] if len(o) == 4 else None
+            except ValueError:
+                raise ValueError(f"--orientation: X Y Z must be numbers, got {' '.join(o[1:])}") from None
+            scans.append(load_orientation(o[0], scan, b0_direction=b0, units=args.units, te=args.te, b0=args.b0,
+                                          echo=args.echo, name=f"--orientation {o[0]}"))
         extra["scans"] = scans
-    elif method.multi_scan:
-        raise ValueError(f"method {method.name}: give the other orientations with --orientation FIELD [X Y Z]")
     res = reconstruct(scan, method.name, params, device=args.device, progress=_progress(args.quiet), **extra)
     out = save_result(res, args.output, scan=scan, inputs=inputs)
     if not args.quiet:
@@ -168,7 +225,7 @@ def cmd_adapt(args) -> int:
 
 
 def cmd_metrics(args) -> int:
-    from .core.io import b0_from_affine, read_volume, voxel_sizes
+    from .core.io import b0_direction_in_file, direction_to_canonical, read_volume, voxel_sizes
     from .core.metrics import compute_metrics
 
     x, xaff, _ = read_volume(args.recon, "recon")
@@ -182,11 +239,14 @@ def cmd_metrics(args) -> int:
             raise ValueError(f"reference: shape {ref.shape} does not match recon shape {x.shape}")
     field = vs = b0 = None
     if args.field:
-        field, faff, _ = read_volume(args.field, "field")
+        from .core.io import read_sidecar
+        field, faff, finfo = read_volume(args.field, "field")
         if field.shape != x.shape:
             raise ValueError(f"field: shape {field.shape} does not match recon shape {x.shape}")
         vs = voxel_sizes(faff)
-        b0 = args.b0_dir if args.b0_dir else b0_from_affine(faff)
+        orig = finfo["original_affine"]
+        b_file, _ = b0_direction_in_file(orig, read_sidecar(args.field, "field"), args.b0_dir, "field")
+        b0 = direction_to_canonical(b_file, orig)
     if ref is None and field is None:
         raise ValueError("metrics: give a REFERENCE χ map and/or --field for the field-consistency residual")
     vals = compute_metrics(x, ref, mask > 0.5, field=field, voxel_size=vs, b0_direction=b0)

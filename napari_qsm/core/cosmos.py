@@ -20,10 +20,15 @@ argmin Σ_i ‖M_i (D_i∗χ − f_i)‖²: χ ← χ + C[Σ_i D_i F(M_i (f_i �
 inverse (Σ D_i² + ε)⁻¹ as preconditioner (a preconditioned Landweber / Richardson iteration; each
 costs two FFT pairs per orientation). ``refine=0`` is the pure closed form.
 
-Command line: ``napari-qsm recon FIELD1 --mask MASK --b0-dir X Y Z --method cosmos
---orientation FIELD2 X2 Y2 Z2 --orientation FIELD3 X3 Y3 Z3 -o chi.nii.gz`` (each
-``--orientation`` adds a co-registered field map with its B0 direction in the voxel frame; without
-X Y Z the direction comes from that file's affine).
+Command line: ``napari-qsm recon FIELD1 --mask MASK --method cosmos --orientation FIELD2 [X2 Y2 Z2]
+--orientation FIELD3 [X3 Y3 Z3] -o chi.nii.gz``. Every field is registered (resampled) onto
+FIELD1's voxel grid. Registration rotates the head, not B0, so each orientation keeps its own B0:
+in the common voxel frame b̂_i = R_grid⁻¹ · M_i · ẑ, with M_i the rotation of its registration
+(acquisition scanner space → common world). It is taken, in order, from X Y Z (along the stored
+voxel axes i, j, k), from the field's JSON sidecar (``"B0Direction"`` in that frame, or
+``"RegistrationMatrix"`` = the 4x4 transform, of which the rotation M_i is used), or from the
+field's own header (right when the header places the common grid in that acquisition's scanner
+space). See :func:`napari_qsm.core.io.load_orientation`.
 """
 
 from __future__ import annotations
@@ -64,7 +69,15 @@ def _check_scans(scans):
     for i in range(len(dirs)):
         for j in range(i):
             if abs(float(dirs[i] @ dirs[j])) > 1 - 1e-6:
-                raise ValueError(f"scans[{i}]: B0 direction equals that of scans[{j}]; COSMOS needs different orientations")
+                srcs = [(getattr(scans[k], "source", None) or {}).get("b0_direction_source") for k in (i, j)]
+                hint = ""
+                if "header" in srcs:
+                    hint = ("; a field registered onto a common grid usually carries that grid's header, so its B0 "
+                            "must be given: X Y Z after --orientation FIELD, or a sidecar FIELD.json with "
+                            "\"B0Direction\" or \"RegistrationMatrix\"")
+                raise ValueError(f"scans[{i}]: B0 direction {np.round(dirs[i], 4).tolist()} (from "
+                                 f"{srcs[0] or 'the scan'}) equals that of scans[{j}] (from {srcs[1] or 'the scan'}); "
+                                 f"COSMOS needs different orientations{hint}")
     return scans
 
 
@@ -123,7 +136,8 @@ def cosmos(scans, eps: float = 1e-4, pad_factor: float = 2.0, device="auto", mas
         out = (chi.cpu().numpy() * union).astype(np.float32)
     info = {"orientations": len(scans), "min_sum_D2": min_den, "padded_shape": list(pshape),
             "refine_residuals": hist,
-            "b0_directions": [np.round(np.asarray(s.b0_direction, float), 6).tolist() for s in scans]}
+            "b0_directions": [np.round(np.asarray(s.b0_direction, float), 6).tolist() for s in scans],
+            "b0_sources": [(getattr(s, "source", None) or {}).get("b0_direction_source") for s in scans]}
     return (out, info) if return_info else out
 
 

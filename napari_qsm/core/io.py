@@ -5,11 +5,37 @@
 * The B0 direction in voxel coordinates is scanner z expressed in the voxel frame:
   ``b̂ = R⁻¹ · (0, 0, 1)`` with R the affine's rotation (columns normalised by the voxel size).
   This is right for axial, sagittal, coronal and oblique acquisitions.
+* User overrides of voxel size and B0 direction (``--voxel-size`` / ``--b0-dir``, ``load_scan``'s
+  ``voxel_size`` / ``b0_direction``) are given in the FILE's own voxel order, as stored on disk
+  (what ``fslinfo`` or the header's pixdim show), and converted here to the canonical frame:
+  sizes are permuted, directions permuted and sign-flipped with the ``as_closest_canonical``
+  transform (:func:`sizes_to_canonical`, :func:`direction_to_canonical`).
+* B0 direction of a field map, in order of precedence (:func:`b0_direction_in_file`):
+  1. an explicit vector (file's voxel order);
+  2. the JSON sidecar next to the file (``FIELD.nii.gz`` → ``FIELD.json``), key ``"B0Direction"``:
+     three numbers, B0 in the file's own voxel frame as stored (same frame as ``--b0-dir``);
+  3. the sidecar key ``"RegistrationMatrix"``: the 4x4 rigid transform (mm, NIfTI world/RAS)
+     that carried this acquisition onto the common grid, mapping a point of the acquisition's
+     scanner space to the same anatomical point in this file's world space. Registration
+     rotates the HEAD; B0 stays scanner z of the acquisition, so in this file's world B0 is
+     ``M · ẑ`` (M = rotation part of the matrix) and in its voxel frame ``R⁻¹ · M · ẑ`` (R = this
+     file's header rotation, i.e. the common grid's). The acquisition's slice orientation
+     cancels out: an ``"AcquisitionAffine"`` alone does not say how the head was turned onto
+     the common grid, so a sidecar that has it without ``"RegistrationMatrix"`` is refused;
+  4. the file's own header: ``R⁻¹ · ẑ``. Right for unregistered data, and for registered data
+     whose header places the common voxel grid in that acquisition's scanner space.
+  Multi-orientation data (COSMOS, :func:`load_orientation`) share the reference field's voxel
+  grid (same stored shape and voxel size); each orientation is reoriented with the reference's
+  canonical transform and keeps its own B0 from the rules above.
+* Field strength (T) and echo time (s), when not given, come from the BIDS sidecar keys
+  ``MagneticFieldStrength`` and ``EchoTime``; they are recorded in the result's provenance.
 * Units: ppm (of B0), hz (needs B0 in tesla), rad (needs TE in s and B0 in tesla);
   γ̄ = γ/2π = 42.577478 MHz/T.
 * Results are written back in the orientation of the source file, with its affine and header,
-  plus a JSON provenance sidecar (``OUT.nii.gz`` → ``OUT.json``). Writes are atomic (temporary
-  file, then rename) and refuse to overwrite an input.
+  plus a JSON provenance sidecar (``OUT.nii.gz`` → ``OUT.json``). Header fields that describe
+  the SOURCE's values (display range cal_min/cal_max, intent such as "phase", scaling,
+  description) are reset for the derived map. Writes are atomic (temporary file, then rename)
+  and refuse to overwrite an input.
 """
 
 from __future__ import annotations
@@ -66,6 +92,124 @@ def b0_from_affine(affine: np.ndarray, b0_scanner=(0.0, 0.0, 1.0)) -> np.ndarray
     r = a / voxel_sizes(affine)
     b = np.linalg.solve(r, np.asarray(b0_scanner, dtype=np.float64))
     return b / np.linalg.norm(b)
+
+
+def sizes_to_canonical(sizes, affine) -> np.ndarray:
+    """Voxel sizes given in a file's stored voxel order → the order of ``nib.as_closest_canonical``."""
+    ornt = nib.io_orientation(np.asarray(affine, np.float64))
+    v = np.asarray(sizes, dtype=np.float64).reshape(3)
+    out = np.empty(3)
+    for i in range(3):
+        out[int(ornt[i, 0])] = v[i]
+    return out
+
+
+def direction_to_canonical(vec, affine) -> np.ndarray:
+    """A direction given in a file's stored voxel frame → the ``as_closest_canonical`` voxel frame.
+
+    Stored axis i becomes canonical axis ``ornt[i, 0]``, reversed when ``ornt[i, 1] = -1``; the
+    component is permuted and its sign flipped accordingly.
+    """
+    ornt = nib.io_orientation(np.asarray(affine, np.float64))
+    v = np.asarray(vec, dtype=np.float64).reshape(3)
+    out = np.empty(3)
+    for i in range(3):
+        out[int(ornt[i, 0])] = ornt[i, 1] * v[i]
+    return out
+
+
+def read_sidecar(path, name: str = "file") -> dict:
+    """The JSON sidecar next to a NIfTI file (``X.nii.gz`` → ``X.json``), or {} when there is none."""
+    p = sidecar_path(path)
+    if not p.is_file():
+        return {}
+    try:
+        d = json.loads(p.read_text())
+    except Exception as exc:
+        raise NiftiError(f"{name}: cannot read its JSON sidecar {p} ({type(exc).__name__}: {exc})") from None
+    if not isinstance(d, dict):
+        raise NiftiError(f"{name}: JSON sidecar {p} must hold an object, got {type(d).__name__}")
+    return d
+
+
+def _unit3(v, what: str) -> np.ndarray:
+    try:
+        a = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ScanError(f"{what}: expected three numbers, got {v!r}") from None
+    if a.shape != (3,) or not np.all(np.isfinite(a)) or np.linalg.norm(a) == 0:
+        raise ScanError(f"{what}: expected three finite numbers, not all zero, got {v!r}")
+    return a / np.linalg.norm(a)
+
+
+def _rotation_of(m, what: str) -> np.ndarray:
+    try:
+        a = np.asarray(m, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ScanError(f"{what}: expected a 4x4 matrix (list of 4 rows), got {m!r}") from None
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
+        raise ScanError(f"{what}: expected a finite 4x4 matrix (list of 4 rows), got shape {a.shape}")
+    u, sv, vt = np.linalg.svd(a[:3, :3])
+    if sv.min() <= 0 or np.linalg.det(u @ vt) < 0:
+        raise ScanError(f"{what}: the 3x3 part is singular or a reflection; expected a rigid registration")
+    return u @ vt  # closest rotation (polar decomposition); a rigid matrix is returned unchanged
+
+
+def b0_direction_in_file(affine, sidecar: Optional[dict] = None, explicit=None, name: str = "field"):
+    """B0 direction (unit vector) in a file's STORED voxel frame and the rule it came from.
+
+    Precedence: ``explicit`` → sidecar ``B0Direction`` → sidecar ``RegistrationMatrix`` (with
+    this file's header as the common grid) → this file's header. See the module docstring.
+    Returns ``(vector, source)`` with source one of "argument", "sidecar B0Direction",
+    "sidecar RegistrationMatrix", "header".
+    """
+    side = sidecar or {}
+    if explicit is not None:
+        return _unit3(explicit, f"{name}: B0 direction"), "argument"
+    if "B0Direction" in side:
+        return _unit3(side["B0Direction"], f"{name}: sidecar B0Direction"), "sidecar B0Direction"
+    if "RegistrationMatrix" in side:
+        m = _rotation_of(side["RegistrationMatrix"], f"{name}: sidecar RegistrationMatrix")
+        return b0_from_affine(affine, m @ np.array([0.0, 0.0, 1.0])), "sidecar RegistrationMatrix"
+    if "AcquisitionAffine" in side:
+        raise ScanError(f"{name}: its sidecar gives AcquisitionAffine but no RegistrationMatrix; the acquisition's own "
+                        "affine does not say how the head was rotated onto the common grid. Add \"RegistrationMatrix\" "
+                        "(4x4, acquisition scanner mm -> this file's world mm) or \"B0Direction\" (this file's voxel "
+                        "frame), or give the direction explicitly")
+    return b0_from_affine(affine), "header"
+
+
+def _sidecar_acquisition(side: dict, name: str, te, b0, echo):
+    """TE (s) and B0 (T) from BIDS sidecar keys when not given; returns (te, b0, sources)."""
+    src = {}
+    if te is not None:
+        src["te"] = "argument"
+    elif "EchoTime" in side:
+        v = side["EchoTime"]
+        if isinstance(v, (list, tuple)):
+            v = v[echo] if (echo is not None and -len(v) <= echo < len(v)) else (v[0] if len(v) == 1 else None)
+        if v is not None:
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise ScanError(f"{name}: sidecar EchoTime must be a number in seconds, got {side['EchoTime']!r}") from None
+            if not np.isfinite(v) or v <= 0:
+                raise ScanError(f"{name}: sidecar EchoTime must be positive (seconds), got {v!r}")
+            if v > 1.0:
+                raise ScanError(f"{name}: sidecar EchoTime {v} looks like milliseconds; BIDS wants seconds")
+            te, src["te"] = v, "sidecar EchoTime"
+    if b0 is not None:
+        src["b0_tesla"] = "argument"
+    elif "MagneticFieldStrength" in side:
+        try:
+            v = float(side["MagneticFieldStrength"])
+        except (TypeError, ValueError):
+            raise ScanError(f"{name}: sidecar MagneticFieldStrength must be a number in tesla, "
+                            f"got {side['MagneticFieldStrength']!r}") from None
+        if not np.isfinite(v) or v <= 0:
+            raise ScanError(f"{name}: sidecar MagneticFieldStrength must be positive (tesla), got {v!r}")
+        b0, src["b0_tesla"] = v, "sidecar MagneticFieldStrength"
+    return te, b0, src
 
 
 def to_ppm(data: np.ndarray, units: str = "ppm", te: Optional[float] = None,
@@ -132,16 +276,39 @@ def read_volume(path, name: str = "file", echo: Optional[int] = None, combine_ec
     return data, can.affine.copy(), info
 
 
+def read_aligned(path, name: str, ref_info: dict, echo: Optional[int] = None) -> np.ndarray:
+    """Read a volume that must lie on a reference file's voxel grid (same stored shape and affine).
+
+    ``ref_info`` is the info dict of :func:`read_volume` (e.g. ``scan._nifti_info``). Returns the
+    data in the reference's canonical frame.
+    """
+    data, aff, info = read_volume(path, name, echo=echo)
+    ref_shape = tuple(ref_info["header"].get_data_shape()[:3])
+    if tuple(info["header"].get_data_shape()[:3]) != ref_shape:
+        raise ScanError(f"{name}: shape {tuple(info['header'].get_data_shape()[:3])} does not match the field's "
+                        f"{ref_shape}")
+    if not np.allclose(info["original_affine"], ref_info["original_affine"], atol=1e-3):
+        raise ScanError(f"{name}: its affine differs from the field's; resample it onto the field grid first")
+    return data
+
+
 def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[float]] = None,
               b0_direction: Optional[Sequence[float]] = None, units: str = "ppm",
               te: Optional[float] = None, b0: Optional[float] = None, echo: Optional[int] = None,
-              noise_std=None) -> Scan:
+              noise_std=None, frame: str = "file", sidecar: bool = True) -> Scan:
     """Build a :class:`Scan` from NIfTI paths.
 
-    ``voxel_size`` / ``b0_direction`` override the header (in the canonical voxel frame).
-    A 4-D field needs ``echo``; a 4-D magnitude uses ``echo`` when given, else the root sum of
-    squares over echoes.
+    ``voxel_size`` / ``b0_direction`` override the header. With ``frame="file"`` (default) they are
+    in the field file's own voxel order as stored on disk (what the header / fslinfo show) and are
+    converted to the canonical frame; ``frame="canonical"`` takes them as already canonical.
+    Without an explicit direction, B0 comes from the field's JSON sidecar (``B0Direction`` or
+    ``RegistrationMatrix``) or else its header (:func:`b0_direction_in_file`). ``te`` / ``b0``
+    default to the sidecar's ``EchoTime`` / ``MagneticFieldStrength`` (``sidecar=False`` ignores
+    the sidecar). A 4-D field needs ``echo``; a 4-D magnitude uses ``echo`` when given, else the
+    root sum of squares over echoes.
     """
+    side = read_sidecar(field, "field") if sidecar else {}
+    te, b0, acq_src = _sidecar_acquisition(side, "field", te, b0, echo)
     fdata, faff, finfo = read_volume(field, "field", echo=echo)
     fdata = to_ppm(fdata, units, te=te, b0=b0)
     mdata, maff, _ = read_volume(mask, "mask")
@@ -157,9 +324,23 @@ def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[floa
     nstd = None
     if noise_std is not None:
         nstd, _, _ = read_volume(noise_std, "noise_std")
-    vs = voxel_sizes(faff) if voxel_size is None else np.asarray(voxel_size, float)
-    b0d = b0_from_affine(faff) if b0_direction is None else np.asarray(b0_direction, float)
-    source = {"field": finfo["path"], "mask": str(Path(mask).resolve()), "units": units}
+    if frame not in ("file", "canonical"):
+        raise ValueError(f"frame: expected 'file' or 'canonical', got {frame!r}")
+    orig = finfo["original_affine"]
+    if voxel_size is None:
+        vs = voxel_sizes(faff)
+    else:
+        vs = np.asarray(voxel_size, float) if frame == "canonical" else sizes_to_canonical(voxel_size, orig)
+    if b0_direction is not None and frame == "canonical":
+        b0d, b0_src = _unit3(b0_direction, "b0_direction"), "argument (canonical frame)"
+    else:
+        b_file, b0_src = b0_direction_in_file(orig, side, b0_direction, "field")
+        b0d = direction_to_canonical(b_file, orig)
+    source = {"field": finfo["path"], "mask": str(Path(mask).resolve()), "units": units,
+              "b0_direction_source": b0_src}
+    if voxel_size is not None:
+        source["voxel_size_source"] = "argument" if frame == "file" else "argument (canonical frame)"
+    source.update({f"{k}_source": v for k, v in acq_src.items()})
     if magnitude is not None:
         source["magnitude"] = str(Path(magnitude).resolve())
     if echo is not None:
@@ -169,6 +350,52 @@ def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[floa
                 name=Path(field).name.split(".nii")[0], source=source)
     scan._nifti_info = finfo  # original orientation and header, for writing results back
     return scan
+
+
+def load_orientation(field, ref: Scan, *, b0_direction: Optional[Sequence[float]] = None, units: str = "ppm",
+                     te: Optional[float] = None, b0: Optional[float] = None, echo: Optional[int] = None,
+                     sidecar: bool = True, name: Optional[str] = None) -> Scan:
+    """Another orientation of the head of ``ref`` (a :func:`load_scan` result), for COSMOS.
+
+    The field must be registered to ``ref``'s voxel grid: the same stored shape and voxel size.
+    Its array is reoriented with ``ref``'s canonical transform (so the grids line up whatever this
+    file's header says) and it takes ``ref``'s mask, voxel size and affine. Its B0 direction,
+    in this file's stored voxel frame (= the common grid's), comes from ``b0_direction`` →
+    sidecar ``B0Direction`` → sidecar ``RegistrationMatrix`` → this file's header (see the module
+    docstring), converted with ``ref``'s canonical transform. ``te`` / ``b0`` default to this
+    file's sidecar, else ``ref``'s values.
+    """
+    label = name or f"orientation {Path(field).name}"
+    rinfo = getattr(ref, "_nifti_info", None)
+    if rinfo is None:
+        raise ValueError(f"{label}: the reference scan was not loaded from a file (use load_scan)")
+    side = read_sidecar(field, label) if sidecar else {}
+    te, b0, acq_src = _sidecar_acquisition(side, label, te, b0, echo)
+    te = ref.te if te is None else te
+    b0 = ref.b0_tesla if b0 is None else b0
+    img = load_image(field, label)
+    ref_shape = tuple(rinfo["header"].get_data_shape()[:3])
+    shape = tuple(img.shape[:3])
+    if shape != ref_shape:
+        raise ScanError(f"{label}: stored shape {shape} does not match the reference field's {ref_shape}; "
+                        "COSMOS needs field maps registered (resampled) onto one grid")
+    ref_vs = voxel_sizes(rinfo["original_affine"])
+    if not np.allclose(voxel_sizes(img.affine), ref_vs, rtol=1e-3):
+        raise ScanError(f"{label}: voxel size {tuple(np.round(voxel_sizes(img.affine), 4))} (stored order) does not "
+                        f"match the reference field's {tuple(np.round(ref_vs, 4))}; resample onto one grid first")
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data = _select_echo(nib.orientations.apply_orientation(data, rinfo["ornt"]), echo, label)
+    data = to_ppm(data, units, te=te, b0=b0, name=label)
+    b_file, b0_src = b0_direction_in_file(img.affine, side, b0_direction, label)
+    b0d = direction_to_canonical(b_file, rinfo["original_affine"])
+    source = {"field": str(Path(field).resolve()), "units": units, "b0_direction_source": b0_src,
+              **{f"{k}_source": v for k, v in acq_src.items()}}
+    if echo is not None:
+        source["echo"] = int(echo)
+    s = Scan(field=data, mask=ref.mask, voxel_size=ref.voxel_size, b0_direction=b0d, affine=ref.affine,
+             te=te, b0_tesla=b0, name=Path(field).name.split(".nii")[0], source=source)
+    s._nifti_info = rinfo
+    return s
 
 
 def sidecar_path(path) -> Path:
@@ -217,12 +444,32 @@ def write_json(path, obj) -> None:
     _atomic_write_bytes(Path(path), w)
 
 
+def _reset_derived_header(hdr, description: str) -> None:
+    """Header fields that describe the source's values, not the derived map's: reset them.
+
+    A phase image's cal_min/cal_max (e.g. -4096/4095) and intent "phase" would make viewers show
+    a χ map as blank; the description of the source would mislabel it.
+    """
+    hdr["cal_min"] = 0.0   # 0/0: no display range recorded, viewers use the data range
+    hdr["cal_max"] = 0.0
+    hdr.set_intent("none", (), name="")
+    hdr.set_slope_inter(1.0, 0.0)
+    hdr["descrip"] = description.encode("ascii", "replace")[:79]
+    for key in ("aux_file", "db_name"):
+        if key in hdr:
+            hdr[key] = b""
+    hdr.set_xyzt_units("mm", "unknown")
+
+
 def save_volume(data: np.ndarray, path, affine: np.ndarray, *, nifti_info: Optional[dict] = None,
-                provenance: Optional[dict] = None, dtype=np.float32) -> Path:
+                provenance: Optional[dict] = None, dtype=np.float32, description: str = "napari-qsm") -> Path:
     """Write a canonical-frame volume to NIfTI (atomically), plus a JSON sidecar if provenance is given.
 
     With ``nifti_info`` (from :func:`read_volume` / :func:`load_scan`) the volume is written back
-    in the source file's orientation with its header (data type float32, scaling reset).
+    in the source file's orientation with its header's geometry; data type float32, and the
+    source's scaling, display range (cal_min/cal_max), intent and description are reset (the
+    written map is derived, not the source). ``description`` goes into the header's descrip
+    (at most 79 ASCII characters), e.g. "napari-qsm chi (ppm)". Spatial units: mm.
     """
     path = Path(path)
     if not nifti_path_ok(path):
@@ -237,13 +484,11 @@ def save_volume(data: np.ndarray, path, affine: np.ndarray, *, nifti_info: Optio
         if isinstance(hdr, nib.Nifti1Header) and not isinstance(hdr, nib.Nifti2Header):
             out = nib.Nifti1Image(np.asarray(img.dataobj), nifti_info["original_affine"], header=hdr)
             out.set_data_dtype(dtype)
-            out.header.set_slope_inter(1.0, 0.0)
-            out.header["descrip"] = b"napari-qsm"
             img = out
     else:
         img.set_qform(img.affine, code=1)
         img.set_sform(img.affine, code=1)
-    img.header.set_xyzt_units("mm")
+    _reset_derived_header(img.header, description)
     _atomic_write_bytes(path, lambda tmp: nib.save(img, tmp))
     if provenance is not None:
         write_json(sidecar_path(path), provenance)
@@ -251,7 +496,10 @@ def save_volume(data: np.ndarray, path, affine: np.ndarray, *, nifti_info: Optio
 
 
 def save_result(result, path, scan: Optional[Scan] = None, inputs: Sequence = ()) -> Path:
-    """Write a :class:`~napari_qsm.core.methods.Result`'s χ (ppm) and its provenance sidecar."""
+    """Write a :class:`~napari_qsm.core.methods.Result`'s χ (ppm) and its provenance sidecar.
+
+    The sidecar records the field strength (T) and echo time (s) of the scan when known.
+    """
     src = list(inputs)
     if scan is not None and scan.source:
         src += [scan.source.get(k) for k in ("field", "mask", "magnitude")]
@@ -260,5 +508,10 @@ def save_result(result, path, scan: Optional[Scan] = None, inputs: Sequence = ()
         list(scan.voxel_size if scan is not None else (1, 1, 1)) + [1.0])
     info = getattr(scan, "_nifti_info", None) if scan is not None else None
     prov = result.provenance()
+    if scan is not None:
+        sc = prov.setdefault("scan", {})
+        sc["b0_tesla"] = None if scan.b0_tesla is None else float(scan.b0_tesla)
+        sc["te"] = None if scan.te is None else float(scan.te)
     prov["output"] = {"file": Path(path).name, "quantity": "magnetic susceptibility", "units": "ppm"}
-    return save_volume(result.chi, path, affine, nifti_info=info, provenance=prov)
+    return save_volume(result.chi, path, affine, nifti_info=info, provenance=prov,
+                       description=f"napari-qsm chi (ppm) {result.method}")

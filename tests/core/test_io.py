@@ -7,8 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_qsm.core.io import (GAMMA_BAR_MHZ_PER_T, NiftiError, b0_from_affine, check_output_path, from_ppm,
-                                load_scan, read_volume, save_result, save_volume, sidecar_path, to_ppm)
+from napari_qsm.core.io import (GAMMA_BAR_MHZ_PER_T, NiftiError, b0_direction_in_file, b0_from_affine,
+                                check_output_path, direction_to_canonical, from_ppm, load_orientation, load_scan,
+                                read_volume, save_result, save_volume, sidecar_path, sizes_to_canonical, to_ppm,
+                                voxel_sizes)
 from napari_qsm.core.methods import reconstruct
 from napari_qsm.core.scan import ScanError
 
@@ -80,7 +82,8 @@ def _write(tmp_path, name, data, A):
 
 def test_load_reorients_and_round_trips(tmp_path, rng):
     # LPS-like (flipped x) oblique anisotropic acquisition
-    A = affine(rot("x", 15), (0.8, 0.9, 2.0), (-30, 12, 5))
+    R = rot("x", 15) @ rot("y", 10)
+    A = affine(R, (0.8, 0.9, 2.0), (-30, 12, 5))
     A[:3, 0] *= -1
     field = rng.standard_normal((14, 12, 9)).astype(np.float32) * 0.05
     mask = np.zeros(field.shape, np.uint8)
@@ -88,8 +91,11 @@ def test_load_reorients_and_round_trips(tmp_path, rng):
     fp, mp = _write(tmp_path, "field.nii.gz", field, A), _write(tmp_path, "mask.nii.gz", mask, A)
     scan = load_scan(fp, mp)
     np.testing.assert_allclose(scan.voxel_size, (0.8, 0.9, 2.0), rtol=1e-5)
-    # canonical frame: x was flipped, so the B0 direction is that of the un-flipped affine
-    np.testing.assert_allclose(scan.b0_direction, b0_from_affine(nib.as_closest_canonical(nib.load(fp)).affine))
+    # canonical frame = the un-flipped rotation R; scanner z in its voxel axes is R's third row
+    # (R⁻¹ = Rᵀ). Its x component is nonzero, so the flip of axis i must flip it back.
+    assert abs(R[2, 0]) > 0.1
+    np.testing.assert_allclose(scan.b0_direction, R[2, :], atol=1e-6)
+    np.testing.assert_allclose(b0_from_affine(A), R[2, :] * [-1, 1, 1], atol=1e-9)  # stored frame: i reversed
     np.testing.assert_allclose(scan.field, field[::-1], atol=0)
     res = reconstruct(scan, "tkd")
     out = tmp_path / "sub-01_Chimap.nii.gz"
@@ -160,3 +166,149 @@ def test_output_path_guard(tmp_path):
 def test_save_volume_atomic_no_leftovers(tmp_path):
     save_volume(np.zeros((4, 4, 4)), tmp_path / "x.nii.gz", np.eye(4), provenance={"a": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.nii.gz"]
+
+
+# Stored (on-disk) axis orders: sagittal stored i -> -y (posterior), j -> z, k -> x; an oblique sagittal
+# with a flipped axis; an LPS-like oblique axial; a coronal.
+SAG_FLIP = np.array([[0, 0, 1], [-1, 0, 0], [0, 1, 0]], float)
+GEOMETRIES = {
+    "sagittal": SAG_FLIP,
+    "oblique_sagittal": rot("x", 20) @ rot("y", -12) @ SAG_FLIP,
+    "oblique_lps": rot("z", 8) @ rot("x", 15) @ np.diag([-1.0, -1.0, 1.0]),
+    "coronal": CORONAL,
+}
+
+
+@pytest.mark.parametrize("geom", list(GEOMETRIES))
+def test_file_order_to_canonical_agrees_with_world(geom):
+    """A vector given along the stored voxel axes is a physical direction w = R_stored·v; in the canonical
+    frame it must be R_can⁻¹·w. Sizes follow the axes. Independent of the permutation bookkeeping."""
+    vs = (0.7, 1.1, 3.0)
+    A = affine(GEOMETRIES[geom], vs, (10, -20, 5))
+    Ac = nib.as_closest_canonical(nib.Nifti1Image(np.zeros((5, 6, 7), np.float32), A)).affine
+    Rs, Rc = A[:3, :3] / voxel_sizes(A), Ac[:3, :3] / voxel_sizes(Ac)
+    v = np.array([0.3, -0.5, 0.81])
+    np.testing.assert_allclose(direction_to_canonical(v, A), np.linalg.solve(Rc, Rs @ v), atol=1e-9)
+    np.testing.assert_allclose(sizes_to_canonical(vs, A), voxel_sizes(Ac), atol=1e-9)
+    # and scanner z: stored-frame B0 maps onto the canonical-frame B0
+    np.testing.assert_allclose(direction_to_canonical(b0_from_affine(A), A), b0_from_affine(Ac), atol=1e-9)
+
+
+def test_user_geometry_is_in_file_order(tmp_path, rng):
+    """Sagittal file stored 1x1x3 mm (slices along stored k = x): user voxel size and B0 in the stored
+    order become (3, 1, 1) and the hand-derived canonical direction."""
+    A = affine(SAG_FLIP, (1.0, 1.0, 1.0))       # header without the right sizes: the user gives them
+    field = rng.standard_normal((10, 8, 6)).astype(np.float32) * 0.05
+    mask = np.ones(field.shape, np.uint8)
+    fp, mp = _write(tmp_path, "f.nii.gz", field, A), _write(tmp_path, "m.nii.gz", mask, A)
+    s = load_scan(fp, mp, voxel_size=(1.0, 1.0, 3.0), b0_direction=(0.6, 0.8, 0.0))
+    # canonical x <- stored k, y <- stored i reversed (i runs posterior), z <- stored j
+    np.testing.assert_allclose(s.voxel_size, (3.0, 1.0, 1.0))
+    np.testing.assert_allclose(s.b0_direction, (0.0, -0.6, 0.8), atol=1e-12)
+    assert s.source["b0_direction_source"] == "argument"
+    c = load_scan(fp, mp, voxel_size=(3.0, 1.0, 1.0), b0_direction=(0.0, -0.6, 0.8), frame="canonical")
+    assert c.voxel_size == s.voxel_size
+    np.testing.assert_allclose(c.b0_direction, s.b0_direction)
+
+
+def test_b0_precedence_sidecar_and_registration(tmp_path, rng):
+    A = affine(rot("x", 10), (1.0, 1.2, 1.5))
+    A[:3, 0] *= -1
+    field = rng.standard_normal((8, 8, 8)).astype(np.float32) * 0.05
+    fp = _write(tmp_path, "f.nii.gz", field, A)
+    mp = _write(tmp_path, "m.nii.gz", np.ones(field.shape, np.uint8), A)
+    b, src = b0_direction_in_file(A, {})
+    assert src == "header"
+    np.testing.assert_allclose(b, b0_from_affine(A))
+    b, src = b0_direction_in_file(A, {"B0Direction": [0, 2, 0]})
+    assert src == "sidecar B0Direction"
+    np.testing.assert_allclose(b, (0, 1, 0))
+    # registration: acquisition with the head turned 30° about scanner y; world B0 in the common frame = M·z
+    M = np.eye(4)
+    M[:3, :3] = rot("y", 30)
+    M[:3, 3] = (4, -2, 7)
+    b, src = b0_direction_in_file(A, {"RegistrationMatrix": M.tolist(), "B0Direction": [1, 0, 0]})
+    assert src == "sidecar B0Direction"                       # B0Direction wins
+    b, src = b0_direction_in_file(A, {"RegistrationMatrix": M.tolist()})
+    assert src == "sidecar RegistrationMatrix"
+    Rs = A[:3, :3] / voxel_sizes(A)
+    np.testing.assert_allclose(Rs @ b, (np.sin(np.radians(30)), 0, np.cos(np.radians(30))), atol=1e-9)
+    b, src = b0_direction_in_file(A, {"RegistrationMatrix": M.tolist()}, explicit=(0, 0, 5))
+    assert src == "argument"
+    np.testing.assert_allclose(b, (0, 0, 1))
+    with pytest.raises(ScanError, match="RegistrationMatrix"):
+        b0_direction_in_file(A, {"AcquisitionAffine": np.eye(4).tolist()})
+    with pytest.raises(ScanError, match="B0Direction"):
+        b0_direction_in_file(A, {"B0Direction": [0, 0]})
+    with pytest.raises(ScanError, match="4x4"):
+        b0_direction_in_file(A, {"RegistrationMatrix": [[1, 0], [0, 1]]})
+    # load_scan reads the sidecar next to the field, with BIDS B0 / TE
+    sidecar_path(fp).write_text(json.dumps({"B0Direction": [0, 0.6, 0.8], "MagneticFieldStrength": 2.89,
+                                            "EchoTime": 0.0201}))
+    s = load_scan(fp, mp)
+    np.testing.assert_allclose(s.b0_direction, direction_to_canonical((0, 0.6, 0.8), A))
+    assert (s.b0_tesla, s.te) == (2.89, 0.0201)
+    assert s.source["b0_direction_source"] == "sidecar B0Direction"
+    assert s.source["b0_tesla_source"] == "sidecar MagneticFieldStrength"
+    s = load_scan(fp, mp, b0=7.0, sidecar=False)
+    assert s.b0_tesla == 7.0 and s.te is None and s.source["b0_direction_source"] == "header"
+    sidecar_path(fp).write_text(json.dumps({"EchoTime": 20}))
+    with pytest.raises(ScanError, match="milliseconds"):
+        load_scan(fp, mp)
+
+
+def test_load_orientation_on_common_grid(tmp_path, rng):
+    """Orientations share the reference's stored grid; each keeps its own B0 (explicit, sidecar or header),
+    converted with the reference's canonical transform even if its own header is rotated."""
+    A = affine(SAG_FLIP, (1.0, 1.0, 2.0))
+    shape = (10, 8, 6)
+    f1 = rng.standard_normal(shape).astype(np.float32)
+    f2 = rng.standard_normal(shape).astype(np.float32)
+    fp1, mp = _write(tmp_path, "f1.nii.gz", f1, A), _write(tmp_path, "m.nii.gz", np.ones(shape, np.uint8), A)
+    ref = load_scan(fp1, mp)
+    fp2 = _write(tmp_path, "f2.nii.gz", f2, A)
+    o = load_orientation(fp2, ref, b0_direction=(1, 0, 0))
+    np.testing.assert_allclose(o.field, nib.as_closest_canonical(nib.load(fp2)).get_fdata(), atol=0)
+    np.testing.assert_allclose(o.b0_direction, (0, -1, 0), atol=1e-12)   # stored i = -y
+    assert o.voxel_size == ref.voxel_size and np.array_equal(o.mask, ref.mask)
+    # header of the acquisition: the same grid placed in a scanner frame turned 20° about x
+    A3 = affine(rot("x", 20) @ SAG_FLIP, (1.0, 1.0, 2.0))
+    fp3 = _write(tmp_path, "f3.nii.gz", f2, A3)
+    o3 = load_orientation(fp3, ref)
+    assert o3.source["b0_direction_source"] == "header"
+    np.testing.assert_allclose(o3.field, o.field, atol=0)                  # same grid as the reference
+    np.testing.assert_allclose(o3.b0_direction, direction_to_canonical(b0_from_affine(A3), A), atol=1e-12)
+    bad = _write(tmp_path, "f4.nii.gz", f2[:-1], A)
+    with pytest.raises(ScanError, match="stored shape"):
+        load_orientation(bad, ref)
+    bad = _write(tmp_path, "f5.nii.gz", f2, affine(SAG_FLIP, (1.0, 1.0, 2.5)))
+    with pytest.raises(ScanError, match="voxel size"):
+        load_orientation(bad, ref)
+
+
+def test_saved_map_drops_source_display_range_and_intent(tmp_path, rng):
+    """A phase source's cal_min/cal_max (-4096/4095), intent and description must not carry over to χ."""
+    A = affine(rot("x", 12), (1.0, 1.0, 2.0))
+    A[:3, 0] *= -1
+    shape = (10, 9, 8)
+    img = nib.Nifti1Image((rng.standard_normal(shape) * 1000).astype(np.int16), A)
+    img.header["cal_min"], img.header["cal_max"] = -4096, 4095
+    img.header.set_intent("estimate", name="phase")
+    img.header["descrip"] = b"siemens phase"
+    img.header.set_xyzt_units("mm", "sec")
+    fp = tmp_path / "phase.nii.gz"
+    nib.save(img, str(fp))
+    mp = _write(tmp_path, "m.nii.gz", np.ones(shape, np.uint8), A)
+    scan = load_scan(fp, mp, units="rad", te=0.02, b0=3.0)
+    res = reconstruct(scan, "tkd")
+    out = tmp_path / "chi.nii.gz"
+    save_result(res, out, scan=scan)
+    h = nib.load(out).header
+    assert (float(h["cal_min"]), float(h["cal_max"])) == (0.0, 0.0)
+    assert h.get_intent()[0] == "none" and h.get_intent()[2] == ""
+    assert b"chi (ppm)" in bytes(h["descrip"]) and b"phase" not in bytes(h["descrip"])
+    assert h.get_xyzt_units()[0] == "mm"
+    assert h.get_data_dtype() == np.float32 and h.get_slope_inter() in ((1.0, 0.0), (None, None))
+    np.testing.assert_allclose(nib.load(out).affine, A, atol=1e-5)
+    side = json.loads(sidecar_path(out).read_text())
+    assert side["scan"]["b0_tesla"] == 3.0 and side["scan"]["te"] == 0.02
