@@ -1,6 +1,7 @@
 """The ``napari-qsm`` command line (contract in DESIGN.md).
 
-    napari-qsm recon FIELD --mask MASK [--magnitude MAG] --method NAME [--voxel-size X Y Z]
+    napari-qsm recon FIELD --mask MASK [--magnitude MAG] [--noise-std MAP] [--r2star MAP]
+               --method NAME [--voxel-size X Y Z]
                [--b0-dir X Y Z] [--units ppm|hz|rad] [--te S] [--b0 T] [--echo N]
                [--device auto|cpu|cuda] [--weights CKPT] [--param NAME=VALUE ...]
                [--csf-mask MASK] [--orientation FIELD [X Y Z] ...]   (COSMOS: more orientations)
@@ -62,6 +63,10 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("field", help="local field map (NIfTI), units per --units (default ppm)")
     p.add_argument("--mask", required=True, help="brain mask (NIfTI, nonzero = inside)")
     p.add_argument("--magnitude", help="magnitude image (NIfTI; 4-D: root sum of squares unless --echo)")
+    p.add_argument("--noise-std", metavar="MAP", help="field noise standard deviation (NIfTI, ppm, on the field's "
+                                                      "grid), e.g. from the echo fit; MEDI weights its data term by it")
+    p.add_argument("--r2star", metavar="MAP", help="R2* map (NIfTI, 1/s, on the field's grid); MEDI+0 "
+                                                   "(--param csf=auto) finds CSF in it")
     p.add_argument("--voxel-size", nargs=3, type=float, metavar=("X", "Y", "Z"),
                    help="override voxel size (mm) along the FIELD file's voxel axes i, j, k as stored on disk "
                         "(the header's pixdim order, as fslinfo shows it); default: from the header")
@@ -152,7 +157,8 @@ def _progress(quiet: bool):
 def _load(args):
     from .core.io import load_scan
     return load_scan(args.field, args.mask, args.magnitude, voxel_size=args.voxel_size,
-                     b0_direction=args.b0_dir, units=args.units, te=args.te, b0=args.b0, echo=args.echo)
+                     b0_direction=args.b0_dir, units=args.units, te=args.te, b0=args.b0, echo=args.echo,
+                     noise_std=args.noise_std, r2star=args.r2star)
 
 
 def _accepts(method, name: str) -> bool:
@@ -165,7 +171,8 @@ def cmd_recon(args) -> int:
     from .core.methods import get_method, reconstruct
     from .core.params import make_params, parse_cli_params
 
-    inputs = [args.field, args.mask, args.magnitude, args.weights, args.csf_mask] + [o[0] for o in args.orientation]
+    inputs = ([args.field, args.mask, args.magnitude, args.noise_std, args.r2star, args.weights, args.csf_mask]
+              + [o[0] for o in args.orientation])
     check_output_path(args.output, inputs)
     method = get_method(args.method)
     params = make_params(method.params_cls, parse_cli_params(args.param))
@@ -210,7 +217,7 @@ def cmd_adapt(args) -> int:
         from .nn import adapt as adapt_mod
     except ImportError as exc:
         raise ValueError(f"adapt: on-scan adaptation is not available in this build ({exc})") from None
-    inputs = [args.field, args.mask, args.magnitude, args.weights]
+    inputs = [args.field, args.mask, args.magnitude, args.noise_std, args.r2star, args.weights]
     check_output_path(args.output, inputs)
     if args.save_weights:
         sw = Path(args.save_weights).resolve()

@@ -177,11 +177,16 @@ def test_voxel_size_and_b0_dir_follow_the_file_order(tmp_path, geom):
     assert nrmse_demeaned(chi, ph.chi, ph.mask) < 60
 
 
-def test_csf_mask_reaches_medi_and_bad_use_is_refused(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def small_phantom(tmp_path_factory):
     from napari_qsm.core.phantom import make_phantom, save_phantom
 
     ph = make_phantom((32, 36, 32), (4.0, 4.0, 4.0), seed=5, snr=None, device="cpu")
-    paths = save_phantom(ph, tmp_path / "ph")
+    return ph, save_phantom(ph, tmp_path_factory.mktemp("small"))
+
+
+def test_csf_mask_reaches_medi_and_bad_use_is_refused(small_phantom, tmp_path, capsys):
+    ph, paths = small_phantom
     csf = np.zeros(ph.mask.shape, np.uint8)
     csf[14:18, 16:20, 14:18] = 1
     csf &= ph.mask.astype(np.uint8)
@@ -234,3 +239,26 @@ def test_b0_and_te_from_sidecar_convert_and_are_recorded(tmp_path):
     out2 = tmp_path / "chi2.nii.gz"
     assert main(["recon", str(ref), "--mask", str(mp), "--method", "tkd", "-q", "-o", str(out2)]) == 0
     np.testing.assert_allclose(nib.load(out).get_fdata(), nib.load(out2).get_fdata(), atol=1e-6)
+
+
+def _scan_has_r2star():
+    from napari_qsm.core.scan import Scan
+    return "r2star" in getattr(Scan, "__dataclass_fields__", {})
+
+
+@pytest.mark.skipif(not _scan_has_r2star(), reason="Scan has no r2star field yet")
+def test_r2star_reaches_medi_csf_auto(small_phantom, tmp_path):
+    """--r2star: MEDI+0 (csf=auto) derives its CSF mask from R2* (< 5 1/s), not from the magnitude."""
+    ph, paths = small_phantom
+    r2 = np.full(ph.mask.shape, 25.0, np.float32)
+    r2[13:19, 15:21, 13:19] = 2.0                     # a central low-R2* (CSF-like) block
+    rp = tmp_path / "r2s.nii.gz"
+    nib.save(nib.Nifti1Image(r2, ph.affine), str(rp))
+    out = tmp_path / "medi0.nii.gz"
+    rc = main(["recon", str(paths["field"]), "--mask", str(paths["mask"]), "--magnitude", str(paths["magnitude"]),
+               "--r2star", str(rp), "--method", "medi", "--param", "csf=auto", "--param", "max_iter=1",
+               "--param", "cg_max_iter=10", "-q", "--device", "cpu", "-o", str(out)])
+    assert rc == 0
+    side = json.loads(sidecar_path(out).read_text())
+    assert side["extras"]["csf_source"] == "derived from R2*"
+    assert side["scan"]["source"]["r2star"] == str(rp.resolve())

@@ -295,7 +295,7 @@ def read_aligned(path, name: str, ref_info: dict, echo: Optional[int] = None) ->
 def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[float]] = None,
               b0_direction: Optional[Sequence[float]] = None, units: str = "ppm",
               te: Optional[float] = None, b0: Optional[float] = None, echo: Optional[int] = None,
-              noise_std=None, frame: str = "file", sidecar: bool = True) -> Scan:
+              noise_std=None, r2star=None, frame: str = "file", sidecar: bool = True) -> Scan:
     """Build a :class:`Scan` from NIfTI paths.
 
     ``voxel_size`` / ``b0_direction`` override the header. With ``frame="file"`` (default) they are
@@ -305,7 +305,8 @@ def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[floa
     ``RegistrationMatrix``) or else its header (:func:`b0_direction_in_file`). ``te`` / ``b0``
     default to the sidecar's ``EchoTime`` / ``MagneticFieldStrength`` (``sidecar=False`` ignores
     the sidecar). A 4-D field needs ``echo``; a 4-D magnitude uses ``echo`` when given, else the
-    root sum of squares over echoes.
+    root sum of squares over echoes. ``noise_std`` (ppm) and ``r2star`` (1/s, e.g. from the echo
+    fit; MEDI+0 finds CSF in it) are optional maps on the field's grid (same shape and affine).
     """
     side = read_sidecar(field, "field") if sidecar else {}
     te, b0, acq_src = _sidecar_acquisition(side, "field", te, b0, echo)
@@ -321,9 +322,12 @@ def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[floa
         mag, gaff, _ = read_volume(magnitude, "magnitude", echo=echo, combine_echoes=True)
         if mag.shape != fdata.shape:
             raise ScanError(f"magnitude: shape {mag.shape} does not match field shape {fdata.shape}")
-    nstd = None
-    if noise_std is not None:
-        nstd, _, _ = read_volume(noise_std, "noise_std")
+    nstd = None if noise_std is None else read_aligned(noise_std, "noise_std", finfo)
+    extra = {}
+    if r2star is not None:
+        if "r2star" not in getattr(Scan, "__dataclass_fields__", {}):
+            raise ScanError("r2star: this build's Scan has no R2* map")
+        extra["r2star"] = read_aligned(r2star, "r2star", finfo)
     if frame not in ("file", "canonical"):
         raise ValueError(f"frame: expected 'file' or 'canonical', got {frame!r}")
     orig = finfo["original_affine"]
@@ -341,13 +345,14 @@ def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[floa
     if voxel_size is not None:
         source["voxel_size_source"] = "argument" if frame == "file" else "argument (canonical frame)"
     source.update({f"{k}_source": v for k, v in acq_src.items()})
-    if magnitude is not None:
-        source["magnitude"] = str(Path(magnitude).resolve())
+    for key, val in (("magnitude", magnitude), ("noise_std", noise_std), ("r2star", r2star)):
+        if val is not None:
+            source[key] = str(Path(val).resolve())
     if echo is not None:
         source["echo"] = int(echo)
     scan = Scan(field=fdata, mask=mdata, voxel_size=tuple(vs), b0_direction=b0d, magnitude=mag,
                 noise_std=nstd, affine=faff, te=te, b0_tesla=b0,
-                name=Path(field).name.split(".nii")[0], source=source)
+                name=Path(field).name.split(".nii")[0], source=source, **extra)
     scan._nifti_info = finfo  # original orientation and header, for writing results back
     return scan
 
@@ -502,7 +507,7 @@ def save_result(result, path, scan: Optional[Scan] = None, inputs: Sequence = ()
     """
     src = list(inputs)
     if scan is not None and scan.source:
-        src += [scan.source.get(k) for k in ("field", "mask", "magnitude")]
+        src += [scan.source.get(k) for k in ("field", "mask", "magnitude", "noise_std", "r2star")]
     check_output_path(path, src)
     affine = scan.affine if (scan is not None and scan.affine is not None) else np.diag(
         list(scan.voxel_size if scan is not None else (1, 1, 1)) + [1.0])

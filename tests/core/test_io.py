@@ -312,3 +312,27 @@ def test_saved_map_drops_source_display_range_and_intent(tmp_path, rng):
     np.testing.assert_allclose(nib.load(out).affine, A, atol=1e-5)
     side = json.loads(sidecar_path(out).read_text())
     assert side["scan"]["b0_tesla"] == 3.0 and side["scan"]["te"] == 0.02
+
+
+@pytest.mark.skipif("r2star" not in getattr(__import__("napari_qsm.core.scan", fromlist=["Scan"]).Scan,
+                                            "__dataclass_fields__", {}), reason="Scan has no r2star field yet")
+def test_noise_and_r2star_maps_on_the_field_grid(tmp_path, rng):
+    A = affine(SAG_FLIP, (1.0, 1.0, 2.0))
+    shape = (8, 7, 6)
+    field = rng.standard_normal(shape).astype(np.float32)
+    r2 = rng.uniform(1, 40, shape).astype(np.float32)
+    ns = rng.uniform(0.01, 0.1, shape).astype(np.float32)
+    fp, mp = _write(tmp_path, "f.nii.gz", field, A), _write(tmp_path, "m.nii.gz", np.ones(shape, np.uint8), A)
+    rp, np_ = _write(tmp_path, "r2s.nii.gz", r2, A), _write(tmp_path, "n.nii.gz", ns, A)
+    s = load_scan(fp, mp, r2star=rp, noise_std=np_)
+    can = nib.orientations.apply_orientation
+    ornt = nib.io_orientation(A)
+    np.testing.assert_array_equal(s.field, can(field, ornt))
+    np.testing.assert_array_equal(s.r2star, can(r2, ornt))            # same voxel order as the field
+    np.testing.assert_array_equal(s.noise_std, can(ns, ornt))
+    assert s.source["r2star"].endswith("r2s.nii.gz")
+    other = _write(tmp_path, "r2_other.nii.gz", r2, affine(np.eye(3), (1.0, 1.0, 2.0)))
+    with pytest.raises(ScanError, match="r2star: its affine differs"):
+        load_scan(fp, mp, r2star=other)
+    with pytest.raises(ScanError, match="noise_std: its affine differs"):
+        load_scan(fp, mp, noise_std=other)
