@@ -6,7 +6,9 @@ Problem (all arrays on the scan grid, χ in radians of phase, see *Scaling* belo
 
 * ``m`` (data weight) = mask / N_std with NaN/Inf → 0, normalised to mean 1 in the mask. N_std is
   the scan's noise map (``scan.noise_std``) when present, else ∝ 1/magnitude (phase noise of a
-  complex signal is σ/|S|), else uniform. ``data_weighting="uniform"`` forces m = mask (toolbox mode 0).
+  complex signal is σ/|S|), else m = mask. ``data_weighting="uniform"`` is the toolbox's mode 0:
+  m = 1 over the whole field of view (outside the mask too, where the field is 0), so χ is solved on
+  the full field of view instead of the mask's bounding box.
 * ``w_G`` (gradient mask, the morphology prior) = 1 where the forward-difference gradient of
   magnitude·mask (Neumann boundary, divided by the voxel size) is at most a threshold. The
   threshold starts at 1 % of max(magnitude) and is multiplied by 1.05 (or 0.95) until the number
@@ -24,10 +26,17 @@ Problem (all arrays on the scan grid, χ in radians of phase, see *Scaling* belo
   P is the CSF projection M_CSF(x − mean_CSF x) (symmetric, idempotent); the toolbox adds
   λ_CSF·P to the normal equations, which is the gradient of (λ_CSF/2)‖Px‖².
 * Options: ``smv`` (radius in mm, 0 = off; the toolbox's default radius is 5 mm): the mask is
-  eroded to SMV(mask) > 0.999, D ← (1 − S)·D, f ← f − SMV(f) (masked) and
-  N_std ← √(SMV(N²) + N²); the result is zero outside the eroded mask, as in the toolbox.
+  eroded to SMV(mask) > 0.999 first, and the gradient mask is built on that eroded mask (as the
+  toolbox does); D ← (1 − S)·D, f ← f − SMV(f) (masked) and N_std ← √(SMV(N²) + N²); the result is
+  zero outside the eroded mask, as in the toolbox.
   ``merit``: after each GN step, voxels whose demeaned complex residual exceeds 6·std get
-  N_std ×= (|r|/6σ)² and m, b0 are rebuilt. MEDI+0 (``csf``): see :func:`derive_csf_mask`.
+  N_std ×= (|r|/6σ)² and m, b0 are rebuilt. MEDI+0 (``csf``): see :func:`derive_csf_mask` (R2* < 5 s⁻¹
+  central regions as the toolbox when an R2* map is given, else a magnitude rule).
+* Magnitude: a 4-D (multi-echo) magnitude (echoes last) is reduced to its first echo
+  (:func:`medi_magnitude`): the least T2*-weighted, highest-SNR image, so the gradient mask follows
+  tissue boundaries rather than the R2* decay of later echoes. Note that the toolbox's example
+  scripts form iMag as the root sum of squares over echoes; ``medi_magnitude(..., combine="rss")``
+  gives that.
 
 Grid and FFTs
 -------------
@@ -55,7 +64,8 @@ only the product λ·s matters; ``lambda=auto`` is independent of this choice.
 Automatic λ (``lambda=auto``)
 -----------------------------
 The toolbox's λ = 1000 ignores the noise level (m is normalised to mean 1). ``lambda=auto`` picks λ
-from the data with one of two documented rules (``auto_rule``):
+from the data with one of two documented rules (``auto_rule``); the default is UPRE, not the
+discrepancy principle:
 
 * ``upre`` (default): minimise the unbiased predictive-risk estimate (Mallows' C_p / Stein)
   U(λ) = R(λ) + 2·tr(K·H_λ) − Σ_v κ_v, where R(λ) = ‖m ∘ (e^{iD∗χ_λ} − e^{if})‖² is the weighted data
@@ -66,10 +76,15 @@ from the data with one of two documented rules (``auto_rule``):
   discrepancy principle it accounts for the noise the model absorbs: the free magnitude edges
   (w_G = 0) and the unconstrained χ outside the mask give the fit many degrees of freedom, so at a
   good λ the residual is well below the noise energy (about 0.3–0.5 × on the project phantoms).
-  Search: λ = 1000 (cold), 2000, then factor-2 steps until the minimum is bracketed, then a
-  parabola through the three best points in log λ and one final solve; every solve after the
-  first is warm-started from the nearest solution.
+  Search: λ = 1000, 2000, then factor-2 steps until the minimum is bracketed, then a parabola
+  through the three best points in log λ gives λ*, which is solved too and kept when its U is lower.
 * ``discrepancy``: R(λ) = τ·Σκ (``discrepancy`` = τ, default 1), by secant steps in log λ.
+
+Every λ of the search is solved from χ = 0 with the same stopping rule as a plain run (MERIT's
+weights reset), so the λ are compared at the same convergence, and the returned map is that
+from-zero solve of the reported λ: bitwise what ``lambda=<reported λ>`` returns (same device and
+threads). R and tr(K·H) are evaluated with the data weights before any MERIT update (the weights
+κ refers to). Cost: about ``auto_max_solves`` plain runs plus one CG solve per trace.
 
 σ_v = s·noise_std when the scan carries a noise map (ppm); otherwise σ_v = c/magnitude (or c) with
 the scale c estimated robustly from the field itself (median absolute deviation of the field
@@ -98,16 +113,18 @@ EPSILON = 1e-6
 
 @dataclass
 class MEDIParams:
-    lam: float | str = param(1000.0, "λ weighting the data term (toolbox default 1000) or 'auto' (discrepancy principle)",
+    lam: float | str = param(1000.0, "λ weighting the data term (toolbox default 1000) or 'auto' (auto_rule: UPRE by default)",
                              min=1e-3, max=1e9, cli="lambda", allow=("auto",))
     percentage: float = param(0.9, "gradient-mask share: #edge gradient components / #mask voxels (0.9 → ~30% edges)",
                               min=0.01, max=2.9)
     smv: float = param(0.0, "SMV preconditioning radius in mm (0 = off; the toolbox uses 5 mm when on)", min=0.0, max=20.0)
     merit: bool = param(False, "MERIT: down-weight voxels whose data residual exceeds 6σ after each GN step")
-    csf: str = param("off", "MEDI+0 CSF regularisation: off, or auto (CSF mask derived from the magnitude; "
-                     "an explicit csf_mask= input always turns it on)", choices=("off", "auto"))
+    csf: str = param("off", "MEDI+0 CSF regularisation: off, or auto (CSF = R2* < 5 1/s central regions when the "
+                     "scan has an R2* map, else the brightest magnitude; an explicit csf_mask= always wins)",
+                     choices=("off", "auto"))
     lambda_csf: float = param(100.0, "λ_CSF of MEDI+0 (regularises χ in CSF to its mean)", min=0.0, max=1e6)
-    data_weighting: str = param("auto", "data weight: auto (noise map, else 1/magnitude, else uniform) or uniform",
+    data_weighting: str = param("auto", "data weight: auto (mask/noise map, else mask·magnitude, else mask) or uniform "
+                                "(toolbox mode 0: 1 over the whole field of view)",
                                 choices=("auto", "uniform"))
     edge_mask: bool = param(True, "morphology prior: gradient mask w_G from the magnitude (off: plain TV, no magnitude needed)")
     cg_tol: float = param(0.01, "conjugate-gradient relative residual tolerance", min=1e-6, max=0.5)
@@ -122,7 +139,7 @@ class MEDIParams:
                            choices=("upre", "discrepancy"))
     discrepancy: float = param(1.0, "lambda=auto with the discrepancy rule: target residual = this × the noise energy",
                                min=0.05, max=10.0)
-    auto_max_solves: int = param(5, "lambda=auto: at most this many (warm-started) solves", min=2, max=20)
+    auto_max_solves: int = param(5, "lambda=auto: at most this many solves (each from zero)", min=2, max=20)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,9 +214,14 @@ def gradient_mask(magnitude: torch.Tensor, mask: torch.Tensor, voxel_size, perce
     return g <= thr, float(thr)
 
 
-def data_weight(mask: torch.Tensor, noise_std: Optional[torch.Tensor]) -> torch.Tensor:
-    """m = mask / N_std, NaN/Inf → 0, normalised to mean 1 inside the mask (N_std None → m = mask)."""
+def data_weight(mask: torch.Tensor, noise_std: Optional[torch.Tensor], uniform: bool = False) -> torch.Tensor:
+    """m = mask / N_std, NaN/Inf → 0, normalised to mean 1 inside the mask (N_std None → m = mask).
+
+    ``uniform``: the toolbox's data-weighting mode 0, m = 1 over the whole grid (mask and N_std ignored).
+    """
     maskf = mask.to(torch.float32)
+    if uniform:
+        return torch.ones_like(maskf)
     if noise_std is None:
         w = maskf.clone()
     else:
@@ -257,12 +279,76 @@ def estimate_noise_scale(field: np.ndarray, mask: np.ndarray, relative: Optional
     return float(1.4826 * mad)
 
 
-def derive_csf_mask(magnitude: np.ndarray, mask: np.ndarray, voxel_size, wG: Optional[np.ndarray] = None,
-                    bright_percentile: float = 90.0, central_fraction: float = 0.35) -> np.ndarray:
-    """CSF mask for MEDI+0 derived from a (T2*-weighted) magnitude image.
+def medi_magnitude(magnitude, combine: str = "first") -> np.ndarray:
+    """The 3-D magnitude MEDI uses from a 3-D or 4-D (echoes last) magnitude, float32.
 
-    The toolbox takes connected R2* < 5 s⁻¹ regions near the brain centre; with one magnitude image
-    the analogue used here is: CSF has the longest T2*, hence the brightest GRE magnitude, and is
+    ``combine="first"`` (default): the first echo, the least T2*-weighted and highest-SNR image;
+    ``"rss"``: root sum of squares over echoes (what the toolbox's example scripts form as iMag;
+    it mixes the R2* decay of the later echoes into the magnitude edges).
+    """
+    a = np.asarray(magnitude)
+    if a.ndim == 3:
+        return a.astype(np.float32, copy=False)
+    if a.ndim != 4:
+        raise ValueError(f"magnitude: expected a 3-D volume or 4-D echoes (last axis), got shape {a.shape}")
+    if combine == "first":
+        return np.abs(a[..., 0]).astype(np.float32)
+    if combine == "rss":
+        return np.sqrt((np.abs(a).astype(np.float64) ** 2).sum(axis=3)).astype(np.float32)
+    raise ValueError(f"combine: expected 'first' or 'rss', got {combine!r}")
+
+
+CSF_R2STAR_THRESHOLD = 5.0   # s⁻¹, the toolbox's default
+CSF_RULE_R2STAR = "R2* < 5 1/s, connected regions meeting the central 30 mm sphere (toolbox rule)"
+CSF_RULE_MAGNITUDE = "brightest homogeneous central magnitude (fallback: no R2* map)"
+
+
+def csf_mask_from_r2star(r2star: np.ndarray, mask: np.ndarray, voxel_size, threshold: float = CSF_R2STAR_THRESHOLD,
+                         central_radius: float = 30.0, n_central: int = 2) -> np.ndarray:
+    """CSF mask for MEDI+0 from an R2* map (s⁻¹), following the toolbox's rule.
+
+    Candidates: mask voxels with R2* < ``threshold`` (NaN never). The ``n_central`` largest
+    26-connected candidate components inside the sphere of ``central_radius`` mm around the mask
+    centroid seed the selection; the result is every 26-connected candidate component (over the
+    whole mask) that meets one of those seeds — the ventricles, not peripheral sulcal CSF. Returns
+    a bool array, possibly empty.
+    """
+    from scipy import ndimage
+
+    vs = check_voxel_size(voxel_size)
+    mask = np.asarray(mask, bool)
+    r2 = np.asarray(r2star, np.float32)
+    if r2.shape != mask.shape:
+        raise ValueError(f"r2star: shape {r2.shape} does not match mask shape {mask.shape}")
+    with np.errstate(invalid="ignore"):
+        cand = mask & np.isfinite(r2) & (r2 < float(threshold))
+    if not cand.any():
+        return np.zeros_like(mask)
+    idx = np.argwhere(mask)
+    c0 = idx.mean(0) * vs
+    g = np.ogrid[tuple(slice(0, n) for n in mask.shape)]
+    d2 = sum((gi * v - c) ** 2 for gi, v, c in zip(g, vs, c0))
+    central = cand & (d2 <= float(central_radius) ** 2)
+    conn = np.ones((3, 3, 3), bool)
+    lab_c, nc = ndimage.label(central, structure=conn)
+    if nc == 0:
+        return np.zeros_like(mask)
+    sizes = np.bincount(lab_c.ravel(), minlength=nc + 1)[1:]
+    seeds = np.isin(lab_c, 1 + np.argsort(-sizes, kind="stable")[:max(int(n_central), 1)])
+    lab, _ = ndimage.label(cand, structure=conn)
+    keep = np.unique(lab[seeds])
+    keep = keep[keep > 0]
+    return np.isin(lab, keep) & mask
+
+
+def derive_csf_mask(magnitude: Optional[np.ndarray], mask: np.ndarray, voxel_size, wG: Optional[np.ndarray] = None,
+                    bright_percentile: float = 90.0, central_fraction: float = 0.35, *,
+                    r2star: Optional[np.ndarray] = None) -> np.ndarray:
+    """CSF mask for MEDI+0: from R2* when given (:func:`csf_mask_from_r2star`, the toolbox's rule),
+    else derived from a (T2*-weighted) magnitude image.
+
+    The toolbox takes connected R2* < 5 s⁻¹ regions near the brain centre; with only a magnitude
+    image the analogue used here is: CSF has the longest T2*, hence the brightest GRE magnitude, and is
     homogeneous. Candidates = mask voxels with magnitude ≥ the ``bright_percentile`` percentile of
     the mask, no magnitude edge in any gradient component (w_G), at least 3 mm from the mask
     boundary; keep connected components of ≥ 20 voxels whose centroid lies within
@@ -271,6 +357,10 @@ def derive_csf_mask(magnitude: np.ndarray, mask: np.ndarray, voxel_size, wG: Opt
     """
     from scipy import ndimage
 
+    if r2star is not None:
+        return csf_mask_from_r2star(r2star, mask, voxel_size)
+    if magnitude is None:
+        raise ValueError("csf: deriving a CSF mask needs an R2* map (r2star=) or a magnitude image")
     vs = check_voxel_size(voxel_size)
     mask = np.asarray(mask, bool)
     mag = np.asarray(magnitude, np.float32)
@@ -324,8 +414,9 @@ class _Problem:
     """Tensors and operators of one MEDI problem on the cropped grid (χ in radians)."""
 
     def __init__(self, f_rad, mask, wG, noise, csf, voxel_size, b0_direction, pad_factor, smv, device,
-                 reporter: Reporter):
+                 reporter: Reporter, uniform: bool = False):
         self.dev = device
+        self.uniform = bool(uniform)
         self.vs = tuple(float(v) for v in voxel_size)
         self.shape = tuple(f_rad.shape)
         self.pshape = fast_shape(self.shape, pad_factor)
@@ -358,6 +449,7 @@ class _Problem:
         self.f = f
         self.noise = noise_t          # N_std after SMV (None → uniform)
         self.base_noise = noise_t
+        self.merit_flagged = None     # voxels MERIT has down-weighted in the current solve
         self.wG = None if wG is None else t(wG, torch.bool)
         self.csf = None if csf is None else t(csf, torch.bool)
         if self.csf is not None and not self.csf.any():
@@ -379,7 +471,7 @@ class _Problem:
         return self._conv(x, self._Dc)
 
     def set_weight(self, noise):
-        self.m = data_weight(self.mask, noise)
+        self.m = data_weight(self.mask, noise, self.uniform)
         self.m2 = self.m * self.m
 
     def grad(self, x):
@@ -465,7 +557,15 @@ class _Problem:
         return x, it, math.sqrt(delta / delta0)
 
     # ---- one Gauss-Newton solve
+    def reset_weights(self):
+        """Undo MERIT's updates: the data weights of the input noise map (what a fresh problem has)."""
+        if self.noise is not self.base_noise:
+            self.noise = self.base_noise
+            self.set_weight(self.base_noise)
+        self.merit_flagged = None
+
     def solve(self, lam, lambda_csf, x0, *, cg_tol, cg_max_iter, max_iter, tol_norm_ratio, merit, label=""):
+        self.reset_weights()
         x = torch.zeros(self.shape, dtype=torch.float32, device=self.dev) if x0 is None else x0.clone()
         hist = {"norm_ratio": [], "cost": [], "cost_reg": [], "cost_data": [], "cg_iters": [], "cg_residual": []}
         use_csf = self.csf is not None and lambda_csf > 0
@@ -515,6 +615,8 @@ class _Problem:
                 self._merit(Dx)
             self.rep.gn_report(it, max_iter, ratio, cost, reg, data, x, label)
         hist["gn_iters"] = it
+        if merit:
+            hist["merit_voxels"] = 0 if self.merit_flagged is None else int(self.merit_flagged.sum())
         return x, hist
 
     def _merit(self, Dx):
@@ -526,6 +628,8 @@ class _Problem:
         if not factor > 0:
             return
         scale = (wres.abs() / factor).clamp_min(1.0)
+        flagged = (scale > 1.0) & inside
+        self.merit_flagged = flagged if self.merit_flagged is None else (self.merit_flagged | flagged)
         base = self.noise if self.noise is not None else self.mask.float()
         # the toolbox updates its N_std before SMV and re-applies SMV; with the SMV-transformed map
         # stored here the update is applied to it directly (the same up to the SMV smoothing of N²)
@@ -556,14 +660,16 @@ class _MEDIReporter(Reporter):
 
 
 def medi_l1(field, mask, voxel_size, b0_direction=(0.0, 0.0, 1.0), *, magnitude=None, noise_std=None,
-            lam=1000.0, percentage=0.9, smv=0.0, merit=False, csf_mask=None, csf="off", lambda_csf=100.0,
+            r2star=None, lam=1000.0, percentage=0.9, smv=0.0, merit=False, csf_mask=None, csf="off", lambda_csf=100.0,
             data_weighting="auto", edge_mask=True, cg_tol=0.01, cg_max_iter=100, max_iter=10,
             tol_norm_ratio=0.1, delta_te=DEFAULT_DELTA_TE, b0_tesla=None, pad_factor=1.25, auto_rule="upre",
             discrepancy=1.0, auto_max_solves=5, device="cpu", progress=None, cancel=None, return_info=False):
     """MEDI-L1 on numpy arrays (field in ppm → χ in ppm, float32). See the module docstring.
 
-    ``lam``: a number or "auto". ``csf_mask``: optional bool array (MEDI+0 on when given);
-    ``csf="auto"`` derives one from the magnitude (:func:`derive_csf_mask`). Returns χ, or
+    ``lam``: a number or "auto". ``csf_mask``: optional bool array (MEDI+0 on when given; it always
+    wins); ``csf="auto"`` derives one (:func:`derive_csf_mask`): from ``r2star`` (s⁻¹) when given,
+    else from the magnitude; ``info["csf_rule"]`` says which. ``magnitude`` may be 4-D (echoes
+    last): the first echo is used (:func:`medi_magnitude`). Returns χ, or
     (χ, info) with ``return_info`` (history per GN iteration, λ used, thresholds, λ search).
     """
     dev = device if isinstance(device, torch.device) else torch.device(device or "cpu")
@@ -580,6 +686,8 @@ def medi_l1(field, mask, voxel_size, b0_direction=(0.0, 0.0, 1.0), *, magnitude=
     if not np.all(np.isfinite(field[mask])):
         raise ValueError("field: NaN or Inf inside the mask")
     if magnitude is not None:
+        if np.ndim(magnitude) == 4:
+            magnitude = medi_magnitude(magnitude, "first")
         magnitude = np.asarray(magnitude, np.float32)
         if magnitude.shape != field.shape:
             raise ValueError(f"magnitude: shape {magnitude.shape} does not match field shape {field.shape}")
@@ -588,7 +696,11 @@ def medi_l1(field, mask, voxel_size, b0_direction=(0.0, 0.0, 1.0), *, magnitude=
         if not np.any(magnitude[mask] != 0):
             raise ValueError("magnitude: all zero inside the mask; MEDI needs a real magnitude image "
                              "(or pass no magnitude and set edge_mask=false)")
-    needs_mag = edge_mask or csf == "auto"
+    if r2star is not None:
+        r2star = np.asarray(r2star, np.float32)
+        if r2star.shape != field.shape:
+            raise ValueError(f"r2star: shape {r2star.shape} does not match field shape {field.shape}")
+    needs_mag = edge_mask or (csf == "auto" and csf_mask is None and r2star is None)
     if needs_mag and magnitude is None:
         what = "gradient mask (edge_mask=true)" if edge_mask else "CSF mask derivation (csf=auto)"
         raise ValueError(f"magnitude: MEDI's {what} needs a magnitude image; pass magnitude= (--magnitude), "
@@ -616,7 +728,9 @@ def medi_l1(field, mask, voxel_size, b0_direction=(0.0, 0.0, 1.0), *, magnitude=
     # crop to the mask bounding box (+ margin): χ is estimated there (free outside the mask, as in
     # the toolbox), the FFT grid is pad_factor × that box.
     margin = 4 + (int(math.ceil(smv / min(vs))) if smv > 0 else 0)
-    box = _bbox(mask, margin)
+    uniform = data_weighting == "uniform"
+    # toolbox mode 0: m = 1 over the whole field of view, so the problem is the whole field of view
+    box = tuple(slice(0, n) for n in field.shape) if uniform else _bbox(mask, margin)
     mask_c = mask[box]
     f_c = np.where(mask_c, field[box], 0.0).astype(np.float32) * s
     mag_c = None if magnitude is None else magnitude[box]
@@ -632,34 +746,43 @@ def medi_l1(field, mask, voxel_size, b0_direction=(0.0, 0.0, 1.0), *, magnitude=
             with np.errstate(divide="ignore"):
                 noise_c = np.where(mag_c > 0, 1.0 / np.abs(mag_c), np.inf).astype(np.float32)
             noise_kind = "1/magnitude"
+    if uniform:
+        noise_kind = "uniform (1 over the field of view)"
     info = {"phase_scale_rad_per_ppm": s, "data_weighting": noise_kind, "crop": [[b.start, b.stop] for b in box]}
 
+    # the problem first: with SMV its mask is the eroded one, on which the gradient mask is built
+    prob = _Problem(f_c, mask_c, None, noise_c, None, vs, b0, pad_factor, smv, dev, rep, uniform=uniform)
+    info["fft_shape"] = list(prob.pshape)
     wG = None
     if edge_mask:
         mt = torch.as_tensor(mag_c, device=dev)
-        mkt = torch.as_tensor(mask_c, device=dev)
-        wG_t, thr = gradient_mask(mt, mkt.float(), vs, percentage)
+        wG_t, thr = gradient_mask(mt, prob.mask.float(), vs, percentage)
         info["gradient_threshold"] = thr
-        info["edge_share"] = float(1.0 - wG_t[:, mkt].float().mean())
+        info["edge_share"] = float(1.0 - wG_t[:, prob.mask].float().mean())
+        prob.wG = wG_t
         wG = wG_t.cpu().numpy()
-        del mt, mkt, wG_t
+        del mt
     check_cancel(cancel)
 
     csf_c = None
     if csf_mask is not None:
         csf_c = csf_mask[box] & mask_c
         info["csf_source"] = "given"
+        info["csf_rule"] = "given (csf_mask)"
     elif csf == "auto":
-        csf_c = derive_csf_mask(mag_c, mask_c, vs, wG)
-        info["csf_source"] = "derived from magnitude"
+        r2_c = None if r2star is None else r2star[box]
+        csf_c = derive_csf_mask(mag_c, mask_c, vs, wG, r2star=r2_c)
+        info["csf_source"] = "derived from R2*" if r2_c is not None else "derived from magnitude"
+        info["csf_rule"] = CSF_RULE_R2STAR if r2_c is not None else CSF_RULE_MAGNITUDE
         if not csf_c.any():
-            raise ValueError("csf: could not derive a CSF mask from the magnitude (no bright homogeneous central "
-                             "region); supply csf_mask= or set csf=off")
+            what = ("no R2* < 5 1/s region near the brain centre" if r2_c is not None
+                    else "no bright homogeneous central region in the magnitude")
+            raise ValueError(f"csf: could not derive a CSF mask ({what}); supply csf_mask= or set csf=off")
     if csf_c is not None:
         info["csf_voxels"] = int(csf_c.sum())
-
-    prob = _Problem(f_c, mask_c, wG, noise_c, csf_c, vs, b0, pad_factor, smv, dev, rep)
-    info["fft_shape"] = list(prob.pshape)
+        prob.csf = torch.as_tensor(np.ascontiguousarray(csf_c), dtype=torch.bool, device=dev)
+        if not prob.csf.any():
+            prob.csf = None
     rep.to_ppm = lambda x: _to_full(x, prob, s, box, field.shape)
     kw = dict(cg_tol=cg_tol, cg_max_iter=cg_max_iter, max_iter=max_iter, tol_norm_ratio=tol_norm_ratio, merit=merit)
     lcsf = float(lambda_csf) if csf_c is not None else 0.0
@@ -668,7 +791,8 @@ def medi_l1(field, mask, voxel_size, b0_direction=(0.0, 0.0, 1.0), *, magnitude=
         x, hist = prob.solve(float(lam), lcsf, None, **kw)
         info["lambda"] = float(lam)
     else:
-        sigma = _noise_sigma_rad(prob, noise_kind, noise_std, magnitude, field, mask, box, s, smv)
+        sigma = _noise_sigma_rad(prob, "noise_std" if noise_std is not None else noise_kind, noise_std, magnitude,
+                                 field, mask, box, s, smv)
         if auto_rule == "upre":
             x, hist, search = _auto_lambda_upre(prob, lcsf, sigma, auto_max_solves, kw)
         elif auto_rule == "discrepancy":
@@ -678,6 +802,8 @@ def medi_l1(field, mask, voxel_size, b0_direction=(0.0, 0.0, 1.0), *, magnitude=
         info["lambda"] = search["lambda"]
         info["lambda_search"] = search
     info["history"] = hist
+    if merit:
+        info["merit_voxels"] = hist.get("merit_voxels", 0)
     reg, data = prob.costs(x)
     info["residual"] = data
     chi = _to_full(x, prob, s, box, field.shape)
@@ -702,7 +828,7 @@ def _to_full(x, prob, s, box, shape):
 
 
 def _noise_sigma_rad(prob, kind, noise_std, magnitude, field, mask, box, s, smv):
-    """Per-voxel phase-noise σ (rad, cropped grid tensor) for the discrepancy principle."""
+    """Per-voxel phase-noise σ (rad, cropped grid tensor) for lambda=auto (UPRE or discrepancy)."""
     if kind == "noise_std":
         sig = np.abs(noise_std[box]).astype(np.float32) * s
     else:
@@ -748,89 +874,90 @@ def _auto_lambda_upre(prob, lcsf, sigma, max_solves, kw):
     radians) and H_λ the influence matrix of the problem linearised at χ_λ (trace by Hutchinson, one
     probe: with ~10⁵–10⁶ voxels its relative error is < 1 %). U estimates E‖m∘(D∗(χ_λ − χ_true))‖²
     (Mallows' C_p / Stein's risk for the weighted data). Search in log λ from 1000 with factor-2 steps
-    until the minimum is bracketed, then a parabola through the best three points gives λ*, which
-    gets a final warm-started solve. Every solve after the first starts from the nearest solution.
+    until the minimum is bracketed, then a parabola through the best three points gives λ*, which is
+    solved and evaluated too when the budget allows. Every solve starts from χ = 0 with the plain
+    run's stopping rule, so all λ are compared at the same convergence and the returned χ is the
+    from-zero solve of the returned λ (what ``lambda=<λ>`` gives).
     """
+    prob.reset_weights()
     kappa = prob.m2 * (2.0 - 2.0 * torch.exp(-0.5 * sigma * sigma))
     kappa = torch.where(prob.mask, kappa, torch.zeros_like(kappa))
     e_noise = float(kappa.sum(dtype=torch.float64))
     if not e_noise > 0:
         raise ValueError("lambda=auto: the expected noise energy is zero (no noise information); give a number")
     evals = {}   # log λ -> dict
+    best = {}    # the evaluation with the lowest U so far, with its χ (only that χ is kept)
 
-    def evaluate(lam, x0):
-        x, hist = prob.solve(lam, lcsf, x0, label=f" λ={lam:.3g}", **kw)
+    def evaluate(lam):
+        x, hist = prob.solve(lam, lcsf, None, label=f" λ={lam:.3g}", **kw)
+        prob.reset_weights()          # R and the trace with the weights κ refers to
         _, R = prob.costs(x)
         tr, tr_it = _trace_KH(prob, lam, lcsf, x, kappa)
         U = R + 2.0 * tr - e_noise
-        evals[math.log(lam)] = {"lambda": lam, "x": x, "hist": hist, "residual": R, "trace": tr, "upre": U,
-                                "gn_iters": hist["gn_iters"], "cg_iters": sum(hist["cg_iters"]) + tr_it}
-        return evals[math.log(lam)]
+        e = {"lambda": lam, "residual": R, "trace": tr, "upre": U, "gn_iters": hist["gn_iters"],
+             "cg_iters": sum(hist["cg_iters"]) + tr_it}
+        evals[math.log(lam)] = e
+        if not best or U < best["upre"]:
+            best.clear()
+            best.update(e, x=x, hist=hist)
+        return e
 
-    def nearest_x(ll):
-        k = min(evals, key=lambda t: abs(t - ll))
-        return evals[k]["x"]
-
-    step = math.log(2.0)
-    l0 = math.log(1000.0)
-    evaluate(1000.0, None)
+    grid = lambda k: 1000.0 * 2.0 ** k     # the coarse grid, exact powers of two times 1000
+    kmin = kmax = 0
+    evaluate(grid(0))
     solves = 1
     if solves < max_solves:
-        evaluate(math.exp(l0 + step), nearest_x(l0 + step))
+        kmax = 1
+        evaluate(grid(1))
         solves += 1
     while solves < max_solves - 1:
         keys = sorted(evals)
-        best = min(keys, key=lambda t: evals[t]["upre"])
-        if best == keys[0]:
-            nl = keys[0] - step
-        elif best == keys[-1]:
-            nl = keys[-1] + step
+        lbest = min(keys, key=lambda t: evals[t]["upre"])
+        if lbest == keys[0]:
+            kmin -= 1
+            evaluate(grid(kmin))
+        elif lbest == keys[-1]:
+            kmax += 1
+            evaluate(grid(kmax))
         else:
             break
-        evaluate(math.exp(nl), nearest_x(nl))
         solves += 1
     keys = sorted(evals)
-    best = min(keys, key=lambda t: evals[t]["upre"])
-    lam_star = None
-    i = keys.index(best)
-    if 0 < i < len(keys) - 1:  # bracketed: parabola through (log λ, U) of the best three
+    lbest = min(keys, key=lambda t: evals[t]["upre"])
+    i = keys.index(lbest)
+    if 0 < i < len(keys) - 1 and solves < max_solves:  # bracketed: parabola through (log λ, U) of the best three
         (a, fa), (b, fb), (c, fc) = [(k, evals[k]["upre"]) for k in keys[i - 1:i + 2]]
         den = (b - a) * (fb - fc) - (b - c) * (fb - fa)
         if den != 0:
             ls = b - 0.5 * ((b - a) ** 2 * (fb - fc) - (b - c) ** 2 * (fb - fa)) / den
             ls = min(max(ls, a), c)
-            if abs(ls - b) > math.log(1.15) and solves < max_solves:
-                lam_star = math.exp(ls)
-    if lam_star is not None:
-        x, hist = prob.solve(lam_star, lcsf, nearest_x(math.log(lam_star)), label=f" λ={lam_star:.3g}", **kw)
-        _, R = prob.costs(x)
-        final = {"lambda": lam_star, "x": x, "hist": hist, "residual": R, "trace": None, "upre": None,
-                 "gn_iters": hist["gn_iters"], "cg_iters": sum(hist["cg_iters"])}
-    else:
-        final = evals[best]
-    search = {"rule": "upre", "lambda": final["lambda"], "noise_energy": e_noise,
-              "tried": [{k: v for k, v in evals[t].items() if k not in ("x", "hist")} for t in sorted(evals)]}
-    if lam_star is not None:
-        search["tried"].append({k: v for k, v in final.items() if k not in ("x", "hist")})
-    return final["x"], final["hist"], search
+            if abs(ls - b) > math.log(1.15):
+                evaluate(math.exp(ls))
+                solves += 1
+    search = {"rule": "upre", "lambda": best["lambda"], "noise_energy": e_noise,
+              "tried": [dict(evals[t]) for t in sorted(evals)]}
+    return best["x"], best["hist"], search
 
 
 def _auto_lambda(prob, lcsf, sigma, tau, max_solves, kw):
-    """Discrepancy principle: find λ with R(λ) = τ·E_noise by secant steps in log-log, warm-started."""
+    """Discrepancy principle: find λ with R(λ) = τ·E_noise by secant steps in log-log; each λ solved
+    from χ = 0 (so the returned χ is what ``lambda=<λ>`` gives)."""
+    prob.reset_weights()
     target = tau * prob.noise_energy(sigma)
     if not target > 0:
         raise ValueError("lambda=auto: the expected noise energy is zero (no noise information); give a number")
     lam = 1000.0
     tried = []  # (log λ, log R/target)
-    x = None
     best = None
     for k in range(max_solves):
-        x, hist = prob.solve(lam, lcsf, x, label=f" λ={lam:.3g}", **kw)
+        x, hist = prob.solve(lam, lcsf, None, label=f" λ={lam:.3g}", **kw)
+        prob.reset_weights()
         _, R = prob.costs(x)
         g = math.log(max(R, 1e-30) / target)
         tried.append((math.log(lam), g, R, hist["gn_iters"], sum(hist["cg_iters"])))
         if best is None or abs(g) < abs(best[1]):
             best = (lam, g, x, hist)
+        del x
         if abs(g) < math.log(1.1) or k == max_solves - 1:
             break
         # next λ: secant through the two nearest points that bracket or the last two; slope < 0
@@ -856,13 +983,12 @@ def _auto_lambda(prob, lcsf, sigma, tau, max_solves, kw):
     search = {"rule": "discrepancy", "lambda": lam_b, "target_residual": target, "tau": tau,
               "tried": [{"lambda": math.exp(t[0]), "residual": t[2], "log_ratio": t[1], "gn_iters": t[3],
                          "cg_iters": t[4]} for t in tried]}
-    prob.best_x = x_b
     return x_b, hist_b, search
 
 
 def _run(scan, p: MEDIParams, *, device, progress=None, cancel=None, csf_mask=None, **_):
     chi, info = medi_l1(scan.field, scan.mask, scan.voxel_size, scan.b0_direction, magnitude=scan.magnitude,
-                        noise_std=getattr(scan, "noise_std", None), lam=p.lam, percentage=p.percentage,
+                        noise_std=getattr(scan, "noise_std", None), r2star=getattr(scan, "r2star", None), lam=p.lam, percentage=p.percentage,
                         smv=p.smv, merit=p.merit, csf_mask=csf_mask, csf=p.csf, lambda_csf=p.lambda_csf,
                         data_weighting=p.data_weighting, edge_mask=p.edge_mask, cg_tol=p.cg_tol,
                         cg_max_iter=p.cg_max_iter, max_iter=p.max_iter, tol_norm_ratio=p.tol_norm_ratio,
@@ -874,7 +1000,8 @@ def _run(scan, p: MEDIParams, *, device, progress=None, cancel=None, csf_mask=No
               "cost": list(hist["cost"]), "norm_ratio": list(hist["norm_ratio"]),
               "data_residual": info["residual"], "phase_scale_rad_per_ppm": info["phase_scale_rad_per_ppm"],
               "data_weighting": info["data_weighting"], "fft_shape": info["fft_shape"]}
-    for k in ("gradient_threshold", "edge_share", "csf_voxels", "csf_source", "csf_reference_ppm"):
+    for k in ("gradient_threshold", "edge_share", "csf_voxels", "csf_source", "csf_rule", "csf_reference_ppm",
+              "merit_voxels"):
         if k in info:
             extras[k] = info[k]
     if "lambda_search" in info:
@@ -887,4 +1014,5 @@ def _run(scan, p: MEDIParams, *, device, progress=None, cancel=None, csf_mask=No
 register_method(Method(
     "medi", "MEDI-L1", MEDIParams, _run, order=20, uses_magnitude=True, long_running=True,
     doc="Morphology enabled dipole inversion (Cornell MEDI_L1 semantics): L1 of the gradient outside magnitude "
-        "edges + λ·nonlinear data fidelity, Gauss-Newton with CG. lambda=auto picks λ by the discrepancy principle."))
+        "edges + λ·nonlinear data fidelity, Gauss-Newton with CG. lambda=auto picks λ by UPRE "
+        "(or the discrepancy principle with auto_rule=discrepancy)."))

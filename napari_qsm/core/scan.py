@@ -1,6 +1,7 @@
 """Scan: the inputs of a reconstruction, validated once.
 
-A :class:`Scan` holds the local field (ppm), brain mask, optional magnitude and noise map, voxel
+A :class:`Scan` holds the local field (ppm), brain mask, optional magnitude, noise map (ppm) and
+R2* map (s⁻¹, from the echo fit; MEDI+0 finds CSF in it), voxel
 size (mm) and B0 direction (unit vector), all in the scan's own voxel frame (i, j, k) after
 ``nib.as_closest_canonical``; plus the affine and the source description for provenance.
 Validation errors name the input and say what was expected. Inputs are never modified: the
@@ -47,6 +48,7 @@ class Scan:
     b0_direction: np.ndarray = field(default_factory=lambda: np.array([0.0, 0.0, 1.0]))
     magnitude: Optional[np.ndarray] = None
     noise_std: Optional[np.ndarray] = None
+    r2star: Optional[np.ndarray] = None
     affine: Optional[np.ndarray] = None
     te: Optional[float] = None
     b0_tesla: Optional[float] = None
@@ -91,6 +93,11 @@ class Scan:
             if n.shape != self.field.shape:
                 raise ScanError(f"noise_std: shape {n.shape} does not match field shape {self.field.shape}")
             self.noise_std = n
+        if self.r2star is not None:
+            r2 = _as_3d("r2star", self.r2star, np.float32)
+            if r2.shape != self.field.shape:
+                raise ScanError(f"r2star: shape {r2.shape} does not match field shape {self.field.shape}")
+            self.r2star = r2
         if self.affine is not None:
             aff = np.asarray(self.affine, dtype=np.float64)
             if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
@@ -114,6 +121,7 @@ class Scan:
             "b0_direction": [round(float(v), 6) for v in self.b0_direction],
             "mask_voxels": int(self.mask.sum()),
             "has_magnitude": self.magnitude is not None,
+            "has_r2star": self.r2star is not None,
             "fingerprint": self.fingerprint(),
             **({"source": dict(self.source)} if self.source else {}),
         }
