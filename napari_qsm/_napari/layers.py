@@ -8,7 +8,9 @@ slices (k, I→S) on the slider and shows (j, i) in the canvas.
 Layer metadata keys written by the reader, the sample data and the widgets (all in the canonical
 frame, never permuted):
 
-``role``          "field", "mask", "magnitude", "chi", "chi_true", "labels", "noise_std", "image"
+``role``          "field" (local field), "total_field" (B0 / field map, background not removed),
+                  "phase" (raw phase), "mask", "magnitude", "chi", "chi_true", "labels",
+                  "noise_std", "image" (see :func:`napari_qsm._napari.reader.guess_role`)
 ``axes``          the permutation above (list of 3 ints)
 ``affine``        4x4 canonical voxel -> scanner mm (list of lists)
 ``voxel_size``    mm, canonical order
@@ -16,7 +18,9 @@ frame, never permuted):
 ``geometry_known`` False when the layer carried no geometry and it was guessed
 ``path``          source file (or None); ``nifti_info`` original orientation/header (python objects)
 ``sidecar``       the JSON sidecar next to the file, when there was one (BIDS EchoTime, …)
-``provenance``    for results: :meth:`napari_qsm.core.methods.Result.provenance`
+``provenance``    for results: :meth:`napari_qsm.core.methods.Result.provenance`, plus
+                  ``acquisition`` (B0 in T and TE in s the method was given, and where they came from)
+``echo_time``     s, one echo of a multi-echo file; ``b0_tesla`` / ``te`` may also be set directly
 
 Anything handing a layer to the core goes through :func:`to_canonical` /
 :func:`scan_from_layers`, which undo the permutation, so a reconstruction from layers equals the
@@ -30,7 +34,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..core.io import b0_from_affine, to_ppm, voxel_sizes
+from ..core.io import GAMMA_BAR_MHZ_PER_T, b0_from_affine, to_ppm, voxel_sizes
 from ..core.scan import Scan, ScanError
 
 DISPLAY_AXES = (2, 1, 0)
@@ -122,6 +126,95 @@ def layer_geometry(layer) -> Geometry:
     return Geometry(axes=axes, voxel_size=vs, b0_direction=np.array([0.0, 0.0, 1.0]), affine=aff, known=False)
 
 
+# -- field strength and echo time known for a layer --------------------------------------------------
+
+def _positive(v) -> Optional[float]:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (list, tuple)) and len(v) == 1:
+        v = v[0]
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) and f > 0 else None
+
+
+def _te_seconds(v) -> Optional[float]:
+    """An echo time in seconds; values above 1 are taken as milliseconds (BIDS wants seconds)."""
+    f = _positive(v)
+    if f is None:
+        return None
+    return f / 1000.0 if f > 1.0 else f
+
+
+def _header_te(header) -> Optional[float]:
+    """TE (s) from a NIfTI header's description as dcm2niix writes it ("TE=20;Time=…", ms)."""
+    import re
+
+    try:
+        descrip = header["descrip"]
+        text = descrip.item().decode("latin-1") if hasattr(descrip, "item") else str(descrip)
+    except Exception:
+        return None
+    m = re.search(r"(?:^|[;\s])TE=([0-9]*\.?[0-9]+)", text)
+    if not m:
+        return None
+    f = _positive(m.group(1))
+    return None if f is None else f / 1000.0
+
+
+def acquisition_from_metadata(md: Optional[dict]) -> dict:
+    """Field strength and echo time a layer's metadata tells, with where each came from.
+
+    Returns ``{"b0_tesla": T or None, "te": s or None, "b0_from": text, "te_from": text}``.
+    B0, first hit: metadata ``b0_tesla``; the JSON sidecar's ``ImagingFrequency`` (MHz) / γ̄
+    (the exact field: a "3 T" Siemens is 2.89 T), else its ``MagneticFieldStrength``; a result's
+    provenance ``acquisition``. TE: metadata ``echo_time`` (one echo of a multi-echo file) or
+    ``te``; the sidecar's ``EchoTime`` (s; one value, or the list entry of this echo); the
+    provenance; the NIfTI header description ``TE=…`` (ms, as dcm2niix writes it).
+    """
+    md = md or {}
+    side = md.get("sidecar") if isinstance(md.get("sidecar"), dict) else {}
+    prov = md.get("provenance") if isinstance(md.get("provenance"), dict) else {}
+    acq = prov.get("acquisition") if isinstance(prov.get("acquisition"), dict) else {}
+    if not acq and isinstance(side.get("acquisition"), dict):
+        acq = side["acquisition"]
+    out = {"b0_tesla": None, "te": None, "b0_from": "", "te_from": ""}
+
+    b0_hits = [(md.get("b0_tesla"), "layer metadata")]
+    freq = _positive(side.get("ImagingFrequency"))
+    if freq is not None:
+        b0_hits.append((freq / GAMMA_BAR_MHZ_PER_T, "sidecar ImagingFrequency"))
+    b0_hits += [(side.get("MagneticFieldStrength"), "sidecar MagneticFieldStrength"),
+                (acq.get("b0_tesla"), "provenance")]
+    for v, src in b0_hits:
+        f = _positive(v)
+        if f is not None:
+            out["b0_tesla"], out["b0_from"] = f, src
+            break
+
+    te_side = side.get("EchoTime")
+    if isinstance(te_side, (list, tuple)) and len(te_side) > 1:
+        echo = md.get("echo")
+        te_side = te_side[echo] if isinstance(echo, int) and 0 <= echo < len(te_side) else None
+    te_hits = [(md.get("echo_time"), "layer metadata (echo time)"), (md.get("te"), "layer metadata"),
+               (te_side, "sidecar EchoTime"), (acq.get("te"), "provenance")]
+    for v, src in te_hits:
+        f = _te_seconds(v)
+        if f is not None:
+            out["te"], out["te_from"] = f, src
+            break
+    if out["te"] is None:
+        info = md.get("nifti_info")
+        header = info.get("header") if isinstance(info, dict) else None
+        if header is not None:
+            f = _header_te(header)
+            if f is not None:
+                out["te"], out["te_from"] = f, "NIfTI header description"
+    return out
+
+
 def _layer_array(layer, what: str) -> np.ndarray:
     data = layer.data
     if isinstance(data, (list, tuple)):  # multiscale: full resolution
@@ -139,8 +232,10 @@ def scan_from_layers(field_layer, mask_layer, magnitude_layer=None, *, units: st
     """Build a :class:`Scan` (canonical frame) from napari layers.
 
     ``b0_direction`` / ``voxel_size`` override the field layer's geometry; both are in the
-    canonical voxel frame (i, j, k). ``units``/``te``/``b0_tesla`` convert the field to ppm.
-    Errors are :class:`ScanError` naming the input.
+    canonical voxel frame (i, j, k). ``units``/``te``/``b0_tesla`` convert the field to ppm;
+    ``te`` (s) and ``b0_tesla`` (T) are kept on the Scan for every unit, ppm included, because
+    the methods that work with phase use them (MEDI's rad/ppm scale uses B0, the adaptation's
+    phase wrap uses 2π·γ̄·B0·TE). Errors are :class:`ScanError` naming the input.
     """
     if field_layer is None:
         raise ScanError("field: no layer chosen; open a local field map (ppm, Hz or rad)")
@@ -177,8 +272,10 @@ def scan_from_layers(field_layer, mask_layer, magnitude_layer=None, *, units: st
               "units": units}
     if magnitude_layer is not None:
         source["magnitude"] = (magnitude_layer.metadata or {}).get("path") or f"layer:{magnitude_layer.name}"
-    if units != "ppm":
-        source.update({"te": te, "b0_tesla": b0_tesla})
+    if te is not None:
+        source["te"] = float(te)
+    if b0_tesla is not None:
+        source["b0_tesla"] = float(b0_tesla)
     scan = Scan(field=field, mask=mask,
                 voxel_size=tuple(voxel_size) if voxel_size is not None else tuple(geom.voxel_size),
                 b0_direction=b0_direction if b0_direction is not None else geom.b0_direction,
@@ -220,6 +317,18 @@ def result_layer_data(result, field_layer, *, scan: Optional[Scan] = None, input
     if scan is not None:  # record the geometry actually used (e.g. an edited B0 direction)
         extra["b0_direction"] = [float(v) for v in scan.b0_direction]
         extra["voxel_size"] = [float(v) for v in scan.voxel_size]
+        # field strength and echo time the method was given (also for ppm input: MEDI's and the
+        # adaptation's phase scaling use them); where they came from, when the dock knows it
+        acq = {"b0_tesla": None if scan.b0_tesla is None else float(scan.b0_tesla),
+               "te": None if scan.te is None else float(scan.te)}
+        for k in ("b0_from", "te_from"):
+            if inputs and inputs.get(k):
+                acq[k] = str(inputs[k])
+        prov["acquisition"] = acq
+        if scan.b0_tesla is not None:
+            extra["b0_tesla"] = float(scan.b0_tesla)
+        if scan.te is not None:
+            extra["te"] = float(scan.te)
     kw = derived_layer_kwargs(field_layer, name=result.name, role="chi", extra_metadata=extra)
     kw.update(colormap="gray", contrast_limits=CHI_CONTRAST)
     return to_layer_order(result.chi, geom.axes), kw

@@ -10,6 +10,9 @@
 * Float data → float32 image layers; 0/1 or small non-negative integer volumes → Labels.
 * 4-D multi-echo (echoes on the last axis) → one layer per echo; complex data → magnitude and
   phase layers.
+* Each layer gets a ``role`` from its name (:func:`guess_role`): only a local field is offered as
+  the reconstruction's field by default; a raw phase gets role "phase", a B0 / field map role
+  "total_field" (inputs of the front end, not of an inversion).
 * A file that cannot be read gives an error notification and no layer (no traceback).
 """
 
@@ -27,23 +30,68 @@ from .layers import DISPLAY_AXES, Geometry, robust_limits, to_layer_order
 MAX_LABEL_VALUES = 64     # integer volumes with at most this many distinct values open as Labels
 MAX_LABEL_VALUE = 10000
 
+# Word boundaries in file and layer names: start/end, "_", "-", ".", space (BIDS "part-phase", "sub-01_field").
+_B = r"(^|[_\-. ])"
+_E = r"([_\-. ]|$)"
+
 _ROLE_PATTERNS = [
-    ("mask", r"(^|[_\-.])(mask|brainmask|brain_mask|roi|seg|aseg)([_\-.]|$)"),
+    ("mask", _B + r"(mask|brainmask|brain_mask|roi|seg|aseg)" + _E),
     ("labels", r"(label|parc|atlas|dseg)"),
     ("chi_true", r"(chi_?true|ground_?truth|truth)"),
     ("chi", r"(chi|qsm|suscept)"),
     ("noise_std", r"(noise|n_?std|sigma)"),
-    ("magnitude", r"(mag|magnitude|t2s|gre_?m|iMag)"),
-    ("field", r"(field|lfs|rdf|tissue|phase|freq|fieldmap|b0map|unwrapped)"),
+    ("magnitude", r"((?<!i)mag|t2s|gre_?m|(?<!part-)imag(?!e|inary))"),
+    # local (tissue) field: background removed
+    ("field", r"(local[_\- ]?field|" + _B + r"local" + _E + r"|" + _B + r"(lfs|rdf)" + _E + r"|tissue)"),
+    # total field / B0 map: still holds the background field
+    ("total_field", r"(total[_\- ]?field|field[_\- ]?map|b0[_\- ]?map|b0[_\- ]?field|" + _B + r"(tfs|fmap)" + _E
+     + r"|freq)"),
+    # raw (wrapped or unwrapped) phase of the echoes
+    ("phase", r"(phase|unwrapped|" + _B + r"(ph|pha)" + _E + r")"),
+    ("field", r"field"),
 ]
 
 
 def guess_role(name: str) -> str:
+    """Role of a volume from its file (or layer) name; first rule that matches, case-insensitive.
+
+    ==============  ========================================================================
+    role            name contains
+    ==============  ========================================================================
+    mask            the word mask, brainmask, brain_mask, roi, seg or aseg
+    labels          label, parc, atlas, dseg
+    chi_true        chi_true / chitrue, ground_truth, truth
+    chi             chi, qsm, suscept
+    noise_std       noise, n_std / nstd, sigma
+    magnitude       mag, magnitude, t2s, gre_m, imag (MEDI's iMag; not image, imaginary or
+                    BIDS part-imag)
+    field           the LOCAL field: localfield / local_field / local-field, the word local,
+                    the words lfs (local field shift) or rdf (MEDI's relative difference
+                    field), tissue (tissue field or tissue phase)
+    total_field     the total field or B0 map, background NOT removed: totalfield /
+                    total_field, fieldmap / field_map, b0map / b0_map, b0field, the words tfs
+                    or fmap, freq (MEDI's iFreq, frequency maps)
+    phase           raw phase of the echoes: phase (BIDS part-phase), unwrapped, the words ph
+                    or pha
+    field           any other name with field in it (field, sub-01_field, phantom field)
+    image           anything else
+    ==============  ========================================================================
+
+    Only ``field`` is a local field: the reconstruction dock picks it by default. A raw phase
+    (``phase``) and a total field (``total_field``) still need the front end (unwrapping, echo
+    fit, background removal); they open as plain images with that role and are never the
+    dock's default field. Words are delimited by the start/end of the name, "_", "-", "." or a
+    space. Tissue phase (``tissue_phase``) counts as local, as it has no background.
+    """
     n = name.lower()
     for role, pat in _ROLE_PATTERNS:
         if re.search(pat, n, flags=re.IGNORECASE):
             return role
     return "image"
+
+
+# Roles of a field-like volume that is NOT a local field (the dock does not offer it by default).
+NOT_LOCAL_FIELD = {"phase": "a raw phase image", "total_field": "a total field (B0 map) with the background field in it"}
 
 
 def napari_get_reader(path):
@@ -136,7 +184,7 @@ def looks_like_labels(data: np.ndarray, role: str = "image") -> bool:
         return False
     if vals.size <= 2 and vals.max() <= 1:
         return True
-    if role in ("field", "chi", "chi_true", "magnitude", "noise_std"):
+    if role in ("field", "total_field", "phase", "chi", "chi_true", "magnitude", "noise_std"):
         return False
     return vals.size <= MAX_LABEL_VALUES and vals.max() <= MAX_LABEL_VALUE and (
         integer_typed or role in ("labels", "mask"))
@@ -199,7 +247,7 @@ def nifti_layer_data(path) -> list:
     out = []
     for name, arr, r, md_extra in volumes:
         if np.iscomplexobj(arr):
-            for suffix, part, rr in (("magnitude", np.abs(arr), "magnitude"), ("phase", np.angle(arr), "field")):
+            for suffix, part, rr in (("magnitude", np.abs(arr), "magnitude"), ("phase", np.angle(arr), "phase")):
                 out.append(_image_tuple(f"{name} {suffix}", part, rr, base_md, md_extra, geo_kw, geom))
             continue
         if looks_like_labels(arr, r):
@@ -227,7 +275,7 @@ def _image_tuple(name, arr, role, base_md, md_extra, geo_kw, geom):
     if role in ("chi", "chi_true"):
         md.setdefault("units", "ppm")
         limits = (-0.15, 0.15)
-    elif role == "field":
+    elif role in ("field", "total_field", "phase"):
         limits = robust_limits(data, symmetric=True)
     elif role in ("magnitude", "noise_std"):
         limits = robust_limits(data, symmetric=False)

@@ -23,8 +23,9 @@ from ..core.methods import available_methods, get_method, reconstruct
 from ..core.params import ParamError, make_params
 from ..core.scan import ScanError
 from .form import ParamForm
-from .layers import b0_angle_deg, extra_volumes, layer_geometry, result_layer_data, scan_from_layers
-from .reader import guess_role
+from .layers import (acquisition_from_metadata, b0_angle_deg, extra_volumes, layer_geometry, result_layer_data,
+                     scan_from_layers)
+from .reader import NOT_LOCAL_FIELD, guess_role
 from .workers import JobRunner
 
 NONE_TEXT = "(none)"
@@ -35,6 +36,7 @@ ORIENTATIONS = [
     ("napari", "napari default (A down)", ("down", "right")),
 ]
 OK_COLOR, WARN_COLOR, ERR_COLOR, DIM_COLOR = "#5cb85c", "#f0ad4e", "#e8635f", "#9a9a9a"
+DEFAULT_TE_MS, DEFAULT_B0_T = 20.0, 3.0  # shown (and flagged as assumed) when the file does not tell
 
 
 def _notify_error(msg: str) -> None:
@@ -254,7 +256,15 @@ class LayerCombo(QComboBox):
 
 
 class InputsPanel(QWidget):
-    """Choose field / mask / magnitude layers, units (TE, B0) and the B0 direction; validates inline."""
+    """Choose field / mask / magnitude layers, units, field strength and TE, and the B0 direction; validates inline.
+
+    Field strength B0 (T) and echo time TE (ms) are always shown and always passed to the scan:
+    they convert Hz / rad fields to ppm, and for every unit (ppm included) they set the phase
+    scaling of MEDI (B0) and of the network adaptation (B0 and TE). They are prefilled from the
+    field layer (:func:`~napari_qsm._napari.layers.acquisition_from_metadata`: BIDS sidecar
+    ImagingFrequency / MagneticFieldStrength / EchoTime, NIfTI header, layer metadata); the line
+    under them says where each value came from, and flags the 3 T / 20 ms defaults as assumed.
+    """
 
     changed = Signal()
 
@@ -264,6 +274,8 @@ class InputsPanel(QWidget):
         self._b0_from_layer: Optional[np.ndarray] = None
         self._b0_edited = False
         self._geometry_known = True
+        self._acq_from = {"te": "default", "b0": "default"}  # where the TE / B0 values came from
+        self._setting_acq = False
         self.last_error: Optional[str] = None
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
@@ -290,23 +302,39 @@ class InputsPanel(QWidget):
         self.units_combo.setToolTip("Units of the field map; Hz needs B0, rad needs TE and B0")
         form.addRow("Field units", self.units_combo)
 
+        self.b0t_spin = QDoubleSpinBox()
+        self.b0t_spin.setObjectName("b0_tesla")
+        self.b0t_spin.setRange(0.05, 21.1)
+        self.b0t_spin.setDecimals(4)
+        self.b0t_spin.setSingleStep(0.1)
+        self.b0t_spin.setSuffix(" T")
+        self.b0t_spin.setValue(DEFAULT_B0_T)
+        self.b0t_spin.setKeyboardTracking(False)
+        self.b0t_spin.setToolTip("<qt>Main magnetic field strength of the scanner, in tesla (γ/2π = 42.577 MHz/T). "
+                                 "Converts Hz and rad fields to ppm, and for every unit sets MEDI's ppm → radian "
+                                 "scale (2π·ΔTE·γ̄·B0) and the adaptation's phase scale (2π·γ̄·B0·TE). Read from "
+                                 "the JSON sidecar (ImagingFrequency / 42.577, else MagneticFieldStrength) when "
+                                 "there is one.</qt>")
+        self.b0t_label = QLabel("Field strength (B0)")
+        form.addRow(self.b0t_label, self.b0t_spin)
+
         self.te_spin = QDoubleSpinBox()
+        self.te_spin.setObjectName("te_ms")
         self.te_spin.setRange(0.01, 1000.0)
         self.te_spin.setDecimals(2)
         self.te_spin.setSuffix(" ms")
-        self.te_spin.setValue(20.0)
-        self.te_spin.setToolTip("Echo time of the phase (or ΔTE of a multi-echo fit), milliseconds")
-        self.te_label = QLabel("TE")
+        self.te_spin.setValue(DEFAULT_TE_MS)
+        self.te_spin.setKeyboardTracking(False)
+        self.te_spin.setToolTip("<qt>Echo time in milliseconds (the TE of the phase, or the effective TE of a "
+                                "multi-echo fit). Converts a rad field to ppm, and for every unit sets the phase "
+                                "the network adaptation compares (2π·γ̄·B0·TE radians per ppm). MEDI's ΔTE is its "
+                                "own parameter. Read from the sidecar's EchoTime or the NIfTI header when "
+                                "there.</qt>")
+        self.te_label = QLabel("Echo time (TE)")
         form.addRow(self.te_label, self.te_spin)
-
-        self.b0t_spin = QDoubleSpinBox()
-        self.b0t_spin.setRange(0.05, 21.1)
-        self.b0t_spin.setDecimals(2)
-        self.b0t_spin.setSuffix(" T")
-        self.b0t_spin.setValue(3.0)
-        self.b0t_spin.setToolTip("Main field strength in tesla (γ/2π = 42.577 MHz/T)")
-        self.b0t_label = QLabel("B0 strength")
-        form.addRow(self.b0t_label, self.b0t_spin)
+        self.acq_info = _wrap_label("", DIM_COLOR, small=True)
+        self.acq_info.setObjectName("acquisition_info")
+        form.addRow("", self.acq_info)
 
         self.mask_combo = LayerCombo(viewer, lambda layer: True)
         self.mask_combo.setToolTip("Brain mask (0/1 labels or an image, > 0.5 inside) on the field's grid")
@@ -369,8 +397,8 @@ class InputsPanel(QWidget):
         for w in (self.mask_combo, self.mag_combo):
             w.currentIndexChanged.connect(self._schedule)
         self.units_combo.currentIndexChanged.connect(self._on_units_changed)
-        self.te_spin.valueChanged.connect(self._schedule)
-        self.b0t_spin.valueChanged.connect(self._schedule)
+        self.te_spin.valueChanged.connect(lambda *_: self._on_acq_edited("te"))
+        self.b0t_spin.valueChanged.connect(lambda *_: self._on_acq_edited("b0"))
         for s in self.b0_spins:
             s.valueChanged.connect(self._on_b0_edited)
         self.b0_reset.clicked.connect(self.reset_b0)
@@ -383,6 +411,7 @@ class InputsPanel(QWidget):
         for layer in viewer.layers:
             layer.events.name.connect(self._on_layers_changed)
         self._on_units_changed()
+        self._update_acq_info()
         self._on_layers_changed()
         self._apply_orientation()
 
@@ -444,12 +473,11 @@ class InputsPanel(QWidget):
         field = self.field_combo.layer()
         if force or self._auto(self.field_combo, "field"):
             best = self._best(self.field_combo, ("field",))
-            if best is None and field is None:
-                cands = [c for c in self.field_combo.candidates() if _role(c) not in ("mask", "labels")]
+            if best is None and field is None:  # else an image of no known role (never a raw phase, a
+                # total field, a magnitude or a χ: a local field is picked by hand when not named as one)
+                cands = [c for c in self.field_combo.candidates() if _role(c) == "image"]
                 best = cands[-1] if cands else None
-            if best is None and self.field_combo.layer() is None and self.field_combo.count():
-                self.field_combo.setCurrentIndex(0)
-            elif best is not None:
+            if best is not None:
                 self.field_combo.select(best)
             field = self.field_combo.layer()
         shape = tuple(field.data.shape) if field is not None else None
@@ -481,17 +509,49 @@ class InputsPanel(QWidget):
             self.mask_combo.blockSignals(False)
             self.mag_combo.blockSignals(False)
             md = layer.metadata or {}
-            side = md.get("sidecar") or {}
-            te = md.get("echo_time", side.get("EchoTime"))
-            if isinstance(te, (int, float)) and te > 0:
-                self.te_spin.setValue(float(te) * 1000.0 if te < 1 else float(te))
-            b0t = side.get("MagneticFieldStrength")
-            if isinstance(b0t, (int, float)) and b0t > 0:
-                self.b0t_spin.setValue(float(b0t))
+            self._prefill_acquisition(md)
             units = md.get("units")
             if units in ("ppm", "hz", "rad"):
                 self.units_combo.setCurrentIndex([u for u, _ in UNITS].index(units))
         self.reset_b0()
+
+    def _prefill_acquisition(self, md: dict) -> None:
+        """B0 and TE from the field layer when it tells them; else keep what the user entered, or the defaults."""
+        acq = acquisition_from_metadata(md)
+        self._setting_acq = True
+        try:
+            for key, spin, value, default in (("b0", self.b0t_spin, acq["b0_tesla"], DEFAULT_B0_T),
+                                              ("te", self.te_spin, None if acq["te"] is None else acq["te"] * 1000.0,
+                                               DEFAULT_TE_MS)):
+                if value is not None:
+                    spin.setValue(float(value))
+                    self._acq_from[key] = acq[f"{key}_from"]
+                elif self._acq_from[key] != "entered":
+                    spin.setValue(default)
+                    self._acq_from[key] = "default"
+        finally:
+            self._setting_acq = False
+        self._update_acq_info()
+
+    def _on_acq_edited(self, key: str) -> None:
+        if not self._setting_acq:
+            self._acq_from[key] = "entered"
+            self._update_acq_info()
+        self._schedule()
+
+    def acquisition_sources(self) -> dict:
+        """Where the B0 and TE values come from: "sidecar …", "NIfTI header …", "entered", or "default" (assumed)."""
+        return {"b0_from": self._acq_from["b0"], "te_from": self._acq_from["te"]}
+
+    def _update_acq_info(self) -> None:
+        parts = []
+        for key, what in (("b0", "B0"), ("te", "TE")):
+            src = self._acq_from[key]
+            if src == "default":
+                parts.append(f"<span style='color:{WARN_COLOR}'>{what} not in the file: default assumed, check it</span>")
+            else:
+                parts.append(f"{what} {html.escape(src if src == 'entered' else 'from the ' + src)}")
+        self.acq_info.setText("; ".join(parts))
 
     def reset_b0(self) -> None:
         layer = self.field_combo.layer()
@@ -550,11 +610,7 @@ class InputsPanel(QWidget):
         self.b0_info.setText(f"{ang:.1f}° from the slice axis (z); {src}")
 
     def _on_units_changed(self, *_):
-        u = self.units()
-        self.te_spin.setVisible(u == "rad")
-        self.te_label.setVisible(u == "rad")
-        self.b0t_spin.setVisible(u in ("hz", "rad"))
-        self.b0t_label.setVisible(u in ("hz", "rad"))
+        # B0 and TE stay visible for every unit: ppm fields need them too (MEDI, adaptation)
         self._schedule()
 
     def _apply_orientation(self, *_):
@@ -572,11 +628,13 @@ class InputsPanel(QWidget):
     def units(self) -> str:
         return self.units_combo.currentData()
 
-    def te_seconds(self) -> Optional[float]:
-        return self.te_spin.value() / 1000.0 if self.units() == "rad" else None
+    def te_seconds(self) -> float:
+        """Echo time in seconds (passed to the scan for every unit)."""
+        return self.te_spin.value() / 1000.0
 
-    def b0_tesla(self) -> Optional[float]:
-        return self.b0t_spin.value() if self.units() in ("hz", "rad") else None
+    def b0_tesla(self) -> float:
+        """Field strength in tesla (passed to the scan for every unit)."""
+        return self.b0t_spin.value()
 
     def build_scan(self):
         """The Scan for the chosen layers (raises ScanError / ValueError naming the input)."""
@@ -593,6 +651,9 @@ class InputsPanel(QWidget):
         if self.mag_combo.layer() is not None:
             out["magnitude"] = self.mag_combo.layer().name
         out["units"] = self.units()
+        out["b0_tesla"] = self.b0_tesla()
+        out["te"] = self.te_seconds()
+        out.update(self.acquisition_sources())
         return out
 
     # -- validation ---------------------------------------------------------------------------
@@ -608,7 +669,15 @@ class InputsPanel(QWidget):
                 scan = self.build_scan()
         except (ScanError, ValueError) as exc:
             self.last_error = str(exc)
-            self.message.setText(f"<span style='color:{ERR_COLOR}'>✗ {html.escape(str(exc))}</span>")
+            hint = ""
+            if self.field_combo.layer() is None:
+                skipped = [lay.name for lay in self.field_combo.candidates() if _role(lay) in NOT_LOCAL_FIELD]
+                if skipped:
+                    hint = (f"<br><span style='color:{DIM_COLOR}'>not picked as the local field: "
+                            + ", ".join(f"'{html.escape(n)}' ({NOT_LOCAL_FIELD[_role(self.viewer.layers[n])]})"
+                                        for n in skipped)
+                            + "; compute the local field first (napari-qsm field), or choose one by hand</span>")
+            self.message.setText(f"<span style='color:{ERR_COLOR}'>✗ {html.escape(str(exc))}</span>{hint}")
             self.changed.emit()
             return None
         self.last_error = None
@@ -618,6 +687,12 @@ class InputsPanel(QWidget):
                 f"field 1–99% {lo:+.3f} … {hi:+.3f} ppm")
         if scan.magnitude is None:
             text += f"<br><span style='color:{DIM_COLOR}'>no magnitude: MEDI edge weighting unavailable</span>"
+        field_layer = self.field_combo.layer()
+        field_role = _role(field_layer) if field_layer is not None else None
+        if field_role in NOT_LOCAL_FIELD:
+            text += (f"<br><span style='color:{WARN_COLOR}'>⚠ '{html.escape(self.field_combo.layer().name)}' looks "
+                     f"like {NOT_LOCAL_FIELD[field_role]}, not a local field: the inversion expects the background "
+                     "field removed</span>")
         for w in wlist:
             text += f"<br><span style='color:{WARN_COLOR}'>⚠ {html.escape(str(w.message))}</span>"
         self.message.setText(text)

@@ -103,6 +103,51 @@ def test_complex_data_gives_magnitude_and_phase(tmp_path, oblique_phantom):
     nib.save(nib.Nifti1Image(z, ph.affine), str(tmp_path / "complex.nii"))
     out = read_nifti(str(tmp_path / "complex.nii"))
     assert [kw["name"] for _, kw, _ in out] == ["complex magnitude", "complex phase"]
+    # the phase of complex echoes is a raw phase, not a local field
+    assert [kw["metadata"]["role"] for _, kw, _ in out] == ["magnitude", "phase"]
+
+
+# File name -> role. Only a local field gets "field" (the dock's default field); a raw phase is an input
+# of the front end ("phase"), a B0 / field map still holds the background field ("total_field").
+ROLE_BY_NAME = [
+    ("phase", "phase"),
+    ("sub-01_echo-2_part-phase_MEGRE", "phase"),
+    ("unwrapped_phase", "phase"),
+    ("sub-01_ph", "phase"),
+    ("fieldmap", "total_field"),
+    ("sub-01_fieldmap", "total_field"),
+    ("b0map", "total_field"),
+    ("sub-01_B0_map", "total_field"),
+    ("total_field", "total_field"),
+    ("sub-01_tfs", "total_field"),
+    ("iFreq", "total_field"),
+    ("localfield", "field"),
+    ("sub-01_local_field", "field"),
+    ("sub-01_desc-local_field", "field"),
+    ("lfs", "field"),
+    ("RDF", "field"),
+    ("tissue_phase", "field"),
+    ("sub-01_field", "field"),
+    ("field", "field"),
+    ("sub-01_part-mag_MEGRE", "magnitude"),
+    ("iMag", "magnitude"),
+    ("sub-01_part-imag_MEGRE", "image"),   # imaginary part: neither magnitude nor field
+    ("Image", "image"),                    # napari's default layer name is not a magnitude
+]
+
+
+@pytest.mark.parametrize("name, role", ROLE_BY_NAME)
+def test_role_from_file_name(tmp_path, name, role):
+    """The reader routes each name to its role (a float volume, so the name alone decides)."""
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(6, 7, 5)).astype(np.float32)
+    p = tmp_path / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.diag([1.5, 1.5, 2.0, 1.0])), str(p))
+    data, kw, typ = _one(p)
+    assert typ == "image" and kw["metadata"]["role"] == role
+    lo, hi = kw["contrast_limits"]
+    if role in ("phase", "total_field", "field"):
+        assert lo == pytest.approx(-hi)  # signed maps: symmetric window
 
 
 def test_corrupted_file_is_a_notification_not_a_traceback(tmp_path, errors):

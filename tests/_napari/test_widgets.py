@@ -45,12 +45,12 @@ def test_inputs_autopicked_and_geometry_shown(phantom_viewer, qtbot, tiny_phanto
     assert "32×36×28 voxels" in w.inputs.grid_label.text() and "1.5×1.5×1.8 mm" in w.inputs.grid_label.text()
     np.testing.assert_allclose(w.inputs.b0_direction(), (0, 0, 1))
     assert "from the affine" in w.inputs.b0_info.text()
-    # units: Hz shows the B0 strength, rad also TE (prefilled from the phantom: 20 ms, 3 T)
-    w.inputs.units_combo.setCurrentIndex(2)
-    assert w.inputs.te_spin.isVisibleTo(w) and w.inputs.b0t_spin.isVisibleTo(w)
+    # B0 and TE are shown for every unit (prefilled from the phantom's sidecar: 20 ms, 3 T)
+    for i in (2, 1, 0):
+        w.inputs.units_combo.setCurrentIndex(i)
+        assert w.inputs.te_spin.isVisibleTo(w) and w.inputs.b0t_spin.isVisibleTo(w)
     assert w.inputs.te_spin.value() == pytest.approx(20.0) and w.inputs.b0t_spin.value() == pytest.approx(3.0)
-    w.inputs.units_combo.setCurrentIndex(0)
-    assert not w.inputs.te_spin.isVisibleTo(w)
+    assert "B0 from the sidecar MagneticFieldStrength" in w.inputs.acq_info.text()
     # inline validation: an empty mask is reported before anything runs
     phantom_viewer.add_labels(np.zeros_like(phantom_viewer.layers["phantom mask"].data), name="empty",
                               scale=phantom_viewer.layers["phantom mask"].scale)
@@ -291,7 +291,7 @@ def test_inputs_from_files_oblique(make_napari_viewer, qtbot, oblique_files):
     names = w.inputs.input_names()
     assert (names["field"], names["mask"], names["magnitude"]) == ("sub-01_field", "sub-01_mask", "sub-01_magnitude")
     files_scan = load_scan(oblique_files["field"], oblique_files["mask"], oblique_files["magnitude"])
-    np.testing.assert_array_equal(w.inputs.b0_direction(), files_scan.b0_direction)
+    np.testing.assert_allclose(w.inputs.b0_direction(), files_scan.b0_direction, rtol=0, atol=1e-12)  # round-off
     assert "from the affine" in w.inputs.b0_info.text()
     w.set_method("tkd")
     assert w.run()
@@ -306,3 +306,122 @@ def test_inputs_from_files_oblique(make_napari_viewer, qtbot, oblique_files):
                      metadata={"role": "magnitude"})
     qtbot.wait(300)
     assert w.inputs.mag_combo.layer() is None
+
+
+GAMMA_BAR = 42.577478  # MHz/T
+
+
+def _write_bids_scan(ph, d, sidecar):
+    """Tiny phantom as NIfTI files (field in ppm, mask, magnitude) with a BIDS-style sidecar next to the field."""
+    import json
+
+    from napari_test_helpers import save_stored
+    paths = [save_stored(ph.mask, ph.affine, d / "sub-01_mask.nii.gz", dtype=np.uint8),
+             save_stored(ph.magnitude, ph.affine, d / "sub-01_magnitude.nii.gz"),
+             save_stored(ph.field, ph.affine, d / "sub-01_field.nii.gz")]
+    (d / "sub-01_field.json").write_text(json.dumps(sidecar))
+    return paths
+
+
+def test_b0_and_te_for_ppm_field_reach_methods_and_provenance(make_napari_viewer, qtbot, tiny_phantom, tmp_path,
+                                                             monkeypatch):
+    """A ppm field: the dock shows B0 and TE (prefilled from the sidecar: ImagingFrequency / γ̄, EchoTime),
+    hands them to the scan MEDI runs on (its ppm → rad scale is 2π·ΔTE·γ̄·B0 with THIS B0), and records them
+    in the layer's provenance and in the sidecar the writer saves; values typed in are used and recorded too."""
+    import json
+
+    import napari_qsm._napari.widgets as wmod
+    from napari_qsm._napari.writer import write_image
+
+    freq = 123.2  # MHz: a "3 T" scanner at 2.8936 T
+    paths = _write_bids_scan(tiny_phantom, tmp_path, {"ImagingFrequency": freq, "MagneticFieldStrength": 3,
+                                                      "EchoTime": 0.0245})
+    seen = []
+    real = wmod.reconstruct
+    monkeypatch.setattr(wmod, "reconstruct", lambda scan, *a, **k: seen.append(scan) or real(scan, *a, **k))
+    viewer = make_napari_viewer()
+    w = QSMWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.inputs.open_files(paths)
+    qtbot.waitUntil(lambda: "ready" in w.inputs.message.text(), timeout=5000)
+    assert w.inputs.units() == "ppm"
+    inp = w.inputs
+    assert inp.b0t_spin.isVisibleTo(w) and inp.te_spin.isVisibleTo(w)
+    assert inp.b0t_label.text() == "Field strength (B0)" and inp.te_label.text() == "Echo time (TE)"
+    b0 = freq / GAMMA_BAR
+    assert inp.b0t_spin.value() == pytest.approx(b0, abs=1e-4) and inp.te_spin.value() == pytest.approx(24.5)
+    assert "sidecar ImagingFrequency" in inp.acq_info.text() and "sidecar EchoTime" in inp.acq_info.text()
+
+    # MEDI gets them: its phase scale follows the B0 of the file, not 3 T
+    w.set_method("medi")
+    w.form.set_values({"max_iter": 1, "cg_max_iter": 3})
+    delta_te = w.form.values()["delta_te"]
+    assert w.run()
+    _wait_done(w, qtbot, timeout=120000)
+    assert seen[-1].b0_tesla == pytest.approx(b0, abs=1e-4) and seen[-1].te == pytest.approx(0.0245)
+    chi = viewer.layers[-1]
+    prov = chi.metadata["provenance"]
+    assert prov["method"] == "medi", w.status.text()
+    scale = prov["extras"]["phase_scale_rad_per_ppm"]
+    assert scale == pytest.approx(2 * np.pi * delta_te * GAMMA_BAR * b0, rel=1e-4)
+    assert prov["acquisition"]["b0_tesla"] == pytest.approx(b0, abs=1e-4)
+    assert prov["acquisition"]["te"] == pytest.approx(0.0245)
+    assert prov["acquisition"]["b0_from"] == "sidecar ImagingFrequency"
+    assert prov["acquisition"]["te_from"] == "sidecar EchoTime"
+
+    # values typed in by hand are the ones used and recorded, and reach the saved sidecar
+    inp.b0t_spin.setValue(7.0)
+    inp.te_spin.setValue(10.0)
+    assert "B0 entered" in inp.acq_info.text()
+    w.set_method("tkd")
+    assert w.run()
+    _wait_done(w, qtbot)
+    assert seen[-1].b0_tesla == pytest.approx(7.0) and seen[-1].te == pytest.approx(0.010)
+    chi = viewer.layers[-1]
+    acq = chi.metadata["provenance"]["acquisition"]
+    assert (acq["b0_tesla"], acq["te"], acq["b0_from"], acq["te_from"]) == (pytest.approx(7.0), pytest.approx(0.010),
+                                                                           "entered", "entered")
+    out = write_image(str(tmp_path / "chi_tkd.nii.gz"), chi.data,
+                      {"name": chi.name, "metadata": chi.metadata, "scale": chi.scale, "translate": chi.translate})
+    side = json.loads((tmp_path / "chi_tkd.json").read_text())
+    assert out and side["acquisition"]["b0_tesla"] == pytest.approx(7.0) and side["acquisition"]["te"] == pytest.approx(0.01)
+
+
+def test_ppm_field_without_acquisition_facts_says_defaults_are_assumed(make_napari_viewer, qtbot, tiny_phantom,
+                                                                       tmp_path):
+    """No sidecar, no TE in the header: the dock shows 3 T / 20 ms and says they are assumed (not silently)."""
+    viewer = make_napari_viewer()
+    w = QSMWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    paths = _write_bids_scan(tiny_phantom, tmp_path, {})
+    (tmp_path / "sub-01_field.json").unlink()
+    w.inputs.open_files(paths)
+    qtbot.waitUntil(lambda: "ready" in w.inputs.message.text(), timeout=5000)
+    assert w.inputs.b0t_spin.isVisibleTo(w) and w.inputs.te_spin.isVisibleTo(w)
+    text = w.inputs.acq_info.text()
+    assert "B0 not in the file" in text and "TE not in the file" in text and "assumed" in text
+    names = w.inputs.input_names()
+    assert (names["b0_tesla"], names["te"], names["b0_from"], names["te_from"]) == (3.0, 0.02, "default", "default")
+
+
+def test_raw_phase_and_total_field_are_not_the_default_local_field(phantom_viewer, qtbot):
+    """Layers named as a raw phase or a B0 map arrive after the local field: the dock keeps the local field;
+    with no local field open it picks none and says why; picked by hand, it warns."""
+    w = _dock(phantom_viewer, qtbot)
+    field = phantom_viewer.layers["phantom field"]
+    kw = dict(scale=field.scale, translate=field.translate)
+    phantom_viewer.add_image(np.angle(np.exp(1j * 30 * field.data)).astype(np.float32),
+                             name="sub-01_echo-1_part-phase_MEGRE", **kw)
+    phantom_viewer.add_image(field.data * 127.7, name="sub-01_fieldmap", **kw)
+    qtbot.wait(300)
+    assert w.inputs.field_combo.currentText() == "phantom field"
+    # only non-local fields left: none is picked, and the message says which were skipped
+    phantom_viewer.layers.remove("phantom field")
+    qtbot.waitUntil(lambda: w.inputs.last_error is not None, timeout=3000)
+    assert w.inputs.field_combo.layer() is None
+    msg = w.inputs.message.text()
+    assert "raw phase" in msg and "total field" in msg and "not picked as the local field" in msg
+    # chosen by hand it is used, with a warning
+    w.inputs.field_combo.select(phantom_viewer.layers["sub-01_fieldmap"])
+    qtbot.waitUntil(lambda: "ready" in w.inputs.message.text(), timeout=3000)
+    assert "not a local field" in w.inputs.message.text()
