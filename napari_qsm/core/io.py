@@ -339,7 +339,8 @@ def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[floa
         b0d, b0_src = _unit3(b0_direction, "b0_direction"), "argument (canonical frame)"
     else:
         b_file, b0_src = b0_direction_in_file(orig, side, b0_direction, "field")
-        b0d = direction_to_canonical(b_file, orig)
+        # header: computed on the canonical affine directly (bit-identical to the layer route)
+        b0d = b0_from_affine(faff) if b0_src == "header" else direction_to_canonical(b_file, orig)
     source = {"field": finfo["path"], "mask": str(Path(mask).resolve()), "units": units,
               "b0_direction_source": b0_src}
     if voxel_size is not None:
