@@ -70,6 +70,46 @@ The field noise is σ_f = σ_φ / (2π·γ̄·B0·TE)·1e6 ppm, with γ̄ = 42.5
 that σ is added to the field inside the mask. ``noise_std`` stores σ_f everywhere: it is finite
 and positive, and the field outside the mask has no noise.
 
+Idealised and honest modes
+--------------------------
+The default (``honest=False``, recorded as ``simulation="idealised"``) is the model above: the
+field is the same discrete forward model the inversions use, on the same grid (an inverse crime),
+the magnitude carries χ's texture, and ``noise_std`` is the exact σ of the added noise. Sample
+data and network training use it; benchmarks should not.
+
+``honest=True`` (``simulation="honest"``) removes those advantages:
+
+* **Model error.** χ, proton density and R2* are painted on a grid 2x finer along each axis
+  (thick voxels are further supersampled inside it). The field is computed there (D(0) = 0,
+  zero padding ≥ 2x of the bounding box of the brain). ``chi`` is the voxel mean of the fine χ;
+  ``true_field`` the voxel mean of the fine field (inside the mask). On a 64x72x64 2.5 mm head the
+  true field differs from the discrete forward model of ``chi`` by 7 % (demeaned relative norm in
+  the mask) and by 1.2 % after a Gaussian low-pass (σ 2 voxels); the fitted field by 10 % and 2.5 %.
+* **Signal and fit.** Per fine point and echo n the complex GRE signal
+  PD·exp(−TE_n·R2*)·exp(i(φ0 + 2π·γ̄·B0·TE_n·field·1e-6)) (φ0 a smooth random transceive phase) is
+  averaged within each voxel, which adds intra-voxel dephasing near strong sources. Complex Gaussian
+  noise of σ = mean echo-1 magnitude in the mask / ``snr`` is added. The field is then fitted as a
+  user would: successive-echo complex ratios give the temporally unwrapped phase, a line in echo
+  index weighted by |S_n|² gives Δφ per ΔTE; ``noise_std`` is the MEDI nonlinear-fit formula
+  σ·√(a11/(a11·a22 − a12²)) in ppm, with σ estimated from the eight corner blocks of the field of
+  view (air), ``noise_sigma``; ``r2star`` is the same weighted line through log|S_n|; ``magnitude``
+  is the root-sum-of-squares over echoes (the MEDI toolbox's iMag). ``te`` holds ΔTE, the phase unit
+  of the fit. Echo protocols (:class:`EchoProtocol`): ``CLINICAL_ECHOES`` = 7 echoes, TE1 12.6 ms,
+  ΔTE 4.1 ms (the paper's clinical data), used for thick-slice voxels; ``RESEARCH_ECHOES`` = 5
+  echoes, TE1 4 ms, ΔTE 4 ms, otherwise.
+* **Magnitude edges only partly matching χ.** No χ texture in the magnitude (the magnitude has
+  its own PD and R2* textures); smooth iron gradients (0.015–0.03 ppm) inside deep grey matter in χ
+  only; about half the veins other than the sinus are painted in χ only (``silent_veins``); 3–6
+  white-matter-hyperintensity-like PD increases (+12–25 %, radius 2–5 mm, ``wmh``) with no χ change.
+  :func:`edge_agreement` (share of the top-10 % χ-gradient voxels inside the top-30 % magnitude
+  gradient set, chance = 0.3) measured honest / idealised on seeds 3 and 4: 0.36 / 0.44 and
+  0.59 / 0.58 at 2.5 mm, 0.49 / 0.51 and 0.74 / 0.73 at 1.6 mm, 0.69 / 0.62 and 0.78 / 0.76 at
+  1.5x1.5x6 mm. The strongest χ edges (lesions, tissue boundaries) keep a magnitude edge in both
+  modes; what changes is the weaker structure (texture: correlation of the high-passed magnitude
+  with the χ texture in white matter −0.21 idealised, |r| < 0.07 honest; veins; deep-grey iron).
+* ``edit`` (a callable) receives the fine :class:`PhantomGrid` before the physics, so benchmarks
+  can add lesions or change contrast honestly (on the fine grid, before the forward model).
+
 Determinism: the same arguments give identical arrays. The random streams are split by purpose
 (anatomy, values, texture, noise), so for example ``snr`` does not change the anatomy. The anatomy
 depends on the seed, not on the matrix size, so the same seed gives the same head at 1 mm and at
@@ -88,11 +128,16 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import expit
 
-from .dipole import check_voxel_size, forward_field, unit_vector
+import torch
+
+from .device import resolve_device
+from .dipole import check_voxel_size, fast_shape, forward_field, kernel_slabs, unit_vector
 
 __all__ = [
     "Phantom", "make_phantom", "oblique_direction", "save_phantom", "affine_for",
     "CLINICAL", "RESEARCH", "LABEL_NAMES", "BRAIN_LABELS", "CHI_RANGES", "GAMMA_BAR",
+    "EchoProtocol", "CLINICAL_ECHOES", "RESEARCH_ECHOES", "default_echo_protocol", "PhantomGrid",
+    "edge_agreement",
 ]
 
 GAMMA_BAR = 42.577478e6  # Hz/T (γ/2π of the proton)
@@ -108,6 +153,8 @@ LABEL_NAMES: dict[int, str] = {
 #: labels that make up the brain mask (13–15 lie outside it; χ there is 0)
 BRAIN_LABELS: tuple[int, ...] = tuple(range(1, 13))
 _TISSUE_LABELS = (1, 2, 4, 5, 6, 7, 8, 9)  # where texture is added
+_DEEP_LABELS = (4, 5, 6, 7, 8, 9)  # deep grey matter (honest mode: iron gradients inside)
+_HONEST_FACTOR = 2  # honest mode: fine points per voxel along each axis
 
 #: χ (ppm) per label: (low, nominal, high). Values are drawn uniformly in [low, high] when randomising.
 CHI_RANGES: dict[str, tuple[float, float, float]] = {
@@ -226,6 +273,22 @@ class Phantom:
     label_chi: dict = dc_field(default_factory=dict)
     texture: bool = True
     randomize: bool = True
+    #: "idealised" (field = discrete forward model on this grid, exact noise map) or "honest"
+    simulation: str = "idealised"
+    #: honest: voxel mean of the fine-grid field inside the mask (ppm), the truth behind ``field``
+    true_field: np.ndarray | None = None
+    #: honest: R2* (1/s) fitted from the echo magnitudes
+    r2star: np.ndarray | None = None
+    #: honest: echo times (s) of the simulated acquisition and the protocol's name
+    echo_times: tuple = ()
+    echo_protocol: str = ""
+    #: honest: noise σ per real/imaginary channel estimated from the background (None without noise)
+    noise_sigma: float | None = None
+    #: honest with ``keep_echoes``: complex echoes (i, j, k, echo)
+    echoes: np.ndarray | None = None
+    #: honest: number of veins painted in χ only, and the magnitude-only hyperintensities
+    silent_veins: int = 0
+    wmh: list = dc_field(default_factory=list)
 
     @property
     def shape(self) -> tuple:
@@ -244,6 +307,12 @@ class Phantom:
             "seed": int(self.seed),
             "texture": bool(self.texture),
             "randomize": bool(self.randomize),
+            "simulation": self.simulation,
+            "echo_times": [float(t) for t in self.echo_times],
+            "echo_protocol": self.echo_protocol,
+            "noise_sigma": None if self.noise_sigma is None else float(self.noise_sigma),
+            "silent_veins": int(self.silent_veins),
+            "wmh": list(self.wmh),
             "units": {"chi": "ppm", "field": "ppm", "noise_std": "ppm", "voxel_size": "mm"},
             "label_names": {str(k): v for k, v in sorted(self.label_names.items())},
             "label_chi": {k: float(v) for k, v in self.label_chi.items()},
@@ -256,8 +325,8 @@ def save_phantom(phantom: Phantom, outdir) -> dict[str, Path]:
     """Write the phantom as NIfTI (with ``phantom.affine``) plus ``phantom.json``.
 
     Files: field.nii.gz (ppm), mask.nii.gz (uint8), magnitude.nii.gz, chi.nii.gz (ground truth,
-    ppm), labels.nii.gz (int16), noise_std.nii.gz (ppm, only when the phantom has noise), and
-    phantom.json (:meth:`Phantom.info`). Returns {name: path}.
+    ppm), labels.nii.gz (int16), noise_std.nii.gz (ppm, only when the phantom has noise),
+    true_field.nii.gz (ppm) and r2star.nii.gz (1/s) for honest phantoms, and phantom.json (:meth:`Phantom.info`). Returns {name: path}.
     """
     import nibabel as nib
 
@@ -272,6 +341,9 @@ def save_phantom(phantom: Phantom, outdir) -> dict[str, Path]:
     }
     if phantom.noise_std is not None:
         arrays["noise_std"] = phantom.noise_std.astype(np.float32)
+    for name in ("true_field", "r2star"):
+        if getattr(phantom, name, None) is not None:
+            arrays[name] = getattr(phantom, name).astype(np.float32)
     paths: dict[str, Path] = {}
     affine = np.asarray(phantom.affine, dtype=np.float64)
     for name, data in arrays.items():
@@ -608,8 +680,9 @@ class _Anatomy:
 class _Painter:
     """Composites compartments into the arrays of one rectilinear chunk of sample points."""
 
-    def __init__(self, anat: _Anatomy, ax_u, w: float, props: dict):
+    def __init__(self, anat: _Anatomy, ax_u, w: float, props: dict, silent_veins=()):
         self.anat = anat
+        self.silent_veins = frozenset(int(i) for i in silent_veins)  # tube indices painted in χ only
         self.ax_u = ax_u
         self.w = np.float32(w)
         self.props = props  # label -> (chi, pd, r2s)
@@ -636,10 +709,11 @@ class _Painter:
     def alpha(self, sdf):
         return expit(-sdf / self.w).astype(np.float32)
 
-    def paint(self, label, alpha, sl=(slice(None),) * 3):
+    def paint(self, label, alpha, sl=(slice(None),) * 3, chi_only: bool = False):
         chi, pd, r2 = self.props[label]
         a = alpha
-        for arr, v in ((self.chi, chi), (self.pd, pd), (self.r2s, r2)):
+        pairs = ((self.chi, chi),) if chi_only else ((self.chi, chi), (self.pd, pd), (self.r2s, r2))
+        for arr, v in pairs:
             view = arr[sl]
             view += a * (np.float32(v) - view)
         np.putmask(self.lab[sl], a > 0.5, np.int16(label))
@@ -747,7 +821,7 @@ class _Painter:
                 self.paint(s.label, self.alpha(sdf), sl)
 
         # veins (union per vein, painted once), chunked along the path for small bounding boxes
-        for tube in A.tubes:
+        for t_idx, tube in enumerate(A.tubes):
             pieces = []
             pts = tube.pts
             for j in range(0, len(pts) - 1, 6):
@@ -766,7 +840,7 @@ class _Painter:
                 a = self.alpha(_polyline_distance(Pl, seg) - np.float32(tube.radius))
                 local = tuple(slice(sl[k].start - box[k].start, sl[k].stop - box[k].start) for k in range(3))
                 np.maximum(acc[local], a, out=acc[local])
-            self.paint(10, acc, box)
+            self.paint(10, acc, box, chi_only=t_idx in self.silent_veins)
 
         # lesions
         for label, c, radius, lob, quad in A.lesions:
@@ -822,22 +896,286 @@ def _supersampling(vs: np.ndarray) -> tuple[int, ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class EchoProtocol:
+    """Multi-echo GRE timing of the honest simulation: ``n_echoes`` echoes at TE1 + n·ΔTE (seconds)."""
+
+    n_echoes: int
+    te1: float
+    delta_te: float
+    name: str = ""
+
+    @property
+    def echo_times(self) -> tuple[float, ...]:
+        return tuple(float(self.te1 + n * self.delta_te) for n in range(int(self.n_echoes)))
+
+    def check(self) -> "EchoProtocol":
+        if int(self.n_echoes) < 2 or not (self.te1 > 0 and self.delta_te > 0):
+            raise ValueError(f"echo_protocol: expected at least 2 echoes and positive TE1 and ΔTE, got {self!r}")
+        return self
+
+
+#: the clinical multi-echo protocol of the QSMInvNet+ paper's clinical data: 7 echoes, TE1 12.6 ms, ΔTE 4.1 ms
+CLINICAL_ECHOES = EchoProtocol(7, 0.0126, 0.0041, "clinical")
+#: a research protocol typical of 1 mm isotropic 3 T multi-echo GRE: 5 echoes, TE1 4 ms, ΔTE 4 ms
+RESEARCH_ECHOES = EchoProtocol(5, 0.004, 0.004, "research")
+
+
+def default_echo_protocol(voxel_size) -> EchoProtocol:
+    """The clinical protocol for thick-slice voxels (longest edge ≥ 2× the shortest), else the research one."""
+    vs = check_voxel_size(voxel_size)
+    return CLINICAL_ECHOES if float(vs.max()) >= 2.0 * float(vs.min()) else RESEARCH_ECHOES
+
+
+@dataclass
+class PhantomGrid:
+    """The painted grid that ``make_phantom(honest=True, edit=...)`` hands to ``edit`` before the physics.
+
+    ``factor`` sample points per voxel along each axis (2 in honest mode): ``shape`` is the voxel
+    grid times ``factor`` and ``voxel_size`` the voxel size divided by it. ``edit`` may change
+    ``chi`` (ppm), ``pd`` (proton density times receive bias, a.u.) and ``r2s`` (1/s) in place or
+    replace them with arrays of the same shape; ``labels`` and ``mask`` are for reading.
+    """
+
+    shape: tuple
+    voxel_size: tuple
+    factor: int
+    chi: np.ndarray
+    pd: np.ndarray
+    r2s: np.ndarray
+    labels: np.ndarray
+    mask: np.ndarray
+
+
+def _axes_mm(shape, vs, s_fit):
+    """Head-frame mm of the voxel centres of a grid centred on the field of view."""
+    return [(np.arange(n) - (n - 1) / 2.0) * d / s_fit for n, d in zip(shape, vs)]
+
+
+def _paint_grid(anat, shape, vs, s_fit, props, te=None, silent_veins=()):
+    """Paint the head on the voxel grid (shape, vs): voxel means over the supersampled points.
+
+    Returns chi, labels (mode), tissue (fraction of textured tissue) and, with ``te`` given, the
+    magnitude pd·exp(−te·R2*); without ``te``, pd, r2s and deep (fraction of deep grey matter).
+    """
+    sub = _supersampling(vs)
+    eff = vs / np.asarray(sub)
+    w = 0.25 * float(np.prod(eff) ** (1.0 / 3.0))  # sigmoid width (mm) ≈ partial-volume slope
+    axes_x = []
+    for n, d, f in zip(shape, vs, sub):
+        centres = (np.arange(n) - (n - 1) / 2.0) * d
+        offs = ((np.arange(f) + 0.5) / f - 0.5) * d
+        axes_x.append((centres[:, None] + offs[None, :]).reshape(-1))
+    ax_u = [x / s_fit for x in axes_x]  # head-frame mm (scaled to fit the FOV)
+
+    out = {"chi": np.empty(shape, np.float32), "labels": np.empty(shape, np.int16),
+           "tissue": np.empty(shape, np.float32)}
+    names = ("mag",) if te is not None else ("pd", "r2s", "deep")
+    for nm in names:
+        out[nm] = np.empty(shape, np.float32)
+    F = int(np.prod(sub))
+    plane = len(ax_u[1]) * len(ax_u[2])
+    step = max(1, int(1_500_000 // max(plane * sub[0], 1)))
+    tissue_lut = np.zeros(32, np.float32)
+    tissue_lut[list(_TISSUE_LABELS)] = 1.0
+    deep_lut = np.zeros(32, np.float32)
+    deep_lut[list(_DEEP_LABELS)] = 1.0
+    for i0 in range(0, shape[0], step):
+        i1 = min(shape[0], i0 + step)
+        ax = [ax_u[0][i0 * sub[0]:i1 * sub[0]], ax_u[1], ax_u[2]]
+        p = _Painter(anat, ax, w / s_fit, props, silent_veins).run()
+        n0 = i1 - i0
+        red = (n0, sub[0], shape[1], sub[1], shape[2], sub[2])
+
+        def down(a):
+            return a.reshape(red).mean(axis=(1, 3, 5)) if F > 1 else a
+
+        out["chi"][i0:i1] = down(p.chi)
+        if te is not None:
+            out["mag"][i0:i1] = down(p.pd * np.exp(-np.float32(te) * p.r2s))
+        else:
+            out["pd"][i0:i1] = down(p.pd)
+            out["r2s"][i0:i1] = down(p.r2s)
+            out["deep"][i0:i1] = down(deep_lut[p.lab])
+        out["tissue"][i0:i1] = down(tissue_lut[p.lab])
+        if F > 1:
+            lab_sub = p.lab.reshape(red).transpose(0, 2, 4, 1, 3, 5).reshape(n0, shape[1], shape[2], F)
+            out["labels"][i0:i1] = _label_mode(lab_sub)
+        else:
+            out["labels"][i0:i1] = p.lab
+        del p
+    return out
+
+
+def _texture(rng_tex, shape, vs, s_fit, amp, ax_mm):
+    """Smooth zero-mean χ texture (ppm) with correlation lengths of about 1.5 mm and 8 mm."""
+    fine = rng_tex.standard_normal(shape).astype(np.float32)
+    fine = ndimage.gaussian_filter(fine, 1.5 / (vs / s_fit), mode="reflect")
+    fine /= max(float(fine.std()), 1e-12)
+    coarse = _SmoothNoise(rng_tex, sigma=8.0, spacing=4.0).sample(ax_mm)
+    return (np.float32(0.6) * fine + np.float32(0.8) * coarse) * np.float32(amp)
+
+
+def _receive_bias(rng_tex, ax_mm):
+    """Smooth coil-sensitivity factor (about 1 ± 0.1, brighter towards the periphery)."""
+    bias_noise = _SmoothNoise(rng_tex, sigma=40.0, spacing=10.0).sample(ax_mm)
+    r2 = sum((np.asarray(a, np.float32).reshape([-1 if k == i else 1 for k in range(3)]) / np.float32(h)) ** 2
+             for i, (a, h) in enumerate(zip(ax_mm, _HEAD_EXTENT)))
+    return (1.0 + np.float32(0.08) * bias_noise) * (1.0 + np.float32(0.15) * np.minimum(r2, 1.5))
+
+
+def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
+    """Mean over f×f×f blocks (the voxel average of the fine grid)."""
+    if f == 1:
+        return a
+    n = a.shape
+    return a.reshape(n[0] // f, f, n[1] // f, f, n[2] // f, f).mean(axis=(1, 3, 5))
+
+
+def _fine_field(chi_f, vs_f, b0, device, support) -> np.ndarray:
+    """D ∗ χ (ppm, D(0) = 0) on the fine grid, computed on the bounding box of ``support`` (+2 points).
+
+    The box is zero-padded to a fast FFT size of at least 2x on every axis, and the kernel is
+    applied slab by slab in place, so the peak memory is about one padded real and one half-grid
+    complex array. Outside the box (outside the head's brain) the returned field is 0.
+    """
+    out = np.zeros(chi_f.shape, np.float32)
+    lo, hi = [], []
+    for k in range(3):
+        idx = np.flatnonzero(support.any(axis=tuple(j for j in range(3) if j != k)))
+        if idx.size == 0:
+            return out
+        lo.append(max(0, int(idx[0]) - 2))
+        hi.append(min(chi_f.shape[k], int(idx[-1]) + 3))
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    crop = np.ascontiguousarray(chi_f[box], dtype=np.float32)
+    P = fast_shape(crop.shape, 2.0)
+    dev = resolve_device(device)
+    with torch.no_grad():
+        x = torch.from_numpy(crop).to(dev)
+        X = torch.fft.rfftn(x, s=P, dim=(0, 1, 2))
+        del x
+        for i0, i1, d in kernel_slabs(P, vs_f, b0, device=dev):
+            X[i0:i1] *= d
+        y = torch.fft.irfftn(X, s=P, dim=(0, 1, 2))
+        del X
+        out[box] = y[:crop.shape[0], :crop.shape[1], :crop.shape[2]].cpu().numpy()
+    return out
+
+
+def _background_sigma(S: np.ndarray) -> float:
+    """Noise σ (per real/imaginary channel) from the eight corner blocks of the field of view.
+
+    As a user would: in air |S|² averages 2σ²; the median over the corners ignores a corner that
+    happens to hold signal. ``S`` is (i, j, k, echo) complex.
+    """
+    n = S.shape[:3]
+    b = [max(2, k // 8) for k in n]
+    vals = []
+    for corner in np.ndindex(2, 2, 2):
+        sl = tuple(slice(0, bb) if c == 0 else slice(k - bb, k) for c, bb, k in zip(corner, b, n))
+        blk = S[sl]
+        vals.append(float(np.mean(blk.real.astype(np.float64) ** 2 + blk.imag.astype(np.float64) ** 2)) / 2.0)
+    return float(np.sqrt(np.median(vals)))
+
+
+def _fit_echoes(S: np.ndarray, protocol: EchoProtocol, b0_tesla: float, sigma: float | None):
+    """Field (ppm), R2* (1/s), RSS magnitude and N_std (ppm) of multi-echo complex data (i, j, k, echo).
+
+    Phase: echo-to-echo complex ratios arg(S_{n+1}·conj(S_n)) accumulated from arg(S_0) (temporal
+    unwrapping, no spatial unwrapping needed while |Δφ| < π per ΔTE), then the weighted least-squares
+    line φ_n = φ0 + n·Δφ with weights |S_n|² (the phase variance of echo n is σ²/|S_n|²).
+    N_std is the MEDI nonlinear-fit formula √(a11/(a11·a22 − a12²)), a11 = Σ|S_n|², a12 = Σ n|S_n|²,
+    a22 = Σ n²|S_n|², times the channel noise σ (that is the standard deviation of the fitted Δφ),
+    in ppm: / (2π·γ̄·B0·ΔTE)·1e6, capped at π rad. R2*: the same weighted line through log|S_n|.
+    """
+    N = S.shape[-1]
+    n = np.arange(N, dtype=np.float32)
+    mag = np.abs(S).astype(np.float32)
+    w = mag * mag
+    phi = np.empty(mag.shape, np.float32)
+    phi[..., 0] = np.angle(S[..., 0])
+    for k in range(N - 1):
+        phi[..., k + 1] = phi[..., k] + np.angle(S[..., k + 1] * np.conj(S[..., k]))
+    a11 = w.sum(-1)
+    a12 = (w * n).sum(-1)
+    a22 = (w * n * n).sum(-1)
+    det = a11 * a22 - a12 * a12
+    ok = det > np.float32(1e-30) * np.maximum(a11 * a22, np.float32(1e-30))
+    safe = np.where(ok, det, np.float32(1.0))
+    b1 = (w * phi).sum(-1)
+    b2 = (w * n * phi).sum(-1)
+    del phi
+    ppm_per_rad = 1e6 / (2.0 * np.pi * GAMMA_BAR * float(b0_tesla) * float(protocol.delta_te))
+    field = np.where(ok, (a11 * b2 - a12 * b1) / safe, 0.0).astype(np.float32) * np.float32(ppm_per_rad)
+    logm = np.log(np.maximum(mag, np.float32(1e-12)))
+    c1 = (w * logm).sum(-1)
+    c2 = (w * n * logm).sum(-1)
+    del logm
+    slope = np.where(ok, (a11 * c2 - a12 * c1) / safe, 0.0)
+    r2star = np.clip(-slope / float(protocol.delta_te), 0.0, 1000.0).astype(np.float32)
+    rss = np.sqrt(a11).astype(np.float32)
+    noise_std = None
+    if sigma is not None:
+        nrad = np.where(ok, np.float32(sigma) * np.sqrt(a11 / safe), np.float32(np.pi))
+        noise_std = (np.minimum(nrad, np.float32(np.pi)) * np.float32(ppm_per_rad)).astype(np.float32)
+    return field, r2star, rss, noise_std
+
+
+def edge_agreement(chi, magnitude, mask, voxel_size, chi_fraction: float = 0.1,
+                   magnitude_fraction: float = 0.3) -> float:
+    """Share of the strong χ edges that lie in the magnitude's edge set (0…1).
+
+    Inside the once-eroded mask, the χ edges are the voxels whose forward-difference gradient norm
+    (per mm) is in the top ``chi_fraction``; the magnitude edges are the top ``magnitude_fraction``
+    of the magnitude's gradient norm (MEDI's gradient mask keeps about 30 %). A magnitude unrelated
+    to χ scores about ``magnitude_fraction``; one whose edges are exactly χ's scores 1.
+    """
+    vs = check_voxel_size(voxel_size)
+    region = ndimage.binary_erosion(np.asarray(mask, bool), iterations=1)
+    if not region.any():
+        raise ValueError("mask: empty after one erosion; nothing to compare")
+
+    def edges(a, frac):
+        a = np.asarray(a, np.float64)
+        g2 = np.zeros(a.shape)
+        for k in range(3):
+            d = np.diff(a, axis=k, append=np.take(a, [-1], axis=k)) / vs[k]
+            g2 += d * d
+        g = np.sqrt(g2)
+        return region & (g > np.quantile(g[region], 1.0 - frac))
+
+    e_chi = edges(chi, chi_fraction)
+    e_mag = edges(magnitude, magnitude_fraction)
+    return float((e_chi & e_mag).sum() / max(int(e_chi.sum()), 1))
+
+
 def make_phantom(shape=(160, 192, 160), voxel_size=(1.0, 1.0, 1.0), b0_direction=(0, 0, 1), seed=0,
                  snr: float | None = None, texture: bool = True, randomize: bool = True,
-                 te: float = 0.02, b0_tesla: float = 3.0, device="auto") -> Phantom:
+                 te: float = 0.02, b0_tesla: float = 3.0, device="auto", honest: bool = False,
+                 echo_protocol: EchoProtocol | None = None, edit=None, keep_echoes: bool = False) -> Phantom:
     """Generate a seeded procedural head phantom (see the module docstring for the model).
 
     shape / voxel_size (mm): sampling grid. The head is centred in the field of view and scaled
     down if the field of view is smaller than the head.
     b0_direction: unit vector in the voxel frame; the returned affine is consistent with it.
     seed: the head (geometry, values, texture, lesion sites, veins, noise) is a function of it.
-    snr: magnitude SNR at the mean in-mask magnitude; None = noise-free field and magnitude.
+    snr: magnitude SNR at the mean in-mask magnitude (honest: of the first echo); None = noise-free.
     texture: add smooth χ texture (0.005–0.01 ppm) inside brain tissue.
     randomize: draw χ values in their ranges and jitter the anatomy. With False the χ values are
     the nominal ones and the anatomy keeps its nominal pose and sizes. The seed still sets the
     cortical folding, the veins, the lesion sites, the texture and the noise.
-    te (s), b0_tesla (T): used by the magnitude contrast and the noise model.
+    te (s), b0_tesla (T): used by the magnitude contrast and the noise model (idealised mode).
     device: torch device for the forward model ("auto", "cpu", "cuda").
+    honest: False (default) = the *idealised* phantom: field = the discrete forward model of χ on
+    this very grid, magnitude edges = χ edges (texture included), exact noise map. True = the
+    *honest* phantom for benchmarks (module docstring, "Honest mode"): χ and the field on a 2x finer
+    grid, a multi-echo complex signal averaged within each voxel, complex noise, and the field,
+    R2*, magnitude and N_std fitted from the echoes as a user gets them.
+    echo_protocol (honest): :class:`EchoProtocol`; None = :func:`default_echo_protocol`.
+    edit (honest): callable receiving the fine :class:`PhantomGrid` before the physics, to add
+    structures the generator does not make (benchmarks); None = nothing.
+    keep_echoes (honest): also return the simulated complex echoes (i, j, k, echo) in ``echoes``.
     """
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 1:
@@ -848,6 +1186,8 @@ def make_phantom(shape=(160, 192, 160), voxel_size=(1.0, 1.0, 1.0), b0_direction
         raise ValueError(f"snr: expected a positive number or None, got {snr!r}")
     if not (te > 0 and b0_tesla > 0):
         raise ValueError(f"te and b0_tesla must be positive (got te={te!r}, b0_tesla={b0_tesla!r})")
+    if not honest and (edit is not None or keep_echoes or echo_protocol is not None):
+        raise ValueError("edit, keep_echoes and echo_protocol need honest=True (the idealised phantom has no echoes)")
     seed = int(seed)
 
     ss = np.random.SeedSequence([seed, 20240611])
@@ -878,67 +1218,32 @@ def make_phantom(shape=(160, 192, 160), voxel_size=(1.0, 1.0, 1.0), b0_direction
             f"shape x voxel_size: the field of view {tuple(np.round(2 * fov_half, 1))} mm is too small for a "
             f"head (the head is scaled to fit the field of view; each axis needs at least about 40 mm). "
             f"Generate a larger phantom and crop it for partial coverage.")
-    sub = _supersampling(vs)
-    eff = vs / np.asarray(sub)
-    w = 0.25 * float(np.prod(eff) ** (1.0 / 3.0))  # sigmoid width (mm) ≈ partial-volume slope
-    axes_x = []
-    for n, d, f in zip(shape, vs, sub):
-        centres = (np.arange(n) - (n - 1) / 2.0) * d
-        offs = ((np.arange(f) + 0.5) / f - 0.5) * d
-        axes_x.append((centres[:, None] + offs[None, :]).reshape(-1))
-    ax_u = [x / s_fit for x in axes_x]  # head-frame mm (scaled to fit the FOV)
+    common = dict(label_names=dict(LABEL_NAMES), voxel_size=tuple(float(v) for v in vs),
+                  b0_direction=b0.astype(np.float64), affine=affine_for(shape, vs, b0), b0_tesla=float(b0_tesla),
+                  snr=None if snr is None else float(snr), seed=seed, label_chi=label_chi,
+                  texture=bool(texture), randomize=bool(randomize))
+    if honest:
+        protocol = (echo_protocol or default_echo_protocol(vs)).check()
+        return _make_honest(shape, vs, b0, seed, snr, texture, randomize, b0_tesla, device, anat, s_fit, props,
+                            tex_amp, rng_tex, rng_noise, protocol, edit, keep_echoes, common)
 
-    chi = np.empty(shape, np.float32)
-    mag = np.empty(shape, np.float32)
-    labels = np.empty(shape, np.int16)
-    tissue = np.empty(shape, np.float32)
-    F = int(np.prod(sub))
-    plane = len(ax_u[1]) * len(ax_u[2])
-    step = max(1, int(1_500_000 // max(plane * sub[0], 1)))
-    tissue_lut = np.zeros(32, np.float32)
-    tissue_lut[list(_TISSUE_LABELS)] = 1.0
-    for i0 in range(0, shape[0], step):
-        i1 = min(shape[0], i0 + step)
-        ax = [ax_u[0][i0 * sub[0]:i1 * sub[0]], ax_u[1], ax_u[2]]
-        p = _Painter(anat, ax, w / s_fit, props).run()
-        m_hr = p.pd * np.exp(-np.float32(te) * p.r2s)
-        n0 = i1 - i0
-        red = (n0, sub[0], shape[1], sub[1], shape[2], sub[2])
-
-        def down(a):
-            return a.reshape(red).mean(axis=(1, 3, 5)) if F > 1 else a
-
-        chi[i0:i1] = down(p.chi)
-        mag[i0:i1] = down(m_hr)
-        tissue[i0:i1] = down(tissue_lut[p.lab])
-        if F > 1:
-            lab_sub = p.lab.reshape(red).transpose(0, 2, 4, 1, 3, 5).reshape(n0, shape[1], shape[2], F)
-            labels[i0:i1] = _label_mode(lab_sub)
-        else:
-            labels[i0:i1] = p.lab
-        del p, m_hr
-
+    g = _paint_grid(anat, shape, vs, s_fit, props, te=te)
+    chi, mag, labels, tissue = g["chi"], g["mag"], g["labels"], g["tissue"]
+    del g
     mask = np.isin(labels, BRAIN_LABELS)
 
     # --- texture (χ and a matching R2* modulation of the magnitude) ----------------------------
-    ax_mm = [(np.arange(n) - (n - 1) / 2.0) * d / s_fit for n, d in zip(shape, vs)]
+    ax_mm = _axes_mm(shape, vs, s_fit)
     if texture:
-        fine = rng_tex.standard_normal(shape).astype(np.float32)
-        fine = ndimage.gaussian_filter(fine, 1.5 / (vs / s_fit), mode="reflect")
-        fine /= max(float(fine.std()), 1e-12)
-        coarse = _SmoothNoise(rng_tex, sigma=8.0, spacing=4.0).sample(ax_mm)
-        tex = (np.float32(0.6) * fine + np.float32(0.8) * coarse) * np.float32(tex_amp)
+        tex = _texture(rng_tex, shape, vs, s_fit, tex_amp, ax_mm)
         tex *= tissue
         chi += tex
         mag *= np.exp(-np.float32(te * _R2S_PER_PPM) * tex)
-        del fine, coarse, tex
+        del tex
     chi[~mask] = 0.0
 
     # --- smooth receive bias on the magnitude ------------------------------------------------------
-    bias_noise = _SmoothNoise(rng_tex, sigma=40.0, spacing=10.0).sample(ax_mm)
-    r2 = sum((np.asarray(a, np.float32).reshape([-1 if k == i else 1 for k in range(3)]) / np.float32(h)) ** 2
-             for i, (a, h) in enumerate(zip(ax_mm, _HEAD_EXTENT)))
-    mag *= (1.0 + np.float32(0.08) * bias_noise) * (1.0 + np.float32(0.15) * np.minimum(r2, 1.5))
+    mag *= _receive_bias(rng_tex, ax_mm)
     mag = np.maximum(mag, 0.0).astype(np.float32)
 
     # --- field and noise -------------------------------------------------------------------------
@@ -957,10 +1262,131 @@ def make_phantom(shape=(160, 192, 160), voxel_size=(1.0, 1.0, 1.0), b0_direction
         n2 = rng_noise.standard_normal(shape).astype(np.float32) * sig_m
         mag = np.sqrt((mag + n1) ** 2 + n2 ** 2).astype(np.float32)
 
-    return Phantom(
-        chi=chi.astype(np.float32), field=fld.astype(np.float32), mask=mask, magnitude=mag,
-        labels=labels.astype(np.int16), label_names=dict(LABEL_NAMES), voxel_size=tuple(float(v) for v in vs),
-        b0_direction=b0.astype(np.float64), affine=affine_for(shape, vs, b0), noise_std=noise_std,
-        te=float(te), b0_tesla=float(b0_tesla), snr=None if snr is None else float(snr), seed=seed,
-        label_chi=label_chi, texture=bool(texture), randomize=bool(randomize),
-    )
+    return Phantom(chi=chi.astype(np.float32), field=fld.astype(np.float32), mask=mask, magnitude=mag,
+                   labels=labels.astype(np.int16), noise_std=noise_std, te=float(te), **common)
+
+
+def _make_honest(shape, vs, b0, seed, snr, texture, randomize, b0_tesla, device, anat, s_fit, props, tex_amp,
+                 rng_tex, rng_noise, protocol, edit, keep_echoes, common) -> Phantom:
+    """The honest phantom (module docstring, "Honest mode")."""
+    f = _HONEST_FACTOR
+    fshape = tuple(f * n for n in shape)
+    fvs = vs / f
+    rng_vein, rng_iron, rng_wmh, rng_mtex, rng_phase = (
+        np.random.default_rng(s) for s in np.random.SeedSequence([seed, 20240611, 1]).spawn(5))
+
+    # veins without a magnitude edge: each non-sinus vein with probability 1/2 (at least one)
+    n_tubes = len(anat.tubes)
+    silent = [t for t in range(1, n_tubes) if rng_vein.random() < 0.5]
+    if not silent and n_tubes > 1:
+        silent = [int(rng_vein.integers(1, n_tubes))]
+
+    g = _paint_grid(anat, fshape, fvs, s_fit, props, te=None, silent_veins=silent)
+    chi_f, pd_f, r2s_f, lab_f = g["chi"], g["pd"], g["r2s"], g["labels"]
+    tissue_f, deep_f = g["tissue"], g["deep"]
+    del g
+    mask_f = np.isin(lab_f, BRAIN_LABELS)
+    ax_mm = _axes_mm(fshape, fvs, s_fit)
+
+    # χ-only structure: texture and iron gradients inside deep grey matter (no magnitude change)
+    if texture:
+        tex = _texture(rng_tex, fshape, fvs, s_fit, tex_amp, ax_mm)
+        tex *= tissue_f
+        chi_f += tex
+        del tex
+    iron_amp = float(rng_iron.uniform(0.015, 0.03)) if randomize else 0.02
+    iron = _SmoothNoise(rng_iron, sigma=5.0, spacing=2.5).sample(ax_mm)
+    iron *= deep_f
+    chi_f += np.float32(iron_amp) * iron
+    del iron, deep_f
+
+    # magnitude-only structure: its own PD and R2* texture, white-matter-hyperintensity-like PD blobs
+    mtex = _SmoothNoise(rng_mtex, sigma=2.5, spacing=1.25).sample(ax_mm)
+    mtex *= tissue_f
+    pd_f *= 1.0 + np.float32(0.03) * mtex
+    mtex = _SmoothNoise(rng_mtex, sigma=5.0, spacing=2.5).sample(ax_mm)
+    mtex *= tissue_f
+    r2s_f += np.float32(1.5) * mtex
+    del mtex, tissue_f
+    wm_idx = np.flatnonzero(lab_f == 1)
+    n_wmh = int(rng_wmh.integers(3, 7))
+    wmh = []
+    for _ in range(n_wmh if wm_idx.size else 0):
+        c = np.array(np.unravel_index(int(wm_idx[rng_wmh.integers(wm_idx.size)]), fshape), np.float64)
+        r = float(rng_wmh.uniform(2.0, 5.0))
+        gain = float(rng_wmh.uniform(0.12, 0.25))
+        ext = (r + 2.0) / fvs
+        sl = tuple(slice(max(0, int(np.floor(c[k] - ext[k]))), min(fshape[k], int(np.ceil(c[k] + ext[k])) + 1))
+                   for k in range(3))
+        gr = np.meshgrid(*[(np.arange(s.start, s.stop) - c[k]) * fvs[k] for k, s in enumerate(sl)],
+                         indexing="ij", sparse=True)
+        a = expit(-(np.sqrt(sum(x * x for x in gr)) - r) / 0.5).astype(np.float32)
+        pd_f[sl] *= 1.0 + np.float32(gain) * a * (lab_f[sl] == 1)
+        wmh.append({"centre_mm": [round(float(v), 1) for v in (c - (np.array(fshape) - 1) / 2) * fvs],
+                    "radius_mm": round(r, 2), "pd_gain": round(gain, 3)})
+    del wm_idx
+    pd_f *= _receive_bias(rng_tex, ax_mm)
+    chi_f[~mask_f] = 0.0
+
+    if edit is not None:
+        grid = PhantomGrid(shape=fshape, voxel_size=tuple(float(v) for v in fvs), factor=f, chi=chi_f, pd=pd_f,
+                           r2s=r2s_f, labels=lab_f, mask=mask_f)
+        edit(grid)
+        chi_f = np.asarray(grid.chi, np.float32)
+        pd_f = np.asarray(grid.pd, np.float32)
+        r2s_f = np.asarray(grid.r2s, np.float32)
+        for nm, a in (("chi", chi_f), ("pd", pd_f), ("r2s", r2s_f)):
+            if a.shape != fshape:
+                raise ValueError(f"edit: PhantomGrid.{nm} changed shape to {a.shape}, expected {fshape}")
+    np.maximum(pd_f, 0.0, out=pd_f)
+    np.maximum(r2s_f, 0.0, out=r2s_f)
+
+    # voxel grid: χ truth (voxel mean), labels (mode of the 8 sub-points), mask
+    chi = _block_mean(chi_f, f).astype(np.float32)
+    n0, n1, n2 = shape
+    lab_sub = lab_f.reshape(n0, f, n1, f, n2, f).transpose(0, 2, 4, 1, 3, 5).reshape(n0, n1, n2, f ** 3)
+    labels = _label_mode(lab_sub).astype(np.int16)
+    del lab_sub, lab_f
+    mask = np.isin(labels, BRAIN_LABELS)
+    chi[~mask] = 0.0
+
+    # field on the fine grid (D(0) = 0, ≥ 2x padding), then the voxel mean as the true local field
+    support = mask_f | np.repeat(np.repeat(np.repeat(mask, f, 0), f, 1), f, 2)
+    del mask_f
+    fld_f = _fine_field(chi_f, fvs, b0, device, support)
+    del support, chi_f
+    true_field = (_block_mean(fld_f, f) * mask).astype(np.float32)
+
+    # complex multi-echo signal per fine point, averaged within each voxel (intra-voxel dephasing)
+    tes = protocol.echo_times
+    rad_per_ppm_s = 2.0 * np.pi * GAMMA_BAR * float(b0_tesla) * 1e-6  # rad per (ppm·s)
+    phase_noise = _SmoothNoise(rng_phase, sigma=40.0, spacing=10.0)
+    phi_c = float(rng_phase.uniform(-np.pi, np.pi))
+    S = np.empty(shape + (len(tes),), np.complex64)
+    rows = max(1, int(2_000_000 // max(n1 * n2 * f ** 3, 1)))
+    for i0 in range(0, n0, rows):
+        i1 = min(n0, i0 + rows)
+        a0, a1 = i0 * f, i1 * f
+        phi0 = np.float32(phi_c) + np.float32(0.8 * np.pi) * phase_noise.sample([ax_mm[0][a0:a1], ax_mm[1], ax_mm[2]])
+        pdc, r2c, fc = pd_f[a0:a1], r2s_f[a0:a1], fld_f[a0:a1]
+        for e, t in enumerate(tes):
+            m = pdc * np.exp(-np.float32(t) * r2c)
+            ph = phi0 + np.float32(rad_per_ppm_s * t) * fc
+            S[i0:i1, ..., e] = _block_mean(m * np.cos(ph), f) + 1j * _block_mean(m * np.sin(ph), f)
+    del pd_f, r2s_f, fld_f
+
+    sigma = None
+    if snr is not None:
+        m1 = np.abs(S[..., 0])
+        mean_mag = float(m1[mask].mean()) if mask.any() else float(m1.mean())
+        sig = np.float32((mean_mag if mean_mag > 0 else 1.0) / float(snr))
+        for e in range(len(tes)):
+            S[..., e] += sig * (rng_noise.standard_normal(shape, np.float32)
+                                + 1j * rng_noise.standard_normal(shape, np.float32))
+        sigma = _background_sigma(S)
+    fld, r2star, rss, noise_std = _fit_echoes(S, protocol, b0_tesla, sigma)
+    fld *= mask
+    return Phantom(chi=chi, field=fld.astype(np.float32), mask=mask, magnitude=rss, labels=labels,
+                   noise_std=noise_std, te=float(protocol.delta_te), simulation="honest", true_field=true_field,
+                   r2star=r2star, echo_times=tes, echo_protocol=protocol.name, noise_sigma=sigma,
+                   echoes=S if keep_echoes else None, silent_veins=len(silent), wmh=wmh, **common)
