@@ -262,3 +262,29 @@ def test_r2star_reaches_medi_csf_auto(small_phantom, tmp_path):
     side = json.loads(sidecar_path(out).read_text())
     assert side["extras"]["csf_source"] == "derived from R2*"
     assert side["scan"]["source"]["r2star"] == str(rp.resolve())
+
+
+def test_metrics_b0_dir_follows_the_file_order(small_phantom, tmp_path, capsys):
+    """metrics --field F --b0-dir: components along F's stored axes; giving the header's own stored-frame B0
+    must reproduce the header-derived field residual (a sagittal file permutes and flips the axes)."""
+    ph, _ = small_phantom
+    R = np.array([[0, 0, 1], [-1, 0, 0], [0, 1, 0]], float)
+    A_st = affine(R, ph.voxel_size)
+    A_can = nib.as_closest_canonical(nib.Nifti1Image(np.zeros((2, 2, 2)), A_st)).affine
+    codes = nib.aff2axcodes(A_st)
+    field = forward_field(ph.chi, ph.voxel_size, np.linalg.solve(rotation(A_can), [0, 0, 1.0]), device="cpu")
+    p = {k: tmp_path / f"{k}.nii.gz" for k in ("field", "chi", "mask")}
+    save_stored(p["field"], field.astype(np.float32), A_can, codes)
+    save_stored(p["chi"], ph.chi.astype(np.float32), A_can, codes)
+    save_stored(p["mask"], ph.mask.astype(np.uint8), A_can, codes)
+
+    def residual(*extra):
+        capsys.readouterr()
+        assert main(["metrics", str(p["chi"]), "--mask", str(p["mask"]), "--field", str(p["field"]), "--json",
+                     *extra]) == 0
+        return json.loads(capsys.readouterr().out)["field_residual"]
+
+    r_header = residual()
+    b_file = np.linalg.solve(R, [0, 0, 1.0])          # scanner z along the stored axes: (0, 1, 0)
+    assert residual("--b0-dir", *map(str, b_file)) == pytest.approx(r_header, rel=1e-6, abs=1e-9)
+    assert residual("--b0-dir", "0", "0", "1") > r_header + 1e-3   # another direction fits worse
