@@ -12,8 +12,12 @@ Cases (never seen in training: training heads use seeds ≥ 100000, validation 1
 B0 tilted 10-20° about varying axes, magnitude-weighted noise (SNR 40-120) and a contrast unlike
 the training data: per-compartment χ rescaled (deep grey matter ×1.3-1.8, white matter ×0.5-1.5),
 a global scale (0.6-1.6) and added lesions the generator does not make (clusters of 1-mm
-microbleeds at +1.5-3 ppm, a ring-shaped lesion, a large negative calcified plaque). The field is
-recomputed from the modified χ with the core forward model.
+microbleeds at +1.5-3 ppm, a ring-shaped lesion, a large negative calcified plaque). The phantoms
+are honest (``make_phantom(honest=True)``): the domain shift is applied on a 2x finer grid, the
+field is computed there, a 7-echo clinical GRE signal (TE1 12.6 ms, ΔTE 4.1 ms) is averaged per
+voxel with complex noise, and the scan gets the field, RSS magnitude and N_std fitted from the
+echoes; the magnitude's edges only partly match χ's. ``make_case(i, honest=False)`` is the former
+idealised case (field = the inversions' own forward model of χ).
 
 Methods: TKD (the one threshold with the best mean NRMSE over the cases, from a sweep), MEDI-L1
 (registered method "medi", defaults; and with ``edge_mask=false``, i.e. plain TV without the
@@ -63,8 +67,80 @@ def _ball(shape, vs, centre, r_mm):
     return np.sqrt(sum(x * x for x in g))
 
 
-def make_case(i: int, shape=CLINICAL_SHAPE, voxel_size=CLINICAL_VS):
-    """Domain-shifted clinical-like phantom number i -> (Scan, χ truth, description)."""
+def make_case(i: int, shape=CLINICAL_SHAPE, voxel_size=CLINICAL_VS, honest: bool = True):
+    """Domain-shifted clinical-like phantom number i -> (Scan, χ truth, description).
+
+    Honest (default): :func:`make_phantom` with ``honest=True`` and the domain shift applied by its
+    ``edit`` hook on the 2x finer grid before the physics, so the field comes from a finer grid than
+    the inversions use, the 7-echo clinical signal is simulated with complex noise, and the scan
+    carries the fitted field, the RSS magnitude and the N_std estimated by the echo fit.
+    ``honest=False`` gives the former idealised case (:func:`make_case_idealised`).
+    """
+    if not honest:
+        return make_case_idealised(i, shape, voxel_size)
+    rng = np.random.default_rng([4242, i])
+    seed = 901 + i
+    tilt = float(rng.uniform(10.0, 20.0))
+    az = float(rng.uniform(0, 2 * math.pi))
+    th = math.radians(tilt)
+    b0 = np.array([math.sin(th) * math.cos(az), math.sin(th) * math.sin(az), math.cos(th)])
+    deep = float(rng.uniform(1.3, 1.8))
+    wm = float(rng.uniform(0.5, 1.5))
+    glob = float(rng.uniform(0.6, 1.6))
+    snr = float(np.random.default_rng([4244, i]).uniform(40.0, 120.0))
+    shift = {}
+
+    def edit(g):  # on the fine grid (g.shape, g.voxel_size), before the field and the echoes are simulated
+        chi, lab, mask, gvs = g.chi, g.labels, g.mask, np.asarray(g.voxel_size, float)
+        # -- contrast unlike training ---------------------------------------------------------------
+        for name in ("caudate", "putamen", "globus_pallidus", "substantia_nigra", "red_nucleus", "thalamus"):
+            chi[lab == _label(name)] *= deep
+        chi[lab == _label("white_matter")] *= wm
+        chi *= glob
+        # -- lesions the generator does not make (darkening through R2*, the plaque also through PD) ------
+        idx = np.flatnonzero(mask & np.isin(lab, [_label("white_matter"), _label("cortex")]))
+        centre = lambda: np.array(np.unravel_index(int(idx[rng.integers(idx.size)]), g.shape), float)  # noqa: E731
+        n_mb = int(rng.integers(6, 14))
+        c0 = centre()
+        for _ in range(n_mb):  # microbleed cluster around one site
+            c = c0 + rng.normal(0, 12.0, 3) / gvs
+            d = _ball(g.shape, gvs, c, 1.0)
+            a = (np.clip(1.5 - d / 1.0, 0, 1) * (d < 2.0)).astype(np.float32)
+            v = float(rng.uniform(1.5, 3.0))
+            chi += a * (v - chi)
+            g.r2s += np.float32(250.0) * a
+        c = centre()  # ring lesion (paramagnetic rim, diamagnetic core)
+        d = _ball(g.shape, gvs, c, 0)
+        R = float(rng.uniform(6.0, 10.0))
+        rim = np.exp(-((d - R) / 1.2) ** 2).astype(np.float32)
+        core = (d < R - 2).astype(np.float32)
+        chi += 0.4 * rim - 0.05 * core
+        g.r2s += np.float32(40.0) * rim
+        c = centre()  # calcified plaque: flat ellipsoid, strongly negative, low proton density
+        gr = np.meshgrid(*[(np.arange(n) - cc) * dd for n, cc, dd in zip(g.shape, c, gvs)], indexing="ij", sparse=True)
+        e = (gr[0] / 9.0) ** 2 + (gr[1] / 5.0) ** 2 + (gr[2] / 3.0) ** 2
+        a = expit(-(e - 1) / 0.15).astype(np.float32)
+        chi += a * (np.float32(-0.5) - chi)
+        g.pd *= 1 - 0.7 * a
+        g.r2s += np.float32(60.0) * a
+        chi[~mask] = 0.0
+        shift["microbleeds"] = n_mb
+
+    ph = make_phantom(shape, voxel_size, b0, seed=seed, snr=snr, texture=True, randomize=True, device="cpu",
+                      honest=True, edit=edit)
+    chi, mask = ph.chi, ph.mask
+    # te: the adaptation's phase scale stays at the former 20 ms (3 T); the field itself is the 7-echo fit
+    scan = Scan(field=ph.field, mask=mask, voxel_size=voxel_size, b0_direction=b0, magnitude=ph.magnitude,
+                noise_std=ph.noise_std, te=0.02, b0_tesla=3.0, name=f"case{i}")
+    desc = {"case": i, "seed": seed, "simulation": "honest", "echo_times_ms": [round(t * 1e3, 2) for t in ph.echo_times],
+            "tilt_deg": round(tilt, 1), "snr": round(snr, 1), "deep_gm_scale": round(deep, 2),
+            "wm_scale": round(wm, 2), "global_scale": round(glob, 2), "microbleeds": shift["microbleeds"],
+            "chi_range": [round(float(chi[mask].min()), 3), round(float(chi[mask].max()), 3)]}
+    return scan, chi, desc
+
+
+def make_case_idealised(i: int, shape=CLINICAL_SHAPE, voxel_size=CLINICAL_VS):
+    """The former idealised case i (field = the discrete forward model of χ on the voxel grid, exact noise)."""
     rng = np.random.default_rng([4242, i])
     seed = 901 + i
     tilt = float(rng.uniform(10.0, 20.0))
@@ -348,10 +424,12 @@ def assemble(cases: list[dict], curve: dict | None, timing: dict | None, weights
           f"Regenerate: `{cmd}`", "",
           f"Base checkpoint: `{_shown(weights)}` (sha256 {_sha(weights)[:16]}…).", "",
           f"{len(cases)} domain-shifted clinical-like phantoms (192×224×48 at 0.75×0.75×3 mm, B0 tilted 10–20°, "
-          "magnitude-weighted noise SNR 40–120, deep grey matter ×1.3–1.8, white matter ×0.5–1.5, global χ ×0.6–1.6, "
+          "echo-1 SNR 40–120, deep grey matter ×1.3–1.8, white matter ×0.5–1.5, global χ ×0.6–1.6, "
           "microbleed clusters at +1.5–3 ppm, a ring lesion and a −0.5 ppm calcified plaque — none of which the training "
-          "generator produces; seeds 901+ never used in training). The scans carry a magnitude but no noise map, so "
-          "W_t is the magnitude weighting. Metrics inside the brain mask against the true χ (napari_qsm.core.metrics: "
+          "generator produces; seeds 901+ never used in training). Honest phantoms (`make_phantom(honest=True)`), not "
+          "the idealised ones: χ and field on a 2x finer grid (model error), 7-echo clinical GRE signal (TE1 12.6 ms, "
+          "ΔTE 4.1 ms) averaged per voxel with complex noise, field and N_std fitted from the echoes (the scans carry "
+          "the fitted N_std, not the exact noise map), RSS magnitude whose edges only partly match χ's. Metrics inside the brain mask against the true χ (napari_qsm.core.metrics: "
           "PSNR dB, NRMSE % (2016 challenge, not demeaned), HFEN %, SSIM (2016 challenge), XSIM (Gaussian σ 1.5 window)); "
           "mean ± sd over the cases. Adaptation uses the default `AdaptParams` for both modes "
           "(same budget; fine-tune = one shared BN, L_T only).", "",
