@@ -96,3 +96,20 @@ def test_adapt_bad_weights_is_a_notification(phantom_viewer, qtbot, tmp_path, mo
     qtbot.waitUntil(lambda: not w.runner.running, timeout=30000)
     assert seen and "weights" in seen[-1]
     assert not w.save_button.isEnabled()
+
+
+def test_adapt_uses_the_docks_b0_and_te(phantom_viewer, qtbot, tiny_checkpoint):
+    """The phantom's field is in ppm: the B0 and TE typed into the dock set the adaptation's phase scale
+    (rad per ppm = 2π·γ̄·B0·TE, the wrap L_T compares) and are recorded in the χ layer's provenance."""
+    w = _dock(phantom_viewer, qtbot, tiny_checkpoint)
+    assert w.inputs.units() == "ppm" and w.inputs.b0t_spin.isVisibleTo(w) and w.inputs.te_spin.isVisibleTo(w)
+    w.inputs.b0t_spin.setValue(7.0)
+    w.inputs.te_spin.setValue(10.0)
+    w.form.set_values(dict(FAST, steps=1))
+    assert w.run()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=180000)
+    assert w.adapted is not None, w.status.text()
+    assert w.adapted.info["rad_per_ppm"] == pytest.approx(2 * np.pi * 42.577478 * 7.0 * 0.010, rel=1e-6)
+    acq = phantom_viewer.layers[-1].metadata["provenance"]["acquisition"]
+    assert acq["b0_tesla"] == pytest.approx(7.0) and acq["te"] == pytest.approx(0.010)
+    assert acq["b0_from"] == acq["te_from"] == "entered"
