@@ -16,6 +16,11 @@ It loads the 1 mm sample phantom, runs TKD in the "QSM reconstruction" dock, and
 
 The Adapt screenshots need QSMInvNet+ weights: the shipped checkpoint, or ``--weights CKPT``
 (e.g. a training checkpoint); without either they are skipped.
+
+``--only reconstruct`` (repeatable: reconstruct, truth, medi, clinical, adapt) regenerates only those
+screenshots, e.g. only the Reconstruction dock after a change to it::
+
+    xvfb-run -a -s "-screen 0 1920x1200x24" python docs/make_screenshots.py --only reconstruct --window 1600x1000
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 DOCS = Path(__file__).resolve().parent
-WINDOW = (1680, 1000)
+WINDOW = [1680, 1000]
+SCREENS = ("reconstruct", "truth", "medi", "clinical", "adapt")
 
 
 def _pump(app, seconds: float) -> None:
@@ -92,15 +98,26 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", help="QSMInvNet+ checkpoint for the Adapt screenshots (default: the shipped one)")
     ap.add_argument("--adapt-steps", type=int, default=12)
     ap.add_argument("--only-adapt", action="store_true", help="only the Adapt screenshots")
+    ap.add_argument("--only", action="append", choices=SCREENS,
+                    help="only these screenshots (repeatable); default: all")
+    ap.add_argument("--window", default=f"{WINDOW[0]}x{WINDOW[1]}", help="window size WxH in pixels")
     args = ap.parse_args(argv)
+    try:
+        size = tuple(int(v) for v in args.window.lower().split("x"))
+        assert len(size) == 2 and min(size) > 0
+    except (ValueError, AssertionError):
+        ap.error(f"--window: expected WxH, e.g. 1600x1000, got {args.window!r}")
+    WINDOW[:] = size
+    only = set(args.only or (["adapt"] if args.only_adapt else SCREENS))
     app = QApplication.instance() or napari.qt.get_qapp()
-    if not args.only_adapt:
-        _reconstruct_screens(app)
-    _adapt_screens(app, args.weights, args.adapt_steps)
+    if only & {"reconstruct", "truth", "medi", "clinical"}:
+        _reconstruct_screens(app, only)
+    if "adapt" in only:
+        _adapt_screens(app, args.weights, args.adapt_steps)
     return 0
 
 
-def _reconstruct_screens(app) -> None:
+def _reconstruct_screens(app, only=SCREENS) -> None:
     from napari_qsm._napari.sample_data import make_phantom_1mm, make_phantom_clinical
     from napari_qsm._napari.widgets import QSMWidget
     from napari_qsm.core.methods import available_methods
@@ -120,22 +137,24 @@ def _reconstruct_screens(app) -> None:
     viewer.canvas.overlays.text.visible = True
     viewer.canvas.overlays.text.text = f"{chi.name}: χ (ppm), window −0.15 … +0.15"
     viewer.reset_view()
-    _save_window(viewer, app, "screenshot_reconstruct_tkd.png")
-    _save_widget(dock, app, "screenshot_dock_tkd.png")
+    if "reconstruct" in only:
+        _save_window(viewer, app, "screenshot_reconstruct_tkd.png")
+        _save_widget(dock, app, "screenshot_dock_tkd.png")
 
     # 2. truth vs TKD in grid mode -------------------------------------------------------------
-    for layer in viewer.layers:
-        layer.visible = layer.name in ("phantom true χ", chi.name)
-    grid = viewer.canvas.grid
-    grid.enabled = True
-    grid.shape = (1, 2)
-    viewer.canvas.overlays.text.text = "left: true χ · right: TKD (δ 0.15) · both −0.15 … +0.15 ppm"
-    viewer.reset_view()
-    _save_window(viewer, app, "screenshot_truth_vs_tkd.png")
-    grid.enabled = False
+    if "truth" in only:
+        for layer in viewer.layers:
+            layer.visible = layer.name in ("phantom true χ", chi.name)
+        grid = viewer.canvas.grid
+        grid.enabled = True
+        grid.shape = (1, 2)
+        viewer.canvas.overlays.text.text = "left: true χ · right: TKD (δ 0.15) · both −0.15 … +0.15 ppm"
+        viewer.reset_view()
+        _save_window(viewer, app, "screenshot_truth_vs_tkd.png")
+        grid.enabled = False
 
     # 3. MEDI in flight --------------------------------------------------------------------------
-    if "medi" in [m.name for m in available_methods()]:
+    if "medi" in only and "medi" in [m.name for m in available_methods()]:
         for layer in viewer.layers:
             layer.visible = layer.name == "phantom magnitude"
         viewer.canvas.overlays.text.text = "MEDI-L1 running: live χ preview, progress in the activity dock"
@@ -160,6 +179,8 @@ def _reconstruct_screens(app) -> None:
     viewer.close()
 
     # 4. clinical-like phantom with an oblique B0 ------------------------------------------------
+    if "clinical" not in only:
+        return
     viewer = _new_viewer(app)
     _add(viewer, make_phantom_clinical())
     dock = QSMWidget(viewer)

@@ -331,10 +331,13 @@ class InputsPanel(QWidget):
                                 "own parameter. Read from the sidecar's EchoTime or the NIfTI header when "
                                 "there.</qt>")
         self.te_label = QLabel("Echo time (TE)")
-        form.addRow(self.te_label, self.te_spin)
         self.acq_info = _wrap_label("", DIM_COLOR, small=True)
         self.acq_info.setObjectName("acquisition_info")
-        form.addRow("", self.acq_info)
+        te_box = QVBoxLayout()
+        te_box.setSpacing(2)
+        te_box.addWidget(self.te_spin)
+        te_box.addWidget(self.acq_info)  # where B0 and TE came from (sidecar, header, entered, assumed)
+        form.addRow(self.te_label, te_box)
 
         self.mask_combo = LayerCombo(viewer, lambda layer: True)
         self.mask_combo.setToolTip("Brain mask (0/1 labels or an image, > 0.5 inside) on the field's grid")
