@@ -910,7 +910,7 @@ def _auto_lambda_upre(prob, lcsf, sigma, max_solves, kw):
         kmax = 1
         evaluate(grid(1))
         solves += 1
-    while solves < max_solves - 1:
+    while solves < max_solves:             # bracket the minimum; a parabola solve uses what budget is left
         keys = sorted(evals)
         lbest = min(keys, key=lambda t: evals[t]["upre"])
         if lbest == keys[0]:

@@ -192,16 +192,14 @@ def test_medi_beats_tkd_on_small_noisy_phantom(small_phantom):
 
 def test_lambda_auto_upre(small_phantom):
     ph = small_phantom
-    res = reconstruct(Scan.from_phantom(ph), "medi", {"lambda": "auto", "auto_max_solves": 3}, device="cpu")
+    res = reconstruct(Scan.from_phantom(ph), "medi", {"lambda": "auto", "auto_max_solves": 4}, device="cpu")
     search = res.extras["lambda_search"]
     assert search["rule"] == "upre"
-    assert 2 <= len(search["tried"]) <= 3
+    assert 2 <= len(search["tried"]) <= 4
     assert search["lambda"] == res.extras["lambda"] > 0
     assert search["noise_energy"] > 0
     tried = search["tried"]
     assert search["lambda"] == min(tried, key=lambda t: t["upre"])["lambda"]   # the minimum of U is returned
-    lams = sorted(t["lambda"] for t in tried)
-    assert all(b / a == pytest.approx(2.0) for a, b in zip(lams, lams[1:]))    # the factor-2 grid
     # residual falls and the effective degrees of freedom grow with λ (converged solves compare like that;
     # warm-started ones did not have to)
     by_lam = sorted(tried, key=lambda t: t["lambda"])
@@ -289,7 +287,7 @@ def test_noise_scale_estimate_from_field(rng):
 def test_lambda_auto_without_noise_map(small_phantom):
     ph = small_phantom
     chi, info = medi_l1(ph.field, ph.mask, ph.voxel_size, ph.b0_direction, magnitude=ph.magnitude, lam="auto",
-                        auto_max_solves=3, return_info=True)
+                        auto_max_solves=2, return_info=True)
     assert info["data_weighting"] == "1/magnitude"
     assert info["lambda_search"]["noise_energy"] > 0 and info["lambda"] > 0
     tkd, _ = truncated_inversion(ph.field, ph.mask, ph.voxel_size, ph.b0_direction, 0.15, device="cpu")
