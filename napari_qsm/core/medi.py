@@ -113,7 +113,8 @@ EPSILON = 1e-6
 
 @dataclass
 class MEDIParams:
-    lam: float | str = param(1000.0, "λ weighting the data term (toolbox default 1000) or 'auto' (auto_rule: UPRE by default)",
+    lam: float | str = param(1000.0, "λ weighting the data term (toolbox default 1000) or 'auto' "
+                             "(auto_rule: UPRE by default)",
                              min=1e-3, max=1e9, cli="lambda", allow=("auto",))
     percentage: float = param(0.9, "gradient-mask share: #edge gradient components / #mask voxels (0.9 → ~30% edges)",
                               min=0.01, max=2.9)
@@ -988,7 +989,8 @@ def _auto_lambda(prob, lcsf, sigma, tau, max_solves, kw):
 
 def _run(scan, p: MEDIParams, *, device, progress=None, cancel=None, csf_mask=None, **_):
     chi, info = medi_l1(scan.field, scan.mask, scan.voxel_size, scan.b0_direction, magnitude=scan.magnitude,
-                        noise_std=getattr(scan, "noise_std", None), r2star=getattr(scan, "r2star", None), lam=p.lam, percentage=p.percentage,
+                        noise_std=getattr(scan, "noise_std", None), r2star=getattr(scan, "r2star", None),
+                        lam=p.lam, percentage=p.percentage,
                         smv=p.smv, merit=p.merit, csf_mask=csf_mask, csf=p.csf, lambda_csf=p.lambda_csf,
                         data_weighting=p.data_weighting, edge_mask=p.edge_mask, cg_tol=p.cg_tol,
                         cg_max_iter=p.cg_max_iter, max_iter=p.max_iter, tol_norm_ratio=p.tol_norm_ratio,
