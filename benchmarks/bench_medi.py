@@ -31,7 +31,6 @@ import torch  # noqa: E402
 
 from napari_qsm.core import metrics as M  # noqa: E402
 from napari_qsm.core.cosmos import cosmos  # noqa: E402
-from napari_qsm.core.dipole import forward_field  # noqa: E402
 from napari_qsm.core.medi import medi_l1  # noqa: E402
 from napari_qsm.core.phantom import make_phantom, oblique_direction  # noqa: E402
 from napari_qsm.core.scan import Scan  # noqa: E402
@@ -151,13 +150,12 @@ def accuracy(ph, cache: Cache, args, tag):
         rows[label] = (chi, meta)
     if not args.no_cosmos:
         def fn():
-            rng = np.random.default_rng(1)
             dirs = [np.asarray(ph.b0_direction, float), oblique_direction(25, "x"), oblique_direction(25, "y")]
             scans = []
             for i, d in enumerate(dirs):
-                f = forward_field(ph.chi, ph.voxel_size, d, device="cpu") if i else ph.field
-                if i and ph.noise_std is not None:
-                    f = f + (ph.noise_std * rng.standard_normal(ph.shape)).astype(np.float32)
+                # each orientation: the same head (seed) simulated honestly with B0 along d, its own noise
+                f = ph.field if i == 0 else make_phantom(ph.shape, ph.voxel_size, d, seed=args.seed, snr=args.snr,
+                                                          honest=True, noise_seed=i).field
                 scans.append(Scan(field=np.where(ph.mask, f, 0), mask=ph.mask, voxel_size=ph.voxel_size,
                                   b0_direction=d))
             (chi, info), sec = timed(lambda: cosmos(scans, device="cpu", return_info=True))

@@ -1153,7 +1153,8 @@ def edge_agreement(chi, magnitude, mask, voxel_size, chi_fraction: float = 0.1,
 def make_phantom(shape=(160, 192, 160), voxel_size=(1.0, 1.0, 1.0), b0_direction=(0, 0, 1), seed=0,
                  snr: float | None = None, texture: bool = True, randomize: bool = True,
                  te: float = 0.02, b0_tesla: float = 3.0, device="auto", honest: bool = False,
-                 echo_protocol: EchoProtocol | None = None, edit=None, keep_echoes: bool = False) -> Phantom:
+                 echo_protocol: EchoProtocol | None = None, edit=None, keep_echoes: bool = False,
+                 noise_seed: int | None = None) -> Phantom:
     """Generate a seeded procedural head phantom (see the module docstring for the model).
 
     shape / voxel_size (mm): sampling grid. The head is centred in the field of view and scaled
@@ -1176,6 +1177,8 @@ def make_phantom(shape=(160, 192, 160), voxel_size=(1.0, 1.0, 1.0), b0_direction
     edit (honest): callable receiving the fine :class:`PhantomGrid` before the physics, to add
     structures the generator does not make (benchmarks); None = nothing.
     keep_echoes (honest): also return the simulated complex echoes (i, j, k, echo) in ``echoes``.
+    noise_seed: None = the noise follows ``seed``; an int draws an independent noise realisation for
+    the same head (e.g. one per orientation of a COSMOS acquisition).
     """
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 1:
@@ -1192,6 +1195,8 @@ def make_phantom(shape=(160, 192, 160), voxel_size=(1.0, 1.0, 1.0), b0_direction
 
     ss = np.random.SeedSequence([seed, 20240611])
     rng_anat, rng_val, rng_tex, rng_noise = (np.random.default_rng(s) for s in ss.spawn(4))
+    if noise_seed is not None:
+        rng_noise = np.random.default_rng(np.random.SeedSequence([seed, 20240611, 2, int(noise_seed)]))
 
     # --- values ---------------------------------------------------------------------------
     label_chi = {}

@@ -433,6 +433,13 @@ def test_honest_deterministic_and_edit_hook():
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
     other = make_phantom(**dict(kw, seed=5))
     assert not np.array_equal(other.field, a.field)
+    # noise_seed: the same head with an independent noise realisation (e.g. COSMOS orientations)
+    n1, n2 = make_phantom(**kw, noise_seed=1), make_phantom(**kw, noise_seed=2)
+    assert np.array_equal(n1.chi, a.chi) and np.array_equal(n1.true_field, a.true_field)
+    clean = make_phantom(**dict(kw, snr=None))
+    e0, e1, e2 = ((p.field - clean.field)[a.mask] for p in (a, n1, n2))
+    assert min(e0.std(), e1.std(), e2.std()) > 0
+    assert abs(np.corrcoef(e1, e2)[0, 1]) < 0.1 and abs(np.corrcoef(e0, e1)[0, 1]) < 0.1, "noise not independent"
     seen = {}
 
     def edit(g):
