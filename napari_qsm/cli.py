@@ -62,7 +62,7 @@ Run 'napari-qsm methods' for every method's parameters."""
 def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("field", help="local field map (NIfTI), units per --units (default ppm)")
     p.add_argument("--mask", required=True, help="brain mask (NIfTI, nonzero = inside)")
-    p.add_argument("--magnitude", help="magnitude image (NIfTI; 4-D: root sum of squares unless --echo)")
+    p.add_argument("--magnitude", help="magnitude image (NIfTI; 4-D: the first echo unless --echo)")
     p.add_argument("--noise-std", metavar="MAP", help="field noise standard deviation (NIfTI, ppm, on the field's "
                                                       "grid), e.g. from the echo fit; MEDI weights its data term by it")
     p.add_argument("--r2star", metavar="MAP", help="R2* map (NIfTI, 1/s, on the field's grid); MEDI+0 "

@@ -248,8 +248,9 @@ def _select_echo(data: np.ndarray, echo: Optional[int], name: str, combine: bool
     if data.ndim == 4:
         n = data.shape[3]
         if echo is None:
-            if combine:
-                return np.sqrt((data.astype(np.float64) ** 2).sum(axis=3)).astype(np.float32)
+            if combine:  # a multi-echo magnitude: its first echo (MEDI's magnitude; keeps the echo-1 contrast)
+                from .medi import medi_magnitude
+                return medi_magnitude(data, "first")
             raise ScanError(f"{name}: 4-D input with {n} echoes (shape {data.shape}); choose one with "
                             f"--echo INDEX (0..{n - 1}) on the command line or echo=INDEX in the API")
         if not -n <= echo < n:
@@ -304,8 +305,8 @@ def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[floa
     Without an explicit direction, B0 comes from the field's JSON sidecar (``B0Direction`` or
     ``RegistrationMatrix``) or else its header (:func:`b0_direction_in_file`). ``te`` / ``b0``
     default to the sidecar's ``EchoTime`` / ``MagneticFieldStrength`` (``sidecar=False`` ignores
-    the sidecar). A 4-D field needs ``echo``; a 4-D magnitude uses ``echo`` when given, else the
-    root sum of squares over echoes. ``noise_std`` (ppm) and ``r2star`` (1/s, e.g. from the echo
+    the sidecar). A 4-D field needs ``echo``; a 4-D magnitude uses ``echo`` when given, else its
+    first echo (not a root sum of squares, which mixes the later echoes' R2* decay into the edges). ``noise_std`` (ppm) and ``r2star`` (1/s, e.g. from the echo
     fit; MEDI+0 finds CSF in it) are optional maps on the field's grid (same shape and affine).
     """
     side = read_sidecar(field, "field") if sidecar else {}
@@ -325,8 +326,6 @@ def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[floa
     nstd = None if noise_std is None else read_aligned(noise_std, "noise_std", finfo)
     extra = {}
     if r2star is not None:
-        if "r2star" not in getattr(Scan, "__dataclass_fields__", {}):
-            raise ScanError("r2star: this build's Scan has no R2* map")
         extra["r2star"] = read_aligned(r2star, "r2star", finfo)
     if frame not in ("file", "canonical"):
         raise ValueError(f"frame: expected 'file' or 'canonical', got {frame!r}")
