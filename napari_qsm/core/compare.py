@@ -26,14 +26,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .files import atomic_write
 from .progress import Progress, check_cancel
 
 __all__ = [
@@ -254,15 +253,12 @@ def to_csv(table: CompareTable, path) -> Path:
     if not p.parent.exists():
         raise ValueError(f"CSV: directory {p.parent} does not exist")
     text = to_text(table, sep=",", labels=False)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=str(p.parent))
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
             f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(p, write)
     return p
 
 

@@ -41,14 +41,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import nibabel as nib
 import numpy as np
 
+from .files import atomic_write
 from .scan import Scan, ScanError
 
 GAMMA_BAR_MHZ_PER_T = 42.577478  # γ/2π of 1H, MHz/T
@@ -427,26 +426,12 @@ def check_output_path(out, inputs: Sequence) -> Path:
     return o
 
 
-def _atomic_write_bytes(path: Path, writer) -> None:
-    path = Path(path)
-    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=str(path.parent))
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_json(path, obj) -> None:
     def w(tmp):
         with open(tmp, "w") as fh:
             json.dump(obj, fh, indent=2, default=str)
             fh.write("\n")
-    _atomic_write_bytes(Path(path), w)
+    atomic_write(Path(path), w)
 
 
 def _reset_derived_header(hdr, description: str) -> None:
@@ -494,7 +479,7 @@ def save_volume(data: np.ndarray, path, affine: np.ndarray, *, nifti_info: Optio
         img.set_qform(img.affine, code=1)
         img.set_sform(img.affine, code=1)
     _reset_derived_header(img.header, description)
-    _atomic_write_bytes(path, lambda tmp: nib.save(img, tmp))
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
     if provenance is not None:
         write_json(sidecar_path(path), provenance)
     return path

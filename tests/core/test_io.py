@@ -348,3 +348,20 @@ def test_noise_and_r2star_maps_on_the_field_grid(tmp_path, rng):
         load_scan(fp, mp, r2star=other)
     with pytest.raises(ScanError, match="noise_std: its affine differs"):
         load_scan(fp, mp, noise_std=other)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    """Atomic writes must not keep mkstemp's 0600: results get 0666 & ~umask like any new file."""
+    import os
+    import stat
+    from napari_qsm.core.io import write_json
+
+    old = os.umask(umask)
+    try:
+        save_volume(np.zeros((4, 4, 4)), tmp_path / "x.nii.gz", np.eye(4), provenance={"a": 1})
+        write_json(tmp_path / "y.json", {"b": 2})
+    finally:
+        os.umask(old)
+    for name in ("x.nii.gz", "x.json", "y.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name

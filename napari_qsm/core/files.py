@@ -1,0 +1,53 @@
+"""Atomic file writes with the user's normal permissions.
+
+Every file the project writes (results, sidecars, CSV tables, checkpoints, weight cards) goes
+through :func:`atomic_write`: the content is written to a temporary file in the target folder and
+renamed over the target, so a crash or a cancel never leaves a half-written file. ``mkstemp``
+creates its file ``-rw-------``; the final file gets ``0o666 & ~umask`` instead (``-rw-r--r--``
+under the usual umask 022), like any file the user's programs create, so colleagues who share
+the folder can read the results.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["atomic_write", "default_file_mode"]
+
+
+def default_file_mode() -> int:
+    """``0o666`` less the process umask (read without changing it for other threads)."""
+    try:  # Linux ≥ 4.7 reports the umask without setting it
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path, writer: Callable[[str], None]) -> Path:
+    """Call ``writer(tmp_path)`` to write a temporary file beside ``path``, then rename it to ``path``.
+
+    The temporary name keeps the target's suffix (``.nii.gz`` included), so writers that choose the
+    format from the suffix (nibabel, torch) behave as for the target. Nothing is left on failure.
+    """
+    path = Path(path)
+    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=str(path.parent))
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
