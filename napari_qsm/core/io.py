@@ -179,7 +179,9 @@ def b0_direction_in_file(affine, sidecar: Optional[dict] = None, explicit=None, 
 
 
 def _sidecar_acquisition(side: dict, name: str, te, b0, echo):
-    """TE (s) and B0 (T) from BIDS sidecar keys when not given; returns (te, b0, sources)."""
+    """TE (s) and B0 (T) from BIDS sidecar keys when not given; returns (te, b0, sources).
+
+    B0: ``ImagingFrequency`` (MHz) / γ̄ when present, else ``MagneticFieldStrength``."""
     src = {}
     if te is not None:
         src["te"] = "argument"
@@ -197,8 +199,17 @@ def _sidecar_acquisition(side: dict, name: str, te, b0, echo):
             if v > 1.0:
                 raise ScanError(f"{name}: sidecar EchoTime {v} looks like milliseconds; BIDS wants seconds")
             te, src["te"] = v, "sidecar EchoTime"
+    freq = side.get("ImagingFrequency")
     if b0 is not None:
         src["b0_tesla"] = "argument"
+    elif freq is not None:  # the exact field: a "3 T" Siemens is 2.89 T (3.7 % χ scale error otherwise)
+        try:
+            v = float(freq) / GAMMA_BAR_MHZ_PER_T
+        except (TypeError, ValueError):
+            raise ScanError(f"{name}: sidecar ImagingFrequency must be a number in MHz, got {freq!r}") from None
+        if not np.isfinite(v) or v <= 0:
+            raise ScanError(f"{name}: sidecar ImagingFrequency must be positive (MHz), got {freq!r}")
+        b0, src["b0_tesla"] = v, "sidecar ImagingFrequency"
     elif "MagneticFieldStrength" in side:
         try:
             v = float(side["MagneticFieldStrength"])

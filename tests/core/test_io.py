@@ -262,6 +262,11 @@ def test_b0_precedence_sidecar_and_registration(tmp_path, rng):
     assert (s.b0_tesla, s.te) == (2.89, 0.0201)
     assert s.source["b0_direction_source"] == "sidecar B0Direction"
     assert s.source["b0_tesla_source"] == "sidecar MagneticFieldStrength"
+    # ImagingFrequency wins over the nominal field strength: a "3 T" Siemens is 123.2 MHz / γ̄ = 2.894 T
+    sidecar_path(fp).write_text(json.dumps({"MagneticFieldStrength": 3, "ImagingFrequency": 123.2, "EchoTime": 0.02}))
+    s = load_scan(fp, mp)
+    assert s.b0_tesla == pytest.approx(123.2 / GAMMA_BAR_MHZ_PER_T, rel=1e-12)
+    assert s.source["b0_tesla_source"] == "sidecar ImagingFrequency"
     s = load_scan(fp, mp, b0=7.0, sidecar=False)
     assert s.b0_tesla == 7.0 and s.te is None and s.source["b0_direction_source"] == "header"
     sidecar_path(fp).write_text(json.dumps({"EchoTime": 20}))
