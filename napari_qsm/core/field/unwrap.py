@@ -29,11 +29,13 @@ is unwrapped against it voxel by voxel, φ_n = w_n + 2π·round((φ_t·TE_n/TE_t
 (``echo_mode="template"``), or each echo is unwrapped spatially and shifted by the 2π multiple that
 best matches the scaled template (``"individual"``).
 
-``laplacian`` (fast, NOT exact): Schofield & Zhu (2003) φ = ∇⁻²[cos φ·∇²sin φ − sin φ·∇²cos φ],
-with the discrete 7-point Laplacian (physical voxel sizes) and FFTs in torch on ``device``, zero
-padded as :mod:`napari_qsm.core.dipole` pads. It returns the Laplacian of the true phase
-integrated again, so the result differs from the true phase by a *harmonic* function (plus the
-low-frequency error of the zero-padded boundary). Fine before SHARP-type background removal,
+``laplacian`` (fast, NOT exact): Schofield & Zhu (2003) φ = ∇⁻²[∇²φ], with ∇²φ taken from the
+wrapped data. Default ``form="differences"``: the 7-point Laplacian built from wrapped neighbour
+differences (physical voxel sizes), exactly the discrete Laplacian of the true phase where the
+steps are below π; ``"sincos"``: the paper's cos φ·∇²sin φ − sin φ·∇²cos φ, which underestimates
+steep gradients (sin Δ < Δ). ∇⁻² by FFTs in torch on ``device``, zero padded as
+:mod:`napari_qsm.core.dipole` pads. The data's boundary (the edge of the padded field of view)
+is not the true phase's, so the result differs from the true phase by a *harmonic* function. Fine before SHARP-type background removal,
 which removes harmonic fields; wrong for echo fits that need the phase itself.
 """
 
@@ -246,6 +248,8 @@ class QualityUnwrapParams:
 
 @dataclass
 class LaplacianUnwrapParams:
+    form: str = param("differences", "Laplacian of the phase from wrapped neighbour differences (exact when steps < π) "
+                      "or Schofield & Zhu's cos·∇²sin − sin·∇²cos", choices=("differences", "sincos"))
     pad_factor: float = param(1.5, "zero padding of the FFT grid (x each dimension)", min=1.0, max=3.0)
 
 
@@ -296,7 +300,20 @@ def _laplacian_symbol(shape, voxel_size, dev):
     return lap
 
 
-def _laplacian_unwrap_3d(ph, voxel_size, pad_factor, dev):
+def _wrapped_laplacian(x, voxel_size):
+    """Σ over face neighbours of wrap(φ_j − φ_0)/Δ² (the discrete Laplacian of the true phase when steps < π)."""
+    out = torch.zeros_like(x)
+    for ax, d in enumerate(check_voxel_size(voxel_size)):
+        g = torch.diff(x, dim=ax)
+        g = torch.remainder(g + np.pi, TWO_PI) - np.pi
+        g = g / float(d * d)
+        n = x.shape[ax]
+        out.narrow(ax, 0, n - 1).add_(g)   # φ_{i+1} − φ_i seen from i
+        out.narrow(ax, 1, n - 1).sub_(g)   # φ_i − φ_{i+1} seen from i+1
+    return out
+
+
+def _laplacian_unwrap_3d(ph, voxel_size, pad_factor, dev, form="differences"):
     shape = ph.shape
     pshape = fast_shape(shape, pad_factor)
     L = _laplacian_symbol(pshape, voxel_size, dev)
@@ -309,7 +326,7 @@ def _laplacian_unwrap_3d(ph, voxel_size, pad_factor, dev):
         V = torch.fft.rfftn(pad_volume(v, pshape), s=pshape)
         return crop_volume(torch.fft.irfftn(V * L, s=pshape), shape)
 
-    rhs = c * lap(s) - s * lap(c)
+    rhs = c * lap(s) - s * lap(c) if form == "sincos" else _wrapped_laplacian(x, voxel_size)
     R = torch.fft.rfftn(pad_volume(rhs, pshape), s=pshape)
     u = crop_volume(torch.fft.irfftn(R * Linv, s=pshape), shape)
     return u.cpu().numpy().astype(np.float32)
@@ -328,7 +345,7 @@ def unwrap_laplacian(phase, params: LaplacianUnwrapParams | None = None, *, magn
     with torch.no_grad():
         for e in range(ne):
             rep(e, f"Laplacian unwrap echo {e + 1}/{ne}")
-            u = _laplacian_unwrap_3d(ph[..., e], voxel_size, p.pad_factor, dev)
+            u = _laplacian_unwrap_3d(ph[..., e], voxel_size, p.pad_factor, dev, p.form)
             # constant: best match to the wrapped phase (mod 2π) inside the mask, then the global 2π rule
             off = np.angle(np.mean(np.exp(1j * (ph[..., e][msk] - u[msk]).astype(np.float64))))
             out[..., e] = _global_correction(u + np.float32(off), msk)
