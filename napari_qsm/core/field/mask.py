@@ -1,0 +1,180 @@
+"""Brain mask without FSL (step family "mask").
+
+Inputs: ``run(magnitude, params=None, *, quality=None, user_mask=None, voxel_size=(1, 1, 1),
+progress=None, cancel=None) -> np.ndarray`` (bool, 3-D).
+
+* ``magnitude``: 3-D combined magnitude, or 4-D echoes (i, j, k, echo), combined here by the
+  root sum of squares.
+* ``quality``: optional 3-D phase-quality map in [0, 1] (e.g. :func:`napari_qsm.core.field.unwrap.voxel_quality`);
+  with ``source="auto"`` it is thresholded instead of the magnitude (QSMxT's default: Otsu on the
+  ROMEO quality map).
+* ``user_mask``: a mask the user gives always wins: it is returned as is (validated, as bool),
+  whatever the parameters.
+
+Method ``threshold``: Otsu's threshold (maximum between-class variance of the histogram, the
+upper 0.5 % clipped) times ``threshold_scale`` → binary opening by a ball of ``open_mm`` (cuts the
+thin bridges between the brain and the bright scalp across a dark skull) → the largest connected
+component → holes filled (3-D, then slice by slice along each axis) → closing by ``close_mm`` →
+erosion by ``erode_mm``. Morphology uses Euclidean distance transforms with the physical voxel
+size, so radii are in mm on anisotropic grids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from ..dipole import check_voxel_size
+from ..params import param
+from ..progress import Reporter
+from ..scan import ScanError
+from .steps import Step
+
+__all__ = ["ThresholdMaskParams", "threshold_mask", "otsu_threshold", "dice", "STEPS"]
+
+
+def otsu_threshold(values, bins: int = 256) -> float:
+    """Otsu's threshold of a 1-D sample (maximises the between-class variance)."""
+    v = np.asarray(values, np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        raise ScanError("mask: no finite values to threshold")
+    hi = float(np.percentile(v, 99.5))
+    lo = float(v.min())
+    if hi <= lo:
+        return lo
+    hist, edges = np.histogram(np.clip(v, lo, hi), bins=bins, range=(lo, hi))
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    s0 = np.cumsum(hist * centres)
+    m0 = s0 / np.maximum(w0, 1)
+    m1 = (s0[-1] - s0) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(edges[1:][int(np.argmax(between[:-1]))])
+
+
+def dice(a, b) -> float:
+    """Dice coefficient 2|A∩B|/(|A|+|B|) of two boolean volumes."""
+    a = np.asarray(a, bool)
+    b = np.asarray(b, bool)
+    s = a.sum() + b.sum()
+    return float(2.0 * np.logical_and(a, b).sum() / s) if s else 1.0
+
+
+def _erode(m, r_mm, vs):
+    if r_mm <= 0:
+        return m
+    return ndimage.distance_transform_edt(m, sampling=vs) > r_mm
+
+
+def _dilate(m, r_mm, vs):
+    if r_mm <= 0:
+        return m
+    return ndimage.distance_transform_edt(~m, sampling=vs) <= r_mm
+
+
+def _largest_component(m):
+    lab, n = ndimage.label(m)
+    if n <= 1:
+        return m
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(np.argmax(sizes))
+
+
+def _fill_holes(m):
+    m = ndimage.binary_fill_holes(m)
+    for ax in range(3):  # holes open to the outside in 3-D but closed within slices (e.g. ventricles cut by the FOV)
+        m = np.stack([ndimage.binary_fill_holes(s) for s in np.moveaxis(m, ax, 0)], axis=0)
+        m = np.moveaxis(m, 0, ax)
+    return m
+
+
+def check_user_mask(user_mask, shape) -> np.ndarray:
+    m = np.asarray(user_mask)
+    if m.ndim == 4 and m.shape[3] == 1:
+        m = m[..., 0]
+    if m.shape != tuple(shape):
+        raise ScanError(f"user_mask: shape {m.shape} does not match the data {tuple(shape)}")
+    if not np.all(np.isfinite(m)):
+        raise ScanError("user_mask: contains NaN or Inf")
+    m = m > 0.5 if m.dtype != bool else m.copy()
+    if not m.any():
+        raise ScanError("user_mask: empty (no voxel inside)")
+    return m
+
+
+@dataclass
+class ThresholdMaskParams:
+    source: str = param("auto", "what is thresholded: the phase-quality map when given (auto), or the magnitude",
+                        choices=("auto", "magnitude", "quality"))
+    threshold_scale: float = param(1.0, "multiplies Otsu's threshold (lower keeps more)", min=0.05, max=5.0)
+    open_mm: float = param(2.0, "opening radius (mm) that cuts thin bridges to the scalp; 0 = none", min=0.0, max=20.0)
+    close_mm: float = param(0.0, "closing radius (mm) after filling holes; 0 = none", min=0.0, max=20.0)
+    erode_mm: float = param(0.0, "final erosion (mm); background removal erodes further", min=0.0, max=20.0)
+
+
+def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, quality=None, user_mask=None,
+                   voxel_size=(1.0, 1.0, 1.0), progress=None, cancel=None) -> np.ndarray:
+    """Brain mask by Otsu threshold + morphology; a user mask always wins. See the module docstring."""
+    p = params or ThresholdMaskParams()
+    mag = np.asarray(magnitude) if magnitude is not None else None
+    if mag is not None:
+        if mag.ndim == 4:
+            mag = np.sqrt(np.sum(np.abs(mag) ** 2, axis=3, dtype=np.float64)).astype(np.float32)
+        if mag.ndim != 3 or mag.size == 0:
+            raise ScanError(f"magnitude: expected a 3-D volume or 4-D echoes, got shape {np.shape(magnitude)}")
+        if np.iscomplexobj(mag):
+            mag = np.abs(mag)
+        if not np.all(np.isfinite(mag)):
+            raise ScanError("magnitude: contains NaN or Inf")
+    shape = mag.shape if mag is not None else (np.shape(quality) if quality is not None else None)
+    if user_mask is not None:
+        if shape is None:
+            shape = np.shape(user_mask)
+        return check_user_mask(user_mask, shape)
+    vs = check_voxel_size(voxel_size)
+    q = None
+    if quality is not None:
+        q = np.asarray(quality, np.float32)
+        if q.shape != shape:
+            raise ScanError(f"quality: shape {q.shape} does not match the magnitude {shape}")
+        if not np.all(np.isfinite(q)):
+            raise ScanError("quality: contains NaN or Inf")
+    use_q = p.source == "quality" or (p.source == "auto" and q is not None)
+    if use_q and q is None:
+        raise ScanError("quality: source='quality' needs a phase-quality map")
+    if not use_q and mag is None:
+        raise ScanError("magnitude: missing (needed to compute a mask; or give a user mask)")
+    img = q if use_q else mag.astype(np.float32)
+    if float(np.max(img)) <= float(np.min(img)):
+        raise ScanError(f"{'quality' if use_q else 'magnitude'}: constant image, nothing to threshold")
+    rep = Reporter(progress, cancel, total=4, stage="mask")
+    rep(0, "Otsu threshold")
+    thr = otsu_threshold(img) * p.threshold_scale
+    m = img > thr
+    rep(1, "opening")
+    m = _dilate(_erode(m, p.open_mm, vs), p.open_mm, vs) if p.open_mm > 0 else m
+    if not m.any():
+        raise ScanError("mask: nothing left after threshold and opening; lower threshold_scale or open_mm")
+    rep(2, "largest component, holes")
+    m = _fill_holes(_largest_component(m))
+    if p.close_mm > 0:
+        m = _fill_holes(_erode(_dilate(m, p.close_mm, vs), p.close_mm, vs))
+    rep(3, "erosion")
+    m = _erode(m, p.erode_mm, vs)
+    if not m.any():
+        raise ScanError("mask: empty after erosion; lower erode_mm")
+    rep(4, "done")
+    return m
+
+
+STEPS = (
+    Step(family="mask", name="threshold", label="Threshold + morphology", params_cls=ThresholdMaskParams,
+         run=threshold_mask, default=True, order=0,
+         doc="Otsu threshold of the combined magnitude (or of the phase-quality map when given), opening in mm, "
+             "largest connected component, holes filled, optional closing and erosion in mm. A user mask always wins."),
+)
