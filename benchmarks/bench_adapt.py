@@ -240,7 +240,7 @@ def run_classic(i: int, work: Path, medi: bool = True) -> dict:
     """TKD sweep and MEDI of case i (independent of the network weights; cached in work/classic{i}.json)."""
     import torch
 
-    from napari_qsm.core.methods import available_methods, reconstruct
+    from napari_qsm.methods import available_methods, reconstruct
     from napari_qsm.core.tkd import truncated_inversion
 
     out = work / f"classic{i}.json"

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _results(ph, cache: Path | None, methods):
-    from napari_qsm.core.methods import available_methods, reconstruct
+    from napari_qsm.methods import available_methods, reconstruct
     from napari_qsm.core.scan import Scan
 
     scan = Scan.from_phantom(ph)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     from napari_qsm._napari.compare import CompareWidget
     from napari_qsm._napari.layers import result_layer_data
     from napari_qsm._napari.sample_data import phantom_layer_data
-    from napari_qsm.core.methods import Result
+    from napari_qsm.methods import Result
 
     v = napari.Viewer(show=True)
     v.window._qt_window.resize(1840, 1180)

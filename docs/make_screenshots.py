@@ -120,7 +120,7 @@ def main(argv=None) -> int:
 def _reconstruct_screens(app, only=SCREENS) -> None:
     from napari_qsm._napari.sample_data import make_phantom_1mm, make_phantom_clinical
     from napari_qsm._napari.widgets import QSMWidget
-    from napari_qsm.core.methods import available_methods
+    from napari_qsm.methods import available_methods
 
     # 1. 1 mm phantom, TKD -----------------------------------------------------------------
     viewer = _new_viewer(app)

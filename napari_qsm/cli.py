@@ -168,7 +168,7 @@ def _accepts(method, name: str) -> bool:
 
 def cmd_recon(args) -> int:
     from .core.io import check_output_path, load_orientation, read_aligned, save_result
-    from .core.methods import get_method, reconstruct
+    from .methods import get_method, reconstruct
     from .core.params import make_params, parse_cli_params
 
     inputs = ([args.field, args.mask, args.magnitude, args.noise_std, args.r2star, args.weights, args.csf_mask]
@@ -285,12 +285,12 @@ def cmd_phantom(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .core.methods import available_methods
     from .core.params import specs
+    from .methods import available_methods, available_steps, import_errors
 
-    for m in available_methods():
-        print(f"{m.name:8s} {m.label}: {m.doc}")
-        for s in specs(m.params_cls):
+    def show(name, label, doc, params_cls):
+        print(f"{name:8s} {label}: {doc}")
+        for s in specs(params_cls):
             rng = ""
             if s.min is not None or s.max is not None:
                 rng = f" [{s.min if s.min is not None else ''}..{s.max if s.max is not None else ''}]"
@@ -298,6 +298,16 @@ def cmd_methods(args) -> int:
                 rng = f" {{{', '.join(map(str, s.choices))}}}"
             allow = f" or {'/'.join(s.allow)}" if s.allow else ""
             print(f"    --param {s.name}={s.default!s:<8}{rng}{allow}  {s.doc}")
+
+    for m in available_methods():
+        show(m.name, m.label, m.doc, m.params_cls)
+    steps = available_steps()
+    if steps:
+        print("\nSteps from raw echoes to a local field (napari-qsm field):")
+        for st in steps:
+            show(f"{st.family}:{st.name}", st.label + (" (default)" if st.default else ""), st.doc, st.params_cls)
+    for where, err in import_errors().items():
+        print(f"napari-qsm: warning: {where} could not be loaded: {err}", file=sys.stderr)
     return 0
 
 

@@ -29,7 +29,7 @@ def run_demo(outdir="demo_output", size="small", snr=40.0, device="auto", method
     matplotlib.use("Agg")
     from .core.dipole import forward_field
     from .core.metrics import compute_metrics
-    from .core.methods import available_methods, reconstruct
+    from .methods import available_methods, reconstruct
     from .core.phantom import oblique_direction
     from .core.progress import stderr_progress
     from .core.scan import Scan

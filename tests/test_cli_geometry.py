@@ -11,7 +11,7 @@ import pytest
 from napari_qsm.cli import main
 from napari_qsm.core.dipole import forward_field
 from napari_qsm.core.io import load_scan, sidecar_path, voxel_sizes
-from napari_qsm.core.methods import reconstruct
+from napari_qsm.methods import reconstruct
 from napari_qsm.core.metrics import nrmse_demeaned
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -19,7 +19,7 @@ import numpy as np
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 
-from ..core.methods import Result
+from ..methods import Result
 from ..core.params import params_to_dict
 from .form import ParamForm
 from .layers import result_layer_data

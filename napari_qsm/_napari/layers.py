@@ -18,7 +18,7 @@ frame, never permuted):
 ``geometry_known`` False when the layer carried no geometry and it was guessed
 ``path``          source file (or None); ``nifti_info`` original orientation/header (python objects)
 ``sidecar``       the JSON sidecar next to the file, when there was one (BIDS EchoTime, …)
-``provenance``    for results: :meth:`napari_qsm.core.methods.Result.provenance`, plus
+``provenance``    for results: :meth:`napari_qsm.core.method.Result.provenance`, plus
                   ``acquisition`` (B0 in T and TE in s the method was given, and where they came from)
 ``echo_time``     s, one echo of a multi-echo file; ``b0_tesla`` / ``te`` may also be set directly
 
@@ -308,7 +308,7 @@ def derived_layer_kwargs(reference_layer, *, name: str, role: str, extra_metadat
 
 
 def result_layer_data(result, field_layer, *, scan: Optional[Scan] = None, inputs: Optional[dict] = None):
-    """(data in layer order, Image kwargs) for a :class:`~napari_qsm.core.methods.Result`."""
+    """(data in layer order, Image kwargs) for a :class:`~napari_qsm.core.method.Result`."""
     geom = layer_geometry(field_layer)
     prov = result.provenance()
     if inputs:

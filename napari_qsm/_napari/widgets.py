@@ -19,7 +19,7 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
                             QSizePolicy, QToolButton, QVBoxLayout, QWidget)
 
 from ..core.device import available_devices
-from ..core.methods import available_methods, get_method, reconstruct
+from ..methods import available_methods, get_method, reconstruct
 from ..core.params import ParamError, make_params
 from ..core.scan import ScanError
 from .form import ParamForm

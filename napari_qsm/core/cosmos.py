@@ -40,7 +40,7 @@ import torch
 
 from .device import resolve_device
 from .dipole import dipole_kernel, fast_shape
-from .methods import Method, register_method
+from .method import Method
 from .params import param
 from .progress import Reporter
 
@@ -155,7 +155,7 @@ def _run(scan, p: COSMOSParams, *, device, progress=None, cancel=None, scans=Non
     return {"chi": chi, "extras": info}
 
 
-register_method(Method(
+METHODS = (Method(
     "cosmos", "COSMOS", COSMOSParams, _run, order=30, multi_scan=True,
     doc="Multiple-orientation inversion: χ̂ = Σ D_i F_i / (Σ D_i² + ε) in k-space from ≥ 2 co-registered field maps "
-        "with different B0 directions (the reference standard for single-orientation methods)."))
+        "with different B0 directions (the reference standard for single-orientation methods)."),)

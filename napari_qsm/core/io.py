@@ -497,7 +497,7 @@ def save_volume(data: np.ndarray, path, affine: np.ndarray, *, nifti_info: Optio
 
 
 def save_result(result, path, scan: Optional[Scan] = None, inputs: Sequence = ()) -> Path:
-    """Write a :class:`~napari_qsm.core.methods.Result`'s χ (ppm) and its provenance sidecar.
+    """Write a :class:`~napari_qsm.core.method.Result`'s χ (ppm) and its provenance sidecar.
 
     The sidecar records the field strength (T) and echo time (s) of the scan when known.
     """

@@ -101,7 +101,7 @@ import numpy as np
 import torch
 
 from .dipole import check_voxel_size, dipole_kernel, fast_shape, unit_vector
-from .methods import Method, register_method
+from .method import Method
 from .params import param
 from .progress import Reporter, check_cancel
 
@@ -1013,8 +1013,8 @@ def _run(scan, p: MEDIParams, *, device, progress=None, cancel=None, csf_mask=No
     return {"chi": chi, "extras": extras}
 
 
-register_method(Method(
+METHODS = (Method(
     "medi", "MEDI-L1", MEDIParams, _run, order=20, uses_magnitude=True, long_running=True,
     doc="Morphology enabled dipole inversion (Cornell MEDI_L1 semantics): L1 of the gradient outside magnitude "
         "edges + λ·nonlinear data fidelity, Gauss-Newton with CG. lambda=auto picks λ by UPRE "
-        "(or the discrepancy principle with auto_rule=discrepancy)."))
+        "(or the discrepancy principle with auto_rule=discrepancy)."),)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .dipole import crop_volume, fast_shape, half_weights, kernel_slabs, pad_volume
-from .methods import Method, register_method
+from .method import Method
 from .params import param
 
 
@@ -87,7 +87,9 @@ def _run(mode):
     return run
 
 
-register_method(Method("tkd", "TKD", TKDParams, _run("tkd"), order=10,
-                       doc="Truncated k-space division: 1/D, with sign(D)/δ where |D| ≤ δ. Fast, closed form; streaking grows as δ falls."))
-register_method(Method("tsvd", "TSVD", TKDParams, _run("tsvd"), order=11,
-                       doc="Truncated SVD: 1/D, with 0 where |D| ≤ δ. Less streaking than TKD, more underestimation."))
+METHODS = (
+    Method("tkd", "TKD", TKDParams, _run("tkd"), order=10,
+           doc="Truncated k-space division: 1/D, with sign(D)/δ where |D| ≤ δ. Fast, closed form; streaking grows as δ falls."),
+    Method("tsvd", "TSVD", TKDParams, _run("tsvd"), order=11,
+           doc="Truncated SVD: 1/D, with 0 where |D| ≤ δ. Less streaking than TKD, more underestimation."),
+)

@@ -31,7 +31,7 @@ on_cancel="raise") -> AdaptResult``
     The checkpoint is ``{"model": state_dict, "optimizer": …, "step": …, "adapt_json": …}`` and
     loads with ``torch.load(weights_only=True)`` and :func:`napari_qsm.nn.infer.load_model`.
 ``adapt_cli(scan, steps=None, weights=None, save_weights=None, params=None, device="auto",
-progress=None) -> napari_qsm.core.methods.Result``
+progress=None) -> napari_qsm.core.method.Result``
     What ``napari-qsm adapt`` calls (``params``: dict of strings from ``--param``).
 
 A method ``"dsbn_adapt"`` (label "QSMInvNet+ adapted to this scan") is registered when this module
@@ -92,7 +92,7 @@ import numpy as np
 import torch
 
 from ..core.device import device_label, resolve_device
-from ..core.methods import Method, Result, register_method
+from ..core.method import Method, Result
 from ..core.params import check_params, make_params, param, params_to_dict
 from ..core.progress import Cancelled, Reporter, check_cancel
 from .infer import (DSBNParams, WEIGHTS_DIR, WeightsError, default_weights_path, file_sha256, load_model,
@@ -790,8 +790,8 @@ def _run(scan, p: AdaptParams, *, device, progress=None, cancel=None, weights=No
     return {"chi": res.chi, "extras": _extras(res)}
 
 
-register_method(Method(
+METHODS = (Method(
     "dsbn_adapt", "QSMInvNet+ adapted to this scan", AdaptParams, _run, order=45, accepts_weights=True,
     long_running=True, uses_magnitude=True,
     doc="Adapts QSMInvNet+ to the open scan for a few minutes (synthetic L_S on domain 0 + λ·L_T on the scan's "
-        "domain 1), then reconstructs with the scan's own batch norms. mode=finetune gives the QSMInvNet baseline."))
+        "domain 1), then reconstructs with the scan's own batch norms. mode=finetune gives the QSMInvNet baseline."),)

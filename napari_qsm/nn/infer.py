@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..core.device import resolve_device
-from ..core.methods import Method, register_method
+from ..core.method import Method
 from ..core.params import param
 from ..core.progress import Reporter
 from .inputs import network_input
@@ -327,9 +327,9 @@ def _run(scan, p: DSBNParams, *, device, progress=None, cancel=None, weights=Non
     return {"chi": chi, "extras": info}
 
 
-register_method(Method(
+METHODS = (Method(
     "dsbn", "QSMInvNet+ (DSBN)", DSBNParams, _run, order=40, accepts_weights=True, long_running=True,
     uses_magnitude=False,
     doc="Deep dipole inversion: 3-D U-Net with domain-specific batch norms trained on synthetic heads "
         "(field + mask, and the TKD of the field as a physics channel when the checkpoint has one → χ). Uses the shipped weights or --weights CKPT (an adapted checkpoint uses its "
-        "scan-specific BN)."))
+        "scan-specific BN)."),)

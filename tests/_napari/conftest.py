@@ -13,7 +13,7 @@ pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
 from napari_qsm.core import methods as _methods  # noqa: E402
-from napari_qsm.core.methods import Method, register_method  # noqa: E402
+from napari_qsm.methods import Method, register_method  # noqa: E402
 from napari_test_helpers import (MANIFEST, OBLIQUE_B0, TINY_SHAPE, TINY_VS, SlowParams,  # noqa: E402
                                  _slow_run, add_layer_data, save_stored)
 

@@ -8,7 +8,7 @@ from napari_qsm._napari.layers import (layer_geometry, result_layer_data, scan_f
                                        to_layer_order)
 from napari_qsm._napari.reader import read_nifti
 from napari_qsm.core.io import load_scan
-from napari_qsm.core.methods import reconstruct
+from napari_qsm.methods import reconstruct
 from napari_qsm.core.scan import ScanError
 
 

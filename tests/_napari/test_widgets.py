@@ -8,7 +8,7 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QSpinBox
 
 from napari_qsm._napari.layers import to_canonical
 from napari_qsm._napari.widgets import QSMWidget
-from napari_qsm.core.methods import available_methods, reconstruct
+from napari_qsm.methods import available_methods, reconstruct
 from napari_qsm.core.params import specs
 from napari_qsm.core.scan import Scan
 from napari_test_helpers import assert_responsive, start_ticks

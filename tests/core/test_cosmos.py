@@ -5,7 +5,7 @@ import pytest
 
 from napari_qsm.core.cosmos import cosmos
 from napari_qsm.core.dipole import forward_field
-from napari_qsm.core.methods import get_method, reconstruct
+from napari_qsm.methods import get_method, reconstruct
 from napari_qsm.core.metrics import nrmse_demeaned as nrmse
 from napari_qsm.core.scan import Scan
 from napari_qsm.core.tkd import truncated_inversion

@@ -11,7 +11,7 @@ from napari_qsm.core.io import (GAMMA_BAR_MHZ_PER_T, NiftiError, b0_direction_in
                                 check_output_path, direction_to_canonical, from_ppm, load_orientation, load_scan,
                                 read_volume, save_result, save_volume, sidecar_path, sizes_to_canonical, to_ppm,
                                 voxel_sizes)
-from napari_qsm.core.methods import reconstruct
+from napari_qsm.methods import reconstruct
 from napari_qsm.core.scan import ScanError
 
 

@@ -10,7 +10,7 @@ import torch
 from napari_qsm.core.medi import (CSF_RULE_MAGNITUDE, CSF_RULE_R2STAR, MEDIParams, csf_mask_from_r2star, data_weight,
                                   derive_csf_mask, divergence, estimate_noise_scale, gradient, gradient_mask, medi_l1,
                                   medi_magnitude, phase_scale)
-from napari_qsm.core.methods import get_method, reconstruct
+from napari_qsm.methods import get_method, reconstruct
 from napari_qsm.core.params import make_params
 from napari_qsm.core.progress import CancelToken, Cancelled
 from napari_qsm.core.metrics import nrmse_demeaned as nrmse

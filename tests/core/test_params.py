@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from napari_qsm.core.methods import available_methods, get_method
+from napari_qsm.methods import available_methods, get_method
 from napari_qsm.core.params import ParamError, make_params, param, params_to_dict, parse_cli_params, specs
 
 

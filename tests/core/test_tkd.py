@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from napari_qsm.core.dipole import dipole_kernel, forward_field
-from napari_qsm.core.methods import reconstruct
+from napari_qsm.methods import reconstruct
 from napari_qsm.core.metrics import nrmse
 from napari_qsm.core.phantom import make_phantom
 from napari_qsm.core.scan import Scan

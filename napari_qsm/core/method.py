@@ -1,9 +1,10 @@
-"""Method registry and result record.
+"""The records a reconstruction method is declared and returned with: :class:`Method` and :class:`Result`.
 
-A method is registered once, with its parameter record class; the Python API
-(:func:`reconstruct`), the command line (``napari-qsm recon --method NAME --param k=v``) and the
-napari Reconstruct widget are all generated from the registry, so adding a method or a parameter
-happens in one place.
+A module that implements an inversion (``core/tkd.py``, ``core/medi.py``, ``nn/infer.py``, or a
+third-party package) declares it with a module-level ``METHODS = (Method(...), ...)`` and knows
+nothing of the registry: :mod:`napari_qsm.methods` collects the declarations (from this package's
+modules and from the ``napari_qsm.methods`` entry-point group), and the Python API, the command
+line and the napari docks are generated from what it collects.
 
 A method's ``run`` function has the signature::
 
@@ -17,7 +18,6 @@ network, or additional scans for COSMOS).
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,6 +27,8 @@ import numpy as np
 from .device import device_label, resolve_device
 from .params import check_params, make_params, params_to_dict
 from .progress import check_cancel
+
+__all__ = ["Method", "Result", "run_method"]
 
 
 @dataclass
@@ -42,57 +44,6 @@ class Method:
     accepts_weights: bool = False  # True: takes a weights=PATH extra (networks)
     multi_scan: bool = False       # True: takes scans=[Scan, ...] (COSMOS)
     order: int = 100              # position in dropdowns
-
-
-_REGISTRY: dict[str, Method] = {}
-
-# Modules that register methods on import. A module that fails to import (e.g. torch missing a
-# feature) is skipped so the rest stays usable; the error is kept for `napari-qsm recon --help`.
-_METHOD_MODULES = [
-    "napari_qsm.core.tkd",
-    "napari_qsm.core.medi",
-    "napari_qsm.core.cosmos",
-    "napari_qsm.nn.infer",
-    "napari_qsm.nn.adapt",
-]
-_IMPORT_ERRORS: dict[str, str] = {}
-_LOADED = False
-
-
-def register_method(method: Method) -> Method:
-    _REGISTRY[method.name] = method
-    return method
-
-
-def _load_all() -> None:
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    for mod in _METHOD_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:  # a real missing dependency inside an existing module
-                _IMPORT_ERRORS[mod] = repr(exc)
-        except Exception as exc:  # pragma: no cover - reported, not hidden
-            _IMPORT_ERRORS[mod] = repr(exc)
-
-
-def available_methods() -> list[Method]:
-    """Registered methods in display order."""
-    _load_all()
-    return sorted(_REGISTRY.values(), key=lambda m: (m.order, m.name))
-
-
-def get_method(name: str) -> Method:
-    _load_all()
-    key = str(name).strip().lower()
-    if key not in _REGISTRY:
-        known = ", ".join(m.name for m in available_methods())
-        extra = f" (import problems: {_IMPORT_ERRORS})" if _IMPORT_ERRORS else ""
-        raise ValueError(f"method: unknown method {name!r}; available: {known}{extra}")
-    return _REGISTRY[key]
 
 
 @dataclass
@@ -148,14 +99,13 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def reconstruct(scan, method: str = "tkd", params=None, *, device="auto", progress=None,
-                cancel=None, **extra) -> Result:
-    """Run a registered method on a :class:`~napari_qsm.core.scan.Scan`.
+def run_method(m: Method, scan, params=None, *, device="auto", progress=None, cancel=None, **extra) -> Result:
+    """Run method ``m`` on a :class:`~napari_qsm.core.scan.Scan` and wrap χ in a :class:`Result`.
 
     ``params``: a record of the method's class, a dict of public names (values may be strings),
-    or None for the defaults. ``extra``: method-specific inputs (e.g. ``weights=PATH``).
+    or None for the defaults. ``extra``: method-specific inputs (e.g. ``weights=PATH``). The
+    registry's :func:`napari_qsm.methods.reconstruct` looks the method up by name and calls this.
     """
-    m = get_method(method)
     if params is None or isinstance(params, dict):
         p = make_params(m.params_cls, params or {})
     elif isinstance(params, m.params_cls):

@@ -1,0 +1,183 @@
+"""The method registry: every inversion and every front-end step, collected in one place.
+
+Modules *declare* what they offer and know nothing of this registry:
+
+* inversions: a module-level ``METHODS = (Method(...), ...)`` (:class:`napari_qsm.core.method.Method`)
+  in ``core/tkd.py``, ``core/medi.py``, ``core/cosmos.py``, ``nn/infer.py``, ``nn/adapt.py``;
+* front-end steps (raw echoes → local field): ``STEPS = (Step(...), ...)``
+  (:class:`napari_qsm.core.field.steps.Step`) in the modules of ``core/field/``;
+* other packages: an entry point in the group ``napari_qsm.methods`` whose object is a
+  :class:`Method`, an iterable of them, or a module with ``METHODS``. For example, in the other
+  package's ``pyproject.toml``::
+
+      [project.entry-points."napari_qsm.methods"]
+      my-inversion = "my_package.inversion:METHODS"
+
+The command line (``--method``, ``napari-qsm methods``), the Python API (:func:`reconstruct`)
+and the docks' generated forms all read :func:`available_methods` / :func:`available_steps`.
+A module that fails to import is skipped and its error kept (shown by ``napari-qsm methods``).
+
+Adding an inversion, in full (a new file ``napari_qsm/core/mine.py`` and one line in
+``_METHOD_MODULES`` below, or an entry point)::
+
+    from dataclasses import dataclass
+    from napari_qsm.core.method import Method
+    from napari_qsm.core.params import param
+    from napari_qsm.core.tkd import truncated_inversion
+
+    @dataclass
+    class MineParams:
+        threshold: float = param(0.2, "k-space threshold δ", min=0.01, max=0.66)
+
+    def run(scan, p, *, device, progress=None, cancel=None, **_):
+        return truncated_inversion(scan.field, scan.mask, scan.voxel_size, scan.b0_direction, p.threshold)[0]
+
+    METHODS = (Method("mine", "Mine", MineParams, run, doc="TKD at δ = 0.2 by default."),)
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib import metadata
+from typing import Iterable
+
+from .core.field.steps import FAMILIES, Step
+from .core.method import Method, Result, run_method
+
+__all__ = ["available_methods", "get_method", "register_method", "reconstruct", "import_errors",
+           "available_steps", "get_step", "Method", "Result", "Step", "ENTRY_POINT_GROUP"]
+
+ENTRY_POINT_GROUP = "napari_qsm.methods"
+
+# This package's modules that declare METHODS / STEPS, in no particular order (display order is Method.order).
+_METHOD_MODULES = (
+    "napari_qsm.core.tkd",
+    "napari_qsm.core.medi",
+    "napari_qsm.core.cosmos",
+    "napari_qsm.nn.infer",
+    "napari_qsm.nn.adapt",
+)
+_STEP_MODULES = (
+    "napari_qsm.core.field.fit",
+    "napari_qsm.core.field.unwrap",
+    "napari_qsm.core.field.mask",
+    "napari_qsm.core.field.background",
+)
+
+_METHODS: dict[str, Method] = {}
+_STEPS: dict[tuple[str, str], Step] = {}
+_IMPORT_ERRORS: dict[str, str] = {}
+_LOADED = False
+
+
+def register_method(method: Method) -> Method:
+    """Add (or replace) a method at run time, e.g. a test's or a notebook's own inversion."""
+    if not isinstance(method, Method):
+        raise TypeError(f"register_method: expected a Method, got {type(method).__name__}")
+    _load_all()
+    _METHODS[method.name] = method
+    return method
+
+
+def _declared(obj, attr: str) -> Iterable:
+    """The records an imported object declares: a record, an iterable of them, or a module's ``attr``."""
+    if isinstance(obj, (Method, Step)):
+        return (obj,)
+    if hasattr(obj, attr) and not isinstance(obj, (list, tuple)):
+        obj = getattr(obj, attr)
+    return tuple(obj)
+
+
+def _add(records, source: str) -> None:
+    for r in records:
+        if isinstance(r, Method):
+            _METHODS.setdefault(r.name, r)
+        elif isinstance(r, Step):
+            _STEPS.setdefault((r.family, r.name), r)
+        else:
+            _IMPORT_ERRORS[source] = f"declares {type(r).__name__}, not a Method or Step"
+
+
+def _import(modname: str, attr: str) -> None:
+    try:
+        mod = importlib.import_module(modname)
+    except ModuleNotFoundError as exc:
+        if exc.name != modname:  # a real missing dependency inside an existing module
+            _IMPORT_ERRORS[modname] = repr(exc)
+        return
+    except Exception as exc:  # reported by `napari-qsm methods`, not hidden
+        _IMPORT_ERRORS[modname] = repr(exc)
+        return
+    _add(_declared(mod, attr) if hasattr(mod, attr) else (), modname)
+
+
+def _load_all() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    for mod in _METHOD_MODULES:
+        _import(mod, "METHODS")
+    for mod in _STEP_MODULES:
+        _import(mod, "STEPS")
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        source = f"entry point {ep.name} = {ep.value}"
+        try:
+            _add(_declared(ep.load(), "METHODS"), source)
+        except Exception as exc:
+            _IMPORT_ERRORS[source] = repr(exc)
+
+
+def import_errors() -> dict[str, str]:
+    """Modules and entry points that could not be loaded, with their errors."""
+    _load_all()
+    return dict(_IMPORT_ERRORS)
+
+
+def available_methods() -> list[Method]:
+    """Every method, in display order."""
+    _load_all()
+    return sorted(_METHODS.values(), key=lambda m: (m.order, m.name))
+
+
+def get_method(name: str) -> Method:
+    _load_all()
+    key = str(name).strip().lower()
+    if key not in _METHODS:
+        known = ", ".join(m.name for m in available_methods())
+        extra = f" (import problems: {_IMPORT_ERRORS})" if _IMPORT_ERRORS else ""
+        raise ValueError(f"method: unknown method {name!r}; available: {known}{extra}")
+    return _METHODS[key]
+
+
+def reconstruct(scan, method: str = "tkd", params=None, *, device="auto", progress=None,
+                cancel=None, **extra) -> Result:
+    """Run a method, by name, on a :class:`~napari_qsm.core.scan.Scan` (see :func:`napari_qsm.core.method.run_method`)."""
+    return run_method(get_method(method), scan, params, device=device, progress=progress, cancel=cancel, **extra)
+
+
+def available_steps(family: str | None = None) -> list[Step]:
+    """Front-end steps of one family (or all), default first, then in display order."""
+    _load_all()
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"step family: expected one of {FAMILIES}, got {family!r}")
+    steps = [s for s in _STEPS.values() if family is None or s.family == family]
+    return sorted(steps, key=lambda s: (FAMILIES.index(s.family), not s.default, s.order, s.name))
+
+
+def get_step(family: str, name: str | None = None) -> Step:
+    """A step by family and name; ``name=None`` gives the family's default."""
+    steps = available_steps(family)
+    if name is None:
+        for s in steps:
+            if s.default:
+                return s
+        if steps:
+            return steps[0]
+        raise ValueError(f"step family {family!r}: no step is available (import problems: {_IMPORT_ERRORS})")
+    key = str(name).strip().lower()
+    for s in steps:
+        if s.name == key:
+            return s
+    known = ", ".join(s.name for s in steps)
+    raise ValueError(f"{family}: unknown step {name!r}; available: {known}")
