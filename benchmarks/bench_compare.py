@@ -41,7 +41,7 @@ def _stats(ts):
 
 
 def bench_panel(ref, results, mask, vs, size, app, repeats):
-    from napari_qsm._napari.compare_panel import PanelColumn, SliceGrid
+    from napari_qsm._napari.compare.panel import PanelColumn, SliceGrid
 
     panel = SliceGrid()
     panel.resize(*size)

@@ -15,6 +15,9 @@ directly:
   physical extent in mm (pure indexing, no copies), oriented for ``imshow(origin="lower")``.
 * :func:`region_stats` — mean χ per label (e.g. deep grey nuclei) per result and the linear fit
   of each result's region means against the reference's (slope, intercept, R²).
+* :func:`compare_steps` — all of the above for a GUI worker, one step at a time (offsets, residual
+  maps, rows, table, regions), and the display helpers the widget shows them with
+  (:func:`format_metric`, :func:`auto_window`, :func:`describe_provenance`).
 
 Arrays are in the scan's voxel frame (i, j, k) = (left→right, posterior→anterior,
 inferior→superior) after ``nib.as_closest_canonical``; ``voxel_size`` in mm in that frame.
@@ -38,7 +41,8 @@ from .progress import Progress, check_cancel
 __all__ = [
     "METRIC_ORDER", "CompareRow", "CompareTable", "compare", "iter_compare", "best_per_column",
     "to_csv", "to_text", "difference_maps", "difference", "field_residual_map", "Plane",
-    "orthogonal_slices", "RegionFit", "RegionStats", "region_stats", "metric_info",
+    "orthogonal_slices", "RegionFit", "RegionStats", "region_stats", "metric_info", "format_metric",
+    "nice", "auto_window", "table_of", "describe_provenance", "offsets", "shown_difference", "compare_steps",
 ]
 
 #: display order of the metric columns (keys of ``metrics.compute_metrics``)
@@ -135,6 +139,12 @@ def _columns_for(keys_seen: Sequence[str]) -> list[str]:
     return cols + [k for k in seen if k not in cols]
 
 
+def table_of(rows: Sequence[CompareRow], reference: Optional[str] = None) -> CompareTable:
+    """A table of these rows, its columns every metric they hold (in :data:`METRIC_ORDER`)."""
+    keys = [k for r in rows for k in r.metrics]
+    return CompareTable(rows=list(rows), columns=_columns_for(keys), reference=reference)
+
+
 def _as_volume(name: str, a, shape=None) -> np.ndarray:
     arr = np.asarray(a)
     if arr.ndim != 3:
@@ -204,9 +214,8 @@ def compare(results: Mapping[str, np.ndarray], reference=None, mask=None, field=
     """
     rows = list(iter_compare(results, reference, mask, field, voxel_size, b0_direction,
                              progress=progress, cancel=cancel))
-    keys = [k for r in rows for k in r.metrics]
     ref_name = reference_name if reference_name is not None else ("reference" if reference is not None else None)
-    return CompareTable(rows=rows, columns=_columns_for(keys), reference=ref_name)
+    return table_of(rows, ref_name)
 
 
 def best_per_column(table: CompareTable) -> dict[str, str]:
@@ -263,6 +272,65 @@ def to_csv(table: CompareTable, path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
+# Display helpers (what the Compare widget shows; no Qt)
+# ----------------------------------------------------------------------------------------------
+
+def format_metric(key: str, v: float) -> str:
+    """A metric value as the table shows it ("—" for missing, 4 decimals for similarities)."""
+    if v is None or not math.isfinite(v):
+        return "—"
+    if key in ("ssim", "xsim", "correlation"):
+        return f"{v:.4f}"
+    if abs(v) >= 100:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def nice(v: float) -> float:
+    """Round to 2 significant digits (contrast defaults)."""
+    if v == 0 or not math.isfinite(v):
+        return 0.0
+    e = math.floor(math.log10(abs(v))) - 1
+    return round(v, -e)
+
+
+def auto_window(volume: np.ndarray, mask: Optional[np.ndarray] = None) -> Optional[tuple[float, float, float]]:
+    """(χ low, χ high, difference ±limit): 1st–99th percentile in the mask, Δ a third of that.
+
+    A subsample of about 2 million voxels is used; None when there is no finite voxel.
+    """
+    step = max(1, int(round((volume.size / 2e6) ** (1 / 3))))
+    sub = volume[::step, ::step, ::step]
+    if mask is not None:
+        vals = sub[mask[::step, ::step, ::step]]
+    else:
+        vals = sub.ravel()
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return None
+    lo, hi = np.percentile(vals, [1.0, 99.0])
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.05, hi + 0.05
+    lo, hi = nice(lo), nice(hi)
+    return lo, hi, nice(max(abs(hi - lo) / 3.0, 1e-3))
+
+
+def describe_provenance(prov) -> str:
+    """Short line for a result's provenance record: method, first parameters, run time."""
+    if not isinstance(prov, dict):
+        return ""
+    bits = [str(prov.get("method", "")).upper()]
+    sec = prov.get("seconds")
+    if isinstance(sec, (int, float)):
+        bits.append(f"{sec:.1f} s" if sec < 100 else f"{sec / 60:.1f} min")
+    params = prov.get("parameters") or {}
+    for k, v in list(params.items())[:2]:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            bits.append(f"{k} {v:g}")
+    return " · ".join(b for b in bits if b)
+
+
+# ----------------------------------------------------------------------------------------------
 # Difference maps
 # ----------------------------------------------------------------------------------------------
 
@@ -287,6 +355,29 @@ def difference_maps(results: Mapping[str, np.ndarray], reference, mask=None,
                     demean: bool = True) -> dict[str, np.ndarray]:
     """name → :func:`difference` of each result against the reference."""
     return {name: difference(x, reference, mask, demean) for name, x in results.items()}
+
+
+def offsets(results: Mapping[str, np.ndarray], reference, mask=None) -> Iterator[tuple[str, float]]:
+    """(name, mean of result − reference in the mask), one result at a time (the demeaning offsets)."""
+    m = mask
+    for n, x in results.items():
+        d = np.subtract(x[m] if m is not None else x, reference[m] if m is not None else reference,
+                        dtype=np.float64)
+        yield n, float(d.mean()) if d.size else 0.0
+
+
+def shown_difference(x, reference, mask=None, offset: Optional[float] = None, demean: bool = True) -> np.ndarray:
+    """x − reference as float32 in the arrays' own axis order; ``demean``: minus ``offset`` (None:
+    the mean inside the mask); 0 outside the mask. What the widget's difference layers show."""
+    d = np.subtract(x, reference, dtype=np.float32)
+    if demean:
+        off = offset
+        if off is None:
+            off = float(d[mask].mean()) if mask is not None else float(d.mean())
+        d -= np.float32(off)
+    if mask is not None:
+        d[~mask] = 0.0
+    return d
 
 
 def field_residual_map(chi, field, mask, voxel_size, b0_direction, device="auto") -> np.ndarray:
@@ -497,3 +588,34 @@ def region_stats(results: Mapping[str, np.ndarray], reference, labels, label_nam
             fits[str(name)] = linear_fit(ref_mean, m)
     return RegionStats(labels=present, names=names, counts=cnt, reference=ref_mean, means=means,
                        stds=stds, fits=fits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step by step (a GUI worker)
+# ----------------------------------------------------------------------------------------------
+
+def compare_steps(results: Mapping[str, np.ndarray], reference=None, mask=None, field=None, voxel_size=None,
+                  b0_direction=None, labels=None, label_names=None, reference_name: Optional[str] = None,
+                  residual_maps: bool = False) -> Iterator[tuple]:
+    """Everything the Compare widget shows, one step at a time, so that a newer request can stop
+    an older one between steps. Yields ``("noop", None)`` after each offset, ``("offsets", {name:
+    ppm})`` (with a reference), ``("residual", name, map)`` (``residual_maps`` and a field), ``("row",
+    CompareRow, i, n)``, ``("table", CompareTable)`` and ``("regions", RegionStats)`` (with labels)."""
+    names = list(results)
+    if reference is not None:
+        offs = {}
+        for n, off in offsets(results, reference, mask):
+            offs[n] = off
+            yield ("noop", None)
+        yield ("offsets", offs)
+    if residual_maps and field is not None:
+        m = mask if mask is not None else np.ones(field.shape, bool)
+        for n, x in results.items():
+            yield ("residual", n, field_residual_map(x, field, m, voxel_size, b0_direction))
+    rows = []
+    for i, row in enumerate(iter_compare(results, reference, mask, field, voxel_size, b0_direction)):
+        rows.append(row)
+        yield ("row", row, i + 1, len(names))
+    yield ("table", table_of(rows, reference_name))
+    if labels is not None:
+        yield ("regions", region_stats(results, reference, labels, label_names, mask=mask))

@@ -275,7 +275,7 @@ def test_contrast_spinboxes_drive_panel(scene):
 
 def test_slice_grid_alone(qtbot):
     """The panel on its own: physical aspect, subsampling of small cells, clicks and hover."""
-    from napari_qsm._napari.compare_panel import PanelColumn, SliceGrid
+    from napari_qsm._napari.compare.panel import PanelColumn, SliceGrid
 
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((64, 80, 40)).astype(np.float32) * 0.05
@@ -334,4 +334,25 @@ def test_choices_follow_renames_and_new_layers(make_napari_viewer, phantom, qtbo
     assert w.selection().results == ["tkd renamed"]
     v.layers["truth"].name = "true chi"
     assert w.selection().reference == "true chi"
+    w.cleanup()
+
+
+def test_phase_and_total_field_are_not_offered_as_results(make_napari_viewer, phantom):
+    """Front-end inputs (reader roles "phase" and "total_field") are never results, like the local field."""
+    from napari_qsm._napari.compare import CompareWidget
+
+    v = make_napari_viewer()
+    kw = _layer_kw(phantom)
+    v.add_image(_to_layer(phantom.chi), name="truth", metadata=_geometry_md(phantom, "chi_true"), **kw)
+    for name, role in (("echo phase", "phase"), ("B0 map", "total_field"), ("local", "field"), ("other", "image")):
+        v.add_image(_to_layer(phantom.field), name=name, metadata=_geometry_md(phantom, role), **kw)
+    md = _geometry_md(phantom, "chi")
+    md["provenance"] = {"method": "tkd", "parameters": {}, "seconds": 0.1}
+    v.add_image(_to_layer(0.5 * phantom.chi), name="tkd", metadata=md, **kw)
+    w = CompareWidget(v)
+    offered = [w.results_list.item(i).text() for i in range(w.results_list.count())]
+    assert "echo phase" not in offered and "B0 map" not in offered and "local" not in offered
+    assert "other" in offered and "tkd" in offered       # a plain image can still be checked by hand
+    assert w.selection().results == ["tkd"]
+    assert w.selection().field == "local"                # the local field stays the field
     w.cleanup()

@@ -1,0 +1,161 @@
+"""Painting of the Compare panel (:class:`~.panel.SliceGrid`): titles, plane images, cross-hairs,
+orientation letters, row labels, colour bars and a scale bar, all with QPainter."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from qtpy.QtCore import QPointF, QRectF, Qt
+from qtpy.QtGui import QColor, QFont, QFontMetrics, QImage, QPainter, QPen
+
+# (plane, edge) → orientation letter, for the neurological display; radiological swaps R/L.
+_LETTERS = {
+    "axial": ("L", "R", "A", "P"),      # left, right, top, bottom
+    "coronal": ("L", "R", "S", "I"),
+    "sagittal": ("A", "P", "S", "I"),
+}
+
+
+
+class PanelPainting:
+    """The paint half of :class:`~.panel.SliceGrid` (it reads the grid's layout and rendered images)."""
+
+    def paintEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        t0 = time.perf_counter()
+        painter = QPainter(self)
+        try:
+            self._paint(painter)
+        finally:
+            painter.end()
+        self.paint_count += 1
+        self.last_paint_ms = (time.perf_counter() - t0) * 1e3
+
+    def _paint(self, qp: QPainter) -> None:
+        pal = self.palette()
+        bg = pal.color(pal.ColorRole.Window)
+        fg = pal.color(pal.ColorRole.WindowText)
+        qp.fillRect(self.rect(), bg)
+        geo = self._geometry()
+        self._layout = geo
+        if not geo:
+            qp.setPen(fg)
+            qp.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter,
+                        "Choose result layers (and a reference) to compare")
+            return
+        qp.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, False)
+        small = QFont(self.font())
+        small.setPointSizeF(max(7.0, self.font().pointSizeF() * 0.85))
+        bold = QFont(self.font())
+        bold.setBold(True)
+        fm = QFontMetrics(bold)
+        rows = geo["rows"]
+        cw = geo["cw"]
+        rects = geo["rects"]
+        s = geo["scale"]
+        # column titles
+        qp.setFont(bold)
+        qp.setPen(fg)
+        sfm = QFontMetrics(small)
+        for ci, col in enumerate(self._columns):
+            x = self.LEFT + ci * (cw + self.GAP)
+            title = fm.elidedText(col.title, Qt.TextElideMode.ElideMiddle, int(cw))
+            qp.setFont(bold)
+            qp.drawText(QRectF(x, 1, cw, fm.height()), Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop, title)
+            if col.subtitle:
+                qp.setFont(small)
+                sub = sfm.elidedText(col.subtitle, Qt.TextElideMode.ElideRight, int(cw))
+                qp.drawText(QRectF(x, 1 + fm.height(), cw, sfm.height()),
+                            Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop, sub)
+        # separator title for the difference rows
+        qp.setFont(small)
+        for ri, (p, d) in enumerate(rows):
+            if d and (ri == 0 or not rows[ri - 1][1]):
+                y0 = geo["row_y"][ri][0] - self.SEP
+                qp.setPen(fg)
+                qp.drawText(QRectF(self.LEFT, y0, self.width() - self.LEFT - self.RIGHT, self.SEP),
+                            Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignVCenter, self._diff_title)
+        # images, cross-hairs and notes
+        cross_pen = QPen(QColor(255, 210, 0, 150))
+        cross_pen.setWidthF(1.0)
+        letter_pen = QPen(QColor(255, 255, 140))
+        for (ci, ri), rect in rects.items():
+            name, is_diff = rows[ri]
+            item = self._images.get((ci, ri))
+            if item is not None:
+                qp.fillRect(rect, QColor(0, 0, 0))
+            if item is None:
+                note = self._columns[ci].diff_note if is_diff else ""
+                if note:
+                    qp.setPen(fg)
+                    qp.setFont(small)
+                    qp.drawText(rect, Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap, note)
+                continue
+            qp.drawImage(rect, item[0])
+            pl = self._planes_cache[(ci, ri)]
+            cx, cy = self._mm_to_px(pl, rect, *pl.cross)
+            qp.setPen(cross_pen)
+            qp.drawLine(QPointF(cx, rect.top()), QPointF(cx, rect.bottom()))
+            qp.drawLine(QPointF(rect.left(), cy), QPointF(rect.right(), cy))
+            if ci == 0 and rect.width() > 40:
+                lt, rt, tp, bt = _LETTERS[name]
+                if self._radiological and name != "sagittal":
+                    lt, rt = rt, lt
+                qp.setPen(letter_pen)
+                qp.setFont(small)
+                sm = QFontMetrics(small)
+                hh = sm.height()
+                qp.drawText(QRectF(rect.left() + 2, rect.center().y() - hh / 2, 14, hh), Qt.AlignmentFlag.AlignLeft, lt)
+                qp.drawText(QRectF(rect.right() - 16, rect.center().y() - hh / 2, 14, hh), Qt.AlignmentFlag.AlignRight, rt)
+                qp.drawText(QRectF(rect.center().x() - 8, rect.top() + 1, 16, hh), Qt.AlignmentFlag.AlignHCenter, tp)
+                qp.drawText(QRectF(rect.center().x() - 8, rect.bottom() - hh - 1, 16, hh), Qt.AlignmentFlag.AlignHCenter, bt)
+        # row labels: plane and slice index (mm)
+        qp.setFont(small)
+        qp.setPen(fg)
+        ax_name = "ijk"
+        for ri, (name, is_diff) in enumerate(rows):
+            y, h = geo["row_y"][ri]
+            pl = self._planes_cache.get((0, ri))
+            label = ("Δ " if is_diff else "") + name
+            if pl is not None:
+                label += f"\n{ax_name[pl.normal]} = {pl.index}\n{pl.index * self._vs[pl.normal]:.0f} mm"
+            qp.drawText(QRectF(2, y, self.LEFT - 6, h), Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, label)
+        # colour bars
+        chi_rows = [geo["row_y"][ri] for ri, (_, d) in enumerate(rows) if not d]
+        diff_rows = [geo["row_y"][ri] for ri, (_, d) in enumerate(rows) if d]
+        x_bar = self.width() - self.RIGHT + 8
+        if chi_rows:
+            self._colorbar(qp, x_bar, chi_rows[0][0], chi_rows[-1][0] + chi_rows[-1][1], self._chi_lut,
+                           *self._chi_lim, self._chi_unit, fg, small)
+        if diff_rows and self._images and any(k[1] >= len(self._planes) for k in self._images):
+            self._colorbar(qp, x_bar, diff_rows[0][0], diff_rows[-1][0] + diff_rows[-1][1], self._diff_lut,
+                           -self._diff_lim, self._diff_lim, self._diff_unit, fg, small)
+        # scale bar (10 mm or 50 mm) under the first column
+        if rects:
+            r0 = rects[(0, len(rows) - 1)]
+            mm = 50 if 50 * s < 0.8 * r0.width() else 10
+            if mm * s > 8:
+                y = r0.bottom() + 5
+                qp.setPen(QPen(fg, 2))
+                qp.drawLine(QPointF(r0.left(), y), QPointF(r0.left() + mm * s, y))
+                qp.setFont(small)
+                qp.drawText(QRectF(r0.left() + mm * s + 4, y - sfm.height() / 2, 60, sfm.height()),
+                            Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter, f"{mm} mm")
+
+    def _colorbar(self, qp, x, y0, y1, lut, lo, hi, unit, fg, font) -> None:
+        h = max(10, int(y1 - y0))
+        grad = np.ascontiguousarray(np.repeat(lut[::-1][:, None], 10, axis=1))
+        img = QImage(grad.data, 10, 256, 40, QImage.Format.Format_RGBA8888)
+        qp.drawImage(QRectF(x, y0, 10, h), img)
+        qp.setPen(fg)
+        qp.setFont(font)
+        fmh = QFontMetrics(font).height()
+        for frac, val in ((0.0, hi), (0.5, 0.5 * (lo + hi)), (1.0, lo)):
+            yy = y0 + frac * h
+            qp.drawLine(QPointF(x + 10, yy), QPointF(x + 13, yy))
+            qp.drawText(QRectF(x + 15, yy - fmh / 2, self.RIGHT - 24, fmh), Qt.AlignmentFlag.AlignLeft, f"{val:+.3g}")
+        qp.save()
+        qp.translate(x - 3, y0 + h / 2)
+        qp.rotate(-90)
+        qp.drawText(QRectF(-h / 2, -fmh, h, fmh), Qt.AlignmentFlag.AlignCenter, unit)
+        qp.restore()
