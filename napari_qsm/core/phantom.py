@@ -80,7 +80,7 @@ data and network training use it; benchmarks should not.
 ``honest=True`` (``simulation="honest"``) removes those advantages:
 
 * **Model error.** χ, proton density and R2* are painted on a grid 2x finer along each axis
-  (thick voxels are further supersampled inside it). The field is computed there (D(0) = 0,
+  (thick voxels are further supersampled inside it, to the idealised phantom's sample count). The field is computed there (D(0) = 0,
   zero padding ≥ 2x of the bounding box of the brain). ``chi`` is the voxel mean of the fine χ;
   ``true_field`` the voxel mean of the fine field (inside the mask). On a 64x72x64 2.5 mm head the
   true field differs from the discrete forward model of ``chi`` by 7 % (demeaned relative norm in
@@ -952,13 +952,14 @@ def _axes_mm(shape, vs, s_fit):
     return [(np.arange(n) - (n - 1) / 2.0) * d / s_fit for n, d in zip(shape, vs)]
 
 
-def _paint_grid(anat, shape, vs, s_fit, props, te=None, silent_veins=()):
+def _paint_grid(anat, shape, vs, s_fit, props, te=None, silent_veins=(), sub=None):
     """Paint the head on the voxel grid (shape, vs): voxel means over the supersampled points.
 
     Returns chi, labels (mode), tissue (fraction of textured tissue) and, with ``te`` given, the
     magnitude pd·exp(−te·R2*); without ``te``, pd, r2s and deep (fraction of deep grey matter).
+    ``sub``: sample points per voxel along each axis (default :func:`_supersampling`).
     """
-    sub = _supersampling(vs)
+    sub = _supersampling(vs) if sub is None else tuple(int(v) for v in sub)
     eff = vs / np.asarray(sub)
     w = 0.25 * float(np.prod(eff) ** (1.0 / 3.0))  # sigmoid width (mm) ≈ partial-volume slope
     axes_x = []
@@ -1286,7 +1287,10 @@ def _make_honest(shape, vs, b0, seed, snr, texture, randomize, b0_tesla, device,
     if not silent and n_tubes > 1:
         silent = [int(rng_vein.integers(1, n_tubes))]
 
-    g = _paint_grid(anat, fshape, fvs, s_fit, props, te=None, silent_veins=silent)
+    # thick voxels: the fine grid already halves them, so half the usual supersampling keeps the
+    # same number of samples per voxel along the thick axis as the idealised phantom
+    sub = tuple(max(1, k // f) for k in _supersampling(fvs))
+    g = _paint_grid(anat, fshape, fvs, s_fit, props, te=None, silent_veins=silent, sub=sub)
     chi_f, pd_f, r2s_f, lab_f = g["chi"], g["pd"], g["r2s"], g["labels"]
     tissue_f, deep_f = g["tissue"], g["deep"]
     del g
