@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -19,8 +20,8 @@ import numpy as np
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 
-from ..methods import Result
-from ..core.params import params_to_dict
+from ..methods import Result, get_method
+from ..core.params import display_name, params_to_dict
 from .form import ParamForm
 from .layers import result_layer_data
 from .widgets import (DIM_COLOR, OK_COLOR, WARN_COLOR, PreviewLayer, _device_combo, _inputs_section,
@@ -271,8 +272,8 @@ class AdaptWidget(QWidget):
                         extras={"steps_done": res.step, "base_weights": res.base_weights,
                                 "final_losses": res.history[-1] if res.history else {}},
                         scan_info=scan.info())
+        result.title = display_name(get_method("dsbn_adapt").short, replace(res.params, steps=res.step))
         data, kw = result_layer_data(result, field_layer, scan=scan, inputs=inputs)
-        kw["name"] = f"dsbn_adapted_{res.step}steps"
         self.chi_layer = self.viewer.add_image(data, **kw)
         last = res.history[-1] if res.history else {}
         try:

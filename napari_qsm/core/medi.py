@@ -115,7 +115,7 @@ EPSILON = 1e-6
 class MEDIParams:
     lam: float | str = param(1000.0, "λ weighting the data term (toolbox default 1000) or 'auto' "
                              "(auto_rule: UPRE by default)",
-                             min=1e-3, max=1e9, cli="lambda", allow=("auto",))
+                             min=1e-3, max=1e9, cli="lambda", allow=("auto",), short="λ")
     percentage: float = param(0.9, "gradient-mask share: #edge gradient components / #mask voxels (0.9 → ~30% edges)",
                               min=0.01, max=2.9)
     smv: float = param(0.0, "SMV preconditioning radius in mm (0 = off; the toolbox uses 5 mm when on)", min=0.0, max=20.0)
@@ -1014,7 +1014,7 @@ def _run(scan, p: MEDIParams, *, device, progress=None, cancel=None, csf_mask=No
 
 
 METHODS = (Method(
-    "medi", "MEDI-L1", MEDIParams, _run, order=20, uses_magnitude=True, long_running=True,
+    "medi", "MEDI-L1", MEDIParams, _run, order=20, short="MEDI λ={lambda}", uses_magnitude=True, long_running=True,
     doc="Morphology enabled dipole inversion (Cornell MEDI_L1 semantics): L1 of the gradient outside magnitude "
         "edges + λ·nonlinear data fidelity, Gauss-Newton with CG. lambda=auto picks λ by UPRE "
         "(or the discrepancy principle with auto_rule=discrepancy)."),)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .device import device_label, resolve_device
-from .params import check_params, make_params, params_to_dict
+from .params import check_params, display_name, make_params, params_to_dict
 from .progress import check_cancel
 
 __all__ = ["Method", "Result", "run_method"]
@@ -44,6 +44,7 @@ class Method:
     accepts_weights: bool = False  # True: takes a weights=PATH extra (networks)
     multi_scan: bool = False       # True: takes scans=[Scan, ...] (COSMOS)
     order: int = 100              # position in dropdowns
+    short: str = ""               # result name, formatted with the parameters ("QSMInvNet+ adapted ({steps} steps)"); default: label
 
 
 @dataclass
@@ -58,13 +59,13 @@ class Result:
     extras: dict = field(default_factory=dict)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     scan_info: dict = field(default_factory=dict)
+    title: str = ""               # the name a person would write, e.g. "TKD δ=0.2" (set by run_method)
 
     @property
     def name(self) -> str:
-        """Layer / file friendly name: method and key parameters, e.g. ``tkd_threshold0.15``."""
-        keys = list(self.params.items())[:2]
-        bits = [self.method] + [f"{k}{v}" for k, v in keys if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
-        return "_".join(str(b) for b in bits)
+        """Layer name: the method and only the parameters that differ from its defaults, e.g. ``TKD δ=0.2``,
+        ``MEDI-L1 λ=auto``, ``QSMInvNet+ adapted (120 steps)``; the full record is in :meth:`provenance`."""
+        return self.title or self.method
 
     def provenance(self) -> dict:
         """JSON-friendly provenance (written as NIfTI sidecar and layer metadata)."""
@@ -130,4 +131,5 @@ def run_method(m: Method, scan, params=None, *, device="auto", progress=None, ca
     if chi.shape != scan.shape:
         raise RuntimeError(f"method {m.name} returned shape {chi.shape}, expected {scan.shape}")
     return Result(chi=chi, method=m.name, params=params_to_dict(p), seconds=seconds,
-                  device=device_label(dev), extras=extras, scan_info=scan.info())
+                  device=device_label(dev), extras=extras, scan_info=scan.info(),
+                  title=display_name(m.short or m.label, p))

@@ -8,8 +8,9 @@ Declare fields with :func:`param`::
 
 Metadata carried per field: ``doc`` (one line), ``min``/``max`` (inclusive), ``choices``,
 ``cli`` (the command-line / display name when it differs from the attribute, e.g. ``lambda``),
-``allow`` (extra string values accepted besides numbers, e.g. ``("auto",)``) and ``widget``
-(hint for the GUI: "hidden" hides it).
+``allow`` (extra string values accepted besides numbers, e.g. ``("auto",)``), ``widget``
+(hint for the GUI: "hidden" hides it, "advanced" puts it under Advanced) and ``short`` (the symbol a
+person writes in a result's name, e.g. ``δ`` for the TKD threshold: "TKD δ=0.2").
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ class ParamError(ValueError):
 
 def param(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
           choices: tuple | None = None, cli: str | None = None, allow: tuple = (),
-          widget: str | None = None):
+          widget: str | None = None, short: str | None = None):
     """A dataclass field with the metadata the API, CLI and GUI share."""
     meta = {"doc": doc, "min": min, "max": max, "choices": choices, "cli": cli,
-            "allow": tuple(allow), "widget": widget}
+            "allow": tuple(allow), "widget": widget, "short": short}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -49,6 +50,7 @@ class ParamSpec:
     choices: tuple | None
     allow: tuple
     widget: str | None
+    short: str | None = None   # symbol in result names ("δ", "λ"); None: the public name
 
 
 def _base_type(tp: Any) -> Any:
@@ -72,7 +74,7 @@ def specs(cls) -> list[ParamSpec]:
         out.append(ParamSpec(attr=f.name, name=m.get("cli") or f.name, type=_base_type(hints[f.name]),
                              default=default, doc=m.get("doc", ""), min=m.get("min"), max=m.get("max"),
                              choices=m.get("choices"), allow=tuple(m.get("allow", ())),
-                             widget=m.get("widget")))
+                             widget=m.get("widget"), short=m.get("short")))
     return out
 
 
@@ -171,3 +173,37 @@ def parse_cli_params(items: list[str] | None) -> dict:
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(_fmt(x) for x in v)
+    return str(v)
+
+
+def changed_params(obj) -> list[tuple[ParamSpec, Any]]:
+    """(spec, value) of the fields of a record that differ from their defaults, in declaration order."""
+    out = []
+    for s in specs(type(obj)):
+        v = getattr(obj, s.attr)
+        d = list(s.default) if isinstance(s.default, tuple) else s.default
+        if (list(v) if isinstance(v, tuple) else v) != d:
+            out.append((s, v))
+    return out
+
+
+def display_name(label: str, obj, shown: tuple = ()) -> str:
+    """A name a person would write: ``label`` formatted with the record's values (``"{steps} steps"``),
+    then every other parameter that differs from its default, e.g. ``"TKD δ=0.2"``, ``"MEDI λ=1000"``.
+    Parameters hidden from the GUI are left out."""
+    values = {s.attr: _fmt(getattr(obj, s.attr)) for s in specs(type(obj))}
+    values.update({s.name: values[s.attr] for s in specs(type(obj))})
+    title = label.format(**values) if "{" in label else label
+    bits = [f"{s.short or s.name}={_fmt(v)}" for s, v in changed_params(obj)
+            if s.widget != "hidden" and "{" + s.attr + "}" not in label and "{" + s.name + "}" not in label
+            and s.attr not in shown]
+    return " ".join([title] + bits) if bits else title

@@ -23,7 +23,8 @@ from .params import param
 
 @dataclass
 class TKDParams:
-    threshold: float = param(0.15, "k-space threshold δ on |D| (0.1 simulations, 0.15 default, 0.2-0.4 in vivo)", min=0.01, max=0.66)
+    threshold: float = param(0.15, "k-space threshold δ on |D| (0.1 simulations, 0.15 default, 0.2-0.4 in vivo)", min=0.01, max=0.66,
+                             short="δ")
     correction: bool = param(False, "Schweser correction: divide by the mean of D·D⁻¹_δ over k-space")
     pad_factor: float = param(2.0, "zero-padding factor of the FFT grid (≥1; 2 prevents wrap-around)", min=1.0, max=4.0)
 
@@ -88,8 +89,8 @@ def _run(mode):
 
 
 METHODS = (
-    Method("tkd", "TKD", TKDParams, _run("tkd"), order=10,
+    Method("tkd", "TKD", TKDParams, _run("tkd"), order=10, short="TKD δ={threshold}",
            doc="Truncated k-space division: 1/D, with sign(D)/δ where |D| ≤ δ. Fast, closed form; streaking grows as δ falls."),
-    Method("tsvd", "TSVD", TKDParams, _run("tsvd"), order=11,
+    Method("tsvd", "TSVD", TKDParams, _run("tsvd"), order=11, short="TSVD δ={threshold}",
            doc="Truncated SVD: 1/D, with 0 where |D| ≤ δ. Less streaking than TKD, more underestimation."),
 )

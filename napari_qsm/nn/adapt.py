@@ -791,7 +791,8 @@ def _run(scan, p: AdaptParams, *, device, progress=None, cancel=None, weights=No
 
 
 METHODS = (Method(
-    "dsbn_adapt", "QSMInvNet+ adapted to this scan", AdaptParams, _run, order=45, accepts_weights=True,
+    "dsbn_adapt", "QSMInvNet+ adapted to this scan", AdaptParams, _run, order=45,
+    short="QSMInvNet+ adapted ({steps} steps)", accepts_weights=True,
     long_running=True, uses_magnitude=True,
     doc="Adapts QSMInvNet+ to the open scan for a few minutes (synthetic L_S on domain 0 + λ·L_T on the scan's "
         "domain 1), then reconstructs with the scan's own batch norms. mode=finetune gives the QSMInvNet baseline."),)

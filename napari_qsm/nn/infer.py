@@ -328,7 +328,7 @@ def _run(scan, p: DSBNParams, *, device, progress=None, cancel=None, weights=Non
 
 
 METHODS = (Method(
-    "dsbn", "QSMInvNet+ (DSBN)", DSBNParams, _run, order=40, accepts_weights=True, long_running=True,
+    "dsbn", "QSMInvNet+ (DSBN)", DSBNParams, _run, order=40, short="QSMInvNet+", accepts_weights=True, long_running=True,
     uses_magnitude=False,
     doc="Deep dipole inversion: 3-D U-Net with domain-specific batch norms trained on synthetic heads "
         "(field + mask, and the TKD of the field as a physics channel when the checkpoint has one → χ). Uses the shipped weights or --weights CKPT (an adapted checkpoint uses its "

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from napari_qsm.core import methods as _methods  # noqa: E402
+from napari_qsm import methods as _methods  # noqa: E402
 from napari_qsm.methods import Method, register_method  # noqa: E402
 from napari_test_helpers import (MANIFEST, OBLIQUE_B0, TINY_SHAPE, TINY_VS, SlowParams,  # noqa: E402
                                  _slow_run, add_layer_data, save_stored)
@@ -78,4 +78,4 @@ def slow_method():
     m = register_method(Method("slowtest", "Slow test", SlowParams, _slow_run, long_running=True, order=999,
                                doc="test method: sleeps, reports progress, honours cancel"))
     yield m
-    _methods._REGISTRY.pop("slowtest", None)
+    _methods._METHODS.pop("slowtest", None)

@@ -43,7 +43,7 @@ def test_adapt_end_to_end_save_and_use(phantom_viewer, qtbot, tiny_checkpoint, t
     qtbot.waitUntil(lambda: not w.runner.running, timeout=180000)
     assert "adapt (preview)" not in phantom_viewer.layers
     chi = phantom_viewer.layers[-1]
-    assert chi.name == "dsbn_adapted_3steps", w.status.text()
+    assert chi.name.startswith("QSMInvNet+ adapted (3 steps)"), w.status.text()
     assert "adapted 3 steps" in w.status.text(), w.status.text()
     assert chi.metadata["provenance"]["method"] == "dsbn_adapt"
     assert chi.data.shape == phantom_viewer.layers["phantom field"].data.shape

@@ -104,7 +104,7 @@ def test_tkd_end_to_end_replace_or_add(phantom_viewer, qtbot, tiny_phantom):
     assert w.run_button.isEnabled() and not w.cancel_button.isEnabled()
     chi = phantom_viewer.layers[-1]
     field = phantom_viewer.layers["phantom field"]
-    assert chi.name == "tkd_threshold0.2"
+    assert chi.name == "TKD δ=0.2"
     assert chi.colormap.name == "gray" and tuple(chi.contrast_limits) == (-0.15, 0.15)
     np.testing.assert_allclose(chi.scale, field.scale)
     np.testing.assert_allclose(chi.translate, field.translate)
@@ -121,7 +121,7 @@ def test_tkd_end_to_end_replace_or_add(phantom_viewer, qtbot, tiny_phantom):
     w.form.set_values({"threshold": 0.15})
     assert w.run()
     _wait_done(w, qtbot)
-    assert len(phantom_viewer.layers) == n and chi.name == "tkd_threshold0.15"
+    assert len(phantom_viewer.layers) == n and chi.name == "TKD δ=0.15"
     # re-run, add: a new layer
     w.output_combo.setCurrentIndex(w.output_combo.findData("add"))
     assert w.run()
@@ -226,7 +226,7 @@ def test_medi_few_iterations(phantom_viewer, qtbot):
     _wait_done(w, qtbot, timeout=120000)
     chi = phantom_viewer.layers[-1]
     assert chi.metadata["provenance"]["method"] == "medi", w.status.text()
-    assert chi.name.startswith("medi")
+    assert chi.name == "MEDI λ=1000 cg_max_iter=5 max_iter=1"
     assert np.isfinite(chi.data).all() and np.abs(chi.data).max() > 0
 
 

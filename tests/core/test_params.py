@@ -42,3 +42,36 @@ def test_registry():
     assert names[:2] == ["tkd", "tsvd"]
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         get_method("nope")
+
+
+@pytest.mark.parametrize("method, params, expected", [
+    ("tkd", {}, "TKD δ=0.15"),
+    ("tkd", {"threshold": 0.2, "correction": True}, "TKD δ=0.2 correction=on"),
+    ("medi", {}, "MEDI λ=1000"),
+    ("medi", {"lambda": "auto", "percentage": 0.8}, "MEDI λ=auto percentage=0.8"),
+    ("dsbn", {}, "QSMInvNet+"),
+    ("dsbn_adapt", {}, "QSMInvNet+ adapted (120 steps)"),
+    ("dsbn_adapt", {"steps": 40, "mode": "finetune"}, "QSMInvNet+ adapted (40 steps) mode=finetune"),
+])
+def test_result_names_a_person_would_write(method, params, expected):
+    """Only the parameters that differ from the defaults, with their symbols (issue 17); the record stays whole."""
+    from napari_qsm.core.params import display_name, make_params
+
+    m = get_method(method)
+    p = make_params(m.params_cls, params)
+    if method == "dsbn_adapt" and m.params_cls().steps != 120:
+        expected = expected.replace("(120 steps)", f"({m.params_cls().steps} steps)")
+    assert display_name(m.short or m.label, p) == expected
+
+
+def test_result_name_and_full_record(rng):
+    import numpy as np
+
+    from napari_qsm.core.scan import Scan
+    from napari_qsm.methods import reconstruct
+
+    scan = Scan(field=rng.standard_normal((8, 8, 8)).astype(np.float32) * 0.01, mask=np.ones((8, 8, 8), bool),
+                voxel_size=(1, 1, 1))
+    res = reconstruct(scan, "tkd", {"threshold": 0.3}, device="cpu")
+    assert res.name == "TKD δ=0.3"
+    assert res.provenance()["parameters"] == {"threshold": 0.3, "correction": False, "pad_factor": 2.0}
