@@ -332,7 +332,7 @@ def plot_curve(curve, auto_meta, tkd_best, path, title):
         srch = auto_meta["lambda_search"]
         pts = [t for t in srch["tried"] if t.get("upre") is not None]
         ax[1].semilogx([t["lambda"] for t in pts], [t["upre"] / srch["noise_energy"] for t in pts], "x", color="C3",
-                       ms=9, mew=2, label="U / E at the search's (warm-started) solves")
+                       ms=9, mew=2, label="U / E at the search's solves (each from χ = 0)")
     ax[1].axhline(1.0, color="gray", ls=":", label="discrepancy principle: R = E")
     if auto_lambda:
         ax[1].axvline(auto_lambda, color="C3", lw=1.2)
@@ -419,7 +419,7 @@ def main(argv=None):
                  "the echoes, N_std estimated by the MEDI fit formula (not the exact noise map), magnitude (RSS over "
                  "echoes) whose edges only partly match χ's. Metrics from `napari_qsm.core.metrics` inside the "
                  "brain mask: NRMSE demeaned (QSM challenge 2.0), HFEN (LoG σ 1.5), SSIM (2016 challenge), XSIM "
-                 "(Gaussian σ 1.5 window). CPU (%s, 2 cores shared with other jobs while this ran, so times are upper "
+                 "(uniform 5³ window, QSM-CI). CPU (%s, 2 cores shared with other jobs while this ran, so times are upper "
                  "bounds)." % platform.machine())
     lines.append("")
     lines.append("MEDI runs with the Cornell MEDI_L1 semantics (`napari_qsm/core/medi.py`): ppm field scaled to the "
@@ -464,7 +464,8 @@ def main(argv=None):
                      "of the predicted risk E‖m∘D∗(χ_λ − χ_true)‖² (R = weighted data residual, κ = weighted noise "
                      "variance from the noise map, H_λ the influence matrix of the problem linearised at χ_λ, its "
                      "trace by one Hutchinson probe). λ = 1000, 2000, then factor-2 steps until bracketed, a "
-                     "parabola in log λ, one final warm-started solve. Solves tried:")
+                     "parabola in log λ solved too when the budget allows; every solve starts from χ = 0 with the "
+                     "plain run's stopping rule, so the returned map is exactly what `lambda=<λ>` gives. Solves tried:")
         lines.append("")
         lines.append("| λ | residual R | tr(K·H) | U | GN | CG (incl. trace) |")
         lines.append("|---|---|---|---|---|---|")
