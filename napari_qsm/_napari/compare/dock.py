@@ -14,13 +14,14 @@ from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import QHBoxLayout, QPushButton, QTabWidget, QVBoxLayout, QWidget
 
 from ...core import compare as core
-from .geometry import canonical, canonical_geometry, label_names_of, meta, point_from_world, world_from_point
+from .geometry import canonical_geometry, label_names_of, meta, point_from_world, world_from_point
 from .grid import SideBySide
 from .metrics_tab import MetricsTab
 from .panel import PanelColumn
-from .picker import NONE, Picker, Selection
+from .picker import Picker, Selection
 from .regions_tab import RegionsTab
 from .slices_tab import SlicesTab
+from .volumes import ChosenVolumes
 
 
 class CompareWidget(QWidget):
@@ -33,14 +34,13 @@ class CompareWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.grid = SideBySide(napari_viewer)
+        self.volumes = ChosenVolumes(napari_viewer, self._warn, self._on_layer_data)
         self._worker = None
         self._generation = 0
         self._offsets: dict = {}
         self._residuals: dict = {}
-        self._connected_layers: list = []
         self._contrast_set = False
         self._busy = False
-        self._canon_cache: dict = {}
         self._partial_rows: list = []
         self._job_reference: Optional[str] = None
 
@@ -140,14 +140,6 @@ class CompareWidget(QWidget):
         return core.best_per_column(self.table) if self.table else {}
 
     # ------------------------------------------------------------------ layer choices
-    def _layer(self, name: Optional[str]):
-        if not name or name == NONE:
-            return None
-        try:
-            return self.viewer.layers[name]
-        except (KeyError, ValueError):
-            return None
-
     def _refresh_choices(self) -> None:
         self.picker.refresh()
 
@@ -176,56 +168,21 @@ class CompareWidget(QWidget):
         self._selection_changed()
 
     # ------------------------------------------------------------------ data of the chosen layers
-    def _canon(self, name: str) -> np.ndarray:
-        lay = self._layer(name)
-        key = (name, id(lay), id(lay.data))
-        got = self._canon_cache.get(name)
-        if got is not None and got[0] == key:
-            return got[1]
-        arr = canonical(lay)
-        self._canon_cache[name] = (key, arr)
-        return arr
-
-    def _mask_array(self, sel: Selection, shape) -> Optional[np.ndarray]:
-        if sel.mask is None:
-            return None
-        m = self._canon(sel.mask)
-        if m.shape != tuple(shape):
-            self._warn(f"mask {sel.mask!r}: shape {m.shape} does not match {tuple(shape)}; ignored")
-            return None
-        return m > 0.5 if m.dtype != bool else m
-
-    def _disconnect_layer_data(self) -> None:
-        for lay in self._connected_layers:
-            try:
-                lay.events.data.disconnect(self._on_layer_data)
-            except Exception:
-                pass
-        self._connected_layers = []
-
-    def _connect_layer_events(self, sel: Selection) -> None:
-        self._disconnect_layer_data()
-        for name in [sel.reference, sel.mask, sel.field, sel.labels] + list(sel.results):
-            lay = self._layer(name)
-            if lay is not None and lay not in self._connected_layers:
-                lay.events.data.connect(self._on_layer_data)
-                self._connected_layers.append(lay)
-
     def _on_layer_data(self, event=None) -> None:
-        self._canon_cache.clear()
+        self.volumes.clear()
         self._build_panel()
         self._recompute_timer.start()
 
     def _selection_changed(self, *args) -> None:
         sel = self.selection()
         self.field_combo.setEnabled(True)
-        self._connect_layer_events(sel)
+        self.volumes.watch([sel.reference, sel.mask, sel.field, sel.labels] + list(sel.results))
         self._build_panel()
         self._recompute_timer.start()
 
     # ------------------------------------------------------------------ the slices panel
     def _geometry_layer(self, sel: Selection):
-        return self._layer(sel.reference) or (self._layer(sel.results[0]) if sel.results else None)
+        return self.volumes.layer(sel.reference) or (self.volumes.layer(sel.results[0]) if sel.results else None)
 
     def _build_panel(self) -> None:
         sel = self.selection()
@@ -233,24 +190,24 @@ class CompareWidget(QWidget):
         if geo is None:
             self.panel.set_columns([], (1, 1, 1))
             return
-        ref = self._canon(sel.reference) if sel.reference else None
-        shape = (ref if ref is not None else self._canon(sel.results[0])).shape
+        ref = self.volumes.canon(sel.reference) if sel.reference else None
+        shape = (ref if ref is not None else self.volumes.canon(sel.results[0])).shape
         vs, _ = canonical_geometry(geo)
-        mask = self._mask_array(sel, shape)
+        mask = self.volumes.mask(sel.mask, shape)
         demean = self.demean_check.isChecked()
         cols = []
         if ref is not None:
             cols.append(PanelColumn(title=sel.reference, subtitle="reference", volume=ref, diff_note="reference"))
         for name in sel.results:
             try:
-                vol = self._canon(name)
+                vol = self.volumes.canon(name)
             except ValueError as exc:
                 self._warn(str(exc))
                 continue
             if vol.shape != shape:
                 self._warn(f"{name!r}: shape {vol.shape} differs from {shape}; left out of the comparison")
                 continue
-            sub = core.describe_provenance(meta(self._layer(name)).get("provenance"))
+            sub = core.describe_provenance(meta(self.volumes.layer(name)).get("provenance"))
             if ref is not None:
                 cols.append(PanelColumn(title=name, subtitle=sub, volume=vol, ref=ref, mask=mask,
                                         offset=self._offsets.get(name, 0.0) if demean else 0.0))
@@ -275,7 +232,7 @@ class CompareWidget(QWidget):
         if not cols:
             return
         vol = cols[0].volume
-        window = core.auto_window(vol, self._mask_array(self.selection(), vol.shape))
+        window = core.auto_window(vol, self.volumes.mask(self.selection().mask, vol.shape))
         if window is None:
             return
         self._contrast_set = True
@@ -350,10 +307,10 @@ class CompareWidget(QWidget):
         worker.start()
 
     def _job_inputs(self, sel: Selection) -> dict:
-        ref = self._canon(sel.reference) if sel.reference else None
+        ref = self.volumes.canon(sel.reference) if sel.reference else None
         results = {}
         for n in sel.results:
-            v = self._canon(n)
+            v = self.volumes.canon(n)
             shape = ref.shape if ref is not None else next(iter(results.values()), v).shape
             if v.shape != shape:
                 continue
@@ -361,12 +318,12 @@ class CompareWidget(QWidget):
         if not results:
             raise ValueError("Compare: no result has the reference's shape")
         shape = next(iter(results.values())).shape
-        mask = self._mask_array(sel, shape)
+        mask = self.volumes.mask(sel.mask, shape)
         field = vs = b0 = None
         if sel.field is not None:
-            f = self._canon(sel.field)
+            f = self.volumes.canon(sel.field)
             if f.shape == shape:
-                vs, b0 = canonical_geometry(self._layer(sel.field))
+                vs, b0 = canonical_geometry(self.volumes.layer(sel.field))
                 if b0 is None:
                     vs2, b0 = canonical_geometry(self._geometry_layer(sel))
                 if b0 is None:
@@ -379,10 +336,10 @@ class CompareWidget(QWidget):
             raise ValueError("Compare: without a reference the field layer must match the results' shape")
         labels = names = None
         if sel.labels is not None:
-            lab = self._canon(sel.labels)
+            lab = self.volumes.canon(sel.labels)
             if lab.shape == shape:
                 labels = lab
-                names = label_names_of(self._layer(sel.labels))
+                names = label_names_of(self.volumes.layer(sel.labels))
         return dict(results=results, reference=ref, mask=mask, field=field, voxel_size=vs, b0_direction=b0,
                     labels=labels, label_names=names, reference_name=sel.reference,
                     residual_maps=ref is None and field is not None)
@@ -464,13 +421,13 @@ class CompareWidget(QWidget):
         if self.grid.active:
             return
         sel = self.selection()
-        results = [r for r in (self._layer(n) for n in sel.results) if r is not None]
+        results = [r for r in (self.volumes.layer(n) for n in sel.results) if r is not None]
         if not results:
             self._warn("Compare: choose result layers first")
             return
         self._busy = True
         try:
-            self.grid.open(results, self._layer(sel.reference), lambda shape: self._mask_array(sel, shape),
+            self.grid.open(results, self.volumes.layer(sel.reference), lambda shape: self.volumes.mask(sel.mask, shape),
                            self.demean_check.isChecked(), self._offsets, self._residuals,
                            self.slices.chi_window(), self.diff_lim.value())
         except Exception:
@@ -515,4 +472,4 @@ class CompareWidget(QWidget):
                     emitter.disconnect(cb)
             except Exception:
                 pass
-        self._disconnect_layer_data()
+        self.volumes.unwatch()
