@@ -185,3 +185,49 @@ def test_linear_fit_degenerate():
     assert np.isnan(cmp.linear_fit([1.0, 1.0], [2.0, 3.0]).slope)
     f = cmp.linear_fit([0, 1, 2, 3], [1, 3, 5, 7.5])
     assert 0.99 < f.r2 < 1.0 and f.n == 4
+
+
+def test_compare_steps_match_the_one_shot_functions(phantom, results):
+    """The widget's step generator yields what compare / region_stats / field_residual_map give."""
+    steps = list(cmp.compare_steps(results, phantom.chi, phantom.mask, reference_name="truth",
+                                   labels=phantom.labels))
+    kinds = [s[0] for s in steps]
+    assert kinds == ["noop"] * 3 + ["offsets"] + ["row"] * 3 + ["table", "regions"]
+    offs = dict(steps[3][1])
+    for n, x in results.items():
+        assert offs[n] == pytest.approx(float(np.mean(x[phantom.mask] - phantom.chi[phantom.mask])), abs=1e-7)
+    table = steps[-2][1]
+    want = cmp.compare(results, phantom.chi, phantom.mask, reference_name="truth")
+    assert table.names == want.names and table.columns == want.columns and table.reference == "truth"
+    assert steps[-1][1].fits["half"].slope == pytest.approx(0.5, abs=1e-5)
+    # without a reference: residual maps, then the residual-only table
+    sub = {"half": results["half"]}
+    steps = list(cmp.compare_steps(sub, None, phantom.mask, field=phantom.field, voxel_size=phantom.voxel_size,
+                                   b0_direction=phantom.b0_direction, residual_maps=True))
+    assert [s[0] for s in steps] == ["residual", "row", "table"]
+    np.testing.assert_allclose(steps[0][2], cmp.field_residual_map(sub["half"], phantom.field, phantom.mask,
+                                                                   phantom.voxel_size, phantom.b0_direction),
+                               atol=1e-6)
+    assert steps[-1][1].columns == ["field_residual"]
+
+
+def test_display_helpers():
+    assert cmp.format_metric("ssim", 0.93456) == "0.9346"
+    assert cmp.format_metric("psnr", 123.45) == "123.5" and cmp.format_metric("nrmse", 41.7407) == "41.74"
+    assert cmp.format_metric("nrmse", float("nan")) == "—"
+    assert cmp.nice(0.1234) == 0.12 and cmp.nice(-0.0456) == -0.046 and cmp.nice(0.0) == 0.0
+    vol = np.linspace(-1, 1, 1000, dtype=np.float32).reshape(10, 10, 10)
+    lo, hi, dl = cmp.auto_window(vol)
+    assert lo == pytest.approx(-0.98) and hi == pytest.approx(0.98) and dl == pytest.approx(0.65)
+    assert cmp.auto_window(np.full((4, 4, 4), np.nan, np.float32)) is None
+    line = cmp.describe_provenance({"method": "tkd", "seconds": 1.25, "parameters": {"threshold": 0.15, "x": True}})
+    assert line == "TKD · 1.2 s · threshold 0.15"
+    assert cmp.describe_provenance(None) == ""
+    # the difference a grid layer shows: demeaned in the mask (or by a given offset), 0 outside
+    x = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
+    m = np.zeros(x.shape, bool)
+    m[0] = True
+    d = cmp.shown_difference(x, np.zeros_like(x), m)
+    assert d[m].mean() == pytest.approx(0.0) and np.all(d[~m] == 0)
+    assert cmp.shown_difference(x, x - 1, None, offset=0.5)[1, 1, 1] == pytest.approx(0.5)
+    assert cmp.shown_difference(x, x - 1, None, demean=False)[0, 0, 0] == pytest.approx(1.0)
