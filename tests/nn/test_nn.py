@@ -239,25 +239,85 @@ def _toy_head(shape=(48, 48, 48)):
                 voxel_size=(1.0, 1.0, 1.0), seed=0)
 
 
-def test_synthetic_pair_consistent():
-    head = _toy_head()
+def _np_dipole(pshape, voxel_size, b0):
+    """D(k) = 1/3 − (k·b̂)²/|k|² on the real-FFT grid of ``pshape`` (fftfreq on the first two axes,
+    rfftfreq on the last, physical voxel sizes), D(0) = 0; written out here with numpy, independently of
+    napari_qsm.core.dipole. (With an oblique B0 the sign of the Nyquist frequency matters: a full
+    complex FFT with fftfreq's −N/2 on the last axis differs by ~0.7 % on the patch below.)"""
+    b = np.asarray(b0, float) / np.linalg.norm(b0)
+    freqs = [np.fft.fftfreq(n, d=d) for n, d in zip(pshape[:-1], voxel_size[:-1])]
+    freqs.append(np.fft.rfftfreq(pshape[-1], d=voxel_size[-1]))
+    k = np.meshgrid(*freqs, indexing="ij")
+    k2 = k[0] ** 2 + k[1] ** 2 + k[2] ** 2
+    kb = k[0] * b[0] + k[1] * b[1] + k[2] * b[2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        D = 1.0 / 3.0 - kb ** 2 / k2
+    D[0, 0, 0] = 0.0
+    return D
+
+
+def _np_conv(x, K, pshape):
+    """Zero-padded (to ``pshape``) k-space product with ``K`` (real-FFT grid), cropped back to x's shape."""
+    y = np.fft.irfftn(np.fft.rfftn(x, s=pshape, axes=(0, 1, 2)) * K, s=pshape, axes=(0, 1, 2))
+    return y[: x.shape[0], : x.shape[1], : x.shape[2]]
+
+
+def _rel_demeaned(a, b, m):
+    """‖(a − ā) − (b − b̄)‖ / ‖b − b̄‖ in the mask (QSM-CI's demeaned NRMSE, as a fraction)."""
+    a = a[m] - a[m].mean()
+    b = b[m] - b[m].mean()
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_synthetic_pair_physics_independent():
+    """The synthetic field and the TKD channel agree with a dipole kernel and a TKD written out in numpy
+    (2x zero padding, anisotropic voxels, oblique B0), and follow the B0 direction they are given."""
+    chi0, mask0 = blob_volume((48, 48, 48))
+    vs = (1.0, 0.8, 1.6)
+    head = Head(chi=chi0, mask=mask0, magnitude=np.where(mask0, 1.0, 0.1).astype(np.float32),
+                labels=mask0.astype(np.int16), voxel_size=vs, seed=0)
     cfg = SynthConfig(patch=(32, 32, 32), min_mask_fraction=0.1)
-    s = sample_pair(head, np.random.default_rng(0), cfg, augment=True, snr=None)
+    b_obl = np.array([0.35, -0.25, 0.90])
+    b_obl /= np.linalg.norm(b_obl)
+    s = sample_pair(head, np.random.default_rng(0), cfg, augment=True, snr=None, b0_direction=b_obl)
+    # same generator state, B0 along the last axis: same χ patch, another field
+    s_z = sample_pair(head, np.random.default_rng(0), cfg, augment=True, snr=None, b0_direction=(0.0, 0.0, 1.0))
     assert s.field.shape == s.chi.shape == s.mask.shape == (32, 32, 32)
-    assert np.all(s.chi[s.mask == 0] == 0) and np.all(s.field[s.mask == 0] == 0)
-    # without noise the field is exactly the masked forward field of the label
-    f = forward_field(s.chi, s.voxel_size, s.b0_direction, device="cpu") * s.mask
-    assert np.allclose(f, s.field, atol=1e-6)
+    assert s.voxel_size == vs and np.allclose(s.b0_direction, b_obl)
+    assert np.array_equal(s.chi, s_z.chi) and np.array_equal(s.mask, s_z.mask)
+    m = s.mask > 0.5
+    assert m.mean() > 0.1 and np.all(s.chi[~m] == 0) and np.all(s.field[~m] == 0)
+    pshape = tuple(2 * n for n in s.chi.shape)       # 64: 2x padding, also the library's fast size
+    D, D_z = _np_dipole(pshape, vs, b_obl), _np_dipole(pshape, vs, (0.0, 0.0, 1.0))
+    ref = _np_conv(s.chi.astype(np.float64), D, pshape) * m
+    ref_z = _np_conv(s.chi.astype(np.float64), D_z, pshape) * m
+    assert np.linalg.norm(ref[m]) > 1e-3                # the patch has a real field
+    assert _rel_demeaned(s.field, ref, m) < 1e-3
+    assert _rel_demeaned(s_z.field, ref_z, m) < 1e-3
+    # the B0 direction matters: the two fields differ by far more than the tolerance above
+    assert _rel_demeaned(s.field, ref_z, m) > 0.05 and _rel_demeaned(s_z.field, ref, m) > 0.05
+
     x, y = to_tensors([s], NetConfig())
     assert x.shape == (1, 2, 32, 32, 32) and y.shape == (1, 1, 32, 32, 32)
-    # with the physics channel: channel 2 is the TKD of the patch's own field, voxel size and B0
-    from napari_qsm.core.tkd import truncated_inversion
-    x3, _ = to_tensors([s], NetConfig(tkd_delta=0.1))
-    ref, _ = truncated_inversion(s.field, s.mask > 0, s.voxel_size, s.b0_direction, threshold=0.1)
+    # the physics channel: TKD of the patch's own field (|D| ≤ δ → sign(D)/δ, sign(0) = 0) with its
+    # own voxel size and B0, times chi_scale
+    delta = 0.1
+    ncfg = NetConfig(tkd_delta=delta)
+    x3, _ = to_tensors([s], ncfg)
+    x3_z, _ = to_tensors([s_z], ncfg)
     assert x3.shape == (1, 3, 32, 32, 32) and torch.equal(x3[:, :2], x)
-    assert np.allclose(x3[0, 2].numpy(), ref * 10.0, atol=1e-5)
-    tilt = np.degrees(np.arccos(abs(s.b0_direction[2])))
-    assert 0 <= tilt <= 25.0 + 1e-6
+
+    def np_tkd(field, Dk):
+        inv = np.where(np.abs(Dk) > delta, 1.0 / np.where(Dk == 0, 1.0, Dk), np.sign(Dk) / delta)
+        return _np_conv(field.astype(np.float64) * m, inv, pshape) * m
+
+    tkd, tkd_z = np_tkd(s.field, D), np_tkd(s_z.field, D_z)
+    got, got_z = x3[0, 2].numpy() / ncfg.chi_scale, x3_z[0, 2].numpy() / ncfg.chi_scale
+    assert _rel_demeaned(got, tkd, m) < 1e-3
+    assert _rel_demeaned(got_z, tkd_z, m) < 1e-3
+    assert _rel_demeaned(got, got_z, m) > 0.05
+    # and the channel is an estimate of χ (TKD at δ = 0.1 on a noise-free field)
+    assert _rel_demeaned(got, s.chi, m) < 0.6
 
 
 def test_training_smoke_lowers_loss(tmp_path):
@@ -288,14 +348,14 @@ def test_training_smoke_lowers_loss(tmp_path):
 
 
 def test_dsbn_method_registered():
-    from napari_qsm.core.methods import get_method
+    from napari_qsm.methods import get_method
 
     meth = get_method("dsbn")
     assert meth.accepts_weights and meth.long_running and meth.label == "QSMInvNet+ (DSBN)"
 
 
 def test_method_runs_with_given_weights(tmp_path):
-    from napari_qsm.core.methods import reconstruct
+    from napari_qsm.methods import reconstruct
     from napari_qsm.core.scan import Scan
 
     m = tiny()
