@@ -232,12 +232,19 @@ def _looks_like_dicom(folder: Path) -> bool:
     return False
 
 
+def _protocol(side: dict) -> str:
+    """Protocol/series name without a phase suffix, to pair magnitude and phase series."""
+    name = str(side.get("ProtocolName") or side.get("SeriesDescription") or "").strip()
+    return re.sub(r"[_ ](ph|pha|phase|p)$", "", name, flags=re.IGNORECASE)
+
+
 def dicom_to_bids(dicom_dir, out_dir) -> tuple[list[Path], list[Path]]:
     """Convert a DICOM folder with dcm2niix into BIDS MEGRE names in ``out_dir``; (mag files, phase files).
 
     Runs ``dcm2niix -b y -z y -f %s_%e -o OUT DICOM``; each output's sidecar gives SeriesNumber,
-    EchoNumber and ImageType (``P``/``PHASE`` = phase, otherwise magnitude). The multi-echo series
-    with both parts and the most echoes is kept. Raises ScanError when there is none.
+    EchoNumber, ImageType (``P``/``PHASE`` = phase, otherwise magnitude) and ProtocolName. Magnitude
+    and phase series of one protocol are paired (Siemens writes them as two series); the pair with
+    both parts and the most echoes is kept. Raises ScanError when there is none.
     """
     exe = dcm2niix_binary()
     if exe is None:
@@ -254,6 +261,7 @@ def dicom_to_bids(dicom_dir, out_dir) -> tuple[list[Path], list[Path]]:
         tail = (res.stderr or res.stdout or "").strip().splitlines()[-3:]
         raise ScanError(f"input: dcm2niix could not convert {dicom_dir} (exit {res.returncode}): {' | '.join(tail)}")
     series: dict = {}
+    entries = []
     for js in sorted(raw.glob("*.json")):
         try:
             side = json.loads(js.read_text())
@@ -264,12 +272,17 @@ def dicom_to_bids(dicom_dir, out_dir) -> tuple[list[Path], list[Path]]:
             continue
         itype = [str(t).upper() for t in side.get("ImageType", [])]
         part = "phase" if ("P" in itype or "PHASE" in itype) else "mag"
-        echo = side.get("EchoNumber", 1)
-        s = series.setdefault(side.get("SeriesNumber", 0), {"mag": {}, "phase": {}})
-        s[part][int(echo)] = (nii[0], js)
+        entries.append((int(side.get("SeriesNumber", 0) or 0), part, int(side.get("EchoNumber", 1) or 1), nii[0], js,
+                        _protocol(side)))
+    # magnitude and phase may be separate series (Siemens: phase = the next series number, same protocol):
+    # group by protocol name, later series of a part replacing earlier ones
+    for num, part, echo, nii, js, proto in sorted(entries, key=lambda t: (t[0], t[2])):
+        key = proto or f"series {num - (1 if part == 'phase' else 0)}"
+        s = series.setdefault(key, {"mag": {}, "phase": {}})
+        s[part][echo] = (nii, js)
     cands = [(k, s) for k, s in series.items() if s["mag"] and s["phase"] and sorted(s["mag"]) == sorted(s["phase"])]
     if not cands:
-        found = ", ".join(f"series {k}: {len(s['mag'])} magnitude / {len(s['phase'])} phase" for k, s in series.items())
+        found = ", ".join(f"{k}: {len(s['mag'])} magnitude / {len(s['phase'])} phase" for k, s in series.items())
         raise ScanError(f"input: no gradient-echo series with both magnitude and phase images in {dicom_dir}"
                         f"{' (found ' + found + ')' if found else ' (dcm2niix found no images)'}")
     _, s = max(cands, key=lambda ks: len(ks[1]["mag"]))
