@@ -12,6 +12,7 @@
     napari-qsm phantom OUTDIR [--shape X Y Z] [--voxel-size X Y Z] [--seed N] [--snr S] [--oblique DEG]
     napari-qsm methods            (list methods and their parameters)
     napari-qsm demo [OUTDIR]      (every method on the built-in phantom: metrics table + comparison PNG)
+    napari-qsm view [FILES ...]   (napari with the QSM docks and the scans, or the sample phantom)
 
 Errors print ``napari-qsm: error: ...`` to stderr and exit with status 2; nothing is written.
 Progress goes to stderr.
@@ -139,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--snr", type=float, default=40.0)
     d.add_argument("--device", default="auto")
     d.add_argument("--methods", nargs="+", help="subset of methods (default: all)")
+    d.add_argument("--full", action="store_true",
+                   help="every method with its defaults (the adaptation's 120 steps: about 10 more minutes)")
+
+    v = sub.add_parser("view", help="open napari with the QSM docks and the given scans (or the sample phantom)")
+    v.add_argument("files", nargs="*", help="NIfTI files to open (field, mask, magnitude, ...); none: the 1 mm phantom")
+    v.add_argument("--sample", choices=["phantom_1mm", "phantom_clinical"], default="phantom_1mm",
+                   help="sample data to open when no files are given")
     return ap
 
 
@@ -311,14 +319,47 @@ def cmd_methods(args) -> int:
     return 0
 
 
+#: the docks `napari-qsm view` opens, by their display names in napari.yaml
+VIEW_DOCKS = ("QSM reconstruction", "Adapt network (QSMInvNet+)", "Compare")
+
+
+def open_viewer(files=(), sample="phantom_1mm", show=True):
+    """A napari viewer with the plugin's docks and the given files (or a sample); returns it."""
+    try:
+        import napari
+    except ImportError:
+        raise RuntimeError("napari is not installed; install the plugin with its viewer: "
+                           "pip install 'napari-qsm[napari]'") from None
+    viewer = napari.Viewer(title="napari-qsm", show=show)
+    if files:
+        for f in files:
+            viewer.open(str(f), plugin="napari-qsm")
+    else:
+        viewer.open_sample("napari-qsm", sample)
+    for name in VIEW_DOCKS:
+        viewer.window.add_plugin_dock_widget("napari-qsm", name)
+    return viewer
+
+
+def cmd_view(args) -> int:
+    import napari
+
+    for f in args.files:
+        if not Path(f).exists():
+            raise FileNotFoundError(f"{f}: no such file")
+    open_viewer(args.files, args.sample)
+    napari.run()
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    run_demo(args.outdir, size=args.size, snr=args.snr, device=args.device, methods=args.methods)
+    run_demo(args.outdir, size=args.size, snr=args.snr, device=args.device, methods=args.methods, full=args.full)
     return 0
 
 
 COMMANDS = {"recon": cmd_recon, "adapt": cmd_adapt, "metrics": cmd_metrics, "phantom": cmd_phantom,
-            "methods": cmd_methods, "demo": cmd_demo}
+            "methods": cmd_methods, "demo": cmd_demo, "view": cmd_view}
 
 
 def main(argv=None) -> int:

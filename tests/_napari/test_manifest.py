@@ -36,3 +36,22 @@ def test_plugin_discovered_by_napari_plugin_manager():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "napari-qsm.qsm_widget" in out.stdout
+
+
+def test_view_opens_napari_with_the_docks_and_the_sample(qtbot):
+    """`napari-qsm view`: the three docks by their manifest names, and the sample phantom's layers."""
+    import yaml
+
+    from napari_qsm.cli import VIEW_DOCKS, open_viewer
+
+    names = {w["display_name"] for w in yaml.safe_load(open(MANIFEST))["contributions"]["widgets"]}
+    assert set(VIEW_DOCKS) <= names
+    viewer = open_viewer(sample="phantom_1mm", show=False)
+    try:
+        docks = list(viewer.window.dock_widgets)
+        for name in VIEW_DOCKS:
+            assert any(name in str(d) for d in docks), (name, docks)
+        roles = {(layer.metadata or {}).get("role") for layer in viewer.layers}
+        assert {"field", "mask", "magnitude"} <= roles, roles
+    finally:
+        viewer.close()
