@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("metrics", help="compare a χ map with a reference inside a mask")
     m.add_argument("recon", help="reconstructed χ (NIfTI, ppm)")
-    m.add_argument("reference", nargs="?", help="reference χ (NIfTI, ppm); omit for reference-free metrics")
+    m.add_argument("reference", nargs="?", help="reference χ (NIfTI, ppm); omit it to get only the field-consistency residual, which needs --field")
     m.add_argument("--mask", required=True, help="mask (NIfTI)")
     m.add_argument("--field", help="local field (ppm) for the field-consistency residual")
     m.add_argument("--b0-dir", nargs=3, type=float, metavar=("X", "Y", "Z"),
@@ -214,7 +215,7 @@ def cmd_recon(args) -> int:
     res = reconstruct(scan, method.name, params, device=args.device, progress=_progress(args.quiet), **extra)
     out = save_result(res, args.output, scan=scan, inputs=inputs)
     if not args.quiet:
-        print(f"{method.label}: {res.seconds:.2f} s on {res.device} -> {out}", file=sys.stderr)
+        print(f"{res.name}: {res.seconds:.2f} s on {res.device} -> {out}", file=sys.stderr)
     return 0
 
 
@@ -235,7 +236,9 @@ def cmd_adapt(args) -> int:
     res = adapt_mod.adapt_cli(scan, steps=args.steps, weights=args.weights, save_weights=args.save_weights,
                               params=parse_cli_params(args.param), device=args.device,
                               progress=_progress(args.quiet))
-    save_result(res, args.output, scan=scan, inputs=inputs)
+    out = save_result(res, args.output, scan=scan, inputs=inputs)
+    saved = f" and adapted weights -> {args.save_weights}" if args.save_weights else ""
+    print(f"{res.name}: {res.seconds:.2f} s on {res.device} -> {out}{saved}", file=sys.stderr)
     return 0
 
 
@@ -362,12 +365,19 @@ COMMANDS = {"recon": cmd_recon, "adapt": cmd_adapt, "metrics": cmd_metrics, "pha
             "methods": cmd_methods, "demo": cmd_demo, "view": cmd_view}
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as the command's own lines (not 'file:line: UserWarning: ...')."""
+    print(f"napari-qsm: warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     from .core.progress import Cancelled
 
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.cmd](args)
+        with warnings.catch_warnings():  # restores the default display afterwards (in-process callers)
+            warnings.showwarning = _show_warning
+            return COMMANDS[args.cmd](args)
     except Cancelled:
         print("napari-qsm: cancelled", file=sys.stderr)
         return 130

@@ -121,3 +121,21 @@ def test_metrics_without_reference_or_field_fails(tmp_path, capsys):
     fp, mp = _files(tmp_path, np.zeros((8, 8, 8)), _mask((8, 8, 8)))
     assert main(["metrics", str(fp), "--mask", str(mp)]) == 2
     assert "REFERENCE" in capsys.readouterr().err
+
+
+def test_warnings_are_the_commands_own_lines(tmp_path, capsys):
+    """A NaN outside the mask is reported as 'napari-qsm: warning: ...', not '<string>:14: UserWarning: ...'."""
+    import warnings
+
+    field = np.zeros((8, 8, 8), np.float32)
+    field[0, 0, 0] = np.nan
+    mask = np.zeros((8, 8, 8), np.uint8)
+    mask[2:6, 2:6, 2:6] = 1
+    fp, mp = _files(tmp_path, field, mask)
+    before = warnings.showwarning
+    assert main(["recon", str(fp), "--mask", str(mp), "--method", "tkd", "-o", str(tmp_path / "x.nii.gz")]) == 0
+    err = capsys.readouterr().err
+    assert "napari-qsm: warning: field: 1 NaN/Inf voxels outside the mask were set to 0" in err
+    assert "UserWarning" not in err and "<string>" not in err
+    assert warnings.showwarning is before  # restored for in-process callers
+    assert "TKD δ=0.15:" in err and "-> " in err

@@ -127,7 +127,8 @@ def stderr_progress(min_interval: float = 0.5) -> ProgressCallback:
             return
         last[0] = now
         frac = f"{p.step}/{p.total}" if p.total else f"{p.step}"
-        losses = " ".join(f"{k}={v:.4g}" for k, v in p.losses.items())
+        # losses the message does not already spell out (e.g. an adaptation message "L_T=… λ=…")
+        losses = " ".join(f"{k}={v:.4g}" for k, v in p.losses.items() if f"{k}=" not in (p.message or ""))
         stage = f"[{p.stage}] " if p.stage else ""
         print(f"{stage}{frac} {p.message} {losses} ({p.elapsed:.1f}s)".rstrip(), file=sys.stderr, flush=True)
 

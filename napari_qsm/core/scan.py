@@ -78,7 +78,7 @@ class Scan:
             inside = int((bad & self.mask).sum())
             if inside:
                 raise ScanError(f"field: {inside} NaN/Inf voxels inside the mask; fix the field or exclude them from the mask")
-            warnings.warn(f"field: {int(bad.sum())} NaN/Inf voxels outside the mask were set to 0", stacklevel=2)
+            warnings.warn(f"field: {int(bad.sum())} NaN/Inf voxels outside the mask were set to 0", stacklevel=4)
             self.field[bad] = 0.0
         if self.magnitude is not None:
             mag = _as_3d("magnitude", self.magnitude, np.float32)
