@@ -305,7 +305,6 @@ def fit_linear(echoes: Echoes, params: Optional[LinearFitParams] = None, *, unwr
         okz = s_tt > 0
         omega = np.where(okz, ((w * phi) @ tt) / np.where(okz, s_tt, 1), 0).astype(np.float32)
         var_unit = np.where(okz, 1.0 / np.where(okz, s_tt, 1), np.inf)
-        ok = okz
         model = lambda: omega[..., None] * tt  # noqa: E731
     rep(3, "noise, R2*")
     if params.noise_sigma > 0:
@@ -316,7 +315,6 @@ def fit_linear(echoes: Echoes, params: Optional[LinearFitParams] = None, *, unwr
             # degrees of freedom: E − 2 (free intercept) or E − 1 (through the origin)
             return _residual_sigma(w, (w * r * r).sum(-1), a11, E + (1 if params.intercept == "zero" else 0))
         sigma, src = estimate_noise_sigma(ech, resid)
-    del phi
     ppm = _ppm_per_rad_s(ech.b0_tesla)
     dte = float(te[1] - te[0])
     cap = np.float32(np.pi / dte)

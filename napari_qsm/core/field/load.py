@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 import nibabel as nib
 import numpy as np
 
-from ..io import GAMMA_BAR_MHZ_PER_T, NiftiError, load_image, nifti_path_ok, read_sidecar
+from ..io import GAMMA_BAR_MHZ_PER_T, load_image, nifti_path_ok, read_sidecar
 from ..scan import ScanError
 from .records import Echoes
 
