@@ -15,6 +15,11 @@ Phase-offset removal, MCPC-3D-S (Eckstein et al., MRM 2018), :func:`mcpc3ds`:
      ``offset_sigma_mm`` (MriResearchTools' mcpc3ds default is σ = [10, 10, 5] voxels; here 10 mm
      in physical units), in torch on ``device`` (FFT, zero-padded by 3σ).
   4. φ₀ is removed from every echo: S_n·e^{−iφ₀}.
+  The smoothing leaves a residual where φ₀ varies within σ (object edges, a non-smooth receive
+  phase). It only matters for ``intercept="zero"``: with the default free intercept the field,
+  N_std and R2* do not depend on the offsets at all (they are differences between echoes). On the
+  honest phantom (2.5 mm, 5 echoes, SNR 40) the through-origin field's RMS error was 0.014 ppm at
+  σ = 10 mm and 0.0022 ppm at σ = 2.5 mm, against 0.0032 ppm for the free intercept.
 
 Field estimators:
 
