@@ -26,8 +26,14 @@ the field of view without normalisation — the QSM.rs scale, default 1e-4 (the 
 ``pdf``: projection onto dipole fields (Liu et al. 2011, the MEDI toolbox's PDF). The background is
 the field of a susceptibility χ_b outside the mask: χ_b = argmin ‖W·M(f − D∗((1−M)χ_b))‖², W =
 1/N_std normalised to mean 1 in the mask (1 without N_std), solved by CG on the normal equations
-(tol 1e-5, at most √N iterations, N the number of voxels, as the toolbox), D the dipole kernel of
-:mod:`napari_qsm.core.dipole` (D(0) = 0) on a grid padded by ``pad_factor``. No regularisation.
+(tol 1e-5 as the toolbox), D the dipole kernel of :mod:`napari_qsm.core.dipole` (D(0) = 0) on a
+grid padded by ``pad_factor`` (1 = the field of view, as the toolbox). No regularisation beyond
+early stopping. Speed: the CG is first run on a 2x coarser grid (``coarse_levels``, block means of
+field, mask and weights) and its χ, repeated onto the fine grid, starts the fine CG; and the CG is
+capped at ``max_iter`` = 200 iterations per grid. The toolbox's bound is √N (``max_iter=0``):
+2217 iterations for a 160×192×160 volume, about 10 minutes here, and tol 1e-5 is not reached
+before it. On the analytic test scene (52×60×52, 3 mm) 200 warm-started iterations left 0.09 %
+of the background and a local-field NRMSE of 10.8 %, the same as 543 cold ones (0.06 %, 10.8 %).
 
 ``lbv``: Laplacian boundary value (Zhou et al. 2014): ∇²f_L = ∇²f inside the mask with f_L = 0 on
 its boundary (the mask voxels with a face neighbour outside), i.e. the background is the harmonic
@@ -253,10 +259,51 @@ def resharp(total_field, mask, params: ResharpParams | None = None, *, voxel_siz
 @dataclass
 class PDFParams:
     tol: float = param(1e-5, "CG relative residual tolerance (MEDI toolbox 1e-5)", min=1e-10, max=1e-1)
-    max_iter: int = param(0, "CG iterations at most; 0 = √N (N voxels), as the MEDI toolbox", min=0, max=100000)
+    max_iter: int = param(200, "CG iterations at most (per grid); 0 = √N (N voxels), the MEDI toolbox's bound",
+                          min=0, max=100000)
     pad_factor: float = param(1.0, "zero padding of the FFT grid (x each dimension); 1 = the field of view, as the "
                               "MEDI toolbox", min=1.0, max=3.0)
     use_noise: bool = param(True, "weight the data by 1/N_std when a noise map is given")
+    coarse_levels: int = param(1, "coarse grids (2x per level) solved first to warm-start the CG; 0 = none",
+                               min=0, max=3)
+
+
+def _block_down(a, shape_c):
+    """Mean over 2x2x2 blocks (the grid is zero-padded to an even size first)."""
+    pad = [(0, 2 * c - n) for n, c in zip(a.shape, shape_c)]
+    a = np.pad(a, pad)
+    return a.reshape(shape_c[0], 2, shape_c[1], 2, shape_c[2], 2).mean(axis=(1, 3, 5))
+
+
+def _pdf_solve(f, m, w2, vs, b0, pad_factor, tol, max_iter, dev, x0, rep, coarse):
+    """χ outside the mask (torch) whose field best matches f inside it; ``coarse`` levels warm-start the CG."""
+    if coarse > 0 and min(f.shape) >= 16:
+        shape_c = tuple((n + 1) // 2 for n in f.shape)
+        mc = _block_down(m.astype(np.float32), shape_c) >= 0.5
+        if mc.any() and (~mc).any():
+            w2c = _block_down(w2 * m, shape_c) / np.maximum(_block_down(m.astype(np.float32), shape_c), 1e-6)
+            fc = _block_down(f * m, shape_c) / np.maximum(_block_down(m.astype(np.float32), shape_c), 1e-6)
+            xc = _pdf_solve((fc * mc).astype(np.float32), mc, (w2c * mc).astype(np.float32), 2 * vs, b0,
+                            pad_factor, tol, min(max_iter, int(math.ceil(math.sqrt(fc.size)))), dev, None, None,
+                            coarse - 1)
+            up = xc.cpu().numpy()
+            for ax in range(3):
+                up = np.repeat(up, 2, axis=ax)
+            x0 = torch.as_tensor(up[: f.shape[0], : f.shape[1], : f.shape[2]].astype(np.float32), device=dev)
+    pshape = fast_shape(f.shape, pad_factor)
+    C = _Conv(f.shape, pshape, dev)
+    D = dipole_kernel(pshape, vs, b0, device=dev)
+    out = torch.as_tensor(~m, dtype=torch.float32, device=dev)
+    w2t = torch.as_tensor(w2 * m, dtype=torch.float32, device=dev)
+    ft = torch.as_tensor(f, device=dev)
+
+    def apply(x):
+        return out * C(w2t * C(out * x, D), D)
+
+    b = out * C(w2t * ft, D)
+    x0 = torch.zeros_like(ft) if x0 is None else x0 * out
+    x, _ = _cg(apply, b, x0, tol, max_iter, rep, "PDF CG")
+    return x * out
 
 
 def pdf(total_field, mask, params: PDFParams | None = None, *, voxel_size=(1.0, 1.0, 1.0),
@@ -267,27 +314,18 @@ def pdf(total_field, mask, params: PDFParams | None = None, *, voxel_size=(1.0, 
     vs = check_voxel_size(voxel_size)
     b0 = unit_vector(b0_direction)
     dev = resolve_device(device)
-    pshape = fast_shape(f.shape, p.pad_factor)
-    C = _Conv(f.shape, pshape, dev)
     max_iter = int(p.max_iter) or int(math.ceil(math.sqrt(f.size)))
     rep = Reporter(progress, cancel, total=max_iter, stage="background")
     w = np.ones(f.shape, np.float32)
     if n is not None and p.use_noise:
         w = np.where(m, 1.0 / n, 0.0).astype(np.float32)
         w /= np.float32(w[m].mean())
-    w2 = torch.as_tensor(w * w * m, device=dev)
     with torch.no_grad():
-        D = dipole_kernel(pshape, vs, b0, device=dev)
-        out = torch.as_tensor(~m, dtype=torch.float32, device=dev)
-        ft = torch.as_tensor(f, device=dev)
-
-        def apply(x):
-            return out * C(w2 * C(out * x, D), D)
-
-        b = out * C(w2 * ft, D)
-        x, _ = _cg(apply, b, torch.zeros_like(ft), p.tol, max_iter, rep, "PDF CG")
-        bg = C(out * x, D)
-        local = (ft - bg) * torch.as_tensor(m, dtype=torch.float32, device=dev)
+        x = _pdf_solve(f, m, (w * w).astype(np.float32), vs, b0, p.pad_factor, p.tol, max_iter, dev, None, rep,
+                       int(p.coarse_levels))
+        pshape = fast_shape(f.shape, p.pad_factor)
+        bg = _Conv(f.shape, pshape, dev)(x, dipole_kernel(pshape, vs, b0, device=dev))
+        local = (torch.as_tensor(f, device=dev) - bg) * torch.as_tensor(m, dtype=torch.float32, device=dev)
     return local.cpu().numpy().astype(np.float32), m
 
 
@@ -364,9 +402,10 @@ STEPS = (
          doc="RESHARP: argmin ‖M(C∗f_L − C∗f)‖² + λ‖f_L‖², C = δ − SMV (6 mm, the paper's radius), CG. λ = 1e-4 in "
              "QSM.rs's scale: field in ppm, unit-sum SMV, λ on the unnormalised squared norm over the field of view."),
     Step(family="background", name="pdf", label="PDF", params_cls=PDFParams, run=pdf, order=20,
-         doc="Projection onto dipole fields: background = field of a χ outside the mask fitted by CG (tol 1e-5, "
-             "≤ √N iterations, MEDI toolbox), weighted by 1/N_std when given; dipole kernel D(0) = 0. No "
-             "regularisation beyond early stopping."),
+         doc="Projection onto dipole fields: background = field of a χ outside the mask fitted by CG (tol 1e-5 as "
+             "the MEDI toolbox; ≤ 200 iterations per grid after a 2x coarser warm start, max_iter=0 restores the "
+             "toolbox's √N), weighted by 1/N_std when given; dipole kernel D(0) = 0. No regularisation beyond early "
+             "stopping."),
     Step(family="background", name="lbv", label="LBV", params_cls=LBVParams, run=lbv, order=30,
          doc="Laplacian boundary value: ∇²f_L = ∇²f inside the mask, f_L = 0 on its boundary (7-point Laplacian, "
              "sparse CG, tol 1e-6). No regularisation; 2 boundary layers peeled."),

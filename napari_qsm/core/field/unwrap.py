@@ -57,7 +57,7 @@ from ..scan import ScanError
 from .steps import Step
 
 __all__ = ["QualityUnwrapParams", "LaplacianUnwrapParams", "unwrap_quality", "unwrap_laplacian",
-           "edge_quality", "wrap", "STEPS"]
+           "edge_quality", "voxel_quality", "wrap", "STEPS"]
 
 TWO_PI = 2.0 * np.pi
 
@@ -143,6 +143,33 @@ def edge_quality(phase, magnitude=None, phase2=None, te_ratio=None):
             q *= 0.1 + 0.9 * np.minimum(1.0, 0.5 * (mag[a] + mag[b]) / np.float32(ref))
         out.append(np.clip(q, 0.0, 1.0).astype(np.float32))
     return out
+
+
+def voxel_quality(phase, magnitude=None, te=None) -> np.ndarray:
+    """Per-voxel phase quality in [0, 1]: the mean quality of the voxel's face edges (:func:`edge_quality`).
+
+    ``phase`` 3-D or 4-D (echo 1, with echo 2's gradient coherence when given with ``te``); noise
+    (random phase, no signal) scores low, so the map can be thresholded into a mask (QSMxT's default).
+    """
+    ph, mag, _, t, _ = check_phase_inputs(phase, magnitude, None, te)
+    m = None if mag is None else mag[..., 0]
+    ph2 = ratio = None
+    if ph.shape[3] > 1:
+        ph2, ratio = ph[..., 1], t[1] / t[0]
+    q = edge_quality(ph[..., 0], m, ph2, ratio)
+    acc = np.zeros(ph.shape[:3], np.float32)
+    cnt = np.zeros(ph.shape[:3], np.float32)
+    for ax in range(3):
+        n = ph.shape[ax]
+        a = [slice(None)] * 3
+        b = [slice(None)] * 3
+        a[ax] = slice(0, n - 1)
+        b[ax] = slice(1, n)
+        acc[tuple(a)] += q[ax]
+        acc[tuple(b)] += q[ax]
+        cnt[tuple(a)] += 1
+        cnt[tuple(b)] += 1
+    return acc / np.maximum(cnt, 1)
 
 
 def _tree_unwrap(phase, quality_edges, mask, rep=None):

@@ -115,9 +115,9 @@ def test_pdf_noise_weighting_downweights_bad_voxels(scene, one_torch_thread):
     corrupt = (bg + loc + np.where(bad, 3.0, 0.0)).astype(np.float32)
     nstd = np.where(bad, 100.0, 0.01).astype(np.float32)
     good = mask & (g[0] < 30)
-    p = bgm.PDFParams(max_iter=150)
+    p = bgm.PDFParams(max_iter=60)
     lw, _ = bgm.pdf(corrupt * mask, mask, p, voxel_size=VS, noise_std=nstd, device="cpu")
-    lu, _ = bgm.pdf(corrupt * mask, mask, bgm.PDFParams(max_iter=150, use_noise=False), voxel_size=VS,
+    lu, _ = bgm.pdf(corrupt * mask, mask, bgm.PDFParams(max_iter=60, use_noise=False), voxel_size=VS,
                     noise_std=nstd, device="cpu")
     assert _rel(lw - loc, loc, good) < 0.5 * _rel(lu - loc, loc, good)
 

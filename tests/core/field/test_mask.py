@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from napari_qsm.core.field.unwrap import voxel_quality
 from napari_qsm.core.field.mask import STEPS, ThresholdMaskParams, dice, otsu_threshold, threshold_mask
 from napari_qsm.core.phantom import make_phantom
 from napari_qsm.core.scan import ScanError
@@ -32,6 +33,10 @@ def test_mask_from_magnitude_matches_brain(head):
 def test_mask_from_echoes_and_quality(head):
     m4 = threshold_mask(head.echoes, voxel_size=VS)       # 4-D complex echoes: root sum of squares
     assert dice(m4, head.mask) >= 0.93
+    # the phase-quality map (QSMxT's route): measured Dice 0.970 with the magnitude in the quality
+    q = voxel_quality(np.angle(head.echoes), np.abs(head.echoes), te=head.echo_times)
+    mq = threshold_mask(head.magnitude, quality=q, voxel_size=VS)
+    assert dice(mq, head.mask) >= 0.93 and not np.any(mq & (head.labels == 15))
     # a quality map is thresholded instead of the magnitude when given (source="auto")
     q = np.where(head.mask, 0.9, 0.1).astype(np.float32)
     mq = threshold_mask(np.zeros_like(head.magnitude) + 1.0, quality=q, voxel_size=VS,
