@@ -37,8 +37,10 @@ Field estimators:
   spatial unwrapping or with an unwrapped phase.
 * "nonlinear", :func:`fit_nonlinear`: the MEDI toolbox's nonlinear complex fit. Gauss-Newton on
   s_n = |M_n|·e^{i(φ₀ + ω·τ_n)}, τ_n = (TE_n − TE₁)/ΔTE (the echo index for even spacing),
-  started from arg(S₂·conj S₁) and arg S₁, ≤ ``max_iter`` (30) iterations, stopping per voxel when
-  |δ|/|p| < ``tol`` (1e-4). N_std = σ·√(a11/(a11·a22 − a12²)), a11 = Σ|M|², a12 = Σ τ|M|²,
+  started from arg(S₂·conj S₁) and arg S₁, ≤ ``max_iter`` (30) iterations, stopping when the
+  field update relative to the field over all voxels ‖δω‖/‖ω‖ < ``tol`` (1e-4; MEDI's rule,
+  ``stop="global"``) or, with ``stop="voxel"``, when every voxel's own |δ|/|p| < tol; voxels whose own
+  update is below tol leave the working set early (speed only). N_std = σ·√(a11/(a11·a22 − a12²)), a11 = Σ|M|², a12 = Σ τ|M|²,
   a22 = Σ τ²|M|² (MEDI's formula times the channel noise σ, so that it is a standard deviation),
   in ppm. The fitted field is WRAPPED per voxel to ω·ΔTE ∈ (−π, π] (``wrapped`` = True): it needs
   spatial unwrapping.
@@ -87,7 +89,9 @@ class LinearFitParams:
 @dataclass
 class NonlinearFitParams:
     max_iter: int = param(30, "Gauss-Newton iterations at most (MEDI: 30)", min=1, max=200)
-    tol: float = param(1e-4, "relative update |δ|/|p| that stops a voxel (MEDI: 1e-4)", min=1e-8, max=1e-1)
+    tol: float = param(1e-4, "relative update that stops the fit (MEDI: 1e-4)", min=1e-8, max=1e-1)
+    stop: str = param("global", "global: ‖δω‖/‖ω‖ over all voxels < tol (MEDI); voxel: every voxel's |δ|/|p| < tol",
+                      choices=("global", "voxel"))
     offsets: str = param("none", "receive-phase offset removal first (the fit has its own φ0)", choices=_OFFSETS)
     offset_sigma_mm: float = param(10.0, "MCPC-3D-S: Gaussian σ (mm) smoothing the phase offset", min=0.5, max=50.0)
     noise_sigma: float = param(0.0, "complex noise σ per channel (magnitude units); 0 = estimate", min=0.0)
@@ -375,7 +379,8 @@ def fit_nonlinear(echoes: Echoes, params: Optional[NonlinearFitParams] = None, *
     q0, q1 = T(P0[idx_np]), T(P1[idx_np])
     tau_t = T(tau)
     out0, out1 = T(P0), T(P1)
-    it_done, n_unconverged = 0, int(idx_np.size)
+    it_done, n_unconverged, global_rel = 0, int(idx_np.size), float("nan")
+    frozen_sq = torch.zeros((), dtype=torch.float32, device=dev)   # Σ p1² of voxels dropped from the working set
     for it in range(params.max_iter):
         rep(it + 1, f"Gauss-Newton {it + 1}/{params.max_iter}", active=int(idx.numel()))
         if idx.numel() == 0:
@@ -393,10 +398,14 @@ def fit_nonlinear(echoes: Echoes, params: Optional[NonlinearFitParams] = None, *
         live = torch.sqrt(d0 * d0 + d1 * d1) >= params.tol * torch.clamp(torch.sqrt(q0 * q0 + q1 * q1), min=1e-6)
         n_live = int(live.sum())
         n_unconverged = n_live
+        global_rel = float(torch.sqrt((d1 * d1).sum() / torch.clamp(frozen_sq + (q1 * q1).sum(), min=1e-30)))
+        if params.stop == "global" and global_rel < params.tol:
+            break
         if n_live < live.numel():
             done = ~live
             out0[idx[done]], out1[idx[done]] = q0[done], q1[done]
             if n_live < 0.8 * live.numel():   # compact the working set
+                frozen_sq = frozen_sq + (q1[done] * q1[done]).sum()
                 idx, A_ph, A_w = idx[live], A_ph[live], A_w[live]
                 h11, h12, h22, q0, q1 = h11[live], h12[live], h22[live], q0[live], q1[live]
     out0[idx], out1[idx] = q0, q1
@@ -427,6 +436,7 @@ def fit_nonlinear(echoes: Echoes, params: Optional[NonlinearFitParams] = None, *
                       name=ech.name,
                       provenance=_prov("nonlinear", params, ech, sigma, src, t0,
                                        {"iterations": it_done, "unconverged_voxels": n_unconverged,
+                                        "final_relative_update": global_rel,
                                         "wrapped": True}))
 
 
