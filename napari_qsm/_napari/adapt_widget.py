@@ -22,15 +22,37 @@ from qtpy.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QPushButton, Q
 
 from ..methods import Result, get_method
 from ..core.params import display_name, params_to_dict
+from .docks import QSMDock
 from .form import ParamForm
-from .layers import result_layer_data
+from .layers import result_layer_data, show_chi_colorbar
 from .widgets import (DIM_COLOR, OK_COLOR, WARN_COLOR, PreviewLayer, _device_combo, _inputs_section,
                       _notify_info, _pick_weights_file, _run_footer, _scan_and_params, _scrolling_body, _section,
                       _show_failure, _wrap_label, _weights_row)
 from .workers import JobRunner
 
 LOSS_KEYS = ("L_S", "L_T", "TV", "lambda")
+ABOUT = ("Adaptation fine-tunes the network on the scan that is open: it keeps what it learned from "
+         "synthetic heads and adjusts itself until its χ map explains this scan's field. More steps fit "
+         "the scan more closely and take longer; Cancel keeps what is done so far.")
+ABOUT_DETAIL = ("<qt>Each step: a synthetic batch on batch-norm domain 0 (L_S) and patches of this scan on "
+                "domain 1 (λ·L_T field consistency + tv·R, MEDI's magnitude-edge prior); λ rises linearly. "
+                "QSMInvNet+ (mode dsbn) keeps one batch norm per domain; finetune is the QSMInvNet baseline.</qt>")
 PREVIEW_EVERY = 10  # widget default for the χ preview (the API default is off)
+
+
+#: seconds per adaptation step measured on this machine, by device (shared by the docks of a session)
+SECONDS_PER_STEP: dict = {}
+
+
+def _duration(seconds: float) -> str:
+    """'0.8 s', '42 s', '3.5 min', '1.2 h'."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class LossPlot(QWidget):
@@ -41,7 +63,8 @@ class LossPlot(QWidget):
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
-        self.fig = Figure(figsize=(3.6, 2.4), dpi=100, facecolor="#262930", layout="constrained")
+        # margins in pixels (see _margins), not constrained layout: that let the right (λ) axis label clip
+        self.fig = Figure(figsize=(3.6, 2.4), dpi=100, facecolor="#262930")
         self.canvas = FigureCanvasQTAgg(self.fig)
         self.canvas.setMinimumHeight(200)
         self.canvas.setMaximumHeight(240)
@@ -78,6 +101,17 @@ class LossPlot(QWidget):
         vals = np.array([self.rows[int(s)][key] for s in steps], dtype=float)
         return steps, vals
 
+    def _margins(self) -> None:
+        """Fixed pixel room for the tick labels and axis titles on both sides, whatever the canvas size."""
+        w, h = self.fig.get_size_inches() * self.fig.dpi
+        w, h = max(w, 120.0), max(h, 80.0)
+        self.fig.subplots_adjust(left=min(0.4, 52 / w), right=max(0.6, 1 - 52 / w),
+                                 bottom=min(0.4, 34 / h), top=max(0.6, 1 - 30 / h))
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt name
+        super().resizeEvent(event)
+        self._dirty = True
+
     def _flush(self) -> None:
         if self._dirty:
             self._dirty = False
@@ -110,6 +144,7 @@ class LossPlot(QWidget):
             for sp in a.spines.values():
                 sp.set_color(grid)
         ax.grid(True, color=grid, lw=0.5, alpha=0.6)
+        self._margins()
         if not self.rows:
             ax.text(0.5, 0.5, "losses appear here during a run", transform=ax.transAxes, ha="center",
                     va="center", color=DIM_COLOR, fontsize=8)
@@ -125,8 +160,11 @@ class LossPlot(QWidget):
         self.canvas.draw_idle()
 
 
-class AdaptWidget(QWidget):
+class AdaptWidget(QSMDock, QWidget):
     """Dock widget: adapt QSMInvNet+ to the open scan; loss plot, preview, save/use adapted weights."""
+
+    qsm_dock_order = 1
+    qsm_dock_title = "Adapt network"
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
@@ -144,10 +182,14 @@ class AdaptWidget(QWidget):
         outer, scroll, body = _scrolling_body(self)
         self.inputs = _inputs_section(body, napari_viewer)
 
-        box, lay = _section("Adaptation (QSMInvNet+, DSBN)")
-        lay.addWidget(_wrap_label("Each step: a synthetic batch on BN domain 0 (L_S) and patches of this scan "
-                                  "on domain 1 (λ·L_T field consistency + tv·R, MEDI's magnitude-edge prior); "
-                                  "λ rises linearly.", DIM_COLOR, small=True))
+        box, lay = _section("Adaptation (QSMInvNet+)")
+        self.about = _wrap_label(ABOUT, small=True)
+        self.about.setObjectName("adapt_about")
+        self.about.setToolTip(ABOUT_DETAIL)
+        lay.addWidget(self.about)
+        self.estimate = _wrap_label("", DIM_COLOR, small=True)
+        self.estimate.setObjectName("adapt_estimate")
+        lay.addWidget(self.estimate)
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
         wrow, self.weights_edit, self.weights_browse = _weights_row(
@@ -162,7 +204,14 @@ class AdaptWidget(QWidget):
         self.device_combo = _device_combo()
         form2.addRow("Device", self.device_combo)
         lay.addLayout(form2)
+        # the few settings a user changes first, the research knobs folded under "Advanced"
+        lay.removeWidget(self.form)
+        lay.addWidget(self.form)
         body.addWidget(box)
+        self.form.changed.connect(self._update_estimate)
+        self.device_combo.currentIndexChanged.connect(self._update_estimate)
+        self._timing: Optional[tuple] = None  # (step, elapsed s) of the first step report of a run
+        self._update_estimate()
 
         body.addStretch(1)
 
@@ -219,6 +268,7 @@ class AdaptWidget(QWidget):
         self.adapted = None
         self.saved_path = None
         self.plot.clear()
+        self._timing = None
 
         def job(progress):
             return adapt(scan, params, weights=weights, device=device, progress=progress, cancel=runner.token,
@@ -252,9 +302,49 @@ class AdaptWidget(QWidget):
             self.save_button.setEnabled(False)
             self.use_button.setEnabled(False)
 
+    # -- time estimate ----------------------------------------------------------------------------
+    def _device_key(self) -> str:
+        return str(self.device_combo.currentData())
+
+    def _steps(self) -> Optional[int]:
+        try:
+            return int(self.form.values().get("steps"))
+        except Exception:
+            return None
+
+    def _update_estimate(self, *_) -> None:
+        """Say how long the chosen number of steps takes here (per-step time measured on a run's first steps)."""
+        per = SECONDS_PER_STEP.get(self._device_key())
+        steps = self._steps()
+        if per is None or steps is None:
+            self.estimate.setText("How long it takes is measured on the first steps of a run and shown here "
+                                  "(a network step takes about a second or more on a CPU, well under on a GPU).")
+            return
+        self.estimate.setText(f"Measured here: {_duration(per)} per step on {html.escape(self.device_combo.currentText())}"
+                              f", so {steps} steps take about {_duration(per * steps)} "
+                              "(plus a few seconds to start).")
+
+    def _measure(self, p) -> None:
+        step, elapsed = int(getattr(p, "step", 0) or 0), float(getattr(p, "elapsed", 0.0) or 0.0)
+        if step < 1:
+            return
+        if self._timing is None:
+            self._timing = (step, elapsed)  # the first step also carries the start-up (data, model)
+            return
+        s0, t0 = self._timing
+        if step - s0 >= 2 and elapsed > t0:
+            per = (elapsed - t0) / (step - s0)
+            SECONDS_PER_STEP[self._device_key()] = per
+            total = p.total or self._steps() or step
+            left = max(0, total - step) * per
+            self.estimate.setText(f"Measured on the first steps: {_duration(per)} per step here; "
+                                  f"{total} steps take about {_duration(per * total)}, "
+                                  f"about {_duration(left)} left.")
+
     def _on_progress(self, p, field_layer) -> None:
         for rec in getattr(p, "history", None) or [p]:
             self.plot.add(rec.step, rec.losses)
+        self._measure(p)
         msg = p.message or p.stage
         self.status.setText(html.escape(f"{msg} ({p.elapsed:.0f} s)"))
         if self._preview is not None:
@@ -275,6 +365,8 @@ class AdaptWidget(QWidget):
         result.title = display_name(get_method("dsbn_adapt").short, replace(res.params, steps=res.step))
         data, kw = result_layer_data(result, field_layer, scan=scan, inputs=inputs)
         self.chi_layer = self.viewer.add_image(data, **kw)
+        self.viewer.layers.selection.active = self.chi_layer
+        show_chi_colorbar(self.viewer, self.chi_layer)
         last = res.history[-1] if res.history else {}
         try:
             lt = f"final L_T {float(last.get('L_T')):.3g}, "
@@ -285,6 +377,7 @@ class AdaptWidget(QWidget):
                             f" → layer <b>{html.escape(kw['name'])}</b>")
 
     def _on_finished(self) -> None:
+        self._update_estimate()
         if self._preview is not None:
             self._preview.remove()
             self._preview = None

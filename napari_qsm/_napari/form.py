@@ -7,6 +7,10 @@ No per-method code: each :class:`~napari_qsm.core.params.ParamSpec` becomes one 
 * numbers that also accept words (``allow``, e.g. λ = "auto") → editable drop-down;
 * numbers spanning many decades, strings, anything else → text field.
 
+Fields marked ``widget="hidden"`` get no row; fields marked ``widget="advanced"`` go into a folded
+"Advanced" section under the others (one click opens it), so a dock shows the few parameters a
+user changes and keeps the research knobs at hand.
+
 Every row carries the spec's one-line doc (and range) as tooltip. Values are validated with the
 core's own :func:`~napari_qsm.core.params.validate_value` as they are typed; a bad row turns red
 and :meth:`ParamForm.errors` names it. :meth:`ParamForm.values` returns public-name values for
@@ -18,9 +22,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from qtpy.QtCore import Signal
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QLineEdit,
-                            QSpinBox, QWidget)
+                            QSpinBox, QToolButton, QVBoxLayout, QWidget)
 
 from ..core.params import ParamError, ParamSpec, specs, validate_value
 
@@ -92,9 +96,28 @@ class ParamForm(QWidget):
 
     def __init__(self, params_cls=None, parent=None):
         super().__init__(parent)
-        self._layout = QFormLayout(self)
-        self._layout.setContentsMargins(0, 0, 0, 0)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.setSpacing(4)
+        self._layout = QFormLayout()
         self._layout.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        outer.addLayout(self._layout)
+        # the folded "Advanced" section: a toggle and a second form under it
+        self.advanced_toggle = QToolButton()
+        self.advanced_toggle.setObjectName("advanced_toggle")
+        self.advanced_toggle.setCheckable(True)
+        self.advanced_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.advanced_toggle.setArrowType(Qt.ArrowType.RightArrow)
+        self.advanced_toggle.setAutoRaise(True)
+        self.advanced_toggle.toggled.connect(self.show_advanced)
+        outer.addWidget(self.advanced_toggle)
+        self.advanced_box = QWidget()
+        self._adv_layout = QFormLayout(self.advanced_box)
+        self._adv_layout.setContentsMargins(12, 0, 0, 0)
+        self._adv_layout.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        outer.addWidget(self.advanced_box)
+        self.advanced_box.setVisible(False)
+        self.advanced_toggle.setVisible(False)
         self._rows: list[_Row] = []
         self.params_cls = None
         if params_cls is not None:
@@ -102,10 +125,12 @@ class ParamForm(QWidget):
 
     # -- building ---------------------------------------------------------------------------
     def set_params_cls(self, params_cls, values: dict | None = None) -> None:
-        while self._layout.rowCount():
-            self._layout.removeRow(0)
+        for lay in (self._layout, self._adv_layout):
+            while lay.rowCount():
+                lay.removeRow(0)
         self._rows = []
         self.params_cls = params_cls
+        n_adv = 0
         for spec in specs(params_cls):
             if spec.widget == "hidden":
                 continue
@@ -114,8 +139,16 @@ class ParamForm(QWidget):
             label.setToolTip(tooltip(spec))
             row.widget.setToolTip(tooltip(spec))
             row.widget.setObjectName(f"param_{spec.name}")
-            self._layout.addRow(label, row.widget)
+            if spec.widget == "advanced":
+                self._adv_layout.addRow(label, row.widget)
+                n_adv += 1
+            else:
+                self._layout.addRow(label, row.widget)
             self._rows.append(row)
+        self.advanced_toggle.setText(f"Advanced ({n_adv})")
+        self.advanced_toggle.setToolTip("Research parameters with sensible defaults; open to change them")
+        self.advanced_toggle.setVisible(n_adv > 0)
+        self.show_advanced(self.advanced_toggle.isChecked() and n_adv > 0)
         if values:
             self.set_values(values)
         self._revalidate()
@@ -219,6 +252,19 @@ class ParamForm(QWidget):
     def names(self) -> list[str]:
         return [r.spec.name for r in self._rows]
 
+    def advanced_names(self) -> list[str]:
+        """Names of the rows in the folded "Advanced" section."""
+        return [r.spec.name for r in self._rows if r.spec.widget == "advanced"]
+
+    def show_advanced(self, show: bool = True) -> None:
+        """Unfold (or fold) the "Advanced" section."""
+        show = bool(show)
+        if self.advanced_toggle.isChecked() != show:
+            self.advanced_toggle.setChecked(show)  # re-enters through toggled
+            return
+        self.advanced_toggle.setArrowType(Qt.ArrowType.DownArrow if show else Qt.ArrowType.RightArrow)
+        self.advanced_box.setVisible(show)
+
     # -- validation ---------------------------------------------------------------------------
     def _on_edit(self, *_):
         self._revalidate()
@@ -233,3 +279,5 @@ class ParamForm(QWidget):
             if bad:
                 tip = tip[:-5] + f"<br><span style='color:#d9534f'>{errs[r.spec.name]}</span></qt>"
             r.widget.setToolTip(tip)
+        if any(r.spec.widget == "advanced" and r.spec.name in errs for r in self._rows):
+            self.show_advanced(True)  # a bad value is never folded away

@@ -368,3 +368,56 @@ def b0_angle_deg(b0_direction, axis: int = 2) -> float:
     b = np.asarray(b0_direction, float)
     b = b / np.linalg.norm(b)
     return float(np.degrees(np.arccos(min(1.0, abs(b[axis])))))
+
+
+# -- colour bar of χ layers ---------------------------------------------------------------------
+CHI_CAPTION = "χ (ppm)"
+
+
+def _text_overlay(viewer):
+    canvas = getattr(viewer, "canvas", None)
+    overlays = getattr(canvas, "overlays", None)
+    return getattr(overlays, "text", None)
+
+
+def is_chi_layer(layer) -> bool:
+    md = getattr(layer, "metadata", None) or {}
+    return md.get("role") == "chi" and md.get("units", "ppm") == "ppm"
+
+
+def _update_chi_caption(viewer) -> None:
+    """'χ (ppm)' next to the colour bar while the selected layer is a χ result (never over a caption set by others)."""
+    ov = _text_overlay(viewer)
+    if ov is None:
+        return
+    active = viewer.layers.selection.active
+    ours = ov.text in ("", CHI_CAPTION) or ov.text.endswith(f": {CHI_CAPTION}")
+    if not ours:
+        return
+    if active is not None and is_chi_layer(active) and active.visible:
+        ov.position = "top_right"  # napari tiles it with the colour bar
+        ov.text = f"{active.name}: {CHI_CAPTION}"
+        ov.visible = True
+    elif ov.text:
+        ov.text = ""
+        ov.visible = False
+
+
+def show_chi_colorbar(viewer, layer) -> None:
+    """napari's colour bar on a χ result layer, captioned 'χ (ppm)' (napari ≥ 0.6: ``layer.colorbar``)."""
+    bar = getattr(layer, "colorbar", None)
+    if bar is None:
+        return
+    bar.visible = True
+    if not getattr(viewer, "_qsm_chi_caption", False):
+        try:
+            viewer.layers.selection.events.active.connect(lambda *_: _update_chi_caption(viewer))
+            viewer._qsm_chi_caption = True
+        except Exception:
+            return
+    try:
+        layer.events.visible.connect(lambda *_: _update_chi_caption(viewer))
+        layer.events.name.connect(lambda *_: _update_chi_caption(viewer))
+    except Exception:
+        pass
+    _update_chi_caption(viewer)

@@ -6,8 +6,10 @@ Two presets, each generated in a few seconds on a CPU (nothing is downloaded):
 * ``phantom_clinical``: 192×224×48 voxels at 0.75×0.75×3 mm with a 15° oblique B0 (an
   AC-PC-angled clinical acquisition), so the B0 handling of the widgets can be seen.
 
-Layers: true χ, magnitude, labels (with structure names on hover), mask and local field (ppm,
-shown), all on the same grid with the geometry metadata of :mod:`napari_qsm._napari.layers`.
+Layers: true χ, magnitude (shown), labels (with structure names on hover), mask and local field
+(ppm, windowed to its 1st–99th percentile), all on the same grid with the geometry metadata of
+:mod:`napari_qsm._napari.layers`. The 2-D view is turned to the orientation the docks use
+(neurological: anterior up, the patient's right on the right), so opening a dock does not flip it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .layers import CHI_CONTRAST, DISPLAY_AXES, Geometry, robust_limits, to_laye
 
 SHAPE_1MM = (128, 144, 112)
 SNR = 100.0
+NEUROLOGICAL = ("up", "right")  # camera.orientation2d of the docks' default view (widgets.ORIENTATIONS)
 
 
 def phantom_layer_data(phantom, prefix: str = "phantom", axes=DISPLAY_AXES) -> list:
@@ -48,7 +51,7 @@ def phantom_layer_data(phantom, prefix: str = "phantom", axes=DISPLAY_AXES) -> l
         (to_layer_order(phantom.chi.astype(np.float32), axes),
          dict(name=f"{prefix} true χ", colormap="gray", contrast_limits=CHI_CONTRAST, visible=False,
               metadata=md("chi_true", units="ppm"), **kw_geo), "image"),
-        (mag, dict(name=f"{prefix} magnitude", colormap="gray", visible=False,
+        (mag, dict(name=f"{prefix} magnitude", colormap="gray", visible=True,
                    contrast_limits=robust_limits(mag, symmetric=False), metadata=md("magnitude"), **kw_geo), "image"),
         (to_layer_order(phantom.labels.astype(np.uint8), axes),
          dict(name=f"{prefix} labels", visible=False, opacity=0.5, features=features,
@@ -56,9 +59,21 @@ def phantom_layer_data(phantom, prefix: str = "phantom", axes=DISPLAY_AXES) -> l
         (to_layer_order(phantom.mask.astype(np.uint8), axes),
          dict(name=f"{prefix} mask", visible=False, opacity=0.4, metadata=md("mask"), **kw_geo), "labels"),
         (field, dict(name=f"{prefix} field", colormap="gray", contrast_limits=robust_limits(field, symmetric=True),
-                     metadata=md("field", units="ppm"), **kw_geo), "image"),
+                     visible=False, metadata=md("field", units="ppm"), **kw_geo), "image"),
     ]
     return out
+
+
+def orient_current_viewer() -> None:
+    """Turn the current viewer's 2-D view to the docks' default orientation (neurological: A up, R right)."""
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+        if viewer is not None:
+            viewer.scene.camera.orientation2d = NEUROLOGICAL
+    except Exception:  # no viewer (headless use of the sample functions), or an older napari
+        pass
 
 
 def make_phantom_1mm(shape=SHAPE_1MM, seed: int = 0):
@@ -67,6 +82,7 @@ def make_phantom_1mm(shape=SHAPE_1MM, seed: int = 0):
 
     ph = make_phantom(shape=shape, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1.0), seed=seed,
                       snr=SNR, device="cpu")
+    orient_current_viewer()
     return phantom_layer_data(ph, prefix="phantom")
 
 
@@ -76,4 +92,5 @@ def make_phantom_clinical(seed: int = 0, oblique_deg: float = 15.0):
 
     ph = make_phantom(shape=CLINICAL["shape"], voxel_size=CLINICAL["voxel_size"],
                       b0_direction=oblique_direction(oblique_deg, "x"), seed=seed, snr=SNR, device="cpu")
+    orient_current_viewer()
     return phantom_layer_data(ph, prefix="clinical")

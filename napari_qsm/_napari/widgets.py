@@ -22,9 +22,10 @@ from ..core.device import available_devices
 from ..methods import available_methods, get_method, reconstruct
 from ..core.params import ParamError, make_params
 from ..core.scan import ScanError
+from .docks import QSMDock
 from .form import ParamForm
 from .layers import (acquisition_from_metadata, b0_angle_deg, extra_volumes, layer_geometry, result_layer_data,
-                     scan_from_layers)
+                     scan_from_layers, show_chi_colorbar)
 from .reader import NOT_LOCAL_FIELD, guess_role
 from .workers import JobRunner
 
@@ -745,8 +746,11 @@ class PreviewLayer:
         self.layer = None
 
 
-class QSMWidget(QWidget):
+class QSMWidget(QSMDock, QWidget):
     """Dock widget "QSM reconstruction": inputs section and reconstruct section."""
+
+    qsm_dock_order = 0
+    qsm_dock_title = "QSM reconstruction"
 
     result_added = Signal(object)  # the χ layer
 
@@ -767,7 +771,10 @@ class QSMWidget(QWidget):
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
         self.method_combo = QComboBox()
-        self._methods = available_methods()
+        # methods that combine several scans (COSMOS) need scans at other head orientations, which the
+        # inputs above cannot describe: they are not offered here, and a line says where they run
+        self._methods = [m for m in available_methods() if not m.multi_scan]
+        self.gui_excluded = [m for m in available_methods() if m.multi_scan]
         for m in self._methods:
             self.method_combo.addItem(m.label, m.name)
             self.method_combo.setItemData(self.method_combo.count() - 1, m.doc, Qt.ItemDataRole.ToolTipRole)
@@ -775,6 +782,13 @@ class QSMWidget(QWidget):
         lay.addLayout(form)
         self.method_doc = _wrap_label("", DIM_COLOR, small=True)
         lay.addWidget(self.method_doc)
+        self.excluded_note = _wrap_label(" ".join(
+            f"{html.escape(m.label)} is not in this list: it combines scans of the head in several orientations, "
+            "which this dock cannot choose yet; run it from a terminal with <code>napari-qsm recon FIELD "
+            f"--method {html.escape(m.name)} --orientation FIELD2 …</code> (see --help) or the Python API." for m in self.gui_excluded), DIM_COLOR, small=True)
+        self.excluded_note.setObjectName("excluded_methods_note")
+        self.excluded_note.setVisible(bool(self.gui_excluded))
+        lay.addWidget(self.excluded_note)
 
         self.form = ParamForm()
         lay.addWidget(self.form)
@@ -841,7 +855,7 @@ class QSMWidget(QWidget):
     def set_method(self, name: str) -> None:
         i = self.method_combo.findData(name)
         if i < 0:
-            raise ValueError(f"method {name!r} is not registered")
+            raise ValueError(f"method {name!r} is not registered or not offered in this dock")
         self.method_combo.setCurrentIndex(i)
 
     def _on_method_changed(self, *_):
@@ -968,6 +982,7 @@ class QSMWidget(QWidget):
                 layers[key] = self.viewer.add_image(edata, visible=False, **ekw)
         self._results[result.method] = layers
         self.viewer.layers.selection.active = chi_layer
+        show_chi_colorbar(self.viewer, chi_layer)
         self.last_result = result
         self.status.setText(f"<span style='color:{OK_COLOR}'>✓</span> {html.escape(get_method(result.method).label)} "
                             f"done in {result.seconds:.1f} s on {html.escape(result.device)} → "

@@ -13,6 +13,8 @@ import numpy as np
 from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import QHBoxLayout, QPushButton, QTabWidget, QVBoxLayout, QWidget
 
+from ..docks import QSMDock, dock_of, toggle_large
+
 from ...core import compare as core
 from .geometry import canonical_geometry, label_names_of, meta, point_from_world, world_from_point
 from .grid import SideBySide
@@ -24,8 +26,11 @@ from .slices_tab import SlicesTab
 from .volumes import ChosenVolumes
 
 
-class CompareWidget(QWidget):
+class CompareWidget(QSMDock, QWidget):
     """Compare reconstructions: slices side by side, difference maps, metrics, region statistics."""
+
+    qsm_dock_order = 2
+    qsm_dock_title = "Compare"
 
     #: emitted (on the GUI thread) when a metric computation finished (table present)
     metricsReady = Signal()
@@ -87,8 +92,14 @@ class CompareWidget(QWidget):
         self.restore_button = QPushButton("Restore view")
         self.restore_button.setToolTip("Undo 'Side by side': remove the difference layers, grid off, previous view.")
         self.restore_button.setEnabled(False)
+        self.large_button = QPushButton("Large window")
+        self.large_button.setCheckable(True)
+        self.large_button.setToolTip("Float this dock as a window over most of the screen (slices and table at a "
+                                     "size you can read); click again to dock it back.")
         row.addWidget(self.grid_button)
         row.addWidget(self.restore_button)
+        row.addStretch(1)
+        row.addWidget(self.large_button)
         root.addLayout(row)
         self.tabs = QTabWidget()
         root.addWidget(self.tabs, 1)
@@ -101,7 +112,7 @@ class CompareWidget(QWidget):
         for name in ("reference_combo", "mask_combo", "field_combo", "labels_combo", "results_list"):
             setattr(self, name, getattr(self.picker, name))
         for name in ("chi_min", "chi_max", "diff_lim", "auto_button", "planes_combo", "demean_check",
-                     "follow_check", "radio_check", "panel", "hover_label"):
+                     "follow_check", "radio_check", "cross_check", "panel", "hover_label"):
             setattr(self, name, getattr(self.slices, name))
         for name in ("status_label", "metric_table", "chart_combo", "chart_fig", "chart_canvas", "copy_button",
                      "export_button", "recompute_button", "copy_table", "export_csv"):
@@ -116,6 +127,7 @@ class CompareWidget(QWidget):
         self.demean_check.toggled.connect(self._demean_changed)
         self.panel.pointRequested.connect(self.move_viewer_to)
         self.grid_button.clicked.connect(self.side_by_side)
+        self.large_button.toggled.connect(self.set_large)
         self.restore_button.clicked.connect(self.restore_view)
         self.recompute_button.clicked.connect(self.recompute)
         self.tabs.currentChanged.connect(self._on_tab)
@@ -438,6 +450,28 @@ class CompareWidget(QWidget):
             self._busy = False
         self.grid_button.setEnabled(False)
         self.restore_button.setEnabled(True)
+
+    def set_large(self, large: bool = True) -> bool:
+        """Float the dock as a large window (``large``) or dock it back; returns whether it is large now."""
+        now = toggle_large(self, bool(large))
+        if self.large_button.isChecked() != now:
+            self.large_button.blockSignals(True)
+            self.large_button.setChecked(now)
+            self.large_button.blockSignals(False)
+        self.large_button.setText("Dock back" if now else "Large window")
+        d = dock_of(self)
+        if d is not None and not getattr(self, "_large_hooked", False):
+            self._large_hooked = True
+            d.topLevelChanged.connect(self._on_floating)
+        return now
+
+    def _on_floating(self, floating: bool) -> None:
+        """The user docked / floated the dock by its title bar: keep the button in step."""
+        if not floating and self.large_button.isChecked():
+            self.large_button.blockSignals(True)
+            self.large_button.setChecked(False)
+            self.large_button.blockSignals(False)
+            self.large_button.setText("Large window")
 
     def _apply_grid_contrast(self) -> None:
         self.grid.apply_contrast(self.slices.chi_window(), self.diff_lim.value())

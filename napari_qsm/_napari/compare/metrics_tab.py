@@ -19,6 +19,12 @@ def _label(key: str) -> str:
     return f"{lab} ({unit})" if unit else lab
 
 
+def _header(key: str) -> str:
+    """Column header: the metric's name over its unit (two short lines instead of one wide one)."""
+    lab, unit = core.metric_info(key)[:2]
+    return f"{lab}\n({unit})" if unit else lab
+
+
 class MetricsTab(QWidget):
     """Status line, metric table, bar chart and the copy / export / recompute buttons."""
 
@@ -32,7 +38,13 @@ class MetricsTab(QWidget):
         self.status_label = wrapped_label("")
         mv.addWidget(self.status_label)
         self.metric_table = readonly_table(sortable=True)
-        self.metric_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        # metric columns share the width (headers wrap onto two lines): no horizontal scrolling
+        hdr = self.metric_table.horizontalHeader()
+        hdr.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        hdr.setMinimumSectionSize(36)
+        hdr.setDefaultAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.metric_table.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.metric_table.setWordWrap(True)
         splitter = QSplitter(Qt.Orientation.Vertical)
         splitter.addWidget(self.metric_table)
         chart, cv = page()
@@ -83,7 +95,8 @@ class MetricsTab(QWidget):
         self._shown = table
         cols = table.columns
         start_filling(t, len(table.rows), len(cols) + 1)
-        t.setHorizontalHeaderLabels(["Result"] + [_label(c) for c in cols])
+        t.setHorizontalHeaderLabels(["Result"] + [_header(c) for c in cols])
+        t.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
         for ci, c in enumerate(cols):
             hib, doc = core.metric_info(c)[2:]
             t.horizontalHeaderItem(ci + 1).setToolTip(f"{doc} — {'higher' if hib else 'lower'} is better")

@@ -17,6 +17,36 @@ _LETTERS = {
 }
 
 
+def wrap_title(text: str, fm: QFontMetrics, width: int, max_lines: int = 2) -> list:
+    """Break a column title at spaces (or anywhere, for a long word) into at most ``max_lines`` lines
+    of ``width`` pixels; the last line is elided when the title still does not fit."""
+    width = max(8, int(width))
+    words = text.split(" ")
+    lines: list = []
+    cur = ""
+    for wd in words:
+        trial = f"{cur} {wd}" if cur else wd
+        if fm.horizontalAdvance(trial) <= width or not cur:
+            cur = trial
+        else:
+            lines.append(cur)
+            cur = wd
+    if cur:
+        lines.append(cur)
+    out: list = []
+    for ln in lines:  # a single word wider than the column: break it by characters
+        while fm.horizontalAdvance(ln) > width and len(ln) > 1 and len(out) < max_lines - 1:
+            n = len(ln)
+            while n > 1 and fm.horizontalAdvance(ln[:n]) > width:
+                n -= 1
+            out.append(ln[:n])
+            ln = ln[n:]
+        out.append(ln)
+    if len(out) > max_lines:
+        out = out[:max_lines - 1] + [" ".join(out[max_lines - 1:])]
+    out[-1] = fm.elidedText(out[-1], Qt.TextElideMode.ElideRight, width)
+    return out or [""]
+
 
 class PanelPainting:
     """The paint half of :class:`~.panel.SliceGrid` (it reads the grid's layout and rendered images)."""
@@ -59,13 +89,15 @@ class PanelPainting:
         sfm = QFontMetrics(small)
         for ci, col in enumerate(self._columns):
             x = self.LEFT + ci * (cw + self.GAP)
-            title = fm.elidedText(col.title, Qt.TextElideMode.ElideMiddle, int(cw))
+            lines = wrap_title(col.title, fm, int(cw), self.TITLE_LINES)
             qp.setFont(bold)
-            qp.drawText(QRectF(x, 1, cw, fm.height()), Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop, title)
+            for li, line in enumerate(lines):
+                qp.drawText(QRectF(x, 1 + li * fm.height(), cw, fm.height()),
+                            Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop, line)
             if col.subtitle:
                 qp.setFont(small)
                 sub = sfm.elidedText(col.subtitle, Qt.TextElideMode.ElideRight, int(cw))
-                qp.drawText(QRectF(x, 1 + fm.height(), cw, sfm.height()),
+                qp.drawText(QRectF(x, 1 + len(lines) * fm.height(), cw, sfm.height()),
                             Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop, sub)
         # separator title for the difference rows
         qp.setFont(small)
@@ -94,9 +126,10 @@ class PanelPainting:
             qp.drawImage(rect, item[0])
             pl = self._planes_cache[(ci, ri)]
             cx, cy = self._mm_to_px(pl, rect, *pl.cross)
-            qp.setPen(cross_pen)
-            qp.drawLine(QPointF(cx, rect.top()), QPointF(cx, rect.bottom()))
-            qp.drawLine(QPointF(rect.left(), cy), QPointF(rect.right(), cy))
+            if self._cross:
+                qp.setPen(cross_pen)
+                qp.drawLine(QPointF(cx, rect.top()), QPointF(cx, rect.bottom()))
+                qp.drawLine(QPointF(rect.left(), cy), QPointF(rect.right(), cy))
             if ci == 0 and rect.width() > 40:
                 lt, rt, tp, bt = _LETTERS[name]
                 if self._radiological and name != "sagittal":

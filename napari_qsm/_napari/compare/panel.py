@@ -75,6 +75,7 @@ class SliceGrid(PanelPainting, QWidget):
     hovered = Signal(str)
 
     LEFT, TOP, RIGHT, BOTTOM, GAP, SEP = 64, 36, 84, 18, 3, 18
+    TITLE_LINES = 2  # column titles wrap onto up to this many lines (then they are elided)
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
@@ -91,6 +92,7 @@ class SliceGrid(PanelPainting, QWidget):
         self._chi_lut = colormap_lut("gray")
         self._diff_lut = colormap_lut("RdBu_r")
         self._radiological = False
+        self._cross = True
         self._diff_title = "Δχ = result − reference"
         self._chi_unit = "χ (ppm)"
         self._diff_unit = "Δχ (ppm)"
@@ -162,6 +164,25 @@ class SliceGrid(PanelPainting, QWidget):
     def set_diff_limit(self, lim: float) -> None:
         self._diff_lim = abs(float(lim)) or 1e-6
         self.refresh()
+
+    def set_crosshairs(self, on: bool) -> None:
+        """Draw (or not) the cross-hairs at the current point."""
+        self._cross = bool(on)
+        self.update()
+
+    @property
+    def crosshairs(self) -> bool:
+        return self._cross
+
+    def _top(self) -> float:
+        """Height of the title band: up to TITLE_LINES wrapped title lines and a subtitle line."""
+        from qtpy.QtGui import QFont, QFontMetrics
+
+        bold = QFont(self.font())
+        bold.setBold(True)
+        small = QFont(self.font())
+        small.setPointSizeF(max(7.0, self.font().pointSizeF() * 0.85))
+        return self.TITLE_LINES * QFontMetrics(bold).height() + QFontMetrics(small).height() + 4
 
     def set_radiological(self, on: bool) -> None:
         self._radiological = bool(on)
@@ -285,7 +306,7 @@ class SliceGrid(PanelPainting, QWidget):
         shp = np.asarray(self._shape) * self._vs  # extent in mm per axis
         wh = {"axial": (shp[0], shp[1]), "coronal": (shp[0], shp[2]), "sagittal": (shp[1], shp[2])}
         W, H = self.width(), self.height()
-        L, T, R, B, G, S = self.LEFT, self.TOP, self.RIGHT, self.BOTTOM, self.GAP, self.SEP
+        L, T, R, B, G, S = self.LEFT, max(self.TOP, self._top()), self.RIGHT, self.BOTTOM, self.GAP, self.SEP
         n_diff = sum(1 for _, d in rows if d)
         cw = max(10.0, (W - L - R - G * (n - 1)) / n)
         max_w = max(wh[p][0] for p, _ in rows)

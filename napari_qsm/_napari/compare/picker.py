@@ -167,7 +167,8 @@ class Picker(QWidget):
             fill(self.reference_combo, names, guess(non_results, ("chi_true",), ("truth", "reference", "cosmos")))
             fill(self.mask_combo, mask_names, guess([self.viewer.layers[n] for n in mask_names], ("mask",), ("mask",)))
             fill(self.field_combo, names, guess(non_results, ("field",), ("field",)))
-            fill(self.labels_combo, labels, None)
+            fill(self.labels_combo, labels, guess([self.viewer.layers[n] for n in labels], ("labels",),
+                                                  ("label", "seg", "atlas", "parc")))
             self._fill_results(images, renamed)
             # layer renames refresh the choices
             for lay in self.viewer.layers:

@@ -76,7 +76,8 @@ def ppm_spin(value, tip, lo=-10.0) -> QDoubleSpinBox:
     sp.setRange(lo, 10.0)
     sp.setSingleStep(0.01)
     sp.setValue(value)
-    sp.setSuffix(" ppm")
+    # the unit is in the row's label ("χ (ppm)"): a suffix got cut off in a narrow dock
+    sp.setMinimumWidth(sp.fontMetrics().horizontalAdvance("-10.000") + 56)  # room for napari's +/- buttons
     sp.setToolTip(tip)
     sp.setKeyboardTracking(False)
     return sp

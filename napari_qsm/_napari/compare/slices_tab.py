@@ -26,7 +26,7 @@ class SlicesTab(QWidget):
         self.diff_lim = ppm_spin(0.1, "difference window ±limit (ppm), shared by all difference panels", lo=1e-4)
         self.auto_button = QPushButton("Auto")
         self.auto_button.setToolTip("Contrast from the reference (or first result): 1st–99th percentile in the mask.")
-        for w in (QLabel("χ"), self.chi_min, QLabel("…"), self.chi_max, QLabel("Δ ±"), self.diff_lim,
+        for w in (QLabel("χ (ppm)"), self.chi_min, QLabel("…"), self.chi_max, QLabel("Δ ±"), self.diff_lim,
                   self.auto_button):
             c1.addWidget(w)
         sv.addLayout(c1)
@@ -40,12 +40,21 @@ class SlicesTab(QWidget):
         self.follow_check.setToolTip("Slices follow the mouse over the napari canvas (else the current slice).")
         self.radio_check = QCheckBox("Radiological")
         self.radio_check.setToolTip("Show the patient's right on the left in axial and coronal planes.")
-        for w in (self.planes_combo, self.demean_check, self.follow_check, self.radio_check):
+        self.cross_check = QCheckBox("Cross-hairs")
+        self.cross_check.setChecked(True)
+        self.cross_check.setToolTip("Draw the lines through the current point on every slice.")
+        # two short rows rather than one wide one: the dock stays narrow enough to share a 1280 px window
+        for w in (self.planes_combo, self.demean_check, self.follow_check):
             c2.addWidget(w)
         c2.addStretch(1)
         sv.addLayout(c2)
+        c3 = QHBoxLayout()
+        for w in (self.radio_check, self.cross_check):
+            c3.addWidget(w)
+        c3.addStretch(1)
+        sv.addLayout(c3)
         self.panel = SliceGrid()
-        self.panel.setMinimumHeight(420)
+        self.panel.setMinimumHeight(300)
         sv.addWidget(self.panel, 1)
         self.hover_label = QLabel(" ")
         self.hover_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -55,6 +64,7 @@ class SlicesTab(QWidget):
             sp.valueChanged.connect(self._contrast_changed)
         self.planes_combo.currentIndexChanged.connect(self._planes_changed)
         self.radio_check.toggled.connect(self.panel.set_radiological)
+        self.cross_check.toggled.connect(self.panel.set_crosshairs)
         self.panel.hovered.connect(lambda s: self.hover_label.setText(s or " "))
 
     def chi_window(self) -> tuple[float, float]:
