@@ -32,7 +32,7 @@ early stopping. Speed: the CG is first run on a 2x coarser grid (``coarse_levels
 field, mask and weights) and its χ, repeated onto the fine grid, starts the fine CG; and the CG is
 capped at ``max_iter`` = 200 iterations per grid. The toolbox's bound is √N (``max_iter=0``):
 2217 iterations for a 160×192×160 volume, about 10 minutes here, and tol 1e-5 is not reached
-before it. On the analytic test scene (52×60×52, 3 mm) 200 warm-started iterations left 0.09 %
+before it. On an analytic sphere scene (64×72×64, 2.5 mm) 200 warm-started iterations left 0.09 %
 of the background and a local-field NRMSE of 10.8 %, the same as 543 cold ones (0.06 %, 10.8 %).
 
 ``lbv``: Laplacian boundary value (Zhou et al. 2014): ∇²f_L = ∇²f inside the mask with f_L = 0 on

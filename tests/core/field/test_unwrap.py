@@ -130,3 +130,17 @@ def test_bad_inputs_and_steps():
     names = {s.name: s for s in STEPS}
     assert names["quality"].default and names["quality"].exact
     assert not names["laplacian"].exact and names["laplacian"].family == "unwrap"
+
+
+def test_progress_and_cancel():
+    from napari_qsm.core.progress import Cancelled, CancelToken
+
+    token = CancelToken()
+    token.cancel()
+    w = wrap(_smooth_phase()).astype(np.float32)
+    for fn in (unwrap_quality, unwrap_laplacian):
+        with pytest.raises(Cancelled):
+            fn(w, mask=_head_mask(), cancel=token)
+    seen = []
+    unwrap_quality(w, mask=_head_mask(), progress=seen.append)
+    assert seen and seen[-1].step == seen[-1].total and seen[0].stage == "unwrap"
