@@ -19,9 +19,11 @@ radius. The mean inside the mask (a constant) is lost, as with every SHARP-type 
 ``resharp``: RESHARP (Sun & Wilman 2014): argmin_f_L ‖M(C∗f_L − C∗f)‖² + λ‖f_L‖², C = δ − S_r
 the SMV high-pass (r = ``radius``, 6 mm as in the QSMInvNet+ paper), M the mask eroded by r.
 Normal equations (CᵀMC + λI) f_L = CᵀMC f solved by conjugate gradients (tol 1e-6, 30 iterations).
-λ convention: the field in ppm, C with unit-sum S (so C∗f is in ppm), λ multiplying ‖f_L‖² over
-the field of view without normalisation — the QSM.rs scale, default 1e-4 (the MEDI toolbox's
-α = 0.01 is a different scale).
+λ convention: the field in ppm, C with unit-sum S (so C∗f is in ppm), both terms plain sums of
+squares over the voxels (no normalisation by the voxel count), λ multiplying ‖f_L‖² over the field
+of view. Default 1e-4, the value QSM.rs ships (REFERENCES.md); that QSM.rs scales its two terms
+exactly like this is our reading, not verified against its code. The MEDI toolbox's α = 0.01 is a
+different scale.
 
 ``pdf``: projection onto dipole fields (Liu et al. 2011, the MEDI toolbox's PDF). The background is
 the field of a susceptibility χ_b outside the mask: χ_b = argmin ‖W·M(f − D∗((1−M)χ_b))‖², W =
