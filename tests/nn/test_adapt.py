@@ -16,7 +16,7 @@ from napari_qsm.core.dipole import forward_field
 from napari_qsm.core.progress import CancelToken, Cancelled
 from napari_qsm.core.scan import Scan
 from napari_qsm.nn.adapt import AdaptCancelled, AdaptParams, adapt, adapt_cli, load_adapted, save_adapted
-from napari_qsm.nn.infer import WEIGHTS_DIR, load_model, predict
+from napari_qsm.nn.infer import WEIGHTS_DIR, default_weights_path, load_model, predict
 from napari_qsm.nn.train import atomic_torch_save
 from napari_qsm.nn.unet import NetConfig, QSMInvNet
 from nn_test_helpers import blob_volume
@@ -347,3 +347,52 @@ def test_tv_follow_scales_the_prior_with_lambda(scan, tkd_base):
     assert max(float((sd[0][k] - sd[2][k]).abs().max()) for k in conv) > 1e-6
     row = follow.history[0]
     assert row["loss"] == pytest.approx(row["L_S"] + 1.0 * row["L_T"] + 0.5 * row["TV"])
+
+
+@pytest.fixture(scope="module")
+def shifted_head():
+    """A domain-shifted honest phantom: a whole head at 3 mm isotropic (the shipped network was trained at
+    1 mm and clinical slabs), every χ doubled on the 2x finer grid before the physics (so the field comes
+    from a finer grid than the network's), 7-echo signal with noise (SNR 80), fitted field and N_std."""
+    from napari_qsm.core.phantom import make_phantom
+
+    vs = (3.0, 3.0, 3.0)
+    b0 = np.array([np.sin(0.25), 0.0, np.cos(0.25)])
+
+    def edit(g):
+        g.chi *= 2.0
+
+    ph = make_phantom((48, 56, 48), vs, b0, seed=7, snr=80.0, honest=True, edit=edit, device="cpu")
+    scan = Scan(field=ph.field, mask=ph.mask, voxel_size=vs, b0_direction=b0, magnitude=ph.magnitude,
+                noise_std=ph.noise_std, te=0.02, b0_tesla=3.0)
+    return scan, ph.chi
+
+
+def _nrmse_demeaned(x, ref, m):
+    """QSM-CI's NRMSE (%): demeaned in the mask on both sides (written out here, not from core.metrics)."""
+    a = x[m] - x[m].mean(dtype=np.float64)
+    r = ref[m] - ref[m].mean(dtype=np.float64)
+    return 100.0 * float(np.linalg.norm(a - r) / np.linalg.norm(r))
+
+
+@pytest.mark.slow
+def test_adaptation_improves_chi_on_a_domain_shifted_head(shifted_head):
+    """The shipped QSMInvNet+ adapted for 20 seeded steps (SMV-exact L_T + the edge prior, 32³ scan patches,
+    no synthetic batch to keep the test short) lowers the demeaned NRMSE against the truth by > 2 points
+    (measured: 58.7 → 55.5 %); the same run without the data term (λ = 0, the prior alone) does not improve
+    (measured 73.7 %: the prior flattens χ), so the gain needs a working L_T."""
+    scan, chi = shifted_head
+    m = scan.mask
+    w = default_weights_path()
+    x0, _ = predict(load_model(w), scan.field, m, domain="auto", voxel_size=scan.voxel_size,
+                    b0_direction=scan.b0_direction, device="cpu")
+    base_err = _nrmse_demeaned(x0, chi, m)
+    assert 45.0 < base_err < 75.0        # a real domain shift: the base is clearly off
+    kw = dict(steps=20, patch=32, synth_batch=0, seed=0)
+    regime = ((48, 56, 48), (3.0, 3.0, 3.0))
+    res = adapt(scan, AdaptParams(**kw), weights=w, device="cpu", synth_regime=regime)
+    err = _nrmse_demeaned(res.chi, chi, m)
+    assert err < base_err - 2.0, (base_err, err)
+    prior_only = adapt(scan, AdaptParams(lam_start=0.0, lam_end=0.0, **kw), weights=w, device="cpu",
+                       synth_regime=regime)
+    assert _nrmse_demeaned(prior_only.chi, chi, m) > base_err - 0.5
