@@ -544,9 +544,10 @@ def run_variants(weights: str, case: int, variants: list[str], out: Path, work: 
     for v in variants:
         if v not in cache:
             p = make_params(AdaptParams, parse_cli_params(v.split(",")))
-            t = time.perf_counter()
+            t, load0 = time.perf_counter(), os.getloadavg()[0]
             r = adapt(scan, p, weights=weights, device="cpu")
-            cache[v] = {"variant": v, **_metrics(r.chi, chi, scan.mask), "seconds": round(time.perf_counter() - t, 1)}
+            cache[v] = {"variant": v, **_metrics(r.chi, chi, scan.mask), "seconds": round(time.perf_counter() - t, 1),
+                        "load": round(0.5 * (load0 + os.getloadavg()[0]), 1)}
             if cache_file is not None:
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
                 cache_file.write_text(json.dumps(cache, indent=1))
@@ -556,10 +557,13 @@ def run_variants(weights: str, case: int, variants: list[str], out: Path, work: 
           f"`python benchmarks/bench_adapt.py --variant-case {case} --variants {' '.join(variants)}` "
           f"(weights sha256 {file_sha256(weights)[:16]}…; other AdaptParams at their defaults: "
           f"{', '.join(f'{k}={v}' for k, v in params_to_dict(AdaptParams()).items())}). Seconds: wall time of the "
-          f"run that made the row (rows come from the cache in --work; a run beside other jobs is slower).", "",
-          "| variant | NRMSE % | HFEN % | SSIM | seconds |", "|---|---|---|---|---|"]
-    md += [f"| {r['variant']} | {r['nrmse']:.2f} | {r['hfen']:.2f} | {r['ssim']:.4f} | {r['seconds'] or ''} |"
-           for r in rows]
+          f"run that made the row (rows come from the cache in --work; a run beside other jobs is slower), load: "
+          f"the 1-minute load average of the machine (mean of start and end of the run; 2 cores = busy). NRMSE "
+          f"demeaned: QSM-CI's definition (both maps demeaned in the mask); NRMSE: the 2016 challenge's (not "
+          f"demeaned); HFEN as in docs/benchmarks/adapt.md.", "",
+          "| variant | NRMSE demeaned % | NRMSE % | HFEN % | SSIM | seconds | load |", "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['variant']} | {r['nrmse_demeaned']:.2f} | {r['nrmse']:.2f} | {r['hfen']:.2f} | {r['ssim']:.4f} "
+           f"| {r['seconds'] or ''} | {r.get('load') or ''} |" for r in rows]
     out.mkdir(parents=True, exist_ok=True)
     (out / "adapt_variants.md").write_text("\n".join(md) + "\n")
     (out / "adapt_variants.json").write_text(json.dumps({"case": case, "rows": rows}, indent=1))
