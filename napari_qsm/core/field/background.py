@@ -32,10 +32,12 @@ the field of a susceptibility χ_b outside the mask: χ_b = argmin ‖W·M(f −
 grid padded by ``pad_factor`` (1 = the field of view, as the toolbox). No regularisation beyond
 early stopping. Speed: the CG is first run on a 2x coarser grid (``coarse_levels``, block means of
 field, mask and weights) and its χ, repeated onto the fine grid, starts the fine CG; and the CG is
-capped at ``max_iter`` = 200 iterations per grid. The toolbox's bound is √N (``max_iter=0``):
-2217 iterations for a 160×192×160 volume, about 10 minutes here, and tol 1e-5 is not reached
-before it. On an analytic sphere scene (64×72×64, 2.5 mm) 200 warm-started iterations left 0.09 %
-of the background and a local-field NRMSE of 10.8 %, the same as 543 cold ones (0.06 %, 10.8 %).
+capped at ``max_iter`` = 100 iterations per grid. The toolbox's bound is √N (``max_iter=0``):
+2217 iterations for a 160×192×160 volume, tens of minutes on a 2-core CPU, and tol 1e-5 is not
+reached before it. On an analytic sphere scene (64×72×64, 2.5 mm) 100 warm-started iterations left
+0.16 % of the background and a local-field NRMSE of 11.0 % (543 cold ones: 0.06 %, 10.8 %); on the
+1 mm 160×192×160 head, 100 cold and 200 warm-started iterations gave the same local-field NRMSE
+(45.8 % and 46.1 %).
 
 ``lbv``: Laplacian boundary value (Zhou et al. 2014): ∇²f_L = ∇²f inside the mask with f_L = 0 on
 its boundary (the mask voxels with a face neighbour outside), i.e. the background is the harmonic
@@ -261,7 +263,7 @@ def resharp(total_field, mask, params: ResharpParams | None = None, *, voxel_siz
 @dataclass
 class PDFParams:
     tol: float = param(1e-5, "CG relative residual tolerance (MEDI toolbox 1e-5)", min=1e-10, max=1e-1)
-    max_iter: int = param(200, "CG iterations at most (per grid); 0 = √N (N voxels), the MEDI toolbox's bound",
+    max_iter: int = param(100, "CG iterations at most (per grid); 0 = √N (N voxels), the MEDI toolbox's bound",
                           min=0, max=100000)
     pad_factor: float = param(1.0, "zero padding of the FFT grid (x each dimension); 1 = the field of view, as the "
                               "MEDI toolbox", min=1.0, max=3.0)
@@ -405,7 +407,7 @@ STEPS = (
              "QSM.rs's scale: field in ppm, unit-sum SMV, λ on the unnormalised squared norm over the field of view."),
     Step(family="background", name="pdf", label="PDF", params_cls=PDFParams, run=pdf, order=20,
          doc="Projection onto dipole fields: background = field of a χ outside the mask fitted by CG (tol 1e-5 as "
-             "the MEDI toolbox; ≤ 200 iterations per grid after a 2x coarser warm start, max_iter=0 restores the "
+             "the MEDI toolbox; ≤ 100 iterations per grid after a 2x coarser warm start, max_iter=0 restores the "
              "toolbox's √N), weighted by 1/N_std when given; dipole kernel D(0) = 0. No regularisation beyond early "
              "stopping."),
     Step(family="background", name="lbv", label="LBV", params_cls=LBVParams, run=lbv, order=30,
