@@ -110,6 +110,52 @@ data and network training use it; benchmarks should not.
 * ``edit`` (a callable) receives the fine :class:`PhantomGrid` before the physics, so benchmarks
   can add lesions or change contrast honestly (on the fine grid, before the forward model).
 
+Head in air: raw data with a background field (``honest=True, background=True``)
+--------------------------------------------------------------------------------
+The honest phantom above models the brain's *local* field only (χ is 0 outside the brain). With
+``background=True`` the whole head becomes a susceptibility source relative to the surrounding
+air, and air cavities are carved out of the skull and scalp, so that the raw echoes carry the
+background field a scanner sees:
+
+* **χ relative to air** (the reference of the simulated field; SI volume susceptibilities of
+  Schenck, Med. Phys. 23:815, 1996): water −9.05 ppm, air +0.36 ppm, so soft tissue, CSF and
+  brain are −9.41 ppm (``TISSUE_VS_AIR``) plus the brain's own χ relative to CSF (the table above,
+  unchanged). Scalp is taken as water-like. Skull is more diamagnetic: cortical bone is about
+  −2 ppm relative to water (Buch et al., MRM 73:2185, 2015; Schenck lists −8.9 … −12.8 ppm for
+  bone), and the marrow-filled diploë less, so the skull gets −1.5 ppm relative to water
+  (``SKULL_VS_WATER``; drawn in −2.0 … −1.0 with ``randomize``).
+* **Air cavities** (χ 0 relative to air, no signal), ellipsoids in the anatomy's frame that only
+  replace skull and scalp (never brain or CSF): a frontal sinus in front of and below the frontal
+  pole, an ethmoid / nasal cavity under the orbitofrontal cortex, a sphenoid sinus under the
+  skull base and, on each side, mastoid air cells / ear canal below the temporal lobe
+  (``_CAVITIES``; centres jittered by ≈2 mm and sizes by ±15 % with ``randomize``). The head has
+  no face: below the orbitofrontal cortex the skin meets air, as a face would.
+* **Field.** Total χ on the 2x fine grid (brain χ + tissue/skull/air), D(0) = 0, zero-padded to
+  ≥ 2x of the head's bounding box (zero = air continuing outside the field of view); where the
+  neck leaves through the bottom of the field of view its bottom slice is continued 80 mm into the
+  padding, so that the cut does not add an air interface the body does not have. The field is
+  relative to the far air (a uniform ellipsoid of tissue would have a constant field inside).
+  The echoes are made from this total field exactly as above (per fine point, averaged within the
+  voxel: intra-voxel dephasing near the cavities), with the same smooth receive phase φ0 and
+  complex noise; phases wrap as they come.
+* **Truth.** ``chi``: brain χ relative to CSF inside the mask (as without background; χ outside
+  the brain is not reported). ``true_local_field``: the voxel mean of the fine-grid field of the
+  brain's own sources (``chi``'s fine-grid χ, the same computation as the local-field phantom)
+  inside the mask; background removal should return it up to a harmonic function inside the mask
+  (the uniform −9.41 ppm of the brain itself adds only a harmonic field inside it).
+  ``true_total_field``: the voxel mean of the fine total field over the whole field of view
+  (ppm, relative to far air; meaningful where there is signal). ``true_field`` is the truth behind
+  ``field``: the total field inside the mask.
+* **``field``** stays what the echo fit gives (as without background: successive-echo ratios and
+  a weighted line): the *fitted total field* inside the mask, wrapped into ±``wrap_period_ppm``/2
+  (``1/(γ̄·B0·ΔTE)``, 1.96 ppm at 3 T and ΔTE 4 ms) where |ω·ΔTE| > π, which near the cavities it
+  is. It is not a local field: ``Scan.from_phantom`` still builds a Scan from it (total field,
+  mask, RSS magnitude, N_std), but the inversions want the pipeline's local field
+  (``phantom.to_echoes()`` → fit → unwrap → background removal) or ``true_local_field``.
+  ``phantom.background`` is True and ``info()`` records the susceptibilities and the cavities.
+* :func:`save_raw_bids` writes the echoes as a BIDS MEGRE folder (magnitude, phase in radians or
+  Siemens integers, JSON sidecars) with the truth next to it; ``napari-qsm phantom OUTDIR --raw``.
+
 Determinism: the same arguments give identical arrays. The random streams are split by purpose
 (anatomy, values, texture, noise), so for example ``snr`` does not change the anatomy. The anatomy
 depends on the seed, not on the matrix size, so the same seed gives the same head at 1 mm and at
@@ -137,7 +183,7 @@ __all__ = [
     "Phantom", "make_phantom", "oblique_direction", "save_phantom", "affine_for",
     "CLINICAL", "RESEARCH", "LABEL_NAMES", "BRAIN_LABELS", "CHI_RANGES", "GAMMA_BAR",
     "EchoProtocol", "CLINICAL_ECHOES", "RESEARCH_ECHOES", "default_echo_protocol", "PhantomGrid",
-    "edge_agreement",
+    "edge_agreement", "save_raw_bids", "TISSUE_VS_AIR", "SKULL_VS_WATER", "CHI_WATER", "CHI_AIR",
 ]
 
 GAMMA_BAR = 42.577478e6  # Hz/T (γ/2π of the proton)
@@ -209,6 +255,23 @@ _CEREBELLUM = ((0.0, -60.0, -38.0), (50.0, 30.0, 22.0))
 _BRAINSTEM = ((0.0, -26.0, -38.0), (13.0, 14.0, 32.0), (-20.0, 0.0, 0.0))
 _CORE = ((0.0, -10.0, 5.0), (25.0, 60.0, 28.0))  # no interhemispheric fissure inside (corpus callosum etc.)
 _NECK = ((0.0, -25.0, -95.0), (48.0, 52.0, 60.0))  # head frame (not MNI)
+
+# Head in air (background=True): SI volume susceptibilities (ppm; Schenck, Med. Phys. 23:815, 1996)
+CHI_WATER = -9.05
+CHI_AIR = 0.36
+#: soft tissue / CSF / brain relative to air (ppm): the source of the background field
+TISSUE_VS_AIR = CHI_WATER - CHI_AIR
+#: skull relative to water (ppm): cortical bone ≈ −2 (Buch et al., MRM 2015), diploë less; nominal, range
+SKULL_VS_WATER = (-2.0, -1.5, -1.0)
+_NECK_EXTENSION_MM = 80.0  # the neck continues this far below the field of view (into the padding)
+# air cavities: (name, centre, semi-axes (mm), Euler angles (deg), bilateral) in the head frame like _NECK;
+# they replace skull and scalp only (labels 14, 15)
+_CAVITIES = [
+    ("frontal_sinus", (0.0, 70.0, -12.0), (18.0, 9.0, 13.0), (-25.0, 0.0, 0.0), False),
+    ("ethmoid_nasal", (0.0, 46.0, -44.0), (12.0, 20.0, 10.0), (0.0, 0.0, 0.0), False),
+    ("sphenoid_sinus", (0.0, 16.0, -54.0), (14.0, 12.0, 11.0), (0.0, 0.0, 0.0), False),
+    ("mastoid", (42.0, -18.0, -40.0), (10.0, 14.0, 10.0), (0.0, 0.0, 0.0), True),
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,10 +352,36 @@ class Phantom:
     #: honest: number of veins painted in χ only, and the magnitude-only hyperintensities
     silent_veins: int = 0
     wmh: list = dc_field(default_factory=list)
+    #: honest: True when the head sits in air with a background field (``field`` is then a fitted TOTAL field)
+    background: bool = False
+    #: honest: field of the brain's own sources inside the mask (ppm), what background removal should return
+    true_local_field: np.ndarray | None = None
+    #: honest: local + background field over the whole field of view (ppm, relative to far air)
+    true_total_field: np.ndarray | None = None
+    #: honest with background: the air cavities (name, centre and semi-axes in mm) and the χ used
+    cavities: list = dc_field(default_factory=list)
+    background_chi: dict = dc_field(default_factory=dict)
+    #: honest with background: voxels holding air of a cavity (any of their fine points)
+    cavity_mask: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple:
         return tuple(int(n) for n in self.chi.shape)
+
+    @property
+    def wrap_period_ppm(self) -> float:
+        """Field (ppm) of one 2π wrap of the phase over ``te`` (honest: ΔTE): 1/(γ̄·B0·te)·1e6."""
+        return float(1e6 / (GAMMA_BAR * float(self.b0_tesla) * float(self.te)))
+
+    def to_echoes(self, name: str = "phantom echoes"):
+        """The kept complex echoes as :class:`napari_qsm.core.field.records.Echoes` (the front end's input)."""
+        from .field.records import Echoes
+
+        if self.echoes is None:
+            raise ValueError("echoes: this phantom kept none; make it with honest=True, keep_echoes=True")
+        return Echoes.from_complex(self.echoes, te=tuple(self.echo_times), b0_tesla=float(self.b0_tesla),
+                                   affine=np.asarray(self.affine, np.float64), voxel_size=tuple(self.voxel_size),
+                                   b0_direction=np.asarray(self.b0_direction, np.float64), name=name)
 
     def info(self) -> dict:
         """JSON-friendly description (what :func:`save_phantom` writes to phantom.json)."""
@@ -313,6 +402,14 @@ class Phantom:
             "noise_sigma": None if self.noise_sigma is None else float(self.noise_sigma),
             "silent_veins": int(self.silent_veins),
             "wmh": list(self.wmh),
+            "background": bool(self.background),
+            "chi_reference": ("brain χ relative to CSF; the simulated field is that of χ relative to air "
+                              "(background_chi)" if self.background else "relative to CSF (local field only)"),
+            "background_chi": dict(self.background_chi),
+            "cavities": list(self.cavities),
+            "field_is": ("fitted total field (wrapped, period wrap_period_ppm)" if self.background else
+                         ("fitted local field" if self.simulation == "honest" else "local field")),
+            "wrap_period_ppm": self.wrap_period_ppm,
             "units": {"chi": "ppm", "field": "ppm", "noise_std": "ppm", "voxel_size": "mm"},
             "label_names": {str(k): v for k, v in sorted(self.label_names.items())},
             "label_chi": {k: float(v) for k, v in self.label_chi.items()},
@@ -326,7 +423,8 @@ def save_phantom(phantom: Phantom, outdir) -> dict[str, Path]:
 
     Files: field.nii.gz (ppm), mask.nii.gz (uint8), magnitude.nii.gz, chi.nii.gz (ground truth,
     ppm), labels.nii.gz (int16), noise_std.nii.gz (ppm, only when the phantom has noise),
-    true_field.nii.gz (ppm) and r2star.nii.gz (1/s) for honest phantoms, and phantom.json (:meth:`Phantom.info`). Returns {name: path}.
+    true_field.nii.gz (ppm) and r2star.nii.gz (1/s) for honest phantoms (with a background also
+    true_local_field.nii.gz and true_total_field.nii.gz), and phantom.json (:meth:`Phantom.info`). Returns {name: path}.
     """
     import nibabel as nib
 
@@ -341,7 +439,8 @@ def save_phantom(phantom: Phantom, outdir) -> dict[str, Path]:
     }
     if phantom.noise_std is not None:
         arrays["noise_std"] = phantom.noise_std.astype(np.float32)
-    for name in ("true_field", "r2star"):
+    names = ("true_field", "r2star") + (("true_local_field", "true_total_field") if phantom.background else ())
+    for name in names:
         if getattr(phantom, name, None) is not None:
             arrays[name] = getattr(phantom, name).astype(np.float32)
     paths: dict[str, Path] = {}
@@ -359,6 +458,81 @@ def save_phantom(phantom: Phantom, outdir) -> dict[str, Path]:
     pj = out / "phantom.json"
     pj.write_text(json.dumps(phantom.info(), indent=2))
     paths["json"] = pj
+    return paths
+
+
+def _save_nifti(data, affine, path: Path) -> Path:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
+    nib.save(img, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def save_raw_bids(phantom: Phantom, outdir, phase_units: str = "rad", subject: str = "phantom") -> dict[str, Path]:
+    """Write an honest phantom's echoes as a BIDS-like MEGRE folder, with its truth next to it.
+
+    ``OUTDIR/sub-<subject>/anat/sub-<subject>_echo-N_part-mag_MEGRE.nii.gz`` and ``_part-phase_``
+    (radians in (−π, π], or Siemens integers −4096..4095 with ``phase_units="siemens"``), each
+    with a JSON sidecar (EchoTime s, EchoNumber, MagneticFieldStrength T, ImagingFrequency MHz,
+    Manufacturer); ``OUTDIR/dataset_description.json``; the truth in ``OUTDIR/truth/``: chi
+    (brain χ relative to CSF, ppm), local_field and total_field (ppm), mask, labels, and
+    phantom.json (:meth:`Phantom.info`). Needs ``make_phantom(honest=True, keep_echoes=True)``.
+    Returns {name: path}. :func:`napari_qsm.core.field.load.load_echoes` reads the subject folder back.
+    """
+    if phantom.echoes is None:
+        raise ValueError("phantom: no echoes kept; make it with honest=True, keep_echoes=True")
+    units = str(phase_units).strip().lower()
+    if units not in ("rad", "siemens"):
+        raise ValueError(f"phase_units: expected 'rad' or 'siemens', got {phase_units!r}")
+    if not subject or not str(subject).isalnum():
+        raise ValueError(f"subject: expected a BIDS label (letters and digits), got {subject!r}")
+    out = Path(outdir)
+    anat = out / f"sub-{subject}" / "anat"
+    truth = out / "truth"
+    anat.mkdir(parents=True, exist_ok=True)
+    truth.mkdir(parents=True, exist_ok=True)
+    affine = np.asarray(phantom.affine, dtype=np.float64)
+    b0 = float(phantom.b0_tesla)
+    paths: dict[str, Path] = {}
+    desc = out / "dataset_description.json"
+    if not desc.exists():
+        desc.write_text(json.dumps({"Name": "napari-qsm procedural raw head phantom", "BIDSVersion": "1.8.0",
+                                    "DatasetType": "raw", "GeneratedBy": [{"Name": "napari-qsm phantom --raw"}]},
+                                   indent=2))
+    paths["dataset_description"] = desc
+    for e, te in enumerate(phantom.echo_times):
+        S = phantom.echoes[..., e]
+        ph = np.angle(S).astype(np.float32)
+        if units == "siemens":
+            ph = np.clip(np.round(ph * (4096.0 / np.pi)), -4096, 4095).astype(np.int16)
+        for part, data in (("mag", np.abs(S).astype(np.float32)), ("phase", ph)):
+            stem = f"sub-{subject}_echo-{e + 1}_part-{part}_MEGRE"
+            paths[f"echo{e + 1}_{part}"] = _save_nifti(data, affine, anat / f"{stem}.nii.gz")
+            side = {"EchoTime": float(te), "EchoNumber": e + 1, "MagneticFieldStrength": b0,
+                    "ImagingFrequency": round(b0 * GAMMA_BAR * 1e-6, 6),
+                    "Manufacturer": "Siemens" if units == "siemens" else "napari-qsm",
+                    "ManufacturersModelName": "procedural head phantom", "MRAcquisitionType": "3D",
+                    "ImageType": ["ORIGINAL", "PRIMARY", "M" if part == "mag" else "P"],
+                    "PhaseUnits": ("rad" if units == "rad" else "siemens (-4096..4095 = -pi..pi)")
+                    if part == "phase" else None}
+            side = {k: v for k, v in side.items() if v is not None}
+            (anat / f"{stem}.json").write_text(json.dumps(side, indent=2))
+    local = phantom.true_local_field if phantom.true_local_field is not None else phantom.true_field
+    total = phantom.true_total_field if phantom.true_total_field is not None else phantom.true_field
+    for name, data in (("chi", phantom.chi.astype(np.float32)), ("local_field", local),
+                       ("total_field", total), ("mask", phantom.mask.astype(np.uint8)),
+                       ("labels", phantom.labels.astype(np.int16))):
+        if data is not None:
+            paths[f"truth_{name}"] = _save_nifti(np.asarray(data), affine, truth / f"{name}.nii.gz")
+    pj = truth / "phantom.json"
+    pj.write_text(json.dumps(phantom.info(), indent=2))
+    paths["truth_json"] = pj
     return paths
 
 
@@ -1064,6 +1238,113 @@ def _fine_field(chi_f, vs_f, b0, device, support) -> np.ndarray:
     return out
 
 
+def _carve_cavities(anat, rng, randomize, ax_mm, lab_f, pd_f, cav_f) -> list:
+    """Air cavities (``_CAVITIES``) on the fine grid: skull/scalp points inside become air (label 0, PD 0).
+
+    Evaluated in the anatomy's template frame (they follow the head's pose and elastic
+    displacement), each in its own bounding box. Returns the cavities as drawn (JSON-friendly).
+    """
+    out = []
+    for name, c, a, e, bilateral in _CAVITIES:
+        for side in ((1.0, -1.0) if bilateral else (1.0,)):
+            cc = np.asarray(c, np.float64) * [side, 1.0, 1.0]
+            aa = np.asarray(a, np.float64)
+            if randomize:
+                cc = cc + np.clip(rng.normal(0.0, 1.5, 3), -3.0, 3.0)
+                aa = aa * rng.uniform(0.85, 1.15, 3)
+            if name == "frontal_sinus":  # in the frontal bone: anchored to the frontal pole at its height
+                cen, semi = anat.cerebrum.centre, anat.cerebrum.semi
+                q = min(0.95, abs((cc[2] - cen[2]) / semi[2]))
+                cc[1] = cen[1] + semi[1] * math.sqrt(1.0 - q * q) + anat.csf_layer + 0.5 * anat.skull
+            ee = np.asarray(e, np.float64) * [1.0, side, side]
+            rot = _euler(ee)
+            ext = np.abs(rot) @ aa + 1.0
+            ulo, uhi = anat.head_bbox(cc - ext, cc + ext)
+            sl = []
+            for k in range(3):
+                x = ax_mm[k]
+                i0 = int(np.searchsorted(x, ulo[k] - 1.0, side="left"))
+                i1 = int(np.searchsorted(x, uhi[k] + 1.0, side="right"))
+                sl.append(slice(i0, max(i0, i1)))
+            sl = tuple(sl)
+            n_air = 0
+            if all(s.stop > s.start for s in sl):
+                P = anat.template_coords([ax_mm[k][sl[k]] for k in range(3)])
+                inside = _ellipsoid_sdf(P, cc, aa, rot) < 0
+                del P
+                lab = lab_f[sl]
+                inside &= (lab == 14) | (lab == 15)
+                n_air = int(inside.sum())
+                lab[inside] = 0
+                pd_f[sl][inside] = 0.0
+                cav_f[sl] |= inside
+            label = name if not bilateral else f"{name}_{'right' if side > 0 else 'left'}"
+            out.append({"name": label, "centre_mm": [round(float(v), 1) for v in cc],
+                        "semi_axes_mm": [round(float(v), 1) for v in aa], "fine_points": n_air})
+    return out
+
+
+_SHIM_BASIS = ("1", "x", "y", "z", "xy", "xz", "yz", "x²−y²", "2z²−x²−y²")
+_SHIM_TERMS = {0: 1, 1: 4, 2: 9}
+_SHIM_R0 = 100.0  # mm: the coordinates of the shim basis are divided by it
+
+
+def _shim_basis(x, y, z, n_terms):
+    """Solid harmonics up to 2nd order (every term has zero Laplacian) at coordinates x, y, z (units of r0)."""
+    one = np.ones(np.broadcast_shapes(np.shape(x), np.shape(y), np.shape(z)), np.float64)
+    terms = (one, x + 0 * one, y + 0 * one, z + 0 * one, x * y, x * z, y * z, x * x - y * y, 2 * z * z - x * x - y * y)
+    return terms[:n_terms]
+
+
+def _shim(fld_f, fld_vox, mask, order, vs, f):
+    """Remove (in place, on the fine grid) the least-squares solid-harmonic fit of ``fld_vox`` in ``mask``."""
+    n_terms = _SHIM_TERMS[int(order)]
+    if not mask.any():
+        return np.zeros(n_terms)
+    shape = mask.shape
+    ax = [((np.arange(n) - (n - 1) / 2.0) * d / _SHIM_R0) for n, d in zip(shape, vs)]
+    idx = np.nonzero(mask)
+    A = np.stack([np.broadcast_to(t, shape)[idx] for t in _shim_basis(
+        ax[0][:, None, None], ax[1][None, :, None], ax[2][None, None, :], n_terms)], axis=1)
+    coef = np.linalg.lstsq(A, fld_vox[idx].astype(np.float64), rcond=None)[0]
+    fshape = fld_f.shape
+    fax = [((np.arange(n) - (n - 1) / 2.0) * (d / f) / _SHIM_R0) for n, d in zip(fshape, vs)]
+    for i in range(fshape[0]):  # plane by plane: no full-size temporaries
+        terms = _shim_basis(fax[0][i], fax[1][:, None], fax[2][None, :], n_terms)
+        fld_f[i] -= sum(c * t for c, t in zip(coef, terms)).astype(np.float32)
+    return coef
+
+
+def _head_field(src, vs_f, b0, device, extend_mm: float = _NECK_EXTENSION_MM) -> np.ndarray:
+    """D ∗ src (ppm, D(0) = 0) over the whole fine grid; src is χ relative to air (0 = air).
+
+    The whole field of view is zero-padded to a fast FFT size ≥ 2x on every axis (zero = the air
+    around the head continues outside it). Where the sources touch the bottom face (the neck
+    leaves the field of view) the bottom slice is continued ``extend_mm`` into the padding (at most
+    half of the padding), so the cut adds no air interface the body lacks. The kernel is applied
+    slab by slab in place: the peak is about one padded real and one half-grid complex array.
+    """
+    n = src.shape
+    P = fast_shape(n, 2.0)
+    dev = resolve_device(device)
+    with torch.no_grad():
+        x = torch.zeros(P, dtype=torch.float32, device=dev)
+        x[:n[0], :n[1], :n[2]] = torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32))
+        if np.any(src[:, :, 0]):  # the neck leaves through the bottom face: continue it below
+            ext = min(int(round(extend_mm / float(vs_f[2]))), (P[2] - n[2]) // 2)
+            if ext > 0:
+                x[:n[0], :n[1], P[2] - ext:] = x[:n[0], :n[1], 0:1]
+        X = torch.fft.rfftn(x, dim=(0, 1, 2))
+        del x
+        for i0, i1, d in kernel_slabs(P, vs_f, b0, device=dev):
+            X[i0:i1] *= d
+        y = torch.fft.irfftn(X, s=P, dim=(0, 1, 2))
+        del X
+        out = y[:n[0], :n[1], :n[2]].cpu().numpy().astype(np.float32, copy=True)
+        del y
+    return out
+
+
 def _background_sigma(S: np.ndarray) -> float:
     """Noise σ (per real/imaginary channel) from the eight corner blocks of the field of view.
 
@@ -1155,7 +1436,7 @@ def make_phantom(shape=(160, 192, 160), voxel_size=(1.0, 1.0, 1.0), b0_direction
                  snr: float | None = None, texture: bool = True, randomize: bool = True,
                  te: float = 0.02, b0_tesla: float = 3.0, device="auto", honest: bool = False,
                  echo_protocol: EchoProtocol | None = None, edit=None, keep_echoes: bool = False,
-                 noise_seed: int | None = None) -> Phantom:
+                 noise_seed: int | None = None, background: bool = False, shim_order: int | None = 2) -> Phantom:
     """Generate a seeded procedural head phantom (see the module docstring for the model).
 
     shape / voxel_size (mm): sampling grid. The head is centred in the field of view and scaled
@@ -1180,6 +1461,14 @@ def make_phantom(shape=(160, 192, 160), voxel_size=(1.0, 1.0, 1.0), b0_direction
     keep_echoes (honest): also return the simulated complex echoes (i, j, k, echo) in ``echoes``.
     noise_seed: None = the noise follows ``seed``; an int draws an independent noise realisation for
     the same head (e.g. one per orientation of a COSMOS acquisition).
+    background (honest): the head sits in air with air cavities, its whole tissue a source of a
+    background field (module docstring, "Head in air"); ``field`` is then the fitted TOTAL field and
+    the truth is in ``true_local_field`` / ``true_total_field``. Without ``keep_echoes`` the echoes
+    are still simulated (they are what the fit uses) but not returned.
+    shim_order (background): the scanner's shim. The least-squares fit of the total field inside the
+    brain mask by the solid harmonics up to this order (0, 1 or 2; 2 = a 3 T scanner's 2nd-order
+    shim) is removed before the echoes are made; None = no shim. Shim fields are harmonic, so the
+    local field truth does not change.
     """
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 1:
@@ -1192,6 +1481,10 @@ def make_phantom(shape=(160, 192, 160), voxel_size=(1.0, 1.0, 1.0), b0_direction
         raise ValueError(f"te and b0_tesla must be positive (got te={te!r}, b0_tesla={b0_tesla!r})")
     if not honest and (edit is not None or keep_echoes or echo_protocol is not None):
         raise ValueError("edit, keep_echoes and echo_protocol need honest=True (the idealised phantom has no echoes)")
+    if background and not honest:
+        raise ValueError("background=True needs honest=True (the idealised phantom models the local field only)")
+    if shim_order is not None and shim_order not in (0, 1, 2):
+        raise ValueError(f"shim_order: expected 0, 1, 2 or None, got {shim_order!r}")
     seed = int(seed)
 
     ss = np.random.SeedSequence([seed, 20240611])
@@ -1231,7 +1524,8 @@ def make_phantom(shape=(160, 192, 160), voxel_size=(1.0, 1.0, 1.0), b0_direction
     if honest:
         protocol = (echo_protocol or default_echo_protocol(vs)).check()
         return _make_honest(shape, vs, b0, seed, snr, texture, randomize, b0_tesla, device, anat, s_fit, props,
-                            tex_amp, rng_tex, rng_noise, protocol, edit, keep_echoes, common)
+                            tex_amp, rng_tex, rng_noise, protocol, edit, keep_echoes, common, bool(background),
+                            shim_order)
 
     g = _paint_grid(anat, shape, vs, s_fit, props, te=te)
     chi, mag, labels, tissue = g["chi"], g["mag"], g["labels"], g["tissue"]
@@ -1273,7 +1567,7 @@ def make_phantom(shape=(160, 192, 160), voxel_size=(1.0, 1.0, 1.0), b0_direction
 
 
 def _make_honest(shape, vs, b0, seed, snr, texture, randomize, b0_tesla, device, anat, s_fit, props, tex_amp,
-                 rng_tex, rng_noise, protocol, edit, keep_echoes, common) -> Phantom:
+                 rng_tex, rng_noise, protocol, edit, keep_echoes, common, background=False, shim_order=2) -> Phantom:
     """The honest phantom (module docstring, "Honest mode")."""
     f = _HONEST_FACTOR
     fshape = tuple(f * n for n in shape)
@@ -1296,6 +1590,18 @@ def _make_honest(shape, vs, b0, seed, snr, texture, randomize, b0_tesla, device,
     del g
     mask_f = np.isin(lab_f, BRAIN_LABELS)
     ax_mm = _axes_mm(fshape, fvs, s_fit)
+    cavities, bg_chi, cavity_mask = [], {}, None
+    if background:  # air cavities out of skull and scalp (own random stream: the rest is unchanged)
+        rng_bg = np.random.default_rng(np.random.SeedSequence([seed, 20240611, 3]))
+        skull = float(rng_bg.uniform(SKULL_VS_WATER[0], SKULL_VS_WATER[2])) if randomize else SKULL_VS_WATER[1]
+        bg_chi = {"reference": "air", "tissue": round(TISSUE_VS_AIR, 4), "skull": round(TISSUE_VS_AIR + skull, 4),
+                  "air": 0.0, "water_si": CHI_WATER, "air_si": CHI_AIR,
+                  "brain": "tissue + chi (brain χ relative to CSF)"}
+        cav_f = np.zeros(fshape, bool)
+        cavities = _carve_cavities(anat, rng_bg, randomize, ax_mm, lab_f, pd_f, cav_f)
+        n0_, n1_, n2_ = shape
+        cavity_mask = cav_f.reshape(n0_, f, n1_, f, n2_, f).any(axis=(1, 3, 5))
+        del cav_f
 
     # χ-only structure: texture and iron gradients inside deep grey matter (no magnitude change)
     if texture:
@@ -1350,6 +1656,12 @@ def _make_honest(shape, vs, b0, seed, snr, texture, randomize, b0_tesla, device,
     np.maximum(pd_f, 0.0, out=pd_f)
     np.maximum(r2s_f, 0.0, out=r2s_f)
 
+    # background=True: χ relative to air on the fine grid (tissue −9.41, skull a bit lower, air 0)
+    src_bg = None
+    if background:
+        src_bg = np.where(lab_f > 0, np.float32(TISSUE_VS_AIR), np.float32(0.0)).astype(np.float32)
+        src_bg[lab_f == 14] += np.float32(bg_chi["skull"] - TISSUE_VS_AIR)
+
     # voxel grid: χ truth (voxel mean), labels (mode of the 8 sub-points), mask
     chi = _block_mean(chi_f, f).astype(np.float32)
     n0, n1, n2 = shape
@@ -1363,8 +1675,22 @@ def _make_honest(shape, vs, b0, seed, snr, texture, randomize, b0_tesla, device,
     support = mask_f | np.repeat(np.repeat(np.repeat(mask, f, 0), f, 1), f, 2)
     del mask_f
     fld_f = _fine_field(chi_f, fvs, b0, device, support)
-    del support, chi_f
+    del support
     true_field = (_block_mean(fld_f, f) * mask).astype(np.float32)
+    true_local, true_total = true_field, true_field
+    if background:  # the total field of the head in air: brain χ + tissue/skull/air, over the whole FOV
+        src_bg += chi_f
+        del chi_f
+        fld_f = _head_field(src_bg, fvs, b0, device)
+        del src_bg
+        if shim_order is not None:  # the scanner's shim (harmonic: the local field is unchanged)
+            coef = _shim(fld_f, _block_mean(fld_f, f), mask, shim_order, vs, f)
+            bg_chi["shim"] = {"order": int(shim_order), "coefficients_ppm": [round(float(c), 5) for c in coef],
+                              "basis": list(_SHIM_BASIS[:_SHIM_TERMS[shim_order]]), "r0_mm": _SHIM_R0}
+        true_total = _block_mean(fld_f, f).astype(np.float32)
+        true_field = (true_total * mask).astype(np.float32)
+    else:
+        del chi_f
 
     # complex multi-echo signal per fine point, averaged within each voxel (intra-voxel dephasing)
     tes = protocol.echo_times
@@ -1398,4 +1724,6 @@ def _make_honest(shape, vs, b0, seed, snr, texture, randomize, b0_tesla, device,
     return Phantom(chi=chi, field=fld.astype(np.float32), mask=mask, magnitude=rss, labels=labels,
                    noise_std=noise_std, te=float(protocol.delta_te), simulation="honest", true_field=true_field,
                    r2star=r2star, echo_times=tes, echo_protocol=protocol.name, noise_sigma=sigma,
-                   echoes=S if keep_echoes else None, silent_veins=len(silent), wmh=wmh, **common)
+                   echoes=S if keep_echoes else None, silent_veins=len(silent), wmh=wmh, background=bool(background),
+                   true_local_field=true_local, true_total_field=true_total, cavities=cavities,
+                   background_chi=bg_chi, cavity_mask=cavity_mask, **common)
