@@ -66,7 +66,7 @@ class LossPlot(QWidget):
         # margins in pixels (see _margins), not constrained layout: that let the right (λ) axis label clip
         self.fig = Figure(figsize=(3.6, 2.4), dpi=100, facecolor="#262930")
         self.canvas = FigureCanvasQTAgg(self.fig)
-        self.canvas.setMinimumHeight(200)
+        self.canvas.setMinimumHeight(170)
         self.canvas.setMaximumHeight(240)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
@@ -208,6 +208,11 @@ class AdaptWidget(QSMDock, QWidget):
         lay.removeWidget(self.form)
         lay.addWidget(self.form)
         body.addWidget(box)
+        # the adaptation settings first, the (auto-picked, shared) inputs under them: in a short window the
+        # settings stay in sight next to the loss plot and Run
+        inputs_box = self.inputs.parentWidget()
+        body.removeWidget(inputs_box)
+        body.insertWidget(body.indexOf(box) + 1, inputs_box)
         self.form.changed.connect(self._update_estimate)
         self.device_combo.currentIndexChanged.connect(self._update_estimate)
         self._timing: Optional[tuple] = None  # (step, elapsed s) of the first step report of a run

@@ -47,6 +47,8 @@ def test_adapt_end_to_end_save_and_use(phantom_viewer, qtbot, tiny_checkpoint, t
     assert "adapted 3 steps" in w.status.text(), w.status.text()
     assert chi.metadata["provenance"]["method"] == "dsbn_adapt"
     assert chi.data.shape == phantom_viewer.layers["phantom field"].data.shape
+    # the per-step time was measured on the first steps and is stated
+    assert "per step" in w.estimate.text() and "3 steps take about" in w.estimate.text(), w.estimate.text()
     steps, lt = w.plot.series("L_T")
     assert list(steps) == [1, 2, 3] and np.all(np.isfinite(lt))
     _, lam = w.plot.series("lambda")
@@ -113,3 +115,42 @@ def test_adapt_uses_the_docks_b0_and_te(phantom_viewer, qtbot, tiny_checkpoint):
     acq = phantom_viewer.layers[-1].metadata["provenance"]["acquisition"]
     assert acq["b0_tesla"] == pytest.approx(7.0) and acq["te"] == pytest.approx(0.010)
     assert acq["b0_from"] == acq["te_from"] == "entered"
+
+
+def test_adapt_dock_simple_form_with_advanced_folded(phantom_viewer, qtbot, tiny_checkpoint):
+    """Steps and mode (with weights and device) in sight; the research parameters folded under "Advanced"."""
+    from napari_qsm.core.params import specs
+    from napari_qsm.nn.adapt import AdaptParams
+
+    w = _dock(phantom_viewer, qtbot, tiny_checkpoint)
+    form = w.form
+    simple = [n for n in form.names() if n not in form.advanced_names()]
+    assert simple == ["steps", "mode"]
+    assert {"lam_start", "rad_per_ppm", "margin_mm", "lr"} <= set(form.advanced_names())
+    assert form.names() == [s.name for s in specs(AdaptParams) if s.widget != "hidden"]  # nothing lost
+    assert form.advanced_toggle.isVisibleTo(w) and form.advanced_toggle.text() == f"Advanced ({len(form.advanced_names())})"
+    assert not form.widget_for("lam_start").isVisibleTo(w) and form.widget_for("steps").isVisibleTo(w)
+    assert form.values()["lam_start"] == 30.0  # folded rows still count
+    form.advanced_toggle.click()
+    assert form.widget_for("lam_start").isVisibleTo(w)
+    form.advanced_toggle.click()
+    form.widget_for("rad_per_ppm").setCurrentText("banana")  # a bad folded value unfolds the section
+    assert form.widget_for("rad_per_ppm").isVisibleTo(w) and form.errors()
+    # what adaptation does, in plain words, and how the time is found out
+    assert "fine-tunes the network" in w.about.text()
+    assert "measured on the first steps" in w.estimate.text()
+
+
+def test_adapt_time_estimate_from_the_first_steps(phantom_viewer, qtbot, tiny_checkpoint, monkeypatch):
+    from napari_qsm._napari import adapt_widget
+    from napari_qsm.core.progress import Progress
+
+    monkeypatch.setattr(adapt_widget, "SECONDS_PER_STEP", {})
+    w = _dock(phantom_viewer, qtbot, tiny_checkpoint)
+    w.form.set_values({"steps": 200})
+    w._timing = None
+    for step, t in ((1, 9.0), (2, 11.0), (3, 13.0)):  # start-up in the first step, then 2 s a step
+        w._measure(Progress(step=step, total=200, elapsed=t))
+    assert "2.0 s per step" in w.estimate.text() and "6.6 min" in w.estimate.text(), w.estimate.text()
+    w._update_estimate()
+    assert "200 steps take about 6.7 min" in w.estimate.text(), w.estimate.text()

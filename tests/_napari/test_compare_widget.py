@@ -79,7 +79,7 @@ def test_choose_reference_and_results(scene, phantom):
     # table widget: one row per result, header with units, best value bold
     t = w.metric_table
     assert t.rowCount() == 2
-    headers = [t.horizontalHeaderItem(c).text() for c in range(t.columnCount())]
+    headers = [t.horizontalHeaderItem(c).text().replace("\n", " ") for c in range(t.columnCount())]
     assert headers[0] == "Result" and "PSNR (dB)" in headers and "Field residual (%)" in headers
     best = core.best_per_column(w.table)
     col = headers.index("NRMSE (%)")
@@ -250,6 +250,8 @@ def test_region_statistics(scene, phantom, qtbot):
                        **_layer_kw(phantom))
     lab.features = {"index": list(range(16)),
                     "name": ["background"] + [phantom.label_names[i] for i in range(1, 16)]}
+    # an open labels layer is picked by default (Regions is not left empty)
+    qtbot.waitUntil(lambda: w.selection().labels == "labels", timeout=5000)
     w.set_labels("labels")
     qtbot.waitUntil(lambda: w.regions is not None and not w.busy, timeout=60000)
     st = w.regions
@@ -356,3 +358,24 @@ def test_phase_and_total_field_are_not_offered_as_results(make_napari_viewer, ph
     assert w.selection().results == ["tkd"]
     assert w.selection().field == "local"                # the local field stays the field
     w.cleanup()
+
+
+def test_titles_wrap_and_crosshairs_toggle(scene, qtbot):
+    from qtpy.QtGui import QFont, QFontMetrics
+
+    from napari_qsm._napari.compare.paint import wrap_title
+
+    fm = QFontMetrics(QFont())
+    width = fm.horizontalAdvance("QSMInvNet+ adapted")
+    lines = wrap_title("QSMInvNet+ adapted (120 steps)", fm, width)
+    assert lines == ["QSMInvNet+ adapted", "(120 steps)"]
+    assert all(fm.horizontalAdvance(ln) <= width for ln in lines)
+    long = wrap_title("dsbn_domainauto_memory_gb3.0 and more words", fm, fm.horizontalAdvance("dsbn_domain"))
+    assert len(long) == 2 and long[0].startswith("dsbn_do")
+    v, w, _ = scene
+    assert w.panel.crosshairs and w.cross_check.isChecked()
+    w.cross_check.setChecked(False)
+    assert not w.panel.crosshairs
+    w.panel.repaint()  # paints without the lines
+    w.cross_check.setChecked(True)
+    assert w.panel.crosshairs

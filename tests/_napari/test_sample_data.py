@@ -21,7 +21,10 @@ def test_phantom_1mm_sample_via_napari(make_napari_viewer):
     assert field.data.shape == (112, 144, 128) and field.data.dtype == np.float32  # (k, j, i): axial slider
     assert tuple(field.scale) == (1.0, 1.0, 1.0)
     assert viewer.dims.axis_labels == ("I→S", "P→A", "L→R")
-    assert field.visible and not viewer.layers["phantom true χ"].visible
+    # the magnitude is shown (the field is windowed, one click away); the view is the docks' (A up, R right)
+    assert viewer.layers["phantom magnitude"].visible and not viewer.layers["phantom true χ"].visible
+    assert not field.visible and field.contrast_limits[0] == pytest.approx(-field.contrast_limits[1])
+    assert tuple(viewer.scene.camera.orientation2d) == ("up", "right")
     roles = [lay.metadata["role"] for lay in viewer.layers]
     assert roles == ["chi_true", "magnitude", "labels", "mask", "field"]
     assert type(viewer.layers["phantom mask"]).__name__ == "Labels"
