@@ -10,6 +10,7 @@
                [--save-weights OUT.pt] -o OUT.nii.gz
     napari-qsm metrics RECON REFERENCE --mask MASK [--field FIELD] [--json]
     napari-qsm phantom OUTDIR [--shape X Y Z] [--voxel-size X Y Z] [--seed N] [--snr S] [--oblique DEG]
+               [--raw [--phase-units rad|siemens]]   (raw echoes of the head in air: BIDS MEGRE + truth/)
     napari-qsm methods            (list methods and their parameters)
     napari-qsm demo [OUTDIR]      (every method on the built-in phantom: metrics table + comparison PNG)
     napari-qsm view [FILES ...]   (napari with the QSM docks and the scans, or the sample phantom)
@@ -131,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--snr", type=float, help="magnitude SNR for magnitude-weighted field noise (default: none)")
     ph.add_argument("--oblique", type=float, default=0.0, help="B0 tilt in degrees about the x axis")
+    ph.add_argument("--raw", action="store_true",
+                    help="raw multi-echo GRE of the head in air (background field, sinuses) as a BIDS MEGRE folder "
+                         "OUTDIR/sub-phantom/anat plus the truth in OUTDIR/truth (default SNR 50)")
+    ph.add_argument("--phase-units", choices=["rad", "siemens"], default="rad",
+                    help="--raw: phase in radians or Siemens integers (-4096..4095)")
 
     sub.add_parser("methods", help="list methods and their parameters")
 
@@ -288,8 +294,16 @@ def cmd_phantom(args) -> int:
         preset["voxel_size"] = tuple(args.voxel_size)
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
-    ph = make_phantom(**preset, b0_direction=oblique_direction(args.oblique, "x"), seed=args.seed, snr=args.snr)
-    paths = save_phantom(ph, out)
+    if args.raw:
+        from .core.phantom import save_raw_bids
+
+        ph = make_phantom(**preset, b0_direction=oblique_direction(args.oblique, "x"), seed=args.seed,
+                          snr=50.0 if args.snr is None else args.snr, honest=True, background=True, keep_echoes=True)
+        paths = save_raw_bids(ph, out, phase_units=args.phase_units)
+        paths = {k: v for k, v in paths.items() if not k.startswith("echo") or k.startswith("echo1_")}
+    else:
+        ph = make_phantom(**preset, b0_direction=oblique_direction(args.oblique, "x"), seed=args.seed, snr=args.snr)
+        paths = save_phantom(ph, out)
     for k, v in paths.items():
         print(f"{k:10s} {v}")
     return 0

@@ -139,3 +139,30 @@ def test_warnings_are_the_commands_own_lines(tmp_path, capsys):
     assert "UserWarning" not in err and "<string>" not in err
     assert warnings.showwarning is before  # restored for in-process callers
     assert "TKD δ=0.15:" in err and "-> " in err
+
+
+def test_phantom_raw_writes_bids_megre_and_truth(tmp_path, capsys):
+    """`phantom --raw`: a BIDS MEGRE folder the loader reads back (Siemens phase integers) and the truth."""
+    from napari_qsm.core.field.load import load_echoes
+
+    d = tmp_path / "raw"
+    assert main(["phantom", str(d), "--raw", "--phase-units", "siemens", "--shape", "40", "48", "40",
+                 "--voxel-size", "4", "4", "4", "--seed", "1"]) == 0
+    anat = d / "sub-phantom" / "anat"
+    mags = sorted(anat.glob("*_part-mag_MEGRE.nii.gz"))
+    phs = sorted(anat.glob("*_part-phase_MEGRE.nii.gz"))
+    assert len(mags) == len(phs) == 5
+    side = json.loads((anat / "sub-phantom_echo-2_part-phase_MEGRE.json").read_text())
+    assert side["EchoTime"] == pytest.approx(0.008) and side["Manufacturer"] == "Siemens"
+    assert side["ImagingFrequency"] == pytest.approx(3.0 * 42.577478, rel=1e-6)
+    ph2 = np.asarray(nib.load(str(phs[1])).dataobj)
+    assert ph2.dtype == np.int16 and ph2.min() >= -4096 and ph2.max() <= 4095 and ph2.max() > 3000
+    e = load_echoes(d / "sub-phantom")
+    assert e.n_echoes == 5 and e.te == pytest.approx((0.004, 0.008, 0.012, 0.016, 0.02))
+    assert e.b0_tesla == pytest.approx(3.0) and e.vendor["phase_units"] == "siemens"
+    for name in ("chi", "local_field", "total_field", "mask", "labels"):
+        img = nib.load(str(d / "truth" / f"{name}.nii.gz"))
+        assert img.shape == e.shape, name
+    info = json.loads((d / "truth" / "phantom.json").read_text())
+    assert info["background"] is True and info["snr"] == 50.0
+    assert "truth_local_field" in capsys.readouterr().out
