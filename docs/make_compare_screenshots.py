@@ -5,7 +5,7 @@ Run under a display, e.g. ``xvfb-run -a -s "-screen 0 1920x1200x24" python docs/
 * a 1 mm phantom (``make_phantom``, SNR 100) opened as the sample data opens it;
 * results: TKD (δ 0.15), MEDI-L1 and QSMInvNet+ (DSBN) when their method / weights are
   available, otherwise TKD at two thresholds and TSVD;
-* ``docs/compare_panel.png``: the Compare dock (orthogonal slices through the basal ganglia and the
+* ``docs/compare_panel.png``: the Compare dock in its "Large window" mode at 1600×1000 (orthogonal slices through the basal ganglia and the
   haemorrhage, differences to the true χ); ``docs/compare_metrics.png``: its metric table and bar
   chart; ``docs/compare_grid.png``: napari's canvas after "Side by side".
 
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     from napari_qsm.methods import Result
 
     v = napari.Viewer(show=True)
-    v.window._qt_window.resize(1840, 1180)
+    v.window._qt_window.resize(1600, 1000)
     v.scene.camera.orientation2d = ("up", "right")  # neurological: anterior up, patient's right on the right
     for data, kw, kind in phantom_layer_data(ph, prefix="phantom"):
         v.add_layer(Layer.create(data, kw, kind))
@@ -106,9 +106,11 @@ def main(argv=None) -> int:
     app = napari.qt.get_qapp()
     from qtpy.QtCore import Qt
 
-    # give the dock most of the width; napari's canvas keeps the rest
-    v.window._qt_window.resizeDocks([dock], [1040], Qt.Orientation.Horizontal)
-    w.set_labels("phantom labels")
+    # the dock's "Large window" mode: floated over the screen, here at 1600×1000
+    w.set_large(True)
+    from napari_qsm._napari.docks import dock_of
+    dock_of(w).resize(1600, 1000)
+    assert w.selection().labels == "phantom labels", "the open labels layer is picked by default"
     # axial and coronal planes through the globus pallidus (basal ganglia), sagittal through the
     # haemorrhage (strong source: streaking of the k-space methods)
     gp = np.argwhere(ph.labels == 6)
@@ -136,7 +138,10 @@ def main(argv=None) -> int:
     for _ in range(5):
         app.processEvents()
     w.grab().save(str(out / "compare_metrics.png"))
+    hbar = w.metric_table.horizontalScrollBar()
+    print(f"metrics table: {w.metric_table.viewport().width()} px wide, horizontal scroll range {hbar.maximum()}")
     w.tabs.setCurrentIndex(0)
+    w.set_large(False)
     v.window._qt_window.resizeDocks([dock], [560], Qt.Orientation.Horizontal)
     w.planes_combo.setCurrentText("axial")
     w.side_by_side()

@@ -4,20 +4,22 @@ Run (a virtual screen is enough):
 
     xvfb-run -a -s "-screen 0 1920x1200x24" python docs/make_screenshots.py
 
-It loads the 1 mm sample phantom, runs TKD in the "QSM reconstruction" dock, and saves:
+It loads the 1 mm sample phantom, runs TKD in the "QSM reconstruction" dock, and saves (window
+1600×1000 unless ``--window``):
 
-* ``docs/screenshot_reconstruct_tkd.png``  whole window: TKD result, dock with inputs and parameters
+* ``docs/screenshot_docks.png``          the three docks opened together (as ``napari-qsm view`` opens them)
+* ``docs/screenshot_reconstruct_tkd.png``  whole window: TKD result with its colour bar, dock with inputs and parameters
 * ``docs/screenshot_dock_tkd.png``         the dock alone (readable detail)
 * ``docs/screenshot_truth_vs_tkd.png``     grid view: true χ next to TKD, same ±0.15 ppm window
 * ``docs/screenshot_medi_running.png``     a MEDI run in flight (progress bar, Cancel enabled, live preview)
 * ``docs/screenshot_clinical_oblique.png`` the clinical-like phantom, 0.75×0.75×3 mm, B0 tilted 15°
 * ``docs/screenshot_adapt.png``            the Adapt dock after a short adaptation (loss plot, adapted χ)
-* ``docs/screenshot_dock_adapt.png``       the Adapt dock alone
+* ``docs/screenshot_dock_adapt.png``       the Adapt dock alone, in its simple form ("Advanced" folded)
 
 The Adapt screenshots need QSMInvNet+ weights: the shipped checkpoint, or ``--weights CKPT``
 (e.g. a training checkpoint); without either they are skipped.
 
-``--only reconstruct`` (repeatable: reconstruct, truth, medi, clinical, adapt) regenerates only those
+``--only reconstruct`` (repeatable: docks, reconstruct, truth, medi, clinical, adapt) regenerates only those
 screenshots, e.g. only the Reconstruction dock after a change to it::
 
     xvfb-run -a -s "-screen 0 1920x1200x24" python docs/make_screenshots.py --only reconstruct --window 1600x1000
@@ -32,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 DOCS = Path(__file__).resolve().parent
-WINDOW = [1680, 1000]
-SCREENS = ("reconstruct", "truth", "medi", "clinical", "adapt")
+WINDOW = [1600, 1000]
+SCREENS = ("docks", "reconstruct", "truth", "medi", "clinical", "adapt")
 
 
 def _pump(app, seconds: float) -> None:
@@ -110,11 +112,28 @@ def main(argv=None) -> int:
     WINDOW[:] = size
     only = set(args.only or (["adapt"] if args.only_adapt else SCREENS))
     app = QApplication.instance() or napari.qt.get_qapp()
+    if "docks" in only:
+        _docks_screen(app)
     if only & {"reconstruct", "truth", "medi", "clinical"}:
         _reconstruct_screens(app, only)
     if "adapt" in only:
         _adapt_screens(app, args.weights, args.adapt_steps)
     return 0
+
+
+def _docks_screen(app) -> None:
+    """The three docks together, opened the way ``napari-qsm view`` opens them (one tab group)."""
+    from napari_qsm.cli import open_viewer
+
+    viewer = open_viewer(show=True)
+    viewer.window._qt_window.resize(*WINDOW)
+    _pump(app, 3.0)
+    qtw = viewer.window._qt_window
+    qtw.resize(*WINDOW)  # napari grows the window while the docks are added (before they join one tab group)
+    _pump(app, 1.0)
+    print(f"window {qtw.width()}×{qtw.height()}")
+    _save_window(viewer, app, "screenshot_docks.png")
+    viewer.close()
 
 
 def _reconstruct_screens(app, only=SCREENS) -> None:
@@ -134,8 +153,10 @@ def _reconstruct_screens(app, only=SCREENS) -> None:
     _wait(app, lambda: not dock.runner.running, 120)
     chi = viewer.layers[-1]
     viewer.layers["phantom field"].visible = False
-    viewer.canvas.overlays.text.visible = True
-    viewer.canvas.overlays.text.text = f"{chi.name}: χ (ppm), window −0.15 … +0.15"
+    viewer.layers["phantom magnitude"].visible = False
+    viewer.canvas.overlays.text.text = ""  # the dock captions the colour bar ("TKD δ=0.15: χ (ppm)")
+    viewer.layers.selection.active = None
+    viewer.layers.selection.active = chi
     viewer.reset_view()
     if "reconstruct" in only:
         _save_window(viewer, app, "screenshot_reconstruct_tkd.png")
@@ -148,6 +169,8 @@ def _reconstruct_screens(app, only=SCREENS) -> None:
         grid = viewer.canvas.grid
         grid.enabled = True
         grid.shape = (1, 2)
+        viewer.canvas.overlays.text.position = "top_left"
+        viewer.canvas.overlays.text.visible = True
         viewer.canvas.overlays.text.text = "left: true χ · right: TKD (δ 0.15) · both −0.15 … +0.15 ppm"
         viewer.reset_view()
         _save_window(viewer, app, "screenshot_truth_vs_tkd.png")
@@ -213,6 +236,7 @@ def _adapt_screens(app, weights, steps: int) -> None:
         return
     viewer = _new_viewer(app)
     _add(viewer, make_phantom_1mm())
+    viewer.scene.camera.orientation2d = ("up", "right")
     dock = AdaptWidget(viewer)
     viewer.window.add_dock_widget(dock, name="Adapt network", area="right")
     _wait(app, lambda: "ready" in dock.inputs.message.text(), 10)
@@ -223,9 +247,9 @@ def _adapt_screens(app, weights, steps: int) -> None:
     dock.run()
     _wait(app, lambda: not dock.runner.running, 1800)
     for layer in viewer.layers:
-        layer.visible = layer.name.startswith("dsbn_adapted")
-    viewer.canvas.overlays.text.visible = True
-    viewer.canvas.overlays.text.text = f"QSMInvNet+ adapted to this scan ({steps} steps): χ (ppm), window ±0.15"
+        layer.visible = layer is dock.chi_layer
+    viewer.layers.selection.active = None
+    viewer.layers.selection.active = dock.chi_layer  # its colour bar and 'χ (ppm)' caption
     viewer.reset_view()
     _save_window(viewer, app, "screenshot_adapt.png")
     _save_widget(dock, app, "screenshot_dock_adapt.png")
