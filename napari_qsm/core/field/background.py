@@ -105,12 +105,22 @@ def _padded(shape, margin_vox):
     return tuple(int(scipy.fft.next_fast_len(int(n + m), real=True)) for n, m in zip(shape, margin_vox))
 
 
-def smv_kernel(pshape, voxel_size, radius_mm, device) -> torch.Tensor:
-    """rfft of the normalised ball of radius ``radius_mm`` (centred at the origin, wrapped), real, on ``pshape``."""
+def smv_kernel(pshape, voxel_size, radius_mm, device, sub: int = 5) -> torch.Tensor:
+    """rfft of the normalised ball of radius ``radius_mm`` (centred at the origin, wrapped), real, on ``pshape``.
+
+    Each voxel is weighted by the fraction of its volume inside the sphere (``sub``³ sample points
+    per voxel), so the kernel's second moments are nearly isotropic even on anisotropic grids and
+    its mean of a harmonic field stays the centre value (a plain voxel-centre ball on 1.5x1.5x4 mm
+    voxels left 3.8 % of an analytic background after a 12 mm SHARP step).
+    """
     vs = check_voxel_size(voxel_size)
-    h = [int(math.floor(radius_mm / d + 1e-9)) for d in vs]
-    g = np.meshgrid(*[np.arange(-k, k + 1) * d for k, d in zip(h, vs)], indexing="ij", sparse=True)
-    ball = (sum(x * x for x in g) <= radius_mm * radius_mm + 1e-9).astype(np.float64)
+    h = [int(math.ceil(radius_mm / d + 0.5)) for d in vs]
+    off = (np.arange(sub) + 0.5) / sub - 0.5
+    g = np.meshgrid(*[((np.arange(-k, k + 1)[:, None] + off[None, :]) * d).ravel() for k, d in zip(h, vs)],
+                    indexing="ij", sparse=True)
+    inside = (sum(x * x for x in g) <= radius_mm * radius_mm).astype(np.float64)
+    n = [2 * k + 1 for k in h]
+    ball = inside.reshape(n[0], sub, n[1], sub, n[2], sub).sum(axis=(1, 3, 5))
     ball /= ball.sum()
     k = torch.zeros(pshape, dtype=torch.float64, device=device)
     k[: ball.shape[0], : ball.shape[1], : ball.shape[2]] = torch.as_tensor(ball, device=device)
