@@ -1108,7 +1108,8 @@ class PhantomGrid:
     ``factor`` sample points per voxel along each axis (2 in honest mode): ``shape`` is the voxel
     grid times ``factor`` and ``voxel_size`` the voxel size divided by it. ``edit`` may change
     ``chi`` (ppm), ``pd`` (proton density times receive bias, a.u.) and ``r2s`` (1/s) in place or
-    replace them with arrays of the same shape; ``labels`` and ``mask`` are for reading.
+    replace them with arrays of the same shape; ``labels`` and ``mask`` are for reading (with
+    ``background=True`` the air cavities are already carved: PD 0 there, labels unchanged).
     """
 
     shape: tuple
@@ -1239,7 +1240,10 @@ def _fine_field(chi_f, vs_f, b0, device, support) -> np.ndarray:
 
 
 def _carve_cavities(anat, rng, randomize, ax_mm, lab_f, pd_f, cav_f) -> list:
-    """Air cavities (``_CAVITIES``) on the fine grid: skull/scalp points inside become air (label 0, PD 0).
+    """Air cavities (``_CAVITIES``) on the fine grid: skull/scalp points inside become air (PD 0, ``cav_f``).
+
+    The fine labels are left as they are, so the voxel labels and the brain mask are exactly those
+    of the same head without cavities; voxels that are mostly cavity are then labelled 0 (air).
 
     Evaluated in the anatomy's template frame (they follow the head's pose and elastic
     displacement), each in its own bounding box. Returns the cavities as drawn (JSON-friendly).
@@ -1275,7 +1279,6 @@ def _carve_cavities(anat, rng, randomize, ax_mm, lab_f, pd_f, cav_f) -> list:
                 lab = lab_f[sl]
                 inside &= (lab == 14) | (lab == 15)
                 n_air = int(inside.sum())
-                lab[inside] = 0
                 pd_f[sl][inside] = 0.0
                 cav_f[sl] |= inside
             label = name if not bilateral else f"{name}_{'right' if side > 0 else 'left'}"
@@ -1590,7 +1593,7 @@ def _make_honest(shape, vs, b0, seed, snr, texture, randomize, b0_tesla, device,
     del g
     mask_f = np.isin(lab_f, BRAIN_LABELS)
     ax_mm = _axes_mm(fshape, fvs, s_fit)
-    cavities, bg_chi, cavity_mask = [], {}, None
+    cavities, bg_chi, cavity_mask, cav_f = [], {}, None, None
     if background:  # air cavities out of skull and scalp (own random stream: the rest is unchanged)
         rng_bg = np.random.default_rng(np.random.SeedSequence([seed, 20240611, 3]))
         skull = float(rng_bg.uniform(SKULL_VS_WATER[0], SKULL_VS_WATER[2])) if randomize else SKULL_VS_WATER[1]
@@ -1601,7 +1604,6 @@ def _make_honest(shape, vs, b0, seed, snr, texture, randomize, b0_tesla, device,
         cavities = _carve_cavities(anat, rng_bg, randomize, ax_mm, lab_f, pd_f, cav_f)
         n0_, n1_, n2_ = shape
         cavity_mask = cav_f.reshape(n0_, f, n1_, f, n2_, f).any(axis=(1, 3, 5))
-        del cav_f
 
     # χ-only structure: texture and iron gradients inside deep grey matter (no magnitude change)
     if texture:
@@ -1659,8 +1661,8 @@ def _make_honest(shape, vs, b0, seed, snr, texture, randomize, b0_tesla, device,
     # background=True: χ relative to air on the fine grid (tissue −9.41, skull a bit lower, air 0)
     src_bg = None
     if background:
-        src_bg = np.where(lab_f > 0, np.float32(TISSUE_VS_AIR), np.float32(0.0)).astype(np.float32)
-        src_bg[lab_f == 14] += np.float32(bg_chi["skull"] - TISSUE_VS_AIR)
+        src_bg = np.where((lab_f > 0) & ~cav_f, np.float32(TISSUE_VS_AIR), np.float32(0.0)).astype(np.float32)
+        src_bg[(lab_f == 14) & ~cav_f] += np.float32(bg_chi["skull"] - TISSUE_VS_AIR)
 
     # voxel grid: χ truth (voxel mean), labels (mode of the 8 sub-points), mask
     chi = _block_mean(chi_f, f).astype(np.float32)
@@ -1668,6 +1670,9 @@ def _make_honest(shape, vs, b0, seed, snr, texture, randomize, b0_tesla, device,
     lab_sub = lab_f.reshape(n0, f, n1, f, n2, f).transpose(0, 2, 4, 1, 3, 5).reshape(n0, n1, n2, f ** 3)
     labels = _label_mode(lab_sub).astype(np.int16)
     del lab_sub, lab_f
+    if cav_f is not None:  # voxels that are mostly air cavity (never brain: cavities replace skull/scalp only)
+        labels[(_block_mean(cav_f.astype(np.float32), f) >= 0.5) & np.isin(labels, (14, 15))] = 0
+        del cav_f
     mask = np.isin(labels, BRAIN_LABELS)
     chi[~mask] = 0.0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -451,3 +452,136 @@ def test_honest_deterministic_and_edit_hook():
     d = (e.chi - a.chi)[a.mask]
     assert abs(np.median(d) - 0.1) < 1e-3  # ... shows in the χ truth
     assert not np.array_equal(e.field, a.field)  # and in the field (the edit comes before the physics)
+
+
+# ----------------------------------------------------------------------------------------------
+# head in air (issue 13): background field of tissue/air/skull and air cavities, raw echoes, truth
+# ----------------------------------------------------------------------------------------------
+
+from napari_qsm.core.phantom import TISSUE_VS_AIR, save_raw_bids  # noqa: E402
+
+BG = dict(shape=(40, 48, 40), voxel_size=(4.0, 4.0, 4.0), seed=2, snr=50.0, honest=True, keep_echoes=True,
+          device="cpu")
+
+
+@pytest.fixture(scope="module")
+def bg_pair(one_torch_thread):
+    """The same head with (head in air, cavities, shim) and without background."""
+    return make_phantom(**BG, background=True), make_phantom(**BG)
+
+
+def _near_far(p):
+    d = ndimage.distance_transform_edt(~p.cavity_mask, sampling=p.voxel_size)
+    return p.mask & (d <= 6.0), p.mask & (d > 25.0)
+
+
+def test_background_several_ppm_near_cavities_small_far(bg_pair):
+    p, _ = bg_pair
+    assert p.background and p.cavity_mask.any() and len(p.cavities) == 5
+    assert all(c["fine_points"] > 0 for c in p.cavities)
+    assert p.background_chi["tissue"] == pytest.approx(-9.41) and p.background_chi["skull"] < TISSUE_VS_AIR
+    assert not (p.cavity_mask & p.mask).any()  # cavities never replace brain
+    bg = p.true_total_field - p.true_local_field
+    near, far = _near_far(p)
+    assert near.sum() > 50 and far.sum() > 1000
+    a_near, a_far = np.abs(bg[near]), np.abs(bg[far])
+    assert a_near.max() > 2.0 and np.percentile(a_near, 90) > 1.0, (a_near.max(), np.percentile(a_near, 90))
+    assert a_far.max() < 1.0 and np.percentile(a_far, 99) < 0.6, a_far.max()
+    # without the shim the whole head's shape adds a low-order field of a few ppm across the brain
+    raw = make_phantom(**dict(BG, snr=None, keep_echoes=False), background=True, shim_order=None)
+    bg_raw = (raw.true_total_field - raw.true_local_field)[far]
+    assert np.ptp(bg_raw) > 2.0 and bg_raw.std() > 3 * bg[far].std(), (np.ptp(bg_raw), bg_raw.std(), bg[far].std())
+
+
+def test_local_truth_is_the_field_of_the_brain_sources_alone(bg_pair):
+    p, plain = bg_pair
+    # the brain's own sources give exactly the field of the head without background (same fine grid)
+    assert np.array_equal(p.chi, plain.chi) and np.array_equal(p.mask, plain.mask)
+    assert np.array_equal(p.true_local_field, plain.true_field)
+    assert np.array_equal(plain.true_local_field, plain.true_field)
+    np.testing.assert_array_equal(p.true_field, p.true_total_field * p.mask)
+    # the rest (tissue/air/skull outside and the brain's uniform −9.41 ppm) is harmonic inside the brain
+    bg = p.true_total_field - p.true_local_field
+    d = ndimage.distance_transform_edt(~p.cavity_mask, sampling=p.voxel_size)
+    core = ndimage.binary_erosion(p.mask, iterations=3) & (d > 12.0)
+
+    def lap(a):
+        return sum(np.roll(a, 1, k) + np.roll(a, -1, k) for k in range(3)) - 6 * a
+
+    l_bg = np.sqrt(np.mean(lap(bg)[core] ** 2))
+    l_loc = np.sqrt(np.mean(lap(p.true_local_field)[core] ** 2))
+    assert l_bg < 0.1 * l_loc, (l_bg, l_loc)
+    # and the local field is the dipole field of χ (low frequencies agree with the discrete model)
+    disc = forward_field(p.chi, p.voxel_size, p.b0_direction, device="cpu") * p.mask
+    low = lambda a: ndimage.gaussian_filter(a, 2.0)  # noqa: E731
+    assert _rel(low(p.true_local_field), low(disc), ndimage.binary_erosion(p.mask, iterations=2)) < 0.1
+
+
+def test_background_wraps_in_late_echoes_and_fitted_field(bg_pair):
+    p, _ = bg_pair
+    near, far = _near_far(p)
+    S, tes = p.echoes, p.echo_times
+    rad = 2 * np.pi * GAMMA_BAR * p.b0_tesla * 1e-6
+
+    def wrapped_share(e, region):  # voxels whose phase evolution TE1→TE_e is off the principal value by 2πk
+        ev = np.angle(S[..., e] * np.conj(S[..., 0]))
+        om = rad * p.true_total_field * (tes[e] - tes[0])
+        return float(np.mean(np.round((om - ev) / (2 * np.pi))[region] != 0))
+
+    assert wrapped_share(len(tes) - 1, near) > 0.5 > wrapped_share(1, near)
+    assert wrapped_share(1, far) < 0.01
+    # the delivered field is the fit's: the true total field plus whole wrap periods
+    r = (p.field - p.true_field)[p.mask] / p.wrap_period_ppm
+    k = np.round(r)
+    assert np.mean(np.abs(r - k) < 0.1) > 0.95 and np.sum(k != 0) > 50
+    assert p.wrap_period_ppm == pytest.approx(1e6 / (GAMMA_BAR * 3.0 * 0.004))
+
+
+def test_background_dephasing_and_magnitude(bg_pair):
+    p, plain = bg_pair
+    near, _ = _near_far(p)
+    # intra-voxel dephasing near the cavities raises the fitted R2* well above the tissue's own
+    assert np.median(p.r2star[near]) > 2.0 * np.median(plain.r2star[near])
+    lab = p.labels
+    med = {n: np.median(p.magnitude[lab == l]) for l, n in LABEL_NAMES.items() if (lab == l).any()}
+    assert med["scalp"] > 3 * med["skull"] and med["scalp"] > 0.3 * med["white_matter"]
+    air = p.cavity_mask & (lab == 0)
+    assert air.any() and np.median(p.magnitude[air]) < 0.1 * med["white_matter"]
+    assert p.noise_sigma == pytest.approx(plain.noise_sigma, rel=0.1)  # corners are still air
+
+
+def test_background_deterministic_and_bad_inputs():
+    kw = dict(BG, shape=(27, 32, 27), voxel_size=(6.0, 6.0, 6.0), background=True)
+    a, b = make_phantom(**kw), make_phantom(**kw)
+    for name in ("echoes", "field", "true_total_field", "true_local_field", "cavity_mask", "labels"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert a.info() == b.info()
+    c = make_phantom(**dict(kw, seed=3))
+    assert c.cavities != a.cavities and not np.array_equal(c.true_total_field, a.true_total_field)
+    with pytest.raises(ValueError, match="honest"):
+        make_phantom(shape=(27, 32, 27), voxel_size=(6.0, 6.0, 6.0), background=True)
+    with pytest.raises(ValueError, match="shim_order"):
+        make_phantom(**dict(kw, shim_order=3))
+    with pytest.raises(ValueError, match="keep_echoes"):
+        save_raw_bids(dataclasses.replace(a, echoes=None), "unused")
+
+
+def test_raw_bids_roundtrip_through_load_echoes(bg_pair, tmp_path):
+    from napari_qsm.core.field.load import load_echoes
+
+    p, _ = bg_pair
+    paths = save_raw_bids(p, tmp_path)
+    e = load_echoes(tmp_path / "sub-phantom")
+    ref = p.to_echoes()
+    assert e.te == pytest.approx(ref.te) and e.b0_tesla == pytest.approx(3.0) and e.vendor["phase_units"] == "rad"
+    np.testing.assert_allclose(e.magnitude, ref.magnitude, rtol=1e-6)
+    dphi = np.angle(np.exp(1j * (e.phase - ref.phase)))
+    assert np.abs(dphi).max() < 1e-5
+    np.testing.assert_allclose(e.affine, p.affine, atol=1e-6)
+    assert tuple(e.voxel_size) == pytest.approx(p.voxel_size)
+    np.testing.assert_allclose(e.b0_direction, p.b0_direction, atol=1e-6)
+    import nibabel as nib
+    loc = np.asarray(nib.load(str(paths["truth_local_field"])).dataobj)
+    np.testing.assert_array_equal(loc, p.true_local_field)
+    info = json.loads(paths["truth_json"].read_text())
+    assert info["background"] and info["cavities"] == p.cavities
