@@ -14,6 +14,7 @@
     napari-qsm methods            (list methods and their parameters)
     napari-qsm demo [OUTDIR]      (every method on the built-in phantom: metrics table + comparison PNG)
     napari-qsm view [FILES ...]   (napari with the QSM docks and the scans, or the sample phantom)
+    napari-qsm field INPUT... -o OUTDIR   (raw multi-echo GRE -> local field, mask, N_std, R2*)
 
 Errors print ``napari-qsm: error: ...`` to stderr and exit with status 2; nothing is written.
 Progress goes to stderr.
@@ -86,6 +87,15 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
 
 
+FIELD_EPILOG = """outputs in OUTDIR, on the input's grid and orientation:
+  local_field.nii.gz (ppm), mask.nii.gz (the eroded brain mask), magnitude.nii.gz, total_field.nii.gz (ppm),
+  noise_std.nii.gz (ppm), r2star.nii.gz (1/s), field.json (inputs, vendor facts, every step with its
+  parameters and seconds). Then: napari-qsm recon OUTDIR/local_field.nii.gz --mask OUTDIR/mask.nii.gz
+  --magnitude OUTDIR/magnitude.nii.gz --noise-std OUTDIR/noise_std.nii.gz --method medi -o chi.nii.gz"""
+
+FIELD_OUTPUTS = ("local_field", "mask", "magnitude", "total_field", "noise_std", "r2star")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="napari-qsm", description="Quantitative susceptibility mapping (χ in ppm).")
     ap.add_argument("--version", action="version", version=_version())
@@ -137,6 +147,28 @@ def build_parser() -> argparse.ArgumentParser:
                          "OUTDIR/sub-phantom/anat plus the truth in OUTDIR/truth (default SNR 50)")
     ph.add_argument("--phase-units", choices=["rad", "siemens"], default="rad",
                     help="--raw: phase in radians or Siemens integers (-4096..4095)")
+
+    fl = sub.add_parser("field", help="raw multi-echo GRE (BIDS, DICOM or files) -> local field, mask, total field, "
+                                      "N_std, R2*", epilog=FIELD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fl.add_argument("inputs", nargs="*", help="a BIDS anat or subject folder, or a DICOM folder")
+    fl.add_argument("--magnitude", nargs="+", default=[], help="magnitude echoes: one 3-D file per echo or one 4-D file")
+    fl.add_argument("--phase", nargs="+", default=[], help="phase echoes, in the magnitude's order")
+    fl.add_argument("--te", nargs="+", type=float, help="echo times in seconds (default: the JSON sidecars)")
+    fl.add_argument("--b0", type=float, help="field strength in tesla (default: ImagingFrequency/γ̄ or "
+                                            "MagneticFieldStrength of the sidecars)")
+    fl.add_argument("--phase-units", default="auto", choices=["auto", "rad", "siemens", "mrad"],
+                    help="auto: detected from the value range and the vendor (reported)")
+    fl.add_argument("--phase-sign", type=int, default=1, choices=[1, -1], help="-1 flips the phase (e.g. GE)")
+    fl.add_argument("--mask", help="brain mask (NIfTI on the echoes' grid); replaces the mask step")
+    fl.add_argument("--fit", default=None, help="echo fit: linear (default) or nonlinear")
+    fl.add_argument("--unwrap", default=None, help="spatial unwrapping: quality (default, exact) or laplacian")
+    fl.add_argument("--mask-method", default=None, help="brain mask step: threshold (default)")
+    fl.add_argument("--background", default=None, help="background removal: vsharp (default), resharp, pdf, lbv")
+    fl.add_argument("--param", action="append", default=[], metavar="[STEP.]NAME=VALUE",
+                    help="step parameter, e.g. background.radius=6 (repeatable; 'napari-qsm methods' lists them)")
+    fl.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    fl.add_argument("-o", "--output", required=True, help="output folder (created; existing files are not overwritten)")
+    fl.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
 
     sub.add_parser("methods", help="list methods and their parameters")
 
@@ -336,6 +368,47 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_field(args) -> int:
+    import numpy as np
+    from .core.field.load import load_echoes
+    from .core.field.pipeline import FieldRecipe, local_field, split_params
+    from .core.io import read_volume, save_volume, write_json
+    from .core.params import parse_cli_params
+
+    out = Path(args.output)
+    targets = {k: out / f"{k}.nii.gz" for k in FIELD_OUTPUTS}
+    existing = [str(p) for p in list(targets.values()) + [out / "field.json"] if p.exists()]
+    if existing:
+        raise ValueError(f"output: {', '.join(existing)} already exist(s); choose another folder")
+    recipe = FieldRecipe(fit=args.fit, mask=args.mask_method, unwrap=args.unwrap, background=args.background)
+    recipe.params = split_params(parse_cli_params(args.param), recipe)
+    for fam in ("fit", "mask", "unwrap", "background"):
+        recipe.record(fam)  # every step and parameter checked before reading the data
+    echoes = load_echoes(args.inputs or None, magnitude=args.magnitude, phase=args.phase, te=args.te, b0=args.b0,
+                         phase_units=args.phase_units, phase_sign=args.phase_sign)
+    user_mask = None
+    if args.mask:
+        user_mask, maff, _ = read_volume(args.mask, "mask")
+        if not np.allclose(maff, echoes.affine, atol=1e-3):
+            raise ValueError("mask: its affine differs from the echoes'; resample it onto their grid first")
+    run = local_field(echoes, recipe, mask=user_mask, device=args.device, progress=_progress(args.quiet))
+    out.mkdir(parents=True, exist_ok=True)
+    maps = {"local_field": run.scan.field, "mask": run.scan.mask.astype(np.float32), "magnitude": run.total.magnitude,
+            "total_field": run.total.field, "noise_std": run.total.noise_std, "r2star": run.total.r2star}
+    units = {"local_field": "ppm", "total_field": "ppm", "noise_std": "ppm", "r2star": "1/s"}
+    for k, arr in maps.items():
+        save_volume(arr, targets[k], echoes.affine, nifti_info=echoes.nifti_info,
+                    description=f"napari-qsm {k.replace('_', ' ')}" + (f" ({units[k]})" if k in units else ""))
+    from . import __version__
+    prov = {"software": "napari-qsm", "version": __version__, **run.provenance,
+            "b0_tesla": run.scan.b0_tesla, "b0_direction": [float(v) for v in run.scan.b0_direction],
+            "voxel_size": [float(v) for v in run.scan.voxel_size], "outputs": {k: str(p) for k, p in targets.items()}}
+    write_json(out / "field.json", prov)
+    steps = ", ".join(f"{s['label']} {s['seconds']:.1f} s" for s in run.steps)
+    print(f"local field: {steps} -> {out}", file=sys.stderr)
+    return 0
+
+
 #: the docks `napari-qsm view` opens, by their display names in napari.yaml
 VIEW_DOCKS = ("QSM reconstruction", "Adapt network (QSMInvNet+)", "Compare")
 
@@ -376,7 +449,8 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"recon": cmd_recon, "adapt": cmd_adapt, "metrics": cmd_metrics, "phantom": cmd_phantom,
-            "methods": cmd_methods, "demo": cmd_demo, "view": cmd_view}
+            "methods": cmd_methods, "demo": cmd_demo, "view": cmd_view,
+            "field": cmd_field}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -67,7 +67,7 @@ def find_step(family: str, name: Optional[str] = None) -> Step:
 class FieldRecipe:
     """Which step runs in each family, and their parameters (public names; values may be strings).
 
-    ``params`` maps a family to its parameters, e.g. ``{"background": {"radius_mm": 6}}``.
+    ``params`` maps a family to its parameters, e.g. ``{"background": {"radius": 6}}`` (RESHARP).
     A step may also be given as a :class:`Step` (e.g. from the registry, a third-party step).
     ``unwrap`` runs only when the fit leaves the field wrapped (``TotalField.wrapped``).
     """
