@@ -93,7 +93,7 @@ class FieldRecipe:
 
 
 def split_params(items: dict, recipe: FieldRecipe) -> dict:
-    """``{"background.radius_mm": "6", "max_iter": "20"}`` → per-family dicts for ``recipe``.
+    """``{"background.radius": "6", "max_iter": "20"}`` → per-family dicts for ``recipe``.
 
     A bare name must belong to exactly one of the recipe's steps; ``family.name`` picks the family."""
     out: dict = {f: {} for f in FAMILIES}
