@@ -199,11 +199,12 @@ def changed_params(obj) -> list[tuple[ParamSpec, Any]]:
 def display_name(label: str, obj, shown: tuple = ()) -> str:
     """A name a person would write: ``label`` formatted with the record's values (``"{steps} steps"``),
     then every other parameter that differs from its default, e.g. ``"TKD δ=0.2"``, ``"MEDI λ=1000"``.
-    Parameters hidden from the GUI are left out."""
+    Parameters hidden from the GUI, and those declared with ``short=""`` (display settings such as a preview
+    interval), are left out."""
     values = {s.attr: _fmt(getattr(obj, s.attr)) for s in specs(type(obj))}
     values.update({s.name: values[s.attr] for s in specs(type(obj))})
     title = label.format(**values) if "{" in label else label
     bits = [f"{s.short or s.name}={_fmt(v)}" for s, v in changed_params(obj)
-            if s.widget != "hidden" and "{" + s.attr + "}" not in label and "{" + s.name + "}" not in label
+            if s.widget != "hidden" and s.short != "" and "{" + s.attr + "}" not in label and "{" + s.name + "}" not in label
             and s.attr not in shown]
     return " ".join([title] + bits) if bits else title

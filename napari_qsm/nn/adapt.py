@@ -122,40 +122,41 @@ class AdaptParams:
                            "for a clinical scan)", min=0, max=100000)
     mode: str = param("dsbn", "dsbn = QSMInvNet+ (L_S on synthetic domain 0 + λ·L_T on scan domain 1); "
                               "finetune = QSMInvNet baseline (one shared BN, L_T only)", choices=("dsbn", "finetune"))
-    lr: float = param(1e-3, "Adam learning rate", min=1e-7, max=1e-1)
+    lr: float = param(1e-3, "Adam learning rate", min=1e-7, max=1e-1, widget="advanced")
     patch: int = param(64, "scan patch edge in voxels (rounded up to a multiple of 16, capped to the scan)",
-                       min=16, max=512)
-    scan_batch: int = param(1, "scan patches per step (domain 1, L_T)", min=1, max=64)
-    synth_batch: int = param(1, "synthetic patches per step (domain 0, L_S; dsbn mode only)", min=0, max=64)
-    synth_patch: int = param(48, "synthetic patch edge in voxels (multiple of 16)", min=16, max=256)
+                       min=16, max=512, widget="advanced")
+    scan_batch: int = param(1, "scan patches per step (domain 1, L_T)", min=1, max=64, widget="advanced")
+    synth_batch: int = param(1, "synthetic patches per step (domain 0, L_S; dsbn mode only)", min=0, max=64, widget="advanced")
+    synth_patch: int = param(48, "synthetic patch edge in voxels (multiple of 16)", min=16, max=256, widget="advanced")
     synth_heads: int = param(1, "procedural heads generated for the synthetic batches (~3-8 s each)",
-                             min=1, max=16)
-    lam_start: float = param(30.0, "λ at the first step (weight of L_T)", min=0.0, max=1e6)
-    lam_end: float = param(300.0, "λ at the last step (linear rise)", min=0.0, max=1e6)
+                             min=1, max=16, widget="advanced")
+    lam_start: float = param(30.0, "λ at the first step (weight of L_T)", min=0.0, max=1e6, widget="advanced")
+    lam_end: float = param(300.0, "λ at the last step (linear rise)", min=0.0, max=1e6, widget="advanced")
     rad_per_ppm: float | str = param("auto", "phase (rad) per ppm of field in L_T: auto = 2π·γ̄·B0·TE of the scan "
                                               "(3 T, 20 ms = 16.05 when unknown); smaller values wrap less",
-                                     min=0.01, max=1000.0, allow=("auto",))
+                                     min=0.01, max=1000.0, allow=("auto",), widget="advanced")
     smv_mm: float = param(5.0, "radius (mm) of the spherical-mean-value high-pass applied to both the model and the "
                                "measured field of a patch in L_T, which cancels the field of tissue outside the patch; "
                                "L_T is taken where the sphere stays inside the patch and the mask. 0 = off (old, "
-                               "inexact: unfiltered fields with margin_mm)", min=0.0, max=50.0)
+                               "inexact: unfiltered fields with margin_mm)", min=0.0, max=50.0, widget="advanced")
     margin_mm: float = param(6.0, "smv_mm = 0 only: L_T ignores this band (mm) inside each cut face of a scan patch",
-                             min=0.0, max=100.0)
+                             min=0.0, max=100.0, widget="advanced")
     weighting: str = param("auto", "W_t noise weighting: auto (noise map if present, else magnitude, else mask), "
-                                   "noise, magnitude or mask", choices=("auto", "noise", "magnitude", "mask"))
+                                   "noise, magnitude or mask", choices=("auto", "noise", "magnitude", "mask"), widget="advanced")
     tv: float = param(100.0, "dsbn mode: weight β of MEDI's morphology prior on the scan patches, "
                              "β·‖w_G∘∇χ‖₁/#mask (χ in ppm, ∇ per mm; w_G from the magnitude's edges, plain TV "
                              "without a magnitude); 0 = off. finetune mode (L_T only) ignores it",
-                      min=0.0, max=1e6)
+                      min=0.0, max=1e6, widget="advanced")
     tv_follow: bool = param(False, "scale the prior's weight with λ(t): β(t) = tv·λ(t)/lam_end (fixed ratio of prior "
-                                   "to field term over the run) instead of a constant tv")
+                                   "to field term over the run) instead of a constant tv", widget="advanced")
     keep_mean: bool = param(True, "keep the mean χ in the mask at the unadapted network's (the field carries no "
-                                  "information about it; L_T alone lets it drift): shifts the output bias at the end")
+                                  "information about it; L_T alone lets it drift): shifts the output bias at the end", widget="advanced")
     update: str = param("all", "what the optimiser changes: all weights, or only the scan domain's BatchNorm "
-                        "scale/shift (shared convolutions frozen)", choices=("all", "bn"))
-    grad_clip: float = param(1.0, "max gradient norm (0 = off)", min=0.0, max=1e6)
-    seed: int = param(0, "random seed (patches, synthetic data); same seed = same result", min=0, max=2 ** 31 - 1)
-    preview_every: int = param(0, "χ preview (whole-volume inference) every N steps (0 = off)", min=0, max=100000)
+                        "scale/shift (shared convolutions frozen)", choices=("all", "bn"), widget="advanced")
+    grad_clip: float = param(1.0, "max gradient norm (0 = off)", min=0.0, max=1e6, widget="advanced")
+    seed: int = param(0, "random seed (patches, synthetic data); same seed = same result", min=0, max=2 ** 31 - 1, widget="advanced")
+    preview_every: int = param(0, "χ preview (whole-volume inference) every N steps (0 = off)", min=0, max=100000, widget="advanced",
+                               short="")
 
 
 @dataclass

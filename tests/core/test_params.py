@@ -52,6 +52,7 @@ def test_registry():
     ("dsbn", {}, "QSMInvNet+"),
     ("dsbn_adapt", {}, "QSMInvNet+ adapted (120 steps)"),
     ("dsbn_adapt", {"steps": 40, "mode": "finetune"}, "QSMInvNet+ adapted (40 steps) mode=finetune"),
+    ("dsbn_adapt", {"preview_every": 2, "lr": 0.01}, "QSMInvNet+ adapted (120 steps) lr=0.01"),
 ])
 def test_result_names_a_person_would_write(method, params, expected):
     """Only the parameters that differ from the defaults, with their symbols (issue 17); the record stays whole."""
