@@ -55,7 +55,7 @@ scan; it starts as a copy of domain 0 (unless the checkpoint was already adapted
   pass through the same spherical-mean-value high-pass (1 − S), S the normalised sphere of
   ``smv_mm`` (5 mm), and L_T is summed where the sphere stays inside the patch and the mask
   (SMV(mask) > 0.999): there the outside sources' field is harmonic and cancels (~0.2 % of the
-  field left on that phantom, tests/nn/test_losses.py). W_t = noise weighting (1/noise_std when the scan has a
+  field left on that phantom, tests/nn/test_losses_smv.py). W_t = noise weighting (1/noise_std when the scan has a
   noise map, else the magnitude, σ propagated as √(σ² + S(σ²)) like MEDI's SMV), normalised to mean
   1 in that region. ``smv_mm=0`` gives the old, inexact term (unfiltered fields, ``margin_mm``
   band dropped inside each cut face);
