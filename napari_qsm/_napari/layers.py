@@ -29,6 +29,8 @@ one from the files.
 
 from __future__ import annotations
 
+import weakref
+
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -80,6 +82,9 @@ class Geometry:
         return cls(axes=tuple(int(a) for a in axes), voxel_size=voxel_sizes(aff),
                    b0_direction=b0_from_affine(aff), affine=aff, known=True)
 
+
+#: viewers whose layer selection already updates the χ caption (no private attribute on the Viewer)
+_CAPTIONED: "weakref.WeakSet" = weakref.WeakSet()
 
 def check_axes(axes) -> tuple:
     ax = tuple(int(a) for a in axes)
@@ -409,10 +414,10 @@ def show_chi_colorbar(viewer, layer) -> None:
     if bar is None:
         return
     bar.visible = True
-    if not getattr(viewer, "_qsm_chi_caption", False):
+    if viewer not in _CAPTIONED:
         try:
             viewer.layers.selection.events.active.connect(lambda *_: _update_chi_caption(viewer))
-            viewer._qsm_chi_caption = True
+            _CAPTIONED.add(viewer)
         except Exception:
             return
     try:

@@ -16,7 +16,7 @@ def test_manifest_file_validates_and_imports():
     assert all(i.startswith("napari-qsm.") for i in ids)
     assert {r.command for r in mf.contributions.readers} == {"napari-qsm.get_reader"}
     assert {w.command for w in mf.contributions.writers} == {"napari-qsm.write_image", "napari-qsm.write_labels"}
-    assert {s.key for s in mf.contributions.sample_data} == {"phantom_1mm", "phantom_clinical"}
+    assert {s.key for s in mf.contributions.sample_data} == {"phantom_1mm", "phantom_clinical", "raw_head"}
     assert "napari-qsm.qsm_widget" in {w.command for w in mf.contributions.widgets}
 
 

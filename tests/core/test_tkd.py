@@ -107,7 +107,7 @@ def test_result_provenance(phantom):
     res = reconstruct(Scan.from_phantom(phantom), "tsvd", {"threshold": "0.2"})
     prov = res.provenance()
     assert prov["method"] == "tsvd" and prov["parameters"]["threshold"] == 0.2 and prov["units"] == "ppm"
-    assert res.name.startswith("tsvd_threshold0.2")
+    assert res.name == "TSVD δ=0.2"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
