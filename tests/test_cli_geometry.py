@@ -2,7 +2,6 @@
 files with each orientation's B0 (sidecar, registration matrix, explicit), --csf-mask, B0/TE provenance."""
 
 import json
-import math
 
 import nibabel as nib
 import numpy as np
@@ -15,30 +14,6 @@ from napari_qsm.methods import reconstruct
 from napari_qsm.core.metrics import nrmse_demeaned
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rot(axis, deg):
-    t = math.radians(deg)
-    c, s = math.cos(t), math.sin(t)
-    return {"x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
-            "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
-            "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])}[axis]
-
-
-def affine(R, vs, t=(0, 0, 0)):
-    A = np.eye(4)
-    A[:3, :3] = np.asarray(R) @ np.diag(vs)
-    A[:3, 3] = t
-    return A
 
 
 def rotation(A):
@@ -244,6 +219,7 @@ def test_b0_and_te_from_sidecar_convert_and_are_recorded(tmp_path):
 def _scan_has_r2star():
     from napari_qsm.core.scan import Scan
     return "r2star" in getattr(Scan, "__dataclass_fields__", {})
+from qsm_test_geometry import affine, rot
 
 
 @pytest.mark.skipif(not _scan_has_r2star(), reason="Scan has no r2star field yet")

@@ -13,21 +13,7 @@ from napari_qsm.core.io import (GAMMA_BAR_MHZ_PER_T, NiftiError, b0_direction_in
                                 voxel_sizes)
 from napari_qsm.methods import reconstruct
 from napari_qsm.core.scan import ScanError
-
-
-def rot(axis, deg):
-    t = math.radians(deg)
-    c, s = math.cos(t), math.sin(t)
-    return {"x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
-            "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
-            "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])}[axis]
-
-
-def affine(R, vs, t=(0, 0, 0)):
-    A = np.eye(4)
-    A[:3, :3] = np.asarray(R) @ np.diag(vs)
-    A[:3, 3] = t
-    return A
+from qsm_test_geometry import affine, rot
 
 
 # Columns of R are the scanner directions of voxel axes i, j, k (as stored, before reorientation).
