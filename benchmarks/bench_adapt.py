@@ -430,7 +430,7 @@ def assemble(cases: list[dict], curve: dict | None, timing: dict | None, weights
           "the idealised ones: χ and field on a 2x finer grid (model error), 7-echo clinical GRE signal (TE1 12.6 ms, "
           "ΔTE 4.1 ms) averaged per voxel with complex noise, field and N_std fitted from the echoes (the scans carry "
           "the fitted N_std, not the exact noise map), RSS magnitude whose edges only partly match χ's. Metrics inside the brain mask against the true χ (napari_qsm.core.metrics: "
-          "PSNR dB, NRMSE % (2016 challenge, not demeaned), HFEN %, SSIM (2016 challenge), XSIM (Gaussian σ 1.5 window)); "
+          "PSNR dB, NRMSE % (2016 challenge), NRMSE demeaned % (QSM challenge 2.0), HFEN %, SSIM (2016 challenge), XSIM (uniform 5³ window, QSM-CI)); "
           "mean ± sd over the cases. Adaptation uses the default `AdaptParams` for both modes "
           "(same budget; fine-tune = one shared BN, L_T only).", "",
           table, "", "NRMSE per case:", "", "\n".join(per_case), "", lt_text, ""]
