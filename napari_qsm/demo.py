@@ -24,7 +24,7 @@ def _phantom(size: str, snr: float, seed: int = 0):
 
 
 #: what the first-run demo changes from the defaults to finish in a few minutes on a 2-core CPU
-#: (``full=True`` runs every method with its defaults: the adaptation alone then takes ~10 minutes)
+#: (``full=True`` runs every method with its defaults: the adaptation alone then takes ~4 minutes)
 QUICK_PARAMS = {"dsbn_adapt": {"steps": 20}}
 #: seconds each step took here (2-core x86_64 CPU, idle), for the estimate printed before starting
 #: (measured on 2026-11-29, idle: 96 s in all; MEDI 16 s, COSMOS 19 s with its two simulated orientations)
