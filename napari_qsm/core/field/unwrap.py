@@ -111,6 +111,15 @@ def check_phase_inputs(phase, magnitude=None, mask=None, te=None):
 
 
 # --------------------------------------------------------------------------------------- quality
+def _face_pair(ax: int, n: int) -> tuple[tuple, tuple]:
+    """Index tuples of the two voxels of every face along axis ``ax`` (length ``n``): lower, upper."""
+    a = [slice(None)] * 3
+    b = [slice(None)] * 3
+    a[ax] = slice(0, n - 1)
+    b[ax] = slice(1, n)
+    return tuple(a), tuple(b)
+
+
 def edge_quality(phase, magnitude=None, phase2=None, te_ratio=None):
     """Quality in [0, 1] of the edges to the next voxel along each axis: a list of 3 arrays.
 
@@ -125,12 +134,7 @@ def edge_quality(phase, magnitude=None, phase2=None, te_ratio=None):
         ref = ref if ref > 0 else 1.0
     out = []
     for ax in range(3):
-        n = phase.shape[ax]
-        a = [slice(None)] * 3
-        b = [slice(None)] * 3
-        a[ax] = slice(0, n - 1)
-        b[ax] = slice(1, n)
-        a, b = tuple(a), tuple(b)
+        a, b = _face_pair(ax, phase.shape[ax])
         d = wrap(phase[b] - phase[a])
         q = 1.0 - np.abs(d) / np.float32(np.pi)
         if phase2 is not None:
@@ -160,15 +164,11 @@ def voxel_quality(phase, magnitude=None, te=None) -> np.ndarray:
     acc = np.zeros(ph.shape[:3], np.float32)
     cnt = np.zeros(ph.shape[:3], np.float32)
     for ax in range(3):
-        n = ph.shape[ax]
-        a = [slice(None)] * 3
-        b = [slice(None)] * 3
-        a[ax] = slice(0, n - 1)
-        b[ax] = slice(1, n)
-        acc[tuple(a)] += q[ax]
-        acc[tuple(b)] += q[ax]
-        cnt[tuple(a)] += 1
-        cnt[tuple(b)] += 1
+        a, b = _face_pair(ax, ph.shape[ax])
+        acc[a] += q[ax]
+        acc[b] += q[ax]
+        cnt[a] += 1
+        cnt[b] += 1
     return acc / np.maximum(cnt, 1)
 
 
@@ -180,12 +180,7 @@ def _tree_unwrap(phase, quality_edges, mask, rep=None):
     idx[mask] = np.arange(nvox)
     rows, cols, cost = [], [], []
     for ax in range(3):
-        n = shape[ax]
-        a = [slice(None)] * 3
-        b = [slice(None)] * 3
-        a[ax] = slice(0, n - 1)
-        b[ax] = slice(1, n)
-        a, b = tuple(a), tuple(b)
+        a, b = _face_pair(ax, shape[ax])
         both = mask[a] & mask[b]
         rows.append(idx[a][both])
         cols.append(idx[b][both])
@@ -204,13 +199,9 @@ def _tree_unwrap(phase, quality_edges, mask, rep=None):
     lab, ncomp = ndimage.label(mask)
     vq = np.zeros(shape, np.float32)
     for ax in range(3):
-        n = shape[ax]
-        a = [slice(None)] * 3
-        b = [slice(None)] * 3
-        a[ax] = slice(0, n - 1)
-        b[ax] = slice(1, n)
-        vq[tuple(a)] += quality_edges[ax]
-        vq[tuple(b)] += quality_edges[ax]
+        a, b = _face_pair(ax, shape[ax])
+        vq[a] += quality_edges[ax]
+        vq[b] += quality_edges[ax]
     seeds = ndimage.maximum_position(vq, lab, index=np.arange(1, ncomp + 1))
     seed_idx = np.array([idx[s] for s in seeds], np.int64)
     # a virtual root joined to every seed makes the forest one tree
