@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 
 from ..core.device import resolve_device
+from ..core.files import atomic_write
 from ..core.method import Method
 from ..core.params import param
 from ..core.progress import Reporter
@@ -55,13 +54,12 @@ def card_path(weights_path) -> Path:
 
 def write_card(path, card: dict) -> None:
     """Atomic JSON write (temporary file, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=str(path.parent))
-    with os.fdopen(fd, "w") as fh:
-        json.dump(card, fh, indent=2, default=str)
-        fh.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(card, fh, indent=2, default=str)
+            fh.write("\n")
+
+    atomic_write(path, write)
 
 
 def read_card(weights_path) -> dict:

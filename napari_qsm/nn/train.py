@@ -20,9 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..core.files import atomic_write
 from ..core.progress import Cancelled, Reporter
 
 
@@ -72,16 +71,7 @@ def seed_everything(seed: int) -> None:
 def atomic_torch_save(obj, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=str(path.parent))
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights must be readable when packaged
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -153,11 +143,10 @@ def plot_losses(history: list[dict], path, title: str = "training", refs: Option
         ax2.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def read_csv_history(path) -> list[dict]:
@@ -256,13 +245,15 @@ class Trainer:
                 if k not in cols:
                     cols.append(k)
         path = self.out_dir / "losses.csv"
-        tmp = path.with_name(".tmp-" + path.name)
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(cols)
-            for h in self.history:
-                w.writerow([h.get(k, "") for k in cols])
-        os.replace(tmp, path)
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(cols)
+                for h in self.history:
+                    w.writerow([h.get(k, "") for k in cols])
+
+        atomic_write(path, write)
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, progress=None, cancel=None, resume: bool = True) -> list[dict]:
