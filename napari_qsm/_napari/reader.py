@@ -14,6 +14,14 @@
   the reconstruction's field by default; a raw phase gets role "phase", a B0 / field map role
   "total_field" (inputs of the front end, not of an inversion).
 * A file that cannot be read gives an error notification and no layer (no traceback).
+* A BIDS MEGRE folder (an ``anat`` folder, or a subject/session folder above it, holding
+  ``*_echo-N_part-mag|phase_MEGRE.nii[.gz]`` with JSON sidecars) opens through the front end's
+  loader (:func:`napari_qsm.core.field.load.load_echoes`: phase scaled to radians, TE and B0 from
+  the sidecars) as two 4-D layers, magnitude and phase, echo FIRST (so that 3-D maps made from
+  them line up), with ``echo_times`` (s), ``b0_tesla`` and the vendor facts in the metadata: the
+  input of the Field dock (:mod:`napari_qsm._napari.field_widget`).
+* The per-echo layers of a 4-D file also carry ``echo_times`` (s, all echoes) and ``b0_tesla``
+  when the sidecar tells them, so the Field dock can take the file's echoes as one source.
 """
 
 from __future__ import annotations
@@ -95,8 +103,10 @@ NOT_LOCAL_FIELD = {"phase": "a raw phase image", "total_field": "a total field (
 
 
 def napari_get_reader(path):
-    """npe2 reader contribution: a reader function for NIfTI paths, else None."""
+    """npe2 reader contribution: a reader function for NIfTI paths or a BIDS MEGRE folder, else None."""
     paths = [path] if isinstance(path, (str, Path)) else list(path or [])
+    if len(paths) == 1 and isinstance(paths[0], (str, Path)) and Path(paths[0]).is_dir():
+        return read_megre_folder if is_megre_folder(paths[0]) else None
     if not paths or not all(isinstance(p, (str, Path)) and nifti_path_ok(p) for p in paths):
         return None
     return read_nifti
@@ -240,6 +250,7 @@ def nifti_layer_data(path) -> list:
             md = {"echo": e, "n_echoes": n}
             if isinstance(te, (list, tuple)) and len(te) == n:
                 md["echo_time"] = float(te[e])
+                md["echo_times"] = [float(t) for t in te]
             volumes.append((f"{stem} echo {e + 1}", raw[..., e], role, md))
     else:
         volumes.append((stem, raw, role, {}))
@@ -283,3 +294,63 @@ def _image_tuple(name, arr, role, base_md, md_extra, geo_kw, geom):
         limits = robust_limits(data)
     kw = dict(name=name, metadata=md, colormap="gray", contrast_limits=limits, **geo_kw)
     return (data, kw, "image")
+
+
+# ---------------------------------------------------------------------------------- raw multi-echo GRE
+
+def is_megre_folder(path) -> bool:
+    """A folder holding BIDS MEGRE echoes in it or up to two levels below (subject/session/anat); cheap."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return False
+    for pat in ("*_part-mag_*MEGRE.nii*", "*/*_part-mag_*MEGRE.nii*", "*/*/*_part-mag_*MEGRE.nii*"):
+        if any(p for p in folder.glob(pat) if nifti_path_ok(p)):
+            return True
+    return False
+
+
+def read_megre_folder(path):
+    """Read a BIDS MEGRE folder into a 4-D magnitude and a 4-D phase layer (errors: a notification, no layer)."""
+    from ..core.field.load import load_echoes
+
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    try:
+        echoes = load_echoes(str(paths[0]))
+    except Exception as exc:  # a bad folder is a notification, never a traceback
+        _notify_error(f"napari-qsm: {exc}")
+        return [(None,)]
+    return echoes_layer_data(echoes)
+
+
+def echoes_layer_data(echoes, axes=DISPLAY_AXES) -> list:
+    """Layer data tuples of :class:`~napari_qsm.core.field.records.Echoes`: 4-D magnitude and phase (rad), echo first.
+
+    Spatial axes follow ``axes`` (the reader's display order), the echo is axis 0 and a slider. Metadata:
+    the geometry keys of :mod:`napari_qsm._napari.layers`, ``role`` "magnitude" / "phase", ``units`` "rad"
+    (phase), ``echo_axis`` 0, ``echo_times`` / ``te`` (s), ``n_echoes``, ``b0_tesla``, ``vendor`` (what the
+    loader found: phase units and scaling, B0 source, warnings), ``sources`` and ``nifti_info``.
+    """
+    geom = Geometry(axes=tuple(axes), voxel_size=np.asarray(echoes.voxel_size, float),
+                    b0_direction=np.asarray(echoes.b0_direction, float), affine=np.asarray(echoes.affine, float))
+    kw = geom.layer_kwargs()
+    kw4 = {"scale": (1.0,) + tuple(kw["scale"]), "translate": (0.0,) + tuple(kw["translate"]),
+           "units": ("pixel",) + tuple(kw["units"]), "axis_labels": ("echo",) + tuple(kw["axis_labels"])}
+    tes = [float(t) for t in echoes.te]
+    base = dict(geom.metadata())
+    base.update({"path": echoes.sources[0] if echoes.sources else None, "echo_axis": 0, "echo_times": tes,
+                 "te": tes, "n_echoes": len(tes), "b0_tesla": float(echoes.b0_tesla), "vendor": dict(echoes.vendor),
+                 "sources": list(echoes.sources), "source_name": echoes.name})
+    if echoes.nifti_info is not None:
+        base["nifti_info"] = echoes.nifti_info
+
+    def stack(a):
+        return np.stack([to_layer_order(a[..., e], axes) for e in range(a.shape[3])], 0).astype(np.float32)
+
+    mag, pha = stack(echoes.magnitude), stack(echoes.phase)
+    return [
+        (mag, dict(name=f"{echoes.name} magnitude", colormap="gray", metadata=dict(base, role="magnitude"),
+                   contrast_limits=robust_limits(mag, symmetric=False), **kw4), "image"),
+        (pha, dict(name=f"{echoes.name} phase", colormap="gray", visible=False,
+                   metadata=dict(base, role="phase", units="rad"), contrast_limits=(-float(np.pi), float(np.pi)),
+                   **kw4), "image"),
+    ]

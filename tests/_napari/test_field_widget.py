@@ -1,0 +1,158 @@
+"""The Field dock: raw echoes (layers) → local field in a worker, equal to the headless run; cancel; hand-off."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from napari_test_helpers import add_layer_data
+
+RAW_SHAPE, RAW_VS = (40, 48, 40), (4.0, 4.0, 4.0)
+
+
+@pytest.fixture(scope="module")
+def raw_phantom():
+    from napari_qsm.core.phantom import make_phantom
+    return make_phantom(RAW_SHAPE, RAW_VS, seed=3, snr=50.0, device="cpu", honest=True, background=True,
+                        keep_echoes=True)
+
+
+@pytest.fixture(scope="module")
+def headless_run(raw_phantom):
+    from napari_qsm.core.field.pipeline import FieldRecipe, local_field
+    return local_field(raw_phantom.to_echoes(name="raw"), FieldRecipe(), device="cpu")
+
+
+def _field_viewer(make_napari_viewer, raw_phantom):
+    from napari_qsm._napari.field_widget import FieldWidget
+    from napari_qsm._napari.reader import echoes_layer_data
+
+    viewer = make_napari_viewer()
+    add_layer_data(viewer, echoes_layer_data(raw_phantom.to_echoes(name="raw")))
+    w = FieldWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Field")
+    w.device_combo.setCurrentIndex(w.device_combo.findData("cpu"))
+    return viewer, w
+
+
+def _to_canonical(layer):
+    from napari_qsm._napari.layers import to_canonical
+    return to_canonical(np.asarray(layer.data), layer.metadata["axes"])
+
+
+def test_dock_run_equals_headless_and_hands_off(make_napari_viewer, qtbot, raw_phantom, headless_run):
+    from napari_qsm._napari.widgets import QSMWidget
+
+    viewer, w = _field_viewer(make_napari_viewer, raw_phantom)
+    rec = QSMWidget(viewer)
+    viewer.window.add_dock_widget(rec, name="QSM reconstruction")
+    # the echoes are found, with TE and B0 from the layer metadata
+    assert w.magnitude_source().layer.name == "raw magnitude"
+    assert w.phase_source().layer.name == "raw phase"
+    assert w.echo_times() == pytest.approx(list(raw_phantom.echo_times))
+    assert w.b0_spin.value() == pytest.approx(raw_phantom.b0_tesla)
+    assert [w.step_combos[f].currentData() for f in ("fit", "unwrap", "mask", "background")] == \
+        ["linear", "quality", "threshold", "vsharp"]
+    assert w.run()
+    assert w.cancel_button.isEnabled() and not w.run_button.isEnabled()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=60000)
+    assert "local field" in w.status.text() and "✓" in w.status.text(), w.status.text()
+    names = [la.name for la in viewer.layers]
+    for n in ("raw total field", "raw brain mask", "raw local field", "raw eroded mask", "raw R2*",
+              "raw noise (N_std)", "raw combined magnitude"):
+        assert n in names
+    local = viewer.layers["raw local field"]
+    assert local.ndim == 3 and local.metadata["role"] == "field" and local.metadata["units"] == "ppm"
+    np.testing.assert_allclose(_to_canonical(local), headless_run.scan.field, atol=1e-4)
+    np.testing.assert_array_equal(_to_canonical(viewer.layers["raw eroded mask"]) > 0, headless_run.scan.mask)
+    np.testing.assert_allclose(_to_canonical(viewer.layers["raw R2*"]), headless_run.total.r2star, atol=1e-3)
+    # handed to the Reconstruct dock, which builds the same scan from the layers
+    qtbot.waitUntil(lambda: rec.inputs.field_combo.currentText() == "raw local field", timeout=3000)
+    assert rec.inputs.mask_combo.currentText() == "raw eroded mask"
+    assert rec.inputs.mag_combo.currentText() == "raw combined magnitude"
+    scan = rec.inputs.build_scan()
+    np.testing.assert_allclose(scan.field, headless_run.scan.field, atol=1e-4)
+    assert scan.b0_tesla == pytest.approx(raw_phantom.b0_tesla)
+    np.testing.assert_allclose(scan.b0_direction, headless_run.scan.b0_direction, atol=1e-6)
+    # a second run replaces the maps instead of adding more
+    n_layers = len(viewer.layers)
+    w.set_step("background", "resharp")
+    assert w.run()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=60000)
+    assert len(viewer.layers) == n_layers
+    assert viewer.layers["raw local field"].metadata["field_steps"][-1]["name"] == "resharp"
+
+
+def test_cancel_stops_the_run_and_adds_nothing(make_napari_viewer, qtbot, raw_phantom, monkeypatch):
+    from napari_qsm import methods
+    from napari_qsm.core.field.background import STEPS as BG
+    from napari_qsm.core.progress import check_cancel
+    from napari_qsm.methods import Step
+
+    def slow(field, mask, p, *, cancel=None, **_):
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 30:
+            check_cancel(cancel)
+            time.sleep(0.02)
+        return field, mask
+
+    methods._load_all()
+    monkeypatch.setitem(methods._STEPS, ("background", "slowtest"),
+                        Step("background", "slowtest", "Slow test", BG[0].params_cls, slow, order=999))
+    viewer, w = _field_viewer(make_napari_viewer, raw_phantom)
+    w.set_step("background", "slowtest")
+    n = len(viewer.layers)
+    assert w.run()
+    qtbot.wait(300)
+    t0 = time.perf_counter()
+    w.cancel()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=10000)
+    assert time.perf_counter() - t0 < 5
+    assert "cancelled" in w.status.text()
+    assert len(viewer.layers) == n and w.run_button.isEnabled()
+
+
+def test_forms_labels_and_bad_input(make_napari_viewer, qtbot, raw_phantom):
+    viewer, w = _field_viewer(make_napari_viewer, raw_phantom)
+    w.set_step("background", "resharp")
+    assert "radius" in w.form("background").names()
+    from qtpy.QtWidgets import QLabel
+    labels = {la.text() for la in w.findChildren(QLabel)}
+    assert {"Echo fit", "Unwrapping", "Brain mask", "Background removal", "Radius (mm)",
+            "Echo times (ms)"} <= labels
+    assert not any("_" in t for t in labels if t in {"Radius (mm)"})
+    # echo times that do not match the echoes: a clear error, no run
+    w.te_edit.setText("4, 8")
+    w._edited("te")
+    assert not w.run()
+    assert "te" in w.status.text() and "2 echo times for 5 echoes" in w.status.text()
+    w.te_edit.setText("4, 8, x")
+    assert not w.run() and "not numbers" in w.status.text()
+
+
+def test_echo_last_layers_turn_echo_first(make_napari_viewer, qtbot, raw_phantom):
+    """The sample's echo-last 4-D layers: the dock reads them and lines them up with its 3-D maps."""
+    from napari_qsm._napari.field_widget import FieldWidget, source_array
+    from napari_qsm._napari.reader import echoes_layer_data
+
+    viewer = make_napari_viewer()
+    for data, kw, typ in echoes_layer_data(raw_phantom.to_echoes(name="raw")):
+        kw = dict(kw)
+        order = [1, 2, 3, 0]
+        for k in ("scale", "translate", "units", "axis_labels"):
+            kw[k] = tuple(kw[k][i] for i in order)
+        kw["metadata"] = dict(kw["metadata"], echo_axis=3)
+        viewer.add_image(np.moveaxis(data, 0, -1), **kw)
+    w = FieldWidget(viewer)
+    src = w.magnitude_source()
+    assert src.echo_axis == 3
+    np.testing.assert_array_equal(source_array(src, src.metadata["axes"]), raw_phantom.to_echoes().magnitude)
+    w.device_combo.setCurrentIndex(w.device_combo.findData("cpu"))
+    assert w.run()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=60000)
+    mag = viewer.layers["raw magnitude"]
+    assert mag.metadata["echo_axis"] == 0 and mag.data.shape[0] == 5
+    local = viewer.layers["raw local field"]
+    np.testing.assert_allclose(np.asarray(mag.scale)[1:], local.scale)
