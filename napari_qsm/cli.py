@@ -15,6 +15,8 @@
     napari-qsm demo [OUTDIR]      (every method on the built-in phantom: metrics table + comparison PNG)
     napari-qsm view [FILES ...]   (napari with the QSM docks and the scans, or the sample phantom)
     napari-qsm field INPUT... -o OUTDIR   (raw multi-echo GRE -> local field, mask, N_std, R2*)
+    napari-qsm batch BIDS_ROOT --method M [--param ...] [--field-param ...] [--scheduler ADDRESS | --workers N]
+               [--only sub-01,...] [--dry-run] [--overwrite]   (every scan on Dask -> derivatives/napari-qsm)
 
 Errors print ``napari-qsm: error: ...`` to stderr and exit with status 2; nothing is written.
 Progress goes to stderr.
@@ -169,6 +171,26 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     fl.add_argument("-o", "--output", required=True, help="output folder (created; existing files are not overwritten)")
     fl.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+
+    bt = sub.add_parser("batch", help="every scan of a BIDS dataset on Dask distributed -> derivatives/napari-qsm",
+                        epilog=BATCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bt.add_argument("root", metavar="BIDS_ROOT", help="BIDS dataset: sub-*/[ses-*/]anat with MEGRE echoes or local fields")
+    bt.add_argument("--method", required=True, help="tkd, tsvd, medi, dsbn, ...")
+    bt.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter (repeatable)")
+    bt.add_argument("--field-param", action="append", default=[], metavar="FAMILY=STEP|[FAMILY.]NAME=VALUE",
+                    help="front end for raw echoes: a step (background=pdf), a step parameter (background.radius=6) or "
+                         "phase_units=siemens / phase_sign=-1 (repeatable)")
+    bt.add_argument("--weights", help="network checkpoint (.pt) for network methods")
+    bt.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler (tcp://host:8786) instead of a "
+                                                           "local cluster")
+    bt.add_argument("--workers", type=int, help="local cluster: worker processes (default: what CPUs and memory allow)")
+    bt.add_argument("--threads-per-worker", type=int, default=1, help="local cluster: threads per worker (default 1)")
+    bt.add_argument("--memory-limit", metavar="SIZE", help="local cluster: memory per worker, e.g. 4GB")
+    bt.add_argument("--only", metavar="sub-01,sub-02", help="these subjects only")
+    bt.add_argument("--dry-run", action="store_true", help="list what would run; write nothing")
+    bt.add_argument("--overwrite", action="store_true", help="recompute scans that are up to date")
+    bt.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (on every worker)")
+    bt.add_argument("-q", "--quiet", action="store_true", help="no plan, bar or summary on stderr")
 
     sub.add_parser("methods", help="list methods and their parameters")
 
@@ -409,6 +431,29 @@ def cmd_field(args) -> int:
     return 0
 
 
+BATCH_EPILOG = """inputs per sub-*/[ses-*/]anat: *_echo-N_part-mag|phase_MEGRE.nii.gz with JSON sidecars, or
+  <prefix>_localfield.nii.gz (ppm) + <prefix>_mask.nii.gz [+ _magnitude, _noisestd, _R2starmap].
+outputs: BIDS_ROOT/derivatives/napari-qsm/sub-*/[ses-*/]anat/<prefix>_desc-<method>_Chimap.nii.gz, the local
+  field, mask, magnitude, total field, N_std, R2* (from raw echoes), a JSON sidecar each, batch_summary.tsv.
+  A rerun skips scans that are up to date (same input sha256 and settings). Exit status 1 if any scan failed.
+cluster: start workers with dask-jobqueue (SLURMCluster / PBSCluster) or `dask scheduler` + `dask worker`,
+  then --scheduler tcp://HOST:8786. See napari_qsm.batch."""
+
+
+def cmd_batch(args) -> int:
+    from .batch import run_batch
+    from .core.params import parse_cli_params
+    if args.scheduler and (args.workers or args.memory_limit or args.threads_per_worker != 1):
+        raise ValueError("--scheduler: --workers, --threads-per-worker and --memory-limit configure a local cluster; "
+                         "set them where the cluster's workers are started")
+    s = run_batch(args.root, method=args.method, params=parse_cli_params(args.param),
+                  field_params=parse_cli_params(args.field_param), weights=args.weights, scheduler=args.scheduler,
+                  workers=args.workers, threads_per_worker=args.threads_per_worker, memory_limit=args.memory_limit,
+                  only=[x for x in args.only.split(",") if x.strip()] if args.only else None, dry_run=args.dry_run,
+                  overwrite=args.overwrite, device=args.device, echo=not args.quiet)
+    return 0 if s.ok else 1
+
+
 #: the docks `napari-qsm view` opens, by their display names in napari.yaml
 VIEW_DOCKS = ("QSM reconstruction", "Adapt network (QSMInvNet+)", "Compare")
 
@@ -450,7 +495,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"recon": cmd_recon, "adapt": cmd_adapt, "metrics": cmd_metrics, "phantom": cmd_phantom,
             "methods": cmd_methods, "demo": cmd_demo, "view": cmd_view,
-            "field": cmd_field}
+            "field": cmd_field, "batch": cmd_batch}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
