@@ -119,7 +119,7 @@ def export(cfg: dict, run_dir: Path, out_dir: Path = WEIGHTS, extra_card: dict |
     model.domain_trained.zero_()
     model.domain_trained[0] = 1
     out_dir.mkdir(parents=True, exist_ok=True)
-    pt = out_dir / f"{cfg['name']}.pt"
+    pt = out_dir / f"{cfg.get('export_name', cfg['name'])}.pt"
     from napari_qsm.nn.train import atomic_torch_save
     atomic_torch_save(model.state_dict(), pt)
     hist = json.loads(ck.get("history_json", "[]"))
@@ -161,12 +161,12 @@ def export(cfg: dict, run_dir: Path, out_dir: Path = WEIGHTS, extra_card: dict |
     }
     if extra_card:
         card.update(extra_card)
-    old = out_dir / f"{cfg['name']}.json"
+    old = out_dir / f"{cfg.get('export_name', cfg['name'])}.json"
     if old.exists():  # keep validation results written by validate_qsminvnet when the weights are unchanged
         prev = json.loads(old.read_text())
         if prev.get("sha256") == card["sha256"] and "validation" in prev:
             card["validation"] = prev["validation"]
-    write_card(out_dir / f"{cfg['name']}.json", card)
+    write_card(out_dir / f"{cfg.get('export_name', cfg['name'])}.json", card)
     return pt
 
 
@@ -224,6 +224,16 @@ def main(argv=None) -> int:
     dev = resolve_device(train.device)
     torch.manual_seed(train.seed)
     model = QSMInvNet(net).to(dev)
+    init = cfg.get("init_weights")
+    if init and not (run_dir / "checkpoint.pt").exists():
+        # fine-tuning: start from another model's weights (a shipped state_dict or a training checkpoint's
+        # "model"), step 0 and a fresh optimiser; a resumed run ignores this (its checkpoint has the weights)
+        ip = Path(init) if Path(init).is_absolute() else ROOT / init
+        sd = torch.load(ip, map_location="cpu", weights_only=True)
+        sd = sd.get("model", sd)
+        model.load_state_dict(sd)
+        model.to(dev)
+        print(f"initialised from {ip} (sha256 {sha256(ip)[:12]})", flush=True)
     opt = torch.optim.Adam(model.parameters(), lr=train.lr)
     log(f"config {args.config}: {count_parameters(model)} parameters, "
         f"{flops_per_voxel(net)['forward'] / 1e3:.1f} kFLOP/voxel forward, device {dev}, threads {torch.get_num_threads()}")

@@ -24,6 +24,28 @@ Recipe (DESIGN.md "The method", issue 4):
    (σ_φ = mean_mag/(snr·mag), capped at 1 rad; σ_f = σ_φ / phase_per_ppm), snr log-uniform in
    ``snr_range`` (noise-free with probability ``p_noise_free``).
 
+**Honest mode** (``honest=True``; default off, so on-scan adaptation's synthetic L_S data is unchanged
+unless configured). Step 6 is replaced by a forward model that is *not* the inversion's discrete kernel,
+mirroring the honest phantoms of :func:`napari_qsm.core.phantom.make_phantom` (``honest=True``) that
+validation uses, at the cost of a kernel evaluation instead of a fine-grid FFT:
+
+6h. **Field on a finer grid, voxel-averaged.** The patch χ is taken as piecewise constant over each
+   voxel, its field computed on a grid ``honest_factor`` times finer along every axis and averaged
+   back over each voxel. For piecewise-constant χ that linear map is diagonal in the coarse k-space,
+   :func:`fine_grid_kernel` H(k) = Σ_m |B(k + m/Δ)|² D(k + m/Δ) over the fine grid's aliases of k
+   (B = the voxel-average transfer function, Σ_m |B|² = 1, D(0) = 0), so it costs one FFT pair on the
+   coarse padded grid like the default. H differs from the discrete D near the Nyquist band, most
+   along thick-slice axes.
+7h. **Multi-echo complex data and fit.** R2* from χ (``honest_r2_base`` + ``honest_r2_per_ppm``·|χ| s⁻¹,
+   drawn per patch), proton density = magnitude·e^{TE·R2*}; the echo protocol of the phantom generator
+   for that voxel shape (7 echoes TE1 12.6 ms ΔTE 4.1 ms for thick slices, else 5 echoes TE1 4 ms
+   ΔTE 4 ms); intra-voxel dephasing of a linear field gradient across the voxel (|sinc| per axis on
+   the magnitude); a random constant transceive phase; complex Gaussian noise of σ = mean echo-1
+   magnitude in the mask / snr (snr log-uniform in ``snr_range``); the field, magnitude (RSS) and
+   N_std fitted from the echoes with the phantom generator's own fit (successive-echo ratios, a line
+   weighted by |S_n|²). ``Sample.field`` is the fitted field × mask; ``info["true_field"]`` norm
+   diagnostics are not stored (cheap patches).
+
 Everything is float32 numpy; :func:`to_tensors` builds the network input
 (:mod:`napari_qsm.nn.inputs`) and target (χ·chi_scale) of a batch.
 """
@@ -90,6 +112,12 @@ class SynthConfig:
     max_lesions: int = 3
     lesion_chi: tuple = (0.1, 1.5)
     lesion_radius_mm: tuple = (1.5, 8.0)
+    # honest mode (module docstring, 6h/7h); off by default
+    honest: bool = False
+    honest_factor: int = 2            # fine points per voxel along each axis of the forward model
+    honest_r2_base: tuple = (12.0, 25.0)    # R2* of tissue (1/s), drawn per patch
+    honest_r2_per_ppm: tuple = (50.0, 150.0)  # R2* increase per ppm of |χ| (1/s/ppm), drawn per patch
+    honest_dephasing: bool = True
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -106,7 +134,8 @@ class SynthConfig:
         if "regimes" in d:
             d["regimes"] = tuple(Regime(tuple(r["shape"]), tuple(r["voxel_size"]), float(r.get("weight", 1.0)))
                                  for r in d["regimes"])
-        for k in ("patch", "snr_range", "contrast_scale", "lesion_chi", "lesion_radius_mm"):
+        for k in ("patch", "snr_range", "contrast_scale", "lesion_chi", "lesion_radius_mm", "honest_r2_base",
+                  "honest_r2_per_ppm"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -327,6 +356,8 @@ def sample_pair(head: Head, rng: np.random.Generator, cfg: SynthConfig, augment:
     msk = np.ascontiguousarray(msk)
     # -- field + noise ---------------------------------------------------------------------------
     b0 = random_tilt(rng, cfg.tilt_max_deg) if b0_direction is None else np.asarray(b0_direction, float)
+    if cfg.honest:
+        return _honest_field(chi, mag, msk, vs, b0, rng, cfg, snr, info)
     fld = forward_field(chi, tuple(vs), b0, device="cpu") * msk
     ppp = phase_per_ppm(cfg.b0_tesla, cfg.te)
     if snr == "random":
@@ -339,6 +370,117 @@ def sample_pair(head: Head, rng: np.random.Generator, cfg: SynthConfig, augment:
     info.update(snr=snr, b0_direction=[float(x) for x in b0])
     return Sample(field=fld.astype(np.float32), mask=msk.astype(np.float32), chi=chi, magnitude=mag,
                   noise_std=noise_std, voxel_size=tuple(float(v) for v in vs), b0_direction=b0, info=info)
+
+
+# ----------------------------------------------------------------------------------------------
+# honest mode: a forward model that is not the inversion's kernel, multi-echo data and fit
+# ----------------------------------------------------------------------------------------------
+
+def fine_grid_kernel(shape, voxel_size, b0_direction, factor=2, device="cpu") -> torch.Tensor:
+    """k-space kernel (rfft half grid of ``shape``) of "upsample piecewise-constant χ ``factor``× along each
+    axis, apply the discrete dipole kernel D (D(0) = 0) on the fine grid, average over each voxel".
+
+    On the coarse periodic grid that operator is diagonal: H(k) = Σ_m Π_j W_f(k_j + m_j/Δ_j) D(k + m/Δ),
+    the sum over the fine grid's frequencies that alias to k (wrapped into the fine band), with
+    W_f(κ) = |(1/f) Σ_s e^{-2πi κ s Δ/f}|² the voxel-average (= replication) transfer function squared;
+    Σ_m W_f = 1, so with D ≡ 1 it is the identity. ``factor`` 1 gives the plain discrete kernel.
+    """
+    from ..core.dipole import kspace_grid, unit_vector
+
+    b = unit_vector(b0_direction)
+    vs = np.asarray(voxel_size, dtype=np.float64)
+    fs = (int(factor),) * 3 if np.isscalar(factor) else tuple(int(v) for v in factor)
+    ks = kspace_grid(shape, vs, device=device, dtype=torch.float64, half=True)
+    H = torch.zeros(tuple(k.numel() for k in ks), dtype=torch.float32, device=device)
+
+    def weight(kk, d, f):
+        if f == 1:
+            return torch.ones_like(kk)
+        x = math.pi * kk * d / f               # half the phase step between fine points
+        num = torch.sin(f * x)
+        den = f * torch.sin(x)
+        w = torch.where(den.abs() < 1e-12, torch.ones_like(x), num / torch.where(den.abs() < 1e-12,
+                                                                                  torch.ones_like(den), den))
+        return w * w
+
+    alias = []
+    for ax, (k, d, f) in enumerate(zip(ks, vs, fs)):
+        opts = []
+        band = f / (2.0 * d)                    # fine-grid Nyquist (cycles/mm)
+        for m in range(f):
+            kk = k + m / d
+            if ax < 2:   # wrap into the fine band as fftfreq does: [-band, band) ...
+                kk = torch.remainder(kk + band, 2.0 * band) - band
+            else:        # ... and as rfftfreq does on the last axis: (-band, band]
+                kk = band - torch.remainder(band - kk, 2.0 * band)
+            opts.append((kk, weight(kk, d, f)))
+        alias.append(opts)
+    for a0 in alias[0]:
+        for a1 in alias[1]:
+            for a2 in alias[2]:
+                kx, ky, kz = (a[0].to(torch.float32) for a in (a0, a1, a2))
+                w = (a0[1] * a1[1] * a2[1]).to(torch.float32)          # broadcast of three 1-D factors
+                k2 = kx * kx + ky * ky + kz * kz
+                kb = kx * float(b[0]) + ky * float(b[1]) + kz * float(b[2])
+                zero = k2 == 0
+                k2.masked_fill_(zero, 1.0)
+                dk = kb.square_().div_(k2).neg_().add_(1.0 / 3.0).masked_fill_(zero, 0.0)
+                H += dk.mul_(w)
+    return H
+
+
+def fine_grid_field(chi, voxel_size, b0_direction, factor=2, pad_factor: float = 2.0) -> np.ndarray:
+    """Field (ppm) of χ through :func:`fine_grid_kernel` (zero-padded ``pad_factor``×), numpy float32."""
+    from ..core.dipole import convolve_kernel, fast_shape
+
+    x = torch.as_tensor(np.asarray(chi, dtype=np.float32))
+    ps = fast_shape(x.shape, pad_factor)
+    H = fine_grid_kernel(ps, voxel_size, b0_direction, factor)
+    with torch.no_grad():
+        return convolve_kernel(x, H, ps).numpy().astype(np.float32)
+
+
+def _honest_field(chi, mag, msk, vs, b0, rng, cfg: SynthConfig, snr, info) -> Sample:
+    """Steps 6h/7h of the module docstring."""
+    from ..core.phantom import _fit_echoes, default_echo_protocol
+
+    P = chi.shape
+    true_field = fine_grid_field(chi, tuple(vs), b0, cfg.honest_factor) * msk
+    proto = default_echo_protocol(tuple(vs))
+    tes = np.asarray(proto.echo_times, np.float32)
+    rad_per_ppm_s = np.float32(2.0 * math.pi * GAMMA_BAR * float(cfg.b0_tesla) * 1e-6)
+    r2_base = float(rng.uniform(*cfg.honest_r2_base))
+    r2_slope = float(rng.uniform(*cfg.honest_r2_per_ppm))
+    r2s = (np.float32(r2_base) + np.float32(r2_slope) * np.abs(chi)).astype(np.float32)
+    pd = mag * np.exp(np.float32(cfg.te) * r2s)          # the pooled magnitude is a GRE at TE = cfg.te
+    if snr == "random":
+        snr = None if rng.random() < cfg.p_noise_free else float(np.exp(rng.uniform(*np.log(cfg.snr_range))))
+    phi_c = np.float32(rng.uniform(-math.pi, math.pi))
+    deph = None
+    if cfg.honest_dephasing:                              # field gradient across a voxel (ppm per voxel)
+        deph = [np.gradient(true_field, axis=a).astype(np.float32) * msk for a in range(3)]
+    S = np.empty(P + (len(tes),), np.complex64)
+    for e, t in enumerate(tes):
+        m = pd * np.exp(-t * r2s)
+        if deph is not None:
+            for g in deph:
+                m = m * np.abs(np.sinc(rad_per_ppm_s * t * g / np.float32(2.0 * math.pi))).astype(np.float32)
+        ph = phi_c + rad_per_ppm_s * t * true_field
+        S[..., e] = m * np.cos(ph) + 1j * (m * np.sin(ph))
+    sigma = None
+    if snr is not None:
+        m1 = np.abs(S[..., 0])
+        mean_mag = float(m1[msk].mean()) if msk.any() else float(m1.mean())
+        sigma = np.float32((mean_mag if mean_mag > 0 else 1.0) / float(snr))
+        noise = rng.standard_normal(P + (len(tes), 2)).astype(np.float32) * sigma
+        S += noise[..., 0] + 1j * noise[..., 1]
+    fld, _r2, rss, noise_std = _fit_echoes(S, proto, cfg.b0_tesla, float(sigma) if sigma is not None else 1e-6)
+    fld = (fld * msk).astype(np.float32)
+    info.update(snr=snr, b0_direction=[float(x) for x in b0], honest=True, echo_protocol=proto.name,
+                r2_base=r2_base, r2_per_ppm=r2_slope)
+    return Sample(field=fld, mask=msk.astype(np.float32), chi=chi, magnitude=rss.astype(np.float32),
+                  noise_std=noise_std.astype(np.float32), voxel_size=tuple(float(v) for v in vs),
+                  b0_direction=b0, info=info)
 
 
 def draw_batch(pool: PhantomPool, step: int, batch_size: int, cfg: SynthConfig, seed: int = 0,
