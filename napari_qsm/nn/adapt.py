@@ -72,6 +72,30 @@ scan; it starts as a copy of domain 0 (unless the checkpoint was already adapted
 shared BN (the base's domain-0 BN, i.e. the network trained on synthetic data only), fine-tuned
 with L_T alone on the scan patches (``tv`` is ignored), no synthetic batches. Its checkpoint has one domain.
 
+``mode="uqsm"`` (uQSM, Liu & Koch 2020, the paper's unsupervised baseline with the same budget): the
+same U-Net (the base checkpoint's architecture; none of its weights) with one domain and, by default,
+no normalisation (``uqsm_norm=none``: the BatchNorms are fixed to the identity and only their
+per-channel bias and scale train, i.e. a plain conv + bias network as published; ``bn`` = one shared
+BatchNorm), initialised at random from ``seed`` and trained on the scan patches only with
+L_T + ``uqsm_tv``·TV: L_T in the same exact patch form (SMV high-pass of both fields, residual where the
+sphere stays inside patch and mask) but weighted as published, w = magnitude / its maximum in the mask
+(not renormalised; the mask without a magnitude), and TV = ‖∇χ‖₁/#mask (ppm/mm, no magnitude edges),
+weight 0.001 as published. No λ ramp, no synthetic data. Input: ``uqsm_input=tkd`` (default) keeps the
+base architecture's TKD channel, so step 0 is TKD (the output layer starts at zero) and training learns a
+correction; ``field`` is the published field + mask input, which with a budget of minutes stays far from
+a usable χ (docs/benchmarks/adapt.md). The checkpoint is a plain one-domain QSMInvNet
+(``recon --method dsbn --weights UQSM.pt``); the registered method "uqsm" runs it on the open scan.
+
+Protocol adaptation (:func:`adapt_protocol`, or a list of scans to :func:`adapt`): one adaptation over
+several scans of one scanner and protocol. Slot k of step t draws its scan at random (seeded), then a
+patch of it as above; patches of one scan are stacked, each scan's group evaluated with that scan's own
+voxel size, B0 direction (its own dipole kernel), phase scale, weights and TKD channel, and the losses
+averaged over the batch. Scans may differ in shape, voxel size and B0 direction. dsbn: the synthetic
+batches take the B0 direction of each scan in turn and the voxel-size regime of the first scan. The mean
+correction (``keep_mean``) keeps the mean over the scans of the unadapted network's χ means (one output
+bias serves them all). ``result.chis`` holds χ of every scan; the sidecar lists every scan's
+fingerprint. One scan gives exactly the single-scan run.
+
 Data of step t is a function of (seed, t) and the initial weights, so the same seed gives the same
 result, and a resumed run continues with the same stream.
 """
@@ -100,10 +124,10 @@ from .infer import (DSBNParams, WEIGHTS_DIR, WeightsError, default_weights_path,
 from .inputs import network_input, tkd_channel
 from .synth import crop_box
 from .losses import DipoleOperator, LambdaSchedule, loss_edge_tv, loss_field, loss_supervised, noise_weights
-from .unet import ConvBlock, QSMInvNet
+from .unet import ConvBlock, NetConfig, QSMInvNet
 
-__all__ = ["AdaptParams", "AdaptResult", "AdaptCancelled", "adapt", "save_adapted", "adapt_cli",
-           "load_adapted", "scan_patch_shape"]
+__all__ = ["AdaptParams", "AdaptResult", "AdaptCancelled", "adapt", "adapt_protocol", "save_adapted", "adapt_cli",
+           "load_adapted", "scan_patch_shape", "UQSMParams"]
 
 GAMMA_BAR = 42.577478e6  # Hz/T
 
@@ -121,7 +145,9 @@ class AdaptParams:
     steps: int = param(120, "adaptation steps (each: one synthetic batch + one scan patch; ~1 s on a 2-core CPU "
                            "for a clinical scan)", min=0, max=100000)
     mode: str = param("dsbn", "dsbn = QSMInvNet+ (L_S on synthetic domain 0 + λ·L_T on scan domain 1); "
-                              "finetune = QSMInvNet baseline (one shared BN, L_T only)", choices=("dsbn", "finetune"))
+                              "finetune = QSMInvNet baseline (one shared BN, L_T only); uqsm = uQSM (the same "
+                              "U-Net from random initialisation, no DSBN, physics loss + TV only)",
+                      choices=("dsbn", "finetune", "uqsm"))
     lr: float = param(1e-3, "Adam learning rate", min=1e-7, max=1e-1, widget="advanced")
     patch: int = param(64, "scan patch edge in voxels (rounded up to a multiple of 16, capped to the scan)",
                        min=16, max=512, widget="advanced")
@@ -155,6 +181,13 @@ class AdaptParams:
                         "scale/shift (shared convolutions frozen)", choices=("all", "bn"), widget="advanced")
     grad_clip: float = param(1.0, "max gradient norm (0 = off)", min=0.0, max=1e6, widget="advanced")
     seed: int = param(0, "random seed (patches, synthetic data); same seed = same result", min=0, max=2 ** 31 - 1, widget="advanced")
+    uqsm_tv: float = param(1e-3, "uqsm mode: weight of plain TV, L_T + uqsm_tv·‖∇χ‖₁/#mask (uQSM's 0.001)",
+                           min=0.0, max=1e6, widget="advanced")
+    uqsm_input: str = param("tkd", "uqsm mode: network input; tkd = field, mask and the TKD channel of the base "
+                                   "architecture (output = TKD + correction), field = field and mask only (as published)",
+                            choices=("tkd", "field"), widget="advanced")
+    uqsm_norm: str = param("none", "uqsm mode: normalisation; none = no normalisation (as published: per-channel "
+                                   "bias only), bn = one shared BatchNorm", choices=("none", "bn"), widget="advanced")
     preview_every: int = param(0, "χ preview (whole-volume inference) every N steps (0 = off)", min=0, max=100000, widget="advanced",
                                short="")
 
@@ -176,6 +209,8 @@ class AdaptResult:
     optimizer_state: Optional[dict] = None
     cancelled: bool = False
     info: dict = field(default_factory=dict)
+    scan_fingerprints: list = field(default_factory=list)   # every adapted scan (protocol: several)
+    chis: Optional[list] = None                              # χ of every adapted scan, in order
 
     @property
     def state_dict(self) -> dict:
@@ -290,6 +325,24 @@ class _ScanPatches:
         self.wg = self.edge_kind = None
         if p.tv > 0 and p.mode == "dsbn":
             self.wg, self.edge_kind = _edge_weights(scan)
+        self.uw = None
+        if p.mode == "uqsm":
+            # uQSM's data weight w = magnitude / its maximum in the mask (not renormalised); mask without a magnitude
+            if p.weighting in ("auto", "magnitude") and scan.magnitude is not None:
+                mag = np.abs(scan.magnitude).astype(np.float32)
+                mx = float(mag[scan.mask].max()) if scan.mask.any() else 0.0
+                self.uw = (mag / mx if mx > 0 else np.ones_like(mag)).astype(np.float32)
+                self.weighting = "magnitude / max in the mask (uQSM)"
+            elif p.weighting == "magnitude":
+                raise ValueError("weighting: 'magnitude' needs a magnitude image; use auto or mask")
+            else:
+                self.uw = np.ones(scan.shape, np.float32)
+                self.weighting = "mask (uQSM, no magnitude)"
+            self.edge_kind = "plain TV (uQSM)"
+        # geometry and phase scale of this scan (protocol adaptation: every scan its own dipole kernel)
+        self.vs = tuple(float(v) for v in scan.voxel_size)
+        self.b0 = np.asarray(scan.b0_direction, float)
+        self.ppp = _rad_per_ppm(scan) if p.rad_per_ppm == "auto" else float(p.rad_per_ppm)
 
     def starts(self, step: int, k: int) -> np.ndarray:
         rng = np.random.default_rng([int(self.p.seed), int(step), int(k), 23])
@@ -301,12 +354,14 @@ class _ScanPatches:
             start[ax] = int(np.clip(start[ax], 0, N[ax] - P[ax])) if N[ax] >= P[ax] else 0
         return start
 
-    def batch(self, step: int, device):
+    def batch(self, step: int, device, ks=None):
         """Tensors of step t: network input, field, L_T mask, L_T noise weights (None with the SMV term:
-        :func:`loss_field` builds them on its region), edge weights, prior mask, σ-like map."""
+        :func:`loss_field` builds them on its region), edge weights, prior mask, σ-like map; in uqsm mode the
+        last is uQSM's (unnormalised) data weight instead of the σ-like map. ``ks``: the batch slots to draw
+        (default all ``scan_batch``)."""
         xs, fs_, ms, ws, gs, ps = [], [], [], [], [], []
         smv = self.p.smv_mm > 0
-        for k in range(self.p.scan_batch):
+        for k in (range(self.p.scan_batch) if ks is None else ks):
             st = self.starts(step, k)
             m = crop_box(self.scan.mask, st, self.pshape, False)
             f = crop_box(self.scan.field, st, self.pshape, 0.0) * m
@@ -314,7 +369,7 @@ class _ScanPatches:
             tk = crop_box(self.tkd, st, self.pshape, 0.0) if self.tkd is not None else None
             xs.append(network_input(f, m, self.net_cfg, tkd=tk))
             fs_.append(f[None])
-            ws.append(iw[None])
+            ws.append(iw[None] if self.uw is None else crop_box(self.uw, st, self.pshape, 0.0)[None])
             ps.append(m.astype(np.float32)[None])
             if self.wg is not None:
                 gs.append(np.stack([crop_box(g, st, self.pshape, False) for g in self.wg]))
@@ -340,9 +395,39 @@ class _ScanPatches:
             ms.append(mi.astype(np.float32)[None])
         t = lambda a: torch.from_numpy(np.ascontiguousarray(np.stack(a), dtype=np.float32)).to(device)
         x, f, mi, iw = t(xs), t(fs_), t(ms), t(ws)
+        if self.uw is not None:
+            return x, f, mi, iw * mi, None, t(ps) if smv else mi, iw
         w = None if smv else noise_weights(mi, iw)
         # the prior is taken on the L_T region of the old term, on the whole patch mask with the SMV term
         return x, f, mi, w, (t(gs) if gs else None), (t(ps) if smv else mi), iw
+
+
+class _ProtocolPatches:
+    """Scan patches drawn from several scans (protocol adaptation): slot k of step t comes from scan
+    ``which(t, k)``; patches of one scan are stacked and evaluated with that scan's geometry. One scan
+    gives exactly the single-scan stream of :class:`_ScanPatches`."""
+
+    def __init__(self, scans, p: AdaptParams, net_cfg, mult: int, device=None):
+        self.p = p
+        self.parts = [_ScanPatches(sc, p, net_cfg, mult, device=device) for sc in scans]
+        self.pshape = self.parts[0].pshape
+        self.weighting = self.parts[0].weighting
+        self.edge_kind = self.parts[0].edge_kind
+
+    def which(self, step: int, k: int) -> int:
+        if len(self.parts) == 1:
+            return 0
+        rng = np.random.default_rng([int(self.p.seed), int(step), int(k), 29])
+        return int(rng.integers(len(self.parts)))
+
+    def groups(self, step: int, device):
+        """[(scan index, number of patches, tensors of _ScanPatches.batch)] for step t."""
+        if len(self.parts) == 1:
+            return [(0, self.p.scan_batch, self.parts[0].batch(step, device))]
+        by = {}
+        for k in range(self.p.scan_batch):
+            by.setdefault(self.which(step, k), []).append(k)
+        return [(i, len(ks), self.parts[i].batch(step, device, ks)) for i, ks in sorted(by.items())]
 
 
 class _CancelHooks:
@@ -437,12 +522,72 @@ def load_adapted(path) -> tuple[QSMInvNet, dict]:
 # adaptation
 # ----------------------------------------------------------------------------------------------
 
+def _uqsm_model(weights, base_path: str, p: AdaptParams) -> QSMInvNet:
+    """uQSM's network: the base checkpoint's architecture (width, scales, TKD channel unless
+    ``uqsm_input=field``) with one normalisation domain, freshly initialised (seeded; Kaiming-normal
+    convolutions, zero output layer with the TKD channel so that step 0 is TKD). ``uqsm_norm=none``:
+    every BatchNorm fixed to the identity (running mean 0, variance 1 − eps, kept in eval mode) with a
+    trainable per-channel scale and bias, i.e. no normalisation; the checkpoint stays a plain
+    one-domain QSMInvNet that :func:`napari_qsm.nn.infer.load_model` reads."""
+    ref = _load_base(weights, base_path)          # architecture only; none of its weights are used
+    d = ref.config.to_dict()
+    d["num_domains"] = 1
+    if p.uqsm_input == "field":
+        d["tkd_delta"], d["in_channels"] = 0.0, 2
+    cfg = NetConfig.from_dict(d)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(p.seed))
+        model = QSMInvNet(cfg)
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Conv3d) and mod is not model.head:
+                torch.nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+    if p.uqsm_norm == "none":
+        with torch.no_grad():
+            for mod in model.modules():
+                if isinstance(mod, torch.nn.BatchNorm3d):
+                    mod.running_mean.zero_()
+                    mod.running_var.fill_(1.0 - mod.eps)
+    model.weights_sha256 = None
+    model.architecture_of = base_path
+    return model
+
+
+def _train_mode(model: QSMInvNet, p: AdaptParams) -> None:
+    """Training mode; with uQSM's ``uqsm_norm=none`` the (identity) BatchNorms stay in eval mode."""
+    model.train()
+    if p.mode == "uqsm" and p.uqsm_norm == "none":
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm3d):
+                mod.eval()
+
+
+def _as_scans(scan) -> list:
+    scans = list(scan) if isinstance(scan, (list, tuple)) else [scan]
+    if not scans:
+        raise ValueError("scans: empty list; give at least one scan")
+    for k, sc in enumerate(scans):
+        if not all(hasattr(sc, a) for a in ("field", "mask", "voxel_size", "b0_direction")):
+            raise ValueError(f"scans[{k}]: expected a napari_qsm Scan, got {type(sc).__name__}")
+    fps = [sc.fingerprint() for sc in scans]
+    dup = sorted({f for f in fps if fps.count(f) > 1})
+    if dup:
+        raise ValueError(f"scans: the same scan is given twice (fingerprint {dup[0]}); give each scan once")
+    return scans
+
+
+def _scan_name(scans, k: int) -> str:
+    return "" if len(scans) == 1 else f"scan {k + 1} ({getattr(scans[k], 'name', '') or 'unnamed'}): "
+
+
 def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, device="auto", progress=None,
           cancel=None, resume=None, on_cancel: str = "raise", synth_regime=None) -> AdaptResult:
-    """Adapt QSMInvNet+ (or fine-tune QSMInvNet) to ``scan``; see the module docstring.
+    """Adapt QSMInvNet+ (or fine-tune QSMInvNet, or train uQSM) to ``scan``; see the module docstring.
 
+    ``scan``: one Scan, or a list of scans of one protocol (:func:`adapt_protocol`): patches are drawn from
+    all of them, each with its own voxel size, B0 direction and phase scale, and one checkpoint serves
+    them all (``result.chis``: χ of every scan, in order; ``result.chi`` the first).
     ``synth_regime`` (advanced, tests): ``(shape, voxel_size)`` of the synthetic heads instead of the
-    training regime closest to the scan's voxel size.
+    training regime closest to the (first) scan's voxel size.
     """
     from .synth import PhantomPool, Regime, SynthConfig, sample_pair, to_tensors
 
@@ -454,6 +599,8 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
         p = copy.deepcopy(params)
     if on_cancel not in ("raise", "return"):
         raise ValueError(f"on_cancel: expected 'raise' or 'return', got {on_cancel!r}")
+    scans = _as_scans(scan)
+    fps = [sc.fingerprint() for sc in scans]
     dev = resolve_device(device)
     check_cancel(cancel)
 
@@ -463,41 +610,54 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
     step0 = 0
     opt_state = None
     seconds0 = 0.0
+    arch_of = None
     if resume is not None:
         model, meta = load_adapted(resume)
         if meta.get("params", {}).get("mode", p.mode) != p.mode:
             raise ValueError(f"resume: {resume} was adapted in mode {meta['params']['mode']!r}, not {p.mode!r}")
-        if meta.get("scan_fingerprint") and meta["scan_fingerprint"] != scan.fingerprint():
-            raise ValueError(f"resume: {resume} was adapted to another scan (fingerprint "
-                             f"{meta['scan_fingerprint']} ≠ {scan.fingerprint()})")
+        was = meta.get("scan_fingerprints") or ([meta["scan_fingerprint"]] if meta.get("scan_fingerprint") else None)
+        if was and list(was) != fps:
+            raise ValueError(f"resume: {resume} was adapted to another scan or scan set (fingerprints {', '.join(was)} ≠ "
+                             f"{', '.join(fps)})")
         base_path, base_sha = meta.get("base_weights"), meta.get("base_sha256")
         history = list(meta.get("history", []))
         step0 = int(meta["step"])
         opt_state = meta.get("optimizer")
         seconds0 = float(meta.get("seconds", 0.0))
         ref_mean = meta.get("ref_mean")
+        if p.mode == "uqsm":
+            _train_mode(model, p)
     else:
         base_path = str(Path(weights) if weights is not None else default_weights_path())
-        model = _load_base(weights, base_path)
-        base_sha = model.weights_sha256
+        if p.mode == "uqsm":
+            model = _uqsm_model(weights, base_path, p)
+            arch_of, base_path, base_sha = base_path, None, None
+        else:
+            model = _load_base(weights, base_path)
+            base_sha = model.weights_sha256
         if p.mode == "dsbn":
             if model.num_domains < 2:
                 raise WeightsError(f"weights: {base_path} is a plain QSMInvNet (one BN domain); dsbn adaptation "
                                    f"needs a QSMInvNet+ checkpoint with 2 domains (or use mode=finetune)")
             if not int(model.domain_trained[1]):
                 model.copy_domain(0, 1)   # the scan's BN starts from the synthetic one
-        else:
+        elif p.mode == "finetune":
             model = _single_domain(model)
     if p.mode == "dsbn" and model.num_domains < 2:
         raise WeightsError("weights: dsbn adaptation needs a checkpoint with 2 BN domains")
-    if p.mode == "finetune" and model.num_domains != 1:
-        raise WeightsError("resume: a finetune checkpoint must have one BN domain")
+    if p.mode in ("finetune", "uqsm") and model.num_domains != 1:
+        raise WeightsError(f"resume: a {p.mode} checkpoint must have one BN domain")
     dom_t = 1 if p.mode == "dsbn" else 0
     cs = float(model.io_scale[1])
     mult = model.config.multiple
-    patches = _ScanPatches(scan, p, model.config, mult, device=dev)
-    _check_scan(scan, p, patches.pshape)
-    model = model.to(dev).train()
+    patches = _ProtocolPatches(scans, p, model.config, mult, device=dev)
+    for k, (sc, part) in enumerate(zip(scans, patches.parts)):
+        try:
+            _check_scan(sc, p, part.pshape)
+        except ValueError as exc:
+            raise ValueError(f"{_scan_name(scans, k)}{exc}") from None
+    model = model.to(dev)
+    _train_mode(model, p)
     trainable = list(model.bn_parameters(dom_t)) if p.update == "bn" else list(model.parameters())
     opt = torch.optim.Adam(trainable, lr=p.lr)
     if opt_state:
@@ -509,12 +669,14 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
             raise WeightsError(f"resume: optimiser state of {resume} does not fit the model ({exc})") from None
     sched = LambdaSchedule(lam_max=p.lam_end, lam_min=p.lam_start, ramp=max(p.steps - 1, 1), kind="linear")
     op = DipoleOperator()
-    ppp = _rad_per_ppm(scan) if p.rad_per_ppm == "auto" else float(p.rad_per_ppm)
-    vs = tuple(float(v) for v in scan.voxel_size)
-    b0 = np.asarray(scan.b0_direction, float)
-    geom = {"voxel_size": vs, "b0_direction": b0}
+    geoms = [{"voxel_size": part.vs, "b0_direction": part.b0} for part in patches.parts]
+    scan0 = scans[0]
+    vs, b0, ppp = patches.parts[0].vs, patches.parts[0].b0, patches.parts[0].ppp
+    geom = geoms[0]
+    multi = len(scans) > 1
 
-    rep = Reporter(progress, cancel, total=p.steps, stage="adapt" if p.mode == "dsbn" else "finetune")
+    rep = Reporter(progress, cancel, total=p.steps, stage={"dsbn": "adapt", "finetune": "finetune",
+                                                          "uqsm": "uqsm"}[p.mode])
 
     # -- synthetic data (dsbn) --------------------------------------------------------------------
     use_synth = p.mode == "dsbn" and p.synth_batch > 0
@@ -534,28 +696,36 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
         for b in range(p.synth_batch):
             rng = np.random.default_rng([int(p.seed), int(step), b, 31])
             h = heads[int(rng.integers(len(heads)))]
-            out.append(sample_pair(h, rng, scfg, augment=True, b0_direction=b0))
+            # protocol: the B0 direction of one of the scans (each in turn over the run)
+            bb = b0 if not multi else patches.parts[(int(step) + b) % len(scans)].b0
+            out.append(sample_pair(h, rng, scfg, augment=True, b0_direction=bb))
         return to_tensors(out, model.config, dev)
 
     def current_chi():
-        chi, _ = predict(model, scan.field, scan.mask, domain=dom_t, device=dev, cancel=cancel, **geom)
-        model.train()
+        chi, _ = predict(model, scan0.field, scan0.mask, domain=dom_t, device=dev, cancel=cancel, **geom)
+        _train_mode(model, p)
         if ref_mean is not None:
-            chi = np.where(scan.mask, chi + (ref_mean - float(chi[scan.mask].mean(dtype=np.float64))), 0.0)
+            chi = np.where(scan0.mask, chi + (ref_mean - float(chi[scan0.mask].mean(dtype=np.float64))), 0.0)
         return chi.astype(np.float32)
 
-    if p.keep_mean and ref_mean is None:
+    keep_mean = p.keep_mean and not (p.mode == "uqsm" and not model.config.has_tkd)
+    ref_means = None
+    if keep_mean and ref_mean is None:
         rep(step0, "reference χ mean of the unadapted network", L_S=float("nan"), L_T=float("nan"))
-        chi0, _ = predict(model, scan.field, scan.mask, domain=dom_t, device=dev, cancel=cancel, **geom)
-        ref_mean = float(chi0[scan.mask].mean(dtype=np.float64))
-        del chi0
-        model.train()
+        ref_means = []
+        for sc, g in zip(scans, geoms):
+            chi0, _ = predict(model, sc.field, sc.mask, domain=dom_t, device=dev, cancel=cancel, **g)
+            ref_means.append(float(chi0[sc.mask].mean(dtype=np.float64)))
+            del chi0
+        ref_mean = float(np.mean(ref_means))
+        _train_mode(model, p)
 
     hooks = _CancelHooks(model, cancel)
     good = _buffers(model)
     step = step0
     t_loop = time.perf_counter()
     cancelled = False
+    nb = float(p.scan_batch)
     try:
         while step < p.steps:
             check_cancel(cancel)
@@ -573,17 +743,32 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
                 ls_val = float(ls.detach())
                 del xs, ys, pred, ls
             check_cancel(cancel)
-            x, f, mi, w, wg, mp, iw = patches.batch(step, dev)
-            chi_t = model(x, domain=dom_t) * x[:, 1:2] / cs
-            lt = loss_field(chi_t, f, mi, vs, b0, weights=w, phase_per_ppm=ppp, op=op, noise_std=iw,
-                            smv_radius_mm=p.smv_mm)
-            tv = loss_edge_tv(chi_t, wg, mp, vs) if wg is not None else None
-            scan_loss = lam * lt if tv is None else lam * lt + beta_t * tv
-            scan_loss.backward()
-            lt_val = float(lt.detach())
-            tv_val = float("nan") if tv is None else float(tv.detach())
-            scan_val = float(scan_loss.detach())   # the value that was optimised, logged as is
-            del x, f, mi, w, wg, mp, iw, chi_t, lt, tv, scan_loss
+            lt_val = tv_val = scan_val = 0.0
+            has_tv = False
+            for si, n_k, tens in patches.groups(step, dev):
+                part = patches.parts[si]
+                x, f, mi, w, wg, mp, iw = tens
+                share = n_k / nb           # a group's share of the batch mean (1 for one scan)
+                chi_t = model(x, domain=dom_t) * x[:, 1:2] / cs
+                if p.mode == "uqsm":
+                    lt = loss_field(chi_t, f, mi, part.vs, part.b0, weights=w, phase_per_ppm=part.ppp, op=op,
+                                    smv_radius_mm=p.smv_mm, normalise=False)
+                    tv = loss_edge_tv(chi_t, torch.ones((chi_t.shape[0], 3) + tuple(chi_t.shape[2:]), device=dev),
+                                      mp, part.vs) if p.uqsm_tv > 0 else None
+                    scan_loss = lt if tv is None else lt + p.uqsm_tv * tv
+                else:
+                    lt = loss_field(chi_t, f, mi, part.vs, part.b0, weights=w, phase_per_ppm=part.ppp, op=op,
+                                    noise_std=iw, smv_radius_mm=p.smv_mm)
+                    tv = loss_edge_tv(chi_t, wg, mp, part.vs) if wg is not None else None
+                    scan_loss = lam * lt if tv is None else lam * lt + beta_t * tv
+                (scan_loss * share if share != 1.0 else scan_loss).backward()
+                lt_val += share * float(lt.detach())
+                if tv is not None:
+                    has_tv = True
+                    tv_val += share * float(tv.detach())
+                scan_val += share * float(scan_loss.detach())   # the value that was optimised, logged as is
+                del x, f, mi, w, wg, mp, iw, chi_t, lt, tv, scan_loss, tens
+            tv_val = tv_val if has_tv else float("nan")
             check_cancel(cancel)
             if not (math.isfinite(lt_val) and (math.isfinite(ls_val) or not use_synth)):
                 raise FloatingPointError(f"adapt: loss became {lt_val}/{ls_val} at step {step}; lower lr")
@@ -615,13 +800,26 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
     model.eval()
     if step > 0 or resume is not None:
         model.mark_trained(dom_t)
+    info = {"patch_shape": list(patches.pshape), "weighting": patches.weighting, "edge_prior": patches.edge_kind,
+            "rad_per_ppm": ppp, "domain": dom_t, "ref_mean": ref_mean,
+            "synth_regime": None if scfg is None else
+            {"shape": list(scfg.regimes[0].shape), "voxel_size": list(scfg.regimes[0].voxel_size)}}
+    if arch_of is not None:
+        info["architecture_of"] = arch_of
+        info["input"] = "field, mask, TKD" if model.config.has_tkd else "field, mask"
+        info["normalisation"] = "none" if p.uqsm_norm == "none" else "one BatchNorm"
+    if multi:
+        info["scans"] = [{"fingerprint": fp, "name": getattr(sc, "name", None), "shape": list(sc.shape),
+                          "voxel_size": list(g["voxel_size"]), "b0_direction": [float(v) for v in g["b0_direction"]],
+                          "rad_per_ppm": part.ppp, "patch_shape": list(part.pshape)}
+                         for fp, sc, g, part in zip(fps, scans, geoms, patches.parts)]
+        if ref_means is not None:
+            info["ref_means"] = ref_means
     res = AdaptResult(model=model, chi=None, history=history, seconds=0.0, device=device_label(dev), params=p,
-                      step=step, base_weights=base_path, base_sha256=base_sha, scan_fingerprint=scan.fingerprint(),
-                      optimizer_state=opt.state_dict(), cancelled=cancelled,
-                      info={"patch_shape": list(patches.pshape), "weighting": patches.weighting, "edge_prior": patches.edge_kind,
-                            "rad_per_ppm": ppp, "domain": dom_t, "ref_mean": ref_mean,
-                            "synth_regime": None if scfg is None else
-                            {"shape": list(scfg.regimes[0].shape), "voxel_size": list(scfg.regimes[0].voxel_size)}})
+                      step=step, base_weights=base_path, base_sha256=base_sha,
+                      scan_fingerprint=fps[0] if not multi else None, optimizer_state=opt.state_dict(),
+                      cancelled=cancelled, info=info)
+    res.scan_fingerprints = fps
     if cancelled:
         res.seconds = seconds0 + time.perf_counter() - t_start
         if on_cancel == "return":
@@ -629,29 +827,65 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
         raise AdaptCancelled(f"adaptation cancelled after step {step}/{p.steps}", res)
     dp = DSBNParams()
     try:
-        chi, pinfo = predict(model, scan.field, scan.mask, domain="auto", device=dev, **geom, memory_gb=dp.memory_gb,
-                             tile=dp.tile, overlap=dp.overlap, cancel=cancel)
-        if ref_mean is not None and step > 0:
-            res.info["train_head_bias"] = model.head.bias.detach().cpu().clone()
-            # bake the mean correction into the output bias, so the checkpoint alone reproduces χ
-            delta = ref_mean - float(chi[scan.mask].mean(dtype=np.float64))
-            with torch.no_grad():
-                model.head.bias += torch.tensor([delta * cs], dtype=model.head.bias.dtype, device=model.head.bias.device)
-            res.info["mean_shift_ppm"] = delta
-            chi, pinfo = predict(model, scan.field, scan.mask, domain="auto", device=dev, **geom, memory_gb=dp.memory_gb,
-                                 tile=dp.tile, overlap=dp.overlap, cancel=cancel)
+        if not multi:
+            chi, pinfo = predict(model, scan0.field, scan0.mask, domain="auto", device=dev, **geom,
+                                 memory_gb=dp.memory_gb, tile=dp.tile, overlap=dp.overlap, cancel=cancel)
+            if ref_mean is not None and step > 0:
+                res.info["train_head_bias"] = model.head.bias.detach().cpu().clone()
+                # bake the mean correction into the output bias, so the checkpoint alone reproduces χ
+                delta = ref_mean - float(chi[scan0.mask].mean(dtype=np.float64))
+                with torch.no_grad():
+                    model.head.bias += torch.tensor([delta * cs], dtype=model.head.bias.dtype, device=model.head.bias.device)
+                res.info["mean_shift_ppm"] = delta
+                chi, pinfo = predict(model, scan0.field, scan0.mask, domain="auto", device=dev, **geom,
+                                     memory_gb=dp.memory_gb, tile=dp.tile, overlap=dp.overlap, cancel=cancel)
+            chis, pinfos = [chi], [pinfo]
+        else:
+            chis, pinfos = [], []
+            for k, (sc, g) in enumerate(zip(scans, geoms)):
+                rep(step, f"χ of scan {k + 1}/{len(scans)}", L_S=float("nan"), L_T=float("nan"))
+                c, pi = predict(model, sc.field, sc.mask, domain="auto", device=dev, **g, memory_gb=dp.memory_gb,
+                                tile=dp.tile, overlap=dp.overlap, cancel=cancel)
+                chis.append(c)
+                pinfos.append(pi)
+            if ref_mean is not None and step > 0:
+                # one output bias for the protocol: the mean over the scans of the unadapted means kept
+                res.info["train_head_bias"] = model.head.bias.detach().cpu().clone()
+                delta = ref_mean - float(np.mean([c[sc.mask].mean(dtype=np.float64) for c, sc in zip(chis, scans)]))
+                with torch.no_grad():
+                    model.head.bias += torch.tensor([delta * cs], dtype=model.head.bias.dtype, device=model.head.bias.device)
+                res.info["mean_shift_ppm"] = delta
+                # the bias is a constant in χ: inside each mask χ moves by delta (what inference now gives)
+                chis = [np.where(sc.mask, c + np.float32(delta), c).astype(np.float32) for c, sc in zip(chis, scans)]
+            pinfo = pinfos[0]
     except Cancelled:
         res.cancelled = True
         res.seconds = seconds0 + time.perf_counter() - t_start
         if on_cancel == "return":
             return res
         raise AdaptCancelled(f"adaptation cancelled during the final inference (after step {step})", res) from None
-    res.chi = chi
+    res.chi = chis[0]
+    res.chis = chis
     res.info["predict"] = pinfo
     res.seconds = seconds0 + time.perf_counter() - t_start
     rep(step, f"done: {step} steps in {res.seconds:.1f} s", L_S=history[-1]["L_S"] if history else float("nan"),
         L_T=history[-1]["L_T"] if history else float("nan"))
     return res
+
+
+def adapt_protocol(scans, params: AdaptParams | dict | None = None, **kwargs) -> AdaptResult:
+    """Adapt one checkpoint to every scan of a protocol (a list of :class:`~napari_qsm.core.scan.Scan`).
+
+    The same as :func:`adapt` with a list: each step's scan patches come from scans drawn at random
+    (seeded), every patch with its own scan's voxel size, B0 direction (dipole kernel), phase scale,
+    noise weighting and TKD channel; scans may differ in shape, voxel size and B0 direction. The
+    result's ``chis`` holds χ of every scan (in order); :func:`save_adapted` lists every fingerprint.
+    Then ``recon --method dsbn --weights SITE.pt`` reconstructs new scans of that protocol.
+    """
+    scans = list(scans) if isinstance(scans, (list, tuple)) else None
+    if not scans:
+        raise ValueError("scans: expected a non-empty list of scans")
+    return adapt(scans, params, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -695,21 +929,32 @@ def save_adapted(result: AdaptResult, path, base_weights_path=None, scan=None) -
         if not Path(base_weights_path).is_file():
             raise ValueError(f"base_weights_path: {base_weights_path} is not a file")
         base_sha = file_sha256(base_weights_path)
-    fp = scan.fingerprint() if scan is not None else result.scan_fingerprint
-    if scan is not None and result.scan_fingerprint and fp != result.scan_fingerprint:
-        raise ValueError(f"scan: fingerprint {fp} differs from the adapted scan's {result.scan_fingerprint}")
+    fps = list(result.scan_fingerprints or ([result.scan_fingerprint] if result.scan_fingerprint else []))
+    scans = None if scan is None else (list(scan) if isinstance(scan, (list, tuple)) else [scan])
+    if scans is not None:
+        given = [sc.fingerprint() for sc in scans]
+        if fps and given != fps:
+            raise ValueError(f"scan: fingerprint(s) {', '.join(given)} differ from the adapted scan(s)' "
+                             f"{', '.join(fps)}")
+        fps = given
+    fp = fps[0] if len(fps) == 1 else None
     model = result.model
     L_T = result.losses("L_T")
     L_S = result.losses("L_S")
+    what = "one scan" if len(fps) <= 1 else f"{len(fps)} scans of one protocol"
     meta = {
         "kind": "napari-qsm adapted checkpoint",
-        "model": "QSMInvNet+ (DSBN) adapted to one scan" if result.mode == "dsbn"
-        else "QSMInvNet fine-tuned on one scan (L_T only)",
+        "model": {"dsbn": f"QSMInvNet+ (DSBN) adapted to {what}",
+                  "finetune": f"QSMInvNet fine-tuned on {what} (L_T only)",
+                  "uqsm": f"uQSM: U-Net trained from random initialisation on {what} (physics loss + TV, no labels)"
+                  }[result.mode],
         "mode": result.mode,
         "base_weights": str(base) if base is not None else None,
         "base_sha256": base_sha,
         "scan_fingerprint": fp,
-        "scan": scan.info() if scan is not None else None,
+        "scan_fingerprints": fps,
+        "scan": scans[0].info() if scans is not None and len(scans) == 1 else None,
+        "scans": [sc.info() for sc in scans] if scans is not None and len(scans) > 1 else None,
         "step": int(result.step),
         "steps_target": int(result.params.steps),
         "cancelled": bool(result.cancelled),
@@ -731,7 +976,7 @@ def save_adapted(result: AdaptResult, path, base_weights_path=None, scan=None) -
           "optimizer": result.optimizer_state or {}, "step": int(result.step),
           "train_head_bias": result.info.get("train_head_bias", model.head.bias.detach().cpu()),
           "adapt_json": json.dumps({k: meta[k] for k in ("mode", "base_weights", "base_sha256", "scan_fingerprint",
-                                                         "step", "seconds", "params", "history")}
+                                                         "scan_fingerprints", "step", "seconds", "params", "history")}
                                 | {"ref_mean": result.info.get("ref_mean")})}
     path.parent.mkdir(parents=True, exist_ok=True)
     side = path.with_suffix(".json")
@@ -760,22 +1005,29 @@ def save_adapted(result: AdaptResult, path, base_weights_path=None, scan=None) -
 # ----------------------------------------------------------------------------------------------
 
 def adapt_cli(scan, steps=None, weights=None, save_weights=None, params=None, device="auto",
-              progress=None) -> Result:
-    """``napari-qsm adapt``: adapt, optionally save the checkpoint, return a :class:`Result`."""
+              progress=None):
+    """``napari-qsm adapt``: adapt, optionally save the checkpoint, return a :class:`Result`.
+
+    ``scan``: one Scan (returns one Result) or a list of scans of one protocol (returns a list of
+    Results, one per scan, in order, from the one adapted checkpoint)."""
     values = dict(params or {})
     if steps is not None:
         values["steps"] = steps
     p = make_params(AdaptParams, values)
     if save_weights is not None:
         _check_target(save_weights, weights if weights is not None else default_weights_path())
+    multi = isinstance(scan, (list, tuple)) and len(scan) > 1
     res = adapt(scan, p, weights=weights, device=device, progress=progress)
     extras = _extras(res)
     if save_weights is not None:
-        out = save_adapted(res, save_weights, weights, scan)
+        out = save_adapted(res, save_weights, weights if p.mode != "uqsm" else None, scan)
         extras["adapted_weights"] = str(out)
-    return Result(chi=res.chi, method="dsbn_adapt" if p.mode == "dsbn" else "qsminvnet_finetune",
-                  params=params_to_dict(p), seconds=res.seconds, device=res.device, extras=extras,
-                  scan_info=scan.info())
+    name = {"dsbn": "dsbn_adapt", "finetune": "qsminvnet_finetune", "uqsm": "uqsm"}[p.mode]
+    scans = list(scan) if isinstance(scan, (list, tuple)) else [scan]
+    out = [Result(chi=c, method=name, params=params_to_dict(p), seconds=res.seconds, device=res.device,
+                  extras=dict(extras, protocol_scans=len(scans)) if multi else extras, scan_info=sc.info())
+           for c, sc in zip(res.chis, scans)]
+    return out if multi else out[0]
 
 
 def _extras(res: AdaptResult) -> dict:
@@ -791,9 +1043,27 @@ def _run(scan, p: AdaptParams, *, device, progress=None, cancel=None, weights=No
     return {"chi": res.chi, "extras": _extras(res)}
 
 
+@dataclass
+class UQSMParams(AdaptParams):
+    """:class:`AdaptParams` with ``mode`` fixed to uqsm (the registered method "uqsm")."""
+
+    mode: str = param("uqsm", "uqsm = uQSM: the U-Net from random initialisation on this scan, physics loss + TV",
+                      choices=("uqsm",), widget="advanced")
+
+
+def _run_uqsm(scan, p: UQSMParams, *, device, progress=None, cancel=None, **_):
+    res = adapt(scan, p, weights=None, device=device, progress=progress, cancel=cancel)
+    return {"chi": res.chi, "extras": _extras(res)}
+
+
 METHODS = (Method(
     "dsbn_adapt", "QSMInvNet+ adapted to this scan", AdaptParams, _run, order=45,
     short="QSMInvNet+ adapted ({steps} steps)", accepts_weights=True,
     long_running=True, uses_magnitude=True,
     doc="Adapts QSMInvNet+ to the open scan for a few minutes (synthetic L_S on domain 0 + λ·L_T on the scan's "
-        "domain 1), then reconstructs with the scan's own batch norms. mode=finetune gives the QSMInvNet baseline."),)
+        "domain 1), then reconstructs with the scan's own batch norms. mode=finetune gives the QSMInvNet baseline."),
+    Method("uqsm", "uQSM (trained on this scan only)", UQSMParams, _run_uqsm, order=46,
+           short="uQSM ({steps} steps)", long_running=True, uses_magnitude=True,
+           doc="uQSM (Liu & Koch 2020): the same U-Net without domain-specific batch norm, trained from random "
+               "initialisation on this scan alone with the magnitude-weighted nonlinear dipole data term (exact "
+               "patch form) + 0.001·TV; no labels, no synthetic data."),)

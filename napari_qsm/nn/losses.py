@@ -168,7 +168,8 @@ def field_residual(chi_ppm: torch.Tensor, field_ppm: torch.Tensor, mask: torch.T
 
 def loss_field(chi_ppm: torch.Tensor, field_ppm: torch.Tensor, mask: torch.Tensor, voxel_size, b0_direction,
                weights: torch.Tensor | None = None, phase_per_ppm: float = 16.05, op: DipoleOperator | None = None,
-               noise_std: torch.Tensor | None = None, smv_radius_mm: float = 0.0) -> torch.Tensor:
+               noise_std: torch.Tensor | None = None, smv_radius_mm: float = 0.0,
+               normalise: bool = True) -> torch.Tensor:
     """L_T = ‖W (e^{i φ(d∗χ)} − e^{i φ(f)})‖₂² / #mask with φ(x) = phase_per_ppm · x.
 
     ``chi_ppm``, ``field_ppm``, ``mask``: (N, 1, X, Y, Z) (or 3-D). ``weights`` (W_t) overrides
@@ -178,13 +179,16 @@ def loss_field(chi_ppm: torch.Tensor, field_ppm: torch.Tensor, mask: torch.Tenso
     ``smv_radius_mm`` > 0 (patches): both fields high-passed by (1 − S) and the sum taken over the
     region of :func:`field_residual` (mask eroded by the sphere, away from the patch faces), with
     the propagated noise std; ``weights``, when given, are restricted to that region and
-    renormalised to mean 1 in it.
+    renormalised to mean 1 in it, unless ``normalise`` is False (uQSM's w = magnitude / max, used as
+    given on that region).
     """
     op = op or _DEFAULT_OP
     res, region, sig = field_residual(chi_ppm, field_ppm, mask, voxel_size, b0_direction, smv_radius_mm, op,
                                       noise_std)
     if weights is None:
         weights = noise_weights(region, sig)
+    elif not normalise:
+        weights = weights * (region > 0.5).to(weights.dtype)
     elif smv_radius_mm > 0:
         weights = noise_weights(region, 1.0 / torch.clamp(weights * region, min=0.0))
     mask = region
