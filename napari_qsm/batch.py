@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 __all__ = ["run_batch", "discover", "BatchScan", "BatchSummary", "default_workers", "DERIVATIVES",
-           "output_paths", "SUMMARY_COLUMNS", "parse_field_params"]
+           "output_paths", "SUMMARY_COLUMNS", "parse_field_params", "process_scan", "warm_worker"]
 
 DERIVATIVES = "napari-qsm"                      # ROOT/derivatives/<this>
 SUMMARY_COLUMNS = ("scan", "kind", "status", "seconds", "field_residual", "step", "error", "worker")
@@ -515,6 +515,13 @@ def process_scan(job: dict) -> dict:
             rec["traceback"] = traceback.format_exc(limit=8)
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     return rec
+
+
+def warm_worker() -> int:
+    """Import what a task needs (torch, the registry); returns the process id. ``client.run(warm_worker)``."""
+    from .methods import available_methods
+    available_methods()
+    return os.getpid()
 
 
 # ----------------------------------------------------------------------------------------------- the batch

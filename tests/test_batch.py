@@ -1,0 +1,185 @@
+"""napari-qsm batch: a BIDS dataset on a real Dask LocalCluster (2 worker processes, 1 thread each).
+
+One small honest raw phantom (4 mm voxels) is written as three subjects; a fourth subject has a
+truncated phase echo. One cluster serves the whole module.
+"""
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed")
+pytestmark = pytest.mark.slow  # a 2-process cluster and a phantom: ~20 s idle in all
+
+from napari_qsm.batch import discover, output_paths, run_batch, sha256_file, warm_worker  # noqa: E402
+from napari_qsm.cli import main  # noqa: E402
+
+GOOD = ["sub-01", "sub-02", "sub-03"]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    from napari_qsm.core.phantom import make_phantom, save_raw_bids
+
+    root = tmp_path_factory.mktemp("bids") / "raw"
+    ph = make_phantom(shape=(32, 40, 32), voxel_size=(4, 4, 4), seed=2, snr=50.0, honest=True, background=True,
+                      keep_echoes=True, device="cpu")
+    for s in ("01", "02", "03", "04"):
+        save_raw_bids(ph, root, subject=s)
+    shutil.rmtree(root / "truth")
+    bad = root / "sub-04" / "anat" / "sub-04_echo-2_part-phase_MEGRE.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:300])  # a truncated file: the loader cannot read it
+    return root
+
+
+@pytest.fixture
+def dataset(template, tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(template, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=40)
+    c = Client(cluster)
+    c.run(warm_worker)  # imports torch and the registry once per worker
+    yield c
+    c.close()
+    cluster.close()
+
+
+def _tmp_files(root):
+    return [p for p in root.rglob(".tmp-*")]
+
+
+def test_batch_isolates_a_corrupt_scan_resumes_and_equals_recon(dataset, client, tmp_path, one_torch_thread,
+                                                                capsys):
+    assert [s.id for s in discover(dataset)] == GOOD + ["sub-04"]
+    s = run_batch(dataset, method="tkd", client=client, device="cpu")
+    by = {r["scan"]: r for r in s.rows}
+    assert [r["scan"] for r in s.done] == GOOD
+    assert [r["scan"] for r in s.failed] == ["sub-04"] and not s.ok
+    assert by["sub-04"]["step"] == "load" and "sub-04_echo-2_part-phase_MEGRE" in by["sub-04"]["error"]
+    assert all(0 < by[k]["field_residual"] < 100 for k in GOOD)
+    assert not _tmp_files(dataset)
+    deriv = dataset / "derivatives" / "napari-qsm"
+    assert not (deriv / "sub-04").exists() or not any((deriv / "sub-04").rglob("*Chimap*"))  # nothing of it
+    tsv = (deriv / "batch_summary.tsv").read_text().splitlines()
+    assert tsv[0].split("\t")[:4] == ["scan", "kind", "status", "seconds"]
+    assert [ln.split("\t")[2] for ln in tsv[1:]] == ["done"] * 3 + ["failed"]
+    desc = json.loads((deriv / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "napari-qsm"
+
+    scans = {x.id: x for x in discover(dataset)}
+    for sub in GOOD:
+        out = output_paths(dataset, scans[sub], "tkd")
+        assert out["chi"].name == f"{sub}_desc-tkd_Chimap.nii.gz" and out["chi"].parent == deriv / sub / "anat"
+        for p in out.values():
+            assert p.exists() and p.with_name(p.name.replace(".nii.gz", ".json")).exists(), p
+        side = json.loads(out["chi"].with_name(f"{sub}_desc-tkd_Chimap.json").read_text())
+        assert side["method"] == "tkd" and side["version"] and side["seconds"] > 0 and side["device"] == "cpu"
+        echo1 = f"{sub}/anat/{sub}_echo-1_part-mag_MEGRE.nii.gz"
+        assert side["input_sha256"][echo1] == sha256_file(dataset / echo1)
+        assert side["recon_command"].startswith("OMP_NUM_THREADS=1 napari-qsm recon")
+        # the same χ as `napari-qsm recon` on the written field files, bit for bit (one torch thread, as the workers)
+        ref = tmp_path / f"{sub}_recon.nii.gz"
+        f = {k: str(out[k]) for k in ("localfield", "mask", "magnitude", "noisestd", "R2starmap")}
+        assert main(["recon", f["localfield"], "--mask", f["mask"], "--magnitude", f["magnitude"], "--noise-std",
+                     f["noisestd"], "--r2star", f["R2starmap"], "--method", "tkd", "--device", "cpu", "-q",
+                     "-o", str(ref)]) == 0
+        a, b = nib.load(str(ref)), nib.load(str(out["chi"]))
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)) and np.array_equal(a.affine, b.affine)
+    chi_before = {p: p.stat().st_mtime_ns for p in deriv.rglob("*_Chimap.nii.gz")}
+
+    # the CLI on the running scheduler: the done scans are skipped, the corrupt one fails again -> exit status 1
+    capsys.readouterr()
+    assert main(["batch", str(dataset), "--method", "tkd", "--scheduler", client.scheduler.address,
+                 "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "1 failed" in err and "sub-04" in err and "up to date: 3" in err
+
+    # a rerun of the complete scans skips them all without starting a cluster
+    t0 = time.perf_counter()
+    s2 = run_batch(dataset, method="tkd", only=["sub-01", "02", "sub-03"], device="cpu", echo=False)
+    assert time.perf_counter() - t0 < 5.0
+    assert [r["status"] for r in s2.rows] == ["skipped"] * 3 and s2.workers == 0 and s2.ok
+    assert {p: p.stat().st_mtime_ns for p in deriv.rglob("*_Chimap.nii.gz")} == chi_before
+
+    # another method reuses the field outputs; a changed input is recomputed
+    lf = deriv / "sub-01" / "anat" / "sub-01_localfield.nii.gz"
+    lf_time = lf.stat().st_mtime_ns
+    side = dataset / "sub-02" / "anat" / "sub-02_echo-1_part-mag_MEGRE.json"
+    side.write_text(side.read_text().replace("procedural head phantom", "procedural head phantom (edited)"))
+    s3 = run_batch(dataset, method="tsvd", only=["sub-01"], client=client, device="cpu", echo=False)
+    assert [r["status"] for r in s3.rows] == ["done"] and lf.stat().st_mtime_ns == lf_time
+    s4 = run_batch(dataset, method="tkd", only=["sub-02", "sub-03"], client=client, device="cpu", echo=False)
+    assert [r["status"] for r in s4.rows] == ["done", "skipped"]
+
+    # a local field as input (the names batch writes): same χ as from the raw echoes
+    root2 = tmp_path / "fields"
+    anat2 = root2 / "sub-01" / "anat"
+    anat2.mkdir(parents=True)
+    for k in ("localfield", "mask", "magnitude", "noisestd", "R2starmap"):
+        shutil.copy(deriv / "sub-01" / "anat" / f"sub-01_{k}.nii.gz", anat2)
+    s5 = run_batch(root2, method="tkd", client=client, device="cpu", echo=False)
+    assert [(r["kind"], r["status"]) for r in s5.rows] == [("field", "done")]
+    a = nib.load(str(root2 / "derivatives/napari-qsm/sub-01/anat/sub-01_desc-tkd_Chimap.nii.gz")).get_fdata()
+    b = nib.load(str(deriv / "sub-01" / "anat" / "sub-01_desc-tkd_Chimap.nii.gz")).get_fdata()
+    assert np.array_equal(a, b)
+    assert not _tmp_files(dataset) and not _tmp_files(root2)
+
+
+def test_a_killed_worker_has_its_scan_retried(dataset, client):
+    shutil.rmtree(dataset / "sub-04")
+    pids = client.run(os.getpid)  # {worker address: pid}
+    killed = {}
+
+    def killer():
+        t_end = time.time() + 60
+        while time.time() < t_end and not killed:
+            for addr, keys in client.processing().items():
+                ours = [k for k in keys if str(k).startswith("qsm-")]
+                if ours and addr in pids:
+                    os.kill(pids[addr], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+                    killed.update(addr=addr, pid=pids[addr], key=str(ours[0]))
+                    return
+            time.sleep(0.01)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    s = run_batch(dataset, method="tkd", client=client, device="cpu", echo=False)
+    th.join(5)
+    assert killed, "no task was seen running"
+    assert [r["status"] for r in s.rows] == ["done"] * 3
+    rerun = next(r for r in s.rows if killed["key"].startswith(f"qsm-{r['scan']}-"))
+    assert not rerun["worker"].endswith(f":{killed['pid']}")  # finished by a live worker
+    assert not _tmp_files(dataset)
+    client.wait_for_workers(2, timeout=60)  # the nanny restarts the killed worker
+
+
+def test_dry_run_and_bad_arguments(dataset, capsys):
+    s = run_batch(dataset, method="tkd", dry_run=True)
+    assert s.dry_run and [r["status"] for r in s.rows] == ["planned"] * 4
+    assert not (dataset / "derivatives").exists()
+    assert "to run" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown method"):
+        run_batch(dataset, method="nope")
+    with pytest.raises(ValueError, match="sub-09"):
+        run_batch(dataset, method="tkd", only=["sub-09"])
+    with pytest.raises(ValueError, match="threshold"):
+        run_batch(dataset, method="tkd", params={"threshold": "7"})
+    with pytest.raises(ValueError, match="no parameter"):
+        run_batch(dataset, method="tkd", field_params={"background.nope": 3})
+    assert main(["batch", str(dataset), "--method", "tkd", "--scheduler", "tcp://x:1", "--workers", "2"]) == 2
+    assert not (dataset / "derivatives").exists()
