@@ -6,6 +6,8 @@
                [--device auto|cpu|cuda] [--weights CKPT] [--param NAME=VALUE ...]
                [--csf-mask MASK] [--orientation FIELD [X Y Z] ...]   (COSMOS: more orientations)
                -o OUT.nii.gz
+    napari-qsm recon INPUT... --method NAME -o OUT.nii.gz   (raw echoes: a BIDS/DICOM folder or --magnitude M...
+               --phase P... [--te S...]; the field steps first, options as `field`; see recon_raw.py)
     napari-qsm adapt FIELD --mask MASK [--magnitude MAG] [--steps N] [--weights CKPT]
                [--save-weights OUT.pt] -o OUT.nii.gz
     napari-qsm metrics RECON REFERENCE --mask MASK [--field FIELD] [--json]
@@ -65,10 +67,19 @@ COSMOS (--method cosmos --orientation F2 [X Y Z] --orientation F3 ...):
 Run 'napari-qsm methods' for every method's parameters."""
 
 
-def _add_scan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("field", help="local field map (NIfTI), units per --units (default ppm)")
-    p.add_argument("--mask", required=True, help="brain mask (NIfTI, nonzero = inside)")
-    p.add_argument("--magnitude", help="magnitude image (NIfTI; 4-D: the first echo unless --echo)")
+def _add_scan_args(p: argparse.ArgumentParser, raw: bool = False) -> None:
+    # raw=True (recon): INPUT may also be raw echoes; see napari_qsm/recon_raw.py (split_recon_args)
+    if raw:
+        p.add_argument("field", nargs="*", metavar="INPUT",
+                       help="local field map (NIfTI), units per --units (default ppm); or raw echoes: a BIDS "
+                            "anat/subject folder or a DICOM folder (the field steps run first)")
+    else:
+        p.add_argument("field", help="local field map (NIfTI), units per --units (default ppm)")
+    p.add_argument("--mask", required=not raw, help="brain mask (NIfTI, nonzero = inside)"
+                   + ("; required with a local field map, replaces the mask step for raw echoes" if raw else ""))
+    p.add_argument("--magnitude", nargs="+" if raw else None,
+                   help="magnitude image (NIfTI; 4-D: the first echo unless --echo)"
+                        + ("; raw echoes: one 3-D file per echo or one 4-D file, with --phase" if raw else ""))
     p.add_argument("--noise-std", metavar="MAP", help="field noise standard deviation (NIfTI, ppm, on the field's "
                                                       "grid), e.g. from the echo fit; MEDI weights its data term by it")
     p.add_argument("--r2star", metavar="MAP", help="R2* map (NIfTI, 1/s, on the field's grid); MEDI+0 "
@@ -81,7 +92,9 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
                         "(default: FIELD.json sidecar \"B0Direction\" or \"RegistrationMatrix\", else scanner z "
                         "from the affine)")
     p.add_argument("--units", default="ppm", choices=["ppm", "hz", "rad"], help="field units (default ppm)")
-    p.add_argument("--te", type=float, help="echo time in seconds (needed for --units rad; default: sidecar EchoTime)")
+    p.add_argument("--te", nargs="+" if raw else None, type=None if raw else float,
+                   help="echo time in seconds (needed for --units rad; default: sidecar EchoTime)"
+                        + ("; raw echoes: one per echo" if raw else ""))
     p.add_argument("--b0", type=float, help="field strength in tesla (needed for --units hz/rad; default: sidecar "
                                             "MagneticFieldStrength); recorded in the output's provenance")
     p.add_argument("--echo", type=int, help="echo index for 4-D multi-echo input")
@@ -105,10 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recon", help="reconstruct χ from a local field map", epilog=RECON_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_scan_args(r)
+    _add_scan_args(r, raw=True)
     r.add_argument("--method", required=True, help="tkd, tsvd, medi, cosmos, dsbn, ...")
+    _add_raw_recon_args(r)
     r.add_argument("--weights", help="network checkpoint (.pt) for network methods")
-    r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter (repeatable)")
+    r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="method parameter (repeatable); raw echoes: STEP.NAME=VALUE goes to a field step")
     r.add_argument("--csf-mask", metavar="MASK",
                    help="CSF mask (NIfTI on the field's grid) for MEDI+0: turns on the CSF term (param lambda_csf) "
                         "and references χ to the CSF mean")
@@ -211,6 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _add_raw_recon_args(r: argparse.ArgumentParser) -> None:
+    """recon from raw echoes (napari_qsm/recon_raw.py): the options of `napari-qsm field`."""
+    g = r.add_argument_group("raw echoes (a BIDS/DICOM folder or --magnitude/--phase lists: the field steps first)")
+    g.add_argument("--phase", nargs="+", default=[], help="phase echoes, in the magnitude's order")
+    g.add_argument("--phase-units", default="auto", choices=["auto", "rad", "siemens", "mrad"])
+    g.add_argument("--phase-sign", type=int, default=1, choices=[1, -1], help="-1 flips the phase (e.g. GE)")
+    g.add_argument("--fit", help="echo fit: linear (default) or nonlinear")
+    g.add_argument("--unwrap", help="spatial unwrapping: quality (default, exact) or laplacian")
+    g.add_argument("--mask-method", help="brain mask step: threshold (default)")
+    g.add_argument("--background", help="background removal: vsharp (default), resharp, pdf, lbv")
+    g.add_argument("--field-param", action="append", default=[], metavar="[STEP.]NAME=VALUE",
+                   help="field step parameter (repeatable); --param STEP.NAME=VALUE works too")
+
+
 def _version() -> str:
     from . import __version__
     return f"napari-qsm {__version__}"
@@ -236,6 +265,9 @@ def _accepts(method, name: str) -> bool:
 
 
 def cmd_recon(args) -> int:
+    from .recon_raw import recon_from_raw, split_recon_args
+    if split_recon_args(args):  # raw echoes: the field steps, then the inversion
+        return recon_from_raw(args, progress=_progress(args.quiet))
     from .core.io import check_output_path, load_orientation, read_aligned, save_result
     from .methods import get_method, reconstruct
     from .core.params import make_params, parse_cli_params
