@@ -1,0 +1,154 @@
+"""Open a finished ``napari-qsm batch`` in napari: one subject's results side by side in Compare.
+
+:func:`open_derivatives` reads ``ROOT/derivatives/napari-qsm`` (or that folder itself), opens the
+χ maps of one scan of the chosen subject (``<prefix>_desc-<method>_Chimap.nii.gz``, one per
+method) with its local field, mask and magnitude (the batch's own, or for local-field inputs
+the dataset's ``<prefix>_localfield`` / ``_mask`` / ``_magnitude``), and selects them in the
+Compare dock: every χ as a result, the mask and the field for the field residual.
+:class:`DerivativesWidget` (npe2 widget "Batch results") is the form for it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from ..batch import DERIVATIVES
+
+__all__ = ["derivatives_folder", "subjects", "scans", "open_derivatives", "DerivativesWidget"]
+
+_CHI = "_Chimap.nii.gz"
+
+
+def derivatives_folder(root) -> Path:
+    """The napari-qsm derivatives folder of a BIDS root, or ``root`` when it is that folder."""
+    root = Path(root)
+    for cand in (root, root / "derivatives" / DERIVATIVES):
+        try:
+            desc = json.loads((cand / "dataset_description.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if desc.get("DatasetType") == "derivative":
+            return cand
+    raise ValueError(f"{root}: no napari-qsm derivatives (expected {root / 'derivatives' / DERIVATIVES} with a "
+                     "dataset_description.json); run `napari-qsm batch` first")
+
+
+def subjects(root) -> list[str]:
+    """Subjects with at least one χ map."""
+    d = derivatives_folder(root)
+    return sorted(p.name for p in d.glob("sub-*") if p.is_dir() and any(p.rglob("*" + _CHI)))
+
+
+def scans(root, subject: str) -> dict[str, list[Path]]:
+    """{scan prefix: its χ maps} of one subject (sessions and runs are separate scans)."""
+    d = derivatives_folder(root) / subject
+    out: dict[str, list[Path]] = {}
+    for p in sorted(d.rglob("*" + _CHI)):
+        prefix = p.name[: -len(_CHI)].split("_desc-")[0]
+        out.setdefault(prefix, []).append(p)
+    return out
+
+
+def _inputs_of(chi: Path, prefix: str, deriv: Path) -> dict[str, Path]:
+    """local field, mask, magnitude of the scan: the batch's, else the dataset's (local-field inputs)."""
+    raw_anat = deriv.parent.parent / chi.parent.relative_to(deriv)
+    out = {}
+    for key in ("localfield", "mask", "magnitude"):
+        for folder in (chi.parent, raw_anat):
+            hits = [p for ext in (".nii.gz", ".nii") for p in [folder / f"{prefix}_{key}{ext}"] if p.exists()]
+            if hits:
+                out[key] = hits[0]
+                break
+    return out
+
+
+def _method_of(chi: Path) -> str:
+    try:
+        side = json.loads(chi.with_name(chi.name[: -len(".nii.gz")] + ".json").read_text())
+        return str(side.get("method") or "")
+    except (OSError, ValueError):
+        part = chi.name.split("_desc-")
+        return part[1].split("_")[0] if len(part) > 1 else chi.name
+
+
+def open_derivatives(viewer, root, subject: Optional[str] = None, scan: Optional[str] = None,
+                     compare: bool = True) -> dict:
+    """Open one scan's batch results in ``viewer`` and select them in Compare; returns the layers by role.
+
+    ``subject`` defaults to the first with results, ``scan`` to that subject's first scan.
+    Returns ``{"chi": [layers], "field": layer, "mask": layer, "magnitude": layer, "compare": widget}``.
+    """
+    deriv = derivatives_folder(root)
+    subs = subjects(deriv)
+    if not subs:
+        raise ValueError(f"{deriv}: no χ maps (*{_CHI}) yet")
+    subject = subject or subs[0]
+    if not subject.startswith("sub-"):
+        subject = "sub-" + subject
+    if subject not in subs:
+        raise ValueError(f"subject: {subject} has no results in {deriv} (subjects: {', '.join(subs)})")
+    found = scans(deriv, subject)
+    scan = scan or next(iter(found))
+    if scan not in found:
+        raise ValueError(f"scan: {scan} not found for {subject} (scans: {', '.join(found)})")
+    chis = found[scan]
+    out: dict = {"chi": []}
+    for key, path in _inputs_of(chis[0], scan, deriv).items():
+        layers = viewer.open(str(path), plugin="napari-qsm")
+        if layers:
+            layers[0].name = f"{scan} {key}"
+            out[{"localfield": "field"}.get(key, key)] = layers[0]
+    for p in chis:
+        layers = viewer.open(str(p), plugin="napari-qsm")
+        if layers:
+            layers[0].name = f"{scan} {_method_of(p)}"
+            out["chi"].append(layers[0])
+    if compare and out["chi"]:
+        _, w = viewer.window.add_plugin_dock_widget("napari-qsm", "Compare")
+        w.set_results([lyr.name for lyr in out["chi"]])
+        if "mask" in out:
+            w.set_mask(out["mask"].name)
+        if "field" in out:
+            w.set_field(out["field"].name)
+        out["compare"] = w
+    return out
+
+
+def DerivativesWidget(napari_viewer):
+    """Dataset folder, subject, scan, and a button that opens them in Compare (npe2 widget)."""
+    from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+
+    folder = FileEdit(mode="d", name="folder", label="dataset", tooltip="a BIDS root with derivatives/napari-qsm, or that folder")
+    subject = ComboBox(name="subject", label="subject", choices=[])
+    scan = ComboBox(name="scan", label="scan", choices=[])
+    button = PushButton(name="button", text="Open in Compare")
+    status = Label(name="status", value="")
+    box = Container(widgets=[folder, subject, scan, button, status])
+
+    def on_folder(*_):
+        try:
+            subject.choices = subjects(folder.value)
+            status.value = f"{len(subject.choices)} subject(s) with results"
+        except ValueError as exc:
+            subject.choices = []
+            status.value = str(exc)
+        on_subject()
+
+    def on_subject(*_):
+        scan.choices = list(scans(folder.value, subject.value)) if subject.value else []
+
+    def on_open(*_):
+        try:
+            res = open_derivatives(napari_viewer, folder.value, subject.value, scan.value or None)
+            status.value = f"opened {len(res['chi'])} result(s) of {scan.value or subject.value}"
+        except (ValueError, OSError) as exc:
+            status.value = str(exc)
+            from napari.utils.notifications import show_error
+            show_error(str(exc))
+
+    folder.changed.connect(on_folder)
+    subject.changed.connect(on_subject)
+    button.changed.connect(on_open)
+    return box
