@@ -32,6 +32,7 @@ def _small_window(make_napari_viewer, tiny_phantom, qtbot, monkeypatch):
     widgets = {}
     for name in ("QSM reconstruction", "Adapt network (QSMInvNet+)", "Compare"):  # as `napari-qsm view` does
         _, widgets[name] = viewer.window.add_plugin_dock_widget("napari-qsm", name)
+    _, widgets["Field"] = viewer.window.add_plugin_dock_widget("napari-qsm", "Field")  # the raw-echo front end
     qtbot.wait(300)
     return viewer, win, widgets
 
@@ -42,18 +43,21 @@ def test_docks_fit_1280x800_and_key_controls_visible(make_napari_viewer, tiny_ph
     viewer, win, widgets = _small_window(make_napari_viewer, tiny_phantom, qtbot, monkeypatch)
     qtbot.waitUntil(lambda: win.width() <= SCREEN[0] and win.height() <= SCREEN[1], timeout=5000)
     group = qsm_docks(win)
-    assert len(group) == 3
+    assert len(group) == 4
     for d in group[1:]:  # one tab group on the right, in the plugin's order
         assert group[0] in win.tabifiedDockWidgets(d)
-    assert [d.windowTitle() for d in group] == ["QSM reconstruction", "Adapt network", "Compare"]
+    assert [d.windowTitle() for d in group] == ["Field", "QSM reconstruction", "Adapt network", "Compare"]
 
-    rec, adapt, cmp_ = (widgets[n] for n in ("QSM reconstruction", "Adapt network (QSMInvNet+)", "Compare"))
+    rec, adapt, cmp_, fld = (widgets[n] for n in ("QSM reconstruction", "Adapt network (QSMInvNet+)", "Compare",
+                                                  "Field"))
     keys = {
         rec: [rec.inputs.field_combo, rec.inputs.mask_combo, rec.method_combo, rec.run_button, rec.cancel_button,
               rec.status],
         adapt: [adapt.weights_edit, adapt.device_combo, adapt.form.widget_for("steps"),
                 adapt.form.widget_for("mode"), adapt.form.advanced_toggle, adapt.run_button, adapt.plot.canvas],
         cmp_: [cmp_.reference_combo, cmp_.labels_combo, cmp_.results_list, cmp_.large_button, cmp_.tabs],
+        fld: [fld.mag_combo, fld.phase_combo, *fld.step_combos.values(), fld.mask_combo, fld.run_button,
+              fld.cancel_button, fld.status],
     }
     for widget, controls in keys.items():
         d = dock_of(widget)
