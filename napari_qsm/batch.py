@@ -69,12 +69,12 @@ import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 __all__ = ["run_batch", "discover", "BatchScan", "BatchSummary", "default_workers", "DERIVATIVES",
-           "output_paths", "SUMMARY_COLUMNS", "parse_field_params", "process_scan", "warm_worker"]
+           "output_paths", "SUMMARY_COLUMNS", "parse_field_params", "process_scan", "adapt_task", "warm_worker"]
 
 DERIVATIVES = "napari-qsm"                      # ROOT/derivatives/<this>
 SUMMARY_COLUMNS = ("scan", "kind", "status", "seconds", "field_residual", "step", "error", "worker")
@@ -431,7 +431,7 @@ def process_scan(job: dict) -> dict:
         threads = _set_threads(job.get("threads"))
         from . import __version__
         from .core.field.pipeline import FieldRecipe
-        from .core.io import load_scan, save_volume, write_json
+        from .core.io import save_volume, write_json
         from .core.metrics import field_residual
         from .core.params import make_params, params_to_dict
         from .methods import get_method, reconstruct
@@ -476,10 +476,12 @@ def process_scan(job: dict) -> dict:
             fi = {**{k: job["inputs"].get(k) for k in ("field", "mask", "magnitude", "noise_std", "r2star")},
                   "units": job["units"]}
             field_steps = []
+        if job.get("field_only"):
+            rec.update(status="done", step="")
+            rec["seconds"] = round(time.perf_counter() - t0, 3)
+            return rec
         step = "load field"
-        scan = load_scan(str(fi["field"]), str(fi["mask"]), None if not fi.get("magnitude") else str(fi["magnitude"]),
-                         units=fi["units"], noise_std=None if not fi.get("noise_std") else str(fi["noise_std"]),
-                         r2star=None if not fi.get("r2star") else str(fi["r2star"]))
+        scan = _load_fi(fi)
         method = get_method(job["method"])
         step = f"recon:{method.name}"
         extra = {"weights": job["weights"]} if job.get("weights") else {}
@@ -567,6 +569,7 @@ def run_batch(root, method: str = "tkd", params: Optional[dict] = None, field_pa
               weights=None, *, client=None, scheduler: Optional[str] = None, workers: Optional[int] = None,
               threads_per_worker: int = 1, memory_limit=None, only: Optional[Sequence[str]] = None,
               dry_run: bool = False, overwrite: bool = False, device: str = "auto",
+              adapt_protocol: bool = False, adapt_params: Optional[dict] = None,
               progress: Optional[Callable] = None, echo: bool = True) -> BatchSummary:
     """Reconstruct every scan of the BIDS dataset ``root`` on Dask (see the module docstring).
 
@@ -578,16 +581,19 @@ def run_batch(root, method: str = "tkd", params: Optional[dict] = None, field_pa
     else a LocalCluster with ``workers`` (default :func:`default_workers`) processes of
     ``threads_per_worker`` threads and ``memory_limit`` each (bytes or "4GB"; default: the memory
     divided among the workers). only: subject labels. dry_run: plan only, write nothing.
-    overwrite: recompute scans that are up to date. progress: called with a
-    :class:`~napari_qsm.core.progress.Progress` record per finished scan (``losses`` empty,
-    ``message`` e.g. "sub-01 done (4.2 s)"). echo: print the plan, dashboard and a bar to stderr.
+    overwrite: recompute scans that are up to date.
+    adapt_protocol: one protocol adaptation (:func:`napari_qsm.nn.adapt.adapt_protocol`, parameters
+    ``adapt_params``, base checkpoint ``weights``) over every scan's local field first, as one task,
+    written to ``derivatives/napari-qsm/adapted/protocol-<fingerprint>.pt`` (+ sidecar) and reused
+    while the cohort and parameters are the same; then every scan with ``method="dsbn"`` and that
+    checkpoint. progress: called with a :class:`~napari_qsm.core.progress.Progress` record per finished
+    scan (``message`` e.g. "sub-01 done (4.2 s)"). echo: print the plan, dashboard and a bar to stderr.
 
     Returns a :class:`BatchSummary`; ``batch_summary.tsv`` is written unless ``dry_run``. Invalid
     arguments (unknown method or parameter, missing root) raise ValueError before any work.
     """
     from .core.field.pipeline import FieldRecipe, split_params
     from .core.params import make_params, params_to_dict
-    from .core.progress import Progress
     from .methods import get_method
 
     t_start = time.perf_counter()
@@ -610,6 +616,15 @@ def run_batch(root, method: str = "tkd", params: Optional[dict] = None, field_pa
         if not Path(w_path).is_file():
             raise ValueError(f"--weights: {w_path} is not a file")
         w_sha = sha256_file(w_path)
+    a_par = None
+    if adapt_protocol:
+        if m.name != "dsbn":
+            raise ValueError(f"--adapt-protocol: every scan is reconstructed with the adapted network; use --method dsbn "
+                             f"(not {m.name})")
+        from .nn.adapt import AdaptParams
+        a_par = params_to_dict(make_params(AdaptParams, dict(adapt_params or {})))
+    elif adapt_params:
+        raise ValueError("adapt_params: given without adapt_protocol")
     fsteps, fparams, fload = parse_field_params(field_params)
     recipe = FieldRecipe(**fsteps)
     recipe.params = split_params(fparams, recipe)
@@ -629,14 +644,91 @@ def run_batch(root, method: str = "tkd", params: Optional[dict] = None, field_pa
         f"({sum(s.kind == 'raw' for s in scans)} raw echoes, {sum(s.kind == 'field' for s in scans)} local fields)"
         f" -> {deriv}")
 
-    # plan: fingerprints (the client hashes every input once) and what is already done
-    def hashes(s: BatchScan) -> dict:
+    def hashes(s: BatchScan) -> dict:  # the client hashes every input once
         try:
             return {str(p.relative_to(root)): sha256_file(p) for p in s.files()}
         except OSError as exc:
             return {"__error__": f"{type(exc).__name__}: {exc}"}
     with ThreadPoolExecutor(max_workers=4) as pool:
         all_hashes = list(pool.map(hashes, scans))
+    plan = dict(root=root, m=m, par=par, fsteps=fsteps, recipe=recipe, field_recipe=field_recipe, fload=fload,
+                overwrite=overwrite, device=device)
+    holder = _ClientHolder(client, scheduler, workers, threads_per_worker, mem_bytes, say,
+                           lambda ids: _estimate_bytes([s for s in scans if s.id in ids], m))
+    wrote = False
+    try:
+        if adapt_protocol:
+            rows0, field_jobs = _plan(scans, all_hashes, **plan, weights=None, w_sha=None, field_only=True)
+            say(f"  protocol adaptation over the cohort: local fields to compute: {len(field_jobs)}; then one "
+                f"adaptation ({a_par['steps']} steps, mode {a_par['mode']}), then dsbn on every scan")
+            if dry_run:
+                _say_rows(rows0, say)
+                return BatchSummary(rows0, None, time.perf_counter() - t_start, dry_run=True)
+            deriv.mkdir(parents=True, exist_ok=True)
+            _dataset_description(deriv, root)
+            wrote = True
+            if field_jobs:
+                _submit_and_wait(holder, field_jobs, say, progress, echo, what="local fields")
+            ok = [s for s, r in zip(scans, rows0) if r["status"] != "failed"]
+            ckpt, c_sha = _adapt_cohort(holder, ok, [h for s, h in zip(scans, all_hashes) if s in ok], plan, a_par,
+                                        w_path, w_sha, deriv, say) if ok else (None, None)
+            rows, jobs = [], []
+            failed = {r["scan"]: r for r in rows0 if r["status"] == "failed"}
+            if ckpt is None and ok:  # the adaptation failed: every scan of the cohort with it
+                for s in ok:
+                    failed[s.id] = {**next(r for r in rows0 if r["scan"] == s.id), "status": "failed",
+                                    "step": "adapt", "error": c_sha}
+            r2, jobs = (_plan(ok, [h for s, h in zip(scans, all_hashes) if s in ok], **plan, weights=str(ckpt),
+                              w_sha=c_sha) if ckpt is not None else ([], []))
+            by = {r["scan"]: r for r in r2}
+            rows = [failed.get(s.id) or by[s.id] for s in scans]
+        else:
+            rows, jobs = _plan(scans, all_hashes, **plan,
+                               weights=None if w_path is None or weights is None else str(w_path), w_sha=w_sha)
+            if dry_run:
+                _say_rows(rows, say)
+                return BatchSummary(rows, None, time.perf_counter() - t_start, dry_run=True)
+            deriv.mkdir(parents=True, exist_ok=True)
+            _dataset_description(deriv, root)
+            wrote = True
+        n_skip = sum(r["status"] == "skipped" for r in rows)
+        n_bad = sum(r["status"] == "failed" for r in rows)
+        reuse = sum(j["field_ready"] for _, j in jobs)
+        say(f"  to run: {len(jobs)}, up to date: {n_skip}, unusable: {n_bad}"
+            + (f" (field reused for {reuse})" if reuse else ""))
+        if jobs:
+            _submit_and_wait(holder, jobs, say, progress, echo)
+    except BaseException:  # interrupted (Ctrl-C) or the scheduler went away: keep what finished
+        if wrote and not dry_run and "rows" in locals():
+            for r in rows:
+                if r["status"] == "planned":
+                    r.update(status="not run", step="interrupted")
+            _write_summary(rows, deriv)
+        raise
+    finally:
+        holder.close()
+        if deriv.is_dir() and not dry_run:
+            _clean_tmp(deriv)
+    summary = BatchSummary(rows, _write_summary(rows, deriv), time.perf_counter() - t_start, holder.dashboard,
+                           holder.n_workers)
+    say(f"napari-qsm batch: {len(summary.done)} done, {len(summary.skipped)} up to date, {len(summary.failed)} failed "
+        f"in {summary.seconds:.1f} s -> {summary.path}")
+    for r in summary.failed:
+        say(f"  FAILED {r['scan']} [{r['step']}] {r['error']}")
+    return summary
+
+
+def _say_rows(rows, say) -> None:
+    for r in rows:
+        st = {"skipped": "up to date", "planned": "to run"}.get(r["status"], r["status"])
+        say(f"  {r['scan']:32s} {r['kind']:5s} {st}" + (f"  [{r['step']}] {r['error']}" if r["error"] else ""))
+
+
+def _plan(scans, all_hashes, *, root, m, par, fsteps, recipe, field_recipe, fload, overwrite, device, weights, w_sha,
+          field_only: bool = False):
+    """(summary rows, [(row, job)]) for the scans: fingerprints, what is up to date, what runs.
+
+    field_only: plan the front end alone (a raw scan is up to date when its field outputs are)."""
     rows, jobs = [], []
     for s, h in zip(scans, all_hashes):
         out = output_paths(root, s, m.name)
@@ -654,16 +746,21 @@ def run_batch(root, method: str = "tkd", params: Optional[dict] = None, field_pa
         fp = _digest({"inputs": h, "field": field_recipe if s.kind == "raw" else None, "units": units,
                       "load": fload if s.kind == "raw" else None,
                       "method": m.name, "parameters": par, "weights_sha256": w_sha})
-        chi_side = _read_json(_sidecar(out["chi"])) or {}
-        complete = all(p.exists() for p in out.values())
-        if not overwrite and complete and chi_side.get("fingerprint") == fp:
-            row.update(status="skipped", seconds=0.0, field_residual=chi_side.get("field_residual_percent"))
-            continue
         field_ready = False
         if s.kind == "raw" and not overwrite:
             fside = _read_json(_sidecar(out["localfield"])) or {}
             field_ready = (fside.get("field_fingerprint") == field_fp
                            and all(out[k].exists() for k in FIELD_MAPS))
+        if field_only:
+            if s.kind == "field" or field_ready:
+                row.update(status="skipped", seconds=0.0)
+                continue
+        else:
+            chi_side = _read_json(_sidecar(out["chi"])) or {}
+            complete = all(p.exists() for p in out.values())
+            if not overwrite and complete and chi_side.get("fingerprint") == fp:
+                row.update(status="skipped", seconds=0.0, field_residual=chi_side.get("field_residual_percent"))
+                continue
         sources = [f"bids:raw:{Path(p).relative_to(root).as_posix()}" for p in s.files()
                    if not str(p).endswith(".json")]
         jobs.append((row, {
@@ -671,82 +768,152 @@ def run_batch(root, method: str = "tkd", params: Optional[dict] = None, field_pa
                                                        (None if v is None else str(v))) for k, v in s.inputs.items()},
             "outputs": {k: str(v) for k, v in out.items()}, "input_sha256": h, "sources": sources,
             "field_steps": fsteps, "field_params": recipe.params, "load": fload, "units": units,
-            "field_fingerprint": field_fp, "field_ready": field_ready, "fingerprint": fp,
-            "method": m.name, "params": par, "weights": None if w_path is None or weights is None else str(w_path),
-            "weights_sha256": w_sha, "device": device, "threads": None,  # the worker's own thread count
+            "field_fingerprint": field_fp, "field_ready": field_ready, "fingerprint": fp, "field_only": field_only,
+            "method": m.name, "params": par, "weights": weights, "weights_sha256": w_sha, "device": device,
+            "threads": None,  # the worker's own thread count
         }))
         row["status"] = "planned"
-    n_skip = sum(r["status"] == "skipped" for r in rows)
-    n_bad = sum(r["status"] == "failed" for r in rows)
-    say(f"  to run: {len(jobs)}, up to date: {n_skip}, unusable: {n_bad}"
-        + (f" (field reused for {sum(j['field_ready'] for _, j in jobs)})" if any(j["field_ready"] for _, j in jobs) else ""))
-    if dry_run:
-        for r in rows:
-            st = {"skipped": "up to date", "planned": "to run"}.get(r["status"], r["status"])
-            say(f"  {r['scan']:32s} {r['kind']:5s} {st}" + (f"  [{r['step']}] {r['error']}" if r["error"] else ""))
-        return BatchSummary(rows, None, time.perf_counter() - t_start, dry_run=True)
+    return rows, jobs
 
-    deriv.mkdir(parents=True, exist_ok=True)
-    _dataset_description(deriv, root)
-    dashboard, n_workers = "", 0
-    own_client = own_cluster = None
+
+def _field_inputs(job_or_scan, root, method) -> dict:
+    """{field, mask, magnitude, noise_std, r2star, units} the inversion reads for a scan."""
+    s = job_or_scan
+    if s.kind == "raw":
+        out = output_paths(root, s, method)
+        return {"field": str(out["localfield"]), "mask": str(out["mask"]), "magnitude": str(out["magnitude"]),
+                "noise_std": str(out["noisestd"]), "r2star": str(out["R2starmap"]), "units": "ppm"}
+    units = str((_read_json(_sidecar(s.inputs["field"])) or {}).get("Units", "ppm")).strip().lower()
+    return {**{k: None if s.inputs.get(k) is None else str(s.inputs[k])
+               for k in ("field", "mask", "magnitude", "noise_std", "r2star")},
+            "units": {"hz": "hz", "rad": "rad"}.get(units, "ppm")}
+
+
+def _load_fi(fi: dict):
+    from .core.io import load_scan
+    return load_scan(str(fi["field"]), str(fi["mask"]), None if not fi.get("magnitude") else str(fi["magnitude"]),
+                     units=fi.get("units", "ppm"), noise_std=None if not fi.get("noise_std") else str(fi["noise_std"]),
+                     r2star=None if not fi.get("r2star") else str(fi["r2star"]))
+
+
+def adapt_task(job: dict) -> dict:
+    """One Dask task: protocol adaptation over the cohort's local fields, saved atomically with its sidecar."""
+    t0 = time.perf_counter()
     try:
-        if jobs:
-            _clean_tmp(deriv)
-            if client is None:
-                from distributed import Client, LocalCluster
-                if scheduler:
-                    client = own_client = Client(scheduler)
-                else:
-                    task_bytes = _estimate_bytes([s for s in scans if any(j["id"] == s.id for _, j in jobs)], m)
-                    n = workers or default_workers(mem_bytes or task_bytes, threads_per_worker, len(jobs))
-                    if mem_bytes is None:
-                        import psutil
-                        mem_bytes = max(task_bytes, int(psutil.virtual_memory().total * 0.9) // n)
-                    env = {k: str(threads_per_worker) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                                                "OPENBLAS_NUM_THREADS")}
-                    own_cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
-                                               memory_limit=mem_bytes, env=env, silence_logs=40)
-                    client = own_client = Client(own_cluster)
-            info = client.scheduler_info()
-            n_workers = len(info.get("workers", {}))
-            dashboard = client.dashboard_link or ""
+        _set_threads(job.get("threads"))
+        from .nn.adapt import adapt_protocol, save_adapted
+        scans = [_load_fi(fi) for fi in job["fields"]]
+        res = adapt_protocol(scans, dict(job["params"]), weights=job["base"], device=job["device"])
+        path = Path(job["path"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_adapted(res, path, base_weights_path=job["base"], scan=scans)
+        from .core.io import write_json
+        side = _read_json(_sidecar(path)) or {}
+        side["batch"] = {"cohort_fingerprint": job["fingerprint"], "scans": job["ids"]}
+        write_json(_sidecar(path), side)
+        return {"ok": True, "seconds": round(time.perf_counter() - t0, 3), "error": ""}
+    except Exception as exc:  # noqa: BLE001 - reported for every scan of the cohort
+        return {"ok": False, "seconds": round(time.perf_counter() - t0, 3),
+                "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
+
+
+def _adapt_cohort(holder, scans, hashes, plan, a_par, w_path, w_sha, deriv: Path, say):
+    """The adapted checkpoint of the cohort (reused when present); (path, its sha256) or (None, error)."""
+    root, m = plan["root"], plan["m"]
+    ids = [s.id for s in scans]
+    cfp = _digest({"scans": [[s.id, h] for s, h in zip(scans, hashes)], "field": plan["field_recipe"],
+                   "load": plan["fload"], "adapt": a_par, "base_sha256": w_sha})
+    path = deriv / "adapted" / f"protocol-{cfp[:16]}.pt"
+    side = _read_json(_sidecar(path)) or {}
+    if (not plan["overwrite"] and path.exists()
+            and (side.get("batch") or {}).get("cohort_fingerprint") == cfp):
+        say(f"  adapted checkpoint up to date: {path}")
+        return path, sha256_file(path)
+    job = {"fields": [_field_inputs(s, root, m.name) for s in scans], "params": a_par, "base": str(w_path),
+           "device": plan["device"], "path": str(path), "fingerprint": cfp, "ids": ids, "threads": None}
+    say(f"  adapting to {len(scans)} scan(s) ({a_par['steps']} steps) -> {path}")
+    t0 = time.perf_counter()
+    fut = holder.get().submit(adapt_task, job, key=f"qsm-adapt-protocol-{cfp[:12]}", pure=False, retries=0)
+    try:
+        rec = fut.result()
+    except Exception as exc:
+        rec = {"ok": False, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
+    if not rec["ok"]:
+        say(f"  adaptation FAILED: {rec['error']}")
+        return None, rec["error"]
+    say(f"  adapted in {time.perf_counter() - t0:.1f} s")
+    return path, sha256_file(path)
+
+
+class _ClientHolder:
+    """The Dask client: the caller's, one to ``scheduler``, or a LocalCluster started when first needed."""
+
+    def __init__(self, client, scheduler, workers, threads, mem_bytes, say, estimate):
+        self.client, self.scheduler, self.workers, self.threads = client, scheduler, workers, threads
+        self.mem_bytes, self.say, self.estimate = mem_bytes, say, estimate
+        self.own_client = self.own_cluster = None
+        self.dashboard, self.n_workers = "", 0
+        self.n_tasks = 1
+        self.ids: set = set()
+
+    def get(self):
+        if self.client is None:
+            from distributed import Client, LocalCluster
+            if self.scheduler:
+                self.client = self.own_client = Client(self.scheduler)
+            else:
+                task_bytes = self.estimate(self.ids)
+                n = self.workers or default_workers(self.mem_bytes or task_bytes, self.threads, self.n_tasks)
+                mem = self.mem_bytes
+                if mem is None:
+                    import psutil
+                    mem = max(task_bytes, int(psutil.virtual_memory().total * 0.9) // n)
+                env = {k: str(self.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+                self.own_cluster = LocalCluster(n_workers=n, threads_per_worker=self.threads, processes=True,
+                                                memory_limit=mem, env=env, silence_logs=40)
+                self.client = self.own_client = Client(self.own_cluster)
+        if not self.n_workers:
+            self.n_workers = len(self.client.scheduler_info().get("workers", {}))
+            self.dashboard = self.client.dashboard_link or ""
             try:
                 import bokeh  # noqa: F401
-                dash_note = ""
+                note = ""
             except ImportError:
-                dash_note = " (not served: `pip install bokeh` to see it)"
-            say(f"  Dask scheduler {getattr(client.scheduler, 'address', '?')}, {n_workers} worker(s); "
-                f"dashboard {dashboard or 'n/a'}{dash_note}")
-            _submit_and_wait(client, jobs, say, progress, Progress, echo)
-    finally:
-        if own_client is not None:
-            own_client.close()
-        if own_cluster is not None:
-            own_cluster.close()
-        if deriv.is_dir():
-            _clean_tmp(deriv)
-    summary = BatchSummary(rows, deriv / "batch_summary.tsv", time.perf_counter() - t_start, dashboard, n_workers)
+                note = " (not served: `pip install bokeh` to see it)"
+            self.say(f"  Dask scheduler {getattr(self.client.scheduler, 'address', '?')}, {self.n_workers} worker(s); "
+                     f"dashboard {self.dashboard or 'n/a'}{note}")
+        return self.client
+
+    def close(self):
+        if self.own_client is not None:
+            self.own_client.close()
+        if self.own_cluster is not None:
+            self.own_cluster.close()
+
+
+def _write_summary(rows, deriv: Path) -> Path:
     from .core.files import atomic_write
+    path = deriv / "batch_summary.tsv"
+    text = BatchSummary(rows, path, 0.0).table()
 
     def w(tmp):
         with open(tmp, "w", newline="") as fh:
-            fh.write(summary.table())
-    atomic_write(summary.path, w)
-    say(f"napari-qsm batch: {len(summary.done)} done, {len(summary.skipped)} up to date, {len(summary.failed)} failed "
-        f"in {summary.seconds:.1f} s -> {summary.path}")
-    for r in summary.failed:
-        say(f"  FAILED {r['scan']} [{r['step']}] {r['error']}")
-    return summary
+            fh.write(text)
+    return atomic_write(path, w)
 
 
-def _submit_and_wait(client, jobs, say, progress, Progress, echo=True) -> None:
+def _submit_and_wait(holder, jobs, say, progress, echo=True, what="scans") -> None:
     from distributed import as_completed
+
+    from .core.progress import Progress
+    holder.n_tasks = max(holder.n_tasks, len(jobs))
+    holder.ids |= {job["id"] for _, job in jobs}
+    client = holder.get()
     tty = sys.stderr.isatty()
     t0 = time.perf_counter()
     futures = {}
     for row, job in jobs:
-        key = f"qsm-{job['id']}-{job['fingerprint'][:12]}"
+        key = f"qsm-{job['id']}-{'field-' if job.get('field_only') else ''}{job['fingerprint'][:12]}"
         futures[client.submit(process_scan, job, key=key, pure=False, retries=0)] = row
     done = failed = 0
     try:
@@ -763,7 +930,7 @@ def _submit_and_wait(client, jobs, say, progress, Progress, echo=True) -> None:
             done += 1
             failed += row["status"] == "failed"
             last = f"{row['scan']} {row['status']}" + (f" ({row['seconds']:.1f} s)" if row.get("seconds") else "")
-            line = _bar(done, len(jobs), failed, t0, last, tty)
+            line = _bar(done, len(jobs), failed, t0, last, tty).replace(" scans", f" {what}")
             if not echo:
                 pass
             elif tty:
@@ -771,7 +938,7 @@ def _submit_and_wait(client, jobs, say, progress, Progress, echo=True) -> None:
             else:
                 say(line)
             if progress is not None:
-                progress(Progress(step=done, total=len(jobs), message=last, stage="batch",
+                progress(Progress(step=done, total=len(jobs), message=last, stage="batch" if what == "scans" else what,
                                   elapsed=time.perf_counter() - t0))
     except BaseException:
         for f in futures:

@@ -121,8 +121,11 @@ def test_batch_isolates_a_corrupt_scan_resumes_and_equals_recon(dataset, client,
     lf_time = lf.stat().st_mtime_ns
     side = dataset / "sub-02" / "anat" / "sub-02_echo-1_part-mag_MEGRE.json"
     side.write_text(side.read_text().replace("procedural head phantom", "procedural head phantom (edited)"))
-    s3 = run_batch(dataset, method="tsvd", only=["sub-01"], client=client, device="cpu", echo=False)
+    seen = []
+    s3 = run_batch(dataset, method="tsvd", only=["sub-01"], client=client, device="cpu", echo=False,
+                   progress=seen.append)
     assert [r["status"] for r in s3.rows] == ["done"] and lf.stat().st_mtime_ns == lf_time
+    assert [(p.step, p.total) for p in seen] == [(1, 1)] and "sub-01 done" in seen[0].message
     s4 = run_batch(dataset, method="tkd", only=["sub-02", "sub-03"], client=client, device="cpu", echo=False)
     assert [r["status"] for r in s4.rows] == ["done", "skipped"]
 
