@@ -45,7 +45,10 @@ Field estimators:
   in ppm. The fitted field is WRAPPED per voxel to ω·ΔTE ∈ (−π, π] (``wrapped`` = True): it needs
   spatial unwrapping.
 
-Both: R2* from the weighted (|M_n|²) log-linear fit of the magnitudes, clipped to [0, r2star_max]
+Both: the misfit (reduced χ² of the phase fit, Σ|M_n|²·r_n²/(σ²·dof), about 1 where the phase is
+linear in TE; ``TotalField.misfit``) marks voxels whose phase cannot be trusted — intra-voxel
+dephasing at the brain's edge next to air and bone, signal voids — and lets the mask leave them
+out. R2* from the weighted (|M_n|²) log-linear fit of the magnitudes, clipped to [0, r2star_max]
 (500 1/s); combined magnitude = root sum of squares over echoes (MEDI's iMag). Noise σ per
 real/imaginary channel: ``noise_sigma`` when given, else the FOV's eight corner blocks (in air
 |S|² averages 2σ², median over corners), else, when the corners are empty (zero-filled or
@@ -231,6 +234,13 @@ def _residual_sigma(w, resid_sq_w, a11, n_echo):
     return float(np.sqrt(np.mean(v))) if v.size else None
 
 
+def _misfit(resid_sq_w, sigma, dof):
+    """Reduced χ² of the phase fit per voxel: Σ|M_n|²·r_n² / (σ²·dof) (≈ 1 for noise only); None when dof < 1."""
+    if dof < 1 or not sigma > 0:
+        return None
+    return (resid_sq_w / np.float32(float(sigma) ** 2 * dof)).astype(np.float32)
+
+
 def _r2star(mag, w, tau, a11, a12, det, ok, rmax):
     logm = np.log(np.maximum(mag, np.float32(1e-30)))
     c1 = (w * logm).sum(-1)
@@ -256,6 +266,44 @@ def _prepare(echoes, params, device, rep):
 
 
 # ----------------------------------------------------------------------------------------------- linear
+
+def _even_spacing(te) -> bool:
+    d = np.diff(np.asarray(te, np.float64))
+    return bool(d.size and np.all(np.abs(d - d[0]) <= 1e-3 * d[0]))
+
+
+def _temporal_unwrap(phase, mag, te):
+    """Echo phases (i, j, k, echo) made continuous in TE; returns (φ, how).
+
+    Evenly spaced echoes: every echo is unwrapped against the prediction φ₁ + ω̂·(TE_n − TE₁) of
+    the wrapped Hermitian-sum estimate ω̂·ΔTE = arg Σ_n S_{n+1}·conj S_n (all echo pairs, weighted
+    by |S_n||S_{n+1}|). A 2π error of ω̂·ΔTE then adds exactly 2π·n to echo n, so the fitted field
+    is the true one plus a whole number of wrap periods (a clean wrap that spatial unwrapping
+    removes). Successive-echo differences are not: where |ω·ΔTE| is near π, noise wraps some of
+    them and not others and the fit lands a fraction of a period off (the 2π errors next to the
+    air cavities of issue 13). Uneven spacing: successive differences (exact while |ω·ΔTE_n| < π).
+    """
+    E = phase.shape[3]
+    phi = np.empty(phase.shape, np.float32)
+    phi[..., 0] = phase[..., 0]
+    if _even_spacing(te) and E > 2:
+        hr = np.zeros(phase.shape[:3], np.float32)
+        hi = np.zeros(phase.shape[:3], np.float32)
+        for n in range(E - 1):
+            d = phase[..., n + 1] - phase[..., n]
+            a = mag[..., n + 1] * mag[..., n]
+            hr += a * np.cos(d)
+            hi += a * np.sin(d)
+        step = np.arctan2(hi, hr).astype(np.float32)   # ω̂·ΔTE, wrapped
+        del hr, hi
+        for n in range(1, E):
+            pred = phase[..., 0] + np.float32(n) * step
+            phi[..., n] = pred + _wrap(phase[..., n] - pred)
+        return phi, "temporally unwrapped against the Hermitian-sum prediction arg Σ S_{n+1}·conj S_n"
+    for n in range(E - 1):
+        phi[..., n + 1] = phi[..., n] + _wrap(phase[..., n + 1] - phase[..., n])
+    return phi, "temporally unwrapped (successive echo ratios)"
+
 
 def fit_linear(echoes: Echoes, params: Optional[LinearFitParams] = None, *, unwrapped_phase=None, mask=None,
                progress=None, cancel=None, device="auto") -> TotalField:
@@ -285,10 +333,7 @@ def fit_linear(echoes: Echoes, params: Optional[LinearFitParams] = None, *, unwr
             phi = phi - po[..., None]
         wrapped = False
     else:
-        phi = np.empty(mag.shape, np.float32)
-        phi[..., 0] = ech.phase[..., 0]
-        for n in range(E - 1):
-            phi[..., n + 1] = phi[..., n] + _wrap(ech.phase[..., n + 1] - ech.phase[..., n])
+        phi, temporal = _temporal_unwrap(ech.phase, mag, te)
         wrapped = True
     rep(2, "fit")
     a11 = w.sum(-1)
@@ -316,14 +361,16 @@ def fit_linear(echoes: Echoes, params: Optional[LinearFitParams] = None, *, unwr
         var_unit = np.where(okz, 1.0 / np.where(okz, s_tt, 1), np.inf)
         model = lambda: omega[..., None] * tt  # noqa: E731
     rep(3, "noise, R2*")
+    r = phi - model()
+    resid_sq_w = (w * r * r).sum(-1)
+    del r
+    dof = E - 2 + (1 if params.intercept == "zero" else 0)   # E − 2 (free intercept) or E − 1 (through the origin)
     if params.noise_sigma > 0:
         sigma, src = float(params.noise_sigma), "parameter"
     else:
-        def resid():
-            r = phi - model()
-            # degrees of freedom: E − 2 (free intercept) or E − 1 (through the origin)
-            return _residual_sigma(w, (w * r * r).sum(-1), a11, E + (1 if params.intercept == "zero" else 0))
-        sigma, src = estimate_noise_sigma(ech, resid)
+        sigma, src = estimate_noise_sigma(ech, lambda: _residual_sigma(w, resid_sq_w, a11, dof + 2))
+    misfit = _misfit(resid_sq_w, sigma, dof)
+    del resid_sq_w
     ppm = _ppm_per_rad_s(ech.b0_tesla)
     dte = float(te[1] - te[0])
     cap = np.float32(np.pi / dte)
@@ -335,10 +382,10 @@ def fit_linear(echoes: Echoes, params: Optional[LinearFitParams] = None, *, unwr
     return TotalField(field=field, noise_std=nstd.astype(np.float32), r2star=r2, magnitude=rss, te=ech.te,
                       b0_tesla=ech.b0_tesla, delta_te=dte, mask=mask, wrapped=wrapped, phase_offset=po,
                       affine=ech.affine, voxel_size=ech.voxel_size, b0_direction=ech.b0_direction,
-                      nifti_info=ech.nifti_info, name=ech.name,
+                      nifti_info=ech.nifti_info, name=ech.name, misfit=misfit,
                       provenance=_prov("linear", params, ech, sigma, src, t0,
                                        {"phase": "unwrapped (given)" if unwrapped_phase is not None
-                                        else "temporally unwrapped (echo ratios)", "wrapped": wrapped}))
+                                        else temporal, "wrapped": wrapped}))
 
 
 # ----------------------------------------------------------------------------------------------- nonlinear
@@ -415,13 +462,15 @@ def fit_nonlinear(echoes: Echoes, params: Optional[NonlinearFitParams] = None, *
     p1 = _wrap(P1.reshape(shape))
     rep(params.max_iter + 1, "noise, R2*")
     safe = np.where(ok, det, np.float32(1))
+    r = _wrap(ech.phase - p0[..., None] - p1[..., None] * tau)
+    resid_sq_w = (w * r * r).sum(-1)
+    del r
     if params.noise_sigma > 0:
         sigma, src = float(params.noise_sigma), "parameter"
     else:
-        def resid():
-            r = _wrap(ech.phase - p0[..., None] - p1[..., None] * tau)
-            return _residual_sigma(w, (w * r * r).sum(-1), a11, E)
-        sigma, src = estimate_noise_sigma(ech, resid)
+        sigma, src = estimate_noise_sigma(ech, lambda: _residual_sigma(w, resid_sq_w, a11, E))
+    misfit = _misfit(resid_sq_w, sigma, E - 2)
+    del resid_sq_w
     nrad = np.where(ok, np.float32(sigma) * np.sqrt(np.where(ok, a11 / safe, 0)), np.float32(np.pi))
     ppm_per_rad = _ppm_per_rad_s(ech.b0_tesla) / dte
     nstd = (np.minimum(nrad, np.float32(np.pi)) * np.float32(ppm_per_rad)).astype(np.float32)
@@ -433,7 +482,7 @@ def fit_nonlinear(echoes: Echoes, params: Optional[NonlinearFitParams] = None, *
     return TotalField(field=field, noise_std=nstd, r2star=r2, magnitude=rss, te=ech.te, b0_tesla=ech.b0_tesla,
                       delta_te=dte, mask=mask, wrapped=True, phase_offset=po, affine=ech.affine,
                       voxel_size=ech.voxel_size, b0_direction=ech.b0_direction, nifti_info=ech.nifti_info,
-                      name=ech.name,
+                      name=ech.name, misfit=misfit,
                       provenance=_prov("nonlinear", params, ech, sigma, src, t0,
                                        {"iterations": it_done, "unconverged_voxels": n_unconverged,
                                         "final_relative_update": global_rel,

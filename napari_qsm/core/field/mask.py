@@ -8,6 +8,10 @@ progress=None, cancel=None) -> np.ndarray`` (bool, 3-D).
 * ``quality``: optional 3-D phase-quality map in [0, 1] (e.g. :func:`napari_qsm.core.field.unwrap.voxel_quality`);
   with ``source="auto"`` it is thresholded instead of the magnitude (QSMxT's default: Otsu on the
   ROMEO quality map).
+* ``misfit``: optional 3-D echo-fit misfit (reduced χ², ``TotalField.misfit``): voxels above
+  ``misfit_max`` are left out after the holes are filled, and the holes are filled once more, so
+  the exclusion carves the mask's edge (where intra-voxel dephasing next to air and bone makes the
+  phase unreliable) but leaves no hole inside the brain.
 * ``user_mask``: a mask the user gives always wins: it is returned as is (validated, as bool),
   whatever the parameters.
 
@@ -115,10 +119,12 @@ class ThresholdMaskParams:
     open_mm: float = param(2.0, "opening radius (mm) that cuts thin bridges to the scalp; 0 = none", min=0.0, max=20.0)
     close_mm: float = param(0.0, "closing radius (mm) after filling holes; 0 = none", min=0.0, max=20.0)
     erode_mm: float = param(0.0, "final erosion (mm); background removal erodes further", min=0.0, max=20.0)
+    misfit_max: float = param(10.0, "leave out edge voxels whose echo-fit misfit (reduced χ²; ≈ 1 for noise) exceeds "
+                              "this; 0 = keep them", min=0.0, max=1e6)
 
 
 def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, quality=None, user_mask=None,
-                   voxel_size=(1.0, 1.0, 1.0), progress=None, cancel=None) -> np.ndarray:
+                   voxel_size=(1.0, 1.0, 1.0), misfit=None, progress=None, cancel=None) -> np.ndarray:
     """Brain mask by Otsu threshold + morphology; a user mask always wins. See the module docstring."""
     p = params or ThresholdMaskParams()
     mag = np.asarray(magnitude) if magnitude is not None else None
@@ -164,6 +170,13 @@ def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, qual
     m = _fill_holes(_largest_component(m))
     if p.close_mm > 0:
         m = _fill_holes(_erode(_dilate(m, p.close_mm, vs), p.close_mm, vs))
+    if misfit is not None and p.misfit_max > 0:
+        mf = np.asarray(misfit, np.float32)
+        if mf.shape != shape:
+            raise ScanError(f"misfit: shape {mf.shape} does not match the magnitude {shape}")
+        keep = m & ~(mf > np.float32(p.misfit_max))          # NaN misfit: kept
+        if keep.any():
+            m = _fill_holes(_largest_component(keep))
     rep(3, "erosion")
     m = _erode(m, p.erode_mm, vs)
     if not m.any():
@@ -176,5 +189,6 @@ STEPS = (
     Step(family="mask", name="threshold", label="Threshold + morphology", params_cls=ThresholdMaskParams,
          run=threshold_mask, default=True, order=0,
          doc="Otsu threshold of the combined magnitude (or of the phase-quality map when given), opening in mm, "
-             "largest connected component, holes filled, optional closing and erosion in mm. A user mask always wins."),
+             "largest connected component, holes filled, optional closing; edge voxels whose echo fit does not hold "
+             "(misfit > 10) left out; optional erosion in mm. A user mask always wins."),
 )

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -159,8 +160,11 @@ def local_field(echoes: Echoes, recipe: Optional[FieldRecipe] = None, *, mask=No
             # the phase-quality map (ROMEO-like: phase, magnitude and echo coherence) lets the mask leave out
             # voxels whose phase cannot be trusted (signal voids and steep gradients near air cavities)
             quality = _unwrap.voxel_quality(echoes.phase[..., :2], echoes.magnitude[..., :2], echoes.te[:2])
+            extra = {}
+            if total.misfit is not None and "misfit" in inspect.signature(s.run).parameters:
+                extra["misfit"] = total.misfit   # edge voxels whose phase is not linear in TE are left out
             return s.run(total.magnitude, p, quality=quality, voxel_size=total.voxel_size, progress=progress,
-                         cancel=cancel)
+                         cancel=cancel, **extra)
         brain = timed("mask", make_mask)
     if not np.any(brain):
         raise ScanError("mask: the brain mask is empty; give a mask (--mask) or lower the threshold "

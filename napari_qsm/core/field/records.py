@@ -186,6 +186,7 @@ class TotalField:
     wrapped: True when ``field`` may hold 2π wraps of the phase ``field · rad_per_ppm`` (the fit
     was made from wrapped phase; spatial unwrapping comes next), period ``wrap_period_ppm``.
     phase_offset: the removed/fitted receive-phase offset (rad), when known.
+    misfit: the fit's reduced χ² per voxel (≈ 1 for noise only), when the fit had more than 2 echoes.
     provenance: method, parameters, noise σ and its source, seconds, the echoes' info.
     """
 
@@ -205,6 +206,9 @@ class TotalField:
     nifti_info: Optional[dict] = None
     name: str = "field"
     provenance: dict = field(default_factory=dict)
+    #: the echo fit's misfit per voxel: weighted squared phase residual / (σ²·(echoes − 2)), about 1 where
+    #: the phase is linear in TE; large where it is not (intra-voxel dephasing, noise, flow). None: unknown
+    misfit: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         f = np.asarray(self.field)
@@ -216,6 +220,7 @@ class TotalField:
             object.__setattr__(self, k, _arr3(k, getattr(self, k), shape))
         object.__setattr__(self, "mask", _arr3("mask", self.mask, shape, dtype=bool, optional=True))
         object.__setattr__(self, "phase_offset", _arr3("phase_offset", self.phase_offset, shape, optional=True))
+        object.__setattr__(self, "misfit", _arr3("misfit", self.misfit, shape, optional=True))
         b0 = float(self.b0_tesla)
         dte = float(self.delta_te)
         if not (np.isfinite(b0) and b0 > 0):

@@ -57,7 +57,7 @@ from ..scan import ScanError
 from .steps import Step
 
 __all__ = ["QualityUnwrapParams", "LaplacianUnwrapParams", "unwrap_quality", "unwrap_laplacian",
-           "edge_quality", "voxel_quality", "wrap", "STEPS"]
+           "edge_quality", "voxel_quality", "wrap", "residual_jumps", "fix_residual_wraps", "STEPS"]
 
 TWO_PI = 2.0 * np.pi
 
@@ -232,6 +232,75 @@ def _tree_unwrap(phase, quality_edges, mask, rep=None):
     return out
 
 
+_HALF_OFFSETS = tuple(o for o in np.ndindex(3, 3, 3) if o > (1, 1, 1))   # 13 of the 26 neighbour offsets
+
+
+def _offset_pair(off, shape):
+    """Index tuples (a, b) of every voxel pair at neighbour offset ``off`` (each entry 0, 1, 2 → −1, 0, +1)."""
+    a, b = [], []
+    for o, n in zip(off, shape):
+        d = o - 1
+        a.append(slice(max(0, -d), n - max(0, d)))
+        b.append(slice(max(0, d), n - max(0, -d)))
+    return tuple(a), tuple(b)
+
+
+def residual_jumps(u, mask, neighbours: int = 6) -> int:
+    """Number of neighbour pairs inside ``mask`` whose unwrapped phases differ by more than π.
+
+    ``neighbours`` 6 (faces) or 26. After exact unwrapping of a phase whose true steps are below π
+    there are none; each one left marks a 2π error (or a true step above π, which no spatial
+    unwrapper can resolve)."""
+    u = np.asarray(u, np.float32)
+    mask = np.asarray(mask, bool)
+    offs = [o for o in _HALF_OFFSETS if neighbours == 26 or sum(abs(x - 1) for x in o) == 1]
+    n = 0
+    for off in offs:
+        a, b = _offset_pair(off, u.shape)
+        n += int(np.count_nonzero(mask[a] & mask[b] & (np.abs(u[b] - u[a]) > np.float32(np.pi))))
+    return n
+
+
+def fix_residual_wraps(u, mask, max_rounds: int = 20) -> tuple[np.ndarray, int]:
+    """Shift by 2π every voxel whose unwrapped phase differs by more than π from MOST of its in-mask
+    26-neighbours, all in the same direction; repeated until nothing changes. Returns (u, voxels shifted).
+
+    The spanning tree never leaves a jump above π along its own edges, so a voxel (or a thin
+    protrusion) that the tree reached through one bad edge — typically at the mask's edge next to
+    an air cavity — shows its 2π error only against its other neighbours. Checking all 26 catches
+    the voxels that hang on the mask by a face and a few edges or corners."""
+    u = np.array(u, np.float32, copy=True)
+    mask = np.asarray(mask, bool)
+    shape = u.shape
+    shifted = 0
+    pi = np.float32(np.pi)
+    for _ in range(max_rounds):
+        cnt = np.zeros(shape, np.int16)
+        up = np.zeros(shape, np.int16)
+        down = np.zeros(shape, np.int16)
+        for off in _HALF_OFFSETS:
+            a, b = _offset_pair(off, shape)
+            both = mask[a] & mask[b]
+            d = u[b] - u[a]
+            hi = both & (d > pi)
+            lo = both & (d < -pi)
+            cnt[a] += both
+            cnt[b] += both
+            up[a] += hi        # b is 2π above a: a should move up
+            down[b] += hi
+            down[a] += lo
+            up[b] += lo
+        move_up = mask & (2 * up > cnt)
+        move_down = mask & (2 * down > cnt)
+        n = int(np.count_nonzero(move_up) + np.count_nonzero(move_down))
+        if n == 0:
+            break
+        u[move_up] += np.float32(TWO_PI)
+        u[move_down] -= np.float32(TWO_PI)
+        shifted += n
+    return u, shifted
+
+
 def _global_correction(u, mask):
     """Subtract the 2π multiple that brings the median inside the mask into (−π, π]."""
     med = float(np.median(u[mask]))
@@ -262,6 +331,8 @@ class QualityUnwrapParams:
                            "or each echo spatially then a global 2π shift", choices=("template", "individual"))
     template_echo: int = param(1, "echo (1-based) that is unwrapped spatially in multi-echo data", min=1, max=64)
     use_magnitude: bool = param(True, "use the magnitude in the edge quality (coherence and brightness)")
+    fix_jumps: bool = param(True, "after the tree: shift by 2π the voxels that differ by more than π from most of "
+                            "their 26 neighbours (voxels hanging on the mask's edge by one bad edge)")
 
 
 @dataclass
@@ -291,7 +362,10 @@ def unwrap_quality(phase, params: QualityUnwrapParams | None = None, *, magnitud
             ph2, ratio = ph[..., e2], t[e2] / t[e]
         q = edge_quality(ph[..., e], m, ph2, ratio)
         check_cancel(cancel)
-        return _global_correction(_tree_unwrap(ph[..., e], q, msk, rep if step else None), msk)
+        u = _tree_unwrap(ph[..., e], q, msk, rep if step else None)
+        if p.fix_jumps:
+            u, _ = fix_residual_wraps(u, msk)
+        return _global_correction(u, msk)
 
     ut = one(ti, True)
     if ne == 1:
