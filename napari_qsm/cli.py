@@ -8,8 +8,9 @@
                -o OUT.nii.gz
     napari-qsm recon INPUT... --method NAME -o OUT.nii.gz   (raw echoes: a BIDS/DICOM folder or --magnitude M...
                --phase P... [--te S...]; the field steps first, options as `field`; see recon_raw.py)
-    napari-qsm adapt FIELD --mask MASK [--magnitude MAG] [--steps N] [--weights CKPT]
-               [--save-weights OUT.pt] -o OUT.nii.gz
+    napari-qsm adapt FIELD [FIELD ...] --mask MASK [MASK ...] [--magnitude MAG ...] [--steps N]
+               [--weights CKPT] [--save-weights OUT.pt] -o OUT.nii.gz [OUT.nii.gz ...]
+               (several fields: one checkpoint adapted to all scans of a protocol; files paired in order)
     napari-qsm metrics RECON REFERENCE --mask MASK [--field FIELD] [--json]
     napari-qsm phantom OUTDIR [--shape X Y Z] [--voxel-size X Y Z] [--seed N] [--snr S] [--oblique DEG]
                [--raw [--phase-units rad|siemens]]   (raw echoes of the head in air: BIDS MEGRE + truth/)
@@ -18,7 +19,8 @@
     napari-qsm view [FILES ...]   (napari with the QSM docks and the scans, or the sample phantom)
     napari-qsm field INPUT... -o OUTDIR   (raw multi-echo GRE -> local field, mask, N_std, R2*)
     napari-qsm batch BIDS_ROOT --method M [--param ...] [--field-param ...] [--scheduler ADDRESS | --workers N]
-               [--only sub-01,...] [--dry-run] [--overwrite]   (every scan on Dask -> derivatives/napari-qsm)
+               [--only sub-01,...] [--dry-run] [--overwrite] [--adapt-protocol [--adapt-param NAME=VALUE ...]]
+               (every scan on Dask -> derivatives/napari-qsm)
 
 Errors print ``napari-qsm: error: ...`` to stderr and exit with status 2; nothing is written.
 Progress goes to stderr.
@@ -134,13 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "world mm), else its own header. Repeat per orientation")
     r.add_argument("-o", "--output", required=True, help="output χ map (.nii or .nii.gz), JSON sidecar beside it")
 
-    a = sub.add_parser("adapt", help="adapt QSMInvNet+ to this scan, then reconstruct")
+    a = sub.add_parser("adapt", help="adapt QSMInvNet+ to this scan (or to several scans of one protocol: one "
+                                     "checkpoint for all; FIELD, --mask, --magnitude, --noise-std, -o paired in order)")
     _add_scan_args(a)
+    for act in a._actions:   # protocol adaptation: one file per scan for each of these
+        if act.dest in ("field", "mask", "magnitude", "noise_std"):
+            act.nargs = "+"
     a.add_argument("--steps", type=int, help="adaptation steps (default: the method's default)")
     a.add_argument("--weights", help="base checkpoint (default: shipped weights)")
     a.add_argument("--save-weights", help="where to write the adapted checkpoint (.pt, JSON sidecar beside it)")
     a.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="adaptation parameter (repeatable)")
-    a.add_argument("-o", "--output", required=True, help="output χ map (.nii or .nii.gz)")
+    a.add_argument("-o", "--output", required=True, nargs="+", help="output χ map (.nii or .nii.gz); one per FIELD")
 
     m = sub.add_parser("metrics", help="compare a χ map with a reference inside a mask")
     m.add_argument("recon", help="reconstructed χ (NIfTI, ppm)")
@@ -205,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--dry-run", action="store_true", help="list what would run; write nothing")
     bt.add_argument("--overwrite", action="store_true", help="recompute scans that are up to date")
     bt.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (on every worker)")
+    bt.add_argument("--adapt-protocol", action="store_true",
+                    help="first adapt QSMInvNet+ once to all the dataset's scans (one protocol; base: --weights or the "
+                         "shipped checkpoint), then reconstruct every scan with it (needs --method dsbn)")
+    bt.add_argument("--adapt-param", action="append", default=[], metavar="NAME=VALUE",
+                    help="--adapt-protocol: adaptation parameter, e.g. steps=200 (repeatable; see 'napari-qsm methods')")
     bt.add_argument("-q", "--quiet", action="store_true", help="no plan, bar or summary on stderr")
 
     sub.add_parser("methods", help="list methods and their parameters")
@@ -318,19 +329,39 @@ def cmd_adapt(args) -> int:
         from .nn import adapt as adapt_mod
     except ImportError as exc:
         raise ValueError(f"adapt: on-scan adaptation is not available in this build ({exc})") from None
-    inputs = [args.field, args.mask, args.magnitude, args.noise_std, args.r2star, args.weights]
-    check_output_path(args.output, inputs)
+    fields, n = list(args.field), len(args.field)
+    for opt, vals in (("--mask", args.mask), ("--magnitude", args.magnitude), ("--noise-std", args.noise_std),
+                      ("-o/--output", args.output)):   # paired in order: one per FIELD (or none when optional)
+        if vals is not None and len(vals) != n:
+            raise ValueError(f"{opt}: {len(vals)} file(s) for {n} field map(s); give one per FIELD, in the same order")
+    if n > 1 and (args.b0_dir or args.voxel_size):
+        raise ValueError(f"{'--b0-dir' if args.b0_dir else '--voxel-size'}: with several FIELDs each scan's geometry "
+                         f"comes from its own header (B0 direction also from FIELD.json \"B0Direction\"); "
+                         f"one override for all is refused")
+    pick = lambda vals, k: None if vals is None else vals[k]  # noqa: E731
+    inputs = [*fields, *args.mask, *(args.magnitude or []), *(args.noise_std or []), args.r2star, args.weights]
+    outs = list(args.output)
+    if len({str(Path(o).resolve()) for o in outs}) != len(outs):
+        raise ValueError("-o/--output: the same output path is given twice")
+    for o in outs:
+        check_output_path(o, inputs)
     if args.save_weights:
         sw = Path(args.save_weights).resolve()
-        if any(i is not None and Path(i).resolve() == sw for i in inputs):
-            raise ValueError(f"--save-weights: {args.save_weights} is also an input; choose another path")
-    scan = _load(args)
-    res = adapt_mod.adapt_cli(scan, steps=args.steps, weights=args.weights, save_weights=args.save_weights,
-                              params=parse_cli_params(args.param), device=args.device,
+        if any(i is not None and Path(i).resolve() == sw for i in inputs + outs):
+            raise ValueError(f"--save-weights: {args.save_weights} is also an input or output; choose another path")
+    scans = []
+    for k in range(n):   # each scan's voxel size and B0 direction from its own header / sidecar
+        scans.append(_load(argparse.Namespace(**{**vars(args), "field": fields[k], "mask": args.mask[k],
+                                                 "magnitude": pick(args.magnitude, k),
+                                                 "noise_std": pick(args.noise_std, k)})))
+    res = adapt_mod.adapt_cli(scans if n > 1 else scans[0], steps=args.steps, weights=args.weights,
+                              save_weights=args.save_weights, params=parse_cli_params(args.param), device=args.device,
                               progress=_progress(args.quiet))
-    out = save_result(res, args.output, scan=scan, inputs=inputs)
+    results = res if n > 1 else [res]
+    written = [save_result(r, o, scan=sc, inputs=inputs) for r, o, sc in zip(results, outs, scans)]
     saved = f" and adapted weights -> {args.save_weights}" if args.save_weights else ""
-    print(f"{res.name}: {res.seconds:.2f} s on {res.device} -> {out}{saved}", file=sys.stderr)
+    print(f"{results[0].name}: {results[0].seconds:.2f} s on {results[0].device} -> {', '.join(map(str, written))}{saved}",
+          file=sys.stderr)
     return 0
 
 
@@ -482,7 +513,8 @@ def cmd_batch(args) -> int:
                   field_params=parse_cli_params(args.field_param), weights=args.weights, scheduler=args.scheduler,
                   workers=args.workers, threads_per_worker=args.threads_per_worker, memory_limit=args.memory_limit,
                   only=[x for x in args.only.split(",") if x.strip()] if args.only else None, dry_run=args.dry_run,
-                  overwrite=args.overwrite, device=args.device, echo=not args.quiet)
+                  overwrite=args.overwrite, device=args.device, adapt_protocol=args.adapt_protocol,
+                  adapt_params=parse_cli_params(args.adapt_param) or None, echo=not args.quiet)
     return 0 if s.ok else 1
 
 
