@@ -5,9 +5,11 @@ Run under a display, e.g. ``xvfb-run -a -s "-screen 0 1920x1200x24" python docs/
 * a 1 mm phantom (``make_phantom``, SNR 100) opened as the sample data opens it;
 * results: TKD (δ 0.15), MEDI-L1 and QSMInvNet+ (DSBN) when their method / weights are
   available, otherwise TKD at two thresholds and TSVD;
-* ``docs/compare_panel.png``: the Compare dock in its "Large window" mode at 1600×1000 (orthogonal slices through the basal ganglia and the
-  haemorrhage, differences to the true χ); ``docs/compare_metrics.png``: its metric table and bar
-  chart; ``docs/compare_grid.png``: napari's canvas after "Side by side".
+* ``docs/compare_panel.png``: the Compare dock in its "Large window" mode at 1600×1000 (orthogonal
+  slices through the basal ganglia and the haemorrhage, zoomed to the brain mask, each result's
+  difference to the true χ beside it); ``docs/compare_panel_1280.png``: the same at 1280×800;
+  ``docs/compare_metrics.png``: its metric table and bar chart; ``docs/compare_grid.png``: napari's
+  canvas after "Side by side". The panel's arrangement and thumbnail size are printed.
 
 ``--cache DIR`` keeps the reconstructions (npz) so that re-running only redraws.
 """
@@ -55,6 +57,14 @@ def _results(ph, cache: Path | None, methods):
             np.savez(f, chi=r.chi, prov=np.array(r.provenance(), dtype=object), name=r.name)
         out.append(item)
     return scan, out
+
+
+def _report_panel(w, label: str) -> None:
+    """Print the panel's size, arrangement and the smallest χ cell (the thumbnails must stay legible)."""
+    p = w.panel
+    tw, th = p.thumbnail_size()
+    print(f"panel at {label}: {p.width()}×{p.height()} px, difference maps {p.arrangement} χ, "
+          f"{p._geometry()['scale']:.2f} px/mm, smallest χ cell {tw:.0f}×{th:.0f} px, box {p.box}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -134,6 +144,17 @@ def main(argv=None) -> int:
     for _ in range(5):
         app.processEvents()
     w.grab().save(str(out / "compare_panel.png"))
+    _report_panel(w, "1600×1000")
+    dock_of(w).resize(1280, 800)   # the same large window on a smaller screen
+    for _ in range(10):
+        app.processEvents()
+        time.sleep(0.05)
+    w.grab().save(str(out / "compare_panel_1280.png"))
+    _report_panel(w, "1280×800")
+    dock_of(w).resize(1600, 1000)
+    for _ in range(10):
+        app.processEvents()
+        time.sleep(0.05)
     w.tabs.setCurrentIndex(1)
     for _ in range(5):
         app.processEvents()

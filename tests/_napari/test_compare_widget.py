@@ -304,6 +304,7 @@ def test_slice_grid_alone(qtbot):
     assert tuple(rgba[0, 0][:3]) == (0, 0, 0)
     # small cells: planes are subsampled (never fewer samples than pixels)
     full = g._images[(0, 0)][1].shape
+    g.set_arrangement("below")   # six rows of cells in 300 px: less than a pixel per voxel
     g.resize(260, 300)
     g.refresh()
     small = g._images[(0, 0)][1].shape
@@ -379,3 +380,58 @@ def test_titles_wrap_and_crosshairs_toggle(scene, qtbot):
     w.panel.repaint()  # paints without the lines
     w.cross_check.setChecked(True)
     assert w.panel.crosshairs
+
+
+def test_thumbnails_scale_with_the_panel(qtbot):
+    """Reference + 3 results of a 128×144×112 mm head: in a wide panel the differences go beside χ and
+    every χ cell is ≥ 170 px (they were ~100 px with six stacked rows); in a narrow one they go below;
+    zooming to a box enlarges the cells; each arrangement can be forced."""
+    from napari_qsm._napari.compare.panel import PanelColumn, SliceGrid
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((32, 36, 28)).astype(np.float32) * 0.05
+    cols = [PanelColumn("phantom true χ", ref, subtitle="reference", diff_note="reference")]
+    for t in ("TKD δ=0.15", "MEDI λ=1000", "QSMInvNet+ adapted (120 steps)"):
+        cols.append(PanelColumn(t, ref + 0.01, ref=ref, subtitle="x"))
+    g = SliceGrid()
+    qtbot.addWidget(g)
+    g.set_columns(cols, (4.0, 4.0, 4.0))
+    g.resize(1580, 640)          # the panel of the large window at 1600×1000
+    assert g.arrangement == "beside"
+    w, h = g.thumbnail_size()
+    assert min(w, h) >= 150 and max(w, h) >= 170, (w, h)
+    ax = g._geometry()["rects"][(1, g._rows().index(("axial", False)))]
+    assert ax.height() >= 190                                   # 144 mm A-P at ≥ 1.3 px/mm
+    # the Δ of a result sits right of its χ, on the same row
+    d = g._geometry()["rects"][(1, g._rows().index(("axial", True)))]
+    assert d.top() == ax.top() and ax.right() < d.left() < ax.right() + 40
+    g.set_arrangement("below")
+    assert g.arrangement == "below" and g.thumbnail_size()[1] < h
+    g.set_arrangement("auto")
+    g.resize(540, 800)           # a narrow dock: six rows, four columns
+    assert g.arrangement == "below"
+    assert min(g.thumbnail_size()) >= 70
+    s_all = g._geometry()["scale"]
+    g.set_box(((4, 4, 4), (28, 32, 24)))                         # e.g. the mask's bounding box
+    assert g._geometry()["scale"] > 1.2 * s_all                  # px per mm: the brain fills the cells
+    assert g._images[(0, 0)][1].shape[1] <= 24                    # cropped planes
+
+
+def test_large_window_gives_the_slices_room(scene, qtbot):
+    """The dock floated as a large window of 1600×1000: the differences go beside χ, the options take
+    one line, and every χ cell is ≥ 150 px (about 100 px with the six stacked rows of before)."""
+    from napari_qsm._napari.docks import dock_of
+
+    v, w, _ = scene
+    assert w.set_large(True)
+    dock_of(w).resize(1600, 1000)
+    qtbot.waitUntil(lambda: w.panel.width() > 1500, timeout=5000)
+    qtbot.wait(50)
+    assert w.panel.height() >= 650, w.panel.height()
+    assert w.panel.arrangement == "beside"
+    assert min(w.panel.thumbnail_size()) >= 150, w.panel.thumbnail_size()
+    assert w.panel.box is not None                     # zoomed to the mask's bounding box
+    assert w.options.height() < 2.5 * w.chi_min.height()  # one line of options
+    w.set_large(False)
+    assert w.tabs.cornerWidget() is not w.button_row          # docked: the buttons have their own row again
+    assert w.layout().indexOf(w.button_row) == 1 and not w.button_row.isHidden()

@@ -7,7 +7,8 @@ A thin layer over :mod:`napari_qsm.core.compare`, one module per part of the doc
   and the result layers;
 * :mod:`.slices_tab` with :mod:`.panel` (and its painting, :mod:`.paint`; colour lookup,
   :mod:`.colour`) — an orthogonal-slices panel: per result its axial / coronal / sagittal planes
-  through the viewer's current position and, underneath, the difference to the reference; one
+  through the viewer's current position and the difference to the reference (underneath in a
+  narrow dock, beside χ in a wide window, zoomed to the mask); one
   shared χ contrast and one shared difference contrast (ppm). It follows ``viewer.dims`` (and
   optionally the mouse); clicking or scrolling in it moves the viewer;
 * :mod:`.grid` — *Side by side* puts the results and their difference maps in napari's grid

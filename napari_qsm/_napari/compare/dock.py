@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-from qtpy.QtCore import QTimer, Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import QHBoxLayout, QPushButton, QTabWidget, QVBoxLayout, QWidget
 
 from ..docks import QSMDock, dock_of, toggle_large
@@ -86,7 +86,9 @@ class CompareWidget(QSMDock, QWidget):
         root.setContentsMargins(4, 4, 4, 4)
         self.picker = Picker(self.viewer, self.grid.added_names)
         root.addWidget(self.picker)
-        row = QHBoxLayout()
+        self.button_row = QWidget()
+        row = QHBoxLayout(self.button_row)
+        row.setContentsMargins(0, 0, 0, 0)
         self.grid_button = QPushButton("Side by side")
         self.grid_button.setToolTip("Show the results and their difference maps in napari's grid, contrast linked.")
         self.restore_button = QPushButton("Restore view")
@@ -100,7 +102,7 @@ class CompareWidget(QSMDock, QWidget):
         row.addWidget(self.restore_button)
         row.addStretch(1)
         row.addWidget(self.large_button)
-        root.addLayout(row)
+        root.addWidget(self.button_row)
         self.tabs = QTabWidget()
         root.addWidget(self.tabs, 1)
         self.slices = SlicesTab()
@@ -111,8 +113,8 @@ class CompareWidget(QSMDock, QWidget):
         # the widgets scripts and tests reach for, by their names on the dock
         for name in ("reference_combo", "mask_combo", "field_combo", "labels_combo", "results_list"):
             setattr(self, name, getattr(self.picker, name))
-        for name in ("chi_min", "chi_max", "diff_lim", "auto_button", "planes_combo", "demean_check",
-                     "follow_check", "radio_check", "cross_check", "panel", "hover_label"):
+        for name in ("chi_min", "chi_max", "diff_lim", "auto_button", "planes_combo", "layout_combo", "zoom_check",
+                     "demean_check", "follow_check", "radio_check", "cross_check", "panel", "hover_label", "options"):
             setattr(self, name, getattr(self.slices, name))
         for name in ("status_label", "metric_table", "chart_combo", "chart_fig", "chart_canvas", "copy_button",
                      "export_button", "recompute_button", "copy_table", "export_csv"):
@@ -125,6 +127,7 @@ class CompareWidget(QSMDock, QWidget):
         self.slices.contrastChanged.connect(self._apply_grid_contrast)
         self.auto_button.clicked.connect(self.auto_contrast)
         self.demean_check.toggled.connect(self._demean_changed)
+        self.zoom_check.toggled.connect(lambda _on: self._zoom_to_mask())
         self.panel.pointRequested.connect(self.move_viewer_to)
         self.grid_button.clicked.connect(self.side_by_side)
         self.large_button.toggled.connect(self.set_large)
@@ -234,9 +237,25 @@ class CompareWidget(QSMDock, QWidget):
             title = "field residual D∗χ − field (demeaned in the mask)"
             unit = "residual (ppm)"
         self.panel.set_columns(cols, vs, diff_title=title, diff_unit=unit)
+        self._zoom_to_mask(mask, vs)
         if not self._contrast_set and cols:
             self.auto_contrast()
         self._on_dims()
+
+    def _zoom_to_mask(self, mask=None, vs=None, margin_mm: float = 4.0) -> None:
+        """Show the mask's bounding box (plus ``margin_mm``) when "Zoom to mask" is on, else everything."""
+        box = None
+        cols = self.panel.columns
+        if self.zoom_check.isChecked() and cols:
+            if mask is None:
+                mask = self.volumes.mask(self.selection().mask, cols[0].volume.shape)
+            if vs is None:
+                vs = self.panel._vs
+            if mask is not None and mask.any() and not mask.all():
+                idx = [np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
+                pad = [int(np.ceil(margin_mm / max(float(v), 1e-6))) for v in vs]
+                box = (tuple(int(i[0]) - p for i, p in zip(idx, pad)), tuple(int(i[-1]) + 1 + p for i, p in zip(idx, pad)))
+        self.panel.set_box(box)
 
     def auto_contrast(self) -> None:
         """χ window = 1st–99th percentile (reference or first result) in the mask; Δ = a third of it."""
@@ -459,11 +478,25 @@ class CompareWidget(QSMDock, QWidget):
             self.large_button.setChecked(now)
             self.large_button.blockSignals(False)
         self.large_button.setText("Dock back" if now else "Large window")
+        self._place_buttons(now)
         d = dock_of(self)
         if d is not None and not getattr(self, "_large_hooked", False):
             self._large_hooked = True
             d.topLevelChanged.connect(self._on_floating)
         return now
+
+    def _place_buttons(self, in_tab_bar: bool) -> None:
+        """In the large window the buttons sit right of the tabs (a row more for the slices); docked,
+        in their own row (a narrow dock has no room beside the tabs)."""
+        if in_tab_bar == (self.tabs.cornerWidget() is self.button_row):
+            return
+        if in_tab_bar:
+            self.layout().removeWidget(self.button_row)
+            self.tabs.setCornerWidget(self.button_row, Qt.Corner.TopRightCorner)
+        else:
+            self.tabs.setCornerWidget(None, Qt.Corner.TopRightCorner)
+            self.layout().insertWidget(1, self.button_row)
+        self.button_row.show()
 
     def _on_floating(self, floating: bool) -> None:
         """The user docked / floated the dock by its title bar: keep the button in step."""
@@ -472,6 +505,7 @@ class CompareWidget(QSMDock, QWidget):
             self.large_button.setChecked(False)
             self.large_button.blockSignals(False)
             self.large_button.setText("Large window")
+            self._place_buttons(False)
 
     def _apply_grid_contrast(self) -> None:
         self.grid.apply_contrast(self.slices.chi_window(), self.diff_lim.value())

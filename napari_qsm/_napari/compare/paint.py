@@ -80,15 +80,15 @@ class PanelPainting:
         bold.setBold(True)
         fm = QFontMetrics(bold)
         rows = geo["rows"]
-        cw = geo["cw"]
         rects = geo["rects"]
         s = geo["scale"]
-        # column titles
+        # column titles (wrapped over the column's width) and subtitles
         qp.setFont(bold)
         qp.setPen(fg)
         sfm = QFontMetrics(small)
         for ci, col in enumerate(self._columns):
-            x = self.LEFT + ci * (cw + self.GAP)
+            band = geo["titles"][ci]
+            x, cw = band.left(), band.width()
             lines = wrap_title(col.title, fm, int(cw), self.TITLE_LINES)
             qp.setFont(bold)
             for li, line in enumerate(lines):
@@ -99,14 +99,14 @@ class PanelPainting:
                 sub = sfm.elidedText(col.subtitle, Qt.TextElideMode.ElideRight, int(cw))
                 qp.drawText(QRectF(x, 1 + len(lines) * fm.height(), cw, sfm.height()),
                             Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop, sub)
-        # separator title for the difference rows
+        # "χ" / "Δ" over the two halves of a column (difference beside χ)
         qp.setFont(small)
-        for ri, (p, d) in enumerate(rows):
-            if d and (ri == 0 or not rows[ri - 1][1]):
-                y0 = geo["row_y"][ri][0] - self.SEP
-                qp.setPen(fg)
-                qp.drawText(QRectF(self.LEFT, y0, self.width() - self.LEFT - self.RIGHT, self.SEP),
-                            Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignVCenter, self._diff_title)
+        for rect, text in geo["subheads"]:
+            qp.drawText(rect, Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignBottom, text)
+        # what the difference is: a separator over the difference rows, or a line under the panel
+        if geo["diff_title"] is not None and any(d for _, d in rows):
+            qp.drawText(geo["diff_title"], Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignVCenter,
+                        ("Δ: " if geo["arrangement"] == "beside" else "") + self._diff_title)
         # images, cross-hairs and notes
         cross_pen = QPen(QColor(255, 210, 0, 150))
         cross_pen.setWidthF(1.0)
@@ -126,10 +126,12 @@ class PanelPainting:
             qp.drawImage(rect, item[0])
             pl = self._planes_cache[(ci, ri)]
             cx, cy = self._mm_to_px(pl, rect, *pl.cross)
-            if self._cross:
+            if self._cross:  # (the point can lie outside a zoomed box: then no line there)
                 qp.setPen(cross_pen)
-                qp.drawLine(QPointF(cx, rect.top()), QPointF(cx, rect.bottom()))
-                qp.drawLine(QPointF(rect.left(), cy), QPointF(rect.right(), cy))
+                if rect.left() <= cx <= rect.right():
+                    qp.drawLine(QPointF(cx, rect.top()), QPointF(cx, rect.bottom()))
+                if rect.top() <= cy <= rect.bottom():
+                    qp.drawLine(QPointF(rect.left(), cy), QPointF(rect.right(), cy))
             if ci == 0 and rect.width() > 40:
                 lt, rt, tp, bt = _LETTERS[name]
                 if self._radiological and name != "sagittal":
@@ -146,26 +148,25 @@ class PanelPainting:
         qp.setFont(small)
         qp.setPen(fg)
         ax_name = "ijk"
-        for ri, (name, is_diff) in enumerate(rows):
-            y, h = geo["row_y"][ri]
+        for ri, y, h, is_diff in geo["labels"]:
+            name = rows[ri][0]
             pl = self._planes_cache.get((0, ri))
             label = ("Δ " if is_diff else "") + name
             if pl is not None:
                 label += f"\n{ax_name[pl.normal]} = {pl.index}\n{pl.index * self._vs[pl.normal]:.0f} mm"
-            qp.drawText(QRectF(2, y, self.LEFT - 6, h), Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, label)
+            qp.drawText(QRectF(geo["label_x"], y, self.LEFT - 8, h),
+                        Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, label)
         # colour bars
-        chi_rows = [geo["row_y"][ri] for ri, (_, d) in enumerate(rows) if not d]
-        diff_rows = [geo["row_y"][ri] for ri, (_, d) in enumerate(rows) if d]
-        x_bar = self.width() - self.RIGHT + 8
-        if chi_rows:
-            self._colorbar(qp, x_bar, chi_rows[0][0], chi_rows[-1][0] + chi_rows[-1][1], self._chi_lut,
-                           *self._chi_lim, self._chi_unit, fg, small)
-        if diff_rows and self._images and any(k[1] >= len(self._planes) for k in self._images):
-            self._colorbar(qp, x_bar, diff_rows[0][0], diff_rows[-1][0] + diff_rows[-1][1], self._diff_lut,
-                           -self._diff_lim, self._diff_lim, self._diff_unit, fg, small)
+        bars = geo["bars"]
+        x_bar = geo["bar_x"]
+        draw = self._colorbar_h if geo.get("hbars") else (lambda qp_, a, b, *rest: self._colorbar(qp_, x_bar, a, b, *rest))
+        if "chi" in bars:
+            draw(qp, *bars["chi"], self._chi_lut, *self._chi_lim, self._chi_unit, fg, small)
+        if "diff" in bars and self._images and any(k[1] >= len(self._planes) for k in self._images):
+            draw(qp, *bars["diff"], self._diff_lut, -self._diff_lim, self._diff_lim, self._diff_unit, fg, small)
         # scale bar (10 mm or 50 mm) under the first column
-        if rects:
-            r0 = rects[(0, len(rows) - 1)]
+        r0 = rects.get(geo["scale_cell"])
+        if r0 is not None:
             mm = 50 if 50 * s < 0.8 * r0.width() else 10
             if mm * s > 8:
                 y = r0.bottom() + 5
@@ -192,3 +193,21 @@ class PanelPainting:
         qp.rotate(-90)
         qp.drawText(QRectF(-h / 2, -fmh, h, fmh), Qt.AlignmentFlag.AlignCenter, unit)
         qp.restore()
+
+    def _colorbar_h(self, qp, x0, x1, y, lut, lo, hi, unit, fg, font) -> None:
+        """A horizontal colour bar from ``x0`` to ``x1`` at height ``y``: unit on the left, values under it."""
+        w = max(10, int(x1 - x0))
+        grad = np.ascontiguousarray(np.repeat(lut[None, :], 10, axis=0))
+        img = QImage(grad.data, 256, 10, 4 * 256, QImage.Format.Format_RGBA8888)
+        qp.drawImage(QRectF(x0, y, w, 10), img)
+        qp.setPen(fg)
+        qp.setFont(font)
+        fm = QFontMetrics(font)
+        fmh = fm.height()
+        uw = fm.horizontalAdvance(unit) + 8
+        qp.drawText(QRectF(x0 - uw, y + 5 - fmh / 2, uw - 4, fmh),
+                    Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, unit)
+        for frac, val in ((0.0, lo), (0.5, 0.5 * (lo + hi)), (1.0, hi)):
+            xx = x0 + frac * w
+            qp.drawLine(QPointF(xx, y + 10), QPointF(xx, y + 13))
+            qp.drawText(QRectF(xx - 30, y + 14, 60, fmh), Qt.AlignmentFlag.AlignHCenter, f"{val:+.3g}")

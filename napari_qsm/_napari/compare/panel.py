@@ -1,9 +1,12 @@
 """The orthogonal-slices panel of the Compare widget (pure Qt painting, no matplotlib).
 
 One column per volume (the reference first, then the results), rows axial / coronal /
-sagittal for χ and, below a separator, the same planes of the difference to the reference (or
-of the field residual when there is no reference). All planes are drawn at one scale
-(pixels per mm), so the physical aspect is kept and the planes of a column line up. Colour
+sagittal. The difference to the reference (or the field residual when there is no reference)
+goes either below, as the same planes under a separator ("below": suits a tall, narrow dock), or
+beside χ, each result's column split into χ | Δ ("beside": suits a wide window); "auto" takes the
+arrangement that draws the planes larger at the panel's size. With a box (the dock's "Zoom to
+mask": the mask's bounding box) only that part is shown, so the brain fills the cells. All planes
+are drawn at one scale (pixels per mm), so the physical aspect is kept and the planes line up. Colour
 mapping is a numpy lookup table into a QImage that Qt scales with nearest-neighbour sampling:
 updating 36 planes of 256×256 takes a few tens of milliseconds.
 
@@ -16,7 +19,7 @@ image edges say so.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -75,6 +78,7 @@ class SliceGrid(PanelPainting, QWidget):
     hovered = Signal(str)
 
     LEFT, TOP, RIGHT, BOTTOM, GAP, SEP = 64, 36, 84, 18, 3, 18
+    HBAR_H = 44  # height of a horizontal colour bar with its tick labels
     TITLE_LINES = 2  # column titles wrap onto up to this many lines (then they are elided)
 
     def __init__(self, parent=None) -> None:
@@ -100,6 +104,9 @@ class SliceGrid(PanelPainting, QWidget):
         self._image_cache: dict = {}  # (col, row) → (key, (QImage, buffer)) of the last rendering
         self._planes_cache: dict = {}  # (col, row) → Plane (for clicks / hover)
         self._layout: dict = {}        # geometry of the last paint
+        self._arrangement = "auto"
+        self._box: Optional[tuple] = None  # (lo, hi) voxel box shown (zoom to the mask), None = all
+        self._geo_cache = None         # (size and content key, geometry)
         self.last_render_ms = 0.0      # timing of the last update (benchmarks)
         self.last_paint_ms = 0.0
         self.paint_count = 0
@@ -115,6 +122,8 @@ class SliceGrid(PanelPainting, QWidget):
                 raise ValueError(f"panel: {c.title!r} has shape {c.volume.shape}, expected {shape}")
         self._columns = cols
         self._image_cache.clear()
+        if shape != self._shape:
+            self._box = None
         self._shape = shape
         self._vs = np.asarray(voxel_size, dtype=np.float64)
         if diff_title:
@@ -173,6 +182,39 @@ class SliceGrid(PanelPainting, QWidget):
     @property
     def crosshairs(self) -> bool:
         return self._cross
+
+    def set_box(self, box) -> None:
+        """Show only the voxel box ``(lo, hi)`` (inclusive lo, exclusive hi per axis; e.g. the mask's
+        bounding box, so the brain fills the cells), or the whole volume (None)."""
+        if box is not None and self._shape is not None:
+            lo = [int(min(max(v, 0), n - 1)) for v, n in zip(box[0], self._shape)]
+            hi = [int(min(max(v, l + 1), n)) for v, l, n in zip(box[1], lo, self._shape)]
+            box = (tuple(lo), tuple(hi))
+            if box == ((0, 0, 0), tuple(self._shape)):
+                box = None
+        if box != self._box:
+            self._box = box
+            self._image_cache.clear()
+            self.refresh()
+
+    @property
+    def box(self) -> Optional[tuple]:
+        return self._box
+
+    def _slices(self, vol) -> dict:
+        """plane name → Plane through the current point, cropped to the shown box."""
+        planes = orthogonal_slices(vol, self._point, self._vs)
+        if self._box is None:
+            return {p.name: p for p in planes}
+        lo, hi = self._box
+        vs = self._vs
+        out = {}
+        for p in planes:
+            h, v = p.h_axis, p.v_axis
+            out[p.name] = replace(p, data=p.data[lo[v]:hi[v], lo[h]:hi[h]],
+                                  extent=((lo[h] - 0.5) * vs[h], (hi[h] - 0.5) * vs[h],
+                                          (lo[v] - 0.5) * vs[v], (hi[v] - 0.5) * vs[v]))
+        return out
 
     def _top(self) -> float:
         """Height of the title band: up to TITLE_LINES wrapped title lines and a subtitle line."""
@@ -244,11 +286,11 @@ class SliceGrid(PanelPainting, QWidget):
         def planes_of(vol):
             key = id(vol)
             if key not in shared:
-                shared[key] = {p.name: p.data for p in orthogonal_slices(vol, self._point, self._vs)}
+                shared[key] = {n: p.data for n, p in self._slices(vol).items()}
             return shared[key]
 
         for ci, col in enumerate(self._columns):
-            chi_planes = {p.name: p for p in orthogonal_slices(col.volume, self._point, self._vs)}
+            chi_planes = self._slices(col.volume)
             diff_planes = None
             off = 0.0
             if col.diff_volume is not None:
@@ -297,14 +339,58 @@ class SliceGrid(PanelPainting, QWidget):
             out[name] = tuple(max(1, int(1.0 / max(s * self._vs[a], 1e-6))) for a in (v_ax, h_ax))
         return out
 
+    #: how the difference planes are placed: under the χ planes, beside them (each result's column
+    #: holds χ | Δ), or whichever of the two gives the larger images for the panel's size
+    ARRANGEMENTS = ("auto", "below", "beside")
+
+    def set_arrangement(self, how: str) -> None:
+        """"below": Δ rows under the χ rows; "beside": χ | Δ side by side in each result's column;
+        "auto" (default): the one that draws the planes larger at the panel's current size."""
+        if how not in self.ARRANGEMENTS:
+            raise ValueError(f"arrangement: expected one of {self.ARRANGEMENTS}, got {how!r}")
+        self._arrangement = how
+        self.refresh()
+
+    @property
+    def arrangement(self) -> str:
+        """The arrangement drawn now ("below" or "beside"; "auto" resolved)."""
+        return self._geometry().get("arrangement", "below")
+
+    def _diff_cell(self, col: PanelColumn) -> bool:
+        """Whether a column gets difference cells in the "beside" arrangement (not the reference's)."""
+        if col.has_diff():
+            return True
+        return bool(col.diff_note) and col.diff_note != "reference"
+
     def _geometry(self) -> dict:
-        """Pixel layout: scale (px/mm) and the image rectangle of every cell."""
+        """Pixel layout: scale (px/mm), the image rectangle of every cell, titles, labels, colour bars."""
         if not self._columns or self._shape is None:
             return {}
-        n = len(self._columns)
+        key = (self.width(), self.height(), self._arrangement, self._planes, self._shape, tuple(self._vs), self._box,
+               tuple((c.has_diff(), self._diff_cell(c)) for c in self._columns), self.font().key())
+        if self._geo_cache is not None and self._geo_cache[0] == key:
+            return self._geo_cache[1]
         rows = self._rows()
-        shp = np.asarray(self._shape) * self._vs  # extent in mm per axis
-        wh = {"axial": (shp[0], shp[1]), "coronal": (shp[0], shp[2]), "sagittal": (shp[1], shp[2])}
+        beside_ok = any(d for _, d in rows)
+        if self._arrangement == "below" or not beside_ok:
+            geo = self._layout_below(rows)
+        else:
+            # beside: colour bars on the right, or under the cells when the width is what limits
+            b = max((self._layout_beside(rows, hbars) for hbars in (False, True)), key=lambda g: g["scale"])
+            a = self._layout_below(rows) if self._arrangement == "auto" else None
+            geo = b if a is None or b["scale"] > a["scale"] * 1.02 else a
+        self._geo_cache = (key, geo)
+        return geo
+
+    def _extents(self) -> dict:
+        n = np.asarray(self._shape) if self._box is None else np.subtract(self._box[1], self._box[0])
+        shp = n * self._vs  # extent in mm per axis
+        return {"axial": (shp[0], shp[1]), "coronal": (shp[0], shp[2]), "sagittal": (shp[1], shp[2])}
+
+    def _layout_below(self, rows) -> dict:
+        """Columns = volumes; rows = χ planes, then (after a separator) the difference planes."""
+        n = len(self._columns)
+        wh = self._extents()
         W, H = self.width(), self.height()
         L, T, R, B, G, S = self.LEFT, max(self.TOP, self._top()), self.RIGHT, self.BOTTOM, self.GAP, self.SEP
         n_diff = sum(1 for _, d in rows if d)
@@ -316,8 +402,10 @@ class SliceGrid(PanelPainting, QWidget):
         rects = {}
         row_y = []
         y = T
+        sep = None
         for ri, (p, d) in enumerate(rows):
             if d and (ri == 0 or not rows[ri - 1][1]):
+                sep = QRectF(L, y, W - L - R, S)
                 y += S
             w_mm, h_mm = wh[p]
             row_y.append((y, h_mm * s))
@@ -325,7 +413,105 @@ class SliceGrid(PanelPainting, QWidget):
                 x0 = L + ci * (cw + G) + (cw - w_mm * s) / 2.0
                 rects[(ci, ri)] = QRectF(x0, y, w_mm * s, h_mm * s)
             y += h_mm * s + G
-        return {"scale": s, "rects": rects, "rows": rows, "row_y": row_y, "cw": cw, "bottom": y}
+        titles = [QRectF(L + ci * (cw + G), 1, cw, T) for ci in range(n)]
+        chi_r = [row_y[ri] for ri, (_, d) in enumerate(rows) if not d]
+        diff_r = [row_y[ri] for ri, (_, d) in enumerate(rows) if d]
+        bars = {"chi": (chi_r[0][0], chi_r[-1][0] + chi_r[-1][1])}
+        if diff_r:
+            bars["diff"] = (diff_r[0][0], diff_r[-1][0] + diff_r[-1][1])
+        labels = [(ri, y0, h, d) for ri, ((_, d), (y0, h)) in enumerate(zip(rows, row_y))]
+        return {"arrangement": "below", "scale": s, "rects": rects, "rows": rows, "row_y": row_y, "cw": cw,
+                "bottom": y, "titles": titles, "subheads": [], "diff_title": sep, "bars": bars,
+                "labels": labels, "label_x": 2.0, "bar_x": W - R + 8, "scale_cell": (0, len(rows) - 1)}
+
+    def _layout_beside(self, rows, hbars: bool = False) -> dict:
+        """Columns = volumes, each result's column split into χ | Δ; rows = planes. ``hbars``: the colour
+        bars lie under the cells (more width for the cells) instead of right of them."""
+        n = len(self._columns)
+        wh = self._extents()
+        W, H = self.width(), self.height()
+        sub_h = self._small_height() + 2
+        L, T, R, G = self.LEFT, max(self.TOP, self._top()) + sub_h, self.RIGHT, 2 * self.GAP
+        B = self.BOTTOM + self._small_height() + 2    # scale bar and the difference's definition
+        if hbars:
+            R = 8
+            B += self.HBAR_H
+        GG = 3 * G                                     # between volumes (χ | Δ of one volume: G)
+        planes = [p for p, d in rows if not d]
+        ks = [2 if self._diff_cell(c) else 1 for c in self._columns]
+        nsub = sum(ks)
+        avail_w = W - L - R - G * (nsub - n) - GG * (n - 1)
+        max_w = max(wh[p][0] for p in planes)
+        sum_h = sum(wh[p][1] for p in planes)
+        avail_h = H - T - B - G * (len(planes) - 1)
+        s = max(1e-3, min(max(10.0, avail_w) / nsub / max_w, max(10.0, avail_h) / sum_h))
+        cw = max_w * s                                 # sub-columns just as wide as the widest plane
+        total_w = nsub * cw + G * (nsub - n) + GG * (n - 1)
+        x0 = L + max(0.0, (W - L - R - total_w) / 2.0)  # height-limited: the block is centred
+        subx, titles, subheads = [], [], []
+        x = x0
+        for ci, k in enumerate(ks):
+            subx.append([x + j * (cw + G) for j in range(k)])
+            gw = k * cw + (k - 1) * G
+            titles.append(QRectF(x, 1, gw, T - sub_h))
+            subheads.append((QRectF(x, T - sub_h, cw, sub_h), "χ"))
+            if k == 2:
+                subheads.append((QRectF(x + cw + G, T - sub_h, cw, sub_h), "Δ"))
+            x += gw + GG
+        rects = {}
+        row_y = [None] * len(rows)
+        y = T
+        labels = []
+        for p in planes:
+            w_mm, h_mm = wh[p]
+            ri_c = rows.index((p, False))
+            ri_d = rows.index((p, True)) if (p, True) in rows else None
+            row_y[ri_c] = (y, h_mm * s)
+            labels.append((ri_c, y, h_mm * s, False))
+            for ci, k in enumerate(ks):
+                rects[(ci, ri_c)] = QRectF(subx[ci][0] + (cw - w_mm * s) / 2.0, y, w_mm * s, h_mm * s)
+                if k == 2 and ri_d is not None:
+                    rects[(ci, ri_d)] = QRectF(subx[ci][1] + (cw - w_mm * s) / 2.0, y, w_mm * s, h_mm * s)
+            if ri_d is not None:
+                row_y[ri_d] = (y, h_mm * s)
+            y += h_mm * s + G
+        top, bot = T, y - G
+        two = any(k == 2 for k in ks)
+        if hbars:   # side by side under the cells, below the line that defines Δ
+            yb = y + self.BOTTOM + self._small_height() + 6
+            half = 0.5 * total_w
+            blen = min(0.7 * half, 360.0)
+            c1, c2 = (x0 + 0.5 * half, x0 + 1.5 * half) if two else (x0 + half, None)
+            bars = {"chi": (c1 - blen / 2, c1 + blen / 2, yb)}
+            if two:
+                bars["diff"] = (c2 - blen / 2, c2 + blen / 2, yb)
+        else:
+            mid = 0.5 * (top + bot)
+            gap = min(24.0, 0.1 * (bot - top))
+            bars = {"chi": (top, mid - gap / 2)} if two else {"chi": (top, bot)}
+            if two:
+                bars["diff"] = (mid + gap / 2, bot)
+        cell0 = next(ci for ci in range(n))
+        return {"arrangement": "beside", "scale": s, "rects": rects, "rows": rows, "row_y": row_y, "cw": cw,
+                "bottom": y, "titles": titles, "subheads": subheads,
+                "diff_title": QRectF(x0 + 0.3 * total_w, y + 2, 0.7 * total_w, self._small_height() + 4),
+                "bars": bars, "hbars": hbars, "labels": labels, "label_x": x0 - L + 2.0, "bar_x": x0 + total_w + 8,
+                "scale_cell": (cell0, rows.index((planes[-1], False)))}
+
+    def _small_height(self) -> int:
+        from qtpy.QtGui import QFont, QFontMetrics
+
+        small = QFont(self.font())
+        small.setPointSizeF(max(7.0, self.font().pointSizeF() * 0.85))
+        return QFontMetrics(small).height()
+
+    def thumbnail_size(self) -> tuple[float, float]:
+        """(width, height) in pixels of the smallest χ plane drawn (for tests and screenshots)."""
+        geo = self._geometry()
+        cells = [r for (ci, ri), r in geo.get("rects", {}).items() if not geo["rows"][ri][1]]
+        if not cells:
+            return (0.0, 0.0)
+        return (min(r.width() for r in cells), min(r.height() for r in cells))
 
     # ------------------------------------------------------------------ coordinates
     def _mm_to_px(self, pl: Plane, rect: QRectF, x_mm: float, y_mm: float) -> tuple[float, float]:

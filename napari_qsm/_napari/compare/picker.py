@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from qtpy.QtCore import Qt, Signal
-from qtpy.QtWidgets import QAbstractItemView, QComboBox, QGridLayout, QLabel, QListWidget, QListWidgetItem, QWidget
+from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QGridLayout, QLabel, QListView, QListWidget,
+                            QListWidgetItem, QWidget)
 
 from .geometry import meta
 
@@ -63,6 +64,36 @@ def guess(layers, roles, words=()) -> Optional[str]:
     return None
 
 
+class _FlowList(QListWidget):
+    """The results list: checkable names side by side, wrapping, as tall as its lines (at most three)."""
+
+    MAX_LINES = 3
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.setFlow(QListView.Flow.LeftToRight)
+        self.setWrapping(True)
+        self.setResizeMode(QListView.ResizeMode.Adjust)
+        self.setSpacing(2)
+        self.fit_height()
+
+    def fit_height(self) -> None:
+        line = self.sizeHintForRow(0) if self.count() else self.fontMetrics().height() + 6
+        line = max(line, self.fontMetrics().height() + 4) + 2 * self.spacing()
+        bottom = 0
+        for i in range(self.count()):
+            r = self.visualItemRect(self.item(i))
+            bottom = max(bottom, r.bottom() + self.verticalScrollBar().value() + 1)
+        lines = max(1, min(self.MAX_LINES, int(round(bottom / line)) if bottom else 1))
+        self.setFixedHeight(lines * line + 2 * self.frameWidth() + self.spacing())
+
+    def resizeEvent(self, event) -> None:  # noqa: N802
+        super().resizeEvent(event)
+        if event.size().width() != event.oldSize().width():
+            self.doItemsLayout()
+            self.fit_height()
+
+
 @dataclass
 class Selection:
     reference: Optional[str]
@@ -102,9 +133,8 @@ class Picker(QWidget):
             cb.currentIndexChanged.connect(self._emit_changed)
             cb.activated.connect(lambda _i, c=cb: self._user_set.add(c))
             setattr(self, f"{key}_combo", cb)
-        self.results_list = QListWidget()
+        self.results_list = _FlowList()
         self.results_list.setToolTip("Result layers to compare (checked ones).")
-        self.results_list.setMaximumHeight(84)
         self.results_list.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
         self.results_list.itemChanged.connect(self._emit_changed)
 
@@ -196,6 +226,7 @@ class Picker(QWidget):
                 st = Qt.CheckState.Checked if is_result(lay) else Qt.CheckState.Unchecked
             it.setCheckState(st)
             lst.addItem(it)
+        lst.fit_height()
 
     # ------------------------------------------------------------------ choosing
     def set_choice(self, which: str, name: Optional[str]) -> None:
