@@ -15,6 +15,9 @@ It loads the 1 mm sample phantom, runs TKD in the "QSM reconstruction" dock, and
 * ``docs/screenshot_clinical_oblique.png`` the clinical-like phantom, 0.75×0.75×3 mm, B0 tilted 15°
 * ``docs/screenshot_adapt.png``            the Adapt dock after a short adaptation (loss plot, adapted χ)
 * ``docs/screenshot_dock_adapt.png``       the Adapt dock alone, in its simple form ("Advanced" folded)
+* ``docs/screenshot_field.png``            the Field dock after a run on the raw multi-echo head sample: total
+                                           field, local field, R2* and magnitude side by side (grid)
+* ``docs/screenshot_field_dock.png``       the Field dock alone; ``screenshot_field_1280x800.png``: a 1280×800 window
 
 The Adapt screenshots need QSMInvNet+ weights: the shipped checkpoint, or ``--weights CKPT``
 (e.g. a training checkpoint); without either they are skipped.
@@ -35,7 +38,7 @@ import numpy as np
 
 DOCS = Path(__file__).resolve().parent
 WINDOW = [1600, 1000]
-SCREENS = ("docks", "reconstruct", "truth", "medi", "clinical", "adapt")
+SCREENS = ("docks", "reconstruct", "truth", "medi", "clinical", "adapt", "field")
 
 
 def _pump(app, seconds: float) -> None:
@@ -118,6 +121,8 @@ def main(argv=None) -> int:
         _reconstruct_screens(app, only)
     if "adapt" in only:
         _adapt_screens(app, args.weights, args.adapt_steps)
+    if "field" in only:
+        _field_screens(app)
     return 0
 
 
@@ -254,6 +259,40 @@ def _adapt_screens(app, weights, steps: int) -> None:
     _save_window(viewer, app, "screenshot_adapt.png")
     _save_widget(dock, app, "screenshot_dock_adapt.png")
     viewer.close()
+
+
+def _field_screens(app) -> None:
+    """The Field dock on the raw multi-echo head sample, after a run (default steps), at WINDOW and 1280×800."""
+    from napari_qsm._napari.field_widget import FieldWidget
+
+    for size, name in ((tuple(WINDOW), "screenshot_field.png"), ((1280, 800), "screenshot_field_1280x800.png")):
+        viewer = _new_viewer(app)
+        viewer.window._qt_window.resize(*size)
+        viewer.open_sample("napari-qsm", "raw_head")
+        dock = FieldWidget(viewer)
+        viewer.window.add_dock_widget(dock, name="Field", area="right")
+        _pump(app, 1.0)
+        dock.run()
+        _wait(app, lambda: not dock.runner.running, 600)
+        print("Field dock:", dock.status.text())
+        keys = ("magnitude", "total_field", "local_field", "r2star")
+        shown = [dock.output_layers[k] for k in keys]
+        for layer in viewer.layers:
+            layer.visible = layer in shown
+        for layer in shown:  # each tile says what it shows (napari's per-layer name overlay)
+            try:
+                layer._overlays["layer_name"].visible = True
+            except Exception:
+                pass
+        viewer.grid.enabled = True
+        viewer.grid.shape = (2, 2)
+        viewer.layers.selection.active = dock.output_layers["local_field"]
+        viewer.window._qt_window.resize(*size)
+        viewer.reset_view()
+        _save_window(viewer, app, name)
+        if size == tuple(WINDOW):
+            _save_widget(dock, app, "screenshot_field_dock.png")
+        viewer.close()
 
 
 if __name__ == "__main__":

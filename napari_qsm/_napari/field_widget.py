@@ -106,7 +106,7 @@ def _relabel(form: ParamForm) -> None:
 def _short_doc(doc: str, limit: int = 150) -> str:
     """First sentence of a step's doc (the whole doc is the tooltip)."""
     doc = (doc or "").strip()
-    m = re.match(r"(.+?[.:])(\s|$)", doc)
+    m = re.match(r"(.+?\.)(\s|$)", doc)
     first = m.group(1) if m else doc
     if len(first) > limit:
         first = first[: limit - 1].rstrip() + "…"
@@ -347,7 +347,7 @@ class FieldWidget(QSMDock, QWidget):
         self.phase_combo.setToolTip("Phase of every echo, same scan and echo order as the magnitude")
         for c in (self.mag_combo, self.phase_combo):
             c.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-            c.setMinimumContentsLength(14)
+            c.setMinimumContentsLength(18)
         form.addRow("Magnitude", self.mag_combo)
         form.addRow("Phase", self.phase_combo)
         self.te_edit = QLineEdit()
@@ -372,12 +372,12 @@ class FieldWidget(QSMDock, QWidget):
             self.units_combo.addItem(text, value)
         self.units_combo.setToolTip("Units of the phase values: detected from their range and the vendor unless "
                                     "chosen here")
-        self.sign_check = QCheckBox("flip the sign (GE)")
+        self.units_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.units_combo.setMinimumContentsLength(14)
+        self.sign_check = QCheckBox("flip (e.g. GE)")
         self.sign_check.setToolTip("Multiply the phase by −1 (scanners with the opposite phase convention)")
-        urow = QHBoxLayout()
-        urow.addWidget(self.units_combo, 1)
-        urow.addWidget(self.sign_check)
-        form.addRow("Phase units", urow)
+        form.addRow("Phase units", self.units_combo)
+        form.addRow("Phase sign", self.sign_check)
         lay.addLayout(form)
         self.echo_info = _wrap_label("", DIM_COLOR, small=True)
         self.echo_info.setObjectName("echo_info")
@@ -392,6 +392,8 @@ class FieldWidget(QSMDock, QWidget):
         for fam in FAMILIES:
             c = QComboBox()
             c.setObjectName(f"{fam}_combo")
+            c.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            c.setMinimumContentsLength(max([14] + [min(24, len(s.label)) for s in available_steps(fam)]))
             for s in available_steps(fam):
                 c.addItem(s.label, s.name)
                 c.setItemData(c.count() - 1, s.doc, Qt.ItemDataRole.ToolTipRole)
@@ -400,14 +402,14 @@ class FieldWidget(QSMDock, QWidget):
             if fam == "mask":
                 self.mask_combo = QComboBox()
                 self.mask_combo.setObjectName("user_mask_combo")
+                self.mask_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+                self.mask_combo.setMinimumContentsLength(14)
                 self.mask_combo.setToolTip("A brain mask layer (labels, on the echoes' grid) replaces the mask step")
                 sform.addRow("Mask layer", self.mask_combo)
-        lay.addLayout(sform)
         self.device_combo = _device_combo()
         self.device_combo.setToolTip("Where the numerics run (only devices present on this machine)")
-        dform = QFormLayout()
-        dform.addRow("Device", self.device_combo)
-        lay.addLayout(dform)
+        sform.addRow("Device", self.device_combo)
+        lay.addLayout(sform)
         self.handoff_check = QCheckBox("Use the local field in the other docks")
         self.handoff_check.setChecked(True)
         self.handoff_check.setToolTip("After a run, choose the new local field, eroded mask and magnitude in the "
@@ -468,7 +470,7 @@ class FieldWidget(QSMDock, QWidget):
 
     # -- sizing -------------------------------------------------------------------------------
     def _fit_width(self) -> None:
-        self.setMinimumWidth(max(320, min(460, self._scroll.minimumSizeHint().width())))
+        self.setMinimumWidth(max(320, self._scroll.minimumSizeHint().width()))
 
     def showEvent(self, event) -> None:  # noqa: N802 - Qt name
         super().showEvent(event)
@@ -753,9 +755,14 @@ class FieldWidget(QSMDock, QWidget):
         self.last_run = run
         src = mag_src if mag_src is not None and mag_src.alive(self.viewer) else None
         if src is not None:  # 3-D maps line up with 4-D echoes only when the echo axis comes first
-            for s in (src, self.phase_source()):
-                if s is not None and s.echo_axis not in (None, 0):
-                    make_echo_first(s.layer)
+            dims = self.viewer.dims
+            point, ax = list(dims.point), src.echo_axis
+            turned = [make_echo_first(s.layer) for s in (src, self.phase_source())
+                      if s is not None and s.echo_axis not in (None, 0)]
+            if any(turned) and dims.ndim == 4 and ax is not None:
+                dims.order = (0, 1, 2, 3)  # echo on a slider, the (j, i) plane in the canvas
+                for new, old in enumerate([ax] + [a for a in range(4) if a != ax]):
+                    dims.set_point(new, point[old])  # same echo and slice as before
             self.refresh_sources()
         geom = Geometry(axes=_source_geometry(src).axes if src is not None else DISPLAY_AXES,
                         voxel_size=np.asarray(run.scan.voxel_size, float),
@@ -778,11 +785,12 @@ class FieldWidget(QSMDock, QWidget):
         self.viewer.layers.selection.active = local
         if self.handoff_check.isChecked():
             self.hand_off()
-        steps = ", ".join(f"{html.escape(FAMILY_TITLES.get(s['family'], s['family']))} "
-                          f"{html.escape(s['label'])} {s['seconds']:.1f} s" for s in run.steps)
-        self.status.setText(f"<span style='color:{OK_COLOR}'>✓</span> local field in "
-                            f"{run.provenance.get('seconds', 0):.1f} s ({steps}) → layer <b>{html.escape(local.name)}</b> "
-                            "(ppm)")
+        steps = ", ".join(f"{html.escape(FAMILY_TITLES.get(s['family'], s['family']).lower())} {s['seconds']:.1f} s"
+                          for s in run.steps)
+        self.status.setText(f"<span style='color:{OK_COLOR}'>✓</span> <b>{html.escape(local.name)}</b> (ppm) in "
+                            f"{run.provenance.get('seconds', 0):.1f} s: {steps}")
+        self.status.setToolTip("; ".join(f"{FAMILY_TITLES.get(s['family'], s['family'])}: {s['label']}, "
+                                         f"{s['seconds']:.2f} s" for s in run.steps))
 
     def hand_off(self) -> list:
         """Choose the new local field, eroded mask and magnitude in the other docks; returns the docks changed."""

@@ -145,6 +145,9 @@ def test_echo_last_layers_turn_echo_first(make_napari_viewer, qtbot, raw_phantom
             kw[k] = tuple(kw[k][i] for i in order)
         kw["metadata"] = dict(kw["metadata"], echo_axis=3)
         viewer.add_image(np.moveaxis(data, 0, -1), **kw)
+    viewer.dims.order = (3, 0, 1, 2)  # as the sample shows them: echo on a slider, (j, i) in the canvas
+    viewer.dims.set_point(0, float(viewer.layers["raw magnitude"].translate[0] + 20 * RAW_VS[2]))
+    viewer.dims.set_point(3, 2.0)
     w = FieldWidget(viewer)
     src = w.magnitude_source()
     assert src.echo_axis == 3
@@ -156,3 +159,5 @@ def test_echo_last_layers_turn_echo_first(make_napari_viewer, qtbot, raw_phantom
     assert mag.metadata["echo_axis"] == 0 and mag.data.shape[0] == 5
     local = viewer.layers["raw local field"]
     np.testing.assert_allclose(np.asarray(mag.scale)[1:], local.scale)
+    assert tuple(viewer.dims.order) == (0, 1, 2, 3) and viewer.dims.point[0] == pytest.approx(2.0)
+    assert viewer.dims.point[1] == pytest.approx(float(local.translate[0] + 20 * RAW_VS[2]))
