@@ -624,7 +624,7 @@ def run_batch(root, method: str = "tkd", params: Optional[dict] = None, field_pa
         from .nn.adapt import AdaptParams
         a_par = params_to_dict(make_params(AdaptParams, dict(adapt_params or {})))
     elif adapt_params:
-        raise ValueError("adapt_params: given without adapt_protocol")
+        raise ValueError("--adapt-param: given without --adapt-protocol")
     fsteps, fparams, fload = parse_field_params(field_params)
     recipe = FieldRecipe(**fsteps)
     recipe.params = split_params(fparams, recipe)
@@ -808,9 +808,9 @@ def adapt_task(job: dict) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_adapted(res, path, base_weights_path=job["base"], scan=scans)
         from .core.io import write_json
-        side = _read_json(_sidecar(path)) or {}
+        side = _read_json(path.with_suffix(".json")) or {}  # the checkpoint's card
         side["batch"] = {"cohort_fingerprint": job["fingerprint"], "scans": job["ids"]}
-        write_json(_sidecar(path), side)
+        write_json(path.with_suffix(".json"), side)
         return {"ok": True, "seconds": round(time.perf_counter() - t0, 3), "error": ""}
     except Exception as exc:  # noqa: BLE001 - reported for every scan of the cohort
         return {"ok": False, "seconds": round(time.perf_counter() - t0, 3),
@@ -824,7 +824,7 @@ def _adapt_cohort(holder, scans, hashes, plan, a_par, w_path, w_sha, deriv: Path
     cfp = _digest({"scans": [[s.id, h] for s, h in zip(scans, hashes)], "field": plan["field_recipe"],
                    "load": plan["fload"], "adapt": a_par, "base_sha256": w_sha})
     path = deriv / "adapted" / f"protocol-{cfp[:16]}.pt"
-    side = _read_json(_sidecar(path)) or {}
+    side = _read_json(path.with_suffix(".json")) or {}
     if (not plan["overwrite"] and path.exists()
             and (side.get("batch") or {}).get("cohort_fingerprint") == cfp):
         say(f"  adapted checkpoint up to date: {path}")

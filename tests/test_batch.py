@@ -34,6 +34,9 @@ def template(tmp_path_factory):
     for s in ("01", "02", "03", "04"):
         save_raw_bids(ph, root, subject=s)
     shutil.rmtree(root / "truth")
+    for p in (root / "sub-02" / "anat").glob("*.nii.gz"):  # sub-02: the head mirrored left-right (another scan)
+        img = nib.load(str(p))
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(np.asarray(img.dataobj)[::-1]), img.affine, img.header), str(p))
     bad = root / "sub-04" / "anat" / "sub-04_echo-2_part-phase_MEGRE.nii.gz"
     bad.write_bytes(bad.read_bytes()[:300])  # a truncated file: the loader cannot read it
     return root
@@ -186,3 +189,31 @@ def test_dry_run_and_bad_arguments(dataset, capsys):
         run_batch(dataset, method="tkd", field_params={"background.nope": 3})
     assert main(["batch", str(dataset), "--method", "tkd", "--scheduler", "tcp://x:1", "--workers", "2"]) == 2
     assert not (dataset / "derivatives").exists()
+
+
+def test_adapt_protocol_once_then_dsbn_on_every_scan(dataset, client, tmp_path, one_torch_thread):
+    shutil.rmtree(dataset / "sub-04")
+    kw = dict(method="dsbn", client=client, device="cpu", echo=False, adapt_protocol=True,
+              adapt_params={"steps": 1}, only=["sub-01", "sub-02"])
+    s = run_batch(dataset, **kw)
+    assert [r["status"] for r in s.rows] == ["done", "done"], s.rows
+    deriv = dataset / "derivatives" / "napari-qsm"
+    (ckpt,) = (deriv / "adapted").glob("protocol-*.pt")
+    card = json.loads(ckpt.with_suffix(".json").read_text())
+    assert card["batch"]["scans"] == ["sub-01", "sub-02"] and len(card["scan_fingerprints"]) == 2
+    chi = deriv / "sub-02" / "anat" / "sub-02_desc-dsbn_Chimap.nii.gz"
+    side = json.loads(chi.with_name("sub-02_desc-dsbn_Chimap.json").read_text())
+    assert f"--weights {ckpt}" in side["recon_command"] and side["weights_sha256"] == sha256_file(ckpt)
+    f = {k: str(deriv / "sub-02" / "anat" / f"sub-02_{k}.nii.gz") for k in ("localfield", "mask", "magnitude",
+                                                                            "noisestd", "R2starmap")}
+    ref = tmp_path / "ref.nii.gz"
+    assert main(["recon", f["localfield"], "--mask", f["mask"], "--magnitude", f["magnitude"], "--noise-std",
+                 f["noisestd"], "--r2star", f["R2starmap"], "--method", "dsbn", "--weights", str(ckpt),
+                 "--device", "cpu", "-q", "-o", str(ref)]) == 0
+    assert np.array_equal(np.asarray(nib.load(str(ref)).dataobj), np.asarray(nib.load(str(chi)).dataobj))
+    # the same cohort again: the checkpoint and every χ are reused
+    mtime = ckpt.stat().st_mtime_ns
+    s2 = run_batch(dataset, **kw)
+    assert [r["status"] for r in s2.rows] == ["skipped", "skipped"] and ckpt.stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="--method dsbn"):
+        run_batch(dataset, method="tkd", adapt_protocol=True)
