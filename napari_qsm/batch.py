@@ -54,7 +54,17 @@ is started: processes, ``threads_per_worker`` threads each (torch is told the sa
 workers as the CPUs and the memory allow (:func:`default_workers`). On a cluster, start a
 scheduler and workers (``dask scheduler``, ``dask worker tcp://host:8786 --nthreads 1``, or
 ``dask-jobqueue``'s ``SLURMCluster`` / ``PBSCluster``) and pass ``scheduler="tcp://host:8786"``
-or ``client=Client(cluster)``; workers must see the dataset at the same path.
+or ``client=Client(cluster)``; workers must see the dataset at the same path. A script that lets
+``run_batch`` start the local cluster must call it under ``if __name__ == "__main__":`` (the
+workers are new processes that import the script's module). Two batches must not write the same
+derivatives folder at the same time (there is no lock).
+
+Protocol adaptation (``adapt_protocol=True``, ``--adapt-protocol``): the local fields of every scan
+first, then one task runs :func:`napari_qsm.nn.adapt.adapt_protocol` over all the scans that have
+one (a scan that failed is left out and reported), writing
+``derivatives/napari-qsm/adapted/protocol-<cohort fingerprint>.pt`` with its card; it is reused
+while the cohort (every scan's input sha256), the front end, the adaptation parameters and the
+base checkpoint are the same. Then every scan is reconstructed with ``dsbn`` and that checkpoint.
 """
 
 from __future__ import annotations
