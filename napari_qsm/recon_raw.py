@@ -8,7 +8,8 @@
 
 ``--param`` items named ``FAMILY.NAME`` (FAMILY one of fit, unwrap, mask, background) go to the
 field steps, exactly as in ``napari-qsm field``; the others go to the method. ``--field-param``
-items always go to the field steps (a bare name must belong to one step). The local field, eroded
+items always go to the field steps (a bare name must belong to one step; a family name chooses the
+step: ``--field-param background=pdf``, as ``napari-qsm batch`` takes it). The local field, eroded
 mask, combined magnitude, N_std and R2* the steps make are handed to the method in memory, so the
 result equals ``napari-qsm field`` followed by ``napari-qsm recon`` on its outputs. The χ map is
 written on the echoes' grid and affine; its JSON sidecar lists the field steps with their parameters.
@@ -104,8 +105,11 @@ def recon_from_raw(args, progress=None) -> int:
         raise ValueError(f"--weights: method {method.name} takes no network weights")
     field_items, method_items = split_params(args.param)
     field_items.update(parse_cli_params(args.field_param))
+    # a bare family name chooses the step (--field-param background=pdf, as napari-qsm batch takes it)
+    chosen = {fam: field_items.pop(fam) for fam in FAMILIES if fam in field_items}
     params = make_params(method.params_cls, method_items)
-    recipe = FieldRecipe(fit=args.fit, mask=args.mask_method, unwrap=args.unwrap, background=args.background)
+    recipe = FieldRecipe(fit=chosen.get("fit", args.fit), mask=chosen.get("mask", args.mask_method),
+                         unwrap=chosen.get("unwrap", args.unwrap), background=chosen.get("background", args.background))
     recipe.params = split_field(field_items, recipe)
     for fam in FAMILIES:
         recipe.record(fam)  # every step and parameter checked before reading the data

@@ -49,10 +49,12 @@ def test_recon_from_file_lists_and_field_param(raw_bids, tmp_path):
     phs = sorted(str(p) for p in anat.glob("*_part-phase_MEGRE.nii.gz"))
     out1, out2 = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
     assert main(["recon", "--magnitude", *mags, "--phase", *phs, "--method", "tkd", "--field-param",
-                 "radius_max=10", "--device", "cpu", "-q", "-o", str(out1)]) == 0
-    assert main(["recon", str(raw_bids), "--method", "tkd", "--param", "background.radius_max=10", "--device", "cpu",
-                 "-q", "-o", str(out2)]) == 0
+                 "background=lbv", "--field-param", "peel=1", "--device", "cpu", "-q", "-o", str(out1)]) == 0
+    assert main(["recon", str(raw_bids), "--method", "tkd", "--background", "lbv", "--param", "background.peel=1",
+                 "--device", "cpu", "-q", "-o", str(out2)]) == 0
     np.testing.assert_allclose(nib.load(str(out1)).get_fdata(), nib.load(str(out2)).get_fdata(), atol=1e-6)
+    steps = json.loads((tmp_path / "a.json").read_text())["extras"]["field_steps"]
+    assert steps[3]["name"] == "lbv" and steps[3]["parameters"]["peel"] == 1
 
 
 def test_raw_recon_errors_write_nothing(raw_bids, tmp_path, capsys):
