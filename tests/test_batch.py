@@ -217,3 +217,30 @@ def test_adapt_protocol_once_then_dsbn_on_every_scan(dataset, client, tmp_path, 
     assert [r["status"] for r in s2.rows] == ["skipped", "skipped"] and ckpt.stat().st_mtime_ns == mtime
     with pytest.raises(ValueError, match="--method dsbn"):
         run_batch(dataset, method="tkd", adapt_protocol=True)
+
+
+def test_discover_sessions_runs_and_incomplete_scans(tmp_path):
+    def touch(rel):
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"")
+
+    for run in (1, 2):
+        for e in (1, 2):
+            for part in ("mag", "phase"):
+                touch(f"sub-01/ses-a/anat/sub-01_ses-a_run-{run}_echo-{e}_part-{part}_MEGRE.nii.gz")
+    touch("sub-02/anat/sub-02_echo-1_part-mag_MEGRE.nii.gz")      # no phase
+    touch("sub-03/anat/sub-03_localfield.nii.gz")                # no mask
+    touch("sub-04/anat/sub-04_acq-x_localfield.nii.gz")
+    touch("sub-04/anat/sub-04_acq-x_mask.nii.gz")
+    touch("derivatives/napari-qsm/sub-05/anat/sub-05_localfield.nii.gz")  # derivatives are not inputs
+    found = {s.id: s for s in discover(tmp_path)}
+    assert list(found) == ["sub-01_ses-a_run-1", "sub-01_ses-a_run-2", "sub-02", "sub-03", "sub-04_acq-x"]
+    r1 = found["sub-01_ses-a_run-1"]
+    assert r1.session == "ses-a" and [p.name for p in r1.inputs["phase"]] == [
+        "sub-01_ses-a_run-1_echo-1_part-phase_MEGRE.nii.gz", "sub-01_ses-a_run-1_echo-2_part-phase_MEGRE.nii.gz"]
+    assert output_paths(tmp_path, r1, "medi")["chi"] == (tmp_path / "derivatives/napari-qsm/sub-01/ses-a/anat/"
+                                                         "sub-01_ses-a_run-1_desc-medi_Chimap.nii.gz")
+    assert "phase echoes []" in found["sub-02"].problem and "no sub-03_mask" in found["sub-03"].problem
+    assert found["sub-04_acq-x"].kind == "field" and not found["sub-04_acq-x"].problem
+    assert [s.id for s in discover(tmp_path, only=["04"])] == ["sub-04_acq-x"]
