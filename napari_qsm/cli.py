@@ -231,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every method with its defaults (the adaptation's 120 steps: about 10 more minutes)")
 
     v = sub.add_parser("view", help="open napari with the QSM docks and the given scans (or the sample phantom)")
-    v.add_argument("files", nargs="*", help="NIfTI files to open (field, mask, magnitude, ...); none: the 1 mm phantom")
-    v.add_argument("--sample", choices=["phantom_1mm", "phantom_clinical"], default="phantom_1mm",
+    v.add_argument("files", nargs="*", help="NIfTI files to open (field, mask, magnitude, ...) or a BIDS MEGRE folder "
+                                            "(raw echoes, for the Field dock); none: the 1 mm phantom")
+    v.add_argument("--sample", choices=["phantom_1mm", "phantom_clinical", "raw_head"], default="phantom_1mm",
                    help="sample data to open when no files are given")
     return ap
 
@@ -519,7 +520,7 @@ def cmd_batch(args) -> int:
 
 
 #: the docks `napari-qsm view` opens, by their display names in napari.yaml
-VIEW_DOCKS = ("QSM reconstruction", "Adapt network (QSMInvNet+)", "Compare")
+VIEW_DOCKS = ("QSM reconstruction", "Adapt network (QSMInvNet+)", "Compare", "Field")
 
 
 def open_viewer(files=(), sample="phantom_1mm", show=True):

@@ -1,7 +1,7 @@
 """How the plugin's docks share napari's window.
 
-The docks (Field, QSM reconstruction, Adapt network, Compare; tab order from ``qsm_dock_order``:
-the raw-echo front end first) are tall forms. Stacked one above
+The docks (QSM reconstruction, Field, Adapt network, Compare: the tab order, from
+``qsm_dock_order``) are tall forms. Stacked one above
 the other on the right they squeezed each other to a row apiece and pushed the window past the
 screen, so every dock of this plugin joins the others as a tab (one tab bar on the right; napari's
 own docks and other plugins' docks are left alone), and the window is kept inside the screen.
@@ -96,7 +96,7 @@ def arrange(widget: QWidget) -> None:
     _short_title(widget, dock)
     group = [d for d in qsm_docks(win)
              if (d is dock or (not d.isFloating() and not d.isHidden())) and win.dockWidgetArea(d) == area]
-    # tabify in the plugin's order (field, reconstruction, adapt, compare): each joins the first one's tabs
+    # tabify in the plugin's order (reconstruction, field, adapt, compare): each joins the first one's tabs
     moved = []
     anchor = group[0]
     prev = anchor

@@ -307,7 +307,7 @@ def make_echo_first(layer) -> bool:
 class FieldWidget(QSMDock, QWidget):
     """Dock widget "Field": raw echoes → total field, brain mask, local field, R2*, N_std (see module doc)."""
 
-    qsm_dock_order = -1  # the front end comes first: Field, QSM reconstruction, Adapt network, Compare
+    qsm_dock_order = 0.5  # tabs: QSM reconstruction, Field, Adapt network, Compare (`napari-qsm view` shows the first)
     qsm_dock_title = "Field"
 
     def __init__(self, napari_viewer, parent=None):

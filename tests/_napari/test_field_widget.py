@@ -43,11 +43,14 @@ def _to_canonical(layer):
 
 
 def test_dock_run_equals_headless_and_hands_off(make_napari_viewer, qtbot, raw_phantom, headless_run):
+    from napari_qsm._napari.compare.dock import CompareWidget
     from napari_qsm._napari.widgets import QSMWidget
 
     viewer, w = _field_viewer(make_napari_viewer, raw_phantom)
     rec = QSMWidget(viewer)
     viewer.window.add_dock_widget(rec, name="QSM reconstruction")
+    cmp_ = CompareWidget(viewer)
+    viewer.window.add_dock_widget(cmp_, name="Compare")
     # the echoes are found, with TE and B0 from the layer metadata
     assert w.magnitude_source().layer.name == "raw magnitude"
     assert w.phase_source().layer.name == "raw phase"
@@ -72,6 +75,8 @@ def test_dock_run_equals_headless_and_hands_off(make_napari_viewer, qtbot, raw_p
     qtbot.waitUntil(lambda: rec.inputs.field_combo.currentText() == "raw local field", timeout=3000)
     assert rec.inputs.mask_combo.currentText() == "raw eroded mask"
     assert rec.inputs.mag_combo.currentText() == "raw combined magnitude"
+    assert cmp_.picker.field_combo.currentText() == "raw local field"
+    assert cmp_.picker.mask_combo.currentText() == "raw eroded mask"
     scan = rec.inputs.build_scan()
     np.testing.assert_allclose(scan.field, headless_run.scan.field, atol=1e-4)
     assert scan.b0_tesla == pytest.approx(raw_phantom.b0_tesla)

@@ -46,7 +46,7 @@ def test_docks_fit_1280x800_and_key_controls_visible(make_napari_viewer, tiny_ph
     assert len(group) == 4
     for d in group[1:]:  # one tab group on the right, in the plugin's order
         assert group[0] in win.tabifiedDockWidgets(d)
-    assert [d.windowTitle() for d in group] == ["Field", "QSM reconstruction", "Adapt network", "Compare"]
+    assert [d.windowTitle() for d in group] == ["QSM reconstruction", "Field", "Adapt network", "Compare"]
 
     rec, adapt, cmp_, fld = (widgets[n] for n in ("QSM reconstruction", "Adapt network (QSMInvNet+)", "Compare",
                                                   "Field"))
