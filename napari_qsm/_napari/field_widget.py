@@ -404,7 +404,8 @@ class FieldWidget(QSMDock, QWidget):
                 self.mask_combo.setObjectName("user_mask_combo")
                 self.mask_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
                 self.mask_combo.setMinimumContentsLength(14)
-                self.mask_combo.setToolTip("A brain mask layer (labels, on the echoes' grid) replaces the mask step")
+                self.mask_combo.setToolTip("A brain mask layer (labels, on the echoes' grid) replaces the mask step, "
+                                           "e.g. the brain mask of a run, corrected with the labels brush")
                 sform.addRow("Mask layer", self.mask_combo)
         self.device_combo = _device_combo()
         self.device_combo.setToolTip("Where the numerics run (only devices present on this machine)")
@@ -504,9 +505,9 @@ class FieldWidget(QSMDock, QWidget):
         from napari.layers import Labels
 
         current = self.mask_combo.currentText()
-        mine = {id(la) for la in self.output_layers.values()}
+        eroded = self.output_layers.get("mask")
         names = [NO_MASK] + [la.name for la in self.viewer.layers
-                             if isinstance(la, Labels) and la.ndim == 3 and id(la) not in mine]
+                             if isinstance(la, Labels) and la.ndim == 3 and la is not eroded]
         self.mask_combo.blockSignals(True)
         self.mask_combo.clear()
         self.mask_combo.addItems(names)

@@ -166,3 +166,21 @@ def test_echo_last_layers_turn_echo_first(make_napari_viewer, qtbot, raw_phantom
     np.testing.assert_allclose(np.asarray(mag.scale)[1:], local.scale)
     assert tuple(viewer.dims.order) == (0, 1, 2, 3) and viewer.dims.point[0] == pytest.approx(2.0)
     assert viewer.dims.point[1] == pytest.approx(float(local.translate[0] + 20 * RAW_VS[2]))
+
+
+def test_a_mask_layer_replaces_the_mask_step(make_napari_viewer, qtbot, raw_phantom, headless_run):
+    from napari_qsm._napari.layers import to_layer_order
+
+    viewer, w = _field_viewer(make_napari_viewer, raw_phantom)
+    user = headless_run.brain_mask.copy()
+    user[:, :, : user.shape[2] // 2] = False  # half a brain: clearly not what the mask step makes
+    mag = viewer.layers["raw magnitude"]
+    viewer.add_labels(to_layer_order(user.astype(np.uint8), mag.metadata["axes"]), name="my mask",
+                      scale=mag.scale[1:], translate=mag.translate[1:], metadata={"axes": mag.metadata["axes"]})
+    qtbot.waitUntil(lambda: w.mask_combo.findText("my mask") >= 0, timeout=3000)
+    w.mask_combo.setCurrentText("my mask")
+    assert not w.step_combos["mask"].isEnabled()
+    assert w.run()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=60000)
+    np.testing.assert_array_equal(_to_canonical(viewer.layers["raw brain mask"]) > 0, user)
+    assert viewer.layers["raw local field"].metadata["field_steps"][1]["name"] == "user"

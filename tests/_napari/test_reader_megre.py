@@ -83,3 +83,21 @@ def test_4d_files_give_per_echo_layers_the_dock_takes_as_one_source(make_napari_
     np.testing.assert_allclose(echoes.phase, ref.phase, atol=1e-6)
     np.testing.assert_allclose(echoes.magnitude, ref.magnitude)
     assert echoes.te == pytest.approx(ref.te)
+
+
+def test_open_folder_button_reads_in_a_worker(make_napari_viewer, qtbot, raw_bids, tmp_path):
+    from napari_qsm._napari.field_widget import FieldWidget
+
+    viewer = make_napari_viewer()
+    w = FieldWidget(viewer)
+    assert "No echoes yet" in w.echo_info.text()
+    assert w.open_folder(raw_bids)
+    qtbot.waitUntil(lambda: not w.loader.running, timeout=30000)
+    assert w.magnitude_source().layer.name == "sub-phantom_MEGRE magnitude"
+    assert w.phase_source().layer.name == "sub-phantom_MEGRE phase"
+    assert "5 echoes" in w.echo_info.text() and "✓" in w.status.text()
+    # a folder without echoes: an error in the status line, no layer
+    n = len(viewer.layers)
+    assert w.open_folder(tmp_path)
+    qtbot.waitUntil(lambda: not w.loader.running, timeout=30000)
+    assert "neither BIDS MEGRE" in w.status.text() and len(viewer.layers) == n
