@@ -201,11 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--field-param", action="append", default=[], metavar="FAMILY=STEP|[FAMILY.]NAME=VALUE",
                     help="front end for raw echoes: a step (background=pdf), a step parameter (background.radius=6) or "
                          "phase_units=siemens / phase_sign=-1 (repeatable)")
-    bt.add_argument("--weights", help="network checkpoint (.pt) for network methods")
+    bt.add_argument("--weights", metavar="CKPT", help="network checkpoint (.pt) for network methods; the base of --adapt-protocol")
     bt.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler (tcp://host:8786) instead of a "
                                                            "local cluster")
-    bt.add_argument("--workers", type=int, help="local cluster: worker processes (default: what CPUs and memory allow)")
-    bt.add_argument("--threads-per-worker", type=int, default=1, help="local cluster: threads per worker (default 1)")
+    bt.add_argument("--workers", type=int, metavar="N", help="local cluster: worker processes (default: what CPUs and memory allow)")
+    bt.add_argument("--threads-per-worker", type=int, default=1, metavar="T", help="local cluster: threads per worker (default 1)")
     bt.add_argument("--memory-limit", metavar="SIZE", help="local cluster: memory per worker, e.g. 4GB")
     bt.add_argument("--only", metavar="sub-01,sub-02", help="these subjects only")
     bt.add_argument("--dry-run", action="store_true", help="list what would run; write nothing")
