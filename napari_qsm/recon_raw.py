@@ -56,7 +56,8 @@ def split_recon_args(args) -> bool:
         raise ValueError(f"recon: expected one local field map FIELD (or raw echoes: a BIDS/DICOM folder, or "
                          f"--magnitude … --phase …), got {len(inputs)}: {' '.join(inputs) or 'none'}")
     if args.mask is None:
-        raise ValueError("recon: --mask MASK is required with a local field map (raw echoes make their own mask)")
+        raise ValueError("recon: --mask MASK is required with a local field map (raw echoes make their own mask: "
+                         "give a BIDS/DICOM folder, or --magnitude M1 M2 … with --phase P1 P2 …)")
     if args.field_param or args.phase_units != "auto" or args.phase_sign != 1 or any(
             getattr(args, k) is not None for k in ("fit", "unwrap", "mask_method", "background")):
         raise ValueError("recon: --field-param, --phase-units, --phase-sign, --fit, --unwrap, --mask-method and "
