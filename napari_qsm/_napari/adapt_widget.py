@@ -18,13 +18,14 @@ from typing import Optional
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (QAbstractItemView, QFileDialog, QFormLayout, QHBoxLayout, QListWidget, QListWidgetItem,
+                            QPushButton, QVBoxLayout, QWidget)
 
 from ..methods import Result, get_method
 from ..core.params import display_name, params_to_dict
 from .docks import QSMDock
 from .form import ParamForm
-from .layers import result_layer_data, show_chi_colorbar
+from .layers import result_layer_data, scan_from_layers, show_chi_colorbar
 from .widgets import (DIM_COLOR, OK_COLOR, WARN_COLOR, PreviewLayer, _device_combo, _inputs_section,
                       _notify_info, _pick_weights_file, _run_footer, _scan_and_params, _scrolling_body, _section,
                       _show_failure, _wrap_label, _weights_row)
@@ -36,7 +37,9 @@ ABOUT = ("Adaptation fine-tunes the network on the scan that is open: it keeps w
          "the scan more closely and take longer; Cancel keeps what is done so far.")
 ABOUT_DETAIL = ("<qt>Each step: a synthetic batch on batch-norm domain 0 (L_S) and patches of this scan on "
                 "domain 1 (λ·L_T field consistency + tv·R, MEDI's magnitude-edge prior); λ rises linearly. "
-                "QSMInvNet+ (mode dsbn) keeps one batch norm per domain; finetune is the QSMInvNet baseline.</qt>")
+                "QSMInvNet+ (mode dsbn) keeps one batch norm per domain; finetune is the QSMInvNet baseline; uqsm "
+                "trains the same U-Net from scratch on the scan alone (uQSM: field term + TV, no labels). "
+                "Several scans of one protocol (the list below): one adaptation, one checkpoint for all.</qt>")
 PREVIEW_EVERY = 10  # widget default for the χ preview (the API default is off)
 
 
@@ -160,6 +163,91 @@ class LossPlot(QWidget):
         self.canvas.draw_idle()
 
 
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a.lower(), b.lower()):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _partner(field_layer, layers, role: str):
+    """The open layer of ``role`` on the field's grid (same shape) whose name shares the longest start with it."""
+    from .widgets import _is_volume, _role
+
+    cands = [ly for ly in layers if ly is not field_layer and _is_volume(ly) and _role(ly) == role
+             and tuple(ly.data.shape) == tuple(field_layer.data.shape)]
+    return max(cands, key=lambda ly: _common_prefix(ly.name, field_layer.name), default=None)
+
+
+class ProtocolScans(QWidget):
+    """More open scans of the same protocol for one adaptation: a multi-select of the other field layers, each
+    paired with the mask (and magnitude) layer on its grid whose name shares the longest start with it."""
+
+    def __init__(self, viewer, parent=None):
+        super().__init__(parent)
+        from .widgets import _wrap_label
+
+        self.viewer = viewer
+        self._exclude = None
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(_wrap_label("More scans of this protocol (optional): one adaptation for all of them, one "
+                                  "checkpoint that reconstructs every scan of the protocol. Each is paired with the "
+                                  "mask layer of its grid whose name matches best.", DIM_COLOR, small=True))
+        self.list = QListWidget()
+        self.list.setObjectName("adapt_protocol_scans")
+        self.list.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
+        self.list.setMaximumHeight(90)
+        lay.addWidget(self.list)
+        ev = viewer.layers.events
+        for name in ("inserted", "removed"):
+            getattr(ev, name).connect(self.refresh)
+        self.refresh()
+
+    def refresh(self, *_, exclude=None) -> None:
+        from .widgets import _is_volume, _role
+
+        if exclude is not None:
+            self._exclude = exclude
+        chosen = {it.text() for it in self.list.selectedItems()}
+        self.list.clear()
+        for ly in self.viewer.layers:
+            if _is_volume(ly) and _role(ly) == "field" and ly is not self._exclude:
+                it = QListWidgetItem(ly.name)
+                self.list.addItem(it)
+                it.setSelected(ly.name in chosen)
+
+    def select(self, names) -> None:
+        for k in range(self.list.count()):
+            it = self.list.item(k)
+            it.setSelected(it.text() in set(names))
+
+    def selected_layers(self) -> list:
+        names = [it.text() for it in self.list.selectedItems()]
+        return [self.viewer.layers[n] for n in names if n in self.viewer.layers]
+
+    def scans(self, main_field, units: str, te, b0_tesla) -> list:
+        """Scans of the selected layers (each its own geometry from its layer); ScanError/ValueError naming the layer."""
+        from ..core.scan import ScanError
+
+        out = []
+        for fl in self.selected_layers():
+            if fl is main_field:
+                continue
+            mask = _partner(fl, self.viewer.layers, "mask")
+            if mask is None:
+                raise ScanError(f"protocol scan '{fl.name}': no mask layer of its shape {tuple(fl.data.shape)} is open")
+            mag = _partner(fl, self.viewer.layers, "magnitude")
+            try:
+                out.append(scan_from_layers(fl, mask, mag, units=units, te=te, b0_tesla=b0_tesla))
+            except (ScanError, ValueError) as exc:
+                raise ScanError(f"protocol scan '{fl.name}': {exc}") from None
+            out[-1].name = fl.name
+        return out
+
+
 class AdaptWidget(QSMDock, QWidget):
     """Dock widget: adapt QSMInvNet+ to the open scan; loss plot, preview, save/use adapted weights."""
 
@@ -200,6 +288,11 @@ class AdaptWidget(QSMDock, QWidget):
         if "preview_every" in self.form.names():
             self.form.set_values({"preview_every": PREVIEW_EVERY})
         lay.addWidget(self.form)
+        self.protocol = ProtocolScans(napari_viewer)
+        lay.addWidget(self.protocol)
+        self.inputs.field_combo.currentIndexChanged.connect(
+            lambda *_: self.protocol.refresh(exclude=self.inputs.field_combo.layer()))
+        self.protocol.refresh(exclude=self.inputs.field_combo.layer())
         form2 = QFormLayout()
         self.device_combo = _device_combo()
         form2.addRow("Device", self.device_combo)
@@ -207,6 +300,8 @@ class AdaptWidget(QSMDock, QWidget):
         # the few settings a user changes first, the research knobs folded under "Advanced"
         lay.removeWidget(self.form)
         lay.addWidget(self.form)
+        lay.removeWidget(self.protocol)
+        lay.addWidget(self.protocol)
         body.addWidget(box)
         # the adaptation settings first, the (auto-picked, shared) inputs under them: in a short window the
         # settings stay in sight next to the loss plot and Run
@@ -267,8 +362,16 @@ class AdaptWidget(QSMDock, QWidget):
         device = self.device_combo.currentData()
         field_layer = self.inputs.field_combo.layer()
         inputs = self.inputs.input_names()
+        try:   # protocol: the other selected scans, each with its own geometry
+            more = self.protocol.scans(field_layer, self.inputs.units(), self.inputs.te_seconds(),
+                                       self.inputs.b0_tesla())
+        except ValueError as exc:
+            self._fail(str(exc))
+            return False
+        scans = [scan] + more
+        self._more_layers = [ly for ly in self.protocol.selected_layers() if ly is not field_layer]
         runner = self.runner
-        self._scan = scan
+        self._scan = scans if more else scan
         self._base_weights = weights
         self.adapted = None
         self.saved_path = None
@@ -276,15 +379,16 @@ class AdaptWidget(QSMDock, QWidget):
         self._timing = None
 
         def job(progress):
-            return adapt(scan, params, weights=weights, device=device, progress=progress, cancel=runner.token,
-                         on_cancel="return")
+            return adapt(scans if more else scan, params, weights=weights, device=device, progress=progress,
+                         cancel=runner.token, on_cancel="return")
 
         self._set_running(True)
-        self.status.setText(f"adapting on {html.escape(self.device_combo.currentText())}…")
+        self.status.setText(f"adapting{f' to {len(scans)} scans' if more else ''} on "
+                            f"{html.escape(self.device_combo.currentText())}…")
         self._preview = PreviewLayer(self.viewer, "adapt (preview)", min_interval=0.0)
         runner.start(job, description="QSMInvNet+ adaptation", total=params.steps,
                      on_progress=lambda p: self._on_progress(p, field_layer),
-                     on_result=lambda res: self._on_result(res, field_layer, scan, inputs, params),
+                     on_result=lambda res: self._on_result(res, field_layer, scans if more else scan, inputs, params),
                      on_error=lambda exc: self._fail(str(exc) if isinstance(exc, ValueError)
                                                      else f"{type(exc).__name__}: {exc}"),
                      on_cancelled=lambda: self.status.setText(
@@ -301,7 +405,7 @@ class AdaptWidget(QSMDock, QWidget):
     def _set_running(self, running: bool) -> None:
         self.run_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
-        for w in (self.inputs, self.form, self.device_combo, self.weights_edit, self.weights_browse):
+        for w in (self.inputs, self.form, self.protocol, self.device_combo, self.weights_edit, self.weights_browse):
             w.setEnabled(not running)
         if running:
             self.save_button.setEnabled(False)
@@ -363,13 +467,20 @@ class AdaptWidget(QSMDock, QWidget):
                                 "the adapted state so far can be saved")
             return
         pd = params_to_dict(res.params)
-        result = Result(chi=res.chi, method="dsbn_adapt", params=pd, seconds=res.seconds, device=res.device,
-                        extras={"steps_done": res.step, "base_weights": res.base_weights,
-                                "final_losses": res.history[-1] if res.history else {}},
-                        scan_info=scan.info())
-        result.title = display_name(get_method("dsbn_adapt").short, replace(res.params, steps=res.step))
-        data, kw = result_layer_data(result, field_layer, scan=scan, inputs=inputs)
-        self.chi_layer = self.viewer.add_image(data, **kw)
+        scans = scan if isinstance(scan, list) else [scan]
+        fls = [field_layer] + list(getattr(self, "_more_layers", []) or [])[: len(scans) - 1]
+        for k, (sc, fl, chi) in enumerate(zip(scans, fls, res.chis or [res.chi])):
+            mname = "uqsm" if res.mode == "uqsm" else "dsbn_adapt"
+            result = Result(chi=chi, method=mname, params=pd, seconds=res.seconds, device=res.device,
+                            extras={"steps_done": res.step, "base_weights": res.base_weights,
+                                    "final_losses": res.history[-1] if res.history else {},
+                                    **({"protocol_scans": len(scans)} if len(scans) > 1 else {})},
+                            scan_info=sc.info())
+            result.title = display_name(get_method(mname).short, replace(res.params, steps=res.step))
+            data, kw = result_layer_data(result, fl, scan=sc, inputs=inputs if k == 0 else {"field": fl.name})
+            layer = self.viewer.add_image(data, **kw)
+            if k == 0:
+                self.chi_layer = layer
         self.viewer.layers.selection.active = self.chi_layer
         show_chi_colorbar(self.viewer, self.chi_layer)
         last = res.history[-1] if res.history else {}
@@ -377,7 +488,9 @@ class AdaptWidget(QSMDock, QWidget):
             lt = f"final L_T {float(last.get('L_T')):.3g}, "
         except (TypeError, ValueError):
             lt = ""
-        self.status.setText(f"<span style='color:{OK_COLOR}'>✓</span> adapted {res.step} steps in {res.seconds:.0f} s "
+        kw = {"name": self.chi_layer.name}
+        self.status.setText(f"<span style='color:{OK_COLOR}'>✓</span> adapted {res.step} steps"
+                            f"{f' to {len(scans)} scans' if len(scans) > 1 else ''} in {res.seconds:.0f} s "
                             f"on {html.escape(str(res.device))} ({lt}base {html.escape(Path(str(res.base_weights)).name)})"
                             f" → layer <b>{html.escape(kw['name'])}</b>")
 
