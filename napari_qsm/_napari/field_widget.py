@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
-                            QLineEdit, QPushButton, QVBoxLayout, QWidget)
+                            QLineEdit, QPushButton, QWidget)
 
 from ..core.field.pipeline import FieldRecipe, local_field
 from ..core.field.records import Echoes
@@ -712,13 +712,21 @@ class FieldWidget(QSMDock, QWidget):
         device = self.device_combo.currentData()
         runner = self.runner
 
+        axes = _source_geometry(mag_src).axes
+        md_src = mag_src.metadata
+
         def job(progress):
-            return local_field(echoes, recipe, mask=user_mask, device=device, progress=progress, cancel=runner.token)
+            run = local_field(echoes, recipe, mask=user_mask, device=device, progress=progress, cancel=runner.token)
+            # the layers' arrays and display windows (percentiles) are made here, not on the event loop
+            geom = Geometry(axes=axes, voxel_size=np.asarray(run.scan.voxel_size, float),
+                            b0_direction=np.asarray(run.scan.b0_direction, float),
+                            affine=np.asarray(run.scan.affine, float))
+            return run, field_layer_data(run, geom, run.scan.name or "echoes", md_src)
 
         self._set_running(True)
         self.status.setText(f"{html.escape(FAMILY_TITLES['fit'])}…")
         runner.start(job, description="Raw echoes → local field",
-                     on_progress=self._on_progress, on_result=lambda run: self._on_result(run, mag_src),
+                     on_progress=self._on_progress, on_result=lambda out: self._on_result(*out, mag_src),
                      on_error=self._on_error, on_cancelled=self._on_cancelled, on_finished=self._on_finished)
         return True
 
@@ -752,7 +760,7 @@ class FieldWidget(QSMDock, QWidget):
         self._set_running(False)
 
     # -- results --------------------------------------------------------------------------------
-    def _on_result(self, run, mag_src: Optional[EchoSource]) -> None:
+    def _on_result(self, run, layer_data: dict, mag_src: Optional[EchoSource]) -> None:
         self.last_run = run
         src = mag_src if mag_src is not None and mag_src.alive(self.viewer) else None
         if src is not None:  # 3-D maps line up with 4-D echoes only when the echo axis comes first
@@ -765,13 +773,7 @@ class FieldWidget(QSMDock, QWidget):
                 for new, old in enumerate([ax] + [a for a in range(4) if a != ax]):
                     dims.set_point(new, point[old])  # same echo and slice as before
             self.refresh_sources()
-        geom = Geometry(axes=_source_geometry(src).axes if src is not None else DISPLAY_AXES,
-                        voxel_size=np.asarray(run.scan.voxel_size, float),
-                        b0_direction=np.asarray(run.scan.b0_direction, float),
-                        affine=np.asarray(run.scan.affine, float))
-        md_src = src.metadata if src is not None else {}
-        prefix = run.scan.name or "echoes"
-        for key, (data, kw, typ) in field_layer_data(run, geom, prefix, md_src).items():
+        for key, (data, kw, typ) in layer_data.items():
             old = self.output_layers.get(key)
             if old is not None and old in self.viewer.layers and old.data.shape == data.shape:
                 old.data = data
