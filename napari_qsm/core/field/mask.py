@@ -89,11 +89,29 @@ def _largest_component(m):
     return lab == int(np.argmax(sizes))
 
 
+def _fill_from_border(m, structure, border_axes):
+    """``m`` with every background component (``structure``-connected) that touches no face of the
+    ``border_axes`` filled in: scipy's binary_fill_holes by one labelling pass instead of propagation."""
+    lab, n = ndimage.label(~m, structure=structure)
+    if n == 0:
+        return m
+    touch = np.zeros(n + 1, bool)
+    for ax in border_axes:
+        for end in (0, -1):
+            touch[np.take(lab, end, axis=ax)] = True
+    touch[0] = True                      # label 0 is the object itself
+    return m | ~touch[lab]
+
+
 def _fill_holes(m):
-    m = ndimage.binary_fill_holes(m)
+    cross = ndimage.generate_binary_structure(3, 1)
+    m = _fill_from_border(m, cross, (0, 1, 2))
     for ax in range(3):  # holes open to the outside in 3-D but closed within slices (e.g. ventricles cut by the FOV)
-        m = np.stack([ndimage.binary_fill_holes(s) for s in np.moveaxis(m, ax, 0)], axis=0)
-        m = np.moveaxis(m, 0, ax)
+        plane = np.zeros((3, 3, 3), bool)
+        idx = [slice(None)] * 3
+        idx[ax] = 1
+        plane[tuple(idx)] = cross[tuple(idx)]   # connectivity within the slices across ``ax`` only
+        m = _fill_from_border(m, plane, tuple(a for a in range(3) if a != ax))
     return m
 
 
