@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from napari_test_helpers import add_layer_data
+from napari_test_helpers import add_layer_data, assert_responsive, start_ticks
 
 RAW_SHAPE, RAW_VS = (40, 48, 40), (4.0, 4.0, 4.0)
 
@@ -109,8 +109,11 @@ def test_cancel_stops_the_run_and_adds_nothing(make_napari_viewer, qtbot, raw_ph
     viewer, w = _field_viewer(make_napari_viewer, raw_phantom)
     w.set_step("background", "slowtest")
     n = len(viewer.layers)
+    timer, ticks = start_ticks()
     assert w.run()
-    qtbot.wait(300)
+    assert_responsive(qtbot, ticks, seconds=1.5)  # the echo fit, mask and unwrapping run off the event loop
+    timer.stop()
+    assert w.runner.running
     t0 = time.perf_counter()
     w.cancel()
     qtbot.waitUntil(lambda: not w.runner.running, timeout=10000)
