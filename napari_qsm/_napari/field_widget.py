@@ -572,7 +572,7 @@ class FieldWidget(QSMDock, QWidget):
         mag, ph = self.magnitude_source(), self.phase_source()
         if mag is None:
             self.echo_info.setText(f"<span style='color:{WARN_COLOR}'>No echoes yet: open a BIDS or DICOM folder, "
-                                   "or File ▸ Open Sample ▸ napari-qsm ▸ Raw multi-echo head</span>")
+                                   "or File ▸ Open Sample ▸ napari QSM ▸ Raw multi-echo head</span>")
             return
         g = _source_geometry(mag)
         bits = [f"{mag.n_echoes} echoes", "voxel " + " × ".join(f"{v:g}" for v in g.voxel_size) + " mm"]
