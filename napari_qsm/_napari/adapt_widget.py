@@ -476,7 +476,8 @@ class AdaptWidget(QSMDock, QWidget):
                                     "final_losses": res.history[-1] if res.history else {},
                                     **({"protocol_scans": len(scans)} if len(scans) > 1 else {})},
                             scan_info=sc.info())
-            result.title = display_name(get_method(mname).short, replace(res.params, steps=res.step))
+            result.title = (f"uQSM ({res.step} steps)" if mname == "uqsm" else
+                            display_name(get_method(mname).short, replace(res.params, steps=res.step)))
             data, kw = result_layer_data(result, fl, scan=sc, inputs=inputs if k == 0 else {"field": fl.name})
             layer = self.viewer.add_image(data, **kw)
             if k == 0:

@@ -84,7 +84,9 @@ weight 0.001 as published. No λ ramp, no synthetic data. Input: ``uqsm_input=tk
 base architecture's TKD channel, so step 0 is TKD (the output layer starts at zero) and training learns a
 correction; ``field`` is the published field + mask input, which with a budget of minutes stays far from
 a usable χ (docs/benchmarks/adapt.md). The checkpoint is a plain one-domain QSMInvNet
-(``recon --method dsbn --weights UQSM.pt``); the registered method "uqsm" runs it on the open scan.
+(``recon --method dsbn --weights UQSM.pt``). uQSM is a mode of the registered method "dsbn_adapt" (and of
+``napari-qsm adapt --param mode=uqsm`` and the Adapt dock), not a method of its own, so the method list
+(and the demo that runs every method) stay as they were.
 
 Protocol adaptation (:func:`adapt_protocol`, or a list of scans to :func:`adapt`): one adaptation over
 several scans of one scanner and protocol. Slot k of step t draws its scan at random (seeded), then a
@@ -127,7 +129,7 @@ from .losses import DipoleOperator, LambdaSchedule, loss_edge_tv, loss_field, lo
 from .unet import ConvBlock, NetConfig, QSMInvNet
 
 __all__ = ["AdaptParams", "AdaptResult", "AdaptCancelled", "adapt", "adapt_protocol", "save_adapted", "adapt_cli",
-           "load_adapted", "scan_patch_shape", "UQSMParams"]
+           "load_adapted", "scan_patch_shape"]
 
 GAMMA_BAR = 42.577478e6  # Hz/T
 
@@ -1043,27 +1045,10 @@ def _run(scan, p: AdaptParams, *, device, progress=None, cancel=None, weights=No
     return {"chi": res.chi, "extras": _extras(res)}
 
 
-@dataclass
-class UQSMParams(AdaptParams):
-    """:class:`AdaptParams` with ``mode`` fixed to uqsm (the registered method "uqsm")."""
-
-    mode: str = param("uqsm", "uqsm = uQSM: the U-Net from random initialisation on this scan, physics loss + TV",
-                      choices=("uqsm",), widget="advanced")
-
-
-def _run_uqsm(scan, p: UQSMParams, *, device, progress=None, cancel=None, **_):
-    res = adapt(scan, p, weights=None, device=device, progress=progress, cancel=cancel)
-    return {"chi": res.chi, "extras": _extras(res)}
-
-
 METHODS = (Method(
     "dsbn_adapt", "QSMInvNet+ adapted to this scan", AdaptParams, _run, order=45,
     short="QSMInvNet+ adapted ({steps} steps)", accepts_weights=True,
     long_running=True, uses_magnitude=True,
     doc="Adapts QSMInvNet+ to the open scan for a few minutes (synthetic L_S on domain 0 + λ·L_T on the scan's "
-        "domain 1), then reconstructs with the scan's own batch norms. mode=finetune gives the QSMInvNet baseline."),
-    Method("uqsm", "uQSM (trained on this scan only)", UQSMParams, _run_uqsm, order=46,
-           short="uQSM ({steps} steps)", long_running=True, uses_magnitude=True,
-           doc="uQSM (Liu & Koch 2020): the same U-Net without domain-specific batch norm, trained from random "
-               "initialisation on this scan alone with the magnitude-weighted nonlinear dipole data term (exact "
-               "patch form) + 0.001·TV; no labels, no synthetic data."),)
+        "domain 1), then reconstructs with the scan's own batch norms. mode=finetune gives the QSMInvNet baseline; "
+        "mode=uqsm trains uQSM (the same U-Net from scratch on the scan alone)."),)
