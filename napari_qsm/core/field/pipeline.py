@@ -1,8 +1,9 @@
 """Raw multi-echo GRE → local field: the front end's steps chained into one call.
 
-``Echoes`` → fit (total field, N_std, R2*, combined magnitude) → brain mask (a user mask always
-wins) → spatial unwrapping of the fitted field when the fit left it wrapped → background field
-removal → a :class:`~napari_qsm.core.scan.Scan` (local field in ppm, the eroded mask, magnitude,
+``Echoes`` → fit (total field, N_std, R2*, combined magnitude, misfit) → brain mask from the
+phase-quality map, edge voxels whose echo fit does not hold left out (a user mask always wins) →
+spatial unwrapping of the fitted field when the fit left it wrapped (``provenance["unwrap_check"]``
+counts the neighbour jumps above π left in the mask: 0 when exact) → background field removal → a :class:`~napari_qsm.core.scan.Scan` (local field in ppm, the eroded mask, magnitude,
 N_std, R2*, voxel size, B0 direction, B0 and TE) that every inversion, the adaptation included,
 accepts unchanged.
 
@@ -151,6 +152,7 @@ def local_field(echoes: Echoes, recipe: Optional[FieldRecipe] = None, *, mask=No
                      "parameters": params_to_dict(records[family]), "seconds": round(time.perf_counter() - t0, 3)})
         return out
 
+    unwrap_check = None
     total = timed("fit", lambda s, p: s.run(echoes, p, device=device, progress=progress, cancel=cancel))
     if mask is not None:
         brain = _mask.check_user_mask(mask, total.shape)
@@ -177,6 +179,9 @@ def local_field(echoes: Echoes, recipe: Optional[FieldRecipe] = None, *, mask=No
             return total.replace(field=np.where(brain, u / np.float32(total.rad_per_ppm), 0).astype(np.float32),
                                  wrapped=False, mask=brain)
         total = timed("unwrap", unwrap)
+        # neighbours inside the mask whose unwrapped phases still differ by more than π: each is a 2π error
+        # (or a true step no spatial unwrapper can resolve); 0 after exact unwrapping
+        unwrap_check = {"residual_jumps": _unwrap.residual_jumps(total.field * np.float32(total.rad_per_ppm), brain)}
     else:
         total = total.replace(field=np.where(brain, total.field, 0).astype(np.float32), mask=brain)
     local, eroded = timed("background", lambda s, p: s.run(
@@ -187,6 +192,8 @@ def local_field(echoes: Echoes, recipe: Optional[FieldRecipe] = None, *, mask=No
                         "use a smaller radius or another method")
     provenance = {"steps": done, "seconds": round(time.perf_counter() - t_all, 3), "echoes": echoes.info(),
                   "fit": total.provenance}
+    if unwrap_check is not None:
+        provenance["unwrap_check"] = unwrap_check
     scan = Scan(field=np.where(eroded, local, 0).astype(np.float32), mask=eroded, voxel_size=total.voxel_size,
                 b0_direction=total.b0_direction, magnitude=total.magnitude, noise_std=total.noise_std,
                 r2star=total.r2star, affine=total.affine, te=float(total.delta_te), b0_tesla=total.b0_tesla,
