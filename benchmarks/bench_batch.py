@@ -90,7 +90,7 @@ def measure(root: Path, method: str, workers: int, params: dict) -> dict:
     from napari_qsm.batch import run_batch, warm_worker
 
     t0 = time.perf_counter()
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                            silence_logs=40)
     client = Client(cluster)
     client.run(warm_worker)

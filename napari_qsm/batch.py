@@ -448,7 +448,7 @@ def process_scan(job: dict) -> dict:
 
         out = {k: Path(v) for k, v in job["outputs"].items()}
         out["chi"].parent.mkdir(parents=True, exist_ok=True)
-        common = {"software": "napari-qsm", "version": __version__, "scan": job["id"],
+        common = {"software": "napari-qsm", "version": __version__, "scan_id": job["id"],
                   "input_sha256": job["input_sha256"], "Sources": job["sources"]}
         field_seconds = 0.0
         if job["kind"] == "raw":

@@ -53,7 +53,7 @@ def dataset(template, tmp_path):
 def client():
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                            silence_logs=40)
     c = Client(cluster)
     c.run(warm_worker)  # imports torch and the registry once per worker
@@ -92,6 +92,7 @@ def test_batch_isolates_a_corrupt_scan_resumes_and_equals_recon(dataset, client,
             assert p.exists() and p.with_name(p.name.replace(".nii.gz", ".json")).exists(), p
         side = json.loads(out["chi"].with_name(f"{sub}_desc-tkd_Chimap.json").read_text())
         assert side["method"] == "tkd" and side["version"] and side["seconds"] > 0 and side["device"] == "cpu"
+        assert side["scan_id"] == sub and side["scan"]["b0_tesla"] == pytest.approx(3.0, rel=0.01)
         echo1 = f"{sub}/anat/{sub}_echo-1_part-mag_MEGRE.nii.gz"
         assert side["input_sha256"][echo1] == sha256_file(dataset / echo1)
         assert side["recon_command"].startswith("OMP_NUM_THREADS=1 napari-qsm recon")
