@@ -23,8 +23,12 @@ Region growing that always takes the best remaining edge next is Prim's algorith
 differences along it (pointer doubling, no Python loop per voxel). Every mask component is grown
 from its best voxel. The result is exact — it differs from the true phase only by one constant
 multiple of 2π per connected component — wherever the true phase step along the tree is below π.
-A global 2π correction then moves the median inside the mask into (−π, π] (ROMEO's
-``correctglobal``). Multi-echo: the template echo is unwrapped spatially and every other echo
+The tree never leaves a jump above π along its own edges, so a voxel that it reached through
+one bad edge (at the mask's edge next to an air cavity) can hold a 2π error that shows only against
+its other neighbours: :func:`fix_residual_wraps` (``fix_jumps``, on by default) shifts by 2π every
+voxel that differs by more than π from most of its in-mask 26-neighbours, until none does;
+:func:`residual_jumps` counts the neighbour pairs still above π. A global 2π correction then moves
+the median inside the mask into (−π, π] (ROMEO's ``correctglobal``). Multi-echo: the template echo is unwrapped spatially and every other echo
 is unwrapped against it voxel by voxel, φ_n = w_n + 2π·round((φ_t·TE_n/TE_t − w_n)/2π)
 (``echo_mode="template"``), or each echo is unwrapped spatially and shifted by the 2π multiple that
 best matches the scaled template (``"individual"``).
