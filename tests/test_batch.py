@@ -245,3 +245,14 @@ def test_discover_sessions_runs_and_incomplete_scans(tmp_path):
     assert "phase echoes []" in found["sub-02"].problem and "no sub-03_mask" in found["sub-03"].problem
     assert found["sub-04_acq-x"].kind == "field" and not found["sub-04_acq-x"].problem
     assert [s.id for s in discover(tmp_path, only=["04"])] == ["sub-04_acq-x"]
+
+
+def test_batch_imports_no_qt_and_no_napari():
+    import subprocess
+    import sys
+
+    code = ("import sys, napari_qsm.batch, napari_qsm.cli; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide6')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
