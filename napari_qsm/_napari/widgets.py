@@ -9,6 +9,7 @@ registry and the parameter records (:mod:`napari_qsm._napari.form`), and the run
 from __future__ import annotations
 
 import html
+import re
 import warnings
 from typing import Optional
 
@@ -72,10 +73,13 @@ def _scrolling_body(widget: QWidget) -> tuple:
     return outer, scroll, body
 
 
-def _inputs_section(body: QVBoxLayout, viewer) -> "InputsPanel":
-    """Add the shared "Inputs" section (field, mask, magnitude, units, B0) to a dock body."""
+def _inputs_section(body: QVBoxLayout, viewer, echo_maps: bool = False) -> "InputsPanel":
+    """Add the shared "Inputs" section (field, mask, magnitude, units, B0) to a dock body.
+
+    ``echo_maps``: also offer the echo fit's noise N_std and R2* maps (see :class:`InputsPanel`).
+    """
     box, lay = _section("Inputs")
-    panel = InputsPanel(viewer)
+    panel = InputsPanel(viewer, echo_maps=echo_maps)
     lay.addWidget(panel)
     body.addWidget(box)
     return panel
@@ -188,6 +192,44 @@ def _role(layer) -> str:
     return md.get("role") or guess_role(layer.name)
 
 
+_R2STAR_NAME = re.compile(r"(^|[_\-. ])r2(star|s|\*)", re.IGNORECASE)
+
+
+def _map_role(layer) -> str:
+    """Role of an echo-fit map: the metadata's, else "r2star" for names like R2*, r2star, R2starmap, else by name."""
+    md = getattr(layer, "metadata", None) or {}
+    if md.get("role"):
+        return md["role"]
+    return "r2star" if _R2STAR_NAME.search(layer.name) else guess_role(layer.name)
+
+
+def _same_run(a, b) -> bool:
+    """False only when both layers come from Field dock runs and not from the same one."""
+    sa = (getattr(a, "metadata", None) or {}).get("field_steps")
+    sb = (getattr(b, "metadata", None) or {}).get("field_steps")
+    return sa is None or sb is None or sa == sb
+
+
+def _map_array(layer, what: str, field_layer) -> np.ndarray:
+    """A 3-D map layer on the field layer's grid, in the canonical frame (ScanError naming ``what``)."""
+    from .layers import to_canonical
+
+    data = layer.data[0] if isinstance(layer.data, (list, tuple)) else layer.data
+    arr = np.asarray(data)
+    fshape = tuple(np.shape(field_layer.data))
+    if arr.shape != fshape:
+        raise ScanError(f"{what}: layer '{layer.name}' has shape {arr.shape}, the field layer "
+                        f"'{field_layer.name}' has {fshape}")
+    g, geom = layer_geometry(layer), layer_geometry(field_layer)
+    if g.known and geom.known and (tuple(g.axes) != tuple(geom.axes) or not np.allclose(g.affine, geom.affine,
+                                                                                      atol=1e-3)):
+        raise ScanError(f"{what}: layer '{layer.name}' is on a different voxel grid than the field layer "
+                        f"'{field_layer.name}'; resample it first")
+    if np.iscomplexobj(arr):
+        raise ScanError(f"{what}: layer '{layer.name}' is complex; expected a real-valued map")
+    return np.ascontiguousarray(to_canonical(arr, geom.axes), dtype=np.float32)
+
+
 class VScrollArea(QScrollArea):
     """Scroll area asking for the width its content needs (a horizontal bar only when squeezed)."""
 
@@ -265,11 +307,17 @@ class InputsPanel(QWidget):
     field layer (:func:`~napari_qsm._napari.layers.acquisition_from_metadata`: BIDS sidecar
     ImagingFrequency / MagneticFieldStrength / EchoTime, NIfTI header, layer metadata); the line
     under them says where each value came from, and flags the 3 T / 20 ms defaults as assumed.
+
+    With ``echo_maps`` (the Reconstruct dock) two optional maps of the echo fit follow the
+    magnitude: the field noise N_std (ppm; MEDI weights the data by 1/N_std, as the command line's
+    ``--noise-std``) and R2* (1/s; MEDI+0 finds the CSF in it, as ``--r2star``). Both are picked
+    by their metadata role ("noise_std", "r2star", as the Field dock makes them) on the field's
+    grid, from the field's own Field run when it has one; "(none)" when there is none.
     """
 
     changed = Signal()
 
-    def __init__(self, viewer, parent=None):
+    def __init__(self, viewer, parent=None, echo_maps: bool = False):
         super().__init__(parent)
         self.viewer = viewer
         self._b0_from_layer: Optional[np.ndarray] = None
@@ -348,6 +396,20 @@ class InputsPanel(QWidget):
         self.mag_combo.setToolTip("Magnitude image (optional; MEDI uses it for edges and noise weights)")
         form.addRow("Magnitude", self.mag_combo)
 
+        self.noise_combo = self.r2star_combo = None
+        if echo_maps:
+            self.noise_combo = LayerCombo(viewer, _is_image, optional=True)
+            self.noise_combo.setObjectName("noise_combo")
+            self.noise_combo.setToolTip("<qt>Field noise standard deviation N_std (ppm) from the echo fit, e.g. the "
+                                        "Field dock's 'noise (N_std)' (optional). MEDI weights the data by 1/N_std; "
+                                        "without it, by the magnitude.</qt>")
+            form.addRow("Noise N_std (ppm)", self.noise_combo)
+            self.r2star_combo = LayerCombo(viewer, _is_image, optional=True)
+            self.r2star_combo.setObjectName("r2star_combo")
+            self.r2star_combo.setToolTip("<qt>R2* map (1/s) from the echo fit, e.g. the Field dock's 'R2*' (optional). "
+                                         "MEDI+0 finds the CSF in it (low R2*); without it, in the magnitude.</qt>")
+            form.addRow("R2* (1/s)", self.r2star_combo)
+
         self.grid_label = _wrap_label("", DIM_COLOR, small=True)
         form.addRow("Grid", self.grid_label)
 
@@ -395,10 +457,10 @@ class InputsPanel(QWidget):
         self._timer.timeout.connect(self.validate)
 
         self._user_picked: dict = {}
-        for c in (self.field_combo, self.mask_combo, self.mag_combo):
+        for c in self._combos():
             c.activated.connect(lambda _i, c=c: self._user_picked.__setitem__(id(c), True))
         self.field_combo.currentIndexChanged.connect(self._on_field_changed)
-        for w in (self.mask_combo, self.mag_combo):
+        for w in self._combos()[1:]:
             w.currentIndexChanged.connect(self._schedule)
         self.units_combo.currentIndexChanged.connect(self._on_units_changed)
         self.te_spin.valueChanged.connect(lambda *_: self._on_acq_edited("te"))
@@ -443,20 +505,30 @@ class InputsPanel(QWidget):
                 event.value.events.name.connect(self._on_layers_changed)
             except Exception:
                 pass
-        before = (self.field_combo.layer(), self.mask_combo.layer(), self.mag_combo.layer())
-        for c in (self.field_combo, self.mask_combo, self.mag_combo):
+        combos = self._combos()
+        before = tuple(c.layer() for c in combos)
+        for c in combos:
             c.blockSignals(True)
             c.refresh()
         self._autopick(force=False)
-        for c in (self.field_combo, self.mask_combo, self.mag_combo):
+        for c in combos:
             c.blockSignals(False)
-        after = (self.field_combo.layer(), self.mask_combo.layer(), self.mag_combo.layer())
+        after = tuple(c.layer() for c in combos)
         if before[0] is not after[0]:
             self._on_field_changed()
         elif before != after:
             self._schedule()
         else:
             self._schedule()
+
+    def _combos(self) -> list:
+        """The layer drop-downs: field, mask, magnitude, then the echo maps when shown."""
+        return [c for c in (self.field_combo, self.mask_combo, self.mag_combo, self.noise_combo, self.r2star_combo)
+                if c is not None]
+
+    def _map_combos(self) -> list:
+        return [(c, role) for c, role in ((self.noise_combo, "noise_std"), (self.r2star_combo, "r2star"))
+                if c is not None]
 
     def _best(self, combo: LayerCombo, roles: tuple, shape=None):
         cands = combo.candidates()
@@ -502,16 +574,26 @@ class InputsPanel(QWidget):
             best = self._best(self.mag_combo, ("magnitude",), shape)
             if best is not None or mismatch:
                 self.mag_combo.select(best)
+        for combo, role in self._map_combos():
+            # an echo map follows the field (its Field run's map; "(none)" when there is none) until
+            # the user picks one by hand; one on another grid is always dropped
+            cur = combo.layer()
+            mismatch = cur is not None and (shape is None or tuple(cur.data.shape) != shape)
+            if mismatch or not self._user_picked.get(id(combo)):
+                hits = [c for c in combo.candidates() if _map_role(c) == role and shape is not None
+                        and tuple(c.data.shape) == shape and _same_run(c, field)]
+                combo.select(hits[-1] if hits else None)
 
     # -- field / geometry ---------------------------------------------------------------------
     def _on_field_changed(self, *_) -> None:
         layer = self.field_combo.layer()
         if layer is not None:
-            self.mask_combo.blockSignals(True)
-            self.mag_combo.blockSignals(True)
+            others = self._combos()[1:]
+            for c in others:
+                c.blockSignals(True)
             self._autopick(force=False)
-            self.mask_combo.blockSignals(False)
-            self.mag_combo.blockSignals(False)
+            for c in others:
+                c.blockSignals(False)
             md = layer.metadata or {}
             self._prefill_acquisition(md)
             units = md.get("units")
@@ -645,15 +727,26 @@ class InputsPanel(QWidget):
         b0 = self.b0_direction()
         if b0 is None:
             raise ScanError("b0_direction: the zero vector has no direction; set the B0 direction")
-        return scan_from_layers(self.field_combo.layer(), self.mask_combo.layer(), self.mag_combo.layer(),
+        noise = self.noise_combo.layer() if self.noise_combo is not None else None
+        scan = scan_from_layers(self.field_combo.layer(), self.mask_combo.layer(), self.mag_combo.layer(),
                                 units=self.units(), te=self.te_seconds(), b0_tesla=self.b0_tesla(),
-                                b0_direction=b0)
+                                b0_direction=b0, noise_layer=noise)
+        r2 = self.r2star_combo.layer() if self.r2star_combo is not None else None
+        if r2 is not None:
+            scan.r2star = _map_array(r2, "r2star", self.field_combo.layer())
+        for key, lay in (("noise_std", noise), ("r2star", r2)):
+            if lay is not None:
+                scan.source[key] = (lay.metadata or {}).get("path") or f"layer:{lay.name}"
+        return scan
 
     def input_names(self) -> dict:
         out = {"field": getattr(self.field_combo.layer(), "name", None),
                "mask": getattr(self.mask_combo.layer(), "name", None)}
         if self.mag_combo.layer() is not None:
             out["magnitude"] = self.mag_combo.layer().name
+        for key, combo in (("noise_std", self.noise_combo), ("r2star", self.r2star_combo)):
+            if combo is not None and combo.layer() is not None:
+                out[key] = combo.layer().name
         out["units"] = self.units()
         out["b0_tesla"] = self.b0_tesla()
         out["te"] = self.te_seconds()
@@ -691,6 +784,10 @@ class InputsPanel(QWidget):
                 f"field 1–99% {lo:+.3f} … {hi:+.3f} ppm")
         if scan.magnitude is None:
             text += f"<br><span style='color:{DIM_COLOR}'>no magnitude: MEDI edge weighting unavailable</span>"
+        maps = [what for what, arr in (("noise N_std (MEDI's data weights)", scan.noise_std),
+                                       ("R2* (MEDI+0's CSF mask)", scan.r2star)) if arr is not None]
+        if maps:
+            text += f"<br><span style='color:{DIM_COLOR}'>from the echo fit: {html.escape(', '.join(maps))}</span>"
         field_layer = self.field_combo.layer()
         field_role = _role(field_layer) if field_layer is not None else None
         if field_role in NOT_LOCAL_FIELD:
@@ -765,7 +862,7 @@ class QSMWidget(QSMDock, QWidget):
         self._preview: Optional[PreviewLayer] = None
 
         outer, scroll, body = _scrolling_body(self)
-        self.inputs = _inputs_section(body, napari_viewer)
+        self.inputs = _inputs_section(body, napari_viewer, echo_maps=True)
 
         box, lay = _section("Reconstruct")
         form = QFormLayout()

@@ -432,3 +432,62 @@ def test_raw_phase_and_total_field_are_not_the_default_local_field(phantom_viewe
     w.inputs.field_combo.select(phantom_viewer.layers["sub-01_fieldmap"])
     qtbot.waitUntil(lambda: "ready" in w.inputs.message.text(), timeout=3000)
     assert "not a local field" in w.inputs.message.text()
+
+
+def _echo_map(viewer, name, data, role, **md):
+    """An image layer on the phantom field's grid, with the field's geometry metadata and ``role``."""
+    field = viewer.layers["phantom field"]
+    meta = {k: v for k, v in field.metadata.items() if k not in ("role", "units")}
+    return viewer.add_image(data.astype(np.float32), name=name, scale=field.scale, translate=field.translate,
+                            metadata=dict(meta, role=role, **md), visible=False)
+
+
+def test_noise_and_r2star_maps_reach_the_scan_and_medi(phantom_viewer, qtbot):
+    """The Field dock's N_std and R2* layers are picked by role and become scan.noise_std / scan.r2star (MEDI uses them)."""
+    if "medi" not in [m.name for m in available_methods()]:
+        pytest.skip("MEDI not registered")
+    w = _dock(phantom_viewer, qtbot)
+    assert w.inputs.noise_combo.currentText() == "(none)" and w.inputs.r2star_combo.currentText() == "(none)"
+    assert w.inputs.build_scan().noise_std is None
+    field = phantom_viewer.layers["phantom field"]
+    rng = np.random.default_rng(0)
+    noise = (0.01 + 0.02 * rng.random(field.data.shape)).astype(np.float32)
+    r2 = (10.0 + 40.0 * rng.random(field.data.shape)).astype(np.float32)
+    _echo_map(phantom_viewer, "raw noise (N_std)", noise, "noise_std", units="ppm")
+    _echo_map(phantom_viewer, "raw R2*", r2, "r2star", units="1/s")
+    _echo_map(phantom_viewer, "wrong grid", noise[:, :-2], "noise_std")  # never offered for this field
+    qtbot.waitUntil(lambda: w.inputs.noise_combo.currentText() == "raw noise (N_std)", timeout=3000)
+    assert w.inputs.r2star_combo.currentText() == "raw R2*"
+    axes = field.metadata["axes"]
+    scan = w.inputs.build_scan()
+    np.testing.assert_array_equal(scan.noise_std, to_canonical(noise, axes))
+    np.testing.assert_array_equal(scan.r2star, to_canonical(r2, axes))
+    assert scan.source["noise_std"] == "layer:raw noise (N_std)"
+    # MEDI started from the dock weights the data by 1/N_std (its provenance says so)
+    w.set_method("medi")
+    w.form.set_values({"max_iter": 1, "cg_max_iter": 5})
+    assert w.run()
+    _wait_done(w, qtbot, timeout=120000)
+    prov = phantom_viewer.layers[-1].metadata["provenance"]
+    assert prov["method"] == "medi", w.status.text()
+    assert prov["extras"]["data_weighting"] == "noise_std"
+    assert prov["inputs"]["noise_std"] == "raw noise (N_std)" and prov["inputs"]["r2star"] == "raw R2*"
+    # "(none)" chosen by hand stays: no noise map, MEDI falls back to the magnitude
+    w.inputs.noise_combo.setCurrentIndex(0)
+    w.inputs.noise_combo.activated.emit(0)
+    _echo_map(phantom_viewer, "another noise", noise, "noise_std")
+    qtbot.wait(300)
+    assert w.inputs.noise_combo.currentText() == "(none)" and w.inputs.build_scan().noise_std is None
+
+
+def test_echo_maps_of_another_field_run_are_not_picked(phantom_viewer, qtbot):
+    w = _dock(phantom_viewer, qtbot)
+    field = phantom_viewer.layers["phantom field"]
+    field.metadata = dict(field.metadata, field_steps=[{"family": "fit", "name": "linear", "seconds": 1.0}])
+    other = [{"family": "fit", "name": "linear", "seconds": 2.0}]
+    _echo_map(phantom_viewer, "other run noise", np.ones(field.data.shape), "noise_std", field_steps=other)
+    qtbot.wait(300)
+    assert w.inputs.noise_combo.currentText() == "(none)"
+    _echo_map(phantom_viewer, "same run noise", np.ones(field.data.shape), "noise_std",
+              field_steps=field.metadata["field_steps"])
+    qtbot.waitUntil(lambda: w.inputs.noise_combo.currentText() == "same run noise", timeout=3000)
