@@ -68,7 +68,8 @@ BACKGROUND = [("vsharp", {}, "V-SHARP (12→1 mm, 0.05)"), ("resharp", {}, "RESH
               ("resharp", {"radius": 12.0}, "RESHARP (12 mm, λ 1e-4)"), ("pdf", {}, "PDF (30 it./grid, 2 coarse)"),
               ("lbv", {}, "LBV (tol 1e-6, peel 2)")]
 INVERSIONS = ("tkd", "dsbn", "medi")
-CHAINS = ("vsharp", "resharp")
+CHAINS = ("vsharp", "resharp")          # their eroded masks ∩ the brain mask = where χ is scored
+EXTRA_CHAINS = ("lbv",)                 # scored in the same voxels (LBV's own peeled mask contains them)
 TIMED_STEPS = [("fit", "linear"), ("fit", "nonlinear"), ("mask", "threshold"), ("unwrap", "quality"),
                ("unwrap", "laplacian"), ("background", "vsharp"), ("background", "resharp"), ("background", "pdf"),
                ("background", "lbv"), ("pipeline", "default")]
@@ -212,20 +213,21 @@ def accuracy(case, cache: Cache):
         rows.append(r)
     out["background"] = rows
     # χ
-    d = {c: np.load(cache.dir / f"local_{case}_{c}_d.npz") for c in CHAINS}
+    d = {c: np.load(cache.dir / f"local_{case}_{c}_d.npz") for c in CHAINS + EXTRA_CHAINS}
     eval_mask = ph.mask.copy()
     for c in CHAINS:
         eval_mask &= d[c]["mask"]
     common = dict(voxel_size=tot.voxel_size, b0_direction=tot.b0_direction, magnitude=tot.magnitude,
                   noise_std=tot.noise_std, r2star=tot.r2star, affine=tot.affine, te=float(tot.delta_te),
                   b0_tesla=tot.b0_tesla)
-    scans = {c: Scan(field=d[c]["local"], mask=d[c]["mask"], name=f"raw {c}", **common) for c in CHAINS}
+    scans = {c: Scan(field=d[c]["local"], mask=d[c]["mask"], name=f"raw {c}", **common) for c in CHAINS + EXTRA_CHAINS}
+    out["chi_eval_outside_lbv_mask"] = int((eval_mask & ~d["lbv"]["mask"]).sum())
     scans["truth"] = Scan(field=(ph.true_local_field * ph.mask).astype(np.float32), mask=ph.mask,
                           name="true local field", **common)
     from napari_qsm.core import metrics as M
     chi_rows = []
     for inv in INVERSIONS:
-        for src in ("truth",) + CHAINS:
+        for src in ("truth",) + CHAINS + EXTRA_CHAINS:
             key = f"chi_{case}_{inv}_{src}"
 
             def one(inv=inv, src=src):
@@ -318,6 +320,32 @@ def _f(x, nd=1):
     return "" if x is None else f"{x:.{nd}f}"
 
 
+def summary_table(results) -> list:
+    """The headline table (also in the README): per case, 2π errors, local-field NRMSE per method, χ."""
+    acc_all = results.get("accuracy", {})
+    if not acc_all:
+        return []
+    L = ["## Summary", "",
+         "Local-field NRMSE % (demeaned; from raw echoes / from the true total field), χ NRMSE % of MEDI "
+         "(raw → V-SHARP → MEDI / raw → LBV → MEDI / MEDI on the true local field), default chain seconds (fit, "
+         "mask, unwrap, V-SHARP; timing part).", "",
+         "| case | 2π-error voxels | V-SHARP | RESHARP 6 mm | RESHARP 12 mm | PDF | LBV | MEDI χ | default chain s |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for case, acc in acc_all.items():
+        bg = {(r["method"], r["params"].get("radius", 0)): r for r in acc["background"]}
+        cell = lambda k: (f"{bg[k]['nrmse_raw']:.1f} / {bg[k]['nrmse_true_total']:.1f}" if k in bg else "")  # noqa: E731
+        chi = {(r["inversion"], r["source"]): r for r in acc["chi"]}
+        medi = " / ".join(f"{chi[('medi', k)]['nrmse']:.1f}" if "nrmse" in chi.get(("medi", k), {}) else "–"
+                          for k in ("vsharp", "lbv", "truth"))
+        t = {r.get("step"): r for r in results.get("timing", {}).get(case, [])}
+        tp = t.get("pipeline/default", {})
+        secs = f"{tp['seconds']:.0f} ({tp['threads']} threads)" if "seconds" in tp else ""
+        L.append(f"| {acc['label']} | {acc['total_field']['two_pi_error_voxels_in_mask']} | {cell(('vsharp', 0))} | "
+                 f"{cell(('resharp', 0))} | {cell(('resharp', 12.0))} | {cell(('pdf', 0))} | {cell(('lbv', 0))} | "
+                 f"{medi} | {secs} |")
+    return L
+
+
 def write_report(results, path_md: Path, path_json: Path, cmdline: str):
     path_json.write_text(json.dumps(results, indent=1, default=float) + "\n")
     L = ["# Front end: raw echoes → local field → χ (issue 13)", "",
@@ -331,6 +359,7 @@ def write_report(results, path_md: Path, path_json: Path, cmdline: str):
          "the default one: MCPC-3D-S + linear fit (echoes unwrapped in time against the Hermitian-sum prediction), "
          "threshold mask on the phase-quality map with misfit > 10 edge voxels left out, quality-guided "
          "(maximum-spanning-tree) unwrapping with the 26-neighbour 2π check, then each background method.", ""]
+    L += summary_table(results) + [""]
     for case, acc in results.get("accuracy", {}).items():
         L += [f"## {acc['label']}", ""]
         tf = acc["total_field"]
@@ -355,11 +384,12 @@ def write_report(results, path_md: Path, path_json: Path, cmdline: str):
               f"brain mask ({acc['chi_eval_voxels']} voxels). Inversions from the registry with default parameters "
               "(TKD δ 0.15, MEDI λ 1000 with N_std weights, QSMInvNet+ `dsbn` shipped weights); *true local field*: "
               "the phantom's true local field in its brain mask with the pipeline's magnitude and N_std.", "",
-              "| inversion | true local field | raw → V-SHARP → | raw → RESHARP 6 mm → |", "|---|---|---|---|"]
+              "| inversion | true local field | raw → V-SHARP → | raw → RESHARP 6 mm → | raw → LBV → |",
+              "|---|---|---|---|---|"]
         by = {(r["inversion"], r["source"]): r for r in acc["chi"]}
         for inv in INVERSIONS:
             cells = []
-            for src in ("truth",) + CHAINS:
+            for src in ("truth",) + CHAINS + EXTRA_CHAINS:
                 r = by.get((inv, src))
                 if r is None:
                     cells.append("")
