@@ -104,59 +104,26 @@ def make_raw_head(seed: int = 0, shape=RAW_SHAPE, voxel_size=(2.5, 2.5, 2.5), sn
 
     The honest phantom with a background field (``make_phantom(honest=True, background=True)``:
     tissue −9.41 ppm against air, skull, sinuses and mastoids, 2nd-order shim, intra-voxel
-    dephasing, receive phase, wraps, complex noise). Each layer is 4-D with the echo LAST
-    (spatial axes in the display order of :data:`DISPLAY_AXES`, then echo); metadata: ``role``
-    "magnitude" / "phase" (radians), ``echo_times`` (s), ``te`` (list), ``b0_tesla``, ``echo_axis``
-    (3), ``n_echoes`` and the phantom's description. The viewer's dims are ordered so that the echo
-    is a slider and the canvas shows the (j, i) plane.
+    dephasing, receive phase, wraps, complex noise). The layers are those the reader makes of a
+    BIDS MEGRE folder (:func:`napari_qsm._napari.reader.echoes_layer_data`): 4-D with the echo
+    FIRST (a slider; napari lines 3-D maps up with the trailing axes, so the Field dock's maps sit
+    on the same grid without turning anything), then the spatial axes in the display order of
+    :data:`DISPLAY_AXES`. Metadata: ``role`` "magnitude" / "phase" (``units`` "rad"), ``echo_axis``
+    0, ``echo_times`` / ``te`` (s), ``n_echoes``, ``b0_tesla``, the geometry keys, a BIDS-like
+    ``sidecar`` (EchoTime list in s, MagneticFieldStrength) and the phantom's description.
     """
     from ..core.phantom import make_phantom
+    from .reader import echoes_layer_data
 
     ph = make_phantom(shape=shape, voxel_size=voxel_size, b0_direction=(0.0, 0.0, 1.0), seed=seed, snr=snr,
                       honest=True, background=True, keep_echoes=True, device="cpu")
-    axes = DISPLAY_AXES
-    geom = Geometry.from_affine(ph.affine, axes)
-    geom.b0_direction = np.asarray(ph.b0_direction, float)
-    kw = geom.layer_kwargs()
-    kw4 = {"scale": tuple(kw["scale"]) + (1.0,), "translate": tuple(kw["translate"]) + (0.0,),
-           "units": tuple(kw["units"]) + ("pixel",), "axis_labels": tuple(kw["axis_labels"]) + ("echo",)}
     info = ph.info()
     info.pop("affine", None)
     tes = [float(t) for t in ph.echo_times]
-    base = dict(geom.metadata())
-    base.update({"path": None, "phantom": info, "echo_times": tes, "te": tes, "b0_tesla": float(ph.b0_tesla),
-                 "echo_axis": 3, "n_echoes": len(tes),
-                 "sidecar": {"EchoTime": tes, "MagneticFieldStrength": float(ph.b0_tesla)}})
-    S = ph.echoes
-    mag = np.stack([to_layer_order(np.abs(S[..., e]).astype(np.float32), axes) for e in range(len(tes))], -1)
-    pha = np.stack([to_layer_order(np.angle(S[..., e]).astype(np.float32), axes) for e in range(len(tes))], -1)
-    _order_echo_slider()
-    return [
-        (mag, dict(name="raw head magnitude", colormap="gray", contrast_limits=robust_limits(mag, symmetric=False),
-                   metadata=dict(base, role="magnitude"), **kw4), "image"),
-        (pha, dict(name="raw head phase", colormap="gray", contrast_limits=(-float(np.pi), float(np.pi)),
-                   visible=False, metadata=dict(base, role="phase", units="rad"), **kw4), "image"),
-    ]
-
-
-def _order_echo_slider() -> None:
-    """4-D echo-last layers: make the echo a slider and show the (j, i) plane, neurological."""
-    try:
-        import napari
-
-        viewer = napari.current_viewer()
-        if viewer is None:
-            return
-
-        def apply(*_):
-            if viewer.dims.ndim == 4:
-                viewer.dims.order = (3, 0, 1, 2)
-                viewer.scene.camera.orientation2d = NEUROLOGICAL
-                viewer.dims.events.ndim.disconnect(apply)
-
-        if viewer.dims.ndim == 4:
-            apply()
-        else:  # the layers are added after this function returns
-            viewer.dims.events.ndim.connect(apply)
-    except Exception:  # no viewer (headless use), or an older napari
-        pass
+    extra = {"phantom": info, "sidecar": {"EchoTime": tes, "MagneticFieldStrength": float(ph.b0_tesla)}}
+    out = []
+    for data, kw, typ in echoes_layer_data(ph.to_echoes(name="raw head"), DISPLAY_AXES):
+        kw = dict(kw, metadata=dict(kw["metadata"], **extra))
+        out.append((data, kw, typ))
+    orient_current_viewer()
+    return out

@@ -51,3 +51,40 @@ def test_clinical_sample_is_anisotropic_and_oblique(monkeypatch):
     assert b0_angle_deg(md["b0_direction"]) == pytest.approx(15.0, abs=1e-6)
     mask = to_canonical(out[3][0], md["axes"])
     assert mask.any() and mask.shape == (64, 72, 16)
+
+
+def test_raw_head_sample_is_echo_first_like_the_reader(make_napari_viewer, qtbot, monkeypatch):
+    """The raw multi-echo sample: 4-D echo-first layers with the reader's MEGRE metadata; the Field dock turns nothing."""
+    from napari_qsm._napari import sample_data
+    from napari_qsm._napari.field_widget import FieldWidget, make_echo_first, source_echo_times
+    from napari_qsm._napari.reader import echoes_layer_data
+    from napari_qsm.core import phantom
+    from napari_test_helpers import add_layer_data
+
+    made = []
+    real = phantom.make_phantom
+    monkeypatch.setattr(phantom, "make_phantom", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    shape, vs = (24, 28, 24), (6.0, 6.0, 6.0)  # small for the test (the sample: 64×76×64 at 2.5 mm)
+    viewer = make_napari_viewer()
+    out = sample_data.make_raw_head(shape=shape, voxel_size=vs)
+    assert [kw["name"] for _, kw, _ in out] == ["raw head magnitude", "raw head phase"]
+    ref = echoes_layer_data(made[0].to_echoes(name="raw head"))  # what the reader makes of the same echoes
+    for (data, kw, _), (rdata, rkw, _) in zip(out, ref):
+        assert data.shape == (5, 24, 28, 24) and data.dtype == np.float32  # (echo, k, j, i)
+        np.testing.assert_array_equal(data, rdata)
+        assert set(rkw["metadata"]) <= set(kw["metadata"])
+        md = kw["metadata"]
+        assert md["echo_axis"] == 0 and md["n_echoes"] == 5 and md["b0_tesla"] == pytest.approx(3.0)
+        assert md["echo_times"] == md["te"] == md["sidecar"]["EchoTime"] and len(md["te"]) == 5
+        assert md["sidecar"]["MagneticFieldStrength"] == pytest.approx(3.0)
+        assert kw["axis_labels"][0] == "echo" and tuple(kw["scale"]) == (1.0, 6.0, 6.0, 6.0)
+    assert out[1][1]["metadata"]["units"] == "rad" and out[1][1]["metadata"]["role"] == "phase"
+    mag, pha = add_layer_data(viewer, out)
+    assert tuple(viewer.scene.camera.orientation2d) == ("up", "right")
+    assert viewer.dims.axis_labels[0] == "echo" and viewer.dims.not_displayed == (0, 1)  # echo and slice sliders
+    w = FieldWidget(viewer)
+    src = w.magnitude_source()
+    assert src.layer is mag and src.echo_axis == 0 and w.phase_source().layer is pha
+    assert source_echo_times(src) == pytest.approx(mag.metadata["te"])
+    assert w.b0_spin.value() == pytest.approx(3.0)
+    assert not make_echo_first(mag) and not make_echo_first(pha)  # nothing to turn
