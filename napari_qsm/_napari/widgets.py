@@ -177,6 +177,40 @@ def _scan_and_params(dock, params_cls, errors: tuple = (ParamError, ValueError))
     return scan, params
 
 
+#: parameter rows of the Reconstruct dock in the words a person writes (the record's name stays the key)
+PARAM_LABELS = {
+    "threshold": "Threshold δ", "correction": "Schweser correction", "pad_factor": "Padding factor",
+    "lambda": "Regularisation λ", "percentage": "Edge share", "smv": "SMV radius (mm)", "merit": "MERIT",
+    "csf": "CSF prior (MEDI+0)", "lambda_csf": "CSF λ", "data_weighting": "Data weighting", "edge_mask": "Edge mask",
+    "cg_tol": "CG tolerance", "cg_max_iter": "CG iterations", "max_iter": "Gauss–Newton iterations",
+    "tol_norm_ratio": "Stop at ‖dχ‖/‖χ‖", "delta_te": "ΔTE (s)", "auto_rule": "Automatic λ rule",
+    "discrepancy": "Discrepancy target", "auto_max_solves": "Automatic λ: most solves", "domain": "BN domain",
+    "memory_gb": "Memory (GB)", "tile": "Tile (voxels)", "overlap": "Tile overlap (voxels)", "eps": "Tikhonov ε",
+    "lr": "Learning rate", "patch": "Patch (voxels)", "seed": "Random seed",
+}
+
+
+def param_label(name: str) -> str:
+    """Row label of a method parameter: hand-written when known, else its name in words, capitalised."""
+    if name in PARAM_LABELS:
+        return PARAM_LABELS[name]
+    words = name.split("_")
+    unit = words.pop() if len(words) > 1 and words[-1] in ("mm", "ms", "ppm", "gb") else None
+    text = " ".join(words)
+    text = text[:1].upper() + text[1:]
+    return f"{text} ({'GB' if unit == 'gb' else unit})" if unit else text
+
+
+def _relabel_form(form: ParamForm) -> None:
+    """Put :func:`param_label` on the rows of a generated parameter form (the tooltips stay the records' docs)."""
+    for name in form.names():
+        w = form.widget_for(name)
+        for lay in form.findChildren(QFormLayout):
+            lab = lay.labelForField(w)
+            if isinstance(lab, QLabel):
+                lab.setText(param_label(name))
+
+
 def _is_image(layer) -> bool:
     from napari.layers import Image
     return isinstance(layer, Image) and not getattr(layer, "rgb", False)
@@ -961,6 +995,7 @@ class QSMWidget(QSMDock, QWidget):
         m = self.method()
         self._current_method = m.name
         self.form.set_params_cls(m.params_cls, self._form_values.get(m.name))
+        _relabel_form(self.form)
         self.method_doc.setText(html.escape(m.doc or ""))
         self.weights_edit.setVisible(m.accepts_weights)
         self.weights_browse.setVisible(m.accepts_weights)

@@ -491,3 +491,22 @@ def test_echo_maps_of_another_field_run_are_not_picked(phantom_viewer, qtbot):
     _echo_map(phantom_viewer, "same run noise", np.ones(field.data.shape), "noise_std",
               field_steps=field.metadata["field_steps"])
     qtbot.waitUntil(lambda: w.inputs.noise_combo.currentText() == "same run noise", timeout=3000)
+
+
+def test_parameter_rows_are_words(phantom_viewer, qtbot):
+    """Row labels of every offered method are words a person writes: no underscores, capitalised."""
+    from qtpy.QtWidgets import QFormLayout, QLabel
+
+    w = _dock(phantom_viewer, qtbot)
+    for i in range(w.method_combo.count()):
+        w.method_combo.setCurrentIndex(i)
+        texts = []
+        for name in w.form.names():
+            for lay in w.form.findChildren(QFormLayout):
+                lab = lay.labelForField(w.form.widget_for(name))
+                if isinstance(lab, QLabel):
+                    texts.append(lab.text())
+        assert len(texts) == len(w.form.names())
+        assert not [t for t in texts if "_" in t or not t[:1].isupper()], texts
+    w.set_method("tkd")
+    assert {"Threshold δ", "Padding factor"} <= {la.text() for la in w.form.findChildren(QLabel)}
