@@ -7,7 +7,8 @@ Run (a virtual screen is enough):
 It loads the 1 mm sample phantom, runs TKD in the "QSM reconstruction" dock, and saves (window
 1600×1000 unless ``--window``):
 
-* ``docs/screenshot_docks.png``          the three docks opened together (as ``napari-qsm view`` opens them)
+* ``docs/screenshot_docks.png``          the four docks opened together (as ``napari-qsm view`` opens them:
+                                           Reconstruct, Field, Adapt and Compare as tabs of one group)
 * ``docs/screenshot_reconstruct_tkd.png``  whole window: TKD result with its colour bar, dock with inputs and parameters
 * ``docs/screenshot_dock_tkd.png``         the dock alone (readable detail)
 * ``docs/screenshot_truth_vs_tkd.png``     grid view: true χ next to TKD, same ±0.15 ppm window
@@ -127,15 +128,18 @@ def main(argv=None) -> int:
 
 
 def _docks_screen(app) -> None:
-    """The three docks together, opened the way ``napari-qsm view`` opens them (one tab group)."""
+    """The four docks together, opened the way ``napari-qsm view`` opens them (one tab group)."""
     from napari_qsm.cli import open_viewer
 
     viewer = open_viewer(show=True)
     viewer.window._qt_window.resize(*WINDOW)
     _pump(app, 3.0)
     qtw = viewer.window._qt_window
-    qtw.resize(*WINDOW)  # napari grows the window while the docks are added (before they join one tab group)
-    _pump(app, 1.0)
+    for _ in range(20):  # napari grows the window while the docks are added (before they join one tab group),
+        qtw.resize(*WINDOW)  # later on a busy machine: resize until the window keeps the size asked for
+        _pump(app, 1.0)
+        if (qtw.width(), qtw.height()) == tuple(WINDOW):
+            break
     print(f"window {qtw.width()}×{qtw.height()}")
     _save_window(viewer, app, "screenshot_docks.png")
     viewer.close()
@@ -220,8 +224,12 @@ def _reconstruct_screens(app, only=SCREENS) -> None:
     _wait(app, lambda: not dock.runner.running, 120)
     viewer.layers["clinical field"].visible = False
     viewer.dims.set_point(0, float(viewer.layers["clinical field"].translate[0] + 3.0 * 26))
+    # top left, short: on the right napari tiles the caption with the χ layer's colour bar (a long one pushes it out)
+    viewer.canvas.overlays.text.position = "top_left"
     viewer.canvas.overlays.text.visible = True
-    viewer.canvas.overlays.text.text = "clinical-like 0.75×0.75×3 mm, B0 15° off the slice axis: TKD δ 0.2, χ ±0.15 ppm"
+    viewer.canvas.overlays.text.text = "0.75×0.75×3 mm, B0 15° off the slice axis · TKD δ 0.2 · χ (ppm)"
+    viewer.layers.selection.active = None
+    viewer.layers.selection.active = viewer.layers[-1]
     viewer.reset_view()
     _save_window(viewer, app, "screenshot_clinical_oblique.png")
     viewer.close()
