@@ -89,7 +89,7 @@ class PanelPainting:
         for ci, col in enumerate(self._columns):
             band = geo["titles"][ci]
             x, cw = band.left(), band.width()
-            lines = wrap_title(col.title, fm, int(cw), self.TITLE_LINES)
+            lines = wrap_title(col.title, fm, int(cw), geo.get("title_lines", self.TITLE_LINES))
             qp.setFont(bold)
             for li, line in enumerate(lines):
                 qp.drawText(QRectF(x, 1 + li * fm.height(), cw, fm.height()),

@@ -79,7 +79,8 @@ class SliceGrid(PanelPainting, QWidget):
 
     LEFT, TOP, RIGHT, BOTTOM, GAP, SEP = 64, 36, 84, 18, 3, 18
     HBAR_H = 44  # height of a horizontal colour bar with its tick labels
-    TITLE_LINES = 2  # column titles wrap onto up to this many lines (then they are elided)
+    TITLE_LINES = 2  # column titles wrap onto this many lines (then they are elided) ...
+    TITLE_LINES_MAX = 3  # ... or up to this many in narrow columns
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
@@ -216,15 +217,28 @@ class SliceGrid(PanelPainting, QWidget):
                                           (lo[v] - 0.5) * vs[v], (hi[v] - 0.5) * vs[v]))
         return out
 
-    def _top(self) -> float:
-        """Height of the title band: up to TITLE_LINES wrapped title lines and a subtitle line."""
+    def _title_lines(self, widths) -> int:
+        """Lines the column titles need at these widths (px): 2, or up to TITLE_LINES_MAX in narrow columns."""
+        from qtpy.QtGui import QFont, QFontMetrics
+
+        from .paint import wrap_title
+
+        bold = QFont(self.font())
+        bold.setBold(True)
+        fm = QFontMetrics(bold)
+        need = max((len(wrap_title(c.title, fm, int(w), self.TITLE_LINES_MAX)) for c, w in zip(self._columns, widths)),
+                   default=1)
+        return max(self.TITLE_LINES, need)
+
+    def _top(self, lines: int | None = None) -> float:
+        """Height of the title band: ``lines`` (default TITLE_LINES) wrapped title lines and a subtitle line."""
         from qtpy.QtGui import QFont, QFontMetrics
 
         bold = QFont(self.font())
         bold.setBold(True)
         small = QFont(self.font())
         small.setPointSizeF(max(7.0, self.font().pointSizeF() * 0.85))
-        return self.TITLE_LINES * QFontMetrics(bold).height() + QFontMetrics(small).height() + 4
+        return (lines or self.TITLE_LINES) * QFontMetrics(bold).height() + QFontMetrics(small).height() + 4
 
     def set_radiological(self, on: bool) -> None:
         self._radiological = bool(on)
@@ -392,9 +406,11 @@ class SliceGrid(PanelPainting, QWidget):
         n = len(self._columns)
         wh = self._extents()
         W, H = self.width(), self.height()
-        L, T, R, B, G, S = self.LEFT, max(self.TOP, self._top()), self.RIGHT, self.BOTTOM, self.GAP, self.SEP
+        L, R, B, G, S = self.LEFT, self.RIGHT, self.BOTTOM, self.GAP, self.SEP
         n_diff = sum(1 for _, d in rows if d)
         cw = max(10.0, (W - L - R - G * (n - 1)) / n)
+        nlines = self._title_lines([cw] * n)
+        T = max(self.TOP, self._top(nlines))
         max_w = max(wh[p][0] for p, _ in rows)
         sum_h = sum(wh[p][1] for p, _ in rows)
         avail_h = H - T - B - G * (len(rows) - 1) - (S if n_diff else 0)
@@ -420,7 +436,7 @@ class SliceGrid(PanelPainting, QWidget):
         if diff_r:
             bars["diff"] = (diff_r[0][0], diff_r[-1][0] + diff_r[-1][1])
         labels = [(ri, y0, h, d) for ri, ((_, d), (y0, h)) in enumerate(zip(rows, row_y))]
-        return {"arrangement": "below", "scale": s, "rects": rects, "rows": rows, "row_y": row_y, "cw": cw,
+        return {"arrangement": "below", "title_lines": nlines, "scale": s, "rects": rects, "rows": rows, "row_y": row_y, "cw": cw,
                 "bottom": y, "titles": titles, "subheads": [], "diff_title": sep, "bars": bars,
                 "labels": labels, "label_x": 2.0, "bar_x": W - R + 8, "scale_cell": (0, len(rows) - 1)}
 
@@ -431,7 +447,11 @@ class SliceGrid(PanelPainting, QWidget):
         wh = self._extents()
         W, H = self.width(), self.height()
         sub_h = self._small_height() + 2
-        L, T, R, G = self.LEFT, max(self.TOP, self._top()) + sub_h, self.RIGHT, 2 * self.GAP
+        L, R, G = self.LEFT, self.RIGHT, 2 * self.GAP
+        ks0 = [2 if self._diff_cell(c) else 1 for c in self._columns]
+        cw0 = max(10.0, (W - L - (8 if hbars else R)) / max(1, sum(ks0)))   # column widths before scaling
+        nlines = self._title_lines([k * cw0 for k in ks0])
+        T = max(self.TOP, self._top(nlines)) + sub_h
         B = self.BOTTOM + self._small_height() + 2    # scale bar and the difference's definition
         if hbars:
             R = 8
@@ -492,7 +512,7 @@ class SliceGrid(PanelPainting, QWidget):
             if two:
                 bars["diff"] = (mid + gap / 2, bot)
         cell0 = next(ci for ci in range(n))
-        return {"arrangement": "beside", "scale": s, "rects": rects, "rows": rows, "row_y": row_y, "cw": cw,
+        return {"arrangement": "beside", "title_lines": nlines, "scale": s, "rects": rects, "rows": rows, "row_y": row_y, "cw": cw,
                 "bottom": y, "titles": titles, "subheads": subheads,
                 "diff_title": QRectF(x0 + 0.3 * total_w, y + 2, 0.7 * total_w, self._small_height() + 4),
                 "bars": bars, "hbars": hbars, "labels": labels, "label_x": x0 - L + 2.0, "bar_x": x0 + total_w + 8,
