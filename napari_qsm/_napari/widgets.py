@@ -211,6 +211,14 @@ def _relabel_form(form: ParamForm) -> None:
                 lab.setText(param_label(name))
 
 
+def _loss_words(key: str) -> str:
+    """A progress record's loss key as words for the status line (``cg_residual`` → ``CG residual``)."""
+    if str(key) != str(key).lower():  # symbols such as L_T stay as written
+        return str(key)
+    words = str(key).split("_")
+    return " ".join(w.upper() if w.lower() in ("cg", "gn", "tv", "smv") else w for w in words)
+
+
 def _is_image(layer) -> bool:
     from napari.layers import Image
     return isinstance(layer, Image) and not getattr(layer, "rgb", False)
@@ -861,6 +869,9 @@ class PreviewLayer:
             return
         kw = derived_layer_kwargs(reference_layer, name=self.name, role="preview")
         self.layer = self.viewer.add_image(data, colormap="gray", contrast_limits=CHI_CONTRAST, **kw)
+        bar = getattr(self.layer, "colorbar", None)  # a χ estimate: its ±0.15 ppm scale, as the result's
+        if bar is not None:
+            bar.visible = True
 
     def show_progress(self, p, reference_layer) -> None:
         """Show the χ preview a Progress record carries, if any (a preview problem never breaks the run)."""
@@ -1077,7 +1088,7 @@ class QSMWidget(QSMDock, QWidget):
 
     def _on_progress(self, p, field_layer) -> None:
         frac = f"{p.step}/{p.total}" if p.total else f"{p.step}"
-        losses = "  ".join(f"{k} {v:.3g}" for k, v in list(p.losses.items())[:3])
+        losses = "  ".join(f"{_loss_words(k)} {v:.3g}" for k, v in list(p.losses.items())[:3])
         self.status.setText(html.escape(f"{p.message or p.stage} ({frac}, {p.elapsed:.1f} s)  {losses}".strip()))
         if self._preview is not None:
             self._preview.show_progress(p, field_layer)

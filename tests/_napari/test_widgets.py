@@ -160,6 +160,7 @@ def test_long_run_progress_responsive_and_cancel(phantom_viewer, qtbot, slow_met
     assert not w.inputs.isEnabled() and not w.form.isEnabled()
     qtbot.waitUntil(lambda: "slow step" in w.status.text(), timeout=5000)
     qtbot.waitUntil(lambda: "slowtest (preview)" in phantom_viewer.layers, timeout=5000)  # live preview
+    assert phantom_viewer.layers["slowtest (preview)"].colorbar.visible  # a χ estimate shows its scale
     assert_responsive(qtbot, ticks)
     assert w.runner.pbar is not None and w.runner.pbar.n > 0  # napari progress bar fed by Progress
     w.cancel_button.click()
