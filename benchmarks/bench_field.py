@@ -383,7 +383,9 @@ def write_report(results, path_md: Path, path_json: Path, cmdline: str):
         L += ["", f"χ NRMSE (%, demeaned) / XSIM against the phantom's χ inside both raw chains' eroded masks ∩ the "
               f"brain mask ({acc['chi_eval_voxels']} voxels). Inversions from the registry with default parameters "
               "(TKD δ 0.15, MEDI λ 1000 with N_std weights, QSMInvNet+ `dsbn` shipped weights); *true local field*: "
-              "the phantom's true local field in its brain mask with the pipeline's magnitude and N_std.", "",
+              "the phantom's true local field in its brain mask with the pipeline's magnitude and N_std. "
+              f"LBV's peeled mask leaves out {acc.get('chi_eval_outside_lbv_mask', 0)} of these voxels (its χ is 0 "
+              "there and counts as error).", "",
               "| inversion | true local field | raw → V-SHARP → | raw → RESHARP 6 mm → | raw → LBV → |",
               "|---|---|---|---|---|"]
         by = {(r["inversion"], r["source"]): r for r in acc["chi"]}
