@@ -52,7 +52,7 @@ from napari_qsm.core.scan import Scan  # noqa: E402
 CLINICAL_SHAPE = (192, 224, 48)
 CLINICAL_VS = (0.75, 0.75, 3.0)
 METRICS = ("psnr", "nrmse", "nrmse_demeaned", "nrmse_detrended", "hfen", "ssim", "xsim")
-PROTOCOL_TRAIN = (5, 6, 7, 8, 9)   # protocol adaptation: scans of the same protocol the evaluation never uses
+PROTOCOL_TRAIN = (5, 6, 7)   # protocol adaptation: scans of the same protocol the evaluation never uses
 TKD_THRESHOLDS = (0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3)
 CURVE_STEPS = (0, 25, 50, 100, 200, 400)
 MEDI_TV = "MEDI without magnitude edges (plain TV)"
@@ -276,9 +276,10 @@ def _reused(i: int, work: Path) -> dict:
 
 
 def seed_reuse(results: Path, work: Path, weights: str, source: str) -> None:
-    """Take the MEDI (λ = 1000) and fine-tune rows of an earlier adapt_results.json of the same base weights:
-    MEDI into work/reuse{i}.json, fine-tune into the network cache (case{i}_finetune.json). Refuses when the
-    earlier TKD or base rows differ from this run's (where this run has them already)."""
+    """Take the MEDI (λ = 1000), base, fine-tune and single-scan adapted rows of an earlier adapt_results.json of
+    the same base weights and AdaptParams (deterministic computations, so the same numbers): MEDI into
+    work/reuse{i}.json, the network rows into the network cache (case{i}_{base,finetune,dsbn}.json) where this
+    run has not computed them. Refuses when the earlier TKD or base rows differ from this run's."""
     old = json.loads(Path(results).read_text())
     wdir = work / _cache_key(weights)
     wdir.mkdir(parents=True, exist_ok=True)
@@ -297,10 +298,12 @@ def seed_reuse(results: Path, work: Path, weights: str, source: str) -> None:
         if "MEDI" in c["methods"]:
             (work / f"reuse{i}.json").write_text(json.dumps(
                 {"source": source, "methods": {"MEDI": dict(c["methods"]["MEDI"], reused_from=source)}}, indent=1))
-        ft = wdir / f"case{i}_finetune.json"
-        if "QSMInvNet fine-tune" in c["methods"] and not ft.exists():
-            ft.write_text(json.dumps({"methods": {"QSMInvNet fine-tune": dict(c["methods"]["QSMInvNet fine-tune"],
-                                                                             reused_from=source)}}, indent=1))
+        for tag, label in NET_LABELS.items():
+            ft = wdir / f"case{i}_{tag}.json"
+            if label in c["methods"] and not ft.exists():
+                extra = {"L_T_volume_truth": c.get("L_T_volume_truth")} if tag == "base" else {}
+                ft.write_text(json.dumps({"methods": {label: dict(c["methods"][label], reused_from=source)}, **extra},
+                                         indent=1))
 
 
 def run_classic(i: int, work: Path, medi: bool = True) -> dict:
@@ -650,9 +653,10 @@ def assemble(cases: list[dict], curve: dict | None, timing: dict | None, weights
         lt_text += (
 "Per-step L_T on the random patches (mean of the first 5 → last 5 steps, adapted; λ rises meanwhile): "
                    + ", ".join(f"{a['L_T_first5']:.4g} → {a['L_T_last5']:.4g}" for a in ad) + ". ")
-    if all(uq):
+    if any(u and "L_T_first5" in u for u in uq):
         lt_text += ("uQSM's own loss (magnitude/max weighted L_T, first 5 → last 5 steps): "
-                    + ", ".join(f"{u['L_T_first5']:.3g} → {u['L_T_last5']:.3g}" for u in uq) + ".")
+                    + ", ".join(f"{u['L_T_first5']:.3g} → {u['L_T_last5']:.3g}" for u in uq if u and "L_T_first5" in u)
+                    + ".")
     from napari_qsm.core.params import params_to_dict
     from napari_qsm.nn.adapt import AdaptParams
     up = params_to_dict(AdaptParams(mode="uqsm"))
@@ -660,7 +664,7 @@ def assemble(cases: list[dict], curve: dict | None, timing: dict | None, weights
     if proto:
         ptxt = (f"QSMInvNet+ adapted (protocol): one checkpoint adapted with the default `AdaptParams` "
                 f"({proto['steps']} steps, {proto['step_seconds']:.2f} s/step, {proto['seconds']:.0f} s in all, this loaded CPU) "
-                f"on cases {', '.join(map(str, proto['train_cases']))} — five other scans of the same protocol "
+                f"on cases {', '.join(map(str, proto['train_cases']))} — {len(proto['train_cases'])} other scans of the same protocol "
                 f"(same generator, other seeds, B0 tilts and contrast shifts), each patch with its own scan's dipole "
                 f"kernel — then plain inference (`recon --method dsbn --weights SITE.pt`) on the evaluation cases "
                 f"0–{len(cases) - 1}, which the adaptation never saw.")
@@ -691,9 +695,12 @@ def assemble(cases: list[dict], curve: dict | None, timing: dict | None, weights
     if src:
         md += [f"† Taken from the previous run of this benchmark ({', '.join(src)}): the same phantoms, base weights and "
                "parameters, and the computations are deterministic (this run reproduces that run's TKD and base rows "
-               "to 1e-12), so the numbers are the ones this run would give; they were not recomputed for lack of CPU "
-               "time on the shared machine, and lack NRMSE detrended (added since; shown as nan).", ""]
-    md += [table, "", "NRMSE demeaned per case (%):", "", "\n".join(per_case), "",
+               "to 1e-12, and the single-scan adaptation code path is bitwise unchanged), so the numbers are the ones this "
+               "run would give; they were not recomputed for lack of CPU time on the shared machine, and lack NRMSE "
+               "detrended (added since; shown as nan).", ""]
+    md += [table, "", "Seconds: wall time of the run that made the row (the runs beside each other on a shared, loaded "
+           "2-core CPU: upper bounds). What the numbers say, and what is missing: [adapt_notes.md](adapt_notes.md).", "",
+           "NRMSE demeaned per case (%):", "", "\n".join(per_case), "",
            "## The paper's ordering, measured", "", *_ordering(rows, tkd_label, ids), "", lt_text, ""]
     if timing:
         md += ["## Timing and memory (this 2-core CPU)", "",
@@ -860,7 +867,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=None, help="base checkpoint (default: the shipped weights)")
     ap.add_argument("--cases", type=int, default=5, help="evaluation cases 0..N-1")
     ap.add_argument("--protocol-train", default=",".join(str(t) for t in PROTOCOL_TRAIN),
-                    help="cases the protocol adaptation uses (never evaluated; default 5,6,7,8,9)")
+                    help="cases the protocol adaptation uses (never evaluated; default 5,6,7)")
     ap.add_argument("--jobs", type=int, default=2, help="parallel worker processes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--work", default="/tmp/bench_adapt", help="cache of per-case results")
@@ -874,8 +881,9 @@ def main(argv=None) -> int:
     ap.add_argument("--classic-only", action="store_true",
                     help="only TKD and MEDI of every case (independent of the weights; cached for later runs)")
     ap.add_argument("--report-only", action="store_true", help="only assemble the report from the cache")
-    ap.add_argument("--reuse", metavar="RESULTS.json", help="take MEDI (λ = 1000) and fine-tune rows from an earlier "
-                    "adapt_results.json of the same weights instead of recomputing them (marked † in the report)")
+    ap.add_argument("--reuse", metavar="RESULTS.json", help="take the MEDI (λ = 1000), base, fine-tune and single-scan "
+                    "adapted rows from an earlier adapt_results.json of the same weights instead of recomputing them "
+                    "(marked † in the report)")
     ap.add_argument("--reuse-source", default="", help="how the report names --reuse (e.g. a commit)")
     ap.add_argument("--steps", type=int, default=None, help="override the default adaptation steps")
     ap.add_argument("--curve-modes", default="dsbn", help="comma-separated modes of the steps curve (dsbn,finetune)")
