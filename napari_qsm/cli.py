@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto")
     d.add_argument("--methods", nargs="+", help="subset of methods (default: all)")
     d.add_argument("--full", action="store_true",
-                   help="every method with its defaults (the adaptation's 120 steps: about 10 more minutes)")
+                   help="every method with its defaults (the adaptation's 120 steps: about 4 more minutes on 2 idle cores)")
 
     v = sub.add_parser("view", help="open napari with the QSM docks and the given scans (or the sample phantom)")
     v.add_argument("files", nargs="*", help="NIfTI files to open (field, mask, magnitude, ...) or a BIDS MEGRE folder "
