@@ -84,6 +84,45 @@ def in_process(root: Path, method: str) -> float:
     return total
 
 
+def ab_test(root: Path, method: str, n: int) -> dict:
+    """The same task (first scan) alternately in this process and on a 1-worker cluster, ``n`` times each:
+    the difference of the medians is the cost of running it through Dask, with the load seen by both."""
+    import torch
+    from distributed import Client, LocalCluster
+
+    from napari_qsm.batch import _plan, discover, process_scan, sha256_file, warm_worker
+    from napari_qsm.core.field.pipeline import FieldRecipe
+    from napari_qsm.core.params import make_params, params_to_dict
+    from napari_qsm.methods import get_method
+
+    m = get_method(method)
+    scans = discover(root)[:1]
+    hashes = [{str(p.relative_to(root)): sha256_file(p) for p in s.files()} for s in scans]
+    _, jobs = _plan(scans, hashes, root=root, m=m, par=params_to_dict(make_params(m.params_cls, {})), fsteps={},
+                    recipe=FieldRecipe(), field_recipe={}, fload={}, overwrite=True, device="cpu", weights=None,
+                    w_sha=None)
+    job = jobs[0][1]
+    torch.set_num_threads(1)
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=40)
+    client = Client(cluster)
+    local, remote = [], []
+    try:
+        client.run(warm_worker)
+        process_scan(job)
+        client.submit(process_scan, job, pure=False).result()  # both warm
+        for i in range(n):
+            t = time.perf_counter()
+            process_scan(job)
+            local.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            client.submit(process_scan, job, pure=False).result()
+            remote.append(time.perf_counter() - t)
+    finally:
+        client.close()
+        cluster.close()
+    return {"method": method, "n": n, "local": float(np.median(local)), "remote": float(np.median(remote))}
+
+
 def measure(root: Path, method: str, workers: int, params: dict, repeats: int = 1) -> dict:
     from distributed import Client, LocalCluster
 
@@ -124,6 +163,8 @@ def measure(root: Path, method: str, workers: int, params: dict, repeats: int = 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scans", type=int, default=4)
+    ap.add_argument("--ab", type=int, default=0, help="also run the A/B test (same task in-process vs on a worker, "
+                                                       "alternating) this many times per side, on the first method")
     ap.add_argument("--repeats", type=int, default=1,
                     help="batches per cluster; the table reports the last (warm) one and the first as 'cold wall'")
     ap.add_argument("--methods", nargs="+", default=["tkd", "medi"])
@@ -138,6 +179,7 @@ def main() -> None:
 
     for extra in sorted(p for p in root.glob("sub-*") if p.name not in only):
         shutil.rmtree(extra)  # a smaller --scans than a previous run
+    ap_ab = args.ab
     load0 = os.getloadavg()
     rows = []
     inproc = {}
@@ -151,6 +193,7 @@ def main() -> None:
             rows.append(r)
             print(f"{method} {w} worker(s): {r['per_min']:.2f} scans/min, task {r['task_mean']:.1f} s, overhead "
                   f"{r['overhead']:.2f} s/scan, no-op {r['noop_ms']:.1f} ms", file=sys.stderr, flush=True)
+    ab = ab_test(root, args.methods[0], ap_ab) if ap_ab else None
     load1 = os.getloadavg()
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -198,6 +241,11 @@ def main() -> None:
         lines.append(f"| {r['method']} | {r['workers']} | {r['scans']} | {r['wall']:.1f} | {r['per_min']:.2f} | "
                      f"{r['task_mean']:.1f} | {r['inversion']:.1f} | {ov} | {r['noop_ms']:.1f} | {r['startup']:.1f} | "
                      f"{r['cold']:.1f} |")
+    if ab:
+        lines += ["", f"A/B (`--ab {ab['n']}`): the task of sub-01 ({ab['method']}) run alternately in the client "
+                  f"process and on a 1-worker cluster (submit → result), {ab['n']} times each, both warm: median "
+                  f"{ab['local']:.2f} s in-process, {ab['remote']:.2f} s through Dask, a difference of "
+                  f"{ab['remote'] - ab['local']:.2f} s per scan under the same load."]
     lines += ["", "Overhead in parentheses (2 workers): tasks overlap, so wall − Σ task / scans is negative or "
               "meaningless there; read the 1-worker value.", ""]
     from napari_qsm.core.files import atomic_write
