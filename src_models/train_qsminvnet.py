@@ -113,6 +113,17 @@ def export(cfg: dict, run_dir: Path, out_dir: Path = WEIGHTS, extra_card: dict |
     ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     model = QSMInvNet(net)
     model.load_state_dict(ck["model"])
+    alpha = cfg.get("export_average_with_init")
+    if alpha is not None and cfg.get("init_weights"):
+        # weight-space average of the fine-tuned and the initial weights (robust fine-tuning, WiSE-FT style):
+        # θ = (1 − α)·θ_init + α·θ_trained for every floating tensor (BN running stats included), α in config
+        ip = Path(cfg["init_weights"]) if Path(cfg["init_weights"]).is_absolute() else ROOT / cfg["init_weights"]
+        sd0 = torch.load(ip, map_location="cpu", weights_only=True)
+        sd0 = sd0.get("model", sd0)
+        sd1 = model.state_dict()
+        a = float(alpha)
+        model.load_state_dict({k: ((1.0 - a) * sd0[k].double() + a * v.double()).to(v.dtype)
+                               if v.is_floating_point() else v for k, v in sd1.items()})
     if net.num_domains > 1:
         for d in range(1, net.num_domains):
             model.copy_domain(0, d)
@@ -153,6 +164,8 @@ def export(cfg: dict, run_dir: Path, out_dir: Path = WEIGHTS, extra_card: dict |
             "val_patches_nrmse_percent": vals[-1]["val_nrmse"] if vals else None,
             "val_patches_tkd_nrmse_percent": meta.get("val_tkd_nrmse"),
             "command": f"python -m src_models.train_qsminvnet --config src_models/{cfg['name']}.json",
+            "init_weights": cfg.get("init_weights"),
+            "export_average_with_init": cfg.get("export_average_with_init"),
         },
         "file": pt.name,
         "size_bytes": pt.stat().st_size,
