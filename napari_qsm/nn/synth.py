@@ -43,8 +43,9 @@ validation uses, at the cost of a kernel evaluation instead of a fine-grid FFT:
    the magnitude); a random constant transceive phase; complex Gaussian noise of σ = mean echo-1
    magnitude in the mask / snr (snr log-uniform in ``snr_range``); the field, magnitude (RSS) and
    N_std fitted from the echoes with the phantom generator's own fit (successive-echo ratios, a line
-   weighted by |S_n|²). ``Sample.field`` is the fitted field × mask; ``info["true_field"]`` norm
-   diagnostics are not stored (cheap patches).
+   weighted by |S_n|²). ``Sample.field`` is the fitted field × mask, ``Sample.magnitude`` the RSS
+   magnitude and ``Sample.noise_std`` the fitted N_std; the label χ is unchanged. Cost ≈ 0.5 s per 64³
+   patch on one thread (≈ 0.3 s more than the default).
 
 Everything is float32 numpy; :func:`to_tensors` builds the network input
 (:mod:`napari_qsm.nn.inputs`) and target (χ·chi_scale) of a batch.
