@@ -992,7 +992,10 @@ def main(argv=None) -> int:
                 curve["reference"]["MEDI"] = c0[0]["methods"]["MEDI"]["nrmse"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/bench_adapt.py" + (f" --weights {args.weights}" if args.weights else "")
+    cmd = ("python benchmarks/bench_adapt.py" + (f" --weights {args.weights}" if args.weights else "")
+           + (f" --reuse {args.reuse}" if args.reuse else "")
+           + (f" --protocol-train {args.protocol_train}" if tuple(map(int, args.protocol_train.split(","))) != PROTOCOL_TRAIN
+              else ""))
     print(assemble(cases, curve, timing, weights, out, cmd, proto=proto))
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
