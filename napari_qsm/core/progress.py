@@ -12,6 +12,7 @@ promptly, leaving nothing half-written.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -116,6 +117,10 @@ class Reporter:
         check_cancel(self.cancel)
 
 
+# how messages spell some loss names (the adaptation writes "R=" for TV, "λ=" and "ETA")
+_SPELLED = {"TV": ("R=",), "lambda": ("λ=",), "eta_s": ("ETA ",)}
+
+
 def stderr_progress(min_interval: float = 0.5) -> ProgressCallback:
     """A progress callback printing one line to stderr at most every ``min_interval`` seconds."""
     last = [0.0]
@@ -127,8 +132,12 @@ def stderr_progress(min_interval: float = 0.5) -> ProgressCallback:
             return
         last[0] = now
         frac = f"{p.step}/{p.total}" if p.total else f"{p.step}"
-        # losses the message does not already spell out (e.g. an adaptation message "L_T=… λ=…")
-        losses = " ".join(f"{k}={v:.4g}" for k, v in p.losses.items() if f"{k}=" not in (p.message or ""))
+        # losses the message does not already spell out (e.g. an adaptation message "L_T=… R=… λ=… ETA"),
+        # and no NaN placeholders (a loss that is not computed in this run)
+        msg = p.message or ""
+        losses = " ".join(f"{k}={v:.4g}" for k, v in p.losses.items()
+                          if not any(a in msg for a in (f"{k}=",) + _SPELLED.get(k, ()))
+                          and not (isinstance(v, float) and math.isnan(v)))
         stage = f"[{p.stage}] " if p.stage else ""
         print(f"{stage}{frac} {p.message} {losses} ({p.elapsed:.1f}s)".rstrip(), file=sys.stderr, flush=True)
 

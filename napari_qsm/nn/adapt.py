@@ -789,7 +789,8 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
             preview = None
             if p.preview_every and (step % p.preview_every == 0 or step == p.steps):
                 preview = current_chi()
-            msg = (f"step {step}/{p.steps} L_S={ls_val:.4g} L_T={lt_val:.4g}" + (f" R={tv_val:.3g}" if math.isfinite(tv_val) else "")
+            msg = (f"step {step}/{p.steps}" + (f" L_S={ls_val:.4g}" if math.isfinite(ls_val) else "")
+                   + f" L_T={lt_val:.4g}" + (f" R={tv_val:.3g}" if math.isfinite(tv_val) else "")
                    + f" λ={lam:.3g} ETA {eta:.0f}s")
             rep(step, msg, preview=preview, L_S=ls_val, L_T=lt_val, TV=tv_val, **{"lambda": lam}, eta_s=eta)
     except Cancelled:

@@ -59,3 +59,16 @@ def test_devices():
             resolve_device("cuda")
     with pytest.raises(ValueError, match="device"):
         resolve_device("tpu9")
+
+
+def test_stderr_progress_prints_each_loss_once_and_no_nan(capsys):
+    """An adaptation line spells TV as R=, lambda as λ= and the ETA: none of them printed twice."""
+    from napari_qsm.core.progress import Progress, stderr_progress
+
+    cb = stderr_progress(0.0)
+    cb(Progress(step=3, total=20, message="step 3/20 L_T=0.0004 R=0.0247 λ=30 ETA 20s",
+                losses={"L_S": float("nan"), "L_T": 4e-4, "TV": 0.0247, "lambda": 30.0, "eta_s": 19.7,
+                        "extra": 1.5}, stage="adapt"))
+    line = capsys.readouterr().err.strip()
+    assert "TV=" not in line and "lambda=" not in line and "eta_s=" not in line and "nan" not in line
+    assert line.count("L_T=") == 1 and "extra=1.5" in line
