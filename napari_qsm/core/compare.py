@@ -316,17 +316,21 @@ def auto_window(volume: np.ndarray, mask: Optional[np.ndarray] = None) -> Option
 
 
 def describe_provenance(prov) -> str:
-    """Short line for a result's provenance record: method, first parameters, run time."""
+    """Short line for a result's provenance record: method and run time (and device when recorded).
+
+    The parameters that differ from the defaults are already in the result's name ("TKD δ=0.15",
+    "MEDI λ=1000"); the full record stays in the layer's metadata, so raw parameter names
+    ("memory_gb 3") are not repeated here.
+    """
     if not isinstance(prov, dict):
         return ""
     bits = [str(prov.get("method", "")).upper()]
     sec = prov.get("seconds")
     if isinstance(sec, (int, float)):
         bits.append(f"{sec:.1f} s" if sec < 100 else f"{sec / 60:.1f} min")
-    params = prov.get("parameters") or {}
-    for k, v in list(params.items())[:2]:
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            bits.append(f"{k} {v:g}")
+    dev = prov.get("device")
+    if isinstance(dev, str) and dev and dev != "cpu":
+        bits.append(dev)
     return " · ".join(b for b in bits if b)
 
 

@@ -221,7 +221,9 @@ def test_display_helpers():
     assert lo == pytest.approx(-0.98) and hi == pytest.approx(0.98) and dl == pytest.approx(0.65)
     assert cmp.auto_window(np.full((4, 4, 4), np.nan, np.float32)) is None
     line = cmp.describe_provenance({"method": "tkd", "seconds": 1.25, "parameters": {"threshold": 0.15, "x": True}})
-    assert line == "TKD · 1.2 s · threshold 0.15"
+    assert line == "TKD · 1.2 s"  # the parameters are in the result's name, not repeated raw
+    assert cmp.describe_provenance({"method": "dsbn", "seconds": 150, "device": "cuda:0",
+                                    "parameters": {"memory_gb": 3.0}}) == "DSBN · 2.5 min · cuda:0"
     assert cmp.describe_provenance(None) == ""
     # the difference a grid layer shows: demeaned in the mask (or by a given offset), 0 outside
     x = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
