@@ -31,9 +31,19 @@ from ..core.params import ParamError, ParamSpec, specs, validate_value
 _BAD_STYLE = "border: 1px solid #d9534f;"
 
 
+def label_for(name: str) -> str:
+    """A parameter name in words, capitalised, a unit suffix in brackets
+    (``cg_max_iter`` → ``Cg max iter``, ``smv_mm`` → ``Smv (mm)``, ``memory_gb`` → ``Memory (GB)``)."""
+    words = name.split("_")
+    unit = words.pop() if len(words) > 1 and words[-1] in ("mm", "ms", "ppm", "gb") else None
+    text = " ".join(words)
+    text = text[:1].upper() + text[1:]
+    return f"{text} ({'GB' if unit == 'gb' else unit})" if unit else text
+
+
 def pretty_name(spec: ParamSpec) -> str:
-    """Row label: the public name with spaces (``cg_max_iter`` → ``cg max iter``)."""
-    return spec.name.replace("_", " ")
+    """Row label of a generated form (docks may put hand-written labels on top)."""
+    return label_for(spec.name)
 
 
 def _fmt(v: Any) -> str:

@@ -24,7 +24,7 @@ from ..methods import available_methods, get_method, reconstruct
 from ..core.params import ParamError, make_params
 from ..core.scan import ScanError
 from .docks import QSMDock
-from .form import ParamForm
+from .form import ParamForm, label_for
 from .layers import (acquisition_from_metadata, b0_angle_deg, extra_volumes, layer_geometry, result_layer_data,
                      scan_from_layers, show_chi_colorbar)
 from .reader import NOT_LOCAL_FIELD, guess_role
@@ -194,11 +194,7 @@ def param_label(name: str) -> str:
     """Row label of a method parameter: hand-written when known, else its name in words, capitalised."""
     if name in PARAM_LABELS:
         return PARAM_LABELS[name]
-    words = name.split("_")
-    unit = words.pop() if len(words) > 1 and words[-1] in ("mm", "ms", "ppm", "gb") else None
-    text = " ".join(words)
-    text = text[:1].upper() + text[1:]
-    return f"{text} ({'GB' if unit == 'gb' else unit})" if unit else text
+    return label_for(name)
 
 
 def _relabel_form(form: ParamForm) -> None:

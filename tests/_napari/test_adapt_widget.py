@@ -154,3 +154,19 @@ def test_adapt_time_estimate_from_the_first_steps(phantom_viewer, qtbot, tiny_ch
     assert "2.0 s per step" in w.estimate.text() and "6.6 min" in w.estimate.text(), w.estimate.text()
     w._update_estimate()
     assert "200 steps take about 6.7 min" in w.estimate.text(), w.estimate.text()
+
+
+def test_adapt_rows_are_words(phantom_viewer, qtbot, tiny_checkpoint):
+    """The Adapt dock's generated rows read as words too ("Steps", "Mode", "Lr"), not raw names."""
+    from qtpy.QtWidgets import QFormLayout, QLabel
+
+    w = _dock(phantom_viewer, qtbot, tiny_checkpoint)
+    texts = []
+    for name in w.form.names():
+        for lay in w.form.findChildren(QFormLayout):
+            lab = lay.labelForField(w.form.widget_for(name))
+            if isinstance(lab, QLabel):
+                texts.append(lab.text())
+    assert len(texts) == len(w.form.names())
+    assert not [t for t in texts if "_" in t or not t[:1].isupper()], texts
+    assert {"Steps", "Mode"} <= set(texts)
