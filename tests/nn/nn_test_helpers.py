@@ -20,3 +20,33 @@ def blob_volume(shape=(32, 32, 32), seed=0):
         chi += rng.uniform(-0.2, 0.3) * ((g[0] - c[0]) ** 2 + (g[1] - c[1]) ** 2 + (g[2] - c[2]) ** 2 < r * r)
     chi *= mask
     return chi.astype(np.float32), mask
+
+
+def np_dipole(pshape, voxel_size, b0):
+    """D(k) = 1/3 − (k·b̂)²/|k|² on the real-FFT grid of ``pshape`` (fftfreq on the first two axes,
+    rfftfreq on the last, physical voxel sizes), D(0) = 0; written out here with numpy, independently of
+    napari_qsm.core.dipole. (With an oblique B0 the sign of the Nyquist frequency matters: a full
+    complex FFT with fftfreq's −N/2 on the last axis differs by ~0.7 % on a 2x-padded patch.)"""
+    b = np.asarray(b0, float) / np.linalg.norm(b0)
+    freqs = [np.fft.fftfreq(n, d=d) for n, d in zip(pshape[:-1], voxel_size[:-1])]
+    freqs.append(np.fft.rfftfreq(pshape[-1], d=voxel_size[-1]))
+    k = np.meshgrid(*freqs, indexing="ij")
+    k2 = k[0] ** 2 + k[1] ** 2 + k[2] ** 2
+    kb = k[0] * b[0] + k[1] * b[1] + k[2] * b[2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        D = 1.0 / 3.0 - kb ** 2 / k2
+    D[0, 0, 0] = 0.0
+    return D
+
+
+def np_conv(x, K, pshape):
+    """Zero-padded (to ``pshape``) k-space product with ``K`` (real-FFT grid), cropped back to x's shape."""
+    y = np.fft.irfftn(np.fft.rfftn(x, s=pshape, axes=(0, 1, 2)) * K, s=pshape, axes=(0, 1, 2))
+    return y[: x.shape[0], : x.shape[1], : x.shape[2]]
+
+
+def rel_demeaned(a, b, m):
+    """‖(a − ā) − (b − b̄)‖ / ‖b − b̄‖ in the mask (QSM-CI's demeaned NRMSE, as a fraction)."""
+    a = a[m] - a[m].mean()
+    b = b[m] - b[m].mean()
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))

@@ -14,7 +14,7 @@ from napari_qsm.nn.losses import LambdaSchedule, loss_field, loss_supervised, no
 from napari_qsm.nn.synth import Head, SynthConfig, phase_per_ppm, sample_pair, to_tensors
 from napari_qsm.nn.train import Trainer, TrainConfig
 from napari_qsm.nn.unet import DSBN, NetConfig, QSMInvNet, count_parameters, flops_per_voxel
-from nn_test_helpers import blob_volume
+from nn_test_helpers import blob_volume, np_conv as _np_conv, np_dipole as _np_dipole, rel_demeaned as _rel_demeaned
 
 
 def tiny(nd=2, w=2, seed=0):
@@ -237,36 +237,6 @@ def _toy_head(shape=(48, 48, 48)):
     lab = np.where(mask, 1, 0).astype(np.int16)
     return Head(chi=chi, mask=mask, magnitude=np.where(mask, 1.0, 0.1).astype(np.float32), labels=lab,
                 voxel_size=(1.0, 1.0, 1.0), seed=0)
-
-
-def _np_dipole(pshape, voxel_size, b0):
-    """D(k) = 1/3 − (k·b̂)²/|k|² on the real-FFT grid of ``pshape`` (fftfreq on the first two axes,
-    rfftfreq on the last, physical voxel sizes), D(0) = 0; written out here with numpy, independently of
-    napari_qsm.core.dipole. (With an oblique B0 the sign of the Nyquist frequency matters: a full
-    complex FFT with fftfreq's −N/2 on the last axis differs by ~0.7 % on the patch below.)"""
-    b = np.asarray(b0, float) / np.linalg.norm(b0)
-    freqs = [np.fft.fftfreq(n, d=d) for n, d in zip(pshape[:-1], voxel_size[:-1])]
-    freqs.append(np.fft.rfftfreq(pshape[-1], d=voxel_size[-1]))
-    k = np.meshgrid(*freqs, indexing="ij")
-    k2 = k[0] ** 2 + k[1] ** 2 + k[2] ** 2
-    kb = k[0] * b[0] + k[1] * b[1] + k[2] * b[2]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        D = 1.0 / 3.0 - kb ** 2 / k2
-    D[0, 0, 0] = 0.0
-    return D
-
-
-def _np_conv(x, K, pshape):
-    """Zero-padded (to ``pshape``) k-space product with ``K`` (real-FFT grid), cropped back to x's shape."""
-    y = np.fft.irfftn(np.fft.rfftn(x, s=pshape, axes=(0, 1, 2)) * K, s=pshape, axes=(0, 1, 2))
-    return y[: x.shape[0], : x.shape[1], : x.shape[2]]
-
-
-def _rel_demeaned(a, b, m):
-    """‖(a − ā) − (b − b̄)‖ / ‖b − b̄‖ in the mask (QSM-CI's demeaned NRMSE, as a fraction)."""
-    a = a[m] - a[m].mean()
-    b = b[m] - b[m].mean()
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def test_synthetic_pair_physics_independent():

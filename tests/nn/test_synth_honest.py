@@ -7,35 +7,12 @@ import numpy as np
 import pytest
 
 from napari_qsm.nn.synth import Head, SynthConfig, fine_grid_field, fine_grid_kernel, phase_per_ppm, sample_pair
-from nn_test_helpers import blob_volume
-
-
-def _np_dipole(pshape, voxel_size, b0):
-    """Discrete D(k) = 1/3 − (k·b̂)²/|k|², D(0) = 0, on the real-FFT grid of ``pshape`` (fftfreq on the
-    first two axes, rfftfreq on the last, as the library), written out with numpy."""
-    b = np.asarray(b0, float) / np.linalg.norm(b0)
-    freqs = [np.fft.fftfreq(n, d=d) for n, d in zip(pshape[:-1], voxel_size[:-1])]
-    freqs.append(np.fft.rfftfreq(pshape[-1], d=voxel_size[-1]))
-    k = np.meshgrid(*freqs, indexing="ij")
-    k2 = k[0] ** 2 + k[1] ** 2 + k[2] ** 2
-    kb = k[0] * b[0] + k[1] * b[1] + k[2] * b[2]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        D = 1.0 / 3.0 - kb ** 2 / k2
-    D[0, 0, 0] = 0.0
-    return D
+from nn_test_helpers import blob_volume, np_conv, np_dipole, rel_demeaned as _rel
 
 
 def _np_field(chi, voxel_size, b0, pshape):
     """D ∗ χ zero-padded to ``pshape`` (numpy real FFTs), cropped back."""
-    D = _np_dipole(pshape, voxel_size, b0)
-    y = np.fft.irfftn(np.fft.rfftn(chi.astype(np.float64), s=pshape, axes=(0, 1, 2)) * D, s=pshape, axes=(0, 1, 2))
-    return y[: chi.shape[0], : chi.shape[1], : chi.shape[2]]
-
-
-def _rel(a, b, m):
-    a = a[m] - a[m].mean()
-    b = b[m] - b[m].mean()
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    return np_conv(chi.astype(np.float64), np_dipole(pshape, voxel_size, b0), pshape)
 
 
 def _head(shape=(40, 40, 40), vs=(1.0, 1.0, 1.0)):
