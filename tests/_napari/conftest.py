@@ -63,6 +63,18 @@ def oblique_files(oblique_phantom, tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny (base width 4) QSMInvNet+ checkpoint for the Adapt dock tests."""
+    torch = pytest.importorskip("torch")
+    from napari_qsm.nn.unet import NetConfig, QSMInvNet
+
+    torch.manual_seed(0)
+    p = tmp_path_factory.mktemp("weights") / "tiny_dsbn.pt"
+    torch.save(QSMInvNet(NetConfig(base_width=4)).state_dict(), str(p))
+    return p
+
+
 @pytest.fixture
 def phantom_viewer(make_napari_viewer, tiny_phantom):
     """A viewer holding the tiny phantom's layers (true χ, magnitude, labels, mask, field)."""

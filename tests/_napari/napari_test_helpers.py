@@ -96,3 +96,16 @@ def assert_responsive(qtbot, ticks: list, seconds: float = 4.0, max_gap: float =
     gaps = np.diff(recent)
     assert len(recent) - 2 >= 10, f"only {len(recent) - 2} timer ticks in {seconds} s"
     assert gaps.max() < max_gap, f"event loop blocked for {gaps.max():.2f} s during the run"
+
+
+def form_row_labels(form) -> list[str]:
+    """The row label texts of a generated ParamForm, one per parameter that has a labelled row."""
+    from qtpy.QtWidgets import QFormLayout, QLabel
+
+    texts = []
+    for name in form.names():
+        for lay in form.findChildren(QFormLayout):
+            lab = lay.labelForField(form.widget_for(name))
+            if isinstance(lab, QLabel):
+                texts.append(lab.text())
+    return texts

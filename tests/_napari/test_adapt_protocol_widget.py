@@ -10,16 +10,6 @@ torch = pytest.importorskip("torch")
 from napari_qsm._napari.adapt_widget import AdaptWidget  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from napari_qsm.nn.unet import NetConfig, QSMInvNet
-
-    torch.manual_seed(0)
-    p = tmp_path_factory.mktemp("weights") / "tiny_dsbn.pt"
-    torch.save(QSMInvNet(NetConfig(base_width=4)).state_dict(), str(p))
-    return p
-
-
 def test_adapt_dock_takes_several_scans_of_a_protocol(phantom_viewer, qtbot, tiny_checkpoint, tmp_path):
     v = phantom_viewer
     f0, m0 = v.layers["phantom field"], v.layers["phantom mask"]

@@ -10,19 +10,9 @@ torch = pytest.importorskip("torch")
 
 from napari_qsm._napari.adapt_widget import AdaptWidget  # noqa: E402
 from napari_qsm._napari.widgets import QSMWidget  # noqa: E402
-from napari_test_helpers import assert_responsive, start_ticks  # noqa: E402
+from napari_test_helpers import assert_responsive, form_row_labels, start_ticks  # noqa: E402
 
 FAST = {"patch": 32, "synth_batch": 0, "preview_every": 1}
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from napari_qsm.nn.unet import NetConfig, QSMInvNet
-
-    torch.manual_seed(0)
-    p = tmp_path_factory.mktemp("weights") / "tiny_dsbn.pt"
-    torch.save(QSMInvNet(NetConfig(base_width=4)).state_dict(), str(p))
-    return p
 
 
 def _dock(viewer, qtbot, ckpt):
@@ -158,15 +148,8 @@ def test_adapt_time_estimate_from_the_first_steps(phantom_viewer, qtbot, tiny_ch
 
 def test_adapt_rows_are_words(phantom_viewer, qtbot, tiny_checkpoint):
     """The Adapt dock's generated rows read as words too ("Steps", "Mode", "Lr"), not raw names."""
-    from qtpy.QtWidgets import QFormLayout, QLabel
-
     w = _dock(phantom_viewer, qtbot, tiny_checkpoint)
-    texts = []
-    for name in w.form.names():
-        for lay in w.form.findChildren(QFormLayout):
-            lab = lay.labelForField(w.form.widget_for(name))
-            if isinstance(lab, QLabel):
-                texts.append(lab.text())
+    texts = form_row_labels(w.form)
     assert len(texts) == len(w.form.names())
     assert not [t for t in texts if "_" in t or not t[:1].isupper()], texts
     assert {"Steps", "Mode"} <= set(texts)

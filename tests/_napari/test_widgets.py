@@ -11,7 +11,7 @@ from napari_qsm._napari.widgets import QSMWidget
 from napari_qsm.methods import available_methods, reconstruct
 from napari_qsm.core.params import specs
 from napari_qsm.core.scan import Scan
-from napari_test_helpers import assert_responsive, start_ticks
+from napari_test_helpers import assert_responsive, form_row_labels, start_ticks
 
 
 @pytest.fixture
@@ -496,17 +496,12 @@ def test_echo_maps_of_another_field_run_are_not_picked(phantom_viewer, qtbot):
 
 def test_parameter_rows_are_words(phantom_viewer, qtbot):
     """Row labels of every offered method are words a person writes: no underscores, capitalised."""
-    from qtpy.QtWidgets import QFormLayout, QLabel
+    from qtpy.QtWidgets import QLabel
 
     w = _dock(phantom_viewer, qtbot)
     for i in range(w.method_combo.count()):
         w.method_combo.setCurrentIndex(i)
-        texts = []
-        for name in w.form.names():
-            for lay in w.form.findChildren(QFormLayout):
-                lab = lay.labelForField(w.form.widget_for(name))
-                if isinstance(lab, QLabel):
-                    texts.append(lab.text())
+        texts = form_row_labels(w.form)
         assert len(texts) == len(w.form.names())
         assert not [t for t in texts if "_" in t or not t[:1].isupper()], texts
     w.set_method("tkd")
