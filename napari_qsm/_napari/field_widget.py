@@ -21,9 +21,10 @@ Thin over the headless front end (:mod:`napari_qsm.core.field`):
   Compare docks list them at once; the dock also selects them there (no file round trip).
 
 napari aligns layers of different dimensionality on their trailing axes, so 3-D maps line up
-with 4-D echoes only when the echo axis comes first. Echo layers with the echo on another axis
-(e.g. last) are turned echo-first in place (their data is a view, nothing is copied) when the
-dock adds its maps.
+with 4-D echoes only when the echo axis comes first. The reader's and the sample's echo layers
+are echo-first already; a 4-D layer added by hand with the echo on another axis (``echo_axis``
+e.g. 3) is turned echo-first in place (its data is a view, nothing is copied) when the dock adds
+its maps.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ from ..core.scan import ScanError
 from ..methods import available_steps, get_step
 from .docks import QSMDock
 from .form import ParamForm
-from .layers import DISPLAY_AXES, Geometry, acquisition_from_metadata, check_axes, robust_limits, to_layer_order
+from .layers import (Geometry, acquisition_from_metadata, check_axes, geometry_from, robust_limits,
+                     to_layer_order)
 from .widgets import (DIM_COLOR, OK_COLOR, WARN_COLOR, _device_combo, _run_footer, _scrolling_body, _section,
                       _show_failure, _wrap_label)
 from .workers import JobRunner
@@ -181,25 +183,12 @@ def echo_sources(viewer) -> list:
 
 
 def _source_geometry(src: EchoSource) -> Geometry:
-    md = src.metadata
-    if "affine" in md and "axes" in md:
-        aff = np.asarray(md["affine"], float)
-        from ..core.io import b0_from_affine, voxel_sizes
-        return Geometry(axes=check_axes(md["axes"]), voxel_size=np.asarray(md.get("voxel_size", voxel_sizes(aff)), float),
-                        b0_direction=np.asarray(md.get("b0_direction", b0_from_affine(aff)), float), affine=aff,
-                        known=bool(md.get("geometry_known", True)))
     lay = src.layer
-    scale = np.abs(np.asarray(lay.scale, float))
-    translate = np.asarray(lay.translate, float)
+    scale, translate = np.asarray(lay.scale, float), np.asarray(lay.translate, float)
     if src.echo_axis is not None:
         keep = [a for a in range(4) if a != src.echo_axis]
         scale, translate = scale[keep], translate[keep]
-    inv = np.argsort(DISPLAY_AXES)
-    vs = scale[inv]
-    aff = np.eye(4)
-    aff[:3, :3] = np.diag(vs)
-    aff[:3, 3] = translate[inv]
-    return Geometry(axes=DISPLAY_AXES, voxel_size=vs, b0_direction=np.array([0.0, 0.0, 1.0]), affine=aff, known=False)
+    return geometry_from(src.metadata, scale, translate)
 
 
 def source_array(src: EchoSource, axes) -> np.ndarray:

@@ -113,6 +113,15 @@ def layer_geometry(layer) -> Geometry:
     md = getattr(layer, "metadata", None) or {}
     if np.ndim(layer.data) != 3 and getattr(layer, "ndim", 3) != 3:
         raise ScanError(f"layer '{layer.name}': expected a 3-D volume, got {layer.ndim}-D data")
+    return geometry_from(md, np.asarray(layer.scale, dtype=np.float64)[-3:],
+                         np.asarray(layer.translate, dtype=np.float64)[-3:])
+
+
+def geometry_from(md: dict, scale, translate) -> Geometry:
+    """Geometry from napari-qsm metadata, else guessed from a layer's (3-D) scale and translate.
+
+    The guess is as in :func:`layer_geometry` (display axes, B0 along the slice axis, ``known`` False).
+    """
     if "affine" in md and "axes" in md:
         axes = check_axes(md["axes"])
         aff = np.asarray(md["affine"], dtype=np.float64)
@@ -121,8 +130,8 @@ def layer_geometry(layer) -> Geometry:
         return Geometry(axes=axes, voxel_size=vs, b0_direction=b0, affine=aff,
                         known=bool(md.get("geometry_known", True)))
     axes = DISPLAY_AXES
-    scale = np.abs(np.asarray(layer.scale, dtype=np.float64)[-3:])
-    translate = np.asarray(layer.translate, dtype=np.float64)[-3:]
+    scale = np.abs(np.asarray(scale, dtype=np.float64))
+    translate = np.asarray(translate, dtype=np.float64)
     inv = np.argsort(axes)
     vs = scale[inv]
     aff = np.eye(4)

@@ -141,7 +141,7 @@ def test_forms_labels_and_bad_input(make_napari_viewer, qtbot, raw_phantom):
 
 
 def test_echo_last_layers_turn_echo_first(make_napari_viewer, qtbot, raw_phantom):
-    """The sample's echo-last 4-D layers: the dock reads them and lines them up with its 3-D maps."""
+    """Echo-last 4-D layers added by hand (echo_axis 3): the dock reads them and lines them up with its 3-D maps."""
     from napari_qsm._napari.field_widget import FieldWidget, source_array
     from napari_qsm._napari.reader import echoes_layer_data
 
