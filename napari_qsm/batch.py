@@ -83,6 +83,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from .core.files import sha256_file  # noqa: F401  (tests and benchmarks import it from here too)
+
 __all__ = ["run_batch", "discover", "BatchScan", "BatchSummary", "default_workers", "DERIVATIVES",
            "output_paths", "SUMMARY_COLUMNS", "parse_field_params", "process_scan", "adapt_task", "warm_worker"]
 
@@ -231,14 +233,6 @@ def _sidecar(p: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
@@ -666,21 +660,28 @@ def run_batch(root, method: str = "tkd", params: Optional[dict] = None, field_pa
     holder = _ClientHolder(client, scheduler, workers, threads_per_worker, mem_bytes, say,
                            lambda ids: _estimate_bytes([s for s in scans if s.id in ids], m))
     wrote = False
+
+    def _dry_or_open(planned):
+        """Dry run: say the plan and return its summary; otherwise create the derivatives folder (None)."""
+        if dry_run:
+            _say_rows(planned, say)
+            return BatchSummary(planned, None, time.perf_counter() - t_start, dry_run=True)
+        deriv.mkdir(parents=True, exist_ok=True)
+        _dataset_description(deriv, root)
+
     try:
         if adapt_protocol:
             rows0, field_jobs = _plan(scans, all_hashes, **plan, weights=None, w_sha=None, field_only=True)
             say(f"  protocol adaptation over the cohort: local fields to compute: {len(field_jobs)}; then one "
                 f"adaptation ({a_par['steps']} steps, mode {a_par['mode']}), then dsbn on every scan")
-            if dry_run:
-                _say_rows(rows0, say)
-                return BatchSummary(rows0, None, time.perf_counter() - t_start, dry_run=True)
-            deriv.mkdir(parents=True, exist_ok=True)
-            _dataset_description(deriv, root)
+            if (dry := _dry_or_open(rows0)) is not None:
+                return dry
             wrote = True
             if field_jobs:
                 _submit_and_wait(holder, field_jobs, say, progress, echo, what="local fields")
             ok = [s for s, r in zip(scans, rows0) if r["status"] != "failed"]
-            ckpt, c_sha = _adapt_cohort(holder, ok, [h for s, h in zip(scans, all_hashes) if s in ok], plan, a_par,
+            ok_hashes = [h for s, h in zip(scans, all_hashes) if s in ok]
+            ckpt, c_sha = _adapt_cohort(holder, ok, ok_hashes, plan, a_par,
                                         w_path, w_sha, deriv, say) if ok else (None, None)
             rows, jobs = [], []
             failed = {r["scan"]: r for r in rows0 if r["status"] == "failed"}
@@ -688,18 +689,15 @@ def run_batch(root, method: str = "tkd", params: Optional[dict] = None, field_pa
                 for s in ok:
                     failed[s.id] = {**next(r for r in rows0 if r["scan"] == s.id), "status": "failed",
                                     "step": "adapt", "error": c_sha}
-            r2, jobs = (_plan(ok, [h for s, h in zip(scans, all_hashes) if s in ok], **plan, weights=str(ckpt),
+            r2, jobs = (_plan(ok, ok_hashes, **plan, weights=str(ckpt),
                               w_sha=c_sha) if ckpt is not None else ([], []))
             by = {r["scan"]: r for r in r2}
             rows = [failed.get(s.id) or by[s.id] for s in scans]
         else:
             rows, jobs = _plan(scans, all_hashes, **plan,
                                weights=None if w_path is None or weights is None else str(w_path), w_sha=w_sha)
-            if dry_run:
-                _say_rows(rows, say)
-                return BatchSummary(rows, None, time.perf_counter() - t_start, dry_run=True)
-            deriv.mkdir(parents=True, exist_ok=True)
-            _dataset_description(deriv, root)
+            if (dry := _dry_or_open(rows)) is not None:
+                return dry
             wrote = True
         n_skip = sum(r["status"] == "skipped" for r in rows)
         n_bad = sum(r["status"] == "failed" for r in rows)

@@ -13,7 +13,6 @@ from the current checkpoint; ``--steps N`` raises the step target (to continue a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import shutil
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from napari_qsm.core.device import resolve_device
+from napari_qsm.core.files import sha256_file as sha256
 from napari_qsm.nn.losses import loss_supervised
 from napari_qsm.nn.synth import PhantomPool, Regime, SynthConfig, make_head, sample_pair, to_tensors
 from napari_qsm.nn.train import Trainer, TrainConfig, plot_losses, synthetic_step_fn
@@ -95,14 +95,6 @@ def tkd_val(patches, threshold=0.15):
                                      device=torch.device("cpu"))
         vals.append(nrmse(chi, s.chi, s.mask))
     return float(np.mean(vals))
-
-
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export(cfg: dict, run_dir: Path, out_dir: Path = WEIGHTS, extra_card: dict | None = None) -> Path:

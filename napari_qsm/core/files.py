@@ -10,12 +10,13 @@ the folder can read the results.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "default_file_mode"]
+__all__ = ["atomic_write", "default_file_mode", "sha256_file"]
 
 
 def default_file_mode() -> int:
@@ -51,3 +52,12 @@ def atomic_write(path, writer: Callable[[str], None]) -> Path:
             os.remove(tmp)
         raise
     return path
+
+
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (inputs, weights and checkpoints in sidecars)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

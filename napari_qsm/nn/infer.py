@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import threading
@@ -30,6 +29,7 @@ import torch
 
 from ..core.device import resolve_device
 from ..core.files import atomic_write
+from ..core.files import sha256_file as file_sha256  # re-exported: adapt.py and benchmarks import it from here
 from ..core.method import Method
 from ..core.params import param
 from ..core.progress import Reporter
@@ -70,14 +70,6 @@ def read_card(weights_path) -> dict:
         except Exception:
             return {}
     return {}
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def config_from_state_dict(sd: dict) -> NetConfig:
