@@ -187,8 +187,6 @@ class ProtocolScans(QWidget):
 
     def __init__(self, viewer, parent=None):
         super().__init__(parent)
-        from .widgets import _wrap_label
-
         self.viewer = viewer
         self._exclude = None
         lay = QVBoxLayout(self)
@@ -201,6 +199,9 @@ class ProtocolScans(QWidget):
         self.list.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
         self.list.setMaximumHeight(90)
         lay.addWidget(self.list)
+        self.empty = _wrap_label("No other field layer is open.", DIM_COLOR, small=True)
+        self.empty.setObjectName("adapt_protocol_empty")
+        lay.addWidget(self.empty)
         ev = viewer.layers.events
         for name in ("inserted", "removed"):
             getattr(ev, name).connect(self.refresh)
@@ -218,6 +219,8 @@ class ProtocolScans(QWidget):
                 it = QListWidgetItem(ly.name)
                 self.list.addItem(it)
                 it.setSelected(ly.name in chosen)
+        self.empty.setVisible(self.list.count() == 0)   # a line in words, not an empty box
+        self.list.setVisible(self.list.count() > 0)
 
     def select(self, names) -> None:
         for k in range(self.list.count()):
@@ -284,6 +287,11 @@ class AdaptWidget(QSMDock, QWidget):
             "Base QSMInvNet+ checkpoint (.pt); empty = the one shipped with napari-qsm")
         form.addRow("Base weights", wrow)
         lay.addLayout(form)
+        form2 = QFormLayout()
+        self.device_combo = _device_combo()
+        form2.addRow("Device", self.device_combo)
+        lay.addLayout(form2)
+        # the few settings a user changes first, the research knobs folded under "Advanced"
         self.form = ParamForm(AdaptParams)
         if "preview_every" in self.form.names():
             self.form.set_values({"preview_every": PREVIEW_EVERY})
@@ -293,15 +301,6 @@ class AdaptWidget(QSMDock, QWidget):
         self.inputs.field_combo.currentIndexChanged.connect(
             lambda *_: self.protocol.refresh(exclude=self.inputs.field_combo.layer()))
         self.protocol.refresh(exclude=self.inputs.field_combo.layer())
-        form2 = QFormLayout()
-        self.device_combo = _device_combo()
-        form2.addRow("Device", self.device_combo)
-        lay.addLayout(form2)
-        # the few settings a user changes first, the research knobs folded under "Advanced"
-        lay.removeWidget(self.form)
-        lay.addWidget(self.form)
-        lay.removeWidget(self.protocol)
-        lay.addWidget(self.protocol)
         body.addWidget(box)
         # the adaptation settings first, the (auto-picked, shared) inputs under them: in a short window the
         # settings stay in sight next to the loss plot and Run

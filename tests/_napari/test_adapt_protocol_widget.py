@@ -50,3 +50,17 @@ def test_adapt_dock_protocol_scan_without_mask_is_refused(phantom_viewer, qtbot,
     assert not w.run()
     assert "odd field" in w.status.text() and "mask" in w.status.text()
     assert len(v.layers) == n and not w.runner.running
+
+
+def test_adapt_dock_protocol_box_says_when_no_other_scan_is_open(phantom_viewer, qtbot):
+    """With only the dock's own field open the protocol box shows a line in words, not an empty list."""
+    v = phantom_viewer
+    w = AdaptWidget(v)
+    v.window.add_dock_widget(w, name="Adapt network")
+    qtbot.waitUntil(lambda: "ready" in w.inputs.message.text(), timeout=5000)
+    assert w.protocol.list.count() == 0
+    assert w.protocol.empty.isVisibleTo(w) and not w.protocol.list.isVisibleTo(w)
+    f0 = v.layers["phantom field"]
+    v.add_image(f0.data * 0.8, name="scan2 field", scale=f0.scale, metadata=dict(f0.metadata))
+    assert w.protocol.list.count() == 1
+    assert w.protocol.list.isVisibleTo(w) and not w.protocol.empty.isVisibleTo(w)
