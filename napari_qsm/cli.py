@@ -456,10 +456,10 @@ def cmd_methods(args) -> int:
 
 def cmd_field(args) -> int:
     import numpy as np
-    from .core.field.load import load_echoes
-    from .core.field.pipeline import FieldRecipe, local_field, split_params
-    from .core.io import read_volume, save_volume, write_json
+    from .core.field.pipeline import FieldRecipe, split_params
+    from .core.io import save_volume, write_json
     from .core.params import parse_cli_params
+    from .recon_raw import raw_local_field
 
     out = Path(args.output)
     targets = {k: out / f"{k}.nii.gz" for k in FIELD_OUTPUTS}
@@ -468,16 +468,7 @@ def cmd_field(args) -> int:
         raise ValueError(f"output: {', '.join(existing)} already exist(s); choose another folder")
     recipe = FieldRecipe(fit=args.fit, mask=args.mask_method, unwrap=args.unwrap, background=args.background)
     recipe.params = split_params(parse_cli_params(args.param), recipe)
-    for fam in ("fit", "mask", "unwrap", "background"):
-        recipe.record(fam)  # every step and parameter checked before reading the data
-    echoes = load_echoes(args.inputs or None, magnitude=args.magnitude, phase=args.phase, te=args.te, b0=args.b0,
-                         phase_units=args.phase_units, phase_sign=args.phase_sign)
-    user_mask = None
-    if args.mask:
-        user_mask, maff, _ = read_volume(args.mask, "mask")
-        if not np.allclose(maff, echoes.affine, atol=1e-3):
-            raise ValueError("mask: its affine differs from the echoes'; resample it onto their grid first")
-    run = local_field(echoes, recipe, mask=user_mask, device=args.device, progress=_progress(args.quiet))
+    echoes, run = raw_local_field(args, args.inputs, recipe, progress=_progress(args.quiet))
     out.mkdir(parents=True, exist_ok=True)
     maps = {"local_field": run.scan.field, "mask": run.scan.mask.astype(np.float32), "magnitude": run.total.magnitude,
             "total_field": run.total.field, "noise_std": run.total.noise_std, "r2star": run.total.r2star}

@@ -80,13 +80,35 @@ def split_params(items) -> tuple[dict, dict]:
     return field, method
 
 
-def recon_from_raw(args, progress=None) -> int:
-    """Raw echoes → local field (the Field steps) → χ with ``args.method``; writes ``args.output``."""
+def raw_local_field(args, inputs, recipe, progress=None):
+    """The field steps of ``napari-qsm field`` and ``napari-qsm recon`` on raw echoes → ``(echoes, run)``.
+
+    Every step and parameter of ``recipe`` is checked before the echoes are read (``inputs``: BIDS/DICOM
+    folders, or ``args.magnitude``/``args.phase`` files); ``args.mask``, if given, must lie on the echoes'
+    grid and replaces the mask step.
+    """
     import numpy as np
 
     from .core.field.load import load_echoes
-    from .core.field.pipeline import FieldRecipe, local_field, split_params as split_field
-    from .core.io import check_output_path, read_volume, save_result
+    from .core.field.pipeline import local_field
+    from .core.io import read_volume
+
+    for fam in FAMILIES:
+        recipe.record(fam)  # every step and parameter checked before reading the data
+    echoes = load_echoes(inputs or None, magnitude=args.magnitude or (), phase=args.phase or (), te=args.te,
+                         b0=args.b0, phase_units=args.phase_units, phase_sign=args.phase_sign)
+    user_mask = None
+    if args.mask:
+        user_mask, maff, _ = read_volume(args.mask, "mask")
+        if not np.allclose(maff, echoes.affine, atol=1e-3):
+            raise ValueError("mask: its affine differs from the echoes'; resample it onto their grid first")
+    return echoes, local_field(echoes, recipe, mask=user_mask, device=args.device, progress=progress)
+
+
+def recon_from_raw(args, progress=None) -> int:
+    """Raw echoes → local field (the Field steps) → χ with ``args.method``; writes ``args.output``."""
+    from .core.field.pipeline import FieldRecipe, split_params as split_field
+    from .core.io import check_output_path, save_result
     from .core.params import make_params, parse_cli_params
     from .methods import get_method, reconstruct
 
@@ -112,17 +134,7 @@ def recon_from_raw(args, progress=None) -> int:
     recipe = FieldRecipe(fit=chosen.get("fit", args.fit), mask=chosen.get("mask", args.mask_method),
                          unwrap=chosen.get("unwrap", args.unwrap), background=chosen.get("background", args.background))
     recipe.params = split_field(field_items, recipe)
-    for fam in FAMILIES:
-        recipe.record(fam)  # every step and parameter checked before reading the data
-    echoes = load_echoes(args.field or None, magnitude=args.magnitude or (), phase=args.phase or (), te=args.te,
-                         b0=args.b0, phase_units=args.phase_units, phase_sign=args.phase_sign)
-    user_mask = None
-    if args.mask:
-        user_mask, maff, _ = read_volume(args.mask, "mask")
-        if not np.allclose(maff, echoes.affine, atol=1e-3):
-            raise ValueError("mask: its affine differs from the echoes'; resample it onto their grid first")
-        user_mask = user_mask > 0.5
-    run = local_field(echoes, recipe, mask=user_mask, device=args.device, progress=progress)
+    echoes, run = raw_local_field(args, args.field, recipe, progress)
     scan = run.scan
     if echoes.nifti_info is not None:
         scan._nifti_info = echoes.nifti_info  # write χ back on the echoes' grid and orientation
