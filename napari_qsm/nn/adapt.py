@@ -563,7 +563,8 @@ def _train_mode(model: QSMInvNet, p: AdaptParams) -> None:
                 mod.eval()
 
 
-def _as_scans(scan) -> list:
+def _as_scans(scan) -> tuple[list, list]:
+    """(scans, their fingerprints): one Scan or a non-empty list of distinct scans."""
     scans = list(scan) if isinstance(scan, (list, tuple)) else [scan]
     if not scans:
         raise ValueError("scans: empty list; give at least one scan")
@@ -574,7 +575,7 @@ def _as_scans(scan) -> list:
     dup = sorted({f for f in fps if fps.count(f) > 1})
     if dup:
         raise ValueError(f"scans: the same scan is given twice (fingerprint {dup[0]}); give each scan once")
-    return scans
+    return scans, fps
 
 
 def _scan_name(scans, k: int) -> str:
@@ -601,8 +602,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
         p = copy.deepcopy(params)
     if on_cancel not in ("raise", "return"):
         raise ValueError(f"on_cancel: expected 'raise' or 'return', got {on_cancel!r}")
-    scans = _as_scans(scan)
-    fps = [sc.fingerprint() for sc in scans]
+    scans, fps = _as_scans(scan)
     dev = resolve_device(device)
     check_cancel(cancel)
 
@@ -755,8 +755,7 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
                 if p.mode == "uqsm":
                     lt = loss_field(chi_t, f, mi, part.vs, part.b0, weights=w, phase_per_ppm=part.ppp, op=op,
                                     smv_radius_mm=p.smv_mm, normalise=False)
-                    tv = loss_edge_tv(chi_t, torch.ones((chi_t.shape[0], 3) + tuple(chi_t.shape[2:]), device=dev),
-                                      mp, part.vs) if p.uqsm_tv > 0 else None
+                    tv = loss_edge_tv(chi_t, None, mp, part.vs) if p.uqsm_tv > 0 else None   # plain TV
                     scan_loss = lt if tv is None else lt + p.uqsm_tv * tv
                 else:
                     lt = loss_field(chi_t, f, mi, part.vs, part.b0, weights=w, phase_per_ppm=part.ppp, op=op,

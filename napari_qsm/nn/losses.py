@@ -198,13 +198,13 @@ def loss_field(chi_ppm: torch.Tensor, field_ppm: torch.Tensor, mask: torch.Tenso
     return (weights * weights * r2).sum() / n
 
 
-def loss_edge_tv(chi_ppm: torch.Tensor, wg: torch.Tensor, mask: torch.Tensor, voxel_size) -> torch.Tensor:
+def loss_edge_tv(chi_ppm: torch.Tensor, wg: torch.Tensor | None, mask: torch.Tensor, voxel_size) -> torch.Tensor:
     """R = Σ_mask Σ_axes |w_G,a · ∂_a χ| / #mask for ``chi_ppm`` and ``mask`` (N, 1, X, Y, Z), ``wg`` (N, 3, X, Y, Z).
 
     ∂_a is the forward difference divided by the voxel size (0 on the last plane of each axis), as
     :func:`napari_qsm.core.medi.gradient`, which cannot serve here: it writes into a preallocated
     tensor (``out=``), which autograd does not support, and takes one unbatched volume.
-    ``wg`` is 1 where gradients are penalised (no magnitude edge).
+    ``wg`` is 1 where gradients are penalised (no magnitude edge); None = 1 everywhere (plain TV).
     """
     m = (mask > 0.5).to(chi_ppm.dtype)
     total = chi_ppm.new_zeros(())
@@ -214,7 +214,7 @@ def loss_edge_tv(chi_ppm: torch.Tensor, wg: torch.Tensor, mask: torch.Tensor, vo
         if n < 2:
             continue
         d = (chi_ppm.narrow(ax, 1, n - 1) - chi_ppm.narrow(ax, 0, n - 1)) / float(voxel_size[a])
-        w = wg[:, a:a + 1].narrow(ax, 0, n - 1) * m.narrow(ax, 0, n - 1)
+        w = m.narrow(ax, 0, n - 1) if wg is None else wg[:, a:a + 1].narrow(ax, 0, n - 1) * m.narrow(ax, 0, n - 1)
         total = total + (w * d).abs().sum()
     return total / torch.clamp(m.sum(), min=1.0)
 
