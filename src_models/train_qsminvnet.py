@@ -97,6 +97,14 @@ def tkd_val(patches, threshold=0.15):
     return float(np.mean(vals))
 
 
+def init_state(init) -> tuple[Path, dict]:
+    """(path, state_dict) of ``init_weights``: a shipped state_dict or a training checkpoint's "model"
+    (a relative path is taken from the repository root)."""
+    ip = Path(init) if Path(init).is_absolute() else ROOT / init
+    sd = torch.load(ip, map_location="cpu", weights_only=True)
+    return ip, sd.get("model", sd)
+
+
 def export(cfg: dict, run_dir: Path, out_dir: Path = WEIGHTS, extra_card: dict | None = None) -> Path:
     """Write the shipped state_dict (domain-1 BN = copy of domain 0, untrained flag) and its JSON card."""
     from napari_qsm.nn.infer import write_card
@@ -109,9 +117,7 @@ def export(cfg: dict, run_dir: Path, out_dir: Path = WEIGHTS, extra_card: dict |
     if alpha is not None and cfg.get("init_weights"):
         # weight-space average of the fine-tuned and the initial weights (robust fine-tuning, WiSE-FT style):
         # θ = (1 − α)·θ_init + α·θ_trained for every floating tensor (BN running stats included), α in config
-        ip = Path(cfg["init_weights"]) if Path(cfg["init_weights"]).is_absolute() else ROOT / cfg["init_weights"]
-        sd0 = torch.load(ip, map_location="cpu", weights_only=True)
-        sd0 = sd0.get("model", sd0)
+        _, sd0 = init_state(cfg["init_weights"])
         sd1 = model.state_dict()
         a = float(alpha)
         model.load_state_dict({k: ((1.0 - a) * sd0[k].double() + a * v.double()).to(v.dtype)
@@ -233,9 +239,7 @@ def main(argv=None) -> int:
     if init and not (run_dir / "checkpoint.pt").exists():
         # fine-tuning: start from another model's weights (a shipped state_dict or a training checkpoint's
         # "model"), step 0 and a fresh optimiser; a resumed run ignores this (its checkpoint has the weights)
-        ip = Path(init) if Path(init).is_absolute() else ROOT / init
-        sd = torch.load(ip, map_location="cpu", weights_only=True)
-        sd = sd.get("model", sd)
+        ip, sd = init_state(init)
         model.load_state_dict(sd)
         model.to(dev)
         print(f"initialised from {ip} (sha256 {sha256(ip)[:12]})", flush=True)
