@@ -190,7 +190,7 @@ def accuracy(case, cache: Cache):
     }
     log(f"{case}: total field {out['total_field']}")
     # background methods
-    rows, locals_ = [], {}
+    rows = []
     for name, params, label in BACKGROUND:
         key = f"bg_{case}_{name}_{'_'.join(f'{k}{v:g}' for k, v in params.items()) or 'default'}"
 

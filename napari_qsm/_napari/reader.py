@@ -344,7 +344,7 @@ def echoes_layer_data(echoes, axes=DISPLAY_AXES) -> list:
         base["nifti_info"] = echoes.nifti_info
 
     def stack(a):
-        return np.stack([to_layer_order(a[..., e], axes) for e in range(a.shape[3])], 0).astype(np.float32)
+        return np.stack([to_layer_order(a[..., e], axes) for e in range(a.shape[3])], 0).astype(np.float32, copy=False)
 
     mag, pha = stack(echoes.magnitude), stack(echoes.phase)
     return [

@@ -368,7 +368,7 @@ def fit_linear(echoes: Echoes, params: Optional[LinearFitParams] = None, *, unwr
     if params.noise_sigma > 0:
         sigma, src = float(params.noise_sigma), "parameter"
     else:
-        sigma, src = estimate_noise_sigma(ech, lambda: _residual_sigma(w, resid_sq_w, a11, dof + 2))
+        sigma, src = estimate_noise_sigma(ech, lambda r=resid_sq_w: _residual_sigma(w, r, a11, dof + 2))
     misfit = _misfit(resid_sq_w, sigma, dof)
     del resid_sq_w
     ppm = _ppm_per_rad_s(ech.b0_tesla)
@@ -468,7 +468,7 @@ def fit_nonlinear(echoes: Echoes, params: Optional[NonlinearFitParams] = None, *
     if params.noise_sigma > 0:
         sigma, src = float(params.noise_sigma), "parameter"
     else:
-        sigma, src = estimate_noise_sigma(ech, lambda: _residual_sigma(w, resid_sq_w, a11, E))
+        sigma, src = estimate_noise_sigma(ech, lambda r=resid_sq_w: _residual_sigma(w, r, a11, E))
     misfit = _misfit(resid_sq_w, sigma, E - 2)
     del resid_sq_w
     nrad = np.where(ok, np.float32(sigma) * np.sqrt(np.where(ok, a11 / safe, 0)), np.float32(np.pi))
