@@ -448,9 +448,9 @@ class SliceGrid(PanelPainting, QWidget):
         W, H = self.width(), self.height()
         sub_h = self._small_height() + 2
         L, R, G = self.LEFT, self.RIGHT, 2 * self.GAP
-        ks0 = [2 if self._diff_cell(c) else 1 for c in self._columns]
-        cw0 = max(10.0, (W - L - (8 if hbars else R)) / max(1, sum(ks0)))   # column widths before scaling
-        nlines = self._title_lines([k * cw0 for k in ks0])
+        ks = [2 if self._diff_cell(c) else 1 for c in self._columns]   # cells per column: χ, or χ | Δ
+        cw0 = max(10.0, (W - L - (8 if hbars else R)) / max(1, sum(ks)))   # column widths before scaling
+        nlines = self._title_lines([k * cw0 for k in ks])
         T = max(self.TOP, self._top(nlines)) + sub_h
         B = self.BOTTOM + self._small_height() + 2    # scale bar and the difference's definition
         if hbars:
@@ -458,7 +458,6 @@ class SliceGrid(PanelPainting, QWidget):
             B += self.HBAR_H
         GG = 3 * G                                     # between volumes (χ | Δ of one volume: G)
         planes = [p for p, d in rows if not d]
-        ks = [2 if self._diff_cell(c) else 1 for c in self._columns]
         nsub = sum(ks)
         avail_w = W - L - R - G * (nsub - n) - GG * (n - 1)
         max_w = max(wh[p][0] for p in planes)
