@@ -31,7 +31,8 @@ def _phantom(size: str, snr: float, seed: int = 0):
 #: NRMSE: Adam's first steps at lr 1e-3 move the shared convolutions away from the trained base, and
 #: 20 steps do not bring them back), BatchNorm only ends at 45.3 % (40 steps: 45.3 %).
 QUICK_PARAMS = {"dsbn_adapt": {"steps": 20, "update": "bn", "synth_batch": 0}}
-QUICK_NOTE = ("QSMInvNet+ adapted (20 steps, BatchNorm only): the demo's short run adapts only the scan domain's "
+QUICK_TITLE = f"QSMInvNet+ adapted ({QUICK_PARAMS['dsbn_adapt']['steps']} steps, BatchNorm only)"
+QUICK_NOTE = (f"{QUICK_TITLE}: the demo's short run adapts only the scan domain's "
               "BatchNorm (update=bn, synth_batch=0); `napari-qsm demo --full` runs the default adaptation "
               "(120 steps, all weights).")
 #: seconds each step took here (2-core x86_64 CPU, idle), for the estimate printed before starting
@@ -100,7 +101,7 @@ def run_demo(outdir="demo_output", size="small", snr=40.0, device="auto", method
             rows.append({"method": m.label, "error": str(exc)})
             continue
         if m.name == "dsbn_adapt" and params.get("update") == "bn":  # a name for the table and figure
-            res.title = f"QSMInvNet+ adapted ({params.get('steps', '')} steps, BatchNorm only)"
+            res.title = QUICK_TITLE
             short_adaptation = True
         vals = compute_metrics(res.chi, ph.chi, ph.mask, field=scan.field, voxel_size=scan.voxel_size,
                                b0_direction=scan.b0_direction)
