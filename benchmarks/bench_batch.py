@@ -54,21 +54,28 @@ def _noop(x):
     return x
 
 
-def in_process(root: Path, method: str) -> float:
-    """Seconds to run the same task function on every scan one after another in this process (1 thread)."""
-    import torch
-
-    from napari_qsm.batch import _plan, discover, process_scan, sha256_file
+def _jobs(root: Path, method: str, first_only: bool = False) -> list:
+    """The batch's planned tasks for the scans under ``root`` (all recomputed; default parameters, CPU)."""
+    from napari_qsm.batch import _plan, discover, input_hashes
     from napari_qsm.core.field.pipeline import FieldRecipe
     from napari_qsm.core.params import make_params, params_to_dict
     from napari_qsm.methods import get_method
 
     m = get_method(method)
-    scans = discover(root)
-    hashes = [{str(p.relative_to(root)): sha256_file(p) for p in s.files()} for s in scans]
-    _, jobs = _plan(scans, hashes, root=root, m=m, par=params_to_dict(make_params(m.params_cls, {})), fsteps={},
-                    recipe=FieldRecipe(), field_recipe={}, fload={}, overwrite=True, device="cpu", weights=None,
-                    w_sha=None)
+    scans = discover(root)[:1] if first_only else discover(root)
+    hashes = [input_hashes(s, root) for s in scans]
+    return _plan(scans, hashes, root=root, m=m, par=params_to_dict(make_params(m.params_cls, {})), fsteps={},
+                 recipe=FieldRecipe(), field_recipe={}, fload={}, overwrite=True, device="cpu", weights=None,
+                 w_sha=None)[1]
+
+
+def in_process(root: Path, method: str) -> float:
+    """Seconds to run the same task function on every scan one after another in this process (1 thread)."""
+    import torch
+
+    from napari_qsm.batch import process_scan
+
+    jobs = _jobs(root, method)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -90,17 +97,9 @@ def ab_test(root: Path, method: str, n: int) -> dict:
     import torch
     from distributed import Client, LocalCluster
 
-    from napari_qsm.batch import _plan, discover, process_scan, sha256_file, warm_worker
-    from napari_qsm.core.field.pipeline import FieldRecipe
-    from napari_qsm.core.params import make_params, params_to_dict
-    from napari_qsm.methods import get_method
+    from napari_qsm.batch import process_scan, warm_worker
 
-    m = get_method(method)
-    scans = discover(root)[:1]
-    hashes = [{str(p.relative_to(root)): sha256_file(p) for p in s.files()} for s in scans]
-    _, jobs = _plan(scans, hashes, root=root, m=m, par=params_to_dict(make_params(m.params_cls, {})), fsteps={},
-                    recipe=FieldRecipe(), field_recipe={}, fload={}, overwrite=True, device="cpu", weights=None,
-                    w_sha=None)
+    jobs = _jobs(root, method, first_only=True)
     job = jobs[0][1]
     torch.set_num_threads(1)
     cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=40)

@@ -234,6 +234,14 @@ def _sidecar(p: Path) -> Path:
 
 # ----------------------------------------------------------------------------------------------- fingerprints
 
+def input_hashes(scan: "BatchScan", root: Path) -> dict:
+    """``{path relative to root: sha256}`` of the scan's input files (``{"__error__": ...}`` if one is unreadable)."""
+    try:
+        return {str(p.relative_to(root)): sha256_file(p) for p in scan.files()}
+    except OSError as exc:
+        return {"__error__": f"{type(exc).__name__}: {exc}"}
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -648,13 +656,8 @@ def run_batch(root, method: str = "tkd", params: Optional[dict] = None, field_pa
         f"({sum(s.kind == 'raw' for s in scans)} raw echoes, {sum(s.kind == 'field' for s in scans)} local fields)"
         f" -> {deriv}")
 
-    def hashes(s: BatchScan) -> dict:  # the client hashes every input once
-        try:
-            return {str(p.relative_to(root)): sha256_file(p) for p in s.files()}
-        except OSError as exc:
-            return {"__error__": f"{type(exc).__name__}: {exc}"}
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        all_hashes = list(pool.map(hashes, scans))
+    with ThreadPoolExecutor(max_workers=4) as pool:  # the client hashes every input once
+        all_hashes = list(pool.map(lambda s: input_hashes(s, root), scans))
     plan = dict(root=root, m=m, par=par, fsteps=fsteps, recipe=recipe, field_recipe=field_recipe, fload=fload,
                 overwrite=overwrite, device=device)
     holder = _ClientHolder(client, scheduler, workers, threads_per_worker, mem_bytes, say,
