@@ -50,8 +50,8 @@ from .docks import QSMDock
 from .form import ParamForm
 from .layers import (Geometry, acquisition_from_metadata, check_axes, geometry_from, robust_limits,
                      to_layer_order)
-from .widgets import (DIM_COLOR, OK_COLOR, WARN_COLOR, _device_combo, _run_footer, _scrolling_body, _section,
-                      _show_failure, _wrap_label)
+from .widgets import (DIM_COLOR, OK_COLOR, WARN_COLOR, RunnerDock, _device_combo, _run_footer, _scrolling_body,
+                      _section, _wrap_label)
 from .workers import JobRunner
 
 #: the step families in the words a person writes, in the order the dock shows them
@@ -293,7 +293,7 @@ def make_echo_first(layer) -> bool:
 
 # ---------------------------------------------------------------------------------------------- the dock
 
-class FieldWidget(QSMDock, QWidget):
+class FieldWidget(RunnerDock, QSMDock, QWidget):
     """Dock widget "Field": raw echoes → total field, brain mask, local field, R2*, N_std (see module doc)."""
 
     qsm_dock_order = 0.5  # tabs: QSM reconstruction, Field, Adapt network, Compare (`napari-qsm view` shows the first)
@@ -665,9 +665,6 @@ class FieldWidget(QSMDock, QWidget):
         return r
 
     # -- run ----------------------------------------------------------------------------------
-    def _fail(self, msg: str) -> None:
-        _show_failure(self.status, msg)
-
     def build_echoes(self) -> Echoes:
         b0 = float(self.b0_spin.value())
         return echoes_from_sources(self.magnitude_source(), self.phase_source(), self.echo_times(), b0,
@@ -719,11 +716,6 @@ class FieldWidget(QSMDock, QWidget):
                      on_error=self._on_error, on_cancelled=self._on_cancelled, on_finished=self._on_finished)
         return True
 
-    def cancel(self) -> None:
-        if self.runner.running:
-            self.status.setText("cancelling…")
-            self.runner.cancel()
-
     def _set_running(self, running: bool) -> None:
         self.run_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
@@ -737,13 +729,6 @@ class FieldWidget(QSMDock, QWidget):
     def _on_progress(self, p) -> None:
         frac = f" ({p.step}/{p.total})" if p.total else ""
         self.status.setText(html.escape(f"{p.message or p.stage}{frac}, {p.elapsed:.1f} s"))
-
-    def _on_error(self, exc) -> None:
-        msg = str(exc) if isinstance(exc, ValueError) and str(exc) else f"{type(exc).__name__}: {exc}"
-        self._fail(msg)
-
-    def _on_cancelled(self) -> None:
-        self.status.setText(f"<span style='color:{WARN_COLOR}'>cancelled</span>; nothing was added")
 
     def _on_finished(self) -> None:
         self._set_running(False)

@@ -163,6 +163,28 @@ def _show_failure(status: QLabel, msg: str) -> None:
     _notify_error(f"napari-qsm: {msg}")
 
 
+class RunnerDock:
+    """Worker plumbing shared by the docks that run one job at a time (Reconstruct, Field).
+
+    Needs ``self.runner`` (:class:`~napari_qsm._napari.workers.JobRunner`) and ``self.status`` (QLabel).
+    """
+
+    def _fail(self, msg: str) -> None:
+        _show_failure(self.status, msg)
+
+    def cancel(self) -> None:
+        if self.runner.running:
+            self.status.setText("cancelling…")
+            self.runner.cancel()
+
+    def _on_error(self, exc) -> None:
+        msg = str(exc) if isinstance(exc, ValueError) and str(exc) else f"{type(exc).__name__}: {exc}"
+        self._fail(msg)
+
+    def _on_cancelled(self) -> None:
+        self.status.setText(f"<span style='color:{WARN_COLOR}'>cancelled</span>; nothing was added")
+
+
 def _scan_and_params(dock, params_cls, errors: tuple = (ParamError, ValueError)) -> Optional[tuple]:
     """(Scan from ``dock.inputs``, parameter record from ``dock.form``), or None after ``dock._fail(why)``."""
     scan = dock.inputs.validate()
@@ -884,7 +906,7 @@ class PreviewLayer:
         self.layer = None
 
 
-class QSMWidget(QSMDock, QWidget):
+class QSMWidget(RunnerDock, QSMDock, QWidget):
     """Dock widget "QSM reconstruction": inputs section and reconstruct section."""
 
     qsm_dock_order = 0
@@ -1032,9 +1054,6 @@ class QSMWidget(QSMDock, QWidget):
         self.weights_edit.setText(str(path) if path else "")
 
     # -- run --------------------------------------------------------------------------------
-    def _fail(self, msg: str) -> None:
-        _show_failure(self.status, msg)
-
     def run(self) -> bool:
         """Validate, then start the reconstruction in a worker. Returns False when it could not start."""
         if self.runner.running:
@@ -1069,11 +1088,6 @@ class QSMWidget(QSMDock, QWidget):
                      on_result=lambda res: self._on_result(res, field_layer, scan, inputs),
                      on_error=self._on_error, on_cancelled=self._on_cancelled, on_finished=self._on_finished)
         return True
-
-    def cancel(self) -> None:
-        if self.runner.running:
-            self.status.setText("cancelling…")
-            self.runner.cancel()
 
     def _set_running(self, running: bool) -> None:
         self.run_button.setEnabled(not running)
@@ -1127,13 +1141,6 @@ class QSMWidget(QSMDock, QWidget):
                             f"done in {result.seconds:.1f} s on {html.escape(result.device)} → "
                             f"layer <b>{html.escape(chi_layer.name)}</b> (χ, ppm; window ±0.15)")
         self.result_added.emit(chi_layer)
-
-    def _on_error(self, exc) -> None:
-        msg = str(exc) if isinstance(exc, ValueError) and str(exc) else f"{type(exc).__name__}: {exc}"
-        self._fail(msg)
-
-    def _on_cancelled(self) -> None:
-        self.status.setText(f"<span style='color:{WARN_COLOR}'>cancelled</span>; nothing was added")
 
     def _on_finished(self) -> None:
         if self._preview is not None:
