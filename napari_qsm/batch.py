@@ -83,6 +83,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from .core.field.steps import FAMILIES as FIELD_FAMILIES
 from .core.files import sha256_file  # noqa: F401  (tests and benchmarks import it from here too)
 
 __all__ = ["run_batch", "discover", "BatchScan", "BatchSummary", "default_workers", "DERIVATIVES",
@@ -90,7 +91,6 @@ __all__ = ["run_batch", "discover", "BatchScan", "BatchSummary", "default_worker
 
 DERIVATIVES = "napari-qsm"                      # ROOT/derivatives/<this>
 SUMMARY_COLUMNS = ("scan", "kind", "status", "seconds", "field_residual", "step", "error", "worker")
-FIELD_FAMILIES = ("fit", "mask", "unwrap", "background")
 _LOAD_KEYS = ("phase_units", "phase_sign")      # --field-param keys that go to the loader
 FIELD_MAPS = {  # output suffix -> (FieldRun attribute path, description, units)
     "mask": ("mask", "brain mask, eroded by background removal (1 = inside)", None),
