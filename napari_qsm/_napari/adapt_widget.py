@@ -26,9 +26,9 @@ from ..core.params import display_name, params_to_dict
 from .docks import QSMDock
 from .form import ParamForm
 from .layers import result_layer_data, scan_from_layers, show_chi_colorbar
-from .widgets import (DIM_COLOR, OK_COLOR, WARN_COLOR, PreviewLayer, _device_combo, _inputs_section,
+from .widgets import (DIM_COLOR, OK_COLOR, WARN_COLOR, PreviewLayer, RunnerDock, _device_combo, _inputs_section,
                       _notify_info, _pick_weights_file, _run_footer, _scan_and_params, _scrolling_body, _section,
-                      _show_failure, _wrap_label, _weights_row)
+                      _wrap_label, _weights_row)
 from .workers import JobRunner
 
 LOSS_KEYS = ("L_S", "L_T", "TV", "lambda")
@@ -251,8 +251,12 @@ class ProtocolScans(QWidget):
         return out
 
 
-class AdaptWidget(QSMDock, QWidget):
-    """Dock widget: adapt QSMInvNet+ to the open scan; loss plot, preview, save/use adapted weights."""
+class AdaptWidget(RunnerDock, QSMDock, QWidget):
+    """Dock widget: adapt QSMInvNet+ to the open scan; loss plot, preview, save/use adapted weights.
+
+    ``_fail`` and ``_on_error`` are :class:`~napari_qsm._napari.widgets.RunnerDock`'s; ``cancel`` and
+    ``_on_cancelled`` are its own (Cancel keeps the state after the last completed step).
+    """
 
     qsm_dock_order = 1
     qsm_dock_title = "Adapt network"
@@ -344,9 +348,6 @@ class AdaptWidget(QSMDock, QWidget):
     def _browse(self):
         _pick_weights_file(self, "Base weights", self.weights_edit)
 
-    def _fail(self, msg: str) -> None:
-        _show_failure(self.status, msg)
-
     # -- run ------------------------------------------------------------------------------------
     def run(self) -> bool:
         from ..nn.adapt import AdaptParams, adapt
@@ -388,18 +389,22 @@ class AdaptWidget(QSMDock, QWidget):
         runner.start(job, description="QSMInvNet+ adaptation", total=params.steps,
                      on_progress=lambda p: self._on_progress(p, field_layer),
                      on_result=lambda res: self._on_result(res, field_layer, scans if more else scan, inputs, params),
-                     on_error=lambda exc: self._fail(str(exc) if isinstance(exc, ValueError)
-                                                     else f"{type(exc).__name__}: {exc}"),
-                     on_cancelled=lambda: self.status.setText(
-                         f"<span style='color:{WARN_COLOR}'>cancelled</span>"),
-                     on_finished=self._on_finished)
+                     on_error=self._on_error, on_cancelled=self._on_cancelled, on_finished=self._on_finished)
         return True
 
     def cancel(self) -> None:
-        """Stop after the current step; the state after the last completed step is kept (and can be saved)."""
+        """Stop after the current step; the state after the last completed step is kept (and can be saved).
+
+        Unlike :meth:`RunnerDock.cancel` the worker is not quit: only the token is set, and the job returns
+        its partial result (``on_cancel="return"``), which :meth:`_on_result` keeps.
+        """
         if self.runner.running and self.runner.token is not None:
             self.status.setText("cancelling (finishing the current step)…")
-            self.runner.token.cancel()  # the job returns its partial result (on_cancel="return")
+            self.runner.token.cancel()
+
+    def _on_cancelled(self) -> None:
+        """The job ended without a partial result (cancelled while it was still setting up)."""
+        self.status.setText(f"<span style='color:{WARN_COLOR}'>cancelled</span>")
 
     def _set_running(self, running: bool) -> None:
         self.run_button.setEnabled(not running)

@@ -164,7 +164,7 @@ def _show_failure(status: QLabel, msg: str) -> None:
 
 
 class RunnerDock:
-    """Worker plumbing shared by the docks that run one job at a time (Reconstruct, Field).
+    """Worker plumbing shared by the docks that run one job at a time (Reconstruct, Field, Adapt).
 
     Needs ``self.runner`` (:class:`~napari_qsm._napari.workers.JobRunner`) and ``self.status`` (QLabel).
     """

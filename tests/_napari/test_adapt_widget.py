@@ -153,3 +153,23 @@ def test_adapt_rows_are_words(phantom_viewer, qtbot, tiny_checkpoint):
     assert len(texts) == len(w.form.names())
     assert not [t for t in texts if "_" in t or not t[:1].isupper()], texts
     assert {"Steps", "Mode"} <= set(texts)
+
+
+def test_adapt_error_and_cancel_handlers(phantom_viewer, qtbot, tiny_checkpoint):
+    """Errors go through the shared RunnerDock handler (ValueError as its message, else with the type); a
+    cancel before any step says "cancelled"; cancel with nothing running changes nothing."""
+    from napari_qsm._napari.widgets import RunnerDock
+
+    w = _dock(phantom_viewer, qtbot, tiny_checkpoint)
+    assert isinstance(w, RunnerDock)
+    w._on_error(ValueError("field layer x is empty"))
+    assert "field layer x is empty" in w.status.text() and "ValueError" not in w.status.text()
+    w._on_error(RuntimeError("out of memory"))
+    assert "RuntimeError: out of memory" in w.status.text()
+    w._on_error(ValueError(""))
+    assert "ValueError" in w.status.text()  # an empty message still says what went wrong
+    w._on_cancelled()
+    assert "cancelled" in w.status.text()
+    before = w.status.text()
+    w.cancel()  # nothing is running
+    assert w.status.text() == before
