@@ -37,13 +37,22 @@ def derivatives_folder(root) -> Path:
 
 def subjects(root) -> list[str]:
     """Subjects with at least one χ map."""
-    d = derivatives_folder(root)
-    return sorted(p.name for p in d.glob("sub-*") if p.is_dir() and any(p.rglob("*" + _CHI)))
+    return _subjects(derivatives_folder(root))
 
 
 def scans(root, subject: str) -> dict[str, list[Path]]:
     """{scan prefix: its χ maps} of one subject (sessions and runs are separate scans)."""
-    d = derivatives_folder(root) / subject
+    return _scans(derivatives_folder(root), subject)
+
+
+def _subjects(deriv: Path) -> list[str]:
+    """:func:`subjects` of an already found derivatives folder."""
+    return sorted(p.name for p in deriv.glob("sub-*") if p.is_dir() and any(p.rglob("*" + _CHI)))
+
+
+def _scans(deriv: Path, subject: str) -> dict[str, list[Path]]:
+    """:func:`scans` of an already found derivatives folder."""
+    d = deriv / subject
     out: dict[str, list[Path]] = {}
     for p in sorted(d.rglob("*" + _CHI)):
         prefix = p.name[: -len(_CHI)].split("_desc-")[0]
@@ -65,12 +74,15 @@ def _inputs_of(chi: Path, prefix: str, deriv: Path) -> dict[str, Path]:
 
 
 def _method_of(chi: Path) -> str:
+    """The method of a χ map for its layer name: the sidecar's "method", else the file name's
+    ``desc-<method>`` entity, else "χ" (no readable sidecar and no entity: the file name)."""
+    part = chi.name.split("_desc-")
+    desc = part[1].split("_")[0] if len(part) > 1 else ""
     try:
         side = json.loads(chi.with_name(chi.name[: -len(".nii.gz")] + ".json").read_text())
-        return str(side.get("method") or "")
     except (OSError, ValueError):
-        part = chi.name.split("_desc-")
-        return part[1].split("_")[0] if len(part) > 1 else chi.name
+        return desc or chi.name
+    return str(side.get("method") or desc or "χ")
 
 
 def open_derivatives(viewer, root, subject: Optional[str] = None, scan: Optional[str] = None,
@@ -81,7 +93,7 @@ def open_derivatives(viewer, root, subject: Optional[str] = None, scan: Optional
     Returns ``{"chi": [layers], "field": layer, "mask": layer, "magnitude": layer, "compare": widget}``.
     """
     deriv = derivatives_folder(root)
-    subs = subjects(deriv)
+    subs = _subjects(deriv)
     if not subs:
         raise ValueError(f"{deriv}: no χ maps (*{_CHI}) yet")
     subject = subject or subs[0]
@@ -89,7 +101,7 @@ def open_derivatives(viewer, root, subject: Optional[str] = None, scan: Optional
         subject = "sub-" + subject
     if subject not in subs:
         raise ValueError(f"subject: {subject} has no results in {deriv} (subjects: {', '.join(subs)})")
-    found = scans(deriv, subject)
+    found = _scans(deriv, subject)
     scan = scan or next(iter(found))
     if scan not in found:
         raise ValueError(f"scan: {scan} not found for {subject} (scans: {', '.join(found)})")

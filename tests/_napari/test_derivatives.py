@@ -77,3 +77,36 @@ def test_widget_lists_subjects_and_opens_a_local_field_scan(make_napari_viewer, 
     assert "opened 1 result" in w.status.value
     side = json.loads((bids / "derivatives/napari-qsm/sub-02/anat/sub-02_desc-tkd_Chimap.json").read_text())
     assert side["method"] == "tkd"
+
+
+def test_sidecar_without_method_and_one_description_read(make_napari_viewer, tmp_path, monkeypatch):
+    """A χ sidecar without "method": the layer is named by the file's desc-<method> entity, else "χ" (it was
+    "<scan> " with a trailing space); dataset_description.json is read once per open."""
+    from pathlib import Path
+
+    from napari_qsm.core.io import save_volume, write_json
+    from napari_qsm._napari.derivatives import open_derivatives
+
+    deriv = tmp_path / "derivatives" / "napari-qsm"
+    anat = deriv / "sub-03" / "anat"
+    anat.mkdir(parents=True)
+    write_json(deriv / "dataset_description.json", {"Name": "t", "BIDSVersion": "1.9.0", "DatasetType": "derivative"})
+    chi = np.zeros(TINY_SHAPE, np.float32)
+    chi[2:5, 2:5, 2:5] = 0.1
+    for name in ("sub-03_desc-medi_Chimap", "sub-03_Chimap"):
+        save_volume(chi, anat / f"{name}.nii.gz", np.diag([*TINY_VS, 1.0]))
+        write_json(anat / f"{name}.json", {"units": "ppm"})  # a sidecar, but no "method"
+    reads = []
+    read_text = Path.read_text
+
+    def counting(self, *a, **k):
+        text = read_text(self, *a, **k)  # only reads that succeed (the BIDS root has no description)
+        if self.name == "dataset_description.json":
+            reads.append(self)
+        return text
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    v = make_napari_viewer()
+    out = open_derivatives(v, tmp_path, "03", compare=False)
+    assert [lyr.name for lyr in out["chi"]] == ["sub-03 χ", "sub-03 medi"]
+    assert reads == [deriv / "dataset_description.json"]
