@@ -159,7 +159,12 @@ class PanelPainting:
         # colour bars
         bars = geo["bars"]
         x_bar = geo["bar_x"]
-        draw = self._colorbar_h if geo.get("hbars") else (lambda qp_, a, b, *rest: self._colorbar(qp_, x_bar, a, b, *rest))
+        if geo.get("hbars"):   # bars[...] = (x0, x1, y)
+            def draw(qp_, x0, x1, y, *rest):
+                self._colorbar(qp_, x0, x1, y, *rest, vertical=False)
+        else:                  # bars[...] = (y0, y1), all at x_bar
+            def draw(qp_, y0, y1, *rest):
+                self._colorbar(qp_, y0, y1, x_bar, *rest, vertical=True)
         if "chi" in bars:
             draw(qp, *bars["chi"], self._chi_lut, *self._chi_lim, self._chi_unit, fg, small)
         if "diff" in bars and self._images and any(k[1] >= len(self._planes) for k in self._images):
@@ -176,38 +181,39 @@ class PanelPainting:
                 qp.drawText(QRectF(r0.left() + mm * s + 4, y - sfm.height() / 2, 60, sfm.height()),
                             Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter, f"{mm} mm")
 
-    def _colorbar(self, qp, x, y0, y1, lut, lo, hi, unit, fg, font) -> None:
-        h = max(10, int(y1 - y0))
-        grad = np.ascontiguousarray(np.repeat(lut[::-1][:, None], 10, axis=1))
-        img = QImage(grad.data, 10, 256, 40, QImage.Format.Format_RGBA8888)
-        qp.drawImage(QRectF(x, y0, 10, h), img)
-        qp.setPen(fg)
-        qp.setFont(font)
-        fmh = QFontMetrics(font).height()
-        for frac, val in ((0.0, hi), (0.5, 0.5 * (lo + hi)), (1.0, lo)):
-            yy = y0 + frac * h
-            qp.drawLine(QPointF(x + 10, yy), QPointF(x + 13, yy))
-            qp.drawText(QRectF(x + 15, yy - fmh / 2, self.RIGHT - 24, fmh), Qt.AlignmentFlag.AlignLeft, f"{val:+.3g}")
-        qp.save()
-        qp.translate(x - 3, y0 + h / 2)
-        qp.rotate(-90)
-        qp.drawText(QRectF(-h / 2, -fmh, h, fmh), Qt.AlignmentFlag.AlignCenter, unit)
-        qp.restore()
+    def _colorbar(self, qp, a0, a1, at, lut, lo, hi, unit, fg, font, *, vertical: bool) -> None:
+        """A colour bar 10 px thick from ``a0`` to ``a1`` along its length, ``at`` across it, with three ticks.
 
-    def _colorbar_h(self, qp, x0, x1, y, lut, lo, hi, unit, fg, font) -> None:
-        """A horizontal colour bar from ``x0`` to ``x1`` at height ``y``: unit on the left, values under it."""
-        w = max(10, int(x1 - x0))
-        grad = np.ascontiguousarray(np.repeat(lut[None, :], 10, axis=0))
-        img = QImage(grad.data, 256, 10, 4 * 256, QImage.Format.Format_RGBA8888)
-        qp.drawImage(QRectF(x0, y, w, 10), img)
+        ``vertical``: at x = ``at`` from y = ``a0`` (``hi``) down to ``a1`` (``lo``), values right of it and
+        the unit turned along its left side; else at y = ``at`` from x = ``a0`` (``lo``) to ``a1`` (``hi``),
+        values under it and the unit on its left.
+        """
+        n = max(10, int(a1 - a0))
+        strip = lut[::-1][:, None] if vertical else lut[None, :]   # 256 × 1 or 1 × 256 RGBA
+        grad = np.ascontiguousarray(np.repeat(strip, 10, axis=1 if vertical else 0))
+        gh, gw = grad.shape[:2]
+        img = QImage(grad.data, gw, gh, 4 * gw, QImage.Format.Format_RGBA8888)
+        qp.drawImage(QRectF(at, a0, 10, n) if vertical else QRectF(a0, at, n, 10), img)
         qp.setPen(fg)
         qp.setFont(font)
         fm = QFontMetrics(font)
         fmh = fm.height()
-        uw = fm.horizontalAdvance(unit) + 8
-        qp.drawText(QRectF(x0 - uw, y + 5 - fmh / 2, uw - 4, fmh),
-                    Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, unit)
-        for frac, val in ((0.0, lo), (0.5, 0.5 * (lo + hi)), (1.0, hi)):
-            xx = x0 + frac * w
-            qp.drawLine(QPointF(xx, y + 10), QPointF(xx, y + 13))
-            qp.drawText(QRectF(xx - 30, y + 14, 60, fmh), Qt.AlignmentFlag.AlignHCenter, f"{val:+.3g}")
+        if vertical:
+            qp.save()
+            qp.translate(at - 3, a0 + n / 2)
+            qp.rotate(-90)
+            qp.drawText(QRectF(-n / 2, -fmh, n, fmh), Qt.AlignmentFlag.AlignCenter, unit)
+            qp.restore()
+        else:
+            uw = fm.horizontalAdvance(unit) + 8
+            qp.drawText(QRectF(a0 - uw, at + 5 - fmh / 2, uw - 4, fmh),
+                        Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, unit)
+        for frac, val in ((0.0, hi if vertical else lo), (0.5, 0.5 * (lo + hi)), (1.0, lo if vertical else hi)):
+            t = a0 + frac * n
+            if vertical:
+                qp.drawLine(QPointF(at + 10, t), QPointF(at + 13, t))
+                qp.drawText(QRectF(at + 15, t - fmh / 2, self.RIGHT - 24, fmh), Qt.AlignmentFlag.AlignLeft,
+                            f"{val:+.3g}")
+            else:
+                qp.drawLine(QPointF(t, at + 10), QPointF(t, at + 13))
+                qp.drawText(QRectF(t - 30, at + 14, 60, fmh), Qt.AlignmentFlag.AlignHCenter, f"{val:+.3g}")
