@@ -293,10 +293,10 @@ def _metrics(x, chi, mask):
 
 
 def _volume_lt(x, scan) -> float:
-    """L_T of a χ map over the whole scan (the adaptation's loss, magnitude weighting, 3 T / 20 ms phase)."""
+    """L_T of a χ map over the whole scan (the adaptation's loss and default phase scale: 3 T / 20 ms)."""
     import torch
 
-    from napari_qsm.nn.adapt import _inv_weight, _rad_per_ppm
+    from napari_qsm.nn.adapt import _inv_weight, phase_scale
     from napari_qsm.nn.losses import loss_field, noise_weights
 
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
@@ -304,7 +304,7 @@ def _volume_lt(x, scan) -> float:
     w = noise_weights(m, t(_inv_weight(scan, "auto")[0]))
     with torch.no_grad():
         return float(loss_field(t(x), t(scan.field), m, scan.voxel_size, scan.b0_direction, weights=w,
-                                phase_per_ppm=_rad_per_ppm(scan)))
+                                phase_per_ppm=phase_scale(scan)))
 
 
 def _peak_mb() -> float:
@@ -1030,7 +1030,7 @@ def main(argv=None) -> int:
     if set(train) & set(evals):
         raise SystemExit(f"--protocol-train {args.protocol_train}: overlaps the evaluation cases 0..{args.cases - 1}")
     if args.variants:
-        return run_variants(weights, args.variant_case, args.variants, Path(args.out), Path(args.work))
+        return run_variants(weights, args.variant_case, args.variants, Path(args.out), work)
     if args.worker:
         if not _lock(work, f"{args.worker}-{args.ids}-{args.net if args.worker == 'case' else ''}"):
             return 0     # the same job is running in another process (another invocation of this script)

@@ -160,9 +160,11 @@ class AdaptParams:
                              min=1, max=16, widget="advanced")
     lam_start: float = param(30.0, "λ at the first step (weight of L_T)", min=0.0, max=1e6, widget="advanced")
     lam_end: float = param(300.0, "λ at the last step (linear rise)", min=0.0, max=1e6, widget="advanced")
-    rad_per_ppm: float | str = param("auto", "phase (rad) per ppm of field in L_T: auto = 2π·γ̄·B0·TE of the scan "
-                                              "(3 T, 20 ms = 16.05 when unknown); smaller values wrap less",
-                                     min=0.01, max=1000.0, allow=("auto",), widget="advanced")
+    rad_per_ppm: float | str = param("reference", "phase (rad) per ppm of field in L_T: reference = 16.05 "
+                                                   "(2π·γ̄·3 T·20 ms) on every scan, so that λ and the prior weigh the "
+                                                   "same whatever the echo spacing; auto = 2π·γ̄·B0·TE of the scan "
+                                                   "(3 T, 20 ms when unknown); smaller values wrap less",
+                                     min=0.01, max=1000.0, allow=("reference", "auto"), widget="advanced")
     smv_mm: float = param(5.0, "radius (mm) of the spherical-mean-value high-pass applied to both the model and the "
                                "measured field of a patch in L_T, which cancels the field of tissue outside the patch; "
                                "L_T is taken where the sphere stays inside the patch and the mask. 0 = off (old, "
@@ -242,9 +244,27 @@ def scan_patch_shape(scan_shape, patch: int, mult: int = 16) -> tuple:
 
 
 def _rad_per_ppm(scan) -> float:
+    """2π·γ̄·B0·TE of ``scan`` (3 T and 20 ms where it does not say; ``None`` = the reference scale)."""
     te = scan.te if getattr(scan, "te", None) else 0.02
     b0 = scan.b0_tesla if getattr(scan, "b0_tesla", None) else 3.0
     return 2.0 * math.pi * GAMMA_BAR * float(b0) * float(te) * 1e-6
+
+
+def phase_scale(scan, rad_per_ppm="reference") -> float:
+    """The phase scale (rad per ppm) of L_T on ``scan`` for the parameter ``rad_per_ppm``.
+
+    ``"reference"`` (default): 16.05 rad/ppm (3 T, 20 ms) on every scan. L_T ≈ scale²·(weighted field
+    residual)², so with the scan's own TE (``"auto"``) its weight against L_S and the prior would change
+    with the echo spacing: a front-end field fitted over ΔTE = 4.1 ms weighs 24× less than at 20 ms, and
+    the λ ramp tuned at 20 ms then lets the prior and L_S pull χ away (pipeline-made slab, case 0 of
+    docs/benchmarks/adapt_pipeline_lbv.md: 89.3 % demeaned NRMSE with ``auto`` against 67.7 % with the
+    reference; the unadapted network 78.5 %).
+    """
+    if rad_per_ppm == "reference":
+        return _rad_per_ppm(None)
+    if rad_per_ppm == "auto":
+        return _rad_per_ppm(scan)
+    return float(rad_per_ppm)
 
 
 def _inv_weight(scan, how: str) -> tuple[np.ndarray, str]:
@@ -344,7 +364,7 @@ class _ScanPatches:
         # geometry and phase scale of this scan (protocol adaptation: every scan its own dipole kernel)
         self.vs = tuple(float(v) for v in scan.voxel_size)
         self.b0 = np.asarray(scan.b0_direction, float)
-        self.ppp = _rad_per_ppm(scan) if p.rad_per_ppm == "auto" else float(p.rad_per_ppm)
+        self.ppp = phase_scale(scan, p.rad_per_ppm)
 
     def starts(self, step: int, k: int) -> np.ndarray:
         rng = np.random.default_rng([int(self.p.seed), int(step), int(k), 23])

@@ -275,6 +275,23 @@ def test_bad_inputs(scan, base, tmp_path):
     assert sorted(tmp_path.iterdir()) == sorted(before + [wrong, one, bad])
 
 
+def test_lt_weight_does_not_depend_on_the_echo_spacing(scan, base):
+    """Default phase scale: the same field fitted over a 4.1 ms echo spacing (front end: te = ΔTE) or at
+    20 ms adapts identically; rad_per_ppm=auto (the scan's own 2π·γ̄·B0·TE) weighs L_T 24x less at 4.1 ms.
+    A front-end slab adapted with auto ended 11 points worse than unadapted (docs/benchmarks/adapt_pipeline_lbv.md)."""
+    import dataclasses
+
+    short = dataclasses.replace(scan, te=0.0041)
+    kw = dict(steps=2, lam_start=50.0, lam_end=50.0)
+    a, b = run(scan, base, **kw), run(short, base, **kw)
+    assert np.array_equal(a.chi, b.chi)
+    assert np.allclose(a.losses("L_T"), b.losses("L_T"), rtol=0, atol=0)
+    c = run(short, base, rad_per_ppm="auto", **kw)
+    lt_ratio = c.losses("L_T")[0] / a.losses("L_T")[0]   # step 0: same weights, same patch
+    assert lt_ratio == pytest.approx((0.0041 / 0.02) ** 2, rel=0.15)   # exp(iφ) is not quite quadratic
+    assert not np.array_equal(a.chi, c.chi)
+
+
 def test_update_bn_only_freezes_shared_weights(scan, base):
     """update="bn": the optimiser changes only the scan domain's BatchNorm scale/shift."""
     res = run(scan, base, steps=2, update="bn")
