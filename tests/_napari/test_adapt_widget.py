@@ -91,13 +91,15 @@ def test_adapt_bad_weights_is_a_notification(phantom_viewer, qtbot, tmp_path, mo
 
 
 def test_adapt_uses_the_docks_b0_and_te(phantom_viewer, qtbot, tiny_checkpoint):
-    """The phantom's field is in ppm: the B0 and TE typed into the dock set the adaptation's phase scale
-    (rad per ppm = 2π·γ̄·B0·TE, the wrap L_T compares) and are recorded in the χ layer's provenance."""
+    """The phantom's field is in ppm: the B0 and TE typed into the dock reach the scan, set the phase scale
+    of L_T when it follows the scan (rad_per_ppm=auto: 2π·γ̄·B0·TE; the default is the fixed reference) and
+    are recorded in the χ layer's provenance."""
     w = _dock(phantom_viewer, qtbot, tiny_checkpoint)
     assert w.inputs.units() == "ppm" and w.inputs.b0t_spin.isVisibleTo(w) and w.inputs.te_spin.isVisibleTo(w)
+    assert w.form.values()["rad_per_ppm"] == "reference"
     w.inputs.b0t_spin.setValue(7.0)
     w.inputs.te_spin.setValue(10.0)
-    w.form.set_values(dict(FAST, steps=1))
+    w.form.set_values(dict(FAST, steps=1, rad_per_ppm="auto"))
     assert w.run()
     qtbot.waitUntil(lambda: not w.runner.running, timeout=180000)
     assert w.adapted is not None, w.status.text()
