@@ -82,6 +82,8 @@ def _method_of(chi: Path) -> str:
         side = json.loads(chi.with_name(chi.name[: -len(".nii.gz")] + ".json").read_text())
     except (OSError, ValueError):
         return desc or chi.name
+    if not isinstance(side, dict):   # a sidecar that is valid JSON but not an object names nothing
+        return desc or chi.name
     return str(side.get("method") or desc or "χ")
 
 

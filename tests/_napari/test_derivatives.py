@@ -110,3 +110,14 @@ def test_sidecar_without_method_and_one_description_read(make_napari_viewer, tmp
     out = open_derivatives(v, tmp_path, "03", compare=False)
     assert [lyr.name for lyr in out["chi"]] == ["sub-03 χ", "sub-03 medi"]
     assert reads == [deriv / "dataset_description.json"]
+
+
+def test_method_name_from_a_sidecar_that_is_not_an_object(tmp_path):
+    """A sidecar that is valid JSON but not an object (a list) names the layer by desc-<method>, no crash."""
+    from napari_qsm._napari.derivatives import _method_of
+
+    chi = tmp_path / "sub-01_desc-tkd_Chimap.nii.gz"
+    (tmp_path / "sub-01_desc-tkd_Chimap.json").write_text("[1, 2]")
+    assert _method_of(chi) == "tkd"
+    (tmp_path / "sub-01_desc-tkd_Chimap.json").write_text('{"method": "TKD δ=0.15"}')
+    assert _method_of(chi) == "TKD δ=0.15"
