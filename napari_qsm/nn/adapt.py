@@ -257,7 +257,7 @@ def phase_scale(scan, rad_per_ppm="reference") -> float:
     residual)², so with the scan's own TE (``"auto"``) its weight against L_S and the prior would change
     with the echo spacing: a front-end field fitted over ΔTE = 4.1 ms weighs 24× less than at 20 ms, and
     the λ ramp tuned at 20 ms then lets the prior and L_S pull χ away (pipeline-made slab, case 0 of
-    docs/benchmarks/adapt_pipeline_lbv.md: 89.3 % demeaned NRMSE with ``auto`` against 67.7 % with the
+    docs/benchmarks/adapt_pipeline_lbv.md: 89.3 % demeaned NRMSE with ``auto`` against 70.7 % with the
     reference; the unadapted network 78.5 %).
     """
     if rad_per_ppm == "reference":
