@@ -137,6 +137,7 @@ def make_case(i: int, shape=CLINICAL_SHAPE, voxel_size=CLINICAL_VS, honest: bool
 
     if pipeline:   # the head in air, raw echoes → the front end (fit, mask, unwrap, background removal)
         from napari_qsm.core.field.pipeline import FieldRecipe, local_field
+        from napari_qsm.core.metrics import nrmse_demeaned
 
         ph = make_phantom(shape, voxel_size, b0, seed=seed, snr=snr, texture=True, randomize=True, device="cpu",
                           honest=True, edit=edit, background=True, keep_echoes=True)
@@ -144,10 +145,6 @@ def make_case(i: int, shape=CLINICAL_SHAPE, voxel_size=CLINICAL_VS, honest: bool
         scan = run.scan
         scan.name = f"case{i}"
         both = scan.mask & ph.mask
-        truth = np.where(both, ph.true_local_field, 0.0)
-        truth[both] -= truth[both].mean()
-        est = np.where(both, scan.field, 0.0)
-        est[both] -= est[both].mean()
         desc = {"case": i, "seed": seed, "simulation": "honest, head in air, pipeline local field",
                 "pipeline": [f"{st['family']}: {st['label']}" for st in run.steps],
                 "echo_times_ms": [round(t * 1e3, 2) for t in ph.echo_times],
@@ -156,7 +153,7 @@ def make_case(i: int, shape=CLINICAL_SHAPE, voxel_size=CLINICAL_VS, honest: bool
                 "chi_range": [round(float(ph.chi[ph.mask].min()), 3), round(float(ph.chi[ph.mask].max()), 3)],
                 "mask_voxels": int(scan.mask.sum()), "true_mask_voxels": int(ph.mask.sum()),
                 "evaluated_voxels": int(both.sum()),
-                "local_field_nrmse_demeaned": round(float(100 * np.linalg.norm(est - truth) / np.linalg.norm(truth)), 2)}
+                "local_field_nrmse_demeaned": round(nrmse_demeaned(scan.field, ph.true_local_field, both), 2)}
         _TRUTH_MASKS[id(ph.chi)] = (ph.chi, ph.mask)
         return scan, ph.chi, desc
     ph = make_phantom(shape, voxel_size, b0, seed=seed, snr=snr, texture=True, randomize=True, device="cpu",
@@ -622,8 +619,7 @@ def _time_protocol(weights: str, work: Path) -> dict:
 
     import torch
 
-    import nibabel as nib
-
+    from napari_qsm.core.io import save_volume
     from napari_qsm.methods import reconstruct
     from napari_qsm.nn.adapt import AdaptParams, adapt_protocol, save_adapted
 
@@ -648,8 +644,8 @@ def _time_protocol(weights: str, work: Path) -> dict:
         rec["infer_seconds"] = [round(x, 2) for x in times]
         f, m = Path(d) / "field.nii.gz", Path(d) / "mask.nii.gz"
         aff = np.diag([*map(float, scan.voxel_size), 1.0])
-        nib.save(nib.Nifti1Image(scan.field.astype(np.float32), aff), f)
-        nib.save(nib.Nifti1Image(scan.mask.astype(np.uint8), aff), m)
+        save_volume(scan.field, f, aff)
+        save_volume(scan.mask, m, aff, dtype=np.uint8)
         cli = [sys.executable, "-m", "napari_qsm.cli", "recon", str(f), "--mask", str(m), "--method", "dsbn",
                "--b0-dir", *map(str, scan.b0_direction), "--weights", str(ck), "-o", str(Path(d) / "chi.nii.gz")]
         t = time.perf_counter()
