@@ -31,6 +31,10 @@ from ..core.params import ParamError, ParamSpec, specs, validate_value
 _BAD_STYLE = "border: 1px solid #d9534f;"
 
 
+#: drop-down entries in words where the record's value is a code name (the value stays the item's data)
+CHOICE_WORDS = {"dsbn": "QSMInvNet+ (DSBN)", "finetune": "QSMInvNet fine-tune", "uqsm": "uQSM (no labels)"}
+
+
 def label_for(name: str) -> str:
     """A parameter name in words, capitalised, a unit suffix in brackets
     (``cg_max_iter`` → ``Cg max iter``, ``smv_mm`` → ``Smv (mm)``, ``memory_gb`` → ``Memory (GB)``)."""
@@ -173,7 +177,7 @@ class ParamForm(QWidget):
         if spec.choices:
             w = QComboBox()
             for c in spec.choices:
-                w.addItem(_fmt(c), c)
+                w.addItem(CHOICE_WORDS.get(c, _fmt(c)) if isinstance(c, str) else _fmt(c), c)
             w.setCurrentIndex(max(0, list(spec.choices).index(spec.default)) if spec.default in spec.choices else 0)
             w.currentIndexChanged.connect(self._on_edit)
 

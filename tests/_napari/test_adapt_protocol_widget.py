@@ -19,7 +19,7 @@ def test_adapt_dock_takes_several_scans_of_a_protocol(phantom_viewer, qtbot, tin
     w = AdaptWidget(v)
     v.window.add_dock_widget(w, name="Adapt network")
     qtbot.waitUntil(lambda: "ready" in w.inputs.message.text(), timeout=5000)
-    assert "uqsm" in [w.form.widget_for("mode").itemText(k) for k in range(w.form.widget_for("mode").count())]
+    assert "uqsm" in [w.form.widget_for("mode").itemData(k) for k in range(w.form.widget_for("mode").count())]
     names = [w.protocol.list.item(k).text() for k in range(w.protocol.list.count())]
     main = w.inputs.field_combo.layer().name      # the dock's own field is not offered again
     assert main in ("phantom field", "scan2 field") and names == [{"phantom field", "scan2 field"}.difference({main}).pop()]

@@ -175,3 +175,13 @@ def test_adapt_error_and_cancel_handlers(phantom_viewer, qtbot, tiny_checkpoint)
     before = w.status.text()
     w.cancel()  # nothing is running
     assert w.status.text() == before
+
+
+def test_mode_drop_down_in_words(phantom_viewer, qtbot, tiny_checkpoint):
+    """The mode drop-down shows words, keeps the record's code names as values."""
+    w = _dock(phantom_viewer, qtbot, tiny_checkpoint)
+    combo = w.form.widget_for("mode")
+    texts = [combo.itemText(i) for i in range(combo.count())]
+    assert texts == ["QSMInvNet+ (DSBN)", "QSMInvNet fine-tune", "uQSM (no labels)"]
+    w.form.set_values({"mode": "uqsm"})
+    assert w.form.values()["mode"] == "uqsm" and combo.currentText() == "uQSM (no labels)"
