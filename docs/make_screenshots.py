@@ -292,8 +292,8 @@ def _field_screens(app) -> None:
                 layer._overlays["layer_name"].visible = True
             except Exception:
                 pass
-        viewer.grid.enabled = True
-        viewer.grid.shape = (2, 2)
+        viewer.canvas.grid.enabled = True
+        viewer.canvas.grid.shape = (2, 2)
         viewer.layers.selection.active = dock.output_layers["local_field"]
         viewer.window._qt_window.resize(*size)
         viewer.reset_view()
