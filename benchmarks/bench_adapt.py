@@ -8,7 +8,7 @@ and ``adapt_results.json`` (every number). Per-case results are cached in ``--wo
 interrupted run resumes; ``--jobs 2`` splits the cases over two processes.
 
 Cases (never seen in training: training heads use seeds ≥ 100000, validation 1-2): clinical-like
-0.75x0.75x3 mm 192x224x48 slabs from :func:`napari_qsm.core.phantom.make_phantom` (seeds 901…),
+0.75x0.75x3 mm 192x224x48 slabs from :func:`napari_qsm.core.sim.phantom.make_phantom` (seeds 901…),
 B0 tilted 10-20° about varying axes, magnitude-weighted noise (SNR 40-120) and a contrast unlike
 the training data: per-compartment χ rescaled (deep grey matter ×1.3-1.8, white matter ×0.5-1.5),
 a global scale (0.6-1.6) and added lesions the generator does not make (clusters of 1-mm
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from napari_qsm.core.dipole import forward_field  # noqa: E402
-from napari_qsm.core.phantom import GAMMA_BAR, LABEL_NAMES, RESEARCH, make_phantom  # noqa: E402
+from napari_qsm.core.sim.phantom import GAMMA_BAR, LABEL_NAMES, RESEARCH, make_phantom  # noqa: E402
 from napari_qsm.core.scan import Scan  # noqa: E402
 
 CLINICAL_SHAPE = (192, 224, 48)
@@ -351,7 +351,7 @@ def run_classic(i: int, work: Path, medi: bool = True) -> dict:
     import torch
 
     from napari_qsm.methods import available_methods, reconstruct
-    from napari_qsm.core.tkd import truncated_inversion
+    from napari_qsm.core.inversion.tkd import truncated_inversion
 
     out = work / f"classic{i}.json"
     rec = json.loads(out.read_text()) if out.exists() else None

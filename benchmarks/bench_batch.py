@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 def make_dataset(root: Path, n: int) -> None:
     from napari_qsm.core.io import save_volume
-    from napari_qsm.core.phantom import CLINICAL, make_phantom
+    from napari_qsm.core.sim.phantom import CLINICAL, make_phantom
 
     for i in range(n):
         anat = root / f"sub-{i + 1:02d}" / "anat"

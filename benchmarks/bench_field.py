@@ -126,7 +126,7 @@ class Cache:
         if p.exists():
             with open(p, "rb") as f:
                 return pickle.load(f)
-        from napari_qsm.core.phantom import CLINICAL_ECHOES, RESEARCH_ECHOES, make_phantom
+        from napari_qsm.core.sim.phantom import CLINICAL_ECHOES, RESEARCH_ECHOES, make_phantom
         c = CASES[case]
         log(f"{case}: making the phantom")
         ph = make_phantom(c["shape"], c["voxel_size"], seed=0, snr=50.0, honest=True, background=True,

@@ -30,11 +30,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from napari_qsm.core import metrics as M  # noqa: E402
-from napari_qsm.core.cosmos import cosmos  # noqa: E402
-from napari_qsm.core.medi import medi_l1  # noqa: E402
-from napari_qsm.core.phantom import make_phantom, oblique_direction  # noqa: E402
+from napari_qsm.core.inversion.cosmos import cosmos  # noqa: E402
+from napari_qsm.core.inversion.medi import medi_l1  # noqa: E402
+from napari_qsm.core.sim.phantom import make_phantom, oblique_direction  # noqa: E402
 from napari_qsm.core.scan import Scan  # noqa: E402
-from napari_qsm.core.tkd import truncated_inversion  # noqa: E402
+from napari_qsm.core.inversion.tkd import truncated_inversion  # noqa: E402
 
 METRICS = ("nrmse_demeaned", "hfen", "ssim", "xsim")
 HEAD = {"nrmse_demeaned": "NRMSE %", "hfen": "HFEN %", "ssim": "SSIM", "xsim": "XSIM"}
@@ -187,7 +187,7 @@ def lambda_curve(ph, cache: Cache, tag):
 
 def _upre_at(scan, chi, lam):
     """Noise energy, tr(K·H) and U(λ) for a solution (lagged weights from the masked χ of the result)."""
-    from napari_qsm.core import medi as MD
+    from napari_qsm.core.inversion import medi as MD
 
     holder = {}
     orig = MD._Problem
@@ -272,7 +272,7 @@ def peak_memory(shape=(256, 256, 160)):
     code = f"""
 import numpy as np, torch, time
 torch.set_num_threads(2)
-from napari_qsm.core.medi import medi_l1
+from napari_qsm.core.inversion.medi import medi_l1
 def hwm():
     for line in open('/proc/self/status'):
         if line.startswith('VmHWM:'):
@@ -422,7 +422,7 @@ def main(argv=None):
                  "(uniform 5³ window, QSM-CI). CPU (%s, 2 cores shared with other jobs while this ran, so times are upper "
                  "bounds)." % platform.machine())
     lines.append("")
-    lines.append("MEDI runs with the Cornell MEDI_L1 semantics (`napari_qsm/core/medi.py`): ppm field scaled to the "
+    lines.append("MEDI runs with the Cornell MEDI_L1 semantics (`napari_qsm/core/inversion/medi.py`): ppm field scaled to the "
                  "toolbox's radians by s = 2π·ΔTE·γ̄·B0 with ΔTE = 5 ms (`delta_te`) and the scan's B0 (3 T): "
                  "s = 4.01 rad/ppm; data weight from the noise map, gradient mask from the magnitude (percentage "
                  "0.9), Gauss-Newton ≤ 10 steps stopping at ‖dχ‖/‖χ‖ < 0.1, CG tolerance 0.01, ≤ 100 iterations, "

@@ -64,7 +64,7 @@ def conv3d_gflops(threads: int, channels: int = 32, size: int = 64, reps: int = 
 
 
 def inference_bench(weights, threads: int, passes: int = 2) -> dict:
-    from napari_qsm.core.phantom import RESEARCH, make_phantom, oblique_direction
+    from napari_qsm.core.sim.phantom import RESEARCH, make_phantom, oblique_direction
 
     ph = make_phantom(RESEARCH["shape"], RESEARCH["voxel_size"], oblique_direction(10, "x"), seed=31, snr=100.0,
                       device="cpu")

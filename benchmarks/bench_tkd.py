@@ -23,7 +23,7 @@ CHILD = r'''
 import json, resource, sys, time
 import numpy as np, torch
 from napari_qsm.core.dipole import fast_shape, pad_volume
-from napari_qsm.core.tkd import truncated_inversion
+from napari_qsm.core.inversion.tkd import truncated_inversion
 shape = tuple(json.loads(sys.argv[2])); reps = int(sys.argv[3]); what = sys.argv[1]
 rng = np.random.default_rng(0)
 field = (rng.standard_normal(shape) * 0.02).astype(np.float32)
@@ -68,7 +68,7 @@ def cli_time(shape):
                         "--method", "tkd", "-q", "-o", f"{d}/chi.nii.gz"], check=True, cwd=ROOT)
         total = time.perf_counter() - t0
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import napari_qsm.cli, napari_qsm.core.io, napari_qsm.core.tkd"],
+        subprocess.run([sys.executable, "-c", "import napari_qsm.cli, napari_qsm.core.io, napari_qsm.core.inversion.tkd"],
                        check=True, cwd=ROOT)
         imports = time.perf_counter() - t0
     return total, imports

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--outdir", default=str(ROOT / "docs"))
     a = ap.parse_args(argv)
 
-    from napari_qsm.core.phantom import make_phantom
+    from napari_qsm.core.sim.phantom import make_phantom
 
     cache = Path(a.cache) if a.cache else None
     if cache:

@@ -403,7 +403,7 @@ def cmd_metrics(args) -> int:
 
 
 def cmd_phantom(args) -> int:
-    from .core.phantom import CLINICAL, RESEARCH, make_phantom, oblique_direction, save_phantom
+    from .core.sim.phantom import CLINICAL, RESEARCH, make_phantom, oblique_direction, save_phantom
 
     preset = dict(CLINICAL if args.clinical else RESEARCH)
     if args.shape:
@@ -413,7 +413,7 @@ def cmd_phantom(args) -> int:
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
     if args.raw:
-        from .core.phantom import save_raw_bids
+        from .core.sim.phantom import save_raw_bids
 
         ph = make_phantom(**preset, b0_direction=oblique_direction(args.oblique, "x"), seed=args.seed,
                           snr=50.0 if args.snr is None else args.snr, honest=True, background=True, keep_echoes=True)

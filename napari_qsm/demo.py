@@ -17,7 +17,7 @@ import numpy as np
 
 
 def _phantom(size: str, snr: float, seed: int = 0):
-    from .core.phantom import RESEARCH, make_phantom
+    from .core.sim.phantom import RESEARCH, make_phantom
     if size == "full":
         return make_phantom(**RESEARCH, seed=seed, snr=snr)
     return make_phantom(shape=(128, 152, 128), voxel_size=(1.25, 1.25, 1.25), seed=seed, snr=snr)
@@ -60,7 +60,7 @@ def run_demo(outdir="demo_output", size="small", snr=40.0, device="auto", method
     from .core.dipole import forward_field
     from .core.metrics import compute_metrics
     from .methods import available_methods, reconstruct
-    from .core.phantom import oblique_direction
+    from .core.sim.phantom import oblique_direction
     from .core.progress import stderr_progress
     from .core.scan import Scan
 

@@ -3,7 +3,7 @@
 Modules *declare* what they offer and know nothing of this registry:
 
 * inversions: a module-level ``METHODS = (Method(...), ...)`` (:class:`napari_qsm.core.method.Method`)
-  in ``core/tkd.py``, ``core/medi.py``, ``core/cosmos.py``, ``nn/infer.py``, ``nn/adapt.py``;
+  in ``core/inversion/tkd.py``, ``core/inversion/medi.py``, ``core/inversion/cosmos.py``, ``nn/infer.py``, ``nn/adapt.py``;
 * front-end steps (raw echoes → local field): ``STEPS = (Step(...), ...)``
   (:class:`napari_qsm.core.field.steps.Step`) in the modules of ``core/field/``;
 * other packages: an entry point in the group ``napari_qsm.methods`` whose object is a
@@ -23,7 +23,7 @@ Adding an inversion, in full (a new file ``napari_qsm/core/mine.py`` and one lin
     from dataclasses import dataclass
     from napari_qsm.core.method import Method
     from napari_qsm.core.params import param
-    from napari_qsm.core.tkd import truncated_inversion
+    from napari_qsm.core.inversion.tkd import truncated_inversion
 
     @dataclass
     class MineParams:
@@ -51,9 +51,9 @@ ENTRY_POINT_GROUP = "napari_qsm.methods"
 
 # This package's modules that declare METHODS / STEPS, in no particular order (display order is Method.order).
 _METHOD_MODULES = (
-    "napari_qsm.core.tkd",
-    "napari_qsm.core.medi",
-    "napari_qsm.core.cosmos",
+    "napari_qsm.core.inversion.tkd",
+    "napari_qsm.core.inversion.medi",
+    "napari_qsm.core.inversion.cosmos",
     "napari_qsm.nn.infer",
     "napari_qsm.nn.adapt",
 )

@@ -87,7 +87,7 @@ def make_val_fn(model, patches, net: NetConfig, device):
 
 
 def tkd_val(patches, threshold=0.15):
-    from napari_qsm.core.tkd import truncated_inversion
+    from napari_qsm.core.inversion.tkd import truncated_inversion
 
     vals = []
     for s in patches:

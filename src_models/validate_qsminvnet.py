@@ -2,7 +2,7 @@
 
     python -m src_models.validate_qsminvnet [--weights CKPT] [--quick] [--update-card]
 
-Cases: whole heads from :func:`napari_qsm.core.phantom.make_phantom` with seeds 11.. (training
+Cases: whole heads from :func:`napari_qsm.core.sim.phantom.make_phantom` with seeds 11.. (training
 uses seeds ≥ 100000, the in-training validation patches seeds 1-2), i.e. other anatomy, χ values,
 veins and lesion sites; oblique B0. The cases are honest phantoms (``make_phantom(honest=True)``):
 field computed on a 2x finer grid than the network's, multi-echo complex signal with noise at the
@@ -48,7 +48,7 @@ METRICS = ("nrmse_demeaned", "nrmse_detrended", "nrmse", "hfen", "ssim", "xsim")
 
 
 def make_case(c: dict):
-    from napari_qsm.core.phantom import make_phantom, oblique_direction
+    from napari_qsm.core.sim.phantom import make_phantom, oblique_direction
 
     b0 = oblique_direction(*c["tilt"])
     return make_phantom(c["shape"], c["voxel_size"], b0, seed=c["seed"], snr=c["snr"], device="cpu", honest=True)
@@ -73,7 +73,7 @@ HIGHER_IS_BETTER = ("ssim", "xsim")
 
 def best_tkd(ph) -> tuple[float, dict, dict]:
     """(δ with the lowest demeaned NRMSE, its metrics, per-metric oracle over all thresholds)."""
-    from napari_qsm.core.tkd import truncated_inversion
+    from napari_qsm.core.inversion.tkd import truncated_inversion
 
     per = {}
     for t in TKD_THRESHOLDS:

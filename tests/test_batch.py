@@ -26,7 +26,7 @@ GOOD = ["sub-01", "sub-02", "sub-03"]
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    from napari_qsm.core.phantom import make_phantom, save_raw_bids
+    from napari_qsm.core.sim.phantom import make_phantom, save_raw_bids
 
     root = tmp_path_factory.mktemp("bids") / "raw"
     ph = make_phantom(shape=(32, 40, 32), voxel_size=(4, 4, 4), seed=2, snr=50.0, honest=True, background=True,

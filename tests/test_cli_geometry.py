@@ -36,7 +36,7 @@ def save_stored(path, data_can, A_can, axcodes):
 def cosmos_files(tmp_path_factory):
     """Three orientations of one phantom head on one registered grid, stored P-S-L (permuted and flipped),
     all files with the common grid's header; each orientation's B0 known in the world frame."""
-    from napari_qsm.core.phantom import make_phantom
+    from napari_qsm.core.sim.phantom import make_phantom
 
     d = tmp_path_factory.mktemp("cosmos")
     vs = (3.5, 3.5, 3.5)
@@ -110,7 +110,7 @@ def test_cosmos_cli_explicit_direction_wins_and_registered_headers_alone_fail(co
 def test_voxel_size_and_b0_dir_follow_the_file_order(tmp_path, geom):
     """A file stored 1x1x3 mm with slices along stored k. Recon from a header with the right sizes must equal
     recon from a header without them plus --voxel-size / --b0-dir read off the stored axes."""
-    from napari_qsm.core.phantom import make_phantom
+    from napari_qsm.core.sim.phantom import make_phantom
 
     if geom == "sagittal":        # i -> posterior, j -> superior, k -> right
         R = np.array([[0, 0, 1], [-1, 0, 0], [0, 1, 0]], float)
@@ -154,7 +154,7 @@ def test_voxel_size_and_b0_dir_follow_the_file_order(tmp_path, geom):
 
 @pytest.fixture(scope="module")
 def small_phantom(tmp_path_factory):
-    from napari_qsm.core.phantom import make_phantom, save_phantom
+    from napari_qsm.core.sim.phantom import make_phantom, save_phantom
 
     ph = make_phantom((32, 36, 32), (4.0, 4.0, 4.0), seed=5, snr=None, device="cpu")
     return ph, save_phantom(ph, tmp_path_factory.mktemp("small"))

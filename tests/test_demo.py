@@ -25,7 +25,7 @@ def test_expected_time_fits_the_first_run_budget():
 def test_short_run_table_names_the_adaptation(monkeypatch, tmp_path):
     """The quick demo's table and figure name the BatchNorm-only run; --full passes no overrides."""
     import napari_qsm.methods as methods
-    from napari_qsm.core.phantom import make_phantom
+    from napari_qsm.core.sim.phantom import make_phantom
 
     monkeypatch.setattr(demo, "_phantom", lambda size, snr, seed=0: make_phantom(shape=(32, 36, 28),
                                                                                  voxel_size=(4.0, 4.0, 4.0),

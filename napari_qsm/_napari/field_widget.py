@@ -40,6 +40,7 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
                             QLineEdit, QPushButton, QWidget)
 
+from ..core.constants import PHASE_SCALES
 from ..core.field.pipeline import FieldRecipe, local_field
 from ..core.field.records import Echoes
 from ..core.field.steps import FAMILIES
@@ -58,7 +59,7 @@ from .workers import JobRunner
 FAMILY_TITLES = {"fit": "Echo fit", "unwrap": "Unwrapping", "mask": "Brain mask", "background": "Background removal"}
 PHASE_UNITS = [("auto", "detect from the values"), ("rad", "radians"), ("siemens", "Siemens integers (±4096)"),
                ("mrad", "Philips milliradians")]
-_PHASE_SCALE = {"rad": 1.0, "siemens": np.pi / 4096.0, "mrad": 1e-3}
+_PHASE_SCALE = PHASE_SCALES
 NO_MASK = "(none: compute it)"
 
 # parameter rows: words a person would write, units in the label (the record's name stays the key)

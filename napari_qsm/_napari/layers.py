@@ -36,7 +36,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..core.io import GAMMA_BAR_MHZ_PER_T, b0_from_affine, to_ppm, voxel_sizes
+from ..core.constants import GAMMA_BAR_MHZ_PER_T
+from ..core.io import b0_from_affine, to_ppm, voxel_sizes
 from ..core.scan import Scan, ScanError
 
 DISPLAY_AXES = (2, 1, 0)

@@ -78,7 +78,7 @@ def orient_current_viewer() -> None:
 
 def make_phantom_1mm(shape=SHAPE_1MM, seed: int = 0):
     """Phantom at 1 mm isotropic (128×144×112), axial B0, SNR 100."""
-    from ..core.phantom import make_phantom
+    from ..core.sim.phantom import make_phantom
 
     ph = make_phantom(shape=shape, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1.0), seed=seed,
                       snr=SNR, device="cpu")
@@ -88,7 +88,7 @@ def make_phantom_1mm(shape=SHAPE_1MM, seed: int = 0):
 
 def make_phantom_clinical(seed: int = 0, oblique_deg: float = 15.0):
     """Clinical-like phantom (0.75×0.75×3 mm, 192×224×48), B0 tilted 15° about the L→R axis, SNR 100."""
-    from ..core.phantom import CLINICAL, make_phantom, oblique_direction
+    from ..core.sim.phantom import CLINICAL, make_phantom, oblique_direction
 
     ph = make_phantom(shape=CLINICAL["shape"], voxel_size=CLINICAL["voxel_size"],
                       b0_direction=oblique_direction(oblique_deg, "x"), seed=seed, snr=SNR, device="cpu")
@@ -112,7 +112,7 @@ def make_raw_head(seed: int = 0, shape=RAW_SHAPE, voxel_size=(2.5, 2.5, 2.5), sn
     0, ``echo_times`` / ``te`` (s), ``n_echoes``, ``b0_tesla``, the geometry keys, a BIDS-like
     ``sidecar`` (EchoTime list in s, MagneticFieldStrength) and the phantom's description.
     """
-    from ..core.phantom import make_phantom
+    from ..core.sim.phantom import make_phantom
     from .reader import echoes_layer_data
 
     ph = make_phantom(shape=shape, voxel_size=voxel_size, b0_direction=(0.0, 0.0, 1.0), seed=seed, snr=snr,

@@ -1,6 +1,6 @@
 """The records a reconstruction method is declared and returned with: :class:`Method` and :class:`Result`.
 
-A module that implements an inversion (``core/tkd.py``, ``core/medi.py``, ``nn/infer.py``, or a
+A module that implements an inversion (``core/inversion/tkd.py``, ``core/inversion/medi.py``, ``nn/infer.py``, or a
 third-party package) declares it with a module-level ``METHODS = (Method(...), ...)`` and knows
 nothing of the registry: :mod:`napari_qsm.methods` collects the declarations (from this package's
 modules and from the ``napari_qsm.methods`` entry-point group), and the Python API, the command

@@ -137,7 +137,7 @@ class Scan:
 
     @classmethod
     def from_phantom(cls, ph, name: str = "phantom") -> "Scan":
-        """Scan from a :class:`~napari_qsm.core.phantom.Phantom` (field, mask, magnitude, noise)."""
+        """Scan from a :class:`~napari_qsm.core.sim.phantom.Phantom` (field, mask, magnitude, noise)."""
         return cls(field=ph.field, mask=ph.mask, voxel_size=ph.voxel_size, b0_direction=ph.b0_direction,
                    magnitude=ph.magnitude, noise_std=ph.noise_std, affine=ph.affine,
                    te=ph.te, b0_tesla=ph.b0_tesla, name=name)

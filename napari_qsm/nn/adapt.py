@@ -61,7 +61,7 @@ scan; it starts as a copy of domain 0 (unless the checkpoint was already adapted
   band dropped inside each cut face);
 * plus β·R on the same patches (``tv``, default 100): R = ‖w_G∘∇χ‖₁/#mask
   (:func:`napari_qsm.nn.losses.loss_edge_tv`), MEDI's morphology prior, with w_G the MEDI gradient
-  mask of the scan's magnitude (:func:`napari_qsm.core.medi.gradient_mask`, computed once on the
+  mask of the scan's magnitude (:func:`napari_qsm.core.inversion.medi.gradient_mask`, computed once on the
   whole scan and cropped like the field); plain TV when the scan has no magnitude. L_T alone pulls
   this base away from the truth (docs/benchmarks/adapt_variants.md); with the prior it improves;
 * λ(t) rises linearly from ``lam_start`` to ``lam_end`` over the run; Adam (``lr``), gradient
@@ -117,6 +117,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..core.constants import GAMMA_BAR_HZ_PER_T
 from ..core.device import device_label, resolve_device
 from ..core.method import Method, Result
 from ..core.params import check_params, make_params, param, params_to_dict
@@ -131,7 +132,6 @@ from .unet import ConvBlock, NetConfig, QSMInvNet
 __all__ = ["AdaptParams", "AdaptResult", "AdaptCancelled", "adapt", "adapt_protocol", "save_adapted", "adapt_cli",
            "load_adapted", "scan_patch_shape"]
 
-GAMMA_BAR = 42.577478e6  # Hz/T
 
 
 class AdaptCancelled(Cancelled):
@@ -247,7 +247,7 @@ def _rad_per_ppm(scan) -> float:
     """2π·γ̄·B0·TE of ``scan`` (3 T and 20 ms where it does not say; ``None`` = the reference scale)."""
     te = scan.te if getattr(scan, "te", None) else 0.02
     b0 = scan.b0_tesla if getattr(scan, "b0_tesla", None) else 3.0
-    return 2.0 * math.pi * GAMMA_BAR * float(b0) * float(te) * 1e-6
+    return 2.0 * math.pi * GAMMA_BAR_HZ_PER_T * float(b0) * float(te) * 1e-6
 
 
 def phase_scale(scan, rad_per_ppm="reference") -> float:
@@ -286,7 +286,7 @@ def _inv_weight(scan, how: str) -> tuple[np.ndarray, str]:
 
 def _edge_weights(scan) -> tuple[np.ndarray, str]:
     """MEDI's gradient mask w_G (3, X, Y, Z) of the whole scan (1 = no magnitude edge), and its kind."""
-    from ..core.medi import MEDIParams, gradient_mask
+    from ..core.inversion.medi import MEDIParams, gradient_mask
 
     if scan.magnitude is None:
         return np.ones((3,) + tuple(scan.shape), bool), "plain TV (no magnitude)"

@@ -3,7 +3,7 @@
 * Channel 0: local field (ppm) · mask · ``field_scale``; channel 1: the brain mask (0/1). This is
   the input of the paper (DESIGN.md, "The method").
 * Optional channel 2 (checkpoints with ``tkd_delta > 0``): the TKD estimate of the same field,
-  χ_TKD = F⁻¹[D⁻¹_δ · F[field·mask]] · mask · ``chi_scale`` (:func:`napari_qsm.core.tkd.truncated_inversion`,
+  χ_TKD = F⁻¹[D⁻¹_δ · F[field·mask]] · mask · ``chi_scale`` (:func:`napari_qsm.core.inversion.tkd.truncated_inversion`,
   zero-padded 2x, δ = ``tkd_delta``), computed with the scan's own voxel size and B0 direction. It
   has no trainable parameter; the network then predicts a correction added to it (see
   :class:`napari_qsm.nn.unet.QSMInvNet`). It is computed on the whole volume (or the whole
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.tkd import truncated_inversion
+from ..core.inversion.tkd import truncated_inversion
 from .unet import NetConfig
 
 

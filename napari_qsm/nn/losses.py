@@ -21,7 +21,7 @@
   becomes √(σ² + S(σ²)) (MEDI's SMV propagation of N_std).
 * ``R = ‖w_G ∘ ∇χ‖₁ / #mask`` (:func:`loss_edge_tv`): MEDI's morphology prior on a batch, forward
   differences per mm (Neumann boundary: the last difference along each axis is 0), w_G = 1 where
-  the magnitude has no edge (see :func:`napari_qsm.core.medi.gradient_mask`), summed over the
+  the magnitude has no edge (see :func:`napari_qsm.core.inversion.medi.gradient_mask`), summed over the
   voxels of the mask. χ in ppm, so R is in ppm/mm.
 * λ(t): :class:`LambdaSchedule` — 0 for ``warmup`` steps, then a linear (or cosine, or
   exponential) rise to ``lam_max`` over ``ramp`` steps, constant after.
@@ -202,7 +202,7 @@ def loss_edge_tv(chi_ppm: torch.Tensor, wg: torch.Tensor | None, mask: torch.Ten
     """R = Σ_mask Σ_axes |w_G,a · ∂_a χ| / #mask for ``chi_ppm`` and ``mask`` (N, 1, X, Y, Z), ``wg`` (N, 3, X, Y, Z).
 
     ∂_a is the forward difference divided by the voxel size (0 on the last plane of each axis), as
-    :func:`napari_qsm.core.medi.gradient`, which cannot serve here: it writes into a preallocated
+    :func:`napari_qsm.core.inversion.medi.gradient`, which cannot serve here: it writes into a preallocated
     tensor (``out=``), which autograd does not support, and takes one unbatched volume.
     ``wg`` is 1 where gradients are penalised (no magnitude edge); None = 1 everywhere (plain TV).
     """

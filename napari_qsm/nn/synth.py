@@ -2,7 +2,7 @@
 
 Recipe (DESIGN.md "The method", issue 4):
 
-1. **Phantom pool.** Whole heads from :func:`napari_qsm.core.phantom.make_phantom` (randomised
+1. **Phantom pool.** Whole heads from :func:`napari_qsm.core.sim.phantom.make_phantom` (randomised
    anatomy and χ values, texture on, noise-free) are kept in memory; generating a head costs
    ~3.5 s, so one slot of the pool is replaced by a fresh head every ``refresh_every`` steps. The
    pool content is a pure function of the step (head ``k`` has seed ``seed_base + k``), so a
@@ -26,7 +26,7 @@ Recipe (DESIGN.md "The method", issue 4):
 
 **Honest mode** (``honest=True``; default off, so on-scan adaptation's synthetic L_S data is unchanged
 unless configured). Step 6 is replaced by a forward model that is *not* the inversion's discrete kernel,
-mirroring the honest phantoms of :func:`napari_qsm.core.phantom.make_phantom` (``honest=True``) that
+mirroring the honest phantoms of :func:`napari_qsm.core.sim.phantom.make_phantom` (``honest=True``) that
 validation uses, at the cost of a kernel evaluation instead of a fine-grid FFT:
 
 6h. **Field on a finer grid, voxel-averaged.** The patch χ is taken as piecewise constant over each
@@ -62,15 +62,15 @@ import torch
 from scipy import ndimage
 from scipy.special import expit
 
+from ..core.constants import GAMMA_BAR_HZ_PER_T
 from ..core.dipole import forward_field
 from .inputs import network_input
 
-GAMMA_BAR = 42.577478e6  # Hz/T
 
 
 def phase_per_ppm(b0_tesla: float = 3.0, te: float = 0.02) -> float:
     """Radians of phase per ppm of field: 2π·γ̄·B0·TE·1e-6 (16.05 rad/ppm at 3 T, TE 20 ms)."""
-    return 2.0 * math.pi * GAMMA_BAR * float(b0_tesla) * float(te) * 1e-6
+    return 2.0 * math.pi * GAMMA_BAR_HZ_PER_T * float(b0_tesla) * float(te) * 1e-6
 
 
 @dataclass
@@ -167,7 +167,7 @@ class Sample:
 
 
 def make_head(seed: int, regime: Regime, device="cpu") -> Head:
-    from ..core.phantom import make_phantom
+    from ..core.sim.phantom import make_phantom
 
     ph = make_phantom(tuple(regime.shape), tuple(regime.voxel_size), (0.0, 0.0, 1.0), seed=int(seed),
                       snr=None, texture=True, randomize=True, device=device)
@@ -443,13 +443,13 @@ def fine_grid_field(chi, voxel_size, b0_direction, factor=2, pad_factor: float =
 
 def _honest_field(chi, mag, msk, vs, b0, rng, cfg: SynthConfig, snr, info) -> Sample:
     """Steps 6h/7h of the module docstring."""
-    from ..core.phantom import _fit_echoes, default_echo_protocol
+    from ..core.sim.phantom import _fit_echoes, default_echo_protocol
 
     P = chi.shape
     true_field = fine_grid_field(chi, tuple(vs), b0, cfg.honest_factor) * msk
     proto = default_echo_protocol(tuple(vs))
     tes = np.asarray(proto.echo_times, np.float32)
-    rad_per_ppm_s = np.float32(2.0 * math.pi * GAMMA_BAR * float(cfg.b0_tesla) * 1e-6)
+    rad_per_ppm_s = np.float32(2.0 * math.pi * GAMMA_BAR_HZ_PER_T * float(cfg.b0_tesla) * 1e-6)
     r2_base = float(rng.uniform(*cfg.honest_r2_base))
     r2_slope = float(rng.uniform(*cfg.honest_r2_per_ppm))
     r2s = (np.float32(r2_base) + np.float32(r2_slope) * np.abs(chi)).astype(np.float32)

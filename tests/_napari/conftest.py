@@ -40,13 +40,13 @@ def _qsm_plugin_registered():
 
 @pytest.fixture(scope="session")
 def tiny_phantom():
-    from napari_qsm.core.phantom import make_phantom
+    from napari_qsm.core.sim.phantom import make_phantom
     return make_phantom(TINY_SHAPE, TINY_VS, b0_direction=(0, 0, 1), seed=3, snr=100, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def oblique_phantom():
-    from napari_qsm.core.phantom import make_phantom
+    from napari_qsm.core.sim.phantom import make_phantom
     return make_phantom((30, 34, 26), (1.6, 1.5, 2.0), b0_direction=OBLIQUE_B0, seed=5, snr=100, device="cpu")
 
 

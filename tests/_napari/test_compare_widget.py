@@ -13,7 +13,7 @@ pytest.importorskip("pytestqt")
 from qtpy.QtCore import Qt  # noqa: E402
 
 from napari_qsm.core import compare as core  # noqa: E402
-from napari_qsm.core.phantom import make_phantom  # noqa: E402
+from napari_qsm.core.sim.phantom import make_phantom  # noqa: E402
 
 pytestmark = pytest.mark.gui
 

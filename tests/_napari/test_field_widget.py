@@ -14,7 +14,7 @@ RAW_SHAPE, RAW_VS = (40, 48, 40), (4.0, 4.0, 4.0)
 
 @pytest.fixture(scope="module")
 def raw_phantom():
-    from napari_qsm.core.phantom import make_phantom
+    from napari_qsm.core.sim.phantom import make_phantom
     return make_phantom(RAW_SHAPE, RAW_VS, seed=3, snr=50.0, device="cpu", honest=True, background=True,
                         keep_echoes=True)
 

@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def raw_bids(tmp_path_factory):
-    from napari_qsm.core.phantom import make_phantom, save_raw_bids
+    from napari_qsm.core.sim.phantom import make_phantom, save_raw_bids
 
     ph = make_phantom((40, 48, 40), (4.0, 4.0, 4.0), seed=4, snr=50.0, device="cpu", honest=True, background=True,
                       keep_echoes=True)

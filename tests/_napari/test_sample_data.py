@@ -38,7 +38,7 @@ def test_phantom_1mm_sample_via_napari(make_napari_viewer):
 
 def test_clinical_sample_is_anisotropic_and_oblique(monkeypatch):
     from napari_qsm._napari import sample_data
-    from napari_qsm.core import phantom
+    from napari_qsm.core.sim import phantom
 
     monkeypatch.setitem(phantom.CLINICAL, "shape", (64, 72, 16))  # small for the test, same voxel size
     out = sample_data.make_phantom_clinical()
@@ -58,7 +58,7 @@ def test_raw_head_sample_is_echo_first_like_the_reader(make_napari_viewer, qtbot
     from napari_qsm._napari import sample_data
     from napari_qsm._napari.field_widget import FieldWidget, make_echo_first, source_echo_times
     from napari_qsm._napari.reader import echoes_layer_data
-    from napari_qsm.core import phantom
+    from napari_qsm.core.sim import phantom
     from napari_test_helpers import add_layer_data
 
     made = []

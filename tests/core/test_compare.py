@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from napari_qsm.core import compare as cmp
-from napari_qsm.core.phantom import make_phantom
+from napari_qsm.core.sim.phantom import make_phantom
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from napari_qsm.core.cosmos import cosmos
+from napari_qsm.core.inversion.cosmos import cosmos
 from napari_qsm.core.dipole import forward_field
 from napari_qsm.methods import get_method, reconstruct
 from napari_qsm.core.metrics import nrmse_demeaned as nrmse
 from napari_qsm.core.scan import Scan
-from napari_qsm.core.tkd import truncated_inversion
+from napari_qsm.core.inversion.tkd import truncated_inversion
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def three_orientations():
-    from napari_qsm.core.phantom import make_phantom, oblique_direction
+    from napari_qsm.core.sim.phantom import make_phantom, oblique_direction
 
     ph = make_phantom((40, 48, 40), (3.5, 3.5, 3.5), seed=7, snr=None)
     dirs = [np.array([0.0, 0.0, 1.0]), oblique_direction(25, "x"), oblique_direction(25, "y")]

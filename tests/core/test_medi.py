@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_qsm.core.medi import (CSF_RULE_MAGNITUDE, CSF_RULE_R2STAR, MEDIParams, csf_mask_from_r2star, data_weight,
+from napari_qsm.core.inversion.medi import (CSF_RULE_MAGNITUDE, CSF_RULE_R2STAR, MEDIParams, csf_mask_from_r2star, data_weight,
                                   derive_csf_mask, divergence, estimate_noise_scale, gradient, gradient_mask, medi_l1,
                                   medi_magnitude, phase_scale)
 from napari_qsm.methods import get_method, reconstruct
@@ -15,7 +15,7 @@ from napari_qsm.core.params import make_params
 from napari_qsm.core.progress import CancelToken, Cancelled
 from napari_qsm.core.metrics import nrmse_demeaned as nrmse
 from napari_qsm.core.scan import Scan, ScanError
-from napari_qsm.core.tkd import truncated_inversion
+from napari_qsm.core.inversion.tkd import truncated_inversion
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def small_phantom():
-    from napari_qsm.core.phantom import make_phantom
+    from napari_qsm.core.sim.phantom import make_phantom
 
     return make_phantom((32, 38, 32), (4.5, 4.5, 4.5), seed=5, snr=40)
 
@@ -66,7 +66,7 @@ def test_gradient_divergence_exact_adjoint_anisotropic():
 
 
 def test_solver_regulariser_equals_minus_div_w_grad():
-    from napari_qsm.core.medi import EPSILON, _MEDIReporter, _Problem
+    from napari_qsm.core.inversion.medi import EPSILON, _MEDIReporter, _Problem
 
     rng = np.random.default_rng(0)
     n, vs = (9, 10, 11), (0.7, 1.3, 2.1)
@@ -234,7 +234,7 @@ def test_lambda_auto_solves_every_lambda_from_zero():
 def test_upre_trace_matches_exact_trace():
     """tr(K·H), H = 2λ M D A⁻¹ Dᵀ M, from the Hutchinson probes equals the trace of the explicit
     matrices on a tiny problem (mean of 40 probes within 4 standard errors)."""
-    from napari_qsm.core.medi import _MEDIReporter, _Problem, _trace_KH
+    from napari_qsm.core.inversion.medi import _MEDIReporter, _Problem, _trace_KH
 
     rng = np.random.default_rng(0)
     n, vs, lam = (6, 7, 5), (1.0, 1.2, 1.5), 50.0

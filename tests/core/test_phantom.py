@@ -1,4 +1,4 @@
-"""Tests of the procedural head phantom (napari_qsm.core.phantom). Small grids keep them quick."""
+"""Tests of the procedural head phantom (napari_qsm.core.sim.phantom). Small grids keep them quick."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from napari_qsm.core.dipole import forward_field
-from napari_qsm.core.phantom import (
+from napari_qsm.core.sim.phantom import (
     BRAIN_LABELS, CHI_RANGES, CLINICAL, GAMMA_BAR, LABEL_NAMES, Phantom, make_phantom,
     oblique_direction, save_phantom,
 )
@@ -217,7 +217,7 @@ def test_noise_model(noisy_pair):
 
 @pytest.mark.parametrize("b0", [(0.0, 0.0, 1.0), tuple(oblique_direction(20, "x")), tuple(oblique_direction(-35, "y"))])
 def test_affine_consistent_with_b0(b0):
-    from napari_qsm.core.phantom import affine_for
+    from napari_qsm.core.sim.phantom import affine_for
 
     shape, vs = (20, 24, 10), (0.75, 0.75, 3.0)
     A = affine_for(shape, vs, b0)
@@ -284,7 +284,7 @@ def test_save_phantom_roundtrip(tmp_path, noisy_pair):
 # honest mode (issue 14): finer-grid field, multi-echo fit, fitted noise map, partial magnitude edges
 # ----------------------------------------------------------------------------------------------
 
-from napari_qsm.core.phantom import (  # noqa: E402
+from napari_qsm.core.sim.phantom import (  # noqa: E402
     CLINICAL_ECHOES, RESEARCH_ECHOES, EchoProtocol, default_echo_protocol, edge_agreement,
 )
 
@@ -361,7 +361,7 @@ def test_honest_field_has_model_error_but_same_low_frequencies(honest_pair):
 def test_honest_fine_field_matches_sphere_analytics():
     """The fine-grid forward model used by honest mode reproduces the analytic field of a sphere."""
     from napari_qsm.core.dipole import sphere_field
-    from napari_qsm.core.phantom import _block_mean, _fine_field
+    from napari_qsm.core.sim.phantom import _block_mean, _fine_field
 
     n, vs = 48, 1.0
     c = (n - 1) / 2 * vs  # sphere centre (mm) in the voxel-centre coordinates i·vs
@@ -458,7 +458,7 @@ def test_honest_deterministic_and_edit_hook():
 # head in air (issue 13): background field of tissue/air/skull and air cavities, raw echoes, truth
 # ----------------------------------------------------------------------------------------------
 
-from napari_qsm.core.phantom import TISSUE_VS_AIR, save_raw_bids  # noqa: E402
+from napari_qsm.core.sim.phantom import TISSUE_VS_AIR, save_raw_bids  # noqa: E402
 
 BG = dict(shape=(40, 48, 40), voxel_size=(4.0, 4.0, 4.0), seed=2, snr=50.0, honest=True, keep_echoes=True,
           device="cpu")

@@ -7,9 +7,9 @@ import torch
 from napari_qsm.core.dipole import dipole_kernel, forward_field
 from napari_qsm.methods import reconstruct
 from napari_qsm.core.metrics import nrmse
-from napari_qsm.core.phantom import make_phantom
+from napari_qsm.core.sim.phantom import make_phantom
 from napari_qsm.core.scan import Scan
-from napari_qsm.core.tkd import inverse_kernel, truncated_inversion
+from napari_qsm.core.inversion.tkd import inverse_kernel, truncated_inversion
 
 
 @pytest.fixture(scope="module")

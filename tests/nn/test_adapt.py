@@ -304,7 +304,7 @@ def test_update_bn_only_freezes_shared_weights(scan, base):
 
 def test_edge_tv_matches_medi_gradient_and_honours_edges():
     """R = ‖w_G∘∇χ‖₁/#mask uses the MEDI core's gradient convention; w_G = 0 frees an edge."""
-    from napari_qsm.core.medi import gradient
+    from napari_qsm.core.inversion.medi import gradient
     from napari_qsm.nn.losses import loss_edge_tv
 
     rng = np.random.default_rng(3)
@@ -371,7 +371,7 @@ def shifted_head():
     """A domain-shifted honest phantom: a whole head at 3 mm isotropic (the shipped network was trained at
     1 mm and clinical slabs), every χ doubled on the 2x finer grid before the physics (so the field comes
     from a finer grid than the network's), 7-echo signal with noise (SNR 80), fitted field and N_std."""
-    from napari_qsm.core.phantom import make_phantom
+    from napari_qsm.core.sim.phantom import make_phantom
 
     vs = (3.0, 3.0, 3.0)
     b0 = np.array([np.sin(0.25), 0.0, np.cos(0.25)])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from napari_qsm.core.dipole import forward_field, sphere_field
-from napari_qsm.core.phantom import make_phantom
+from napari_qsm.core.sim.phantom import make_phantom
 from napari_qsm.nn.losses import field_residual, loss_field
 from napari_qsm.nn.synth import crop_box
 

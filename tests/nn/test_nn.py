@@ -174,7 +174,7 @@ def test_padding_and_tiling_equal_one_pass():
 
 def test_tkd_channel_network_starts_as_tkd_and_tiles():
     """Physics channel: an untrained residual net is exactly TKD; the channel is built before tiling."""
-    from napari_qsm.core.tkd import truncated_inversion
+    from napari_qsm.core.inversion.tkd import truncated_inversion
 
     torch.manual_seed(0)
     m = QSMInvNet(NetConfig(base_width=2, num_domains=2, tkd_delta=0.1))
@@ -355,8 +355,8 @@ def test_shipped_weights_beat_tkd_on_small_phantom():
     (SSIM is not asserted on this shrunken head, which is smaller than any training anatomy: 0.929 vs
     0.936 at δ = 0.2; it is on the full-size clinical case below and in src_models/validation.md.)"""
     from napari_qsm.core.metrics import compute_metrics
-    from napari_qsm.core.phantom import make_phantom, oblique_direction
-    from napari_qsm.core.tkd import truncated_inversion
+    from napari_qsm.core.sim.phantom import make_phantom, oblique_direction
+    from napari_qsm.core.inversion.tkd import truncated_inversion
 
     ph = make_phantom((96, 112, 96), (1.0, 1.0, 1.0), oblique_direction(10, "x"), seed=7, snr=100.0, device="cpu")
     chi_nn, _ = predict(load_model(), ph.field, ph.mask, device="cpu", voxel_size=ph.voxel_size,

@@ -42,7 +42,8 @@ from typing import Optional, Sequence
 import nibabel as nib
 import numpy as np
 
-from ..io import GAMMA_BAR_MHZ_PER_T, load_image, nifti_path_ok, read_sidecar
+from ..constants import GAMMA_BAR_MHZ_PER_T, PHASE_SCALES
+from ..io import load_image, nifti_path_ok, read_sidecar
 from ..scan import ScanError
 from .records import Echoes
 
@@ -50,7 +51,7 @@ __all__ = ["load_echoes", "detect_phase_units", "PHASE_UNITS", "find_bids_echoes
            "dcm2niix_binary"]
 
 PHASE_UNITS = ("auto", "rad", "siemens", "mrad")
-_SCALE = {"rad": 1.0, "siemens": np.pi / 4096.0, "mrad": 1e-3}
+_SCALE = PHASE_SCALES
 _PI_TOL = 1e-3        # radians: tolerated overshoot of ±π / 2π (float rounding of scaled data)
 _SIEMENS_MAX = 4096.5
 _MRAD_MAX = 1000.0 * np.pi + 2.0  # 3143.6

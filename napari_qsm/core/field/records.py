@@ -18,7 +18,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..io import GAMMA_BAR_MHZ_PER_T, b0_from_affine, voxel_sizes
+from ..constants import GAMMA_BAR_MHZ_PER_T
+from ..io import b0_from_affine, voxel_sizes
 from ..scan import ScanError
 
 __all__ = ["Echoes", "TotalField", "GAMMA_BAR_MHZ_PER_T"]

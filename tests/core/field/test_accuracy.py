@@ -13,7 +13,7 @@ from napari_qsm.core.field import background as bgm
 from napari_qsm.core.field.fit import fit_linear
 from napari_qsm.core.field.pipeline import local_field
 from napari_qsm.core.field.unwrap import fix_residual_wraps, residual_jumps
-from napari_qsm.core.phantom import make_phantom
+from napari_qsm.core.sim.phantom import make_phantom
 
 pytestmark = pytest.mark.slow
 

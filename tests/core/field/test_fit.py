@@ -220,7 +220,7 @@ def test_steps_are_declared():
 def test_honest_phantom_echoes_give_its_field(one_torch_thread):
     """The phantom simulates echoes on a 2x finer grid (intra-voxel dephasing, T2* per tissue, a smooth
     receive phase, complex noise); the fit lands on its true field within the predicted N_std."""
-    from napari_qsm.core.phantom import make_phantom
+    from napari_qsm.core.sim.phantom import make_phantom
     ph = make_phantom(shape=(40, 48, 40), voxel_size=(4.0, 4.0, 4.0), seed=3, snr=40.0, device="cpu", honest=True,
                       keep_echoes=True, b0_tesla=B0)
     e = Echoes.from_complex(ph.echoes, ph.echo_times, B0, voxel_size=(4.0, 4.0, 4.0))

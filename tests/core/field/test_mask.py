@@ -5,7 +5,7 @@ import pytest
 
 from napari_qsm.core.field.unwrap import voxel_quality
 from napari_qsm.core.field.mask import STEPS, ThresholdMaskParams, dice, otsu_threshold, threshold_mask
-from napari_qsm.core.phantom import make_phantom
+from napari_qsm.core.sim.phantom import make_phantom
 from napari_qsm.core.scan import ScanError
 
 VS = (2.5, 2.5, 2.5)

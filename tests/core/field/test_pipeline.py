@@ -5,7 +5,7 @@ import pytest
 
 from napari_qsm.core.field.background import VSharpParams
 from napari_qsm.core.field.pipeline import FieldRecipe, find_step, local_field, split_params
-from napari_qsm.core.phantom import make_phantom
+from napari_qsm.core.sim.phantom import make_phantom
 from napari_qsm.methods import reconstruct
 
 

@@ -100,12 +100,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .dipole import check_voxel_size, dipole_kernel, fast_shape, unit_vector
-from .method import Method
-from .params import param
-from .progress import Reporter, check_cancel
+from ..constants import GAMMA_BAR_MHZ_PER_T
+from ..dipole import check_voxel_size, dipole_kernel, fast_shape, unit_vector
+from ..method import Method
+from ..params import param
+from ..progress import Reporter, check_cancel
 
-GAMMA_BAR_MHZ_PER_T = 42.577478
 DEFAULT_B0_TESLA = 3.0
 DEFAULT_DELTA_TE = 0.005
 EPSILON = 1e-6

@@ -176,8 +176,9 @@ from scipy.special import expit
 
 import torch
 
-from .device import resolve_device
-from .dipole import check_voxel_size, fast_shape, forward_field, kernel_slabs, unit_vector
+from ..constants import GAMMA_BAR_HZ_PER_T
+from ..device import resolve_device
+from ..dipole import check_voxel_size, fast_shape, forward_field, kernel_slabs, unit_vector
 
 __all__ = [
     "Phantom", "make_phantom", "oblique_direction", "save_phantom", "affine_for",
@@ -186,7 +187,7 @@ __all__ = [
     "edge_agreement", "save_raw_bids", "TISSUE_VS_AIR", "SKULL_VS_WATER", "CHI_WATER", "CHI_AIR",
 ]
 
-GAMMA_BAR = 42.577478e6  # Hz/T (γ/2π of the proton)
+GAMMA_BAR = GAMMA_BAR_HZ_PER_T  # Hz/T (γ/2π of the proton), kept under its old public name
 
 CLINICAL = dict(shape=(192, 224, 48), voxel_size=(0.75, 0.75, 3.0))
 RESEARCH = dict(shape=(160, 192, 160), voxel_size=(1.0, 1.0, 1.0))
@@ -375,7 +376,7 @@ class Phantom:
 
     def to_echoes(self, name: str = "phantom echoes"):
         """The kept complex echoes as :class:`napari_qsm.core.field.records.Echoes` (the front end's input)."""
-        from .field.records import Echoes
+        from ..field.records import Echoes
 
         if self.echoes is None:
             raise ValueError("echoes: this phantom kept none; make it with honest=True, keep_echoes=True")
@@ -386,7 +387,7 @@ class Phantom:
     def info(self) -> dict:
         """JSON-friendly description (what :func:`save_phantom` writes to phantom.json)."""
         return {
-            "generator": "napari_qsm.core.phantom.make_phantom",
+            "generator": "napari_qsm.core.sim.phantom.make_phantom",
             "shape": list(self.shape),
             "voxel_size": [float(v) for v in self.voxel_size],
             "b0_direction": [float(v) for v in self.b0_direction],

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .dipole import crop_volume, fast_shape, half_weights, kernel_slabs, pad_volume
-from .method import Method
-from .params import param
+from ..dipole import crop_volume, fast_shape, half_weights, kernel_slabs, pad_volume
+from ..method import Method
+from ..params import param
 
 
 @dataclass

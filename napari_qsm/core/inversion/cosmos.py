@@ -38,11 +38,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .device import resolve_device
-from .dipole import dipole_kernel, fast_shape
-from .method import Method
-from .params import param
-from .progress import Reporter
+from ..device import resolve_device
+from ..dipole import dipole_kernel, fast_shape
+from ..method import Method
+from ..params import param
+from ..progress import Reporter
 
 
 @dataclass

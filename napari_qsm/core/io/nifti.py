@@ -47,10 +47,10 @@ from typing import Optional, Sequence
 import nibabel as nib
 import numpy as np
 
-from .files import atomic_write
-from .scan import Scan, ScanError
+from ..constants import GAMMA_BAR_MHZ_PER_T
+from ..files import atomic_write
+from ..scan import Scan, ScanError
 
-GAMMA_BAR_MHZ_PER_T = 42.577478  # γ/2π of 1H, MHz/T
 UNITS = ("ppm", "hz", "rad")
 
 
@@ -259,7 +259,7 @@ def _select_echo(data: np.ndarray, echo: Optional[int], name: str, combine: bool
         n = data.shape[3]
         if echo is None:
             if combine:  # a multi-echo magnitude: its first echo (MEDI's magnitude; keeps the echo-1 contrast)
-                from .medi import medi_magnitude
+                from ..inversion.medi import medi_magnitude
                 return medi_magnitude(data, "first")
             raise ScanError(f"{name}: 4-D input with {n} echoes (shape {data.shape}); choose one with "
                             f"--echo INDEX (0..{n - 1}) on the command line or echo=INDEX in the API")

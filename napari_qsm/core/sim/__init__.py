@@ -1,0 +1,1 @@
+"""Simulated heads for tests, samples, benchmarks and network training (honest physics)."""
