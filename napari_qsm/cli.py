@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--adapt-protocol: adaptation parameter, e.g. steps=200 (repeatable; see 'napari-qsm methods')")
     bt.add_argument("-q", "--quiet", action="store_true", help="no plan, bar or summary on stderr")
 
+    from .cli_clinic import add_parsers as _add_clinic_parsers
+    _add_clinic_parsers(sub)  # dicom, swi, report
     sub.add_parser("methods", help="list methods and their parameters")
 
     d = sub.add_parser("demo", help="every method on the built-in phantom: metrics table and comparison PNG")
@@ -552,6 +554,8 @@ def cmd_demo(args) -> int:
 COMMANDS = {"recon": cmd_recon, "adapt": cmd_adapt, "metrics": cmd_metrics, "phantom": cmd_phantom,
             "methods": cmd_methods, "demo": cmd_demo, "view": cmd_view,
             "field": cmd_field, "batch": cmd_batch}
+from .cli_clinic import COMMANDS as _CLINIC_COMMANDS  # noqa: E402
+COMMANDS.update(_CLINIC_COMMANDS)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -284,7 +284,7 @@ def nifti_to_dicom(path, out_dir, *, like=None, description: Optional[str] = Non
     DicomError
         The file is not a 3-D NIfTI map with an orientation (qform or sform), or ``like`` is unusable.
     """
-    from .nifti import load_image, read_sidecar, sidecar_path
+    from .nifti import load_image, read_sidecar
 
     img = load_image(path, "map")
     hdr = img.header
@@ -296,8 +296,7 @@ def nifti_to_dicom(path, out_dir, *, like=None, description: Optional[str] = Non
         data = data[..., 0]
     if data.ndim != 3:
         raise DicomError(f"map: {path} has shape {data.shape}; expected one 3-D volume")
-    side = read_sidecar(sidecar_path(path), "sidecar") if sidecar_path(path).exists() else {}
-    side = side if isinstance(side, dict) else {}
+    side = read_sidecar(path, "map")
     quantity = str(side.get("output", {}).get("quantity", "magnetic susceptibility")) \
         if isinstance(side.get("output"), dict) else "magnetic susceptibility"
     is_chi = "susceptib" in quantity or "chi" in Path(path).name.lower()
