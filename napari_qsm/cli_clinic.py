@@ -9,9 +9,10 @@ from pathlib import Path
 
 __all__ = ["add_parsers", "COMMANDS"]
 
-SWI_OUTPUTS = {"swi": "SWI (a.u.)", "minip": "SWI minIP (a.u.)", "swi_magnitude": "combined magnitude (a.u.)",
-               "swi_phase": "high-passed phase (rad)", "t2star_numart": "NumART2* T2* (ms)",
-               "r2star_numart": "NumART2* R2* (1/s)"}
+SWI_OUTPUTS = {  # file stem: (quantity, units)
+    "swi": ("susceptibility-weighted image", "a.u."), "minip": ("SWI minimum-intensity projection", "a.u."),
+    "swi_magnitude": ("combined magnitude", "a.u."), "swi_phase": ("high-passed phase", "rad"),
+    "t2star_numart": ("T2* (NumART2*)", "ms"), "r2star_numart": ("R2* (NumART2*)", "1/s")}
 
 
 def add_parsers(sub) -> None:
@@ -75,7 +76,7 @@ def cmd_swi(args) -> int:
     import numpy as np
 
     from .core.field.pipeline import FieldRecipe
-    from .core.io import save_volume, write_json
+    from .core.io import save_volume
     from .core.params import make_params, parse_cli_params
     from .core.swi import SWIParams, swi
     from .recon_raw import raw_local_field
@@ -83,7 +84,7 @@ def cmd_swi(args) -> int:
     params = make_params(SWIParams, parse_cli_params(args.param))  # checked before any work
     out = Path(args.output)
     targets = {k: out / f"{k}.nii.gz" for k in SWI_OUTPUTS}
-    _refuse_existing(list(targets.values()) + [out / "swi.json"], args.overwrite)
+    _refuse_existing(list(targets.values()), args.overwrite)
     progress = None
     if not args.quiet:
         from .core.progress import stderr_progress
@@ -94,12 +95,13 @@ def cmd_swi(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     maps = {"swi": res.swi, "minip": res.min_ip, "swi_magnitude": res.magnitude, "swi_phase": res.phase_hp,
             "t2star_numart": res.t2star_ms, "r2star_numart": res.r2star}
-    for k, arr in maps.items():
-        save_volume(arr, targets[k], echoes.affine, nifti_info=echoes.nifti_info,
-                    description=f"napari-qsm {SWI_OUTPUTS[k]}"[:79])
     from . import __version__
-    write_json(out / "swi.json", {"software": "napari-qsm", "version": __version__, **res.provenance,
-                                  "field_steps": run.steps, "outputs": {k: str(p) for k, p in targets.items()}})
+    prov = {"software": "napari-qsm", "version": __version__, **res.provenance, "field_steps": run.steps}
+    for k, arr in maps.items():
+        quantity, units = SWI_OUTPUTS[k]
+        save_volume(arr, targets[k], echoes.affine, nifti_info=echoes.nifti_info,
+                    description=f"napari-qsm {quantity} ({units})"[:79],
+                    provenance={**prov, "output": {"file": targets[k].name, "quantity": quantity, "units": units}})
     if args.dicom:
         from .core.io.dicom import nifti_to_dicom
         for k, desc in (("swi", "SWI (CLEAR-SWI style)"), ("minip", f"SWI minIP {params.minip_mm:g} mm")):

@@ -53,20 +53,22 @@ def test_round_trip_through_dcm2niix_keeps_geometry_and_values(tmp_path):
     ref = nib.as_closest_canonical(img)
     assert back.shape == ref.shape
     np.testing.assert_allclose(back.affine, ref.affine, atol=1e-3)
+    assert ds.RescaleType == "ppb"  # χ in ppb: a window in ppm (< 1 wide) opens blank in viewers
     step = float(ds.RescaleSlope)
-    assert np.max(np.abs(back.get_fdata() - ref.get_fdata())) <= step / 2 + 1e-7
+    assert np.max(np.abs(back.get_fdata() - 1000 * ref.get_fdata())) <= step / 2 + 1e-4
 
 
 def test_window_opens_on_the_data_not_blank(tmp_path):
     vol, aff = _oblique_chi()
-    files = write_dicom_series(vol, aff, tmp_path / "s", description="QSM test")
+    files = write_dicom_series(vol, aff, tmp_path / "s", description="QSM test", units="ppm")
     ds = pydicom.dcmread(files[3])
     values = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     lo = float(ds.WindowCenter) - float(ds.WindowWidth) / 2
     hi = float(ds.WindowCenter) + float(ds.WindowWidth) / 2
     inside = np.mean((values > lo) & (values < hi))
     assert 0.5 < inside <= 1.0  # most of the slice is shown in grey levels, neither all black nor all white
-    assert float(ds.WindowWidth) < 0.5 * (values.max() - values.min()) + 1.0
+    assert float(ds.WindowWidth) >= 1  # PS3.3 C.11.2.1.2; viewers truncate the width to an integer
+    assert float(ds.WindowWidth) <= 1000 * (vol.max() - vol.min())  # not wider than the data (ppb)
 
 
 def test_like_copies_patient_and_study_and_checks_geometry(tmp_path):
@@ -108,3 +110,26 @@ def test_errors_name_the_input_and_write_nothing(tmp_path):
     with pytest.raises(DicomError, match="not empty"):
         write_dicom_series(vol, aff, tmp_path / "full", description="x")
     assert os.listdir(tmp_path / "full") == ["keep.txt"]
+
+
+def test_other_maps_are_scaled_until_their_window_is_wide_enough(tmp_path):
+    vol, aff = _oblique_chi()
+    mag = np.abs(vol) * 2 + 0.1  # an a.u. map spanning ~0.3
+    files = write_dicom_series(mag, aff, tmp_path / "m", description="SWI", signed_window=False, units="a.u.")
+    ds = pydicom.dcmread(files[0])
+    assert float(ds.WindowWidth) >= 10 and ds.RescaleType == "a.u. x 100"
+    values = ds.pixel_array * float(ds.RescaleSlope)
+    # the same slice (in-plane axes may be flipped into the scanner's layout)
+    np.testing.assert_allclose(np.sort(values.ravel()), np.sort(100 * mag[:, :, 0].ravel()), atol=float(ds.RescaleSlope))
+
+
+@pytest.mark.parametrize("perm, row, col", [((0, 1, 2), (1, 0, 0), (0, 1, 0)),     # axial slices
+                                            ((1, 2, 0), (0, 1, 0), (0, 0, -1)),    # sagittal slices
+                                            ((0, 2, 1), (1, 0, 0), (0, 0, -1))])   # coronal slices
+def test_slices_are_stored_the_way_scanners_store_them(tmp_path, perm, row, col):
+    vol = np.random.default_rng(0).standard_normal((8, 10, 6)).astype(np.float32)
+    aff = np.eye(4)
+    aff[:3, :3] = np.eye(3)[:, list(perm)] * np.array([1.0, 1.2, 2.0])  # RAS+ voxel axes, permuted
+    files = write_dicom_series(vol, aff, tmp_path / "s", description="x")
+    ds = pydicom.dcmread(files[0])
+    np.testing.assert_allclose([float(v) for v in ds.ImageOrientationPatient], [*row, *col], atol=1e-6)

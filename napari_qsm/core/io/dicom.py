@@ -1,11 +1,17 @@
 """χ, SWI and other derived maps as a classic DICOM MR image series that a PACS displays.
 
 One file per slice of the volume's third stored axis (MR Image Storage, explicit VR little
-endian), signed 16-bit pixels with RescaleSlope/Intercept in the map's units, a window that
+endian), signed 16-bit pixels with RescaleSlope/Intercept in the map's display units, a window that
 opens on the data, ImageType DERIVED\\SECONDARY, geometry from the NIfTI affine (RAS, mm)
 converted to DICOM's patient frame (LPS). With ``like=`` (the source DICOM series) the patient,
 study and frame of reference are copied so the series files next to its source; otherwise new
 UIDs are made and patient identity is left empty.
+
+Display units: DICOM requires Window Width ≥ 1 (PS3.3 C.11.2.1.2), and viewers truncate the window
+to integers: a χ map in ppm (widths of 0.1–0.3) opens blank (aeskulap shows "W: 0"), which is the
+PACS complaint QSMxT users report. χ is therefore stored in ppb (1 ppm = 1000 ppb), the unit
+clinical QSM is usually read in, and any other map is scaled by a power of ten until its window is
+at least 10 wide; RescaleType names the unit (e.g. "ppb", "1/s x 10").
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 from ..files import default_file_mode
 from ..scan import ScanError
 
-__all__ = ["DicomError", "SourceSeries", "read_source_series", "write_dicom_series", "nifti_to_dicom"]
+__all__ = ["DicomError", "SourceSeries", "display_scale", "read_source_series", "write_dicom_series", "nifti_to_dicom"]
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 _LPS = np.diag([-1.0, -1.0, 1.0])
@@ -131,13 +137,57 @@ def _check_same_grid(src: SourceSeries, affine, shape) -> None:
                          f"up to {d:.1f} mm apart): pass the series the map was reconstructed from")
 
 
+def _flip(vol: np.ndarray, aff: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reverse one voxel axis and keep every voxel's world position (the affine follows)."""
+    a = aff.copy()
+    a[:3, 3] = aff[:3, 3] + aff[:3, axis] * (vol.shape[axis] - 1)
+    a[:3, axis] = -aff[:3, axis]
+    return np.flip(vol, axis), a
+
+
+def radiological_inplane(vol: np.ndarray, aff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order and flip the two in-plane axes as scanners store slices; the slice axis (k) is kept.
+
+    Rows run towards the patient's left (axial, coronal) or posterior (sagittal); columns run
+    towards posterior (axial) or inferior (coronal, sagittal): patient right on the image's left,
+    anterior or superior at the top. Every voxel keeps its world position (the affine follows).
+    """
+    lps = _LPS @ aff[:3, :3]
+    if np.argmax(np.abs(lps[:, 0])) > np.argmax(np.abs(lps[:, 1])):
+        vol = np.swapaxes(vol, 0, 1)
+        aff = aff[:, [1, 0, 2, 3]]
+        lps = _LPS @ aff[:3, :3]
+    r = int(np.argmax(np.abs(lps[:, 0])))
+    if lps[r, 0] < 0:
+        vol, aff = _flip(vol, aff, 0)
+    c = int(np.argmax(np.abs((_LPS @ aff[:3, :3])[:, 1])))
+    want_negative = c == 2  # columns pointing down the image = towards the feet
+    if ((_LPS @ aff[:3, :3])[c, 1] < 0) != want_negative:
+        vol, aff = _flip(vol, aff, 1)
+    return np.ascontiguousarray(vol), aff
+
+
 def _ds_number(x: float) -> float:
     """A value that a DS (decimal string, 16 characters) stores exactly."""
     return float(f"{x:.9g}")
 
 
+def display_scale(vol: np.ndarray, units: str) -> tuple[float, str]:
+    """The factor (a power of ten) and unit name that make the map's display window at least 10 wide."""
+    if units == "ppm":
+        return 1000.0, "ppb"
+    v = np.asarray(vol, np.float64)
+    nz = v[np.isfinite(v) & (v != 0)]
+    if nz.size == 0:
+        return 1.0, units
+    lo, hi = np.percentile(nz, [1, 99])
+    width = max(hi - lo, 1e-12)
+    k = max(0, int(np.ceil(np.log10(10.0 / width))))
+    return float(10 ** k), units if k == 0 else f"{units} x {10 ** k:g}"
+
+
 def _quantise(vol: np.ndarray, signed_window: bool) -> tuple[np.ndarray, float, float, float, float]:
-    """int16 pixels, slope, intercept (0), window centre and width in the map's units."""
+    """int16 pixels, slope, intercept (0), window centre and width, in the values' units."""
     v = np.nan_to_num(np.asarray(vol, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     peak = float(np.max(np.abs(v))) or 1.0
     slope = _ds_number(peak / _INT16_MAX)
@@ -147,9 +197,9 @@ def _quantise(vol: np.ndarray, signed_window: bool) -> tuple[np.ndarray, float, 
         return pix, slope, 0.0, 0.0, 2 * peak
     if signed_window:  # χ: symmetric about 0, covering 99 % of the non-zero values
         half = float(np.percentile(np.abs(nz), 99))
-        return pix, slope, 0.0, 0.0, _ds_number(2 * half or 2 * peak)
+        return pix, slope, 0.0, 0.0, _ds_number(max(2 * half or 2 * peak, 1.0))
     lo, hi = np.percentile(nz, [1, 99])
-    return pix, slope, 0.0, _ds_number((lo + hi) / 2), _ds_number(max(hi - lo, slope))
+    return pix, slope, 0.0, _ds_number((lo + hi) / 2), _ds_number(max(hi - lo, slope, 1.0))
 
 
 def _new_dataset(pydicom, uid_series, uid_sop, meta_extra):
@@ -191,7 +241,8 @@ def write_dicom_series(volume: np.ndarray, affine: np.ndarray, out_dir, *, descr
     signed_window : bool
         Window centred on 0 (χ) instead of on the data's 1–99 % range (SWI, magnitude).
     units : str
-        RescaleType / units of the stored values after rescaling.
+        Units of ``volume``: "ppm" (χ) is stored in ppb; other maps are scaled by a power of ten
+        until the window is at least 10 wide (:func:`display_scale`); RescaleType names the result.
 
     Returns
     -------
@@ -216,7 +267,9 @@ def write_dicom_series(volume: np.ndarray, affine: np.ndarray, out_dir, *, descr
     if not out_dir.parent.exists():
         raise DicomError(f"output: folder {out_dir.parent} does not exist")
 
-    pix, slope, inter, wc, ww = _quantise(vol, signed_window)
+    vol, aff = radiological_inplane(vol, aff)
+    scale, shown_units = display_scale(vol, units)
+    pix, slope, inter, wc, ww = _quantise(vol * scale, signed_window)
     sizes = np.linalg.norm(aff[:3, :3], axis=0)
     row_cos = _LPS @ (aff[:3, 0] / sizes[0])  # along a row: increasing column index = voxel axis i
     col_cos = _LPS @ (aff[:3, 1] / sizes[1])  # down a column: increasing row index = voxel axis j
@@ -234,7 +287,7 @@ def write_dicom_series(volume: np.ndarray, affine: np.ndarray, out_dir, *, descr
         SliceThickness=_ds_number(sizes[2]), SpacingBetweenSlices=_ds_number(sizes[2]),
         SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2", Rows=int(vol.shape[1]),
         Columns=int(vol.shape[0]), BitsAllocated=16, BitsStored=16, HighBit=15, PixelRepresentation=1,
-        RescaleSlope=slope, RescaleIntercept=inter, RescaleType=units[:16],
+        RescaleSlope=slope, RescaleIntercept=inter, RescaleType=shown_units[:64],
         WindowCenter=wc, WindowWidth=ww, BurnedInAnnotation="NO", AcquisitionNumber=1,
         PatientName="", PatientID="", PatientBirthDate="", PatientSex="", ReferringPhysicianName="",
         StudyID="", AccessionNumber="", StudyDate=now.strftime("%Y%m%d"), StudyTime=now.strftime("%H%M%S"),
@@ -297,18 +350,17 @@ def nifti_to_dicom(path, out_dir, *, like=None, description: Optional[str] = Non
     if data.ndim != 3:
         raise DicomError(f"map: {path} has shape {data.shape}; expected one 3-D volume")
     side = read_sidecar(path, "map")
-    quantity = str(side.get("output", {}).get("quantity", "magnetic susceptibility")) \
-        if isinstance(side.get("output"), dict) else "magnetic susceptibility"
-    is_chi = "susceptib" in quantity or "chi" in Path(path).name.lower()
+    output = side.get("output") if isinstance(side.get("output"), dict) else {}
+    quantity = str(output.get("quantity", ""))
+    # χ when the sidecar says so, or (no sidecar quantity) when the file is named like one
+    is_chi = "susceptib" in quantity.lower() and "weighted" not in quantity.lower() or (
+        not quantity and any(t in Path(str(path)).name.lower() for t in ("chi", "qsm")))
+    units = str(output.get("units") or ("ppm" if is_chi else "a.u."))
     if description is None:
         method = side.get("label") or side.get("method")
-        params = side.get("params") or side.get("parameters") or {}
-        if method:
-            ptxt = " ".join(f"{k}={v}" for k, v in params.items()) if isinstance(params, dict) else ""
-            description = f"QSM {method} {ptxt}".strip() if is_chi else f"{method} {ptxt}".strip()
-        else:
-            description = ("QSM chi (ppm) " if is_chi else "") + Path(str(path)).name.split(".")[0]
-    units = str(side.get("output", {}).get("units", "ppm" if is_chi else "")) if isinstance(side.get("output"), dict) \
-        else ("ppm" if is_chi else "")
+        params = side.get("parameters") or side.get("params") or {}
+        ptxt = " ".join(f"{k}={v}" for k, v in params.items()) if isinstance(params, dict) else ""
+        what = "QSM" if is_chi else (quantity or Path(str(path)).name.split(".")[0])
+        description = f"{what} {method or ''} {ptxt}".strip()
     return write_dicom_series(data, img.affine, out_dir, description=description, like=like,
-                              signed_window=is_chi, units=units or "US", overwrite=overwrite)
+                              signed_window=is_chi, units=units, overwrite=overwrite)
