@@ -45,7 +45,7 @@ from .core.field.steps import FAMILIES, Step
 from .core.method import Method, Result, run_method
 
 __all__ = ["available_methods", "get_method", "register_method", "reconstruct", "import_errors",
-           "available_steps", "get_step", "Method", "Result", "Step", "ENTRY_POINT_GROUP"]
+           "available_steps", "get_step", "register_step", "Method", "Result", "Step", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "napari_qsm.methods"
 
@@ -77,6 +77,15 @@ def register_method(method: Method) -> Method:
     _load_all()
     _METHODS[method.name] = method
     return method
+
+
+def register_step(step: Step) -> Step:
+    """Add (or replace) a front-end step at run time; the CLI, the batch and the Field dock then offer it."""
+    if not isinstance(step, Step):
+        raise TypeError(f"register_step: expected a Step, got {type(step).__name__}")
+    _load_all()
+    _STEPS[(step.family, step.name)] = step
+    return step
 
 
 def _declared(obj, attr: str) -> Iterable:
@@ -141,6 +150,7 @@ def available_methods() -> list[Method]:
 
 
 def get_method(name: str) -> Method:
+    """A method by name (case-insensitive); ValueError naming the available ones otherwise."""
     _load_all()
     key = str(name).strip().lower()
     if key not in _METHODS:
@@ -152,7 +162,39 @@ def get_method(name: str) -> Method:
 
 def reconstruct(scan, method: str = "tkd", params=None, *, device="auto", progress=None,
                 cancel=None, **extra) -> Result:
-    """Run a method, by name, on a :class:`~napari_qsm.core.scan.Scan` (see :func:`napari_qsm.core.method.run_method`)."""
+    """Run a method, by name, on a :class:`~napari_qsm.core.scan.Scan`: local field → χ (ppm).
+
+    Parameters
+    ----------
+    scan : Scan
+        Local field (ppm), brain mask, voxel size, B0 direction; magnitude, N_std, R2* when the
+        method uses them.
+    method : str
+        A name of :func:`available_methods` (``napari-qsm methods`` lists them), e.g. "tkd", "medi", "dsbn".
+    params : dict or parameter record, optional
+        The method's parameters by public name (strings accepted, as from ``--param``); missing
+        ones take their defaults. Checked against their ranges before any work.
+    device : str
+        "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
+    progress : callable, optional
+        Called with :class:`~napari_qsm.core.progress.Progress` records.
+    cancel : CancelToken, optional
+        Raises :class:`~napari_qsm.core.progress.Cancelled` promptly when set.
+    **extra
+        Method-specific inputs: ``weights=`` (network checkpoint), ``csf_mask=`` (MEDI+0),
+        ``scans=`` (COSMOS orientations).
+
+    Returns
+    -------
+    Result
+        χ (float32, ppm, referenced as the method records), the method and its parameters, wall
+        time, device and extras; ``Result.provenance()`` is what the JSON sidecars hold.
+
+    References
+    ----------
+    .. [1] Each method's ``doc`` and module give its own references (TKD: Shmueli et al., MRM 62
+       (2009) 1510; MEDI: Liu et al., MRM 66 (2011) 777; COSMOS: Liu et al., MRM 61 (2009) 196).
+    """
     return run_method(get_method(method), scan, params, device=device, progress=progress, cancel=cancel, **extra)
 
 
