@@ -1,12 +1,12 @@
 """The ``napari-qsm`` command line (contract in DESIGN.md).
 
     napari-qsm recon FIELD --mask MASK [--magnitude MAG] [--noise-std MAP] [--r2star MAP]
-               --method NAME [--voxel-size X Y Z]
+               [--method NAME] [--voxel-size X Y Z]
                [--b0-dir X Y Z] [--units ppm|hz|rad] [--te S] [--b0 T] [--echo N]
                [--device auto|cpu|cuda] [--weights CKPT] [--param NAME=VALUE ...]
                [--csf-mask MASK] [--orientation FIELD [X Y Z] ...]   (COSMOS: more orientations)
                -o OUT.nii.gz
-    napari-qsm recon INPUT... --method NAME -o OUT.nii.gz   (raw echoes: a BIDS/DICOM folder or --magnitude M...
+    napari-qsm recon INPUT... [--method NAME] -o OUT.nii.gz   (raw echoes: a BIDS/DICOM folder or --magnitude M...
                --phase P... [--te S...]; the field steps first, options as `field`; see napari_qsm.pipeline)
     napari-qsm adapt FIELD [FIELD ...] --mask MASK [MASK ...] [--magnitude MAG ...] [--steps N]
                [--weights CKPT] [--save-weights OUT.pt] -o OUT.nii.gz [OUT.nii.gz ...]
@@ -23,7 +23,9 @@
                (every scan on Dask -> derivatives/napari-qsm)
 
 Errors print ``napari-qsm: error: ...`` to stderr and exit with status 2; nothing is written.
-Progress goes to stderr.
+Progress goes to stderr. Every command refuses to replace an existing output unless ``--overwrite``
+(``batch`` skips what is up to date instead). ``recon`` without ``--method`` uses
+:data:`napari_qsm.pipeline.DEFAULT_METHOD` (MEDI; TKD without a magnitude) and says so.
 
 Geometry: ``--voxel-size`` and ``--b0-dir`` (and the X Y Z of ``--orientation``) are in the FIELD
 file's own voxel order as stored on disk (what its header / fslinfo show: pixdim1..3 and axes

@@ -1,43 +1,18 @@
-"""The method registry: every inversion and every front-end step, collected in one place.
+"""The registry: every inversion and every front-end step, collected in one place; the CLI, the batch,
+the pipeline (:mod:`napari_qsm.pipeline`) and the docks all ask it.
 
-Modules *declare* what they offer and know nothing of this registry:
-
-* inversions: a module-level ``METHODS = (Method(...), ...)`` (:class:`napari_qsm.core.method.Method`)
-  in ``core/inversion/tkd.py``, ``core/inversion/medi.py``, ``core/inversion/cosmos.py``, ``nn/infer.py``, ``nn/adapt.py``;
-* front-end steps (raw echoes → local field): ``STEPS = (Step(...), ...)``
-  (:class:`napari_qsm.core.field.steps.Step`) in the modules of ``core/field/``;
-* other packages: an entry point in the group ``napari_qsm.methods`` whose object is a
-  :class:`Method`, an iterable of them, or a module with ``METHODS``. For example, in the other
-  package's ``pyproject.toml``::
-
-      [project.entry-points."napari_qsm.methods"]
-      my-inversion = "my_package.inversion:METHODS"
-
-The command line (``--method``, ``napari-qsm methods``), the Python API (:func:`reconstruct`)
-and the docks' generated forms all read :func:`available_methods` / :func:`available_steps`.
-A module that fails to import is skipped and its error kept (shown by ``napari-qsm methods``).
-
-Adding an inversion, in full (a new file ``napari_qsm/core/mine.py`` and one line in
-``_METHOD_MODULES`` below, or an entry point)::
-
-    from dataclasses import dataclass
-    from napari_qsm.core.method import Method
-    from napari_qsm.core.params import param
-    from napari_qsm.core.inversion.tkd import truncated_inversion
-
-    @dataclass
-    class MineParams:
-        threshold: float = param(0.2, "k-space threshold δ", min=0.01, max=0.66)
-
-    def run(scan, p, *, device, progress=None, cancel=None, **_):
-        return truncated_inversion(scan.field, scan.mask, scan.voxel_size, scan.b0_direction, p.threshold)[0]
-
-    METHODS = (Method("mine", "Mine", MineParams, run, doc="TKD at δ = 0.2 by default."),)
+Modules declare what they offer and know nothing of this registry: ``METHODS = (Method(...), ...)``
+in the inversion modules (``core/inversion/``, ``nn/``), ``STEPS = (Step(...), ...)`` in
+``core/field/``; other packages add theirs through the entry-point group ``napari_qsm.methods`` (a
+:class:`Method` or :class:`Step`, an iterable of them, or a module with ``METHODS``/``STEPS``;
+example in the README). A module that fails to import is skipped and its error kept
+(``napari-qsm methods`` shows it). :func:`register_method` / :func:`register_step` add one at run time.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from importlib import metadata
 from typing import Iterable
 
@@ -132,7 +107,13 @@ def _load_all() -> None:
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         source = f"entry point {ep.name} = {ep.value}"
         try:
-            _add(_declared(ep.load(), "METHODS"), source)
+            obj = ep.load()
+            if inspect.ismodule(obj):  # a module: its METHODS and its STEPS
+                if not (hasattr(obj, "METHODS") or hasattr(obj, "STEPS")):
+                    raise TypeError(f"module {obj.__name__} declares neither METHODS nor STEPS")
+                _add((*getattr(obj, "METHODS", ()), *getattr(obj, "STEPS", ())), source)
+            else:
+                _add(_declared(obj, "METHODS"), source)
         except Exception as exc:
             _IMPORT_ERRORS[source] = repr(exc)
 
