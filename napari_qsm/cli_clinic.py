@@ -41,7 +41,6 @@ def add_parsers(sub) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     s.add_argument("-o", "--output", required=True, help="output folder")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
-    s.set_defaults(fit=None, unwrap=None, mask_method=None, background=None)
 
     r = sub.add_parser("report", help="a one-page report (PNG or PDF) of a χ map: slices, SWI minIP, method, "
                                       "field residual, regions")
@@ -75,11 +74,10 @@ def cmd_dicom(args) -> int:
 def cmd_swi(args) -> int:
     import numpy as np
 
-    from .core.field.pipeline import FieldRecipe
     from .core.io import save_volume
     from .core.params import make_params, parse_cli_params
     from .core.swi import SWIParams, swi
-    from .recon_raw import raw_local_field
+    from .pipeline import field_from_inputs
 
     params = make_params(SWIParams, parse_cli_params(args.param))  # checked before any work
     out = Path(args.output)
@@ -89,7 +87,9 @@ def cmd_swi(args) -> int:
     if not args.quiet:
         from .core.progress import stderr_progress
         progress = stderr_progress()
-    echoes, run = raw_local_field(args, args.inputs, FieldRecipe(), progress=progress)
+    echoes, run = field_from_inputs(args.inputs, magnitude=args.magnitude, phase=args.phase, te=args.te,
+                                    b0=args.b0, phase_units=args.phase_units, phase_sign=args.phase_sign,
+                                    mask=args.mask, device=args.device, progress=progress)
     total = run.total
     res = swi(echoes.magnitude, total.field, run.brain_mask, echoes.te, total.b0_tesla, total.voxel_size, params)
     out.mkdir(parents=True, exist_ok=True)
