@@ -244,7 +244,7 @@ def _head_layout(ext, rng, cavity):
         q = min(sinus, key=lambda s_: float(np.sum((s_ - p) ** 2)))
         cortical.append((p, q, rng.uniform(1.0, 1.5)))
     deep = (c + B * np.array([0.05, -0.15, 0.05]), np.array([c[0] + 0.1 * B[0], c[1] - 0.25 * B[1], -40.0]),
-            rng.uniform(1.6, 2.0))
+            rng.uniform(2.2, 2.8))
     side = rng.choice([-1.0, 1.0])
     haem = (c + B * np.array([0.42 * side, rng.uniform(-0.2, 0.2), 0.3]), 0.07 * B.min() * rng.uniform(0.9, 1.2))
     cav = (c + A * np.array([0.0, 0.85, -0.45]), A * np.array([0.18, 0.12, 0.12])) if cavity else None
