@@ -1,13 +1,13 @@
 """Brain mask without FSL (step family "mask").
 
 Inputs: ``run(magnitude, params=None, *, quality=None, user_mask=None, voxel_size=(1, 1, 1),
-progress=None, cancel=None) -> np.ndarray`` (bool, 3-D).
+misfit=None, r2star=None, progress=None, cancel=None) -> np.ndarray`` (bool, 3-D).
 
 * ``magnitude``: 3-D combined magnitude, or 4-D echoes (i, j, k, echo), combined here by the
   root sum of squares.
-* ``quality``: optional 3-D phase-quality map in [0, 1] (e.g. :func:`napari_qsm.core.field.unwrap.voxel_quality`);
-  with ``source="auto"`` it is thresholded instead of the magnitude (QSMxT's default: Otsu on the
-  ROMEO quality map).
+* ``quality``: optional 3-D phase-quality map in [0, 1] (e.g. :func:`napari_qsm.core.field.unwrap.voxel_quality`),
+  thresholded by Otsu with ``source="quality"`` (QSMxT's default).
+* ``r2star``: optional 3-D R2* (1/s) from the echo fit; with ``source="auto"`` it marks bone.
 * ``misfit``: optional 3-D echo-fit misfit (reduced χ², ``TotalField.misfit``): voxels above
   ``misfit_max`` are left out after the holes are filled, and the holes are filled once more, so
   the exclusion carves the mask's edge (where intra-voxel dephasing next to air and bone makes the
@@ -15,12 +15,23 @@ progress=None, cancel=None) -> np.ndarray`` (bool, 3-D).
 * ``user_mask``: a mask the user gives always wins: it is returned as is (validated, as bool),
   whatever the parameters.
 
-Method ``threshold``: Otsu's threshold (maximum between-class variance of the histogram, the
-upper 0.5 % clipped) times ``threshold_scale`` → binary opening by a ball of ``open_mm`` (cuts the
-thin bridges between the brain and the bright scalp across a dark skull) → the largest connected
-component → holes filled (3-D, then slice by slice along each axis) → closing by ``close_mm`` →
-erosion by ``erode_mm``. Morphology uses Euclidean distance transforms with the physical voxel
-size, so radii are in mm on anisotropic grids.
+Method ``threshold`` (``source="auto"``), built for real data (tissue everywhere in the FOV, coil
+profiles, bone and scalp next to the brain, veins at the FOV border) and scale-free (no noise σ):
+
+1. Tissue: the combined magnitude above ``signal_fraction`` of the local tissue level, in two passes
+   (a global level, the median of Otsu's upper class; then that level smoothed by ``bias_mm`` over
+   the first pass's voxels, so receive-coil profiles do not cut the centre of the head), and R2*
+   not above ``r2star_factor`` × the tissue median (bone: little signal, short T2*).
+2. Opening by ``open_mm`` (at least one voxel) cuts thin bridges to the scalp; the largest component.
+3. Holes filled in 3-D, and background components open to the FOV border whose border opening is
+   small against their wall (``border_fill``): a vein, the fissure or a haemorrhage cut by the FOV.
+   Dark structures inside the brain (veins, iron-rich nuclei, haemorrhage) are holes, so they stay.
+4. The outer shell (``edge_mm`` deep, not at the FOV border) loses its dark and short-T2* voxels
+   (partial-volume bone) or, with ``edge="all"``, all of it (the CSF rim as well).
+5. Misfit carving, optional closing and erosion, as above.
+
+Morphology uses Euclidean distance transforms with the physical voxel size, so radii are in mm on
+anisotropic grids.
 """
 
 from __future__ import annotations
@@ -163,8 +174,13 @@ class ThresholdMaskParams:
     border_fill: float = param(0.25, "fill holes open to the field-of-view border (veins, fissure, lesions cut by the "
                                "FOV) whose border opening is at most this fraction of their wall; 0 = closed holes only",
                                min=0.0, max=10.0)
-    edge_mm: float = param(3.0, "peel this much (mm, at least one voxel) off the mask's outer edge (not off the FOV border): the CSF rim "
-                           "under the skull and the partial-volume bone beyond it; 0 = none", min=0.0, max=20.0)
+    edge_mm: float = param(3.0, "depth (mm, at least one voxel) of the mask's outer shell that is checked (the FOV "
+                           "border is not an edge); 0 = none", min=0.0, max=20.0)
+    edge: str = param("dark", "what leaves the outer shell: its dark or short-T2* voxels (partial-volume bone; the CSF "
+                      "rim stays as margin for background removal), or all of it (the CSF rim too)",
+                      choices=("dark", "all"))
+    edge_fraction: float = param(0.6, "dark in the shell: magnitude below this fraction of the local tissue level",
+                                 min=0.0, max=1.0)
     close_mm: float = param(0.0, "closing radius (mm) after filling holes; 0 = none", min=0.0, max=20.0)
     erode_mm: float = param(0.0, "final erosion (mm); background removal erodes further", min=0.0, max=20.0)
     misfit_max: float = param(10.0, "leave out edge voxels whose echo-fit misfit (reduced χ²; ≈ 1 for noise) exceeds "
@@ -186,10 +202,16 @@ def tissue_level(mag, seed, vs, bias_mm):
     ref = float(np.median(mag[seed])) if seed.any() else float(np.max(mag))
     if bias_mm <= 0:
         return np.full(mag.shape, ref, np.float32)
-    sig = [bias_mm / v for v in vs]
-    num = ndimage.gaussian_filter(np.where(seed, mag, 0).astype(np.float32), sig, mode="nearest")
-    den = ndimage.gaussian_filter(seed.astype(np.float32), sig, mode="nearest")
-    return np.where(den > 0.05, num / np.maximum(den, 1e-6), ref).astype(np.float32)
+    # smooth on a grid subsampled to about a quarter of σ (the result is smooth at that scale), then interpolate
+    step = [max(1, int(bias_mm / v / 4)) for v in vs]
+    sub = tuple(slice(None, None, k) for k in step)
+    sig = [bias_mm / v / k for v, k in zip(vs, step)]
+    num = ndimage.gaussian_filter(np.where(seed, mag, 0)[sub].astype(np.float32), sig, mode="nearest")
+    den = ndimage.gaussian_filter(seed[sub].astype(np.float32), sig, mode="nearest")
+    small = np.where(den > 0.05, num / np.maximum(den, 1e-6), ref).astype(np.float32)
+    if small.shape != mag.shape:
+        small = ndimage.zoom(small, [n / m for n, m in zip(mag.shape, small.shape)], order=1, mode="nearest")
+    return small
 
 
 def tissue_candidates(mag, r2star, p: ThresholdMaskParams, vs):
@@ -201,7 +223,7 @@ def tissue_candidates(mag, r2star, p: ThresholdMaskParams, vs):
     seed = mag > frac * float(np.median(mag[upper]))           # pass 1: one level for the whole FOV
     level = tissue_level(mag, seed, vs, p.bias_mm)
     cand = mag > frac * level                                   # pass 2: the local level (coil profiles)
-    facts = {"otsu": otsu, "tissue_level_median": float(np.median(level[cand])) if cand.any() else None}
+    facts = {"otsu": otsu, "level": level}
     if r2star is not None and p.r2star_factor > 0 and cand.any():
         r2_med = float(np.median(r2star[cand]))
         facts["r2star_median"] = r2_med
@@ -240,15 +262,26 @@ def _depth(m, vs):
     return ndimage.distance_transform_edt(padded, sampling=vs)[1:-1, 1:-1, 1:-1]
 
 
-def peel_edge(m, edge_mm, open_mm, vs):
-    """``m`` without the voxels within ``edge_mm`` of its outer edge (the FOV border is not an edge: the tissue
-    goes on beyond it), opened and reduced to its largest component. In a head the outer edge of the
-    brain-and-CSF component lies on the skull: the peeled shell is the extra-axial CSF rim and the
-    partial-volume bone that no background removal can handle (bone carries its own sources)."""
-    if edge_mm <= 0:
+def peel_edge(m, p: ThresholdMaskParams, vs, r_open, mag=None, level=None, r2star=None, r2_med=None):
+    """``m`` without (part of) its outer shell of depth ``edge_mm`` (the FOV border is not an edge: the
+    tissue goes on beyond it), opened and reduced to its largest component.
+
+    In a head the outer edge of the brain-and-CSF component lies on the skull. ``edge="all"`` peels the
+    whole shell (the extra-axial CSF rim and the partial-volume bone beyond it); ``edge="dark"`` only its
+    voxels darker than ``edge_fraction`` × the local tissue level or with R2* above twice the tissue
+    median: bone carries its own sources, which no background removal can handle, while the CSF rim
+    has none and leaves background removal a margin.
+    """
+    if p.edge_mm <= 0:
         return m
-    peeled = m & (_depth(m, vs) > max(edge_mm, min(vs)))
-    peeled = _dilate(_erode(peeled, open_mm, vs), open_mm, vs) if open_mm > 0 else peeled
+    shell = m & (_depth(m, vs) <= max(p.edge_mm, min(vs)))
+    if p.edge == "dark" and mag is not None:
+        dark = mag < p.edge_fraction * level
+        if r2star is not None and r2_med:
+            dark |= r2star > 2.0 * r2_med
+        shell &= dark
+    peeled = m & ~shell
+    peeled = _dilate(_erode(peeled, r_open, vs), r_open, vs) if r_open > 0 else peeled
     return _largest_component(peeled) if peeled.any() else m
 
 
@@ -308,10 +341,11 @@ def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, qual
         raise ScanError(f"{'quality' if use_q else 'magnitude'}: constant image, nothing to threshold")
     rep = Reporter(progress, cancel, total=4, stage="mask")
     rep(0, "tissue candidates")
+    facts = {}
     if use_q:
         m = img > otsu_threshold(img) * p.threshold_scale
     else:
-        m, _ = tissue_candidates(img, r2 if p.source == "auto" else None, p, vs)
+        m, facts = tissue_candidates(img, r2 if p.source == "auto" else None, p, vs)
     rep(1, "opening")
     r_open = max(p.open_mm, min(vs)) if p.open_mm > 0 else 0.0     # a radius under one voxel opens nothing
     m = _dilate(_erode(m, r_open, vs), r_open, vs) if r_open > 0 else m
@@ -320,7 +354,11 @@ def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, qual
     rep(2, "largest component, holes")
     fill = lambda x: _fill_holes(fill_open_holes(_fill_holes(x), p.border_fill))
     m = fill(_largest_component(m))
-    m = fill(peel_edge(m, p.edge_mm, r_open, vs))
+    if use_q:
+        m = fill(peel_edge(m, p, vs, r_open))
+    else:
+        m = fill(peel_edge(m, p, vs, r_open, img, facts["level"], r2 if facts.get("r2star_median") else None,
+                           facts.get("r2star_median")))
     if p.close_mm > 0:
         m = fill(_erode(_dilate(m, p.close_mm, vs), p.close_mm, vs))
     mf = _check_map("misfit", misfit, shape)
@@ -339,7 +377,9 @@ def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, qual
 STEPS = (
     Step(family="mask", name="threshold", label="Threshold + morphology", params_cls=ThresholdMaskParams,
          run=threshold_mask, default=True, order=0,
-         doc="Otsu threshold of the combined magnitude (or of the phase-quality map when given), opening in mm, "
-             "largest connected component, holes filled, optional closing; edge voxels whose echo fit does not hold "
-             "(misfit > 10) left out; optional erosion in mm. A user mask always wins."),
+         doc="Tissue = signal above a fraction of the local tissue level and R2* below that of bone (or Otsu on the "
+             "phase-quality map), opening in mm, largest component, holes filled in 3-D (also those open to the FOV "
+             "border: veins, fissure), dark/short-T2* voxels of the outer shell (partial-volume bone) left out, "
+             "edge voxels whose echo fit does not hold (misfit > 10) left out; optional closing and erosion in mm. "
+             "A user mask always wins."),
 )

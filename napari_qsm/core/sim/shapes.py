@@ -182,7 +182,8 @@ def _fine_field(chi_f, vs_f, b0, device, support=None) -> np.ndarray:
 
 
 def random_sources(shape=(48, 48, 48), voxel_size=(1.0, 1.0, 1.0), n_shapes: int = 8, seed: int = 0,
-                   chi_range=(-0.2, 0.4), b0_direction=(0.0, 0.0, 1.0), device="cpu") -> Sources:
+                   chi_range=(-0.2, 0.4), b0_direction=(0.0, 0.0, 1.0), device="cpu",
+                   kinds=("sphere", "ellipsoid", "cylinder", "cuboid")) -> Sources:
     """Random geometric χ sources (spheres, ellipsoids, cylinders, cuboids) and their field.
 
     Parameters
@@ -192,6 +193,7 @@ def random_sources(shape=(48, 48, 48), voxel_size=(1.0, 1.0, 1.0), n_shapes: int
         the field of view) and orientation; later shapes overwrite earlier ones.
     seed : the draw.
     b0_direction, device : forward model (D(0) = 0, zero padding ≥ 2x) on the 2x fine grid.
+    kinds : the shape kinds drawn from.
 
     Returns
     -------
@@ -206,7 +208,7 @@ def random_sources(shape=(48, 48, 48), voxel_size=(1.0, 1.0, 1.0), n_shapes: int
     chi_f = np.zeros([n * f for n in shape], np.float32)
     drawn = []
     for _ in range(int(n_shapes)):
-        kind = str(rng.choice(["sphere", "ellipsoid", "cylinder", "cuboid"]))
+        kind = str(rng.choice(list(kinds)))
         size = rng.uniform(0.04, 0.2, 3) * ext.min()
         centre = rng.uniform(0.25, 0.75, 3) * ext - vs / 2
         chi = float(rng.uniform(*chi_range))
@@ -340,7 +342,7 @@ def make_head(shape=(96, 96, 96), voxel_size=(2.0, 2.0, 2.0), seed: int = 0, *, 
     n_coils : None = one channel (Rician magnitude); N = N coils with smooth profiles, magnitude the
         root sum of squares (non-central χ noise), phase of the sensitivity-weighted sum.
     cavity : carve an air cavity (a sinus) out of skull and scalp in front and below.
-    crop : return only a box inside the brain (tissue everywhere, no air; a vein crosses its
+    crop : return only the voxels centred in a box inside the brain (tissue everywhere, no air; a vein crosses its
         bottom face); the physics is that of the whole head.
     device : torch device of the forward model.
 
@@ -396,10 +398,9 @@ def make_head(shape=(96, 96, 96), voxel_size=(2.0, 2.0, 2.0), seed: int = 0, *, 
         phase = np.angle(sum(s[..., None] * x for s, x in zip(sens, coils)))
     affine = np.diag(list(vs) + [1.0])
     box = tuple(slice(None) for _ in range(3))
-    if crop:                                     # a box inside the brain ellipsoid (its corners at 0.55·B)
-        lo = np.floor((g["c"] - 0.55 * g["B"]) / vs).astype(int).clip(0)
-        hi = np.minimum(np.ceil((g["c"] + 0.55 * g["B"]) / vs).astype(int), shape)
-        lo[2] = 0 if g["c"][2] - 0.55 * g["B"][2] < 0 else lo[2]
+    if crop:                                     # the voxels centred in a box inside the brain (corners at 0.5·B)
+        lo = np.ceil((g["c"] - 0.5 * g["B"]) / vs).astype(int).clip(0)
+        hi = np.minimum(np.floor((g["c"] + 0.5 * g["B"]) / vs).astype(int) + 1, shape)
         box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
         affine[:3, 3] = lo * vs
     info = {"generator": "napari_qsm.core.sim.shapes.make_head", "seed": int(seed), "shape": list(shape),
