@@ -436,12 +436,11 @@ class AdaptWidget(RunDock):
                                   f"{total} steps take about {_duration(per * total)}, "
                                   f"about {_duration(left)} left.")
 
-    def _on_progress(self, p, field_layer) -> None:
+    def _on_progress(self, p, field_layer=None) -> None:
         for rec in getattr(p, "history", None) or [p]:
             self.plot.add(rec.step, rec.losses)
         self._measure(p)
-        msg = p.message or p.stage
-        self.status.setText(html.escape(f"{msg} ({p.elapsed:.0f} s)"))
+        super()._on_progress(p)
         if self._preview is not None:
             self._preview.show_progress(p, field_layer)
 

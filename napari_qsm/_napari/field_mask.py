@@ -90,6 +90,10 @@ class MaskTools:
             self._fail("mask: no brain mask yet; Run once, or choose a mask layer")
             return False
         layer.visible = True
+        layers = self.viewer.layers
+        index = layers.index(layer)
+        if index != len(layers) - 1:  # on top, so that the brush strokes show over the maps
+            layers.move(index, len(layers))
         self.viewer.layers.selection.active = layer
         layer.selected_label = 1
         layer.mode = "paint"
@@ -128,8 +132,7 @@ class MaskTools:
             self.mask_combo.setCurrentText(layer.name)
         n = int(np.count_nonzero(np.asarray(layer.data)))
         self.mask_info.setText(f"{n:,} voxels in <b>{html.escape(layer.name)}</b>: the next Run uses this mask "
-                               "(the brain-mask step is skipped) and hands the other docks the mask it erodes "
-                               "from it.")
+                               "instead of the brain-mask step.")
 
     def _mask_run_done(self, layer: Optional[object]) -> None:
         """After a run: watch the run's brain mask for corrections and say how to correct it."""

@@ -228,11 +228,12 @@ def field_layer_data(run, geom: Geometry, prefix: str, source_md: Optional[dict]
 
     return {
         "total_field": img(tot.field, "total field", "total_field", "ppm", symmetric=True),
-        "brain_mask": lab(run.brain_mask, "brain mask", visible=True, stage="before background removal"),
         "r2star": img(tot.r2star, "R2*", "r2star", "1/s", symmetric=False, cmap="magma"),
         "noise_std": img(tot.noise_std, "noise (N_std)", "noise_std", "ppm", symmetric=False),
         "magnitude": img(tot.magnitude, "combined magnitude", "magnitude", symmetric=False),
         "mask": lab(scan.mask, "eroded mask", stage="eroded by background removal"),
         "local_field": img(scan.field, "local field", "field", "ppm", visible=True, symmetric=True),
+        # on top (added last), visible: the mask to check and correct by hand (field_mask)
+        "brain_mask": lab(run.brain_mask, "brain mask", visible=True, stage="before background removal"),
     }
 

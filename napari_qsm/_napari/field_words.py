@@ -88,5 +88,12 @@ def short_doc(doc: str, limit: int = 200) -> str:
     for sep in ("; ", ": ", ", ", " ("):
         k = cut.rfind(sep)
         if k > limit // 2:
-            return cut[:k].rstrip(" ,;:") + " …"
-    return cut[: cut.rfind(" ")].rstrip(" ,;:") + " …"
+            return _balanced(cut[:k]) + " …"
+    return _balanced(cut[: cut.rfind(" ")]) + " …"
+
+
+def _balanced(text: str) -> str:
+    """``text`` without a trailing clause whose bracket it does not close."""
+    while text.count("(") > text.count(")") and " (" in text:
+        text = text[: text.rfind(" (")]
+    return text.rstrip(" ,;:")

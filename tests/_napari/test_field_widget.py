@@ -219,6 +219,8 @@ def test_brain_mask_corrected_by_hand_is_used_by_the_next_run(make_napari_viewer
 
 def test_field_forms_speak_words(make_napari_viewer, qtbot, raw_head):
     """No code names in the step choices, and step descriptions are never cut inside a word."""
+    import html
+
     from qtpy.QtWidgets import QComboBox
 
     from napari_qsm._napari.field_words import short_doc
@@ -236,8 +238,11 @@ def test_field_forms_speak_words(make_napari_viewer, qtbot, raw_head):
                     assert not any(t in ("mcpc3ds", "template", "sincos", "voxel", "global") for t in texts), texts
             doc = w.step_docs[fam].text()
             assert w.step_docs[fam].toolTip() == s.doc
-            words = set(s.doc.replace("(", " ").replace(")", " ").split())
-            last = doc.split("<span")[0].replace("…", "").split()[-1].strip(".,;:")
-            assert any(x.strip(".,;:") == last for x in words), (s.name, doc)
+            short = short_doc(s.doc)
+            assert html.escape(short) in doc
+            words = {x.strip("().,;:") for x in s.doc.split()}
+            shown = short.replace("…", "").split()
+            assert shown[-1].strip("().,;:") in words, (s.name, short)  # the last word shown is a whole word
+            assert short.count("(") == short.count(")"), short
     long = "word " * 80 + "end."
     assert short_doc(long).endswith("word …") and len(short_doc(long)) <= 202

@@ -79,10 +79,11 @@ def test_raw_echoes_open_with_field_in_front_and_no_error_yet(make_napari_viewer
     docks = {}
     for name in ("QSM reconstruction", "Adapt network (QSMInvNet+)", "Compare", "Field"):
         _, docks[name] = viewer.window.add_plugin_dock_widget("napari-qsm", name)
-    qtbot.wait(400)
-    field_dock = dock_of(docks["Field"])
-    qtbot.waitUntil(lambda: not field_dock.visibleRegion().isEmpty(), timeout=3000)
-    assert dock_of(docks["QSM reconstruction"]).visibleRegion().isEmpty()
+    field_dock, rec_dock = dock_of(docks["Field"]), dock_of(docks["QSM reconstruction"])
+    win = field_dock.parentWidget()
+    qtbot.waitUntil(lambda: rec_dock in win.tabifiedDockWidgets(field_dock), timeout=5000)  # one tab group
+    qtbot.waitUntil(lambda: not field_dock.visibleRegion().isEmpty() and rec_dock.visibleRegion().isEmpty(),
+                    timeout=5000)
     for name in ("QSM reconstruction", "Adapt network (QSMInvNet+)"):
         inputs = docks[name].inputs
         inputs.validate()
@@ -90,3 +91,19 @@ def test_raw_echoes_open_with_field_in_front_and_no_error_yet(make_napari_viewer
         assert ERR_COLOR not in text and "✗" not in text and "zero vector" not in text, (name, text)
         assert "no local field yet" in text
         assert ERR_COLOR not in docks[name].status.text()
+
+
+@pytest.mark.parametrize("name", ["QSM reconstruction", "Field", "Adapt network (QSMInvNet+)"])
+def test_docks_show_progress_as_the_console_does(make_napari_viewer, name):
+    """One progress format (Progress.format) for the console and every running dock."""
+    import html
+
+    from napari_qsm.core.progress import Progress
+
+    p = Progress(step=3, total=10, message="GN 1/10 <fast>", losses={"cost": 0.5, "nan": float("nan")},
+                 stage="medi", elapsed=1.5)
+    assert p.format() == "[medi] 3/10 GN 1/10 <fast> cost=0.5 (1.5s)"
+    viewer = make_napari_viewer()
+    _, w = viewer.window.add_plugin_dock_widget("napari-qsm", name)
+    w._on_progress(p)
+    assert w.status.text() == html.escape(p.format())

@@ -24,7 +24,7 @@ class PanelLayout:
         n = len(self._columns)
         wh = self._extents()
         W, H = self.width(), self.height()
-        L, R, B, G, S = self.LEFT, self.RIGHT, self.BOTTOM, self.GAP, self.SEP
+        L, R, B, G, S = self.LEFT, self.RIGHT + self._unit_room(), self.BOTTOM, self.GAP, self.SEP
         n_diff = sum(1 for _, d in rows if d)
         cw = max(10.0, (W - L - R - G * (n - 1)) / n)
         nlines = self._title_lines([cw] * n)
@@ -56,7 +56,7 @@ class PanelLayout:
         labels = [(ri, y0, h, d) for ri, ((_, d), (y0, h)) in enumerate(zip(rows, row_y))]
         return {"arrangement": "below", "title_lines": nlines, "scale": s, "rects": rects, "rows": rows, "row_y": row_y, "cw": cw,
                 "bottom": y, "titles": titles, "subheads": [], "diff_title": sep, "bars": bars,
-                "labels": labels, "label_x": 2.0, "bar_x": W - R + 8, "scale_cell": (0, len(rows) - 1)}
+                "labels": labels, "label_x": 2.0, "bar_x": W - R + 8 + self._unit_room(), "scale_cell": (0, len(rows) - 1)}
 
     def _layout_beside(self, rows, hbars: bool = False) -> dict:
         """Columns = volumes, each result's column split into χ | Δ; rows = planes. ``hbars``: the colour
@@ -65,7 +65,7 @@ class PanelLayout:
         wh = self._extents()
         W, H = self.width(), self.height()
         sub_h = self._small_height() + 2
-        L, R, G = self.LEFT, self.RIGHT, 2 * self.GAP
+        L, R, G = self.LEFT, self.RIGHT + self._unit_room(), 2 * self.GAP
         ks = [2 if self._diff_cell(c) else 1 for c in self._columns]   # cells per column: χ, or χ | Δ
         cw0 = max(10.0, (W - L - (8 if hbars else R)) / max(1, sum(ks)))   # column widths before scaling
         nlines = self._title_lines([k * cw0 for k in ks])
@@ -127,28 +127,25 @@ class PanelLayout:
         return {"arrangement": "beside", "title_lines": nlines, "scale": s, "rects": rects, "rows": rows, "row_y": row_y, "cw": cw,
                 "bottom": y, "titles": titles, "subheads": subheads,
                 "diff_title": QRectF(x0 + 0.3 * total_w, y + 2, 0.7 * total_w, self._small_height() + 4),
-                "bars": bars, "hbars": hbars, "labels": labels, "label_x": x0 - L + 2.0, "bar_x": x0 + total_w + 8,
+                "bars": bars, "hbars": hbars, "labels": labels, "label_x": x0 - L + 2.0, "bar_x": x0 + total_w + 8 + self._unit_room(),
                 "scale_cell": (cell0, rows.index((planes[-1], False)))}
 
     def _hbars(self, x0: float, total_w: float, yb: float, two: bool) -> dict:
         """Horizontal colour bars (χ, and Δ when ``two``) in equal parts of the width under the cells.
 
-        Each bar's unit is drawn left of it and its end values (±30 px) under its ends: a bar starts
-        after its own unit label and ends before the next part, so no label runs into the other bar.
+        Each bar's unit is drawn above its middle and its end values (±30 px) under its ends, so a bar
+        stays inside its own part and no label runs into the other bar.
         """
-        from qtpy.QtGui import QFontMetrics
+        keys = ["chi"] + (["diff"] if two else [])
+        part = total_w / len(keys)
+        room = max(40.0, part - 60.0)
+        blen = min(0.8 * room, 360.0)
+        return {key: (x0 + k * part + 30.0 + (room - blen) / 2, x0 + k * part + 30.0 + (room + blen) / 2, yb)
+                for k, key in enumerate(keys)}
 
-        fm = QFontMetrics(self._small_font())
-        units = [("chi", self._chi_unit)] + ([("diff", self._diff_unit)] if two else [])
-        part = total_w / len(units)
-        bars = {}
-        for k, (key, unit) in enumerate(units):
-            lw = fm.horizontalAdvance(unit) + 8
-            room = max(40.0, part - lw - 30)
-            blen = min(0.8 * room, 360.0)
-            a0 = x0 + k * part + lw + (room - blen) / 2
-            bars[key] = (a0, a0 + blen, yb)
-        return bars
+    def _unit_room(self) -> int:
+        """Width of a vertical colour bar's unit, turned along its left side, so that it clears the cells."""
+        return self._small_height() + 2
 
     def _small_font(self):
         from qtpy.QtGui import QFont

@@ -210,7 +210,7 @@ class PanelPainting:
 
         ``vertical``: at x = ``at`` from y = ``a0`` (``hi``) down to ``a1`` (``lo``), values right of it and
         the unit turned along its left side; else at y = ``at`` from x = ``a0`` (``lo``) to ``a1`` (``hi``),
-        values under it and the unit on its left.
+        values under it and the unit over it.
         """
         n = max(10, int(a1 - a0))
         strip = lut[::-1][:, None] if vertical else lut[None, :]   # 256 × 1 or 1 × 256 RGBA
@@ -223,16 +223,21 @@ class PanelPainting:
         fm = QFontMetrics(font)
         fmh = fm.height()
         if vertical:
+            if fm.horizontalAdvance(unit) > n and "(" in unit:  # a short bar: its unit alone ("ppm"), not cut
+                unit = unit[unit.rfind("(") + 1:].rstrip(")")
             qp.save()
             qp.translate(at - 3, a0 + n / 2)
             qp.rotate(-90)
             qp.drawText(QRectF(-n / 2, -fmh, n, fmh), Qt.AlignmentFlag.AlignCenter, unit)
             qp.restore()
-        else:
+        else:  # the unit over the bar's middle, inside the bar's own part of the width
             uw = fm.horizontalAdvance(unit) + 8
-            qp.drawText(QRectF(a0 - uw, at + 5 - fmh / 2, uw - 4, fmh),
-                        Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, unit)
-        for frac, val in ((0.0, hi if vertical else lo), (0.5, 0.5 * (lo + hi)), (1.0, lo if vertical else hi)):
+            qp.drawText(QRectF(a0 + n / 2 - uw / 2, at - fmh - 1, uw, fmh),
+                        Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignBottom, unit)
+        ticks = ((0.0, hi if vertical else lo), (0.5, 0.5 * (lo + hi)), (1.0, lo if vertical else hi))
+        if not vertical and n < 130:  # three 60 px values would run into each other: the ends only
+            ticks = (ticks[0], ticks[2])
+        for frac, val in ticks:
             t = a0 + frac * n
             if vertical:
                 qp.drawLine(QPointF(at + 10, t), QPointF(at + 13, t))
