@@ -55,25 +55,45 @@ def unwrap(obj):
 
 
 def hook_events(widget: QWidget, hooks) -> list:
-    """Connect (event emitter, callback) pairs and disconnect them when ``widget`` is destroyed.
+    """Connect (event emitter, bound method) pairs and disconnect them when ``widget`` is destroyed.
 
-    A closed dock must leave no callback on the viewer. Returns the list of hooks; pairs appended
-    to it later (and connected by the caller) are disconnected too.
+    A closed dock must leave no callback on the viewer. Only weak references to the methods' owners
+    are kept here (napari's emitters hold bound methods weakly too), so the hooks never keep a closed
+    dock alive. Returns the list of hooks; pairs appended to it later (and connected by the caller)
+    are disconnected too.
     """
     hooks = [(e, cb) for e, cb in hooks if e is not None]
     for e, cb in hooks:
         e.connect(cb)
+    weak = _WeakHooks()
+    weak.extend(hooks)
+    widget.destroyed.connect(weak.drop)
+    return weak
 
-    def drop(*_):
-        for e, cb in hooks:
+
+class _WeakHooks(list):
+    """The hooks of one widget, kept as (emitter, owner, method name) with weak references only."""
+
+    def append(self, pair) -> None:
+        import weakref
+
+        emitter, cb = pair
+        super().append((weakref.ref(unwrap(emitter)), weakref.ref(cb.__self__), cb.__name__))
+
+    def extend(self, pairs) -> None:
+        for pair in pairs:
+            self.append(pair)
+
+    def drop(self, *_) -> None:
+        for emitter_ref, owner_ref, name in self:
+            emitter, owner = emitter_ref(), owner_ref()
+            if emitter is None or owner is None:  # gone already: napari forgets dead callbacks itself
+                continue
             try:
-                e.disconnect(cb)
-            except Exception:  # already gone with the viewer
+                emitter.disconnect(getattr(owner, name))
+            except Exception:  # already disconnected with the viewer
                 pass
-        hooks.clear()
-
-    widget.destroyed.connect(drop)
-    return hooks
+        self.clear()
 
 
 def viewer_docks(viewer, cls) -> list:

@@ -270,25 +270,41 @@ def test_dsbn_runs_with_weights_file(phantom_viewer, qtbot, tmp_path):
     assert len(phantom_viewer.layers) == n and "weights" in w.status.text()
 
 
-def test_docks_closed_then_layers_change(phantom_viewer, qtbot):
-    """Closing the docks stops their layer callbacks: later layer changes reach no deleted dock, and no error."""
-    from napari_qsm._napari.adapt_widget import AdaptWidget
+@pytest.mark.parametrize("which", ["reconstruct", "adapt", "field"])
+def test_docks_closed_then_layers_change(phantom_viewer, qtbot, which):
+    """A closed dock leaves no callback on the viewer's events (nothing keeps it alive), and later layer
+    changes raise nothing. The Field dock's callbacks were lambdas that kept it, and its deleted timer, alive."""
+    import gc
 
-    calls = []
-    for cls in (QSMWidget, AdaptWidget):
-        w = cls(phantom_viewer)
-        dock = phantom_viewer.window.add_dock_widget(w, name=cls.__name__)
-        qtbot.wait(50)
-        w.inputs.validate = lambda *a, w=w: calls.append(w)  # what a layer change ends in
-        phantom_viewer.window.remove_dock_widget(dock)
-        qtbot.wait(50)
-    with qtbot.capture_exceptions() as exceptions:
+    from napari_qsm._napari.adapt_widget import AdaptWidget
+    from napari_qsm._napari.field_widget import FieldWidget
+
+    cls = {"reconstruct": QSMWidget, "adapt": AdaptWidget, "field": FieldWidget}[which]
+    ev = phantom_viewer.layers.events
+
+    def live():
+        return [len(e.callbacks) for e in (ev.inserted, ev.removed)]
+
+    def churn():  # a layer added, renamed and removed: what reaches the docks' callbacks
         layer = phantom_viewer.add_image(np.zeros((4, 5, 6), np.float32), name="later")
         layer.name = "renamed"
         phantom_viewer.layers.remove(layer)
+
+    churn()
+    before = live()
+    w = cls(phantom_viewer)
+    dock = phantom_viewer.window.add_dock_widget(w, name=cls.__name__)
+    qtbot.wait(50)
+    assert live() > before  # the dock listens while it is open
+    phantom_viewer.window.remove_dock_widget(dock)  # napari orphans the widget; the last reference goes here
+    del w, dock
+    gc.collect()
+    qtbot.wait(100)
+    with qtbot.capture_exceptions() as exceptions:
+        churn()
         qtbot.wait(300)  # longer than the panels' validation delay
     assert exceptions == []
-    assert calls == []
+    assert live() == before
 
 
 def test_inputs_from_files_oblique(make_napari_viewer, qtbot, oblique_files):
