@@ -99,29 +99,7 @@ class InputsPanel(QWidget):
         self.units_combo.setToolTip("Units of the field map; Hz needs B0, rad needs TE and B0")
         form.addRow("Field units", self.units_combo)
 
-        self.b0t_spin = field_strength_spin(
-            DEFAULT_B0_T, "<qt>Main magnetic field strength of the scanner, in tesla (γ/2π = 42.577 MHz/T). "
-                          "Converts Hz and rad fields to ppm, and for every unit sets MEDI's ppm → radian "
-                          "scale (2π·ΔTE·γ̄·B0) and the adaptation's phase scale (2π·γ̄·B0·TE). Read from "
-                          "the JSON sidecar (ImagingFrequency / 42.577, else MagneticFieldStrength) when "
-                          "there is one.</qt>")
-        self.b0t_label = QLabel("Field strength (B0)")
-        form.addRow(self.b0t_label, self.b0t_spin)
-
-        self.te_spin = spin_box("te_ms", 0.01, 1000.0, DEFAULT_TE_MS, decimals=2, suffix=" ms",
-                                tooltip="<qt>Echo time in milliseconds (the TE of the phase, or the effective TE of a "
-                                        "multi-echo fit). Converts a rad field to ppm, and for every unit sets the phase "
-                                        "the network adaptation compares (2π·γ̄·B0·TE radians per ppm). MEDI's ΔTE is its "
-                                        "own parameter. Read from the sidecar's EchoTime or the NIfTI header when "
-                                        "there.</qt>")
-        self.te_label = QLabel("Echo time (TE)")
-        self.acq_info = wrap_label("", DIM_COLOR, small=True)
-        self.acq_info.setObjectName("acquisition_info")
-        te_box = QVBoxLayout()
-        te_box.setSpacing(2)
-        te_box.addWidget(self.te_spin)
-        te_box.addWidget(self.acq_info)  # where B0 and TE came from (sidecar, header, entered, assumed)
-        form.addRow(self.te_label, te_box)
+        self._add_acquisition_rows(form)
 
         self.mask_combo = LayerCombo(viewer, lambda layer: True)
         self.mask_combo.setToolTip("Brain mask (0/1 labels or an image, > 0.5 inside) on the field's grid")
@@ -133,17 +111,7 @@ class InputsPanel(QWidget):
 
         self.noise_combo = self.r2star_combo = None
         if echo_maps:
-            self.noise_combo = LayerCombo(viewer, is_image, optional=True)
-            self.noise_combo.setObjectName("noise_combo")
-            self.noise_combo.setToolTip("<qt>Field noise standard deviation N_std (ppm) from the echo fit, e.g. the "
-                                        "Field dock's 'noise (N_std)' (optional). MEDI weights the data by 1/N_std; "
-                                        "without it, by the magnitude.</qt>")
-            form.addRow("Noise N_std (ppm)", self.noise_combo)
-            self.r2star_combo = LayerCombo(viewer, is_image, optional=True)
-            self.r2star_combo.setObjectName("r2star_combo")
-            self.r2star_combo.setToolTip("<qt>R2* map (1/s) from the echo fit, e.g. the Field dock's 'R2*' (optional). "
-                                         "MEDI+0 finds the CSF in it (low R2*); without it, in the magnitude.</qt>")
-            form.addRow("R2* (1/s)", self.r2star_combo)
+            self._add_echo_map_rows(form)
 
         self.grid_label = wrap_label("", DIM_COLOR, small=True)
         form.addRow("Grid", self.grid_label)
@@ -171,6 +139,46 @@ class InputsPanel(QWidget):
         self._update_acq_info()
         self._on_layers_changed()
         self._apply_orientation()
+
+    def _add_acquisition_rows(self, form: QFormLayout) -> None:
+        """Field strength B0 (T) and echo time TE (ms), with the line saying where they came from."""
+        self.b0t_spin = field_strength_spin(
+            DEFAULT_B0_T, "<qt>Main magnetic field strength of the scanner, in tesla (γ/2π = 42.577 MHz/T). "
+                          "Converts Hz and rad fields to ppm, and for every unit sets MEDI's ppm → radian "
+                          "scale (2π·ΔTE·γ̄·B0) and the adaptation's phase scale (2π·γ̄·B0·TE). Read from "
+                          "the JSON sidecar (ImagingFrequency / 42.577, else MagneticFieldStrength) when "
+                          "there is one.</qt>")
+        self.b0t_label = QLabel("Field strength (B0)")
+        form.addRow(self.b0t_label, self.b0t_spin)
+
+        self.te_spin = spin_box("te_ms", 0.01, 1000.0, DEFAULT_TE_MS, decimals=2, suffix=" ms",
+                                tooltip="<qt>Echo time in milliseconds (the TE of the phase, or the effective TE of a "
+                                        "multi-echo fit). Converts a rad field to ppm, and for every unit sets the phase "
+                                        "the network adaptation compares (2π·γ̄·B0·TE radians per ppm). MEDI's ΔTE is its "
+                                        "own parameter. Read from the sidecar's EchoTime or the NIfTI header when "
+                                        "there.</qt>")
+        self.te_label = QLabel("Echo time (TE)")
+        self.acq_info = wrap_label("", DIM_COLOR, small=True)
+        self.acq_info.setObjectName("acquisition_info")
+        te_box = QVBoxLayout()
+        te_box.setSpacing(2)
+        te_box.addWidget(self.te_spin)
+        te_box.addWidget(self.acq_info)  # where B0 and TE came from (sidecar, header, entered, assumed)
+        form.addRow(self.te_label, te_box)
+
+    def _add_echo_map_rows(self, form: QFormLayout) -> None:
+        """The echo fit's noise N_std and R2* maps (optional; the Reconstruct dock)."""
+        self.noise_combo = LayerCombo(self.viewer, is_image, optional=True)
+        self.noise_combo.setObjectName("noise_combo")
+        self.noise_combo.setToolTip("<qt>Field noise standard deviation N_std (ppm) from the echo fit, e.g. the "
+                                    "Field dock's 'noise (N_std)' (optional). MEDI weights the data by 1/N_std; "
+                                    "without it, by the magnitude.</qt>")
+        form.addRow("Noise N_std (ppm)", self.noise_combo)
+        self.r2star_combo = LayerCombo(self.viewer, is_image, optional=True)
+        self.r2star_combo.setObjectName("r2star_combo")
+        self.r2star_combo.setToolTip("<qt>R2* map (1/s) from the echo fit, e.g. the Field dock's 'R2*' (optional). "
+                                     "MEDI+0 finds the CSF in it (low R2*); without it, in the magnitude.</qt>")
+        form.addRow("R2* (1/s)", self.r2star_combo)
 
     def _b0_direction_box(self) -> QVBoxLayout:
         """The B0 direction row: x, y, z spin boxes, a reset button, and a line saying where it came from."""
