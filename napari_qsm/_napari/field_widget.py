@@ -25,12 +25,13 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit,
                             QPushButton)
 
-from ..core.field.pipeline import FieldRecipe, local_field
+from ..core.field.pipeline import FieldRecipe
 from ..core.field.records import Echoes
 from ..core.field.steps import FAMILIES
 from ..core.params import ParamError
 from ..core.scan import ScanError
 from ..methods import available_steps, get_step
+from ..pipeline import field_from_echoes
 from .docks import raise_dock
 from .field_mask import NO_MASK, MaskTools
 from .field_words import FAMILY_TITLES, PHASE_UNITS, relabel_step_form, short_doc
@@ -452,7 +453,8 @@ class FieldWidget(MaskTools, RunDock):
         md_src = mag_src.metadata
 
         def job(progress):
-            run = local_field(echoes, recipe, mask=user_mask, device=device, progress=progress, cancel=runner.token)
+            run = field_from_echoes(echoes, recipe, mask=user_mask, device=device, progress=progress,
+                                    cancel=runner.token)
             # the layers' arrays and display windows (percentiles) are made here, not on the event loop
             geom = Geometry(axes=axes, voxel_size=np.asarray(run.scan.voxel_size, float),
                             b0_direction=np.asarray(run.scan.b0_direction, float),
