@@ -228,7 +228,7 @@ def field_layer_data(run, geom: Geometry, prefix: str, source_md: Optional[dict]
 
     return {
         "total_field": img(tot.field, "total field", "total_field", "ppm", symmetric=True),
-        "r2star": img(tot.r2star, "R2*", "r2star", "1/s", symmetric=False, cmap="magma"),
+        "r2star": img(tot.r2star, "R2* (1/s)", "r2star", "1/s", symmetric=False, cmap="magma"),
         "noise_std": img(tot.noise_std, "noise (N_std)", "noise_std", "ppm", symmetric=False),
         "magnitude": img(tot.magnitude, "combined magnitude", "magnitude", symmetric=False),
         "mask": lab(scan.mask, "eroded mask", stage="eroded by background removal"),

@@ -34,6 +34,7 @@ from ..methods import available_steps, get_step
 from ..pipeline import field_from_echoes
 from .docks import raise_dock
 from .field_mask import NO_MASK, MaskTools
+from .field_swi import SWISection, swi_layer_data
 from .field_words import FAMILY_TITLES, PHASE_UNITS, relabel_step_form, short_doc
 from .field_sources import (EchoSource, echo_sources, echoes_from_sources, field_layer_data, make_echo_first,
                             source_echo_times, source_geometry)
@@ -68,6 +69,8 @@ class FieldWidget(MaskTools, RunDock):
         self._build_echoes(self.body)
         self._build_steps(self.body)
         self._build_parameters(self.body)
+        self.swi = SWISection(self.body)
+        self.body.addStretch(1)
         self.add_footer()
         self._connect()
         self.refresh_sources()
@@ -181,7 +184,6 @@ class FieldWidget(MaskTools, RunDock):
         rrow.addStretch(1)
         rrow.addWidget(self.reset_button)
         body.addLayout(rrow)
-        body.addStretch(1)
 
     def _connect(self) -> None:
         for fam, c in self.step_combos.items():
@@ -442,6 +444,7 @@ class FieldWidget(MaskTools, RunDock):
             recipe = self.recipe()
             echoes = self.build_echoes()
             user_mask = self._user_mask(echoes)
+            swi_params = self.swi.params()
         except (ScanError, ParamError, ValueError, TypeError) as exc:
             self._fail(str(exc))
             return False
@@ -459,7 +462,11 @@ class FieldWidget(MaskTools, RunDock):
             geom = Geometry(axes=axes, voxel_size=np.asarray(run.scan.voxel_size, float),
                             b0_direction=np.asarray(run.scan.b0_direction, float),
                             affine=np.asarray(run.scan.affine, float))
-            return run, field_layer_data(run, geom, run.scan.name or "echoes", md_src)
+            data = field_layer_data(run, geom, run.scan.name or "echoes", md_src)
+            if swi_params is not None:  # SWI, minIP and T2* beside the fit's R2*, on the same grid
+                base = {k: v for k, v in data["r2star"][1]["metadata"].items() if k not in ("role", "units")}
+                data.update(swi_layer_data(run, echoes.magnitude, geom, run.scan.name or "echoes", base, swi_params))
+            return run, data
 
         self.start(job, "Raw echoes → local field", f"{html.escape(FAMILY_TITLES['fit'])}…",
                    on_result=lambda out: self._on_result(*out, mag_src))
@@ -468,6 +475,7 @@ class FieldWidget(MaskTools, RunDock):
     def running_widgets(self) -> list:
         return [self.mag_combo, self.phase_combo, self.te_edit, self.b0_spin, self.units_combo, self.sign_check,
                 self.mask_combo, self.device_combo, self.folder_button, self.reset_button, self.mask_tools,
+                self.swi.box,
                 *self.step_combos.values(), *self._forms.values()]
 
     def _set_running(self, running: bool) -> None:

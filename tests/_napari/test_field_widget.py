@@ -55,14 +55,14 @@ def test_dock_run_equals_headless_and_hands_off(make_napari_viewer, qtbot, raw_h
     qtbot.waitUntil(lambda: not w.runner.running, timeout=60000)
     assert "local field" in w.status.text() and "✓" in w.status.text(), w.status.text()
     names = [la.name for la in viewer.layers]
-    for n in ("raw total field", "raw brain mask", "raw local field", "raw eroded mask", "raw R2*",
+    for n in ("raw total field", "raw brain mask", "raw local field", "raw eroded mask", "raw R2* (1/s)",
               "raw noise (N_std)", "raw combined magnitude"):
         assert n in names
     local = viewer.layers["raw local field"]
     assert local.ndim == 3 and local.metadata["role"] == "field" and local.metadata["units"] == "ppm"
     np.testing.assert_allclose(_to_canonical(local), headless_run.scan.field, atol=1e-4)
     np.testing.assert_array_equal(_to_canonical(viewer.layers["raw eroded mask"]) > 0, headless_run.scan.mask)
-    np.testing.assert_allclose(_to_canonical(viewer.layers["raw R2*"]), headless_run.total.r2star, atol=1e-3)
+    np.testing.assert_allclose(_to_canonical(viewer.layers["raw R2* (1/s)"]), headless_run.total.r2star, atol=1e-3)
     # handed to the Reconstruct dock, which builds the same scan from the layers
     qtbot.waitUntil(lambda: rec.inputs.field_combo.currentText() == "raw local field", timeout=3000)
     assert rec.inputs.mask_combo.currentText() == "raw eroded mask"

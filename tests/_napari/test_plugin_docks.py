@@ -60,7 +60,7 @@ def test_field_run_hands_off_to_docks_opened_by_napari(make_napari_viewer, qtbot
     assert cmp_.picker.field_combo.currentText() == "raw local field"
     assert cmp_.picker.mask_combo.currentText() == "raw eroded mask"
     offered = [cmp_.picker.results_list.item(i).text() for i in range(cmp_.picker.results_list.count())]
-    assert "raw R2*" not in offered  # R2* is not a χ map
+    assert "raw R2* (1/s)" not in offered  # R2* is not a χ map
     # the Reconstruct dock builds its scan from the handed-off layers: the eroded mask, where the field is defined
     scan = rec.inputs.build_scan()
     eroded = np.asarray(viewer.layers["raw eroded mask"].data) > 0

@@ -16,6 +16,7 @@ from qtpy.QtWidgets import QHBoxLayout, QPushButton, QTabWidget, QVBoxLayout, QW
 from ..docks import QSMDock, dock_of, toggle_large
 
 from ...core import compare as core
+from .clinic import ClinicTools
 from .geometry import canonical_geometry, label_names_of, meta, point_from_world, world_from_point
 from .grid import SideBySide
 from .metrics_tab import MetricsTab
@@ -102,6 +103,8 @@ class CompareWidget(QSMDock, QWidget):
         row.addWidget(self.restore_button)
         row.addStretch(1)
         row.addWidget(self.large_button)
+        self.clinic = ClinicTools(self, row)  # Save as DICOM…, Report…
+        self.dicom_button, self.report_button = self.clinic.dicom_button, self.clinic.report_button
         root.addWidget(self.button_row)
         self.tabs = QTabWidget()
         root.addWidget(self.tabs, 1)

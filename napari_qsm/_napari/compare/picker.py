@@ -17,8 +17,9 @@ from .geometry import meta
 
 NONE = "(none)"
 #: metadata roles of layers that are never offered as results (inputs, masks, raw phase, B0 maps, the echo
-#: fit's R2*, a solver's live preview): only χ maps are results
-_NOT_RESULTS = ("field", "magnitude", "noise_std", "mask", "labels", "phase", "total_field", "r2star", "preview")
+#: fit's R2*, a solver's live preview, the SWI maps and T2*): only χ maps are results
+_NOT_RESULTS = ("field", "magnitude", "noise_std", "mask", "labels", "phase", "total_field", "r2star", "preview",
+               "swi", "swi_minip", "t2star")
 
 
 def is_image(layer) -> bool:
