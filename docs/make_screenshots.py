@@ -23,6 +23,10 @@ It loads the 1 mm sample phantom, runs TKD in the "QSM reconstruction" dock, and
                                            the raw head sample with the docks opened through napari (Field in
                                            front, nothing red), after Field → Run (the brain mask to correct), and
                                            Compare after TKD (the field residual, as the hand-off sets it up)
+* ``docs/screenshot_clinic_field.png``    (``clinic``) the Field dock's SWI section after a run on the raw head: SWI,
+                                           SWI minIP, T2* (NumART2*, ms) and R2* (1/s) in a grid
+* ``docs/screenshot_clinic_compare.png``  Compare after TKD with its "Save as DICOM…" and "Report…" buttons;
+                                           ``docs/screenshot_clinic_report.png``: the report those buttons write
 
 The Adapt screenshots need QSMInvNet+ weights: the shipped checkpoint, or ``--weights CKPT``
 (e.g. a training checkpoint); without either they are skipped.
@@ -43,7 +47,7 @@ import numpy as np
 
 DOCS = Path(__file__).resolve().parent
 WINDOW = [1600, 1000]
-SCREENS = ("docks", "reconstruct", "truth", "medi", "clinical", "adapt", "field", "raw")
+SCREENS = ("docks", "reconstruct", "truth", "medi", "clinical", "adapt", "field", "raw", "clinic")
 
 
 def _pump(app, seconds: float) -> None:
@@ -130,6 +134,8 @@ def main(argv=None) -> int:
         _field_screens(app)
     if "raw" in only:
         _raw_path_screens(app)
+    if "clinic" in only:
+        _clinic_screens(app)
     return 0
 
 
@@ -275,6 +281,19 @@ def _adapt_screens(app, weights, steps: int) -> None:
     viewer.close()
 
 
+def _grid_of(viewer, shown) -> None:
+    """Only ``shown`` visible, in napari's 2×2 grid, each tile naming its layer (napari's name overlay)."""
+    for layer in viewer.layers:
+        layer.visible = layer in shown
+    for layer in shown:
+        try:
+            layer._overlays["layer_name"].visible = True
+        except Exception:
+            pass
+    viewer.canvas.grid.enabled = True
+    viewer.canvas.grid.shape = (2, 2)
+
+
 def _field_screens(app) -> None:
     """The Field dock on the raw multi-echo head sample, after a run (default steps), at WINDOW and 1280×800."""
     from napari_qsm._napari.field_widget import FieldWidget
@@ -290,16 +309,7 @@ def _field_screens(app) -> None:
         _wait(app, lambda: not dock.runner.running, 600)
         print("Field dock:", dock.status.text())
         keys = ("magnitude", "total_field", "local_field", "r2star")
-        shown = [dock.output_layers[k] for k in keys]
-        for layer in viewer.layers:
-            layer.visible = layer in shown
-        for layer in shown:  # each tile says what it shows (napari's per-layer name overlay)
-            try:
-                layer._overlays["layer_name"].visible = True
-            except Exception:
-                pass
-        viewer.canvas.grid.enabled = True
-        viewer.canvas.grid.shape = (2, 2)
+        _grid_of(viewer, [dock.output_layers[k] for k in keys])
         viewer.layers.selection.active = dock.output_layers["local_field"]
         viewer.window._qt_window.resize(*size)
         viewer.reset_view()
@@ -340,6 +350,48 @@ def _raw_path_screens(app) -> None:
         _pump(app, 4.0)
         _save_window(viewer, app, f"screenshot_raw_{tag}_compare.png")
         viewer.close()
+
+
+def _clinic_screens(app) -> None:
+    """Field → Run (with SWI) → TKD → Compare with Save as DICOM… / Report…, docks opened through napari."""
+    from napari_qsm._napari.docks import raise_dock
+
+    viewer = _new_viewer(app)
+    qtw = viewer.window._qt_window
+    viewer.open_sample("napari-qsm", "raw_head")
+    docks = {}
+    for name in ("QSM reconstruction", "Compare", "Field"):
+        _, docks[name] = viewer.window.add_plugin_dock_widget("napari-qsm", name)
+    for _ in range(10):
+        qtw.resize(*WINDOW)
+        _pump(app, 1.0)
+        if (qtw.width(), qtw.height()) == tuple(WINDOW):
+            break
+    fld, rec, cmp_ = docks["Field"], docks["QSM reconstruction"], docks["Compare"]
+    fld.run()
+    _wait(app, lambda: not fld.runner.running, 900)
+    print("Field dock:", fld.status.text())
+    _grid_of(viewer, [fld.output_layers[k] for k in ("swi", "swi_minip", "t2star", "r2star")])
+    viewer.reset_view()
+    fld._scroll.ensureWidgetVisible(fld.swi.box)
+    _pump(app, 1.0)
+    _save_window(viewer, app, "screenshot_clinic_field.png")
+    viewer.canvas.grid.enabled = False
+    for layer in viewer.layers:
+        layer.visible = layer.name.endswith("local field") or layer.name.endswith("combined magnitude")
+    rec.set_method("tkd")
+    rec.run()
+    _wait(app, lambda: not rec.runner.running, 300)
+    raise_dock(cmp_)
+    _pump(app, 4.0)
+    viewer.reset_view()
+    _save_window(viewer, app, "screenshot_clinic_compare.png")
+    out = DOCS / "screenshot_clinic_report.png"
+    out.unlink(missing_ok=True)
+    cmp_.clinic.write_report(out)
+    _wait(app, lambda: not cmp_.clinic.runner.running, 300)
+    print("report:", out, out.exists())
+    viewer.close()
 
 
 if __name__ == "__main__":

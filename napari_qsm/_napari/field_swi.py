@@ -16,13 +16,16 @@ from qtpy.QtWidgets import QCheckBox
 from ..core.params import make_params
 from ..core.swi import SWIParams, swi
 from .form import ParamForm
-from .kit import DIM_COLOR, section, wrap_label
+from .form import label_for
+from .kit import DIM_COLOR, relabel_form, section, wrap_label
 from .layers import Geometry, robust_limits, to_layer_order
 
 __all__ = ["SWISection", "swi_layer_data", "SWI_KEYS"]
 
 #: keys of the Field dock's output layers made by the SWI option
 SWI_KEYS = ("swi", "swi_minip", "t2star")
+_LABELS = {"highpass_mm": "High-pass σ (mm)", "power": "Phase mask power", "magnitude": "Echo combination",
+           "reference_te": "Phase at TE (s; 0 = mean)", "minip_mm": "minIP slab (mm)"}
 
 
 class SWISection:
@@ -42,6 +45,7 @@ class SWISection:
                                  small=True))
         self.form = ParamForm(SWIParams)
         self.form.setObjectName("swi_form")
+        relabel_form(self.form, lambda name: _LABELS.get(name, label_for(name)))
         lay.addWidget(self.form)
         self.check.toggled.connect(self.form.setEnabled)
         self.box = box
@@ -82,16 +86,19 @@ def swi_layer_data(run, magnitude: np.ndarray, geom: Geometry, prefix: str, base
     kw_geo = geom.layer_kwargs()
     prov = dict(res.provenance)
 
-    def img(arr, name, role, units, cmap="gray", visible=False, quantity=""):
+    def img(arr, name, role, units, cmap="gray", visible=False, quantity="", window_in_brain=False):
         d = to_layer_order(np.asarray(arr, np.float32), geom.axes)
         md = dict(base_md, role=role, units=units, quantity=quantity, provenance=prov)
+        # T2* in air is noise up to 1 s: its display window comes from the brain only
+        inside = np.asarray(arr)[run.brain_mask] if window_in_brain and run.brain_mask.any() else None
+        limits = robust_limits(inside if inside is not None else d, symmetric=False)
         return (d, dict(name=f"{prefix} {name}", colormap=cmap, visible=visible, metadata=md,
-                        contrast_limits=robust_limits(d, symmetric=False), **kw_geo), "image")
+                        contrast_limits=limits, **kw_geo), "image")
 
     return {
         "swi": img(res.swi, "SWI", "swi", "a.u.", quantity="susceptibility-weighted image"),
         "swi_minip": img(res.min_ip, f"SWI minIP {params.minip_mm:g} mm", "swi_minip", "a.u.",
                          quantity="SWI minimum-intensity projection"),
         "t2star": img(res.t2star_ms, "T2* (NumART2*, ms)", "t2star", "ms", cmap="viridis",
-                      quantity="T2* (NumART2*)"),
+                      quantity="T2* (NumART2*)", window_in_brain=True),
     }

@@ -516,7 +516,8 @@ class FieldWidget(MaskTools, RunDock):
         steps = ", ".join(f"{html.escape(FAMILY_TITLES.get(s['family'], s['family']).lower())} {s['seconds']:.1f} s"
                           for s in run.steps)
         self.status.setText(f"<span style='color:{OK_COLOR}'>✓</span> <b>{html.escape(local.name)}</b> (ppm) in "
-                            f"{run.provenance.get('seconds', 0):.1f} s: {steps}")
+                            f"{run.provenance.get('seconds', 0):.1f} s: {steps}"
+                            + ("; SWI, minIP and T2* (ms) made" if "swi" in layer_data else ""))
         self.status.setToolTip("; ".join(f"{FAMILY_TITLES.get(s['family'], s['family'])}: {s['label']}, "
                                          f"{s['seconds']:.2f} s" for s in run.steps))
 
