@@ -174,3 +174,25 @@ def test_report_without_a_mask_writes_nothing(make_napari_viewer, qtbot, phantom
     assert not cmp_.clinic.write_report(tmp_path / "r.png", layer=chi)
     assert errors and "mask" in errors[0]
     assert not (tmp_path / "r.png").exists()
+
+
+def test_compare_shows_the_chi_reference_of_each_result(make_napari_viewer, qtbot, phantom_viewer):
+    """A result whose provenance records its χ reference (method.apply_reference) shows it under its title."""
+    from napari_qsm._napari.compare.clinic import reference_note
+    from napari_qsm._napari.layers import derived_layer_kwargs
+
+    assert reference_note({"extras": {"reference": "csf", "reference_ppm": 0.0123}}) == "ref csf (+0.012 ppm)"
+    assert reference_note({"extras": {"reference": "none"}}) == "ref none"
+    assert reference_note({"method": "tkd", "extras": {}}) == ""
+    viewer = phantom_viewer
+    truth = next(la for la in viewer.layers if la.metadata.get("role") == "chi_true")
+    for name, ref in (("A χ", {"reference": "mean", "reference_ppm": -0.004}), ("B χ", {})):
+        kw = derived_layer_kwargs(truth, name=name, role="chi", extra_metadata={
+            "units": "ppm", "provenance": {"method": "tkd", "seconds": 1.0, "extras": ref}})
+        viewer.add_image(np.asarray(truth.data), **kw)
+    _, cmp_ = viewer.window.add_plugin_dock_widget("napari-qsm", "Compare")
+    cmp_.set_results(["A χ", "B χ"])
+    qtbot.waitUntil(lambda: len(cmp_.panel.columns) >= 2, timeout=10000)
+    subs = {c.title: c.subtitle for c in cmp_.panel.columns}
+    assert subs["A χ"] == "TKD · 1.0 s · ref mean (-0.004 ppm)"
+    assert subs["B χ"] == "TKD · 1.0 s"

@@ -19,7 +19,7 @@ from ..kit import notify_error, notify_info
 from ..layers import layer_geometry, to_canonical
 from ..workers import JobRunner
 
-__all__ = ["ClinicTools", "dicom_job", "report_job", "series_description", "DicomDialog"]
+__all__ = ["ClinicTools", "dicom_job", "report_job", "series_description", "DicomDialog", "reference_note"]
 
 #: roles a DICOM series can be written for: χ, and the Field dock's SWI maps
 DICOM_ROLES = ("chi", "swi", "swi_minip", "t2star", "r2star")
@@ -33,6 +33,19 @@ def _canonical(layer, what: str) -> tuple[np.ndarray, np.ndarray]:
                         "by a napari-qsm dock); DICOM and the report need the patient geometry")
     data = layer.data[0] if isinstance(layer.data, (list, tuple)) else layer.data
     return to_canonical(np.asarray(data, np.float32), geom.axes), np.asarray(geom.affine, float)
+
+
+def reference_note(prov) -> str:
+    """The χ reference a result was given (provenance ``extras``: reference, reference_ppm), e.g.
+    "ref csf (+0.012 ppm)"; "" when the provenance does not record one."""
+    extras = prov.get("extras") if isinstance(prov, dict) and isinstance(prov.get("extras"), dict) else {}
+    ref = extras.get("reference")
+    if not isinstance(ref, str) or not ref:
+        return ""
+    value = extras.get("reference_ppm")
+    if ref == "none" or not isinstance(value, (int, float)):
+        return f"ref {ref}"
+    return f"ref {ref} ({value:+.3f} ppm)"
 
 
 def series_description(layer) -> str:
@@ -88,9 +101,10 @@ def report_job(chi_layer, mask_layer, path, *, field_layer=None, minip_layer=Non
         residual = None
         if field is not None:
             residual = field_residual(chi, field, mask, geom.voxel_size, geom.b0_direction, device="cpu")
+        ref = reference_note(prov)  # else the report's default, as `napari-qsm report` does
         return write_report(path, chi, mask, geom.voxel_size, title=chi_layer.name,
                             method=str(prov.get("method") or md.get("method") or "unknown"), parameters=params,
-                            residual_percent=residual, min_ip=minip)
+                            residual_percent=residual, min_ip=minip, **({"reference": ref[4:]} if ref else {}))
     return job
 
 

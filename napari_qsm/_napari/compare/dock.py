@@ -16,7 +16,7 @@ from qtpy.QtWidgets import QHBoxLayout, QPushButton, QTabWidget, QVBoxLayout, QW
 from ..docks import QSMDock, dock_of, toggle_large
 
 from ...core import compare as core
-from .clinic import ClinicTools
+from .clinic import ClinicTools, reference_note
 from .geometry import canonical_geometry, label_names_of, meta, point_from_world, world_from_point
 from .grid import SideBySide
 from .metrics_tab import MetricsTab
@@ -225,7 +225,8 @@ class CompareWidget(QSMDock, QWidget):
             if vol.shape != shape:
                 self._warn(f"{name!r}: shape {vol.shape} differs from {shape}; left out of the comparison")
                 continue
-            sub = core.describe_provenance(meta(self.volumes.layer(name)).get("provenance"))
+            prov = meta(self.volumes.layer(name)).get("provenance")
+            sub = " · ".join(b for b in (core.describe_provenance(prov), reference_note(prov)) if b)
             if ref is not None:
                 cols.append(PanelColumn(title=name, subtitle=sub, volume=vol, ref=ref, mask=mask,
                                         offset=self._offsets.get(name, 0.0) if demean else 0.0))
