@@ -196,3 +196,22 @@ def test_compare_shows_the_chi_reference_of_each_result(make_napari_viewer, qtbo
     subs = {c.title: c.subtitle for c in cmp_.panel.columns}
     assert subs["A χ"] == "TKD · 1.0 s · ref mean (-0.004 ppm)"
     assert subs["B χ"] == "TKD · 1.0 s"
+
+
+def test_save_as_dicom_button_into_a_chosen_folder(make_napari_viewer, qtbot, oblique_phantom, tmp_path, monkeypatch):
+    """The button's dialog: a non-empty folder gets a new series folder inside it (named after the layer)."""
+    from napari_qsm._napari.compare import clinic
+
+    viewer = make_napari_viewer()
+    layer = _chi_layer_from_file(viewer, oblique_phantom, tmp_path)  # tmp_path now holds the NIfTI
+    _, cmp_ = viewer.window.add_plugin_dock_widget("napari-qsm", "Compare")
+    viewer.layers.selection.active = layer
+
+    def fake_exec(dlg):
+        dlg.out_edit.setText(str(tmp_path))
+        return 1
+    monkeypatch.setattr(clinic.DicomDialog, "exec", fake_exec)
+    cmp_.dicom_button.click()
+    qtbot.waitUntil(lambda: not cmp_.clinic.runner.running, timeout=30000)
+    out = tmp_path / "sub-01_chi_dicom"
+    assert len(list(out.glob("*.dcm"))) > 0 and (tmp_path / "sub-01_chi.nii.gz").exists()
