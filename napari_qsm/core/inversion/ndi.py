@@ -87,12 +87,13 @@ def ndi(field, mask, voxel_size, b0_direction=(0.0, 0.0, 1.0), *, weight=None, p
     with torch.no_grad():
         W2 = g.embed(mask.astype(np.float32) if weight is None else weight * mask).square_()
         phi = g.embed(field * mask * s)
+        support = g.mask.float()          # χ is supported in the mask (projected gradient)
         x = torch.zeros(g.pshape, dtype=torch.float32, device=g.dev)
         it, ratio = 0, float("nan")
         for it in range(1, int(max_iter) + 1):
             r = torch.sin(g.conv(x, g.D).sub_(phi)).mul_(W2)
             step = g.conv(r, g.D).add_(x, alpha=alpha).mul_(tau)
-            x = x - step
+            x = (x - step).mul_(support)
             ratio = float(torch.linalg.vector_norm(step) / torch.linalg.vector_norm(x).clamp_min(1e-30))
             rep(it, f"NDI {it}/{max_iter}: ‖Δχ‖/‖χ‖={ratio:.3g}", update=ratio)
             if ratio < tol:
