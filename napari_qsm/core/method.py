@@ -52,6 +52,8 @@ _WITH_REF: dict = {}
 def with_reference(cls: type) -> type:
     """The parameter record ``cls`` with a ``reference`` field appended (cached; ``cls`` itself when it
     already has one). Records of the new class pickle through their base class (Dask workers)."""
+    if not dataclasses.is_dataclass(cls):
+        return cls
     if cls in _WITH_REF or any(f.name == "reference" for f in dataclasses.fields(cls)):
         return _WITH_REF.get(cls, cls)
 
