@@ -69,11 +69,27 @@ def worker(npz: str, method: str, params: str, out: str, threads: int) -> None:
     scan = Scan(field=d["field"], mask=d["mask"], voxel_size=tuple(d["voxel_size"]), b0_direction=d["b0"],
                 magnitude=d["magnitude"], noise_std=d["noise_std"], te=float(d["te"]), b0_tesla=float(d["b0_tesla"]))
     base = hwm()
+    fft_pair = _fft_pair_seconds(scan.shape)
     res = reconstruct(scan, method, json.loads(params), device="cpu")
     np.save(out, res.chi)
     extras = {k: v for k, v in res.extras.items() if isinstance(v, (int, float, str))}
-    print(json.dumps({"seconds": res.seconds, "peak_mb": hwm() - base, "base_mb": base, "extras": extras,
+    print(json.dumps({"seconds": res.seconds, "fft_pair_s": fft_pair, "peak_mb": hwm() - base, "base_mb": base, "extras": extras,
                       "load": os.getloadavg()[0]}))
+
+
+def _fft_pair_seconds(shape, reps=3) -> float:
+    """Fastest of ``reps`` rfftn + irfftn pairs of the scan's volume at a fast FFT size (the machine's speed now)."""
+    import torch
+
+    from napari_qsm.core.dipole import fast_shape
+
+    x = torch.randn(fast_shape(shape, 1.0))
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.fft.irfftn(torch.fft.rfftn(x), s=x.shape)
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def run(npz: Path, cache: Path, method: str, params: dict, threads: int) -> dict:
@@ -131,7 +147,7 @@ def main(argv=None):
     rows = {}
     for m in args.methods:
         r = run(npz, cache, m, {}, args.threads)
-        rows[m] = {**scores(r["chi"], d["chi"], d["mask"]), **{k: r[k] for k in ("seconds", "peak_mb", "load", "load_before")},
+        rows[m] = {**scores(r["chi"], d["chi"], d["mask"]), **{k: r.get(k, float("nan")) for k in ("seconds", "peak_mb", "load", "load_before", "fft_pair_s")},
                    "extras": r["extras"]}
         log(m, {k: v for k, v in rows[m].items() if k != "extras"})
     out = Path(args.out)
@@ -153,16 +169,18 @@ def write_md(path, rows, sel, shape, vs, args, d):
          f"{args.threads} torch threads on {os.cpu_count()} cores ({cpu}); the machine was shared with other jobs: "
          "the load average before and during each run is given. Metrics (QSM-CI definitions, "
          "`napari_qsm.core.metrics`): demeaned NRMSE, HFEN (LoG σ 1.5), XSIM (uniform 5³ windows) against the truth "
-         "referenced to its own mask mean. Peak memory: VmHWM of the run minus the process after loading inputs.",
+         "referenced to its own mask mean. FFT pairs: seconds divided by the time of one rfftn + irfftn pair of "
+         "the 160×192×160 volume measured in the same process just before the run (the method's cost in units "
+         "that carry over to other machines and loads). Peak memory: VmHWM of the run minus the process after loading inputs.",
          "", f"Regenerate: `nice -n 10 python benchmarks/bench_inversions.py{' --quick' if args.quick else ''} --select`", "",
-         "| method | demeaned NRMSE % | HFEN % | XSIM | seconds | peak MB | load | notes |",
-         "|---|---|---|---|---|---|---|---|"]
+         "| method | demeaned NRMSE % | HFEN % | XSIM | seconds | FFT pairs | peak MB | load | notes |",
+         "|---|---|---|---|---|---|---|---|---|"]
     for m, r in sorted(rows.items(), key=lambda t: t[1]["nrmse"]):
         ex = r["extras"]
         note = ", ".join(f"{k}={ex[k]:.3g}" if isinstance(ex[k], float) else f"{k}={ex[k]}"
                          for k in ("iterations", "lambda", "rho_final") if k in ex)
         L.append(f"| {m} | {r['nrmse']:.1f} | {r['hfen']:.1f} | {r['xsim']:.3f} | {r['seconds']:.1f} | "
-                 f"{r['peak_mb']:.0f} | {r['load_before']:.1f}/{r['load']:.1f} | {note} |")
+                 f"{r['seconds'] / r['fft_pair_s']:.0f} | {r['peak_mb']:.0f} | {r['load_before']:.1f}/{r['load']:.1f} | {note} |")
     if sel:
         L += ["", f"## TV λ chosen on a selection head (seed 1, not the reported seed {args.seed})", "",
               "| λ (ρ = 100λ) | demeaned NRMSE % | HFEN % | XSIM | seconds |", "|---|---|---|---|---|"]

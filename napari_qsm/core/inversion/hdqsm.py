@@ -112,5 +112,5 @@ def _run(scan, p: HDQSMParams, *, device, progress=None, cancel=None, **_):
 
 METHODS = (Method(
     "hdqsm", "HD-QSM", HDQSMParams, _run, order=16, short="HD-QSM α={alpha}", long_running=True, uses_magnitude=True,
-    doc="Hybrid data fidelity (Milovic): TV inversion with an L1 data term (robust to outliers) for 20 iterations, "
+    doc="Hybrid data fidelity (Milovic): TV inversion with an L1 data term (meant to be less sensitive to outliers) for 20 iterations, "
         "then an L2 data term for 80, by ADMM with closed-form k-space updates."),)

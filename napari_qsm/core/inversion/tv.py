@@ -22,7 +22,7 @@ import torch
 from ..method import Method
 from ..params import param
 from ..progress import Reporter
-from .admm import Grid, check_inputs, shrink
+from .admm import Grid, check_inputs
 
 
 @dataclass
@@ -76,19 +76,22 @@ def tv_admm(field, mask, voxel_size, b0_direction=(0.0, 0.0, 1.0), *, lam=2e-4, 
         F0 = g.fft(f) * (g.D * iA)
         del f, a
         x = g.ifft(F0)
-        z = g.grad(x)
-        u = torch.zeros_like(z)
+        w = g.grad(x)                      # w = z − u, with z = ∇x₀ and u = 0 at the start
+        u = torch.zeros_like(w)
+        t = lam / rho
         it, ratio = 0, float("nan")
         for it in range(1, int(max_iter) + 1):
             x_prev = x
-            x = g.ifft(F0 + g.fft(g.grad_adj(z - u)) * (rho * iA))
+            x = g.ifft(F0 + g.fft(g.grad_adj(w)) * (rho * iA))
             ratio = float(torch.linalg.vector_norm(x - x_prev) / torch.linalg.vector_norm(x).clamp_min(1e-30))
             rep(it, f"TV-ADMM {it}/{max_iter}: ‖Δχ‖/‖χ‖={ratio:.3g}", update=ratio)
             if ratio < tol:
                 break
-            v = g.grad(x).add_(u)
-            z = shrink(v, lam / rho)
-            u = v.sub_(z)
+            # v = ∇x + u; z = shrink(v, t); u ← v − z = clamp(v, ±t); w = z − u = v − 2u (all in place)
+            v = g.grad(x, out=w).add_(u)
+            torch.clamp(v, -t, t, out=u)
+            w = v.sub_(u, alpha=2.0)
+        z = w + u
         info = {"iterations": it, "relative_update": ratio, "fft_shape": list(g.pshape)}
         chi = g.extract(x, mask)
     if return_state:
