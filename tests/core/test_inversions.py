@@ -187,3 +187,11 @@ def test_bad_input_and_param_errors(method):
     f = np.zeros((8, 8, 8), np.float32)
     with pytest.raises(ValueError, match="margin"):
         reconstruct(Scan(field=f, mask=np.ones_like(f)), method, {"margin": -1})
+
+
+def test_rts_second_step_runs_past_its_first_iteration(one_torch_thread):
+    """Step 2's first iterate is χ₁ itself (up to its mean), so the update test must not stop it there
+    (it did on the 1 mm head: RTS returned the LSMR solution)."""
+    f, mask = _small_problem(seed=6)
+    chi, info = rts(f - f[mask].mean() * mask, mask, (1, 1, 1), B0)
+    assert info["iterations"] > 1

@@ -5,7 +5,8 @@ D·X = F f, χ₁ = F⁻¹X in the mask.
 Step 2 (ill-conditioned cone): argmin_x (μ/2)‖M·(F x − F χ₁)‖² + ‖∇x‖₁ with M = 1 where |D| > δ,
 else 0, by ADMM (z = ∇x, threshold 1/ρ, closed-form k-space x-update), started from ∇χ₁. When the
 primal residual Σ|∇x − z| falls by less than τ = 0.7 in an iteration, ρ grows ×γ = 5 (and the
-scaled dual shrinks ÷γ). Stops when ‖x − x_prev‖/‖x‖ < tol. Defaults δ 0.15, 4 LSMR iterations,
+scaled dual shrinks ÷γ). Stops when ‖x − x_prev‖/‖x‖ < tol, from the second iteration on (the
+first, from v = ∇χ₁, returns χ₁ itself: (Mχ̂₁ + ρLχ̂₁)/(M + ρL)). Defaults δ 0.15, 4 LSMR iterations,
 μ 1e5, ρ 10, tol 1e-2, 20 iterations (Kames 2018; QSM.jl ``rts``). FFTs are unitary-scaled
 (μ weighs image-domain energies).
 """
@@ -83,7 +84,7 @@ def rts(field, mask, voxel_size, b0_direction=(0.0, 0.0, 1.0), *, delta=0.15, ls
             x = g.ifft(F0 + g.fft(g.grad_adj(v)) * iA)
             ratio = float(torch.linalg.vector_norm(x - x_prev) / torch.linalg.vector_norm(x).clamp_min(1e-30))
             rep(it + 1, f"RTS step 2, {it}/{max_iter}: ‖Δχ‖/‖χ‖={ratio:.3g}", update=ratio, rho=rho)
-            if ratio < tol or it == max_iter:
+            if (ratio < tol and it > 1) or it == max_iter:   # it 1 reproduces χ₁ exactly (v = ∇χ₁): no test
                 break
             g.grad(x, out=dx)
             p.add_(dx)                       # p + ∇x
