@@ -60,10 +60,9 @@ def hdqsm(field, mask, voxel_size, b0_direction=(0.0, 0.0, 1.0), *, weight=None,
 
     References
     ----------
-    Milovic C, Prieto C, Bilgic B, Uribe S, Acosta-Cabronero J, Irarrazaval P, Tejos C. Comparison of
-    parameter optimization methods for quadratic susceptibility mapping / HD-QSM: hybrid data fidelity
-    (QSM-CI implementation, Milovic et al. 2022-2024). Milovic C et al. Fast nonlinear
-    susceptibility inversion with variational regularization. MRM 2018;80:814-821 (the splitting).
+    Milovic C et al. HD-QSM: hybrid L1/L2 data fidelity total-variation QSM (the method as entered in
+    QSM-CI). Milovic C et al. Fast nonlinear susceptibility
+    inversion with variational regularization. MRM 2018;80:814-821 (the ADMM splitting).
     """
     field, mask = check_inputs(field, mask)
     total = int(iters_l1) + int(iters_l2)
