@@ -361,7 +361,7 @@ def test_honest_field_has_model_error_but_same_low_frequencies(honest_pair):
 def test_honest_fine_field_matches_sphere_analytics():
     """The fine-grid forward model used by honest mode reproduces the analytic field of a sphere."""
     from napari_qsm.core.dipole import sphere_field
-    from napari_qsm.core.sim.phantom import _block_mean, _fine_field
+    from napari_qsm.core.sim.signal import _block_mean, _fine_field
 
     n, vs = 48, 1.0
     c = (n - 1) / 2 * vs  # sphere centre (mm) in the voxel-centre coordinates i·vs

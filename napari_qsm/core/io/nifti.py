@@ -41,6 +41,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -117,18 +118,63 @@ def direction_to_canonical(vec, affine) -> np.ndarray:
     return out
 
 
-def read_sidecar(path, name: str = "file") -> dict:
-    """The JSON sidecar next to a NIfTI file (``X.nii.gz`` → ``X.json``), or {} when there is none."""
-    p = sidecar_path(path)
+class SidecarError(NiftiError):
+    """A JSON sidecar exists but cannot be used: unreadable, not valid JSON, or not a JSON object."""
+
+
+def read_json_object(path, name: str = "file", *, optional: bool = False) -> dict:
+    """Read a JSON file that must hold one object: the one policy for every JSON sidecar.
+
+    Parameters
+    ----------
+    path : str or Path
+        The JSON file (a BIDS sidecar, ``dataset_description.json``, a model card...).
+    name : str
+        What the file belongs to, for messages (e.g. ``"field"``, ``"echo 2 phase"``).
+    optional : bool
+        False (default): a file that cannot be used is an error. True: the caller can do without it;
+        it is ignored with a warning that names the file.
+
+    Returns
+    -------
+    dict
+        The object; ``{}`` when the file does not exist (or, with ``optional``, cannot be used).
+
+    Raises
+    ------
+    SidecarError
+        (a :class:`~napari_qsm.core.scan.ScanError`) when ``optional`` is False and the file cannot be
+        read, is not valid JSON, or holds something other than an object (e.g. a JSON array); the
+        message names the file and what was expected.
+    """
+    p = Path(path)
     if not p.is_file():
         return {}
     try:
         d = json.loads(p.read_text())
-    except Exception as exc:
-        raise NiftiError(f"{name}: cannot read its JSON sidecar {p} ({type(exc).__name__}: {exc})") from None
-    if not isinstance(d, dict):
-        raise NiftiError(f"{name}: JSON sidecar {p} must hold an object, got {type(d).__name__}")
-    return d
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        msg = f"{name}: cannot read its JSON sidecar {p} ({type(exc).__name__}: {exc})"
+    else:
+        if isinstance(d, dict):
+            return d
+        msg = f"{name}: JSON sidecar {p} must hold an object ({{...}}), got a JSON {_json_kind(d)}"
+    if not optional:
+        raise SidecarError(msg)
+    warnings.warn(f"{msg}; ignored", stacklevel=2)
+    return {}
+
+
+def _json_kind(v) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(v), "number")
+
+
+def read_sidecar(path, name: str = "file", *, optional: bool = False) -> dict:
+    """The JSON sidecar next to a NIfTI file (``X.nii.gz`` → ``X.json``), or {} when there is none.
+
+    Same policy as :func:`read_json_object`: a sidecar that is not a JSON object raises
+    :class:`SidecarError` naming the file, or with ``optional=True`` is ignored with a warning.
+    """
+    return read_json_object(sidecar_path(path), name, optional=optional)
 
 
 def _unit3(v, what: str) -> np.ndarray:
@@ -290,7 +336,7 @@ def read_volume(path, name: str = "file", echo: Optional[int] = None, combine_ec
 def read_aligned(path, name: str, ref_info: dict, echo: Optional[int] = None) -> np.ndarray:
     """Read a volume that must lie on a reference file's voxel grid (same stored shape and affine).
 
-    ``ref_info`` is the info dict of :func:`read_volume` (e.g. ``scan._nifti_info``). Returns the
+    ``ref_info`` is the info dict of :func:`read_volume` (e.g. ``scan.nifti_info``). Returns the
     data in the reference's canonical frame.
     """
     data, aff, info = read_volume(path, name, echo=echo)
@@ -362,8 +408,7 @@ def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[floa
         source["echo"] = int(echo)
     scan = Scan(field=fdata, mask=mdata, voxel_size=tuple(vs), b0_direction=b0d, magnitude=mag,
                 noise_std=nstd, affine=faff, te=te, b0_tesla=b0,
-                name=Path(field).name.split(".nii")[0], source=source, **extra)
-    scan._nifti_info = finfo  # original orientation and header, for writing results back
+                name=Path(field).name.split(".nii")[0], source=source, nifti_info=finfo, **extra)
     return scan
 
 
@@ -381,7 +426,7 @@ def load_orientation(field, ref: Scan, *, b0_direction: Optional[Sequence[float]
     file's sidecar, else ``ref``'s values.
     """
     label = name or f"orientation {Path(field).name}"
-    rinfo = getattr(ref, "_nifti_info", None)
+    rinfo = ref.nifti_info
     if rinfo is None:
         raise ValueError(f"{label}: the reference scan was not loaded from a file (use load_scan)")
     side = read_sidecar(field, label) if sidecar else {}
@@ -408,8 +453,7 @@ def load_orientation(field, ref: Scan, *, b0_direction: Optional[Sequence[float]
     if echo is not None:
         source["echo"] = int(echo)
     s = Scan(field=data, mask=ref.mask, voxel_size=ref.voxel_size, b0_direction=b0d, affine=ref.affine,
-             te=te, b0_tesla=b0, name=Path(field).name.split(".nii")[0], source=source)
-    s._nifti_info = rinfo
+             te=te, b0_tesla=b0, name=Path(field).name.split(".nii")[0], source=source, nifti_info=rinfo)
     return s
 
 
@@ -507,7 +551,7 @@ def save_result(result, path, scan: Optional[Scan] = None, inputs: Sequence = ()
     check_output_path(path, src)
     affine = scan.affine if (scan is not None and scan.affine is not None) else np.diag(
         list(scan.voxel_size if scan is not None else (1, 1, 1)) + [1.0])
-    info = getattr(scan, "_nifti_info", None) if scan is not None else None
+    info = getattr(scan, "nifti_info", None) if scan is not None else None
     prov = result.provenance()
     if scan is not None:
         sc = prov.setdefault("scan", {})
