@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import napari_qsm.nn.adapt as adapt_mod
+import napari_qsm.nn.adaptation.loop as adapt_loop
 from napari_qsm.cli import main
 from napari_qsm.core.dipole import forward_field
 from napari_qsm.core.scan import Scan
@@ -59,13 +59,13 @@ def test_each_patch_uses_its_own_scans_kernel(scans, base, monkeypatch):
     """Spy on the data term: every call gets the voxel size and B0 direction of the scan its field patch came
     from (a 32³ patch on a 32³ scan is the whole field, so the patch says which scan it is)."""
     calls = []
-    real = adapt_mod.loss_field
+    real = adapt_loop.loss_field
 
     def spy(chi, f, mask, voxel_size, b0_direction, **kw):
         calls.append((f.detach().numpy().copy(), tuple(voxel_size), np.asarray(b0_direction, float)))
         return real(chi, f, mask, voxel_size, b0_direction, **kw)
 
-    monkeypatch.setattr(adapt_mod, "loss_field", spy)
+    monkeypatch.setattr(adapt_loop, "loss_field", spy)
     res = adapt_protocol(scans, P(steps=6, mode="finetune"), weights=base, device="cpu")
     seen = set()
     for f, vs, b0 in calls:
