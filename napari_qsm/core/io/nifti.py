@@ -1,41 +1,8 @@
-"""NIfTI input/output, affine geometry and unit conversion.
+"""NIfTI input/output: canonical (RAS+) reading, voxel size and B0 direction from the affine or the JSON
+sidecar, unit conversion to ppm, results written back in the source's orientation with a provenance sidecar.
 
-* Volumes are read with nibabel and reoriented with ``nib.as_closest_canonical`` (RAS+ voxel
-  order); voxel size comes from the reoriented header zooms.
-* The B0 direction in voxel coordinates is scanner z expressed in the voxel frame:
-  ``b̂ = R⁻¹ · (0, 0, 1)`` with R the affine's rotation (columns normalised by the voxel size).
-  This is right for axial, sagittal, coronal and oblique acquisitions.
-* User overrides of voxel size and B0 direction (``--voxel-size`` / ``--b0-dir``, ``load_scan``'s
-  ``voxel_size`` / ``b0_direction``) are given in the FILE's own voxel order, as stored on disk
-  (what ``fslinfo`` or the header's pixdim show), and converted here to the canonical frame:
-  sizes are permuted, directions permuted and sign-flipped with the ``as_closest_canonical``
-  transform (:func:`sizes_to_canonical`, :func:`direction_to_canonical`).
-* B0 direction of a field map, in order of precedence (:func:`b0_direction_in_file`):
-  1. an explicit vector (file's voxel order);
-  2. the JSON sidecar next to the file (``FIELD.nii.gz`` → ``FIELD.json``), key ``"B0Direction"``:
-     three numbers, B0 in the file's own voxel frame as stored (same frame as ``--b0-dir``);
-  3. the sidecar key ``"RegistrationMatrix"``: the 4x4 rigid transform (mm, NIfTI world/RAS)
-     that carried this acquisition onto the common grid, mapping a point of the acquisition's
-     scanner space to the same anatomical point in this file's world space. Registration
-     rotates the HEAD; B0 stays scanner z of the acquisition, so in this file's world B0 is
-     ``M · ẑ`` (M = rotation part of the matrix) and in its voxel frame ``R⁻¹ · M · ẑ`` (R = this
-     file's header rotation, i.e. the common grid's). The acquisition's slice orientation
-     cancels out: an ``"AcquisitionAffine"`` alone does not say how the head was turned onto
-     the common grid, so a sidecar that has it without ``"RegistrationMatrix"`` is refused;
-  4. the file's own header: ``R⁻¹ · ẑ``. Right for unregistered data, and for registered data
-     whose header places the common voxel grid in that acquisition's scanner space.
-  Multi-orientation data (COSMOS, :func:`load_orientation`) share the reference field's voxel
-  grid (same stored shape and voxel size); each orientation is reoriented with the reference's
-  canonical transform and keeps its own B0 from the rules above.
-* Field strength (T) and echo time (s), when not given, come from the BIDS sidecar keys
-  ``MagneticFieldStrength`` and ``EchoTime``; they are recorded in the result's provenance.
-* Units: ppm (of B0), hz (needs B0 in tesla), rad (needs TE in s and B0 in tesla);
-  γ̄ = γ/2π = 42.577478 MHz/T.
-* Results are written back in the orientation of the source file, with its affine and header,
-  plus a JSON provenance sidecar (``OUT.nii.gz`` → ``OUT.json``). Header fields that describe
-  the SOURCE's values (display range cal_min/cal_max, intent such as "phase", scaling,
-  description) are reset for the derived map. Writes are atomic (temporary file, then rename)
-  and refuse to overwrite an input.
+The rules (B0 precedence, user overrides in the file's own voxel order, sidecar keys, header reset on
+writing) are in docs/io.md.
 """
 
 from __future__ import annotations
