@@ -10,24 +10,10 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[2])  # tests/nn for nn_test_helpers
 import napari_qsm
-from napari_qsm.core.dipole import forward_field
-from napari_qsm.core.scan import Scan
 from napari_qsm.nn.adapt import AdaptParams, adapt, save_adapted
-from napari_qsm.nn.train import atomic_torch_save
-from napari_qsm.nn.unet import NetConfig, QSMInvNet
-from nn_test_helpers import blob_volume
+from nn_test_helpers import blob_scan, tiny_checkpoint
 print("using", napari_qsm.__file__, file=sys.stderr)
-SHAPE = (32, 32, 32)
 SMALL_HEAD = ((32, 40, 32), (4.5, 4.5, 4.5))
-
-
-def blob_scan(seed=0):
-    rng = np.random.default_rng(seed)
-    chi, mask = blob_volume(SHAPE, rng)
-    b0 = np.array([np.sin(0.2), 0.0, np.cos(0.2)])
-    f = forward_field(chi, (1, 1, 1), b0, device="cpu") * mask
-    mag = (1.0 + 0.2 * rng.random(SHAPE)).astype(np.float32)
-    return Scan(field=f, mask=mask, magnitude=mag, b0_direction=b0, te=0.02, b0_tesla=3.0)
 
 
 def h(a):
@@ -45,14 +31,8 @@ def digest(res):
 
 
 tmp = Path(tempfile.mkdtemp())
-torch.manual_seed(0)
-m = QSMInvNet(NetConfig(base_width=2, num_domains=2, tkd_delta=0.1))
-with torch.no_grad():
-    m.head.weight.normal_(0, 0.05)
-m.mark_trained(0)
-base = tmp / "tiny_plus_tkd.pt"
-atomic_torch_save(m.state_dict(), base)
-s1, s2 = blob_scan(0), blob_scan(1)
+base = tiny_checkpoint(tmp / "tiny_plus_tkd.pt", tkd_delta=0.1, head_std=0.05)
+s1, s2 = blob_scan(0)[0], blob_scan(1)[0]
 P = dict(patch=32, synth_patch=32, lr=3e-3, seed=0)
 res = {}
 kw = dict(weights=base, device="cpu", synth_regime=SMALL_HEAD)

@@ -8,7 +8,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 import napari_qsm.nn.adaptation.loop as adapt_loop
 from napari_qsm.cli import main
@@ -16,9 +15,7 @@ from napari_qsm.core.dipole import forward_field
 from napari_qsm.core.scan import Scan
 from napari_qsm.nn.adapt import AdaptParams, adapt, adapt_protocol, save_adapted
 from napari_qsm.nn.infer import load_model, predict
-from napari_qsm.nn.train import atomic_torch_save
-from napari_qsm.nn.unet import NetConfig, QSMInvNet
-from nn_test_helpers import blob_volume
+from nn_test_helpers import blob_volume, tiny_checkpoint
 
 SHAPE = (32, 32, 32)
 SMALL_HEAD = ((32, 40, 32), (4.5, 4.5, 4.5))
@@ -41,14 +38,7 @@ def scans():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    torch.manual_seed(0)
-    m = QSMInvNet(NetConfig(base_width=2, num_domains=2, tkd_delta=0.1))
-    with torch.no_grad():
-        m.head.weight.normal_(0, 0.05)
-    m.mark_trained(0)
-    p = tmp_path_factory.mktemp("proto") / "tiny_plus_tkd.pt"
-    atomic_torch_save(m.state_dict(), p)
-    return p
+    return tiny_checkpoint(tmp_path_factory.mktemp("proto") / "tiny_plus_tkd.pt", tkd_delta=0.1, head_std=0.05)
 
 
 def P(**kw):

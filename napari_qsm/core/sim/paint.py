@@ -60,6 +60,20 @@ class _Painter:
         return _ellipsoid_sdf(P, s.centre, s.semi, s.rot), sl
 
     def run(self):
+        """Paint every compartment, outside in: head layers and brain, cortex and CSF, ventricles and deep
+        grey matter, veins, lesions (later ones replace earlier ones by their soft alpha)."""
+        self._cortex(*self._envelope())
+        for s in self.anat.ventricles + self.anat.deep:
+            sdf, sl = self.shape_sdf(s)
+            if sdf is not None:
+                self.paint(s.label, self.alpha(sdf), sl)
+        self._veins()
+        self._lesions()
+        return self
+
+    def _envelope(self):
+        """Brain envelope (smooth union of cerebrum, cerebellum and brainstem), scalp, skull, extra-axial CSF
+        and white matter; returns the signed distances the cortex needs."""
         A = self.anat
         P = self.P
         w = float(self.w)
@@ -89,7 +103,15 @@ class _Painter:
         self.paint(14, self.alpha(brain - np.float32(r_skull_out)))
         self.paint(13, self.alpha(brain - np.float32(r_skull_in)))
         self.paint(1, self.alpha(brain))
+        return brain, d_cer, d_cbl, sl_cbl, d_stem, sl_stem
 
+    def _cortex(self, brain, d_cer, d_cbl, sl_cbl, d_stem, sl_stem):
+        """Cortical ribbon and sulcal CSF, the interhemispheric fissure and the tentorium."""
+        A = self.anat
+        P = self.P
+        w = float(self.w)
+        thk = np.float32(A.cortex)
+        hw, hwf = np.float32(A.sulcus_hw), np.float32(A.fissure_hw)
         # cortex and sulci: a ribbon under the surface, sulci at the zero sheets of band-limited noise
         depth = -brain
         g = A.gyri.sample(self.ax_u)
@@ -98,8 +120,6 @@ class _Painter:
         del g, grad
         D = np.float32(A.depth_mean) + np.float32(3.0) * A.sulc_depth.sample(self.ax_u)
         D = np.clip(D, 5.0, 16.0)
-        thk = np.float32(A.cortex)
-        hw, hwf = np.float32(A.sulcus_hw), np.float32(A.fissure_hw)
         sdf_ctx = np.minimum(depth - thk, np.maximum(s_sulc - hw - thk, depth - D - thk))
         sdf_csf = np.maximum(s_sulc - hw, depth - D)
         del s_sulc, D, depth
@@ -147,13 +167,9 @@ class _Painter:
         self.paint(3, a_csf)
         del a_ctx, a_csf, d_cer, d_cbl, d_stem, brain
 
-        # ventricles, then deep grey matter
-        for s in A.ventricles + A.deep:
-            sdf, sl = self.shape_sdf(s)
-            if sdf is not None:
-                self.paint(s.label, self.alpha(sdf), sl)
-
-        # veins (union per vein, painted once), chunked along the path for small bounding boxes
+    def _veins(self):
+        """Veins: union per vein, painted once, chunked along the path for small bounding boxes."""
+        A, P, w = self.anat, self.P, float(self.w)
         for t_idx, tube in enumerate(A.tubes):
             pieces = []
             pts = tube.pts
@@ -175,7 +191,9 @@ class _Painter:
                 np.maximum(acc[local], a, out=acc[local])
             self.paint(10, acc, box, chi_only=t_idx in self.silent_veins)
 
-        # lesions
+    def _lesions(self):
+        """Calcification and haemorrhage: lobulated blobs."""
+        A, P, w = self.anat, self.P, float(self.w)
         for label, c, radius, lob, quad in A.lesions:
             ext = np.full(3, radius * 1.6 + 8.0 * w)
             sl = self.region(c - ext, c + ext)
@@ -191,7 +209,6 @@ class _Painter:
             cosq = (q[0] * n[0] + q[1] * n[1] + q[2] * n[2]) / rr
             reff += np.float32(wt) * (cosq * cosq - np.float32(1.0 / 3.0))
             self.paint(label, self.alpha(r - np.float32(radius) * reff), sl)
-        return self
 
 
 def _label_mode(lab_sub: np.ndarray) -> np.ndarray:
