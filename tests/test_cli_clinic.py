@@ -58,3 +58,14 @@ def test_dicom_of_a_missing_file_fails_clearly(tmp_path, capsys):
     assert main(["dicom", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "d")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_recon_dicom_writes_the_series_and_respects_overwrite(raw_head, tmp_path, capsys):
+    chi = tmp_path / "chi.nii.gz"
+    args = ["recon", str(raw_head / "truth" / "local_field.nii.gz"), "--mask", str(raw_head / "truth" / "mask.nii.gz"),
+            "--method", "tkd", "-q", "--dicom", "-o", str(chi)]
+    assert main(args) == 0
+    files = sorted((tmp_path / "chi_dicom").glob("*.dcm"))
+    assert len(files) == 40 and pydicom.dcmread(files[0]).RescaleType == "ppb"
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
