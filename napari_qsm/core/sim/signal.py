@@ -16,7 +16,7 @@ import torch
 
 from ..constants import GAMMA_BAR_HZ_PER_T as GAMMA_BAR
 from ..device import resolve_device
-from ..dipole import check_voxel_size, fast_shape, kernel_slabs
+from ..dipole import check_voxel_size, fast_shape, forward_field_support, kernel_slabs
 from .anatomy import BRAIN_LABELS, _Anatomy
 from .geometry import _SmoothNoise, _ellipsoid_sdf, _euler
 from .paint import _axes_mm, _label_mode, _paint_grid, _receive_bias, _supersampling, _texture
@@ -99,37 +99,6 @@ def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
         return a
     n = a.shape
     return a.reshape(n[0] // f, f, n[1] // f, f, n[2] // f, f).mean(axis=(1, 3, 5))
-
-
-def _fine_field(chi_f, vs_f, b0, device, support) -> np.ndarray:
-    """D ∗ χ (ppm, D(0) = 0) on the fine grid, computed on the bounding box of ``support`` (+2 points).
-
-    The box is zero-padded to a fast FFT size of at least 2x on every axis, and the kernel is
-    applied slab by slab in place, so the peak memory is about one padded real and one half-grid
-    complex array. Outside the box (outside the head's brain) the returned field is 0.
-    """
-    out = np.zeros(chi_f.shape, np.float32)
-    lo, hi = [], []
-    for k in range(3):
-        idx = np.flatnonzero(support.any(axis=tuple(j for j in range(3) if j != k)))
-        if idx.size == 0:
-            return out
-        lo.append(max(0, int(idx[0]) - 2))
-        hi.append(min(chi_f.shape[k], int(idx[-1]) + 3))
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    crop = np.ascontiguousarray(chi_f[box], dtype=np.float32)
-    P = fast_shape(crop.shape, 2.0)
-    dev = resolve_device(device)
-    with torch.no_grad():
-        x = torch.from_numpy(crop).to(dev)
-        X = torch.fft.rfftn(x, s=P, dim=(0, 1, 2))
-        del x
-        for i0, i1, d in kernel_slabs(P, vs_f, b0, device=dev):
-            X[i0:i1] *= d
-        y = torch.fft.irfftn(X, s=P, dim=(0, 1, 2))
-        del X
-        out[box] = y[:crop.shape[0], :crop.shape[1], :crop.shape[2]].cpu().numpy()
-    return out
 
 
 def _carve_cavities(anat, rng, randomize, ax_mm, lab_f, pd_f, cav_f) -> list:
@@ -490,7 +459,7 @@ def _make_honest(shape, vs, b0, seed, snr, texture, randomize, b0_tesla, device,
     # field on the fine grid (D(0) = 0, ≥ 2x padding), then the voxel mean as the true local field
     support = mask_f | np.repeat(np.repeat(np.repeat(mask, f, 0), f, 1), f, 2)
     del mask_f
-    fld_f = _fine_field(chi_f, fvs, b0, device, support)
+    fld_f = forward_field_support(chi_f, fvs, b0, support, device)
     del support
     true_field = (_block_mean(fld_f, f) * mask).astype(np.float32)
     true_local, true_total = true_field, true_field
