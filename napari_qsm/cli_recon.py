@@ -70,7 +70,7 @@ def recon(args) -> int:
     if args.weights:
         extra["weights"] = args.weights
     if args.csf_mask:
-        extra["csf_mask"] = read_aligned(args.csf_mask, "csf-mask", scan._nifti_info) > 0.5
+        extra["csf_mask"] = read_aligned(args.csf_mask, "csf-mask", scan.nifti_info) > 0.5
     if args.orientation:
         scans = [scan]
         for o in args.orientation:

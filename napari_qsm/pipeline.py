@@ -238,7 +238,7 @@ def chi_from_field(run, method: Optional[str] = None, params=None, *, nifti_info
 
     scan = run.scan if isinstance(run, FieldRun) else run
     if nifti_info is not None:
-        scan._nifti_info = nifti_info  # write χ back on the echoes' grid and orientation
+        scan.nifti_info = nifti_info  # write χ back on the echoes' grid and orientation
     name = method or default_method(scan.magnitude is not None)
     res = reconstruct(scan, name, params, device=device, progress=progress, cancel=cancel, **extra)
     if isinstance(run, FieldRun):
