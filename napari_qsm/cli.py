@@ -106,11 +106,20 @@ def _add_scan_args(p: argparse.ArgumentParser, raw: bool = False) -> None:
 
 FIELD_EPILOG = """outputs in OUTDIR, on the input's grid and orientation:
   local_field.nii.gz (ppm), mask.nii.gz (the eroded brain mask), magnitude.nii.gz, total_field.nii.gz (ppm),
-  noise_std.nii.gz (ppm), r2star.nii.gz (1/s), field.json (inputs, vendor facts, every step with its
-  parameters and seconds). Then: napari-qsm recon OUTDIR/local_field.nii.gz --mask OUTDIR/mask.nii.gz
+  noise_std.nii.gz (ppm), r2star.nii.gz (1/s), each with a JSON sidecar (B0 in T, echo times and ΔTE in s,
+  units, B0 direction, phase units and why, noise σ and its source: recon and adapt read them), field.json
+  (inputs, vendor facts, every step with its parameters and seconds).
+  Then: napari-qsm recon OUTDIR/local_field.nii.gz --mask OUTDIR/mask.nii.gz
   --magnitude OUTDIR/magnitude.nii.gz --noise-std OUTDIR/noise_std.nii.gz --method medi -o chi.nii.gz"""
 
 FIELD_OUTPUTS = ("local_field", "mask", "magnitude", "total_field", "noise_std", "r2star")
+#: --phase-units of raw echoes (napari_qsm.core.field.load.PHASE_UNITS; kept here so that --help imports nothing heavy)
+PHASE_UNIT_CHOICES = ("auto", "rad", "siemens", "mrad", "rescale")
+PHASE_UNITS_HELP = ("auto (default): radians, Siemens integers (signed −4096..4095 or unsigned 0..4095), Philips "
+                    "milliradians, or, only with evidence of wrapped phase (saturating at both ends, even histogram), "
+                    "rescale; otherwise an error. rescale: min..max → −π..π (ROMEO, CLEAR-SWI). Reported on stderr and "
+                    "in field.json")
+PHASE_SIGN_HELP = "-1 flips the phase, 1 keeps it (default: -1 when the sidecar's Manufacturer is GE, else 1)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,9 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--te", nargs="+", type=float, help="echo times in seconds (default: the JSON sidecars)")
     fl.add_argument("--b0", type=float, help="field strength in tesla (default: ImagingFrequency/γ̄ or "
                                             "MagneticFieldStrength of the sidecars)")
-    fl.add_argument("--phase-units", default="auto", choices=["auto", "rad", "siemens", "mrad"],
-                    help="auto: detected from the value range and the vendor (reported)")
-    fl.add_argument("--phase-sign", type=int, default=1, choices=[1, -1], help="-1 flips the phase (e.g. GE)")
+    fl.add_argument("--phase-units", default="auto", choices=list(PHASE_UNIT_CHOICES), help=PHASE_UNITS_HELP)
+    fl.add_argument("--phase-sign", type=int, default=None, choices=[1, -1], help=PHASE_SIGN_HELP)
     fl.add_argument("--mask", help="brain mask (NIfTI on the echoes' grid); replaces the mask step")
     fl.add_argument("--fit", default=None, help="echo fit: linear (default) or nonlinear")
     fl.add_argument("--unwrap", default=None, help="spatial unwrapping: quality (default, exact) or laplacian")
@@ -242,8 +250,8 @@ def _add_raw_recon_args(r: argparse.ArgumentParser) -> None:
     """recon from raw echoes (napari_qsm/recon_raw.py): the options of `napari-qsm field`."""
     g = r.add_argument_group("raw echoes (a BIDS/DICOM folder or --magnitude/--phase lists: the field steps first)")
     g.add_argument("--phase", nargs="+", default=[], help="phase echoes, in the magnitude's order")
-    g.add_argument("--phase-units", default="auto", choices=["auto", "rad", "siemens", "mrad"])
-    g.add_argument("--phase-sign", type=int, default=1, choices=[1, -1], help="-1 flips the phase (e.g. GE)")
+    g.add_argument("--phase-units", default="auto", choices=list(PHASE_UNIT_CHOICES), help=PHASE_UNITS_HELP)
+    g.add_argument("--phase-sign", type=int, default=None, choices=[1, -1], help=PHASE_SIGN_HELP)
     g.add_argument("--fit", help="echo fit: linear (default) or nonlinear")
     g.add_argument("--unwrap", help="spatial unwrapping: quality (default, exact) or laplacian")
     g.add_argument("--mask-method", help="brain mask step: threshold (default)")
@@ -454,6 +462,25 @@ def cmd_methods(args) -> int:
     return 0
 
 
+_FIELD_QUANTITIES = {"local_field": ("local field", "ppm"), "mask": ("brain mask (eroded)", None),
+                     "magnitude": ("combined magnitude (root sum of squares over echoes)", None),
+                     "total_field": ("total field", "ppm"), "noise_std": ("field noise standard deviation", "ppm"),
+                     "r2star": ("R2*", "1/s")}
+
+
+def _write_field_sidecars(run, echoes, targets, field_json) -> None:
+    """JSON facts beside each output of `napari-qsm field` (B0, TE, ΔTE, B0 direction, phase units, noise)."""
+    from .core.field.facts import field_sidecar
+    from .core.io import sidecar_path, write_json
+
+    orig = (echoes.nifti_info or {}).get("original_affine")
+    for k, path in targets.items():
+        quantity, units = _FIELD_QUANTITIES[k]
+        write_json(sidecar_path(path), field_sidecar(quantity, units, run.total, original_affine=orig,
+                                                     extra={"GeneratedBy": "napari-qsm field",
+                                                            "Provenance": field_json.name}))
+
+
 def cmd_field(args) -> int:
     import numpy as np
     from .core.field.pipeline import FieldRecipe, split_params
@@ -463,7 +490,8 @@ def cmd_field(args) -> int:
 
     out = Path(args.output)
     targets = {k: out / f"{k}.nii.gz" for k in FIELD_OUTPUTS}
-    existing = [str(p) for p in list(targets.values()) + [out / "field.json"] if p.exists()]
+    existing = [str(p) for p in list(targets.values()) + [out / "field.json"] + [out / f"{k}.json" for k in targets]
+                if p.exists()]
     if existing:
         raise ValueError(f"output: {', '.join(existing)} already exist(s); choose another folder")
     recipe = FieldRecipe(fit=args.fit, mask=args.mask_method, unwrap=args.unwrap, background=args.background)
@@ -479,9 +507,16 @@ def cmd_field(args) -> int:
     from . import __version__
     prov = {"software": "napari-qsm", "version": __version__, **run.provenance,
             "b0_tesla": run.scan.b0_tesla, "b0_direction": [float(v) for v in run.scan.b0_direction],
-            "voxel_size": [float(v) for v in run.scan.voxel_size], "outputs": {k: str(p) for k, p in targets.items()}}
+            "voxel_size": [float(v) for v in run.scan.voxel_size], "outputs": {k: str(p) for k, p in targets.items()},
+            "te": list(run.total.te), "delta_te": run.total.delta_te,
+            "phase_units": {k: echoes.vendor.get(k) for k in ("phase_units", "phase_units_source", "phase_scale",
+                                                               "phase_centre", "phase_sign", "phase_sign_source")},
+            "noise": {k: run.total.provenance.get(k) for k in ("noise_sigma", "noise_sigma_source")},
+            "report": run.total.provenance.get("report")}
     write_json(out / "field.json", prov)
+    _write_field_sidecars(run, echoes, targets, out / "field.json")
     steps = ", ".join(f"{s['label']} {s['seconds']:.1f} s" for s in run.steps)
+    print(f"{run.total.provenance.get('report', '')}", file=sys.stderr)
     print(f"local field: {steps} -> {out}", file=sys.stderr)
     return 0
 
