@@ -216,3 +216,36 @@ def test_air_corners_are_used_only_when_they_are_air():
     est = estimate_noise_sigma(tissue.magnitude)
     assert not est.source.startswith("FOV corners")
     assert not any(b["air"] for b in est.details["corners"])
+
+
+# ----------------------------------------------------------------------------------------------- facts
+
+def test_sidecar_b0_direction_is_in_the_stored_frame_and_load_scan_reads_it_back(tmp_path):
+    """A permuted, flipped, oblique grid: the sidecar's B0Direction (stored frame) read by load_scan gives back the
+    canonical direction the field was made with; B0 and ΔTE come from the sidecar, explicit values win."""
+    from napari_qsm.core.field.facts import direction_to_stored, field_sidecar
+    from napari_qsm.core.io import direction_to_canonical, load_scan, read_volume, sidecar_path, write_json
+    from napari_qsm.core.field.records import TotalField
+
+    c, s = np.cos(0.3), np.sin(0.3)
+    aff = np.array([[0, 0, -1.5, 20], [c * 2.0, -s, 0, -5], [s * 2.0, c, 0, 3], [0, 0, 0, 1.0]])
+    shape = (6, 5, 4)
+    field = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(field, aff), str(tmp_path / "local_field.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones(shape, np.uint8), aff), str(tmp_path / "mask.nii.gz"))
+    data, can_aff, info = read_volume(tmp_path / "local_field.nii.gz")
+    b_can = np.array([0.2, -0.3, 0.93])
+    b_can /= np.linalg.norm(b_can)
+    assert np.allclose(direction_to_canonical(direction_to_stored(b_can, aff), aff), b_can)
+    total = TotalField(field=data, noise_std=np.ones_like(data), r2star=np.zeros_like(data), magnitude=np.ones_like(data),
+                       te=(0.004, 0.009, 0.014), b0_tesla=6.98, delta_te=0.005, affine=can_aff, b0_direction=b_can,
+                       provenance={"noise_sigma": 0.01, "noise_sigma_source": "test",
+                                   "echoes": {"vendor": {"phase_units": "rescale", "phase_units_source": "auto: x"}}})
+    write_json(sidecar_path(tmp_path / "local_field.nii.gz"), field_sidecar("local field", "ppm", total,
+                                                                            original_affine=aff))
+    scan = load_scan(tmp_path / "local_field.nii.gz", tmp_path / "mask.nii.gz")
+    assert np.allclose(scan.b0_direction, b_can, atol=1e-9) and scan.source["b0_direction_source"] == "sidecar B0Direction"
+    assert scan.b0_tesla == pytest.approx(6.98) and scan.te == pytest.approx(0.005)
+    assert scan.source["field_facts"]["PhaseUnits"] == "rescale" and scan.source["field_facts"]["NoiseSigma"] == 0.01
+    explicit = load_scan(tmp_path / "local_field.nii.gz", tmp_path / "mask.nii.gz", te=0.02, b0=3.0)
+    assert explicit.te == 0.02 and explicit.b0_tesla == 3.0 and explicit.source["te_source"] == "argument"
