@@ -114,7 +114,7 @@ FIELD_EPILOG = """outputs in OUTDIR, on the input's grid and orientation:
 
 FIELD_OUTPUTS = ("local_field", "mask", "magnitude", "total_field", "noise_std", "r2star")
 #: --phase-units of raw echoes (napari_qsm.core.field.load.PHASE_UNITS; kept here so that --help imports nothing heavy)
-PHASE_UNIT_CHOICES = ("auto", "rad", "siemens", "mrad", "rescale")
+PHASE_UNIT_CHOICES = ("auto", "rad", "siemens", "siemens-unsigned", "mrad", "rescale")
 PHASE_UNITS_HELP = ("auto (default): radians, Siemens integers (signed −4096..4095 or unsigned 0..4095), Philips "
                     "milliradians, or, only with evidence of wrapped phase (saturating at both ends, even histogram), "
                     "rescale; otherwise an error. rescale: min..max → −π..π (ROMEO, CLEAR-SWI). Reported on stderr and "

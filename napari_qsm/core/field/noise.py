@@ -31,9 +31,10 @@ Every estimate is returned with its source and the test values (:class:`NoiseEst
 
 References
 ----------
-Constantinides, Atalar, McVeigh, MRM 1997 (noise of sum-of-squares magnitudes, χ with 2N degrees
-of freedom); Aja-Fernández et al., MRI 2009 (background-based estimators for non-central χ);
-Liu et al. / the MEDI toolbox (Fit_ppm_complex: N_std from the fit's complex residual).
+Constantinides, Atalar, McVeigh, MRM 38:852 (1997): signal-to-noise of sum-of-squares magnitudes (χ with
+2N degrees of freedom in the background); Aja-Fernández, Tristán-Vega, Alberola-López, MRI 27:1397
+(2009): noise estimation in multiple-coil magnitude images (non-central χ). The residual estimator is the
+ordinary least-squares one (residual energy over its degrees of freedom), made robust with the median.
 """
 
 from __future__ import annotations

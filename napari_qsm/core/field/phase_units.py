@@ -1,15 +1,16 @@
 """Phase units: stored phase values → radians, detected so that they cannot be misread.
 
 Phase units (``phase_units``, :func:`phase_to_radians`): "rad"; "siemens" (signed integers
-−4096..4095 → ×π/4096, or unsigned 0..4095 → (value − 2048)·π/2048, told apart by the sign of the
-values: unsigned data scaled by π/4096 would land in [0, π] and halve the field); "mrad" (Philips,
+−4096..4095 → ×π/4096; data without negative values spanning more than 2048 are taken as unsigned);
+"siemens-unsigned" (0..4095 → (value − 2048)·π/2048: unsigned data scaled by π/4096 would land in
+[0, π] and halve the field); "mrad" (Philips,
 ÷1000); "rescale" (min..max → −π..π, what ROMEO and CLEAR-SWI do with phase in an unknown scale);
 or "auto" (default), which decides in this order:
 
 1. radians when every value lies in [−π, π] (or [0, 2π]) AND fills at least 80 % of 2π (wrapped
    phase does; ±0.0037 does not, and is no longer taken for radians);
 2. Siemens when the largest |value| is in (3143.6, 4096.5], or ≤ 4096.5 with a Siemens Manufacturer
-   (unsigned when no value is negative and they span more than 2048);
+   ("siemens-unsigned" when no value is negative and they span more than 2048);
 3. Philips milliradians when the largest |value| is in (0.95·1000π, 3143.6] (≈ ±3142), or ≤ that
    with a Philips Manufacturer; 0..2000π unsigned milliradians likewise;
 4. "rescale" only with evidence that the values are wrapped phase in another scale: at least
@@ -41,7 +42,7 @@ from ..scan import ScanError
 
 __all__ = ["PHASE_UNITS", "detect_phase_units", "phase_to_radians"]
 
-PHASE_UNITS = ("auto", "rad", "siemens", "mrad", "rescale")
+PHASE_UNITS = ("auto", "rad", "siemens", "siemens-unsigned", "mrad", "rescale")
 _SCALE = PHASE_SCALES
 _PI_TOL = 1e-3        # radians: tolerated overshoot of ±π / 2π (float rounding of scaled data)
 _SIEMENS_MAX = 4096.5
@@ -92,7 +93,7 @@ def _units_error(name, rng, manufacturer, extra=""):
     man = f" (Manufacturer {manufacturer!r})" if manufacturer else ""
     return ScanError(f"{name}: {rng} are neither radians (filling −π..π or 0..2π), Siemens integers (−4096..4095 or "
                      f"0..4095) nor Philips milliradians (−3142..3142){man}, and show no evidence of wrapped phase in "
-                     f"another scale{extra}; give the units explicitly: --phase-units rad|siemens|mrad|rescale "
+                     f"another scale{extra}; give the units explicitly: --phase-units rad|siemens|siemens-unsigned|mrad|rescale "
                      "(phase_units= in the API; rescale maps min..max to −π..π)")
 
 
@@ -110,7 +111,7 @@ def _detect(v, manufacturer, name, magnitude):
     if amax <= _SIEMENS_MAX and amax > 2 * np.pi + _PI_TOL and ("siemens" in man or amax > _MRAD_MAX):
         by = f", Manufacturer {manufacturer!r}" if "siemens" in man else ""
         if _siemens_unsigned(lo, hi):
-            return ("siemens", np.pi / 2048.0, 2048.0,
+            return ("siemens-unsigned", np.pi / 2048.0, 2048.0,
                     f"{rng}{by}: unsigned Siemens integers 0..4095 ((value − 2048)·π/2048 → −π..π)")
         return "siemens", _SCALE["siemens"], 0.0, f"{rng}{by}: Siemens integers −4096..4095 (×π/4096)"
     if "philips" in man and amax <= _MRAD_MAX and amax > 2 * np.pi + _PI_TOL and not unsigned:
@@ -140,7 +141,7 @@ def detect_phase_units(values: np.ndarray, manufacturer: str = "", name: str = "
 
     Returns
     -------
-    (units, reason): units one of rad, siemens (signed or unsigned; see the reason), mrad, rescale.
+    (units, reason): units one of rad, siemens, siemens-unsigned, mrad, rescale.
     Use :func:`phase_to_radians` to convert (it knows the offset of unsigned integers and the range
     of ``rescale``). Raises ScanError naming ``--phase-units`` when nothing fits.
     """
@@ -155,9 +156,8 @@ def phase_to_radians(values: np.ndarray, units: str = "auto", manufacturer: str 
     Parameters
     ----------
     values : stored phase (after the header's scl_slope/scl_inter), all echoes.
-    units : auto, rad, siemens, mrad or rescale (see the module docstring). An explicit unit wins;
-        "siemens" takes data without negative values spanning more than 2048 as unsigned 0..4095 ((v − 2048)·π/2048) and anything with negative values
-        as signed (×π/4096).
+    units : auto, rad, siemens, siemens-unsigned, mrad or rescale (module docstring). An explicit unit
+        wins; "siemens" takes data without negative values spanning more than 2048 as unsigned.
     manufacturer : the sidecar's Manufacturer.
     sign : +1 / −1, or None: −1 when the Manufacturer is GE (GE's phase has the opposite sign), else +1.
     name, magnitude : as in :func:`detect_phase_units`.
@@ -178,8 +178,10 @@ def phase_to_radians(values: np.ndarray, units: str = "auto", manufacturer: str 
     else:
         found, source = u, "argument"
         scale, centre = _SCALE.get(u, 1.0), 0.0
-        if u == "siemens" and _siemens_unsigned(lo, hi):
-            scale, centre, source = np.pi / 2048.0, 2048.0, "argument (values ≥ 0: unsigned 0..4095, (value − 2048)·π/2048)"
+        if u == "siemens-unsigned" or (u == "siemens" and _siemens_unsigned(lo, hi)):
+            found = "siemens-unsigned"
+            scale, centre = np.pi / 2048.0, 2048.0
+            source = "argument" + ("" if u == found else " (values ≥ 0 spanning > 2048: unsigned 0..4095)")
         elif u == "rescale":
             if not hi > lo:
                 raise ScanError(f"{name}: constant values ({lo:.4g}); nothing to rescale")
