@@ -9,14 +9,34 @@ import pytest
 from napari_qsm.cli import FIELD_OUTPUTS, main
 
 
-def test_raw_bids_to_local_field_and_chi(tmp_path, capsys):
-    raw = tmp_path / "raw"
-    assert main(["phantom", str(raw), "--raw", "--shape", "40", "48", "40", "--voxel-size", "4", "4", "4",
-                 "--phase-units", "siemens", "--seed", "3"]) == 0
-    out = tmp_path / "field"
-    assert main(["field", str(raw / "sub-phantom"), "-o", str(out), "--device", "cpu", "-q",
-                 "--param", "background.radius_max=12"]) == 0
-    echo1 = nib.load(str(raw / "sub-phantom" / "anat" / "sub-phantom_echo-1_part-mag_MEGRE.nii.gz"))
+@pytest.fixture(scope="module")
+def raw_field(tmp_path_factory):
+    """The head `napari-qsm phantom --raw --shape 40 48 40 --voxel-size 4 4 4 --seed 3` writes, with radian and
+    with Siemens-integer phase, and `napari-qsm field` run once on the Siemens one: (phantom, roots, out, stderr)."""
+    import contextlib
+    import io
+
+    from napari_qsm.core.sim.phantom import make_phantom, save_raw_bids
+
+    tmp = tmp_path_factory.mktemp("raw_field")
+    ph = make_phantom(shape=(40, 48, 40), voxel_size=(4.0, 4.0, 4.0), seed=3, snr=50.0, honest=True, background=True,
+                      keep_echoes=True)
+    roots = {}
+    for u in ("rad", "siemens"):
+        save_raw_bids(ph, tmp / f"raw_{u}", phase_units=u)
+        roots[u] = tmp / f"raw_{u}" / "sub-phantom"
+    out = tmp / "field"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["field", str(roots["siemens"]), "-o", str(out), "--device", "cpu",
+                     "--param", "background.radius_max=12"]) == 0
+    return ph, roots, out, err.getvalue()
+
+
+def test_raw_bids_to_local_field_and_chi(raw_field, tmp_path, capsys):
+    _, roots, out, _ = raw_field
+    raw = roots["siemens"]   # the BIDS subject folder
+    echo1 = nib.load(str(raw / "anat" / "sub-phantom_echo-1_part-mag_MEGRE.nii.gz"))
     for k in FIELD_OUTPUTS:
         img = nib.load(str(out / f"{k}.nii.gz"))
         assert img.shape == echo1.shape and np.allclose(img.affine, echo1.affine, atol=1e-4), k
@@ -35,7 +55,7 @@ def test_raw_bids_to_local_field_and_chi(tmp_path, capsys):
                  "-q", "-o", str(chi)]) == 0
     # a second run into the same folder refuses and writes nothing
     before = sorted(p.name for p in out.iterdir())
-    assert main(["field", str(raw / "sub-phantom"), "-o", str(out), "-q"]) == 2
+    assert main(["field", str(raw), "-o", str(out), "-q"]) == 2
     assert "already exist" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
 
@@ -46,31 +66,19 @@ def test_bad_step_parameter_fails_before_reading(tmp_path, capsys):
     assert "napari-qsm: error: --param bogus" in err and not (tmp_path / "o").exists()
 
 
-def test_facts_travel_with_the_field_and_units_do_not_change_it(tmp_path, capsys):
+def test_facts_travel_with_the_field_and_units_do_not_change_it(raw_field, tmp_path):
     """Radian and Siemens-integer phase of the same raw phantom give the same phase (so the same local field); the
-    outputs carry B0, TE/ΔTE, units, B0 direction, phase units and noise in JSON sidecars that recon reads (χ's provenance
-    then has b0_tesla and te; explicit arguments still win)."""
+    outputs carry B0, TE/ΔTE, units, B0 direction, phase units and noise in JSON sidecars that recon reads (χ's
+    provenance then has b0_tesla and te; explicit arguments still win)."""
     from napari_qsm.core.field.load import load_echoes
     from napari_qsm.core.io import load_scan
-    from napari_qsm.core.sim.phantom import make_phantom, save_raw_bids
 
-    # the head `napari-qsm phantom --raw --shape 40 48 40 --voxel-size 4 4 4 --seed 3` writes, made once
-    ph = make_phantom(shape=(40, 48, 40), voxel_size=(4.0, 4.0, 4.0), seed=3, snr=50.0, honest=True, background=True,
-                      keep_echoes=True)
-    roots = {}
-    for u in ("rad", "siemens"):
-        save_raw_bids(ph, tmp_path / f"raw_{u}", phase_units=u)
-        roots[u] = tmp_path / f"raw_{u}" / "sub-phantom"
+    ph, roots, out, err = raw_field
     ech = {u: load_echoes(r) for u, r in roots.items()}
     # detected as before (radians, signed Siemens integers) and the same phase up to the integers' step
     assert [ech[u].vendor["phase_units"] for u in roots] == ["rad", "siemens"]
     assert np.abs(np.angle(np.exp(1j * (ech["rad"].phase - ech["siemens"].phase)))).max() <= np.pi / 4096 + 1e-5
     assert np.abs(np.angle(np.exp(1j * (ech["rad"].phase - np.angle(ph.echoes))))).max() < 1e-5
-    out = tmp_path / "field_siemens"
-    capsys.readouterr()
-    assert main(["field", str(roots["siemens"]), "-o", str(out), "--device", "cpu",
-                 "--param", "background.radius_max=12"]) == 0
-    err = capsys.readouterr().err
     # the console says what was detected, with B0 and TE
     assert "phase units: siemens (auto:" in err and "B0 3 T" in err and "TE 4, 8, 12" in err
     assert "noise σ" in err and "FOV corners" in err
