@@ -516,7 +516,7 @@ def cmd_field(args) -> int:
     write_json(out / "field.json", prov)
     _write_field_sidecars(run, echoes, targets, out / "field.json")
     steps = ", ".join(f"{s['label']} {s['seconds']:.1f} s" for s in run.steps)
-    print(f"{run.total.provenance.get('report', '')}", file=sys.stderr)
+    print(run.total.report, file=sys.stderr)   # phase units (why), B0, TE, noise σ (source)
     print(f"local field: {steps} -> {out}", file=sys.stderr)
     return 0
 

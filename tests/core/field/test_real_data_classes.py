@@ -146,7 +146,9 @@ def test_unsigned_siemens_integers_map_to_minus_pi_pi(tmp_path, one_torch_thread
 
 
 def test_signed_siemens_and_radians_still_detected():
-    from napari_qsm.core.field.load import phase_to_radians
+    from napari_qsm.cli import PHASE_UNIT_CHOICES
+    from napari_qsm.core.field.load import PHASE_UNITS, phase_to_radians
+    assert PHASE_UNIT_CHOICES == PHASE_UNITS   # the command line offers every unit the loader knows
     v = np.linspace(-np.pi, np.pi, 5000)
     assert detect_phase_units(v)[0] == "rad"
     assert detect_phase_units(np.round(v * 4096 / np.pi).clip(-4096, 4095))[0] == "siemens"
