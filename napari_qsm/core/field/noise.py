@@ -20,8 +20,9 @@
    multi-echo fit with a free magnitude per echo is its component perpendicular to the fitted
    phase, |S_n|·sin(φ_n − φ̂_n); its energy q = Σ_n |S_n|²·r_n² is σ²·χ²_k per voxel with k the
    fit's degrees of freedom (E − 2 for a free intercept). Robust to edges, flow and veins: σ² =
-   median(q)/median(χ²_k) over voxels whose smallest echo magnitude exceeds 5σ (two passes from
-   the brighter quarter), where the phase noise is Gaussian. Needs E ≥ 3 echoes.
+   median(q)/median(χ²_k) over the object (smallest echo magnitude above Otsu's threshold: air,
+   whose sum-of-squares floor √(2N)·σ can exceed 5σ, is left out) where that magnitude exceeds 5σ
+   (the phase noise is Gaussian there). Needs E ≥ 3 echoes.
 3. **A magnitude high-pass** (two echoes, no air): the median absolute second difference of the
    first echo along each axis over the brighter half, σ ≈ median|Δ²|/(0.6745·√6) (noise only;
    texture and edges bias it up; voxel-correlated noise from k-space zero-filling biases it down).
@@ -44,6 +45,8 @@ from typing import Optional
 
 import numpy as np
 from scipy import stats
+
+from .mask import otsu_threshold
 
 __all__ = ["NoiseEstimate", "estimate_noise_sigma", "corner_air_test", "residual_sigma", "highpass_sigma"]
 
@@ -128,8 +131,8 @@ def residual_sigma(resid_energy: np.ndarray, min_magnitude: np.ndarray, dof: int
     Parameters
     ----------
     resid_energy : 3-D, the per-voxel weighted squared phase residual of the fit.
-    min_magnitude : 3-D, the smallest echo magnitude of each voxel (selects voxels where the phase
-        noise is Gaussian: > 5σ, two passes starting from the brighter quarter).
+    min_magnitude : 3-D, the smallest echo magnitude of each voxel (selects the object, above Otsu's
+        threshold, and in it the voxels where the phase noise is Gaussian: > 5σ).
     dof : residual degrees of freedom per voxel (E − 2 for a free intercept).
 
     Returns
@@ -144,15 +147,19 @@ def residual_sigma(resid_energy: np.ndarray, min_magnitude: np.ndarray, dof: int
     if not np.any(ok):
         return None
     med_chi2 = float(stats.chi2.ppf(0.5, dof))
-    sel = ok & (mm >= np.percentile(mm[ok], 75))
-    sigma = None
+    # the object: above Otsu's threshold of the smallest echo magnitude (leaves out air, whose sum-of-squares
+    # floor √(2N)·σ of N channels can exceed 5σ); then only voxels with magnitude > 5σ, never more
+    obj = ok & (mm > otsu_threshold(mm[ok]))
+    if np.count_nonzero(obj) < 10:
+        obj = ok
+    sel, sigma = obj, None
     for _ in range(3):
         if np.count_nonzero(sel) < 10:
             break
         sigma = float(np.sqrt(np.median(q[sel]) / med_chi2))
         if not sigma > 0:
             return None
-        nxt = ok & (mm > _SNR_MIN * sigma)
+        nxt = obj & (mm > _SNR_MIN * sigma)
         if np.count_nonzero(nxt) < 10 or np.array_equal(nxt, sel):
             break
         sel = nxt

@@ -194,15 +194,18 @@ def test_noise_without_air_comes_from_the_fit_residual(one_torch_thread):
     assert np.median(tf.noise_std / ref.noise_std) == pytest.approx(1.0, rel=0.2)
 
 
-@pytest.mark.parametrize("air", [True, False])
-def test_coil_combined_sum_of_squares_noise(air, one_torch_thread):
-    """8 channels combined by root sum of squares: in air |S| ~ σ·χ_16, today's corner σ is √8 too high."""
-    ech, obj, _ = _coil_combined(8, air=air)
+@pytest.mark.parametrize("coils,air", [(8, True), (8, False), (32, True)])
+def test_coil_combined_sum_of_squares_noise(coils, air, one_torch_thread):
+    """N channels combined by root sum of squares: in air |S| ~ σ·χ_2N, today's corner σ is √N too high (and the
+    air's sum-of-squares floor √(2N)·σ must not pass for signal in the residual estimate)."""
+    ech, obj, _ = _coil_combined(coils, air=air)
     tf = fit_linear(ech, device="cpu")
     assert tf.provenance["noise_sigma"] == pytest.approx(SIGMA, rel=0.2), tf.provenance["noise_sigma_source"]
+    res = tf.provenance["noise_tests"]["residual_sigma"]
+    assert res == pytest.approx(SIGMA, rel=0.2)
     if air:
         assert tf.provenance["noise_sigma_source"].startswith("FOV corners")
-        assert tf.provenance["noise_tests"]["n_channels"] == pytest.approx(8, rel=0.25)
+        assert tf.provenance["noise_tests"]["n_channels"] == pytest.approx(coils, rel=0.25)
     else:
         assert tf.provenance["noise_sigma_source"].startswith("echo-fit residual")
 
