@@ -187,6 +187,13 @@ def highpass_sigma(magnitude: np.ndarray) -> Optional[float]:
     return s if s > 0 else None
 
 
+def _json_number(v):
+    """Rounded floats, None for non-finite ones (strict JSON has no Infinity/NaN)."""
+    if isinstance(v, float):
+        return round(v, 4) if np.isfinite(v) else None
+    return v
+
+
 def estimate_noise_sigma(magnitude: np.ndarray, resid_energy=None, dof: int = 0) -> NoiseEstimate:
     """σ per channel of multi-echo magnitudes: air corners (tested), else the fit residual, else a high-pass.
 
@@ -208,7 +215,7 @@ def estimate_noise_sigma(magnitude: np.ndarray, resid_energy=None, dof: int = 0)
     res = None
     if resid_energy is not None:
         res = residual_sigma(resid_energy, mag.min(axis=3), dof)
-    details = {"corners": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in b.items()} for b in blocks],
+    details = {"corners": [{k: _json_number(v) for k, v in b.items()} for b in blocks],
                "residual_sigma": res, "residual_dof": int(dof)}
     if len(air) >= 2:
         s_air = float(np.median([b["sigma"] for b in air]))
