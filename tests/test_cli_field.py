@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_qsm.cli import FIELD_OUTPUTS, main
+from napari_qsm.cli import main
+from napari_qsm.pipeline import FIELD_MAPS as FIELD_OUTPUTS
 
 
 @pytest.fixture(scope="module")

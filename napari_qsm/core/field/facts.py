@@ -24,7 +24,7 @@ from typing import Optional
 import nibabel as nib
 import numpy as np
 
-__all__ = ["input_report", "field_sidecar", "direction_to_stored"]
+__all__ = ["input_report", "field_sidecar", "field_facts", "direction_to_stored"]
 
 
 def input_report(vendor: dict, b0_tesla: float, te, sigma: Optional[float] = None, sigma_source: str = "") -> str:
@@ -99,3 +99,14 @@ def field_sidecar(quantity: str, units: Optional[str], total, noise_source: Opti
     out = {k: v for k, v in out.items() if v is not None}
     out.update(extra or {})
     return out
+
+
+def field_facts(total) -> dict:
+    """The facts of a fit for ``field.json``: echo times, ΔTE, phase units (and why), noise σ (and its source)
+    and the one-line report."""
+    prov = total.provenance or {}
+    vendor = (prov.get("echoes") or {}).get("vendor") or {}
+    return {"te": [float(t) for t in total.te], "delta_te": float(total.delta_te),
+            "phase_units": {k: vendor.get(k) for k in ("phase_units", "phase_units_source", "phase_scale",
+                                                       "phase_centre", "phase_sign", "phase_sign_source")},
+            "noise": {k: prov.get(k) for k in ("noise_sigma", "noise_sigma_source")}, "report": prov.get("report")}
