@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--pythonpath", help="run napari-qsm field from this checkout instead")
     a = ap.parse_args(argv)
+    a.raw, a.out = a.raw.resolve(), a.out.resolve()
+    a.out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if a.pythonpath:
         env["PYTHONPATH"] = a.pythonpath
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
         if res.exists():
             shutil.rmtree(res)
         run = subprocess.run([sys.executable, "-m", "napari_qsm.cli", "field", str(src / "sub-phantom"), "-o", str(res),
-                              "-q"], env=env, capture_output=True, text=True)
+                              "-q"], env=env, capture_output=True, text=True, cwd=a.out)   # cwd: PYTHONPATH wins
         if run.returncode != 0:
             print(f"| {name} | error: {run.stderr.strip().splitlines()[-1][:80]} | | | | |")
             continue
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
             "tf = fit_linear(c, device='cpu')\n"
             "print(f\"tissue-only crop {c.shape}: σ {tf.provenance['noise_sigma']:.5f} "
             "({tf.provenance['noise_sigma_source'][:40]}…), median N_std {np.median(tf.noise_std):.4f} ppm\")\n")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=a.out)
     print(run.stdout.strip() or run.stderr.strip().splitlines()[-1])
     return 0
 
