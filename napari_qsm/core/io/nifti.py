@@ -212,6 +212,14 @@ def _sidecar_acquisition(side: dict, name: str, te, b0, echo):
             if v > 1.0:
                 raise ScanError(f"{name}: sidecar EchoTime {v} looks like milliseconds; BIDS wants seconds")
             te, src["te"] = v, "sidecar EchoTime"
+    if te is None and "DeltaTE" in side:  # a field made by `napari-qsm field`: the echo spacing of its fit
+        try:
+            v = float(side["DeltaTE"])
+        except (TypeError, ValueError):
+            raise ScanError(f"{name}: sidecar DeltaTE must be a number in seconds, got {side['DeltaTE']!r}") from None
+        if not np.isfinite(v) or not 0 < v <= 1.0:
+            raise ScanError(f"{name}: sidecar DeltaTE must be positive seconds (<= 1), got {v!r}")
+        te, src["te"] = v, "sidecar DeltaTE (echo spacing of the field's echo fit)"
     freq = side.get("ImagingFrequency")
     if b0 is not None:
         src["b0_tesla"] = "argument"
@@ -316,6 +324,11 @@ def read_aligned(path, name: str, ref_info: dict, echo: Optional[int] = None) ->
     return data
 
 
+#: sidecar keys of `napari-qsm field` outputs (core/field/facts.py) recorded in ``Scan.source["field_facts"]``
+_FIELD_FACTS = ("Quantity", "Units", "EchoTimes", "DeltaTE", "PhaseUnits", "PhaseUnitsReason", "PhaseSign",
+                "NoiseSigma", "NoiseSigmaSource", "Manufacturer")
+
+
 def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[float]] = None,
               b0_direction: Optional[Sequence[float]] = None, units: str = "ppm",
               te: Optional[float] = None, b0: Optional[float] = None, echo: Optional[int] = None,
@@ -328,8 +341,9 @@ def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[floa
     Without an explicit direction, B0 comes from the field's JSON sidecar (``B0Direction`` or
     ``RegistrationMatrix``) or else its header (:func:`b0_direction_in_file`). ``te`` / ``b0``
     default to the sidecar's ``EchoTime`` / ``MagneticFieldStrength`` (``sidecar=False`` ignores
-    the sidecar). A 4-D field needs ``echo``; a 4-D magnitude uses ``echo`` when given, else its
-    first echo (not a root sum of squares, which mixes the later echoes' R2* decay into the edges). ``noise_std`` (ppm) and ``r2star`` (1/s, e.g. from the echo
+    the sidecar; a sidecar written by ``napari-qsm field`` gives ``DeltaTE``, the echo spacing MEDI
+    scales by, and its phase-unit and noise facts go to ``Scan.source["field_facts"]``). A 4-D field
+    needs ``echo``; a 4-D magnitude uses ``echo`` when given, else its first echo (not a root sum of squares, which mixes the later echoes' R2* decay into the edges). ``noise_std`` (ppm) and ``r2star`` (1/s, e.g. from the echo
     fit; MEDI+0 finds CSF in it) are optional maps on the field's grid (same shape and affine).
     """
     side = read_sidecar(field, "field") if sidecar else {}
@@ -368,6 +382,9 @@ def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[floa
     if voxel_size is not None:
         source["voxel_size_source"] = "argument" if frame == "file" else "argument (canonical frame)"
     source.update({f"{k}_source": v for k, v in acq_src.items()})
+    facts = {k: side[k] for k in _FIELD_FACTS if k in side}
+    if facts:  # written by `napari-qsm field`: how the field was made travels on to χ's provenance
+        source["field_facts"] = facts
     for key, val in (("magnitude", magnitude), ("noise_std", noise_std), ("r2star", r2star)):
         if val is not None:
             source[key] = str(Path(val).resolve())
