@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (QAbstractItemView, QFileDialog, QFormLayout, QHBoxLa
                             QPushButton, QVBoxLayout, QWidget)
 
 from ..methods import Result, get_method
+from ..core.method import apply_reference
 from ..core.params import display_name, params_to_dict
 from .form import ParamForm
 from .inputs_panel import inputs_section
@@ -456,8 +457,11 @@ class AdaptWidget(RunDock):
         fls = [field_layer] + list(getattr(self, "_more_layers", []) or [])[: len(scans) - 1]
         for k, (sc, fl, chi) in enumerate(zip(scans, fls, res.chis or [res.chi])):
             mname = "uqsm" if res.mode == "uqsm" else "dsbn_adapt"
+            # the same χ reference as every other method (core.method.apply_reference; default: mask mean)
+            chi, ref_info = apply_reference(chi, sc.mask, pd.get("reference", "mean"), scan=sc)
+            pd = {**pd, "reference": ref_info["reference"]}
             result = Result(chi=chi, method=mname, params=pd, seconds=res.seconds, device=res.device,
-                            extras={"steps_done": res.step, "base_weights": res.base_weights,
+                            extras={**ref_info, "steps_done": res.step, "base_weights": res.base_weights,
                                     "final_losses": res.history[-1] if res.history else {},
                                     **({"protocol_scans": len(scans)} if len(scans) > 1 else {})},
                             scan_info=sc.info())

@@ -81,7 +81,7 @@ def test_forms_generated_from_parameter_records(phantom_viewer, qtbot, slow_meth
     w.set_method("slowtest")
     kinds = {n: type(w.form.widget_for(n)) for n in w.form.names()}
     assert kinds == {"steps": QSpinBox, "delay": QDoubleSpinBox, "mode": QComboBox, "strength": QComboBox,
-                     "flag": QCheckBox, "fail_at": QSpinBox}
+                     "flag": QCheckBox, "fail_at": QSpinBox, "reference": QComboBox}  # every method: the χ reference
     assert "secret" not in kinds
     strength = w.form.widget_for("strength")
     strength.setCurrentText("auto")
