@@ -177,25 +177,31 @@ def test_report_without_a_mask_writes_nothing(make_napari_viewer, qtbot, phantom
 
 
 def test_compare_shows_the_chi_reference_of_each_result(make_napari_viewer, qtbot, phantom_viewer):
-    """A result whose provenance records its χ reference (method.apply_reference) shows it under its title."""
+    """Results whose provenance records their χ reference (core.method.apply_reference) show it under their title."""
     from napari_qsm._napari.compare.clinic import reference_note
-    from napari_qsm._napari.layers import derived_layer_kwargs
+    from napari_qsm._napari.layers import result_layer_data, scan_from_layers
+    from napari_qsm.methods import reconstruct
 
     assert reference_note({"extras": {"reference": "csf", "reference_ppm": 0.0123}}) == "ref csf (+0.012 ppm)"
-    assert reference_note({"extras": {"reference": "none"}}) == "ref none"
-    assert reference_note({"method": "tkd", "extras": {}}) == ""
+    assert reference_note({"method": "tkd", "extras": {}}) == ""  # older results: nothing shown
     viewer = phantom_viewer
-    truth = next(la for la in viewer.layers if la.metadata.get("role") == "chi_true")
-    for name, ref in (("A χ", {"reference": "mean", "reference_ppm": -0.004}), ("B χ", {})):
-        kw = derived_layer_kwargs(truth, name=name, role="chi", extra_metadata={
-            "units": "ppm", "provenance": {"method": "tkd", "seconds": 1.0, "extras": ref}})
-        viewer.add_image(np.asarray(truth.data), **kw)
+    field = next(la for la in viewer.layers if la.metadata.get("role") == "field")
+    mask = next(la for la in viewer.layers if la.metadata.get("role") == "mask")
+    scan = scan_from_layers(field, mask)
+    names = {}
+    for ref in ("mean", "none"):
+        res = reconstruct(scan, "tkd", {"reference": ref}, device="cpu")
+        data, kw = result_layer_data(res, field, scan=scan)
+        kw["name"] = names[ref] = f"TKD ref {ref}"
+        viewer.add_image(data, **kw)
+        if ref == "mean":
+            shift = res.extras["reference_ppm"]
     _, cmp_ = viewer.window.add_plugin_dock_widget("napari-qsm", "Compare")
-    cmp_.set_results(["A χ", "B χ"])
+    cmp_.set_results(list(names.values()))
     qtbot.waitUntil(lambda: len(cmp_.panel.columns) >= 2, timeout=10000)
     subs = {c.title: c.subtitle for c in cmp_.panel.columns}
-    assert subs["A χ"] == "TKD · 1.0 s · ref mean (-0.004 ppm)"
-    assert subs["B χ"] == "TKD · 1.0 s"
+    assert subs[names["mean"]].endswith(f"ref mean ({shift:+.3f} ppm)"), subs
+    assert subs[names["none"]].endswith("ref none"), subs
 
 
 def test_save_as_dicom_button_into_a_chosen_folder(make_napari_viewer, qtbot, oblique_phantom, tmp_path, monkeypatch):
