@@ -183,6 +183,7 @@ def test_compare_shows_the_chi_reference_of_each_result(make_napari_viewer, qtbo
     from napari_qsm.methods import reconstruct
 
     assert reference_note({"extras": {"reference": "csf", "reference_ppm": 0.0123}}) == "ref csf (+0.012 ppm)"
+    assert reference_note({"extras": {"reference": "mean", "reference_ppm": -1e-5}}) == "ref mean (+0.000 ppm)"
     assert reference_note({"method": "tkd", "extras": {}}) == ""  # older results: nothing shown
     viewer = phantom_viewer
     field = next(la for la in viewer.layers if la.metadata.get("role") == "field")
@@ -200,7 +201,7 @@ def test_compare_shows_the_chi_reference_of_each_result(make_napari_viewer, qtbo
     cmp_.set_results(list(names.values()))
     qtbot.waitUntil(lambda: len(cmp_.panel.columns) >= 2, timeout=10000)
     subs = {c.title: c.subtitle for c in cmp_.panel.columns}
-    assert subs[names["mean"]].endswith(f"ref mean ({shift:+.3f} ppm)"), subs
+    assert subs[names["mean"]].endswith(f"ref mean ({round(shift, 3) + 0.0:+.3f} ppm)"), subs
     assert subs[names["none"]].endswith("ref none"), subs
 
 

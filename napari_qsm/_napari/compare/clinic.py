@@ -45,7 +45,7 @@ def reference_note(prov) -> str:
     value = extras.get("reference_ppm")
     if ref == "none" or not isinstance(value, (int, float)):
         return f"ref {ref}"
-    return f"ref {ref} ({value:+.3f} ppm)"
+    return f"ref {ref} ({round(float(value), 3) + 0.0:+.3f} ppm)"  # + 0.0: no "-0.000"
 
 
 def series_description(layer) -> str:
