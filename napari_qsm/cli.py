@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "without --magnitude; the command says which it used)")
     _add_raw_recon_args(r)
     r.add_argument("--weights", help="network checkpoint (.pt) for network methods")
+    r.add_argument("--dicom", action="store_true", help="also write χ as a DICOM series (OUT_dicom/, in ppb)")
     r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="method parameter (repeatable); raw echoes: STEP.NAME=VALUE goes to a field step")
     r.add_argument("--csf-mask", metavar="MASK",
@@ -221,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--dry-run", action="store_true", help="list what would run; write nothing")
     bt.add_argument("--overwrite", action="store_true", help="recompute scans that are up to date")
     bt.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (on every worker)")
+    bt.add_argument("--dicom", action="store_true", help="also write every χ as a DICOM series "
+                    "(<prefix>_desc-<method>_Chimap_dicom/)")
     bt.add_argument("--adapt-protocol", action="store_true",
                     help="first adapt QSMInvNet+ once to all the dataset's scans (one protocol; base: --weights or the "
                          "shipped checkpoint), then reconstruct every scan with it (needs --method dsbn)")
@@ -228,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--adapt-protocol: adaptation parameter, e.g. steps=200 (repeatable; see 'napari-qsm methods')")
     bt.add_argument("-q", "--quiet", action="store_true", help="no plan, bar or summary on stderr")
 
+    from .cli_clinic import add_parsers as _add_clinic_parsers
+    _add_clinic_parsers(sub)  # dicom, swi, report
     sub.add_parser("methods", help="list methods and their parameters")
 
     d = sub.add_parser("demo", help="every method on the built-in phantom: metrics table and comparison PNG")
@@ -509,7 +514,7 @@ def cmd_batch(args) -> int:
                   field_params=parse_cli_params(args.field_param), weights=args.weights, scheduler=args.scheduler,
                   workers=args.workers, threads_per_worker=args.threads_per_worker, memory_limit=args.memory_limit,
                   only=[x for x in args.only.split(",") if x.strip()] if args.only else None, dry_run=args.dry_run,
-                  overwrite=args.overwrite, device=args.device, adapt_protocol=args.adapt_protocol,
+                  overwrite=args.overwrite, device=args.device, adapt_protocol=args.adapt_protocol, dicom=args.dicom,
                   adapt_params=parse_cli_params(args.adapt_param) or None, echo=not args.quiet)
     return 0 if s.ok else 1
 
@@ -557,6 +562,8 @@ def cmd_demo(args) -> int:
 COMMANDS = {"recon": cmd_recon, "adapt": cmd_adapt, "metrics": cmd_metrics, "phantom": cmd_phantom,
             "methods": cmd_methods, "demo": cmd_demo, "view": cmd_view,
             "field": cmd_field, "batch": cmd_batch}
+from .cli_clinic import COMMANDS as _CLINIC_COMMANDS  # noqa: E402
+COMMANDS.update(_CLINIC_COMMANDS)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -23,6 +23,23 @@ def _method_for(args, has_magnitude: bool):
     return method
 
 
+def _dicom_targets(args) -> list:
+    """``--dicom``: the series folder beside the χ map (``OUT_dicom/``), refused when it exists (no --overwrite)."""
+    if not getattr(args, "dicom", False):
+        return []
+    name = Path(args.output).name
+    stem = name[:-7] if name.endswith(".nii.gz") else name[:-4] if name.endswith(".nii") else name
+    return [Path(args.output).with_name(stem + "_dicom")]
+
+
+def _write_dicom(args, out) -> None:
+    for folder in _dicom_targets(args):
+        from .core.io.dicom import nifti_to_dicom
+        files = nifti_to_dicom(out, folder, overwrite=getattr(args, "overwrite", False))
+        if not args.quiet:
+            print(f"DICOM: {len(files)} images -> {folder}", file=sys.stderr)
+
+
 def recon(args) -> int:
     """``napari-qsm recon``: a local field map, or raw echoes (then the field steps first) → χ."""
     if split_recon_args(args):  # raw echoes: the field steps, then the inversion
@@ -34,7 +51,7 @@ def recon(args) -> int:
     inputs = ([args.field, args.mask, args.magnitude, args.noise_std, args.r2star, args.weights, args.csf_mask]
               + [o[0] for o in args.orientation])
     check_output_path(args.output, inputs)
-    _refuse_existing([args.output, _sidecar_of(args.output)], args.overwrite)
+    _refuse_existing([args.output, _sidecar_of(args.output)] + _dicom_targets(args), args.overwrite)
     method = _method_for(args, args.magnitude is not None)
     params = make_params(method.params_cls, parse_cli_params(args.param))
     extra = {}
@@ -66,6 +83,7 @@ def recon(args) -> int:
         extra["scans"] = scans
     res = chi_from_field(scan, method.name, params, device=args.device, progress=_progress(args.quiet), **extra)
     out = save_result(res, args.output, scan=scan, inputs=inputs)
+    _write_dicom(args, out)
     if not args.quiet:
         print(f"{res.name}: {res.seconds:.2f} s on {res.device} -> {out}", file=sys.stderr)
     return 0
@@ -134,7 +152,7 @@ def _recon_raw(args) -> int:
     inputs = [str(p) for p in list(args.field or []) + list(args.magnitude or []) + list(args.phase or [])
               + [args.mask, args.weights] if p]
     check_output_path(args.output, inputs)
-    _refuse_existing([args.output, _sidecar_of(args.output)], args.overwrite)
+    _refuse_existing([args.output, _sidecar_of(args.output)] + _dicom_targets(args), args.overwrite)
     method = _method_for(args, True)
     if method.multi_scan:
         raise ValueError(f"method {method.name}: combines several orientations; run napari-qsm field per "
@@ -154,6 +172,7 @@ def _recon_raw(args) -> int:
     res = chi_from_field(run, method.name, params, nifti_info=echoes.nifti_info, device=args.device,
                          progress=progress, **extra)
     out = save_result(res, args.output, scan=run.scan, inputs=inputs)
+    _write_dicom(args, out)
     if not args.quiet:
         steps = ", ".join(f"{s['label']} {s['seconds']:.1f} s" for s in run.steps)
         print(f"local field: {steps}; {res.name}: {res.seconds:.2f} s on {res.device} -> {out}", file=sys.stderr)

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 from ..core.io import bids
 from ..core.io.bids import DERIVATIVES, strip_ext
 
-__all__ = ["BatchScan", "discover", "output_paths", "sidecar", "FIELD_MAPS", "DERIVATIVES"]
+__all__ = ["BatchScan", "discover", "output_paths", "sidecar", "FIELD_MAPS", "SWI_MAPS", "DERIVATIVES"]
 
 #: output suffix -> (key of :data:`napari_qsm.pipeline.FIELD_MAPS`, description, units); the local field
 #: is written last: the set's marker
@@ -21,6 +21,10 @@ FIELD_MAPS = {
     "R2starmap": ("r2star", "R2* from the echo fit", "1/s"),
     "localfield": ("local_field", "local (tissue) field, background removed", "ppm"),
 }
+#: SWI maps written beside the front end's (raw scans): suffix -> (quantity, units)
+SWI_MAPS = {"swi": ("susceptibility-weighted image (CLEAR-SWI style)", "a.u."),
+            "minIP": ("SWI minimum-intensity projection", "a.u."),
+            "T2starmap": ("T2* (NumART2*)", "ms")}
 _OPTIONAL_FIELD_INPUTS = {"magnitude": "magnitude", "noisestd": "noise_std", "R2starmap": "r2star"}
 
 
@@ -107,7 +111,10 @@ def output_paths(root, scan: BatchScan, method: str) -> dict[str, Path]:
     """The derivative files of one scan: ``{"chi": ...}`` and, for raw scans, the :data:`FIELD_MAPS` suffixes."""
     d = bids.derivatives_anat(root, scan.subject, scan.session)
     out = {"chi": d / bids.chi_name(scan.id, method)}
+    out["report"] = d / f"{scan.id}_desc-{method}_report.png"
     if scan.kind == "raw":
         for suffix in FIELD_MAPS:
+            out[suffix] = d / f"{scan.id}_{suffix}.nii.gz"
+        for suffix in SWI_MAPS:
             out[suffix] = d / f"{scan.id}_{suffix}.nii.gz"
     return out

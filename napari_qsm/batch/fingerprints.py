@@ -78,7 +78,7 @@ def _up_to_date(s: BatchScan, out: dict, row: dict, fps: tuple, overwrite: bool,
 
 
 def plan_scans(scans, all_hashes, *, root, m, par, fsteps, recipe, field_recipe, fload, overwrite, device, weights,
-               w_sha, field_only: bool = False):
+               w_sha, field_only: bool = False, dicom: bool = False):
     """(summary rows, [(row, job)]) for the scans: fingerprints, what is up to date, what runs.
 
     field_only: plan the front end alone (a raw scan is up to date when its field outputs are)."""
@@ -112,6 +112,7 @@ def plan_scans(scans, all_hashes, *, root, m, par, fsteps, recipe, field_recipe,
             "field_fingerprint": field_fp, "field_ready": field_ready, "fingerprint": fp, "field_only": field_only,
             "method": m.name, "params": par, "weights": weights, "weights_sha256": w_sha, "device": device,
             "threads": None,  # the worker's own thread count
+            "dicom": dicom,
         }))
         row["status"] = "planned"
     return rows, jobs

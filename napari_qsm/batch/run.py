@@ -163,7 +163,7 @@ def run_batch(root, method: str = "tkd", params: Optional[dict] = None, field_pa
               weights=None, *, client=None, scheduler: Optional[str] = None, workers: Optional[int] = None,
               threads_per_worker: int = 1, memory_limit=None, only: Optional[Sequence[str]] = None,
               dry_run: bool = False, overwrite: bool = False, device: str = "auto",
-              adapt_protocol: bool = False, adapt_params: Optional[dict] = None,
+              adapt_protocol: bool = False, adapt_params: Optional[dict] = None, dicom: bool = False,
               progress: Optional[Callable] = None, echo: bool = True) -> BatchSummary:
     """Reconstruct every scan of the BIDS dataset ``root`` on Dask; BIDS derivatives out (docs/batch.md).
 
@@ -188,6 +188,8 @@ def run_batch(root, method: str = "tkd", params: Optional[dict] = None, field_pa
         First adapt QSMInvNet+ once over every scan's local field (one task, checkpoint in
         ``derivatives/napari-qsm/adapted/``, reused while cohort and parameters match), then
         ``dsbn`` with it on every scan.
+    dicom : bool
+        Also write each χ as a DICOM series (``<prefix>_desc-<method>_Chimap_dicom/``).
     progress, echo
         Called with a :class:`~napari_qsm.core.progress.Progress` per finished scan; print the plan,
         dashboard and a bar to stderr.
@@ -212,7 +214,7 @@ def run_batch(root, method: str = "tkd", params: Optional[dict] = None, field_pa
         raise ValueError("--workers and --threads-per-worker must be at least 1")
     scans, hashes, deriv = _discover_and_hash(root, only, say)
     plan = dict(root=root, m=s["m"], par=s["par"], fsteps=s["fsteps"], recipe=s["recipe"],
-                field_recipe=s["field_recipe"], fload=s["fload"], overwrite=overwrite, device=device)
+                field_recipe=s["field_recipe"], fload=s["fload"], overwrite=overwrite, device=device, dicom=dicom)
     holder = ClientHolder(client, scheduler, workers, threads_per_worker, mem_bytes, say,
                           lambda ids: estimate_bytes([x for x in scans if x.id in ids], s["m"]))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.field.steps import FAMILIES as FIELD_FAMILIES
-from .discovery import FIELD_MAPS, sidecar
+from .discovery import FIELD_MAPS, SWI_MAPS, sidecar
 from .fingerprints import read_json
 
 __all__ = ["process_scan", "adapt_task", "warm_worker", "load_field_inputs"]
@@ -69,6 +69,38 @@ def _write_field_outputs(run, echoes, out: dict, prov: dict) -> None:
                     description=f"napari-qsm {suffix}" + (f" ({units})" if units else ""))
 
 
+def _write_swi(run, echoes, out: dict, prov: dict) -> None:
+    """SWI, its minIP and NumART2* T2* of a raw scan (:mod:`napari_qsm.core.swi`, default parameters)."""
+    from ..core.io import save_volume
+    from ..core.swi import swi
+    res = swi(echoes.magnitude, run.total.field, run.brain_mask, echoes.te, run.total.b0_tesla,
+              run.total.voxel_size)
+    for suffix, arr in (("swi", res.swi), ("minIP", res.min_ip), ("T2starmap", res.t2star_ms)):
+        quantity, units = SWI_MAPS[suffix]
+        side = {"Description": f"napari-qsm {quantity}", "Units": units, **prov, **res.provenance,
+                "output": {"file": out[suffix].name, "quantity": quantity, "units": units}}
+        save_volume(arr, out[suffix], echoes.affine, nifti_info=echoes.nifti_info, provenance=side,
+                    description=f"napari-qsm {suffix} ({units})")
+
+
+def _report_and_dicom(job: dict, out: dict, res, scan, resid: float, state: dict) -> None:
+    """The scan's one-page report (with the SWI minIP of a raw scan) and, if asked, χ as DICOM."""
+    from ..core.io import read_volume
+    from ..core.report import write_report
+    state["step"] = "report"
+    minip = None
+    if out.get("minIP") is not None and out["minIP"].exists():
+        minip = read_volume(str(out["minIP"]), "minIP")[0]
+    write_report(out["report"], res.chi, scan.mask, scan.voxel_size, title=job["id"], method=res.name,
+                 parameters=res.params, residual_percent=resid, min_ip=minip,
+                 reference=str(res.extras.get("reference", "mean of the mask")))
+    if job.get("dicom"):
+        state["step"] = "dicom"
+        from ..core.io.dicom import nifti_to_dicom
+        folder = out["chi"].parent / (out["chi"].name.replace(".nii.gz", "") + "_dicom")
+        nifti_to_dicom(out["chi"], folder, description=f"QSM {res.name}"[:64], overwrite=True)
+
+
 def _recon_command(fi: dict, method: str, params: dict, defaults: dict, weights, out, threads: int) -> str:
     """The ``napari-qsm recon`` call that gives the same χ bit for bit (torch's thread count included:
     sums over threads round differently)."""
@@ -109,6 +141,8 @@ def _front_end(job: dict, out: dict, common: dict, state: dict) -> tuple[dict, l
         state["step"] = _failing_field_step(exc)
         raise
     seconds = time.perf_counter() - tf
+    state["step"] = "swi"
+    _write_swi(run, echoes, out, {**common, "field_fingerprint": job["field_fingerprint"]})
     state["step"] = "write field"
     prov = {**common, "field_fingerprint": job["field_fingerprint"], "field_steps": run.steps,
             "seconds": round(seconds, 3), "device": device_label(resolve_device(job["device"])),
@@ -151,6 +185,8 @@ def _invert_and_write(job: dict, out: dict, common: dict, fi: dict, field: tuple
         chi_side.unlink()
     save_volume(res.chi, out["chi"], scan.affine, nifti_info=getattr(scan, "_nifti_info", None),
                 description=f"napari-qsm chi (ppm) {res.method}")
+    _report_and_dicom(job, out, res, scan, float(resid), state)
+    state["step"] = "write"
     write_json(chi_side, prov)  # last: a matching χ sidecar means the scan is complete
     return float(resid)
 
