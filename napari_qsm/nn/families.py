@@ -143,13 +143,20 @@ def _blend(head, box, alpha, value, dark):
     head.magnitude[box] *= 1.0 - np.float32(dark) * a
 
 
-def add_vessel(head, rng, cfg) -> bool:
-    """A paramagnetic tube along a random 2-4 segment polyline through a mask point."""
+def _mask_point(head, rng):
+    """(voxel size, a random point of the mask in mm) or (voxel size, None) for an empty mask."""
     vs = np.asarray(head.voxel_size, np.float64)
     idx = np.flatnonzero(head.mask)
     if idx.size == 0:
+        return vs, None
+    return vs, np.array(np.unravel_index(int(idx[rng.integers(idx.size)]), head.mask.shape)) * vs
+
+
+def add_vessel(head, rng, cfg) -> bool:
+    """A paramagnetic tube along a random 2-4 segment polyline through a mask point."""
+    vs, p = _mask_point(head, rng)
+    if p is None:
         return False
-    p = np.array(np.unravel_index(int(idx[rng.integers(idx.size)]), head.mask.shape)) * vs
     r = float(rng.uniform(*cfg.vessel_radius_mm))
     chi = float(rng.uniform(*cfg.vessel_chi))
     d = rng.standard_normal(3)
@@ -168,11 +175,9 @@ def add_vessel(head, rng, cfg) -> bool:
 
 def add_calcification(head, rng, cfg) -> bool:
     """A small diamagnetic sphere (χ in ``calc_chi``) with a dark magnitude, centred inside the mask."""
-    vs = np.asarray(head.voxel_size, np.float64)
-    idx = np.flatnonzero(head.mask)
-    if idx.size == 0:
+    vs, c = _mask_point(head, rng)
+    if c is None:
         return False
-    c = np.array(np.unravel_index(int(idx[rng.integers(idx.size)]), head.mask.shape)) * vs
     r = float(rng.uniform(*cfg.calc_radius_mm))
     box, g = _grid_box(head.mask.shape, vs, c - r - 2, c + r + 2)
     if box is None:
