@@ -468,7 +468,7 @@ def fine_grid_field(chi, voxel_size, b0_direction, factor=2, pad_factor: float =
 
 def _honest_field(chi, mag, msk, vs, b0, rng, cfg: SynthConfig, snr, info) -> Sample:
     """Steps 6h/7h of the module docstring."""
-    from ..core.sim.phantom import _fit_echoes, default_echo_protocol
+    from ..core.sim.signal import _fit_echoes, default_echo_protocol
 
     P = chi.shape
     true_field = fine_grid_field(chi, tuple(vs), b0, cfg.honest_factor) * msk
