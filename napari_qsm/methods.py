@@ -53,6 +53,7 @@ ENTRY_POINT_GROUP = "napari_qsm.methods"
 _METHOD_MODULES = (
     "napari_qsm.core.inversion.tkd",
     "napari_qsm.core.inversion.medi",
+    "napari_qsm.core.inversion.tfi",
     "napari_qsm.core.inversion.cosmos",
     "napari_qsm.nn.infer",
     "napari_qsm.nn.adapt",

@@ -45,6 +45,7 @@ class Method:
     multi_scan: bool = False       # True: takes scans=[Scan, ...] (COSMOS)
     order: int = 100              # position in dropdowns
     short: str = ""               # result name, formatted with the parameters ("QSMInvNet+ adapted ({steps} steps)"); default: label
+    field_kind: str = "local"     # "total": takes the unwrapped TOTAL field (TFI); raw-echo pipelines skip background removal
 
 
 @dataclass
