@@ -133,6 +133,16 @@ def recon_from_raw(args, progress=None) -> int:
     params = make_params(method.params_cls, method_items)
     recipe = FieldRecipe(fit=chosen.get("fit", args.fit), mask=chosen.get("mask", args.mask_method),
                          unwrap=chosen.get("unwrap", args.unwrap), background=chosen.get("background", args.background))
+    # --- tfi-medi (issue 25): a method that takes the TOTAL field (Method.field_kind == "total", TFI) gets the
+    # fit → mask → unwrap chain and no background removal (the unwrapped total field, un-eroded brain mask).
+    if getattr(method, "field_kind", "local") == "total":
+        if recipe.background is not None or field_items.get("background") or any(
+                k.startswith("background.") for k in field_items):
+            raise ValueError(f"--background: method {method.name} takes the total field; it runs no background "
+                             "removal")
+        from .core.inversion.tfi import KEEP_TOTAL_FIELD
+        recipe.background = KEEP_TOTAL_FIELD
+    # --- end tfi-medi
     recipe.params = split_field(field_items, recipe)
     echoes, run = raw_local_field(args, args.field, recipe, progress)
     scan = run.scan

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..dipole import check_voxel_size, unit_vector
+from ..field.steps import Step
 from ..method import Method
 from ..params import param
 from ..progress import check_cancel
@@ -190,6 +191,22 @@ def _run(scan, p: TFIParams, *, device, progress=None, cancel=None, support=None
         if k in info:
             extras[k] = info[k]
     return {"chi": chi, "extras": extras}
+
+
+@dataclass
+class _KeepTotalParams:
+    """No parameters: the total field is kept as it is."""
+
+
+def _keep_total(field, mask, p, **_):
+    return np.where(mask, field, 0).astype(np.float32), np.asarray(mask, bool)
+
+
+#: the "background removal" a raw-echo pipeline runs before a method that takes the total field
+#: (``Method.field_kind == "total"``): none, the unwrapped total field and the un-eroded brain mask go on.
+KEEP_TOTAL_FIELD = Step(family="background", name="none", label="none (total field kept for TFI)",
+                        params_cls=_KeepTotalParams, run=_keep_total,
+                        doc="No background removal: the method fits brain and background sources together.")
 
 
 METHODS = (Method(
