@@ -120,17 +120,8 @@ def test_tfi_registry_record_and_errors(head):
         tfi(head["total"], np.zeros_like(head["brain"]), VS, B0, magnitude=head["mag"])
 
 
-@pytest.fixture(scope="module")
-def raw_head(tmp_path_factory):
-    from napari_qsm.cli import main
-
-    raw = tmp_path_factory.mktemp("raw")
-    assert main(["phantom", str(raw), "--raw", "--shape", "40", "48", "40", "--voxel-size", "4", "4", "4",
-                 "--seed", "3"]) == 0
-    return raw / "sub-phantom"
-
-
-def test_cli_tfi_from_raw_echoes_skips_background_and_from_a_total_field(raw_head, tmp_path, capsys):
+def test_cli_tfi_from_raw_echoes_skips_background_and_from_a_total_field(raw_bids_head, tmp_path, capsys):
+    raw_head = raw_bids_head
     from napari_qsm.cli import main
 
     out = tmp_path / "chi.nii.gz"
@@ -146,6 +137,7 @@ def test_cli_tfi_from_raw_echoes_skips_background_and_from_a_total_field(raw_hea
     # a background choice makes no sense with TFI
     assert main(["recon", str(raw_head), "--method", "tfi", "--background", "lbv", "--device", "cpu", "-q",
                  "-o", str(tmp_path / "x.nii.gz")]) != 0
+    assert "takes the total field" in capsys.readouterr().err
     # the total field the Field step writes, with a mask
     fld = tmp_path / "field"
     assert main(["field", str(raw_head), "-o", str(fld), "--device", "cpu", "-q"]) == 0

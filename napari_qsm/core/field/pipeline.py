@@ -52,7 +52,12 @@ def core_steps() -> dict[tuple[str, str], Step]:
 
 
 def find_step(family: str, name: Optional[str] = None) -> Step:
-    """A shipped step by family and name (None: the family's default)."""
+    """A shipped step by family and name (None: the family's default).
+
+    Only this package's steps: the registry (:func:`napari_qsm.methods.get_step`) also has the
+    third-party ones, and :func:`napari_qsm.pipeline.make_recipe` puts its :class:`Step` records in
+    a recipe. Every caller outside ``core`` goes through it; this lookup serves core-only use.
+    """
     if family not in FAMILIES:
         raise ValueError(f"step family: expected one of {FAMILIES}, got {family!r}")
     steps = [s for (f, _), s in core_steps().items() if f == family]
@@ -165,6 +170,8 @@ def local_field(echoes: Echoes, recipe: Optional[FieldRecipe] = None, *, mask=No
             extra = {}
             if total.misfit is not None and "misfit" in inspect.signature(s.run).parameters:
                 extra["misfit"] = total.misfit   # edge voxels whose phase is not linear in TE are left out
+            if "r2star" in inspect.signature(s.run).parameters:
+                extra["r2star"] = total.r2star   # short T2* (bone) is left out unless enclosed by brain
             return s.run(total.magnitude, p, quality=quality, voxel_size=total.voxel_size, progress=progress,
                          cancel=cancel, **extra)
         brain = timed("mask", make_mask)
