@@ -210,7 +210,7 @@ KEEP_TOTAL_FIELD = Step(family="background", name="none", label="none (total fie
 
 
 METHODS = (Method(
-    "tfi", "TFI", TFIParams, _run, order=22, short="TFI λ={lambda}", uses_magnitude=True, long_running=True,
+    "tfi", "TFI", TFIParams, _run, order=50, short="TFI λ={lambda}", uses_magnitude=True, long_running=True,
     field_kind="total",
     doc="Total field inversion (Liu 2017, preconditioned; MEDI toolbox TFI_L1 semantics): takes the TOTAL "
         "field (unwrapped) and the brain mask, fits brain and background χ together with P = 1 in the brain and "
