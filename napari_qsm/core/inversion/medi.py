@@ -62,6 +62,10 @@ For small phases the problem is equivalent to  min ‖w_G∇χ_ppm‖₁ + λ·s
 only the product λ·s matters; ``lambda=auto`` is independent of this choice.
 
 Automatic λ: :mod:`napari_qsm.core.inversion.medi_lambda`.
+
+Progress: one record per Gauss-Newton step (step k of ``max_iter``: ‖dχ‖/‖χ‖, cost, CG iterations, seconds, ETA),
+then "converged at GN k, ratio r" or "stopped at max iterations" (:class:`~.medi_solver.GNReporter`); the solver
+itself (finite differences, weights, Gauss-Newton/CG) is :mod:`napari_qsm.core.inversion.medi_solver`.
 """
 
 from __future__ import annotations
