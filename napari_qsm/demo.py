@@ -43,7 +43,10 @@ QUICK_NOTE = (f"{QUICK_TITLE}: the demo's short run adapts only the scan domain'
 #: the machine ran at load 18-25 on 2 cores then (982 s for the same demo). ``dsbn_adapt_full``: the
 #: default 120-step adaptation (``--full``).
 EXPECTED_SECONDS = {"phantom": 5, "tkd": 2, "tsvd": 2, "medi": 16, "cosmos": 19, "dsbn": 6, "dsbn_adapt": 31,
-                    "dsbn_adapt_full": 270, "figure": 10}
+                    "dsbn_adapt_full": 270, "figure": 10,
+                    # estimated, not measured idle (load 25-30 on 2-06 Dec): FFT-pair counts of the 1 mm runs in
+                    # docs/benchmarks/inversions.md × 0.018 s (one pair at this demo's size) × 2 (the upper end)
+                    "tv": 5, "rts": 3, "hdqsm": 22, "ndi": 27}
 #: a method the table does not know yet (a new or third-party one)
 UNKNOWN_METHOD_SECONDS = 20
 

@@ -19,7 +19,7 @@ FORBIDDEN = ("napari_qsm.nn", "napari_qsm._napari", "napari_qsm.cli", "napari_qs
              "napari_qsm.demo", "napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "superqt")
 
 #: what `napari-qsm methods`, `--method` and the Reconstruction dock listed before the registry moved
-METHODS_BEFORE = ["tkd", "tsvd", "medi", "cosmos", "dsbn", "dsbn_adapt"]
+METHODS_BEFORE = ["tkd", "tsvd", "tv", "rts", "hdqsm", "ndi", "medi", "cosmos", "dsbn", "dsbn_adapt"]
 #: methods added since (tfi-medi: TFI, issue 25), listed after them
 METHODS_ADDED = ["tfi"]
 
@@ -145,7 +145,7 @@ def test_third_party_method_from_an_entry_point(tmp_path, monkeypatch, fresh_reg
     assert any("broken" in k for k in fresh_registry.import_errors())
     field = np.ones((4, 4, 4), np.float32)
     res = fresh_registry.reconstruct(Scan(field=field, mask=np.ones((4, 4, 4), bool), voxel_size=(1, 1, 1)),
-                                     "half", {"factor": "0.25"}, device="cpu")
+                                     "half", {"factor": "0.25", "reference": "none"}, device="cpu")
     assert res.method == "half" and np.allclose(res.chi, 0.25)
 
 

@@ -1024,7 +1024,9 @@ def adapt_cli(scan, steps=None, weights=None, save_weights=None, params=None, de
     values = dict(params or {})
     if steps is not None:
         values["steps"] = steps
-    p = make_params(AdaptParams, values)
+    from ..core.method import apply_reference, with_reference
+
+    p = make_params(with_reference(AdaptParams), values)   # the one χ reference of every method (core.method)
     if save_weights is not None:
         _check_target(save_weights, weights if weights is not None else default_weights_path())
     multi = isinstance(scan, (list, tuple)) and len(scan) > 1
@@ -1035,9 +1037,10 @@ def adapt_cli(scan, steps=None, weights=None, save_weights=None, params=None, de
         extras["adapted_weights"] = str(out)
     name = {"dsbn": "dsbn_adapt", "finetune": "qsminvnet_finetune", "uqsm": "uqsm"}[p.mode]
     scans = list(scan) if isinstance(scan, (list, tuple)) else [scan]
+    refs = [apply_reference(c, sc.mask, p.reference, scan=sc) for c, sc in zip(res.chis, scans)]
     out = [Result(chi=c, method=name, params=params_to_dict(p), seconds=res.seconds, device=res.device,
-                  extras=dict(extras, protocol_scans=len(scans)) if multi else extras, scan_info=sc.info())
-           for c, sc in zip(res.chis, scans)]
+                  extras=dict(extras, **ref, **({"protocol_scans": len(scans)} if multi else {})), scan_info=sc.info())
+           for (c, ref), sc in zip(refs, scans)]
     return out if multi else out[0]
 
 

@@ -22,7 +22,9 @@ toolbox's ``TFI_L1`` as published (not its code)::
   :func:`~.medi_solver.gradient_mask`), which include Ω's own boundary; w_G = 1 elsewhere.
 * Solver: MEDI's Gauss-Newton with the lagged L1 surrogate and CG in the variable y (stop at
   ‖dy‖/‖y‖ < ``tol_norm_ratio``), :class:`~.medi_solver.Problem` with ``P``.
-* Output: χ (ppm) in M, referenced to its mean over M (``reference="mean"``) or as solved ("none").
+* Output: χ (ppm) in M, referenced to its mean over M (``reference="mean"``) or as solved ("none"); through the
+  registry the method returns it as solved and the common ``reference`` option (:mod:`napari_qsm.core.method`)
+  applies the reference, as for every method.
 """
 
 from __future__ import annotations
@@ -50,8 +52,6 @@ class TFIParams:
     percentage: float = param(0.9, "gradient-mask share: #edge gradient components / #support voxels", min=0.01,
                               max=2.9)
     edge_mask: bool = param(True, "morphology prior: gradient mask from the magnitude (off: plain TV)")
-    reference: str = param("mean", "χ reference: mean (mean over the brain mask = 0) or none",
-                           choices=("mean", "none"))
     cg_tol: float = param(0.01, "conjugate-gradient relative residual tolerance", min=1e-6, max=0.5)
     cg_max_iter: int = param(100, "conjugate-gradient iterations per Gauss-Newton step (at most)", min=1, max=10000)
     max_iter: int = param(10, "Gauss-Newton iterations (at most)", min=1, max=100)
@@ -109,8 +109,10 @@ def tfi(field, mask, voxel_size, b0_direction=(0.0, 0.0, 1.0), *, support=None, 
         Region Ω ⊇ M where the total field is also trusted (data weight); default M.
     magnitude, noise_std : arrays, optional
         Magnitude (3-D, or 4-D echoes last: first echo) for the edge prior; noise map N_std (ppm).
-    lam, precond, percentage, edge_mask, reference, cg_tol, cg_max_iter, max_iter, tol_norm_ratio, delta_te,
+    lam, precond, percentage, edge_mask, cg_tol, cg_max_iter, max_iter, tol_norm_ratio, delta_te,
     pad_factor : see :class:`TFIParams`.
+    reference : {"mean", "none"}
+        χ's mean over M set to 0, or χ as solved.
     b0_tesla : float, optional
         B0 for the phase scale (default 3 T).
     device, progress, cancel :
@@ -177,7 +179,7 @@ def tfi(field, mask, voxel_size, b0_direction=(0.0, 0.0, 1.0), *, support=None, 
 def _run(scan, p: TFIParams, *, device, progress=None, cancel=None, support=None, **_):
     chi, info = tfi(scan.field, scan.mask, scan.voxel_size, scan.b0_direction, support=support,
                     magnitude=scan.magnitude, noise_std=getattr(scan, "noise_std", None), lam=p.lam,
-                    precond=p.precond, percentage=p.percentage, edge_mask=p.edge_mask, reference=p.reference,
+                    precond=p.precond, percentage=p.percentage, edge_mask=p.edge_mask, reference="none",
                     cg_tol=p.cg_tol, cg_max_iter=p.cg_max_iter, max_iter=p.max_iter, tol_norm_ratio=p.tol_norm_ratio,
                     delta_te=p.delta_te, b0_tesla=getattr(scan, "b0_tesla", None), pad_factor=p.pad_factor,
                     device=device, progress=progress, cancel=cancel, return_info=True)
@@ -185,8 +187,7 @@ def _run(scan, p: TFIParams, *, device, progress=None, cancel=None, support=None
     extras = {"field_kind": "total", "lambda": info["lambda"], "precond": info["precond"],
               "gn_iterations": h["gn_iters"], "converged": h["converged"], "cg_iterations": list(h["cg_iters"]),
               "norm_ratio": list(h["norm_ratio"]), "cost": list(h["cost"]), "data_residual": info["residual"],
-              "data_weighting": info["data_weighting"], "fft_shape": info["fft_shape"],
-              "reference": info["reference"]}
+              "data_weighting": info["data_weighting"], "fft_shape": info["fft_shape"]}
     for k in ("gradient_threshold", "edge_share"):
         if k in info:
             extras[k] = info[k]
