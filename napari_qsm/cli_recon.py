@@ -164,8 +164,17 @@ def _recon_raw(args) -> int:
         (field_items if "." in k and k.split(".", 1)[0] in FAMILIES else method_items)[k] = v
     field_items.update(parse_cli_params(args.field_param))
     params = make_params(method.params_cls, method_items)
+    # --- tfi-medi (issue 25): a method that takes the TOTAL field (Method.field_kind == "total", TFI) gets the
+    # fit → mask → unwrap chain and no background removal (the unwrapped total field and the un-eroded brain mask).
+    total_kind = getattr(method, "field_kind", "local") == "total"
+    if total_kind and (args.background or any(k == "background" or k.startswith("background.") for k in field_items)):
+        raise ValueError(f"--background: method {method.name} takes the total field; it runs no background removal")
+    # --- end tfi-medi
     recipe = make_recipe({"fit": args.fit, "mask": args.mask_method, "unwrap": args.unwrap,
                           "background": args.background}, field_items)
+    if total_kind:  # tfi-medi
+        from .core.inversion.tfi import KEEP_TOTAL_FIELD
+        recipe.background = KEEP_TOTAL_FIELD
     progress = _progress(args.quiet)
     echoes, run = raw_field(args, args.field, recipe, progress)
     extra = {"weights": args.weights} if args.weights else {}

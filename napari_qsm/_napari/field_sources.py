@@ -15,7 +15,6 @@ from typing import Optional
 
 import numpy as np
 
-from ..core.constants import PHASE_SCALES
 from ..core.field.records import Echoes
 from ..core.scan import ScanError
 from .layer_roles import layer_role
@@ -132,9 +131,9 @@ def _prefix(name: str) -> str:
 
 
 def echoes_from_sources(mag: EchoSource, phase: EchoSource, te_s, b0_tesla: float, phase_units: str = "auto",
-                        phase_sign: int = 1) -> Echoes:
+                        phase_sign=None) -> Echoes:
     """Build the core's :class:`Echoes` from two sources (errors name the input)."""
-    from ..core.field.load import detect_phase_units
+    from ..core.field.phase_units import phase_to_radians
 
     if mag is None:
         raise ScanError("magnitude: no echoes chosen; open a raw multi-echo scan (a BIDS or DICOM folder, or the "
@@ -151,16 +150,13 @@ def echoes_from_sources(mag: EchoSource, phase: EchoSource, te_s, b0_tesla: floa
         raise ScanError(f"phase: '{phase.label}' holds NaN/Inf values")
     side = mag.metadata.get("sidecar") if isinstance(mag.metadata.get("sidecar"), dict) else {}
     manufacturer = str(side.get("Manufacturer") or "")
-    if phase_units == "auto":
-        if phase.metadata.get("units") == "rad" or phase.metadata.get("phase_units") == "rad":
-            units, reason = "rad", "layer metadata: radians"
-        else:
-            units, reason = detect_phase_units(p, manufacturer, name=f"phase '{phase.label}'")
-    else:
-        units, reason = phase_units, "chosen in the dock"
-    if units not in PHASE_SCALES:
-        raise ScanError(f"phase units: expected one of {list(PHASE_SCALES)}, got {units!r}")
-    p = p * np.float32(PHASE_SCALES[units] * phase_sign)
+    units = phase_units
+    if phase_units == "auto" and (phase.metadata.get("units") == "rad" or phase.metadata.get("phase_units") == "rad"):
+        units = "rad"  # the reader already converted it
+    # the core's one conversion (radians, signed/unsigned Siemens, Philips mrad, rescale with evidence, GE sign)
+    p, facts = phase_to_radians(p, units, manufacturer, None if phase_sign in (None, 0) else int(phase_sign),
+                                name=f"phase '{phase.label}'", magnitude=m)
+    units, reason, phase_sign = facts["phase_units"], facts["phase_units_source"], facts["phase_sign"]
     vendor = {"phase_units": units, "phase_units_source": reason, "phase_sign": int(phase_sign),
               "manufacturer": manufacturer or None, "from_layers": [lay.name for lay in mag.layers + phase.layers]}
     srcs = tuple(str(_md(la).get("path")) for la in mag.layers + phase.layers if _md(la).get("path"))

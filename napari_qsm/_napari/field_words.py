@@ -15,7 +15,8 @@ __all__ = ["FAMILY_TITLES", "PHASE_UNITS", "CHOICE_WORDS", "nice_label", "relabe
 #: the step families in the words a person writes, in the order the dock shows them
 FAMILY_TITLES = {"fit": "Echo fit", "unwrap": "Unwrapping", "mask": "Brain mask", "background": "Background removal"}
 PHASE_UNITS = [("auto", "detect from the values"), ("rad", "radians"), ("siemens", "Siemens integers (±4096)"),
-               ("mrad", "Philips milliradians")]
+               ("siemens-unsigned", "Siemens integers (0 to 4095)"), ("mrad", "Philips milliradians"),
+               ("rescale", "rescale min..max to ±π")]
 
 # parameter rows: words a person would write, units in the label (the record's name stays the key)
 _LABELS = {

@@ -83,6 +83,7 @@ class Method:
     multi_scan: bool = False       # True: takes scans=[Scan, ...] (COSMOS)
     order: int = 100              # position in dropdowns
     short: str = ""               # result name, formatted with the parameters ("QSMInvNet+ adapted ({steps} steps)"); default: label
+    field_kind: str = "local"     # "total": takes the unwrapped TOTAL field (TFI); raw-echo pipelines skip background removal
 
     def __post_init__(self) -> None:
         self.params_cls = with_reference(self.params_cls)   # every method gets the same χ reference option
