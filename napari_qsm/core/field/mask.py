@@ -1,13 +1,13 @@
 """Brain mask without FSL (step family "mask").
 
 Inputs: ``run(magnitude, params=None, *, quality=None, user_mask=None, voxel_size=(1, 1, 1),
-progress=None, cancel=None) -> np.ndarray`` (bool, 3-D).
+misfit=None, r2star=None, progress=None, cancel=None) -> np.ndarray`` (bool, 3-D).
 
 * ``magnitude``: 3-D combined magnitude, or 4-D echoes (i, j, k, echo), combined here by the
   root sum of squares.
-* ``quality``: optional 3-D phase-quality map in [0, 1] (e.g. :func:`napari_qsm.core.field.unwrap.voxel_quality`);
-  with ``source="auto"`` it is thresholded instead of the magnitude (QSMxT's default: Otsu on the
-  ROMEO quality map).
+* ``quality``: optional 3-D phase-quality map in [0, 1] (e.g. :func:`napari_qsm.core.field.unwrap.voxel_quality`),
+  thresholded by Otsu with ``source="quality"`` (QSMxT's default).
+* ``r2star``: optional 3-D R2* (1/s) from the echo fit; with ``source="auto"`` it marks bone.
 * ``misfit``: optional 3-D echo-fit misfit (reduced χ², ``TotalField.misfit``): voxels above
   ``misfit_max`` are left out after the holes are filled, and the holes are filled once more, so
   the exclusion carves the mask's edge (where intra-voxel dephasing next to air and bone makes the
@@ -15,12 +15,23 @@ progress=None, cancel=None) -> np.ndarray`` (bool, 3-D).
 * ``user_mask``: a mask the user gives always wins: it is returned as is (validated, as bool),
   whatever the parameters.
 
-Method ``threshold``: Otsu's threshold (maximum between-class variance of the histogram, the
-upper 0.5 % clipped) times ``threshold_scale`` → binary opening by a ball of ``open_mm`` (cuts the
-thin bridges between the brain and the bright scalp across a dark skull) → the largest connected
-component → holes filled (3-D, then slice by slice along each axis) → closing by ``close_mm`` →
-erosion by ``erode_mm``. Morphology uses Euclidean distance transforms with the physical voxel
-size, so radii are in mm on anisotropic grids.
+Method ``threshold`` (``source="auto"``), built for real data (tissue everywhere in the FOV, coil
+profiles, bone and scalp next to the brain, veins at the FOV border) and scale-free (no noise σ):
+
+1. Tissue: the combined magnitude above ``signal_fraction`` of the local tissue level, in two passes
+   (a global level, the median of Otsu's upper class; then that level smoothed by ``bias_mm`` over
+   the first pass's voxels, so receive-coil profiles do not cut the centre of the head), and R2*
+   not above ``r2star_factor`` × the tissue median (bone: little signal, short T2*).
+2. Opening by ``open_mm`` (at least one voxel) cuts thin bridges to the scalp; the largest component.
+3. Holes filled in 3-D, and background components open to the FOV border whose border opening is
+   small against their wall (``border_fill``): a vein, the fissure or a haemorrhage cut by the FOV.
+   Dark structures inside the brain (veins, iron-rich nuclei, haemorrhage) are holes, so they stay.
+4. The outer shell (``edge_mm`` deep, not at the FOV border) loses its dark and short-T2* voxels
+   (partial-volume bone) or, with ``edge="all"``, all of it (the CSF rim as well).
+5. Misfit carving, optional closing and erosion, as above.
+
+Morphology uses Euclidean distance transforms with the physical voxel size, so radii are in mm on
+anisotropic grids.
 """
 
 from __future__ import annotations
@@ -148,19 +159,155 @@ def check_user_mask(user_mask, shape) -> np.ndarray:
 
 @dataclass
 class ThresholdMaskParams:
-    source: str = param("auto", "what is thresholded: the phase-quality map when given (auto), or the magnitude",
+    source: str = param("auto", "what marks tissue: signal and R2* (auto; R2* when the fit gives it), the magnitude "
+                        "alone, or the phase-quality map (QSMxT's Otsu on the quality)",
                         choices=("auto", "magnitude", "quality"))
-    threshold_scale: float = param(1.0, "multiplies Otsu's threshold (lower keeps more)", min=0.05, max=5.0)
-    open_mm: float = param(2.0, "opening radius (mm) that cuts thin bridges to the scalp; 0 = none", min=0.0, max=20.0)
+    threshold_scale: float = param(1.0, "multiplies the signal threshold (lower keeps more)", min=0.05, max=5.0)
+    signal_fraction: float = param(0.25, "tissue: combined magnitude above this fraction of the local tissue level",
+                                   min=0.01, max=0.9)
+    bias_mm: float = param(25.0, "smoothing (mm) of the local tissue level (receive-coil profiles); 0 = one level",
+                           min=0.0, max=200.0)
+    r2star_factor: float = param(4.0, "bone and other short-T2* tissue: R2* above this many times the tissue median "
+                                 "is left out unless enclosed by brain; 0 = R2* not used", min=0.0, max=100.0)
+    open_mm: float = param(2.0, "opening radius (mm, at least one voxel) that cuts thin bridges to the scalp; 0 = none",
+                           min=0.0, max=20.0)
+    border_fill: float = param(0.25, "fill holes open to the field-of-view border (veins, fissure, lesions cut by the "
+                               "FOV) whose border opening is at most this fraction of their wall; 0 = closed holes only",
+                               min=0.0, max=10.0)
+    edge_mm: float = param(3.0, "depth (mm, at least one voxel) of the mask's outer shell that is checked (the FOV "
+                           "border is not an edge); 0 = none", min=0.0, max=20.0)
+    edge: str = param("dark", "what leaves the outer shell: its dark or short-T2* voxels (partial-volume bone; the CSF "
+                      "rim stays as margin for background removal), or all of it (the CSF rim too)",
+                      choices=("dark", "all"))
+    edge_fraction: float = param(0.6, "dark in the shell: magnitude below this fraction of the local tissue level",
+                                 min=0.0, max=1.0)
     close_mm: float = param(0.0, "closing radius (mm) after filling holes; 0 = none", min=0.0, max=20.0)
     erode_mm: float = param(0.0, "final erosion (mm); background removal erodes further", min=0.0, max=20.0)
     misfit_max: float = param(10.0, "leave out edge voxels whose echo-fit misfit (reduced χ²; ≈ 1 for noise) exceeds "
                               "this; 0 = keep them", min=0.0, max=1e6)
 
 
+def _check_map(name, a, shape):
+    if a is None:
+        return None
+    a = np.asarray(a, np.float32)
+    if a.shape != tuple(shape):
+        raise ScanError(f"{name}: shape {a.shape} does not match the magnitude {tuple(shape)}")
+    return a
+
+
+def tissue_level(mag, seed, vs, bias_mm):
+    """The local tissue level: the magnitude of the ``seed`` voxels smoothed by a Gaussian of ``bias_mm``
+    (normalised convolution, so air does not pull it down at the head's edge); one level when 0."""
+    ref = float(np.median(mag[seed])) if seed.any() else float(np.max(mag))
+    if bias_mm <= 0:
+        return np.full(mag.shape, ref, np.float32)
+    # smooth on a grid subsampled to about a quarter of σ (the result is smooth at that scale), then interpolate
+    step = [max(1, int(bias_mm / v / 4)) for v in vs]
+    sub = tuple(slice(None, None, k) for k in step)
+    sig = [bias_mm / v / k for v, k in zip(vs, step)]
+    num = ndimage.gaussian_filter(np.where(seed, mag, 0)[sub].astype(np.float32), sig, mode="nearest")
+    den = ndimage.gaussian_filter(seed[sub].astype(np.float32), sig, mode="nearest")
+    small = np.where(den > 0.05, num / np.maximum(den, 1e-6), ref).astype(np.float32)
+    if small.shape != mag.shape:
+        small = ndimage.zoom(small, [n / m for n, m in zip(mag.shape, small.shape)], order=1, mode="nearest")
+    return small
+
+
+def tissue_candidates(mag, r2star, p: ThresholdMaskParams, vs):
+    """Voxels with tissue signal (two passes: a global level from Otsu's upper class, then the local level)
+    and, with R2*, without the short T2* of bone. Returns (candidates, facts)."""
+    otsu = otsu_threshold(mag)
+    upper = mag > otsu
+    frac = p.signal_fraction * p.threshold_scale
+    seed = mag > frac * float(np.median(mag[upper]))           # pass 1: one level for the whole FOV
+    level = tissue_level(mag, seed, vs, p.bias_mm)
+    cand = mag > frac * level                                   # pass 2: the local level (coil profiles)
+    facts = {"otsu": otsu, "level": level}
+    if r2star is not None and p.r2star_factor > 0 and cand.any():
+        r2_med = float(np.median(r2star[cand]))
+        facts["r2star_median"] = r2_med
+        if r2_med > 0:
+            cand &= ~(r2star > p.r2star_factor * r2_med)
+    return cand, facts
+
+
+def fill_open_holes(m, ratio):
+    """``m`` with the background components filled whose voxels on the FOV border number at most ``ratio`` ×
+    their voxels next to ``m``: tubes and sheets cut by the FOV border (a vein, the fissure) are filled,
+    the air and scalp around a head are not (they meet the border over a large area)."""
+    if ratio <= 0:
+        return m
+    lab, n = ndimage.label(~m)
+    if n == 0:
+        return m
+    border = np.zeros(m.shape, bool)
+    for ax in range(3):
+        idx = [slice(None)] * 3
+        for end in (0, -1):
+            idx[ax] = end
+            border[tuple(idx)] = True
+    wall = ndimage.binary_dilation(m) & ~m
+    n_border = np.bincount(lab[border], minlength=n + 1)
+    n_wall = np.bincount(lab[wall], minlength=n + 1)
+    fill = n_border <= ratio * n_wall
+    fill[0] = False
+    return m | fill[lab]
+
+
+def _depth(m, vs):
+    """Distance (mm) of each voxel of ``m`` to the nearest voxel outside it, the FOV border not counting as outside
+    (the tissue goes on beyond it)."""
+    padded = np.pad(m, 1, mode="edge")
+    return ndimage.distance_transform_edt(padded, sampling=vs)[1:-1, 1:-1, 1:-1]
+
+
+def peel_edge(m, p: ThresholdMaskParams, vs, r_open, mag=None, level=None, r2star=None, r2_med=None):
+    """``m`` without (part of) its outer shell of depth ``edge_mm`` (the FOV border is not an edge: the
+    tissue goes on beyond it), opened and reduced to its largest component.
+
+    In a head the outer edge of the brain-and-CSF component lies on the skull. ``edge="all"`` peels the
+    whole shell (the extra-axial CSF rim and the partial-volume bone beyond it); ``edge="dark"`` only its
+    voxels darker than ``edge_fraction`` × the local tissue level or with R2* above twice the tissue
+    median: bone carries its own sources, which no background removal can handle, while the CSF rim
+    has none and leaves background removal a margin.
+    """
+    if p.edge_mm <= 0:
+        return m
+    shell = m & (_depth(m, vs) <= max(p.edge_mm, min(vs)))
+    if p.edge == "dark" and mag is not None:
+        dark = mag < p.edge_fraction * level
+        if r2star is not None and r2_med:
+            dark |= r2star > 2.0 * r2_med
+        shell &= dark
+    peeled = m & ~shell
+    peeled = _dilate(_erode(peeled, r_open, vs), r_open, vs) if r_open > 0 else peeled
+    return _largest_component(peeled) if peeled.any() else m
+
+
 def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, quality=None, user_mask=None,
-                   voxel_size=(1.0, 1.0, 1.0), misfit=None, progress=None, cancel=None) -> np.ndarray:
-    """Brain mask by Otsu threshold + morphology; a user mask always wins. See the module docstring."""
+                   voxel_size=(1.0, 1.0, 1.0), misfit=None, r2star=None, progress=None, cancel=None) -> np.ndarray:
+    """Brain mask from signal, R2* and topology; a user mask always wins. See the module docstring.
+
+    Parameters
+    ----------
+    magnitude : 3-D combined magnitude or 4-D echoes (combined here by the root sum of squares).
+    params : :class:`ThresholdMaskParams`.
+    quality : optional phase-quality map in [0, 1] (used with ``source="quality"``).
+    user_mask : returned as is (validated) when given.
+    voxel_size : mm, for radii in mm.
+    misfit, r2star : optional echo-fit misfit (reduced χ²) and R2* (1/s) maps.
+    progress, cancel : see :mod:`napari_qsm.core.progress`.
+
+    Returns
+    -------
+    numpy.ndarray of bool, the brain mask.
+
+    References
+    ----------
+    Otsu, IEEE SMC 9:62 (1979). SEPIA (Chan & Marques 2021) refines masks by R2*; QSMxT (Stewart et
+    al. 2022) thresholds a phase-quality map in two passes.
+    """
     p = params or ThresholdMaskParams()
     mag = np.asarray(magnitude) if magnitude is not None else None
     if mag is not None:
@@ -178,14 +325,13 @@ def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, qual
             shape = np.shape(user_mask)
         return check_user_mask(user_mask, shape)
     vs = check_voxel_size(voxel_size)
-    q = None
-    if quality is not None:
-        q = np.asarray(quality, np.float32)
-        if q.shape != shape:
-            raise ScanError(f"quality: shape {q.shape} does not match the magnitude {shape}")
-        if not np.all(np.isfinite(q)):
-            raise ScanError("quality: contains NaN or Inf")
-    use_q = p.source == "quality" or (p.source == "auto" and q is not None)
+    q = _check_map("quality", quality, shape)
+    if q is not None and not np.all(np.isfinite(q)):
+        raise ScanError("quality: contains NaN or Inf")
+    r2 = _check_map("r2star", r2star, shape)
+    if r2 is not None:
+        r2 = np.where(np.isfinite(r2), r2, np.float32(np.inf))
+    use_q = p.source == "quality"
     if use_q and q is None:
         raise ScanError("quality: source='quality' needs a phase-quality map")
     if not use_q and mag is None:
@@ -194,24 +340,32 @@ def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, qual
     if float(np.max(img)) <= float(np.min(img)):
         raise ScanError(f"{'quality' if use_q else 'magnitude'}: constant image, nothing to threshold")
     rep = Reporter(progress, cancel, total=4, stage="mask")
-    rep(0, "Otsu threshold")
-    thr = otsu_threshold(img) * p.threshold_scale
-    m = img > thr
+    rep(0, "tissue candidates")
+    facts = {}
+    if use_q:
+        m = img > otsu_threshold(img) * p.threshold_scale
+    else:
+        m, facts = tissue_candidates(img, r2 if p.source == "auto" else None, p, vs)
     rep(1, "opening")
-    m = _dilate(_erode(m, p.open_mm, vs), p.open_mm, vs) if p.open_mm > 0 else m
+    r_open = max(p.open_mm, min(vs)) if p.open_mm > 0 else 0.0     # a radius under one voxel opens nothing
+    m = _dilate(_erode(m, r_open, vs), r_open, vs) if r_open > 0 else m
     if not m.any():
         raise ScanError("mask: nothing left after threshold and opening; lower threshold_scale or open_mm")
     rep(2, "largest component, holes")
-    m = _fill_holes(_largest_component(m))
+    fill = lambda x: _fill_holes(fill_open_holes(_fill_holes(x), p.border_fill))
+    m = fill(_largest_component(m))
+    if use_q:
+        m = fill(peel_edge(m, p, vs, r_open))
+    else:
+        m = fill(peel_edge(m, p, vs, r_open, img, facts["level"], r2 if facts.get("r2star_median") else None,
+                           facts.get("r2star_median")))
     if p.close_mm > 0:
-        m = _fill_holes(_erode(_dilate(m, p.close_mm, vs), p.close_mm, vs))
-    if misfit is not None and p.misfit_max > 0:
-        mf = np.asarray(misfit, np.float32)
-        if mf.shape != shape:
-            raise ScanError(f"misfit: shape {mf.shape} does not match the magnitude {shape}")
+        m = fill(_erode(_dilate(m, p.close_mm, vs), p.close_mm, vs))
+    mf = _check_map("misfit", misfit, shape)
+    if mf is not None and p.misfit_max > 0:
         keep = m & ~(mf > np.float32(p.misfit_max))          # NaN misfit: kept
         if keep.any():
-            m = _fill_holes(_largest_component(keep))
+            m = fill(_largest_component(keep))
     rep(3, "erosion")
     m = _erode(m, p.erode_mm, vs)
     if not m.any():
@@ -223,7 +377,9 @@ def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, qual
 STEPS = (
     Step(family="mask", name="threshold", label="Threshold + morphology", params_cls=ThresholdMaskParams,
          run=threshold_mask, default=True, order=0,
-         doc="Otsu threshold of the combined magnitude (or of the phase-quality map when given), opening in mm, "
-             "largest connected component, holes filled, optional closing; edge voxels whose echo fit does not hold "
-             "(misfit > 10) left out; optional erosion in mm. A user mask always wins."),
+         doc="Tissue = signal above a fraction of the local tissue level and R2* below that of bone (or Otsu on the "
+             "phase-quality map), opening in mm, largest component, holes filled in 3-D (also those open to the FOV "
+             "border: veins, fissure), dark/short-T2* voxels of the outer shell (partial-volume bone) left out, "
+             "edge voxels whose echo fit does not hold (misfit > 10) left out; optional closing and erosion in mm. "
+             "A user mask always wins."),
 )

@@ -172,6 +172,8 @@ def local_field(echoes: Echoes, recipe: Optional[FieldRecipe] = None, *, mask=No
             extra = {}
             if total.misfit is not None and "misfit" in inspect.signature(s.run).parameters:
                 extra["misfit"] = total.misfit   # edge voxels whose phase is not linear in TE are left out
+            if "r2star" in inspect.signature(s.run).parameters:
+                extra["r2star"] = total.r2star   # short T2* (bone) is left out unless enclosed by brain
             return s.run(total.magnitude, p, quality=quality, voxel_size=total.voxel_size, progress=progress,
                          cancel=cancel, **extra)
         brain = timed("mask", make_mask)
