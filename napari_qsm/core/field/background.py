@@ -155,8 +155,7 @@ def pdf(total_field, mask, params: PDFParams | None = None, *, voxel_size=(1.0, 
 
 
 STEPS = (
-    Step(family="background", name="vsharp", label="V-SHARP", params_cls=VSharpParams, run=vsharp, default=True,
-         order=0,
+    Step(family="background", name="vsharp", label="V-SHARP", params_cls=VSharpParams, run=vsharp, order=0,
          doc="V-SHARP: SMV high-pass with the largest voxel-centre ball (12 mm down to 1 mm, at least the largest "
              "voxel size) that fits at each voxel, deconvolved by 1 − S_12mm with truncation 0.05 (TSVD). No λ: the "
              "only regularisation is that truncation. The mask is eroded by the smallest radius; the mean field is "
@@ -175,7 +174,7 @@ STEPS = (
              "the MEDI toolbox; ≤ 30 iterations per grid after 4x and 2x coarser warm starts, max_iter=0 restores "
              "the toolbox's √N), weighted by 1/N_std when given; dipole kernel D(0) = 0. No regularisation beyond early "
              "stopping."),
-    Step(family="background", name="lbv", label="LBV", params_cls=LBVParams, run=lbv, order=30,
+    Step(family="background", name="lbv", label="LBV", params_cls=LBVParams, run=lbv, order=30, default=True,
          doc="Laplacian boundary value: ∇²f_L = ∇²f inside the mask, f_L = 0 on its boundary (7-point or fourth-order "
              "19-point Laplacian on the physical voxel sizes, sparse CG to tol 1e-6). No regularisation; 2 boundary "
              "layers peeled."),

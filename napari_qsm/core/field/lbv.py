@@ -70,6 +70,8 @@ class LBVParams:
     peel: int = param(2, "boundary layers (voxels) removed from the returned mask", min=0, max=20)
     stencil: int = param(7, "Laplacian: 7-point (2nd order) or 19-point (4th order on harmonic backgrounds, any "
                          "voxel shape)", choices=(7, 19))
+    coarse_levels: int = param(1, "coarser grids (2x along the finer axes) solved first to start the CG; 0 = none",
+                               min=0, max=3)
     residual: str = param("none", "after removal, fit and subtract a smooth background inside the returned mask: "
                           "solid harmonics (harmonicN) or all polynomials (polyN) of degree ≤ N; none = off",
                           choices=RESIDUAL_CHOICES)
@@ -95,6 +97,59 @@ def _system(f, inner, st):
         vals.append(np.full(int(ok.sum()), -w))
     A = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(nin, nin))
     return A, rhs
+
+
+def _block_mean(a, fac):
+    pad = [(0, (-n) % k) for n, k in zip(a.shape, fac)]
+    a = np.pad(a, pad)
+    sh = [n // k for n, k in zip(a.shape, fac)]
+    return a.reshape(sh[0], fac[0], sh[1], fac[1], sh[2], fac[2]).mean(axis=(1, 3, 5))
+
+
+def _coarse_start(f, m, inner, vs, points, tol, max_iter, levels):
+    """The interior values of the LBV solution on a 2x coarser grid (axes at most 1.5x the finest voxel size are
+    halved), repeated onto this grid: a start for the CG (its smooth error is gone)."""
+    fac = [2 if d <= 1.5 * min(vs) else 1 for d in vs]
+    if min(n // k for n, k in zip(f.shape, fac)) < 8:
+        return None
+    cnt = _block_mean(m.astype(np.float32), fac)
+    mc = cnt >= 0.5
+    fc = (_block_mean(f * m, fac) / np.maximum(cnt, 1e-6)).astype(np.float32)
+    st = laplacian_stencil([d * k for d, k in zip(vs, fac)], points)
+    ic = ndimage.binary_erosion(mc, _footprint(st), border_value=0)
+    if not ic.any():
+        return None
+    xc, _ = _solve(fc * mc, mc, ic, [d * k for d, k in zip(vs, fac)], points, tol, max_iter, levels - 1, None)
+    up = np.zeros(mc.shape, np.float64)
+    up[ic] = xc
+    for ax, k in enumerate(fac):
+        up = np.repeat(up, k, axis=ax)
+    return up[: f.shape[0], : f.shape[1], : f.shape[2]][inner]
+
+
+def _footprint(st):
+    struct = np.zeros((3, 3, 3), bool)
+    for o in st:
+        struct[o[0] + 1, o[1] + 1, o[2] + 1] = True
+    return struct
+
+
+def _solve(f, m, inner, vs, points, tol, max_iter, levels, rep):
+    """CG on the interior (started from the coarse solution when ``levels`` > 0) → (x, SolverReport)."""
+    st = laplacian_stencil(vs, points)
+    x0 = _coarse_start(f, m, inner, vs, points, tol, max_iter, levels) if levels > 0 else None
+    A, rhs = _system(f, inner, st)
+    count = [0]
+
+    def cb(_x):
+        count[0] += 1
+        if rep is not None and count[0] % 20 == 0:
+            rep(count[0], f"LBV CG {count[0]}")
+
+    x, info = spla.cg(A, rhs, x0=x0, rtol=tol, maxiter=max_iter, callback=cb)
+    bn = float(np.linalg.norm(rhs)) or 1.0
+    res = float(np.linalg.norm(rhs - A @ x)) / bn
+    return x, SolverReport("LBV CG", count[0], int(max_iter), res, float(tol), info == 0)
 
 
 def lbv(total_field, mask, params: LBVParams | None = None, *, voxel_size=(1.0, 1.0, 1.0),
@@ -126,27 +181,13 @@ def lbv(total_field, mask, params: LBVParams | None = None, *, voxel_size=(1.0, 
     f, m, _ = check_field_inputs(total_field, mask)
     vs = check_voxel_size(voxel_size)
     rep = Reporter(progress, cancel, total=p.max_iter, stage="background")
-    st = laplacian_stencil(vs, int(p.stencil))
-    struct = np.zeros((3, 3, 3), bool)
-    for o in st:
-        struct[o[0] + 1, o[1] + 1, o[2] + 1] = True
-    inner = ndimage.binary_erosion(m, struct, border_value=0)
+    inner = ndimage.binary_erosion(m, _footprint(laplacian_stencil(vs, int(p.stencil))), border_value=0)
     if not inner.any():
         raise ScanError("mask: no interior voxel (every mask voxel touches the outside); LBV needs a solid mask")
     rep(0, "LBV: building the Laplacian")
-    A, rhs = _system(f, inner, st)
-    count = [0]
-
-    def cb(_x):
-        count[0] += 1
-        if count[0] % 20 == 0:
-            rep(count[0], f"LBV CG {count[0]}")
-
-    x, info = spla.cg(A, rhs, rtol=p.tol, maxiter=p.max_iter, callback=cb)
+    x, info = _solve(f, m, inner, vs, int(p.stencil), float(p.tol), int(p.max_iter), int(p.coarse_levels), rep)
     check_cancel(cancel)
-    bn = float(np.linalg.norm(rhs)) or 1.0
-    res = float(np.linalg.norm(rhs - A @ x)) / bn
-    SolverReport("LBV CG", count[0], int(p.max_iter), res, float(p.tol), info == 0).finish(rep)
+    info.finish(rep)
     local = np.zeros(f.shape, np.float32)
     local[inner] = x.astype(np.float32)
     out_mask = inner

@@ -216,8 +216,7 @@ def ismv(total_field, mask, params: ISMVParams | None = None, *, voxel_size=(1.0
             new = m0f * smv(fb) + rim
             rel = float(torch.linalg.vector_norm(new - fb)) / (float(torch.linalg.vector_norm(new)) or 1.0)
             fb = new
-            if it % 10 == 0:
-                rep(it, f"iSMV {it}", change=rel)
+            rep(it, f"iSMV {it}", change=rel)
             if rel < p.tol:
                 break
         SolverReport("iSMV", it, int(p.max_iter), rel, float(p.tol), rel < p.tol).finish(rep)
