@@ -219,6 +219,7 @@ def ismv(total_field, mask, params: ISMVParams | None = None, *, voxel_size=(1.0
             rep(it, f"iSMV {it}", change=rel)
             if rel < p.tol:
                 break
+        rep.check()
         SolverReport("iSMV", it, int(p.max_iter), rel, float(p.tol), rel < p.tol).finish(rep)
         local = (ft - fb) * m0f
     em = m0.cpu().numpy()

@@ -214,14 +214,14 @@ def test_sharp_erosion_is_the_ball_erosion(scene_aniso, one_torch_thread):
 
 
 def test_radii_are_bounded_by_the_field_of_view(one_torch_thread):
-    shape, vs = (20, 22, 12), (1.0, 1.0, 2.0)
-    mask = np.zeros(shape, bool)
-    mask[3:17, 3:19, 2:10] = True
-    f = _harmonic(shape, vs) * mask
-    local, m = bgm.vsharp(f, mask, bgm.VSharpParams(radius_max=60.0, radius_min=60.0), voxel_size=vs, device="cpu")
-    assert not m.any() or np.all(np.isfinite(local))
+    """A radius wider than the volume is cut to the largest ball that fits in the field of view (10 mm here)."""
     from napari_qsm.core.field.smv import _radii, fov_radius
-    assert max(_radii(bgm.VSharpParams(radius_max=60.0), vs, shape)) <= fov_radius(shape, vs) == 9.5
+    shape, vs = (21, 23, 11), (1.0, 1.0, 2.0)
+    mask = np.ones(shape, bool)
+    f = _harmonic(shape, vs)
+    local, m = bgm.vsharp(f, mask, bgm.VSharpParams(radius_max=60.0, radius_min=60.0), voxel_size=vs, device="cpu")
+    assert m.sum() >= 1 and m[10, 11, 5] and np.all(np.isfinite(local))
+    assert fov_radius(shape, vs) == 10.0 and max(_radii(bgm.VSharpParams(radius_max=60.0), vs, shape)) == 10.0
 
 
 @pytest.mark.parametrize("name", METHODS)
