@@ -132,18 +132,32 @@ def make_truth(case, generator) -> Truth:
 
 
 class Cache:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, readonly: bool = False):
         self.dir = folder
+        self.readonly = readonly            # --report: tables from what is cached, nothing computed
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def json(self, key, fn):
-        p = self.dir / f"{key}.json"
+        """fn()'s result cached as KEY.json; while another live process computes it (KEY.lock), wait for it."""
+        p, lock = self.dir / f"{key}.json", self.dir / f"{key}.lock"
+        while not p.exists() and lock.exists():
+            try:
+                os.kill(int(lock.read_text()), 0)
+            except (OSError, ValueError):
+                break                           # its owner is gone
+            time.sleep(10)
         if p.exists():
             return json.loads(p.read_text())
-        out = fn()
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, default=float))
-        os.replace(tmp, p)
+        if self.readonly:
+            return None
+        lock.write_text(str(os.getpid()))
+        try:
+            out = fn()
+            tmp = p.with_suffix(".tmp")
+            tmp.write_text(json.dumps(out, default=float))
+            os.replace(tmp, p)
+        finally:
+            lock.unlink(missing_ok=True)
         return out
 
     def truth(self, case, generator) -> Truth:
@@ -203,21 +217,48 @@ def _local_fields(case, gen, t: Truth, tot, brain, cache: Cache, which):
                           "coverage": float((em & t.brain).sum() / t.brain.sum()), "warnings": warn}
             return r
         r = cache.json(f"bg_{gen}_{case}_{key}", one)
+        if r is None:
+            continue
         log(f"{gen} {case}: {label}: raw {r['raw']['nrmse']:.1f} % (coverage {r['raw']['coverage']:.3f}), "
             f"true total {r['true']['nrmse']:.1f} %")
         rows.append(r)
     return rows
 
 
-def _chi(case, gen, t: Truth, tot, rows, default_key, n_medi, cache: Cache):
-    """TKD and MEDI on the true local field and on every method's local fields, scored in the brain."""
+def chi_one(case, gen, t: Truth, tot, sid, inv, cache: Cache):
+    """One inversion (``inv``) of one local field (``sid``: "truth" or "KEY/raw|true"), scored in the brain; cached
+    (``--chi`` runs one from the command line, so that slow MEDI runs can go in parallel)."""
     from napari_qsm.core import metrics as M
     from napari_qsm.core.scan import Scan
     from napari_qsm.methods import reconstruct
 
-    common = dict(voxel_size=tot.voxel_size, b0_direction=tot.b0_direction, magnitude=tot.magnitude,
-                  noise_std=tot.noise_std, r2star=tot.r2star, affine=tot.affine, te=float(tot.delta_te),
-                  b0_tesla=tot.b0_tesla)
+    def one():
+        common = dict(voxel_size=tot.voxel_size, b0_direction=tot.b0_direction, magnitude=tot.magnitude,
+                      noise_std=tot.noise_std, r2star=tot.r2star, affine=tot.affine, te=float(tot.delta_te),
+                      b0_tesla=tot.b0_tesla)
+        if sid == "truth":
+            scan = Scan(field=(t.local * t.brain).astype(np.float32), mask=t.brain, name="true local", **common)
+        else:
+            d = np.load(cache.dir / f"local_{gen}_{case}_{sid.replace('/', '_')}.npz")
+            scan = Scan(field=d["local"], mask=d["mask"], name=sid, **common)
+        log(f"{gen} {case}: {inv} on {sid}")
+        t0 = time.perf_counter()
+        try:
+            res = reconstruct(scan, inv, device="cpu")
+        except Exception as e:  # noqa: BLE001 - recorded in the table
+            return {"inversion": inv, "source": sid, "error": f"{type(e).__name__}: {e}"}
+        chi = np.where(scan.mask, res.chi, 0).astype(np.float32)
+        return {"inversion": inv, "source": sid, "seconds": round(time.perf_counter() - t0, 1),
+                "nrmse": float(M.nrmse_demeaned(chi, t.chi, t.brain)), "xsim": float(M.xsim(chi, t.chi, t.brain)),
+                "coverage": float((scan.mask & t.brain).sum() / t.brain.sum())}
+    res = cache.json(f"chi_{gen}_{case}_{inv}_{sid.replace('/', '_')}", one)
+    log(f"{gen} {case}: χ {res}")
+    return res
+
+
+def _chi(case, gen, t: Truth, tot, rows, default_key, n_medi, cache: Cache):
+    """TKD and MEDI on the true local field and on every method's local fields (MEDI: the default method and the
+    n_medi − 1 best others per source), scored in the brain."""
     sources = [("truth", None)]
     for src in ("raw", "true"):
         order = sorted(rows, key=lambda r: (r["key"] != default_key, r[src]["nrmse"]))
@@ -226,31 +267,14 @@ def _chi(case, gen, t: Truth, tot, rows, default_key, n_medi, cache: Cache):
     medi_count = {"raw": 0, "true": 0}
     for sid, r in sources:
         for inv in ("tkd", "medi"):
-            kind = sid.split("/")[-1] if r is not None else "truth"
             if inv == "medi" and r is not None:
+                kind = sid.split("/")[-1]
                 if medi_count[kind] >= n_medi:
                     continue
                 medi_count[kind] += 1
-
-            def one(sid=sid, inv=inv):
-                if sid == "truth":
-                    scan = Scan(field=(t.local * t.brain).astype(np.float32), mask=t.brain, name="true local", **common)
-                else:
-                    d = np.load(cache.dir / f"local_{gen}_{case}_{sid.replace('/', '_')}.npz")
-                    scan = Scan(field=d["local"], mask=d["mask"], name=sid, **common)
-                log(f"{gen} {case}: {inv} on {sid}")
-                t0 = time.perf_counter()
-                try:
-                    res = reconstruct(scan, inv, device="cpu")
-                except Exception as e:  # noqa: BLE001 - recorded in the table
-                    return {"inversion": inv, "source": sid, "error": f"{type(e).__name__}: {e}"}
-                chi = np.where(scan.mask, res.chi, 0).astype(np.float32)
-                return {"inversion": inv, "source": sid, "seconds": round(time.perf_counter() - t0, 1),
-                        "nrmse": float(M.nrmse_demeaned(chi, t.chi, t.brain)), "xsim": float(M.xsim(chi, t.chi, t.brain)),
-                        "coverage": float((scan.mask & t.brain).sum() / t.brain.sum())}
-            res = cache.json(f"chi_{gen}_{case}_{inv}_{sid.replace('/', '_')}", one)
-            log(f"{gen} {case}: χ {res}")
-            out.append(res)
+            r_chi = chi_one(case, gen, t, tot, sid, inv, cache)
+            if r_chi is not None:
+                out.append(r_chi)
     return out
 
 
@@ -264,6 +288,8 @@ def accuracy(case, gen, cache: Cache, n_medi: int):
     default = find_step("background").name
     out = {"case": case, "generator": gen, "label": CASES[case]["label"], "default_background": default}
     run_p = cache.dir / f"run_{gen}_{case}.pkl"
+    if cache.readonly and not run_p.exists():
+        return None
     if run_p.exists():
         with open(run_p, "rb") as f:
             tot, brain, chain = pickle.load(f)
@@ -467,12 +493,21 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the timing part")
     ap.add_argument("--cache", default="/tmp/napari_qsm_bench_field")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    ap.add_argument("--report", action="store_true", help="write the tables from what --cache holds; compute nothing")
+    ap.add_argument("--chi", nargs=2, metavar=("INVERSION", "SOURCE"),
+                    help="only this inversion of this local field (truth or KEY/raw|true) for the first case (cached)")
     ap.add_argument("--worker", nargs=4, metavar=("GEN", "CASE", "FAMILY", "NAME"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         worker(*a.worker, a.cache, a.threads)
         return
-    cache = Cache(Path(a.cache))
+    cache = Cache(Path(a.cache), readonly=a.report)
+    if a.chi:
+        gen, case = a.generator[0], a.cases[0]
+        with open(cache.dir / f"run_{gen}_{case}.pkl", "rb") as f:
+            tot = pickle.load(f)[0]
+        chi_one(case, gen, cache.truth(case, gen), tot, a.chi[1], a.chi[0], cache)
+        return
     out = Path(a.out)
     pj = out / "field.json"
     results = json.loads(pj.read_text()) if pj.exists() else {}
@@ -486,6 +521,8 @@ def main(argv=None):
         for case in a.cases:
             if a.part in ("all", "accuracy"):
                 acc = accuracy(case, gen, cache, a.medi)
+                if acc is None:
+                    continue
                 if pj.exists():                      # another run may have written other cases meanwhile
                     prev = json.loads(pj.read_text())
                     if "accuracy" in prev:

@@ -17,7 +17,7 @@ def head_in_air():
 
 def test_defaults_and_lookup():
     assert [find_step(f).name for f in ("fit", "mask", "unwrap", "background")] == \
-        ["linear", "threshold", "quality", "vsharp"]
+        ["linear", "threshold", "quality", "lbv"]
     with pytest.raises(ValueError, match="unknown step"):
         find_step("background", "sharp9")
     with pytest.raises(ValueError, match="family"):
