@@ -67,9 +67,9 @@ CASES = {
                   label="2.5 mm head, 64×76×64, 5 echoes (TE1 4 ms, ΔTE 4 ms)"),
 }
 #: (key, step, parameters, label)
-BACKGROUND = [("lbv", "lbv", {}, "LBV (7-point, peel 2)"),
-              ("lbv0", "lbv", {"peel": 0}, "LBV (7-point, peel 0)"),
-              ("lbv19", "lbv", {"stencil": 19, "peel": 0}, "LBV (19-point, peel 0)"),
+BACKGROUND = [("lbv", "lbv", {}, "LBV (7-point, peel 0)"),
+              ("lbv2", "lbv", {"peel": 2}, "LBV (7-point, peel 2)"),
+              ("lbv19", "lbv", {"stencil": 19}, "LBV (19-point, peel 0)"),
               ("vsharp", "vsharp", {}, "V-SHARP (12→1 mm)"),
               ("ismv", "ismv", {}, "iSMV (2·max voxel, tol 1e-3)"),
               ("pdf", "pdf", {}, "PDF (30 it./grid, 2 coarse)"),

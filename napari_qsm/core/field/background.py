@@ -176,6 +176,6 @@ STEPS = (
              "stopping."),
     Step(family="background", name="lbv", label="LBV", params_cls=LBVParams, run=lbv, order=30, default=True,
          doc="Laplacian boundary value: ∇²f_L = ∇²f inside the mask, f_L = 0 on its boundary (7-point or fourth-order "
-             "19-point Laplacian on the physical voxel sizes, sparse CG to tol 1e-6). No regularisation; 2 boundary "
-             "layers peeled."),
+             "19-point Laplacian on the physical voxel sizes, sparse CG to tol 1e-6, started from a 2x coarser solution). "
+             "No regularisation; the whole mask is kept (peel 0; the boundary voxels themselves carry f_L = 0)."),
 )

@@ -67,7 +67,8 @@ class LBVParams:
     tol: float = param(1e-6, "CG relative residual tolerance", min=1e-12, max=1e-1)
     max_iter: int = param(3000, "CG iterations at most (a warning when the tolerance is not reached)", min=1,
                           max=100000)
-    peel: int = param(2, "boundary layers (voxels) removed from the returned mask", min=0, max=20)
+    peel: int = param(0, "boundary layers (voxels) removed from the returned mask (every dropped brain voxel is lost "
+                      "to the inversion)", min=0, max=20)
     stencil: int = param(7, "Laplacian: 7-point (2nd order) or 19-point (4th order on harmonic backgrounds, any "
                          "voxel shape)", choices=(7, 19))
     coarse_levels: int = param(1, "coarser grids (2x along the finer axes) solved first to start the CG; 0 = none",
