@@ -1,13 +1,13 @@
 """The ``napari-qsm`` command line (contract in DESIGN.md).
 
     napari-qsm recon FIELD --mask MASK [--magnitude MAG] [--noise-std MAP] [--r2star MAP]
-               --method NAME [--voxel-size X Y Z]
+               [--method NAME] [--voxel-size X Y Z]
                [--b0-dir X Y Z] [--units ppm|hz|rad] [--te S] [--b0 T] [--echo N]
                [--device auto|cpu|cuda] [--weights CKPT] [--param NAME=VALUE ...]
                [--csf-mask MASK] [--orientation FIELD [X Y Z] ...]   (COSMOS: more orientations)
                -o OUT.nii.gz
-    napari-qsm recon INPUT... --method NAME -o OUT.nii.gz   (raw echoes: a BIDS/DICOM folder or --magnitude M...
-               --phase P... [--te S...]; the field steps first, options as `field`; see recon_raw.py)
+    napari-qsm recon INPUT... [--method NAME] -o OUT.nii.gz   (raw echoes: a BIDS/DICOM folder or --magnitude M...
+               --phase P... [--te S...]; the field steps first, options as `field`; see napari_qsm.pipeline)
     napari-qsm adapt FIELD [FIELD ...] --mask MASK [MASK ...] [--magnitude MAG ...] [--steps N]
                [--weights CKPT] [--save-weights OUT.pt] -o OUT.nii.gz [OUT.nii.gz ...]
                (several fields: one checkpoint adapted to all scans of a protocol; files paired in order)
@@ -23,7 +23,9 @@
                (every scan on Dask -> derivatives/napari-qsm)
 
 Errors print ``napari-qsm: error: ...`` to stderr and exit with status 2; nothing is written.
-Progress goes to stderr.
+Progress goes to stderr. Every command refuses to replace an existing output unless ``--overwrite``
+(``batch`` skips what is up to date instead). ``recon`` without ``--method`` uses
+:data:`napari_qsm.pipeline.DEFAULT_METHOD` (MEDI; TKD without a magnitude) and says so.
 
 Geometry: ``--voxel-size`` and ``--b0-dir`` (and the X Y Z of ``--orientation``) are in the FIELD
 file's own voxel order as stored on disk (what its header / fslinfo show: pixdim1..3 and axes
@@ -47,6 +49,7 @@ import argparse
 import json
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -70,7 +73,7 @@ Run 'napari-qsm methods' for every method's parameters."""
 
 
 def _add_scan_args(p: argparse.ArgumentParser, raw: bool = False) -> None:
-    # raw=True (recon): INPUT may also be raw echoes; see napari_qsm/recon_raw.py (split_recon_args)
+    # raw=True (recon): INPUT may also be raw echoes (split_recon_args)
     if raw:
         p.add_argument("field", nargs="*", metavar="INPUT",
                        help="local field map (NIfTI), units per --units (default ppm); or raw echoes: a BIDS "
@@ -110,10 +113,10 @@ FIELD_EPILOG = """outputs in OUTDIR, on the input's grid and orientation:
   parameters and seconds). Then: napari-qsm recon OUTDIR/local_field.nii.gz --mask OUTDIR/mask.nii.gz
   --magnitude OUTDIR/magnitude.nii.gz --noise-std OUTDIR/noise_std.nii.gz --method medi -o chi.nii.gz"""
 
-FIELD_OUTPUTS = ("local_field", "mask", "magnitude", "total_field", "noise_std", "r2star")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # long by nature (over 80 lines): one declarative table of every command and option, read top to bottom
     ap = argparse.ArgumentParser(prog="napari-qsm", description="Quantitative susceptibility mapping (χ in ppm).")
     ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -121,9 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recon", help="reconstruct χ from a local field map", epilog=RECON_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_scan_args(r, raw=True)
-    r.add_argument("--method", required=True, help="tkd, tsvd, medi, cosmos, dsbn, ...")
+    r.add_argument("--method", help="tkd, tsvd, medi, cosmos, dsbn, ... (default: medi; tkd for a local field "
+                                    "without --magnitude; the command says which it used)")
     _add_raw_recon_args(r)
     r.add_argument("--weights", help="network checkpoint (.pt) for network methods")
+    r.add_argument("--dicom", action="store_true", help="also write χ as a DICOM series (OUT_dicom/, in ppb)")
     r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="method parameter (repeatable); raw echoes: STEP.NAME=VALUE goes to a field step")
     r.add_argument("--csf-mask", metavar="MASK",
@@ -135,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "sidecar (\"B0Direction\", or \"RegistrationMatrix\" = acquisition scanner mm -> common "
                         "world mm), else its own header. Repeat per orientation")
     r.add_argument("-o", "--output", required=True, help="output χ map (.nii or .nii.gz), JSON sidecar beside it")
+    _add_overwrite(r)
 
     a = sub.add_parser("adapt", help="adapt QSMInvNet+ to this scan (or to several scans of one protocol: one "
                                      "checkpoint for all; FIELD, --mask, --magnitude, --noise-std, -o paired in order)")
@@ -147,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--save-weights", help="where to write the adapted checkpoint (.pt, JSON sidecar beside it)")
     a.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="adaptation parameter (repeatable)")
     a.add_argument("-o", "--output", required=True, nargs="+", help="output χ map (.nii or .nii.gz); one per FIELD")
+    _add_overwrite(a)
 
     m = sub.add_parser("metrics", help="compare a χ map with a reference inside a mask")
     m.add_argument("recon", help="reconstructed χ (NIfTI, ppm)")
@@ -170,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "OUTDIR/sub-phantom/anat plus the truth in OUTDIR/truth (default SNR 50)")
     ph.add_argument("--phase-units", choices=["rad", "siemens"], default="rad",
                     help="--raw: phase in radians or Siemens integers (-4096..4095)")
+    _add_overwrite(ph, "the files in OUTDIR")
+    ph.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
 
     fl = sub.add_parser("field", help="raw multi-echo GRE (BIDS, DICOM or files) -> local field, mask, total field, "
                                       "N_std, R2*", epilog=FIELD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--param", action="append", default=[], metavar="[STEP.]NAME=VALUE",
                     help="step parameter, e.g. background.radius=6 (repeatable; 'napari-qsm methods' lists them)")
     fl.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    fl.add_argument("-o", "--output", required=True, help="output folder (created; existing files are not overwritten)")
+    fl.add_argument("-o", "--output", required=True, help="output folder (created; existing outputs are refused "
+                                                         "unless --overwrite)")
+    _add_overwrite(fl, "the outputs in the folder")
     fl.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
 
     bt = sub.add_parser("batch", help="every scan of a BIDS dataset on Dask distributed -> derivatives/napari-qsm",
@@ -211,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--dry-run", action="store_true", help="list what would run; write nothing")
     bt.add_argument("--overwrite", action="store_true", help="recompute scans that are up to date")
     bt.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (on every worker)")
+    bt.add_argument("--dicom", action="store_true", help="also write every χ as a DICOM series "
+                    "(<prefix>_desc-<method>_Chimap_dicom/)")
     bt.add_argument("--adapt-protocol", action="store_true",
                     help="first adapt QSMInvNet+ once to all the dataset's scans (one protocol; base: --weights or the "
                          "shipped checkpoint), then reconstruct every scan with it (needs --method dsbn)")
@@ -218,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--adapt-protocol: adaptation parameter, e.g. steps=200 (repeatable; see 'napari-qsm methods')")
     bt.add_argument("-q", "--quiet", action="store_true", help="no plan, bar or summary on stderr")
 
+    from .cli_clinic import add_parsers as _add_clinic_parsers
+    _add_clinic_parsers(sub)  # dicom, swi, report
     sub.add_parser("methods", help="list methods and their parameters")
 
     d = sub.add_parser("demo", help="every method on the built-in phantom: metrics table and comparison PNG")
@@ -229,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", nargs="+", help="subset of methods (default: all)")
     d.add_argument("--full", action="store_true",
                    help="every method with its defaults (the adaptation's 120 steps: about 4 more minutes on 2 idle cores)")
+    _add_overwrite(d, "the tables and figure in OUTDIR")
 
     v = sub.add_parser("view", help="open napari with the QSM docks and the given scans (or the sample phantom)")
     v.add_argument("files", nargs="*", help="NIfTI files to open (field, mask, magnitude, ...) or a BIDS MEGRE folder "
@@ -239,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_raw_recon_args(r: argparse.ArgumentParser) -> None:
-    """recon from raw echoes (napari_qsm/recon_raw.py): the options of `napari-qsm field`."""
+    """recon from raw echoes (napari_qsm.pipeline): the options of `napari-qsm field`."""
     g = r.add_argument_group("raw echoes (a BIDS/DICOM folder or --magnitude/--phase lists: the field steps first)")
     g.add_argument("--phase", nargs="+", default=[], help="phase echoes, in the magnitude's order")
     g.add_argument("--phase-units", default="auto", choices=["auto", "rad", "siemens", "mrad"])
@@ -250,6 +266,23 @@ def _add_raw_recon_args(r: argparse.ArgumentParser) -> None:
     g.add_argument("--background", help="background removal: lbv (default), vsharp, ismv, resharp, pdf")
     g.add_argument("--field-param", action="append", default=[], metavar="[STEP.]NAME=VALUE",
                    help="field step parameter (repeatable); --param STEP.NAME=VALUE works too")
+
+
+def _add_overwrite(p: argparse.ArgumentParser, what: str = "an existing output") -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what} (refused otherwise)")
+
+
+def _refuse_existing(paths, overwrite: bool) -> None:
+    """The one overwrite rule of every command: an existing output is refused unless --overwrite."""
+    existing = [str(p) for p in paths if p is not None and Path(p).exists()]
+    if existing and not overwrite:
+        raise ValueError(f"output: {', '.join(existing)} already exist(s); give --overwrite to replace "
+                         f"{'it' if len(existing) == 1 else 'them'}, or choose another output")
+
+
+def _sidecar_of(path) -> Path:
+    from .core.io import sidecar_path
+    return sidecar_path(path)
 
 
 def _version() -> str:
@@ -277,50 +310,8 @@ def _accepts(method, name: str) -> bool:
 
 
 def cmd_recon(args) -> int:
-    from .recon_raw import recon_from_raw, split_recon_args
-    if split_recon_args(args):  # raw echoes: the field steps, then the inversion
-        return recon_from_raw(args, progress=_progress(args.quiet))
-    from .core.io import check_output_path, load_orientation, read_aligned, save_result
-    from .methods import get_method, reconstruct
-    from .core.params import make_params, parse_cli_params
-
-    inputs = ([args.field, args.mask, args.magnitude, args.noise_std, args.r2star, args.weights, args.csf_mask]
-              + [o[0] for o in args.orientation])
-    check_output_path(args.output, inputs)
-    method = get_method(args.method)
-    params = make_params(method.params_cls, parse_cli_params(args.param))
-    extra = {}
-    if args.weights and not method.accepts_weights:
-        raise ValueError(f"--weights: method {method.name} takes no network weights")
-    if args.csf_mask and not _accepts(method, "csf_mask"):
-        raise ValueError(f"--csf-mask: method {method.name} takes no CSF mask (it is used by medi, MEDI+0)")
-    if args.orientation and not method.multi_scan:
-        raise ValueError(f"--orientation: method {method.name} uses one orientation; use --method cosmos")
-    if method.multi_scan and not args.orientation:
-        raise ValueError(f"method {method.name}: give the other orientations with --orientation FIELD [X Y Z]")
-    for o in args.orientation:
-        if len(o) not in (1, 4):
-            raise ValueError(f"--orientation: expected FIELD or FIELD X Y Z, got {' '.join(o)}")
-    scan = _load(args)
-    if args.weights:
-        extra["weights"] = args.weights
-    if args.csf_mask:
-        extra["csf_mask"] = read_aligned(args.csf_mask, "csf-mask", scan._nifti_info) > 0.5
-    if args.orientation:
-        scans = [scan]
-        for o in args.orientation:
-            try:
-                b0 = [float(v) for v in o[1:]] if len(o) == 4 else None
-            except ValueError:
-                raise ValueError(f"--orientation: X Y Z must be numbers, got {' '.join(o[1:])}") from None
-            scans.append(load_orientation(o[0], scan, b0_direction=b0, units=args.units, te=args.te, b0=args.b0,
-                                          echo=args.echo, name=f"--orientation {o[0]}"))
-        extra["scans"] = scans
-    res = reconstruct(scan, method.name, params, device=args.device, progress=_progress(args.quiet), **extra)
-    out = save_result(res, args.output, scan=scan, inputs=inputs)
-    if not args.quiet:
-        print(f"{res.name}: {res.seconds:.2f} s on {res.device} -> {out}", file=sys.stderr)
-    return 0
+    from .cli_recon import recon
+    return recon(args)
 
 
 def cmd_adapt(args) -> int:
@@ -346,10 +337,13 @@ def cmd_adapt(args) -> int:
         raise ValueError("-o/--output: the same output path is given twice")
     for o in outs:
         check_output_path(o, inputs)
+    targets = [p for o in outs for p in (o, _sidecar_of(o))]
     if args.save_weights:
         sw = Path(args.save_weights).resolve()
         if any(i is not None and Path(i).resolve() == sw for i in inputs + outs):
             raise ValueError(f"--save-weights: {args.save_weights} is also an input or output; choose another path")
+        targets += [sw, sw.with_suffix(".json")]
+    _refuse_existing(targets, args.overwrite)
     scans = []
     for k in range(n):   # each scan's voxel size and B0 direction from its own header / sidecar
         scans.append(_load(argparse.Namespace(**{**vars(args), "field": fields[k], "mask": args.mask[k],
@@ -411,20 +405,52 @@ def cmd_phantom(args) -> int:
     if args.voxel_size:
         preset["voxel_size"] = tuple(args.voxel_size)
     out = Path(args.outdir)
+    if out.is_dir() and not args.overwrite:
+        _refuse_existing(sorted(out.iterdir())[:3], False)
     out.mkdir(parents=True, exist_ok=True)
+    shape = "x".join(map(str, preset["shape"]))
     if args.raw:
         from .core.sim.phantom import save_raw_bids
 
-        ph = make_phantom(**preset, b0_direction=oblique_direction(args.oblique, "x"), seed=args.seed,
-                          snr=50.0 if args.snr is None else args.snr, honest=True, background=True, keep_echoes=True)
-        paths = save_raw_bids(ph, out, phase_units=args.phase_units)
+        with _ticking(f"simulating the {shape} head and its echoes (on a 2x finer grid)", args.quiet):
+            ph = make_phantom(**preset, b0_direction=oblique_direction(args.oblique, "x"), seed=args.seed,
+                              snr=50.0 if args.snr is None else args.snr, honest=True, background=True,
+                              keep_echoes=True)
+        with _ticking(f"writing BIDS MEGRE and the truth to {out}", args.quiet):
+            paths = save_raw_bids(ph, out, phase_units=args.phase_units)
         paths = {k: v for k, v in paths.items() if not k.startswith("echo") or k.startswith("echo1_")}
     else:
-        ph = make_phantom(**preset, b0_direction=oblique_direction(args.oblique, "x"), seed=args.seed, snr=args.snr)
+        with _ticking(f"simulating the {shape} head", args.quiet):
+            ph = make_phantom(**preset, b0_direction=oblique_direction(args.oblique, "x"), seed=args.seed,
+                              snr=args.snr)
         paths = save_phantom(ph, out)
     for k, v in paths.items():
         print(f"{k:10s} {v}")
     return 0
+
+
+@contextmanager
+def _ticking(what: str, quiet: bool, every: float = 5.0):
+    """Progress for work that reports none: ``what`` on stderr, then the seconds spent every ``every`` s."""
+    if quiet:
+        yield
+        return
+    import threading
+    import time
+    t0, stop = time.perf_counter(), threading.Event()
+    print(f"napari-qsm: {what} ...", file=sys.stderr, flush=True)
+
+    def tick():
+        while not stop.wait(every):
+            print(f"  {what}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    th = threading.Thread(target=tick, daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        th.join()
+    print(f"  done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def cmd_methods(args) -> int:
@@ -455,34 +481,17 @@ def cmd_methods(args) -> int:
 
 
 def cmd_field(args) -> int:
-    import numpy as np
-    from .core.field.pipeline import FieldRecipe, split_params
-    from .core.io import save_volume, write_json
     from .core.params import parse_cli_params
-    from .recon_raw import raw_local_field
+    from .pipeline import field_folder_paths, make_recipe, write_field_folder
 
-    out = Path(args.output)
-    targets = {k: out / f"{k}.nii.gz" for k in FIELD_OUTPUTS}
-    existing = [str(p) for p in list(targets.values()) + [out / "field.json"] if p.exists()]
-    if existing:
-        raise ValueError(f"output: {', '.join(existing)} already exist(s); choose another folder")
-    recipe = FieldRecipe(fit=args.fit, mask=args.mask_method, unwrap=args.unwrap, background=args.background)
-    recipe.params = split_params(parse_cli_params(args.param), recipe)
-    echoes, run = raw_local_field(args, args.inputs, recipe, progress=_progress(args.quiet))
-    out.mkdir(parents=True, exist_ok=True)
-    maps = {"local_field": run.scan.field, "mask": run.scan.mask.astype(np.float32), "magnitude": run.total.magnitude,
-            "total_field": run.total.field, "noise_std": run.total.noise_std, "r2star": run.total.r2star}
-    units = {"local_field": "ppm", "total_field": "ppm", "noise_std": "ppm", "r2star": "1/s"}
-    for k, arr in maps.items():
-        save_volume(arr, targets[k], echoes.affine, nifti_info=echoes.nifti_info,
-                    description=f"napari-qsm {k.replace('_', ' ')}" + (f" ({units[k]})" if k in units else ""))
-    from . import __version__
-    prov = {"software": "napari-qsm", "version": __version__, **run.provenance,
-            "b0_tesla": run.scan.b0_tesla, "b0_direction": [float(v) for v in run.scan.b0_direction],
-            "voxel_size": [float(v) for v in run.scan.voxel_size], "outputs": {k: str(p) for k, p in targets.items()}}
-    write_json(out / "field.json", prov)
+    _refuse_existing(field_folder_paths(args.output).values(), args.overwrite)
+    recipe = make_recipe({"fit": args.fit, "mask": args.mask_method, "unwrap": args.unwrap,
+                          "background": args.background}, parse_cli_params(args.param))
+    from .cli_recon import raw_field
+    echoes, run = raw_field(args, args.inputs, recipe, _progress(args.quiet))
+    write_field_folder(run, echoes, args.output)
     steps = ", ".join(f"{s['label']} {s['seconds']:.1f} s" for s in run.steps)
-    print(f"local field: {steps} -> {out}", file=sys.stderr)
+    print(f"local field: {steps} -> {args.output}", file=sys.stderr)
     return 0
 
 
@@ -505,7 +514,7 @@ def cmd_batch(args) -> int:
                   field_params=parse_cli_params(args.field_param), weights=args.weights, scheduler=args.scheduler,
                   workers=args.workers, threads_per_worker=args.threads_per_worker, memory_limit=args.memory_limit,
                   only=[x for x in args.only.split(",") if x.strip()] if args.only else None, dry_run=args.dry_run,
-                  overwrite=args.overwrite, device=args.device, adapt_protocol=args.adapt_protocol,
+                  overwrite=args.overwrite, device=args.device, adapt_protocol=args.adapt_protocol, dicom=args.dicom,
                   adapt_params=parse_cli_params(args.adapt_param) or None, echo=not args.quiet)
     return 0 if s.ok else 1
 
@@ -544,7 +553,8 @@ def cmd_view(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import OUTPUTS, run_demo
+    _refuse_existing([Path(args.outdir) / n for n in OUTPUTS], args.overwrite)
     run_demo(args.outdir, size=args.size, snr=args.snr, device=args.device, methods=args.methods, full=args.full)
     return 0
 
@@ -552,6 +562,8 @@ def cmd_demo(args) -> int:
 COMMANDS = {"recon": cmd_recon, "adapt": cmd_adapt, "metrics": cmd_metrics, "phantom": cmd_phantom,
             "methods": cmd_methods, "demo": cmd_demo, "view": cmd_view,
             "field": cmd_field, "batch": cmd_batch}
+from .cli_clinic import COMMANDS as _CLINIC_COMMANDS  # noqa: E402
+COMMANDS.update(_CLINIC_COMMANDS)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

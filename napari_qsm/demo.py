@@ -35,21 +35,39 @@ QUICK_TITLE = f"QSMInvNet+ adapted ({QUICK_PARAMS['dsbn_adapt']['steps']} steps,
 QUICK_NOTE = (f"{QUICK_TITLE}: the demo's short run adapts only the scan domain's "
               "BatchNorm (update=bn, synth_batch=0); `napari-qsm demo --full` runs the default adaptation "
               "(120 steps, all weights).")
-#: seconds each step took here (2-core x86_64 CPU, idle), for the estimate printed before starting
-#: (measured on 2026-11-29, idle: 96 s in all with the old 20-step run on all weights, 45 s of it
-#: adaptation; MEDI 16 s, COSMOS 19 s with its two simulated orientations). The BatchNorm-only run does
-#: less of the same work (no synthetic heads or batches, no convolution weight gradients): beside the
-#: same load (~17-19 on 2 cores) it took 246 s where the old one took 617 s; idle on 2026-11-29 22:15
-#: it took 31 s and the whole demo 80 s (`time napari-qsm demo`).
-EXPECTED_SECONDS = {"phantom": 5, "tkd": 2, "tsvd": 2, "medi": 20, "cosmos": 20, "dsbn": 6, "dsbn_adapt": 31,
+#: THE time estimate of the demo (printed before it starts, quoted by the README; tests/test_readme.py
+#: checks they agree): wall seconds of each stage on this 2-core x86_64 CPU, idle, as the demo's own
+#: log reports them (``python benchmarks/bench_demo.py`` prints them per stage). Measured 2026-11-29:
+#: MEDI 16 s, COSMOS 19 s (with its two simulated orientations), the BatchNorm-only adaptation 31 s
+#: (22:15); a whole ``time napari-qsm demo`` the same evening took 80 s. Not re-measured for issue 23:
+#: the machine ran at load 18-25 on 2 cores then (982 s for the same demo). ``dsbn_adapt_full``: the
+#: default 120-step adaptation (``--full``).
+EXPECTED_SECONDS = {"phantom": 5, "tkd": 2, "tsvd": 2, "medi": 16, "cosmos": 19, "dsbn": 6, "dsbn_adapt": 31,
                     "dsbn_adapt_full": 270, "figure": 10}
+#: a method the table does not know yet (a new or third-party one)
+UNKNOWN_METHOD_SECONDS = 20
 
 
 def expected_seconds(names, full: bool = False, size: str = "small") -> float:
-    """Rough wall time of the demo on a 2-core CPU (×3 for the full-size head)."""
+    """Wall time of the demo on an idle 2-core CPU from :data:`EXPECTED_SECONDS` (×3 for the full-size head).
+
+    Parameters
+    ----------
+    names : sequence of str
+        The methods the demo runs.
+    full : bool
+        ``--full`` (the default adaptation instead of the short one).
+    size : {"small", "full"}
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
     t = EXPECTED_SECONDS["phantom"] + EXPECTED_SECONDS["figure"]
     for n in names:
-        t += EXPECTED_SECONDS.get(n + "_full" if full and n + "_full" in EXPECTED_SECONDS else n, 20)
+        t += EXPECTED_SECONDS.get(n + "_full" if full and n + "_full" in EXPECTED_SECONDS else n,
+                                  UNKNOWN_METHOD_SECONDS)
     return t * (3.0 if size == "full" else 1.0)
 
 
@@ -117,6 +135,8 @@ def run_demo(outdir="demo_output", size="small", snr=40.0, device="auto", method
     return {"rows": rows, "results": results, "phantom": ph}
 
 
+#: the files run_demo writes in OUTDIR (``napari-qsm demo`` refuses to replace them without --overwrite)
+OUTPUTS = ("metrics.md", "metrics.csv", "comparison.png")
 COLUMNS = ["nrmse_demeaned", "nrmse_detrended", "nrmse", "hfen", "ssim", "xsim", "psnr", "correlation",
            "field_residual", "seconds"]
 

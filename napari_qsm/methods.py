@@ -1,43 +1,18 @@
-"""The method registry: every inversion and every front-end step, collected in one place.
+"""The registry: every inversion and every front-end step, collected in one place; the CLI, the batch,
+the pipeline (:mod:`napari_qsm.pipeline`) and the docks all ask it.
 
-Modules *declare* what they offer and know nothing of this registry:
-
-* inversions: a module-level ``METHODS = (Method(...), ...)`` (:class:`napari_qsm.core.method.Method`)
-  in ``core/inversion/tkd.py``, ``core/inversion/medi.py``, ``core/inversion/cosmos.py``, ``nn/infer.py``, ``nn/adapt.py``;
-* front-end steps (raw echoes → local field): ``STEPS = (Step(...), ...)``
-  (:class:`napari_qsm.core.field.steps.Step`) in the modules of ``core/field/``;
-* other packages: an entry point in the group ``napari_qsm.methods`` whose object is a
-  :class:`Method`, an iterable of them, or a module with ``METHODS``. For example, in the other
-  package's ``pyproject.toml``::
-
-      [project.entry-points."napari_qsm.methods"]
-      my-inversion = "my_package.inversion:METHODS"
-
-The command line (``--method``, ``napari-qsm methods``), the Python API (:func:`reconstruct`)
-and the docks' generated forms all read :func:`available_methods` / :func:`available_steps`.
-A module that fails to import is skipped and its error kept (shown by ``napari-qsm methods``).
-
-Adding an inversion, in full (a new file ``napari_qsm/core/mine.py`` and one line in
-``_METHOD_MODULES`` below, or an entry point)::
-
-    from dataclasses import dataclass
-    from napari_qsm.core.method import Method
-    from napari_qsm.core.params import param
-    from napari_qsm.core.inversion.tkd import truncated_inversion
-
-    @dataclass
-    class MineParams:
-        threshold: float = param(0.2, "k-space threshold δ", min=0.01, max=0.66)
-
-    def run(scan, p, *, device, progress=None, cancel=None, **_):
-        return truncated_inversion(scan.field, scan.mask, scan.voxel_size, scan.b0_direction, p.threshold)[0]
-
-    METHODS = (Method("mine", "Mine", MineParams, run, doc="TKD at δ = 0.2 by default."),)
+Modules declare what they offer and know nothing of this registry: ``METHODS = (Method(...), ...)``
+in the inversion modules (``core/inversion/``, ``nn/``), ``STEPS = (Step(...), ...)`` in
+``core/field/``; other packages add theirs through the entry-point group ``napari_qsm.methods`` (a
+:class:`Method` or :class:`Step`, an iterable of them, or a module with ``METHODS``/``STEPS``;
+example in the README). A module that fails to import is skipped and its error kept
+(``napari-qsm methods`` shows it). :func:`register_method` / :func:`register_step` add one at run time.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from importlib import metadata
 from typing import Iterable
 
@@ -45,7 +20,7 @@ from .core.field.steps import FAMILIES, Step
 from .core.method import Method, Result, run_method
 
 __all__ = ["available_methods", "get_method", "register_method", "reconstruct", "import_errors",
-           "available_steps", "get_step", "Method", "Result", "Step", "ENTRY_POINT_GROUP"]
+           "available_steps", "get_step", "register_step", "Method", "Result", "Step", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "napari_qsm.methods"
 
@@ -77,6 +52,15 @@ def register_method(method: Method) -> Method:
     _load_all()
     _METHODS[method.name] = method
     return method
+
+
+def register_step(step: Step) -> Step:
+    """Add (or replace) a front-end step at run time; the CLI, the batch and the Field dock then offer it."""
+    if not isinstance(step, Step):
+        raise TypeError(f"register_step: expected a Step, got {type(step).__name__}")
+    _load_all()
+    _STEPS[(step.family, step.name)] = step
+    return step
 
 
 def _declared(obj, attr: str) -> Iterable:
@@ -123,7 +107,13 @@ def _load_all() -> None:
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         source = f"entry point {ep.name} = {ep.value}"
         try:
-            _add(_declared(ep.load(), "METHODS"), source)
+            obj = ep.load()
+            if inspect.ismodule(obj):  # a module: its METHODS and its STEPS
+                if not (hasattr(obj, "METHODS") or hasattr(obj, "STEPS")):
+                    raise TypeError(f"module {obj.__name__} declares neither METHODS nor STEPS")
+                _add((*getattr(obj, "METHODS", ()), *getattr(obj, "STEPS", ())), source)
+            else:
+                _add(_declared(obj, "METHODS"), source)
         except Exception as exc:
             _IMPORT_ERRORS[source] = repr(exc)
 
@@ -141,6 +131,7 @@ def available_methods() -> list[Method]:
 
 
 def get_method(name: str) -> Method:
+    """A method by name (case-insensitive); ValueError naming the available ones otherwise."""
     _load_all()
     key = str(name).strip().lower()
     if key not in _METHODS:
@@ -152,7 +143,39 @@ def get_method(name: str) -> Method:
 
 def reconstruct(scan, method: str = "tkd", params=None, *, device="auto", progress=None,
                 cancel=None, **extra) -> Result:
-    """Run a method, by name, on a :class:`~napari_qsm.core.scan.Scan` (see :func:`napari_qsm.core.method.run_method`)."""
+    """Run a method, by name, on a :class:`~napari_qsm.core.scan.Scan`: local field → χ (ppm).
+
+    Parameters
+    ----------
+    scan : Scan
+        Local field (ppm), brain mask, voxel size, B0 direction; magnitude, N_std, R2* when the
+        method uses them.
+    method : str
+        A name of :func:`available_methods` (``napari-qsm methods`` lists them), e.g. "tkd", "medi", "dsbn".
+    params : dict or parameter record, optional
+        The method's parameters by public name (strings accepted, as from ``--param``); missing
+        ones take their defaults. Checked against their ranges before any work.
+    device : str
+        "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
+    progress : callable, optional
+        Called with :class:`~napari_qsm.core.progress.Progress` records.
+    cancel : CancelToken, optional
+        Raises :class:`~napari_qsm.core.progress.Cancelled` promptly when set.
+    **extra
+        Method-specific inputs: ``weights=`` (network checkpoint), ``csf_mask=`` (MEDI+0),
+        ``scans=`` (COSMOS orientations).
+
+    Returns
+    -------
+    Result
+        χ (float32, ppm, referenced as the method records), the method and its parameters, wall
+        time, device and extras; ``Result.provenance()`` is what the JSON sidecars hold.
+
+    References
+    ----------
+    .. [1] Each method's ``doc`` and module give its own references (TKD: Shmueli et al., MRM 62
+       (2009) 1510; MEDI: Liu et al., MRM 66 (2011) 777; COSMOS: Liu et al., MRM 61 (2009) 196).
+    """
     return run_method(get_method(method), scan, params, device=device, progress=progress, cancel=cancel, **extra)
 
 

@@ -88,8 +88,11 @@ def test_batch_isolates_a_corrupt_scan_resumes_and_equals_recon(dataset, client,
     for sub in GOOD:
         out = output_paths(dataset, scans[sub], "tkd")
         assert out["chi"].name == f"{sub}_desc-tkd_Chimap.nii.gz" and out["chi"].parent == deriv / sub / "anat"
-        for p in out.values():
-            assert p.exists() and p.with_name(p.name.replace(".nii.gz", ".json")).exists(), p
+        for k, p in out.items():
+            side_of = p.with_name(p.name.replace(".nii.gz", ".json"))
+            assert p.exists() and (k == "report" or side_of.exists()), p
+        assert out["report"].read_bytes()[:4] == b"\x89PNG"  # the one-page report beside the χ map
+        assert json.loads(out["minIP"].with_name(f"{sub}_minIP.json").read_text())["Units"] == "a.u."
         side = json.loads(out["chi"].with_name(f"{sub}_desc-tkd_Chimap.json").read_text())
         assert side["method"] == "tkd" and side["version"] and side["seconds"] > 0 and side["device"] == "cpu"
         assert side["scan_id"] == sub and side["scan"]["b0_tesla"] == pytest.approx(3.0, rel=0.01)
@@ -133,8 +136,9 @@ def test_batch_isolates_a_corrupt_scan_resumes_and_equals_recon(dataset, client,
     side.write_text(side.read_text().replace("procedural head phantom", "procedural head phantom (edited)"))
     seen = []
     s3 = run_batch(dataset, method="tsvd", only=["sub-01"], client=client, device="cpu", echo=False,
-                   progress=seen.append)
+                   progress=seen.append, dicom=True)
     assert [r["status"] for r in s3.rows] == ["done"] and lf.stat().st_mtime_ns == lf_time
+    assert len(list((deriv / "sub-01" / "anat" / "sub-01_desc-tsvd_Chimap_dicom").glob("*.dcm"))) == 32
     assert [(p.step, p.total) for p in seen] == [(1, 1)] and "sub-01 done" in seen[0].message
     s4 = run_batch(dataset, method="tkd", only=["sub-02", "sub-03"], client=client, device="cpu", echo=False)
     assert [r["status"] for r in s4.rows] == ["done", "skipped"]

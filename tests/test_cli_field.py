@@ -5,7 +5,8 @@ import json
 import nibabel as nib
 import numpy as np
 
-from napari_qsm.cli import FIELD_OUTPUTS, main
+from napari_qsm.cli import main
+from napari_qsm.pipeline import FIELD_MAPS as FIELD_OUTPUTS
 
 
 def test_raw_bids_to_local_field_and_chi(tmp_path, capsys):

@@ -15,6 +15,7 @@ from napari_qsm.core.method import Method
 
 PKG = Path(napari_qsm.__file__).resolve().parent
 FORBIDDEN = ("napari_qsm.nn", "napari_qsm._napari", "napari_qsm.cli", "napari_qsm.methods", "napari_qsm.batch",
+             "napari_qsm.pipeline",
              "napari_qsm.demo", "napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "superqt")
 
 #: what `napari-qsm methods`, `--method` and the Reconstruction dock listed before the registry moved
@@ -153,3 +154,64 @@ def test_register_method_at_run_time(fresh_registry):
     assert [x.name for x in fresh_registry.available_methods()][:len(METHODS_BEFORE)] == METHODS_BEFORE
     with pytest.raises(TypeError):
         fresh_registry.register_method("tkd")
+
+
+def _third_party_step(tmp_path, monkeypatch):
+    # (a step, where test_third_party_method_from_an_entry_point above declares a method)
+    """An installed package (a dist-info on sys.path) declaring a background step 'demean' by entry point."""
+    (tmp_path / "tiny_bg.py").write_text(textwrap.dedent("""
+        from dataclasses import dataclass
+        import numpy as np
+        from napari_qsm.core.field.steps import Step
+        from napari_qsm.core.params import param
+
+        @dataclass
+        class DemeanParams:
+            scale: float = param(1.0, "factor on the demeaned field", min=0.0, max=2.0)
+
+        def run(field, mask, p, **_):
+            mask = np.asarray(mask, bool)
+            return np.where(mask, (field - field[mask].mean()) * p.scale, 0).astype(np.float32), mask
+
+        STEPS = (Step("background", "demean", "Demean (test)", DemeanParams, run, doc="A test step."),)
+    """))
+    dist = tmp_path / "tiny_bg-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tiny-bg\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[napari_qsm.methods]\ndemean = tiny_bg:STEPS\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_a_third_party_step_runs_through_field_recon_and_the_api(raw_bids_head, tmp_path, monkeypatch, fresh_registry,
+                                                                 capsys):
+    """The registry's steps (entry points included) are the ones field, recon and batch use (was: shipped only)."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from napari_qsm.cli import main
+
+    _third_party_step(tmp_path, monkeypatch)
+    assert "demean" in [s.name for s in fresh_registry.available_steps("background")]
+    out = tmp_path / "f"
+    assert main(["field", str(raw_bids_head), "-o", str(out), "--background", "demean", "--param", "scale=0.5",
+                 "--device", "cpu", "-q"]) == 0, capsys.readouterr().err
+    prov = json.loads((out / "field.json").read_text())
+    assert prov["steps"][-1]["name"] == "demean" and prov["steps"][-1]["parameters"] == {"scale": 0.5}
+    local = np.asarray(nib.load(str(out / "local_field.nii.gz")).dataobj)
+    total = np.asarray(nib.load(str(out / "total_field.nii.gz")).dataobj)
+    m = np.asarray(nib.load(str(out / "mask.nii.gz")).dataobj) > 0.5
+    np.testing.assert_allclose(local[m], 0.5 * (total[m] - total[m].mean()), atol=1e-5)
+    chi = tmp_path / "chi.nii.gz"
+    assert main(["recon", str(raw_bids_head), "--method", "tkd", "--field-param", "background=demean",
+                 "--device", "cpu", "-q", "-o", str(chi)]) == 0, capsys.readouterr().err
+    side = json.loads((tmp_path / "chi.json").read_text())
+    assert side["extras"]["field_steps"][-1]["name"] == "demean"
+    # the API and the batch planner resolve it the same way
+    from napari_qsm import pipeline
+    assert pipeline.make_recipe({"background": "demean"}).step("background").label == "Demean (test)"
+    from napari_qsm.batch import run_batch
+    s = run_batch(raw_bids_head.parent.parent, method="tkd", field_params={"background": "demean"}, dry_run=True,
+                  echo=False)
+    assert [r["status"] for r in s.rows] == ["planned"]

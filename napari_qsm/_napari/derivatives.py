@@ -14,11 +14,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ..batch import DERIVATIVES
+from ..core.io.bids import CHI_SUFFIX as _CHI, DERIVATIVES, chi_method, chi_prefix
 
 __all__ = ["derivatives_folder", "subjects", "scans", "open_derivatives", "DerivativesWidget"]
-
-_CHI = "_Chimap.nii.gz"
 
 
 def derivatives_folder(root) -> Path:
@@ -55,7 +53,7 @@ def _scans(deriv: Path, subject: str) -> dict[str, list[Path]]:
     d = deriv / subject
     out: dict[str, list[Path]] = {}
     for p in sorted(d.rglob("*" + _CHI)):
-        prefix = p.name[: -len(_CHI)].split("_desc-")[0]
+        prefix = chi_prefix(p.name)
         out.setdefault(prefix, []).append(p)
     return out
 
@@ -76,8 +74,7 @@ def _inputs_of(chi: Path, prefix: str, deriv: Path) -> dict[str, Path]:
 def _method_of(chi: Path) -> str:
     """The method of a χ map for its layer name: the sidecar's "method", else the file name's
     ``desc-<method>`` entity, else "χ" (no readable sidecar and no entity: the file name)."""
-    part = chi.name.split("_desc-")
-    desc = part[1].split("_")[0] if len(part) > 1 else ""
+    desc = chi_method(chi.name)
     try:
         side = json.loads(chi.with_name(chi.name[: -len(".nii.gz")] + ".json").read_text())
     except (OSError, ValueError):

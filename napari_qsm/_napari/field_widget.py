@@ -41,12 +41,13 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, Q
                             QLineEdit, QPushButton, QWidget)
 
 from ..core.constants import PHASE_SCALES
-from ..core.field.pipeline import FieldRecipe, local_field
+from ..core.field.pipeline import FieldRecipe
 from ..core.field.records import Echoes
 from ..core.field.steps import FAMILIES
 from ..core.params import ParamError
 from ..core.scan import ScanError
 from ..methods import available_steps, get_step
+from ..pipeline import field_from_echoes
 from .docks import QSMDock
 from .form import ParamForm
 from .layers import (Geometry, acquisition_from_metadata, check_axes, geometry_from, robust_limits,
@@ -703,7 +704,8 @@ class FieldWidget(RunnerDock, QSMDock, QWidget):
         md_src = mag_src.metadata
 
         def job(progress):
-            run = local_field(echoes, recipe, mask=user_mask, device=device, progress=progress, cancel=runner.token)
+            run = field_from_echoes(echoes, recipe, mask=user_mask, device=device, progress=progress,
+                                    cancel=runner.token)
             # the layers' arrays and display windows (percentiles) are made here, not on the event loop
             geom = Geometry(axes=axes, voxel_size=np.asarray(run.scan.voxel_size, float),
                             b0_direction=np.asarray(run.scan.b0_direction, float),

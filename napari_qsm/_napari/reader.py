@@ -300,13 +300,8 @@ def _image_tuple(name, arr, role, base_md, md_extra, geo_kw, geom):
 
 def is_megre_folder(path) -> bool:
     """A folder holding BIDS MEGRE echoes in it or up to two levels below (subject/session/anat); cheap."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return False
-    for pat in ("*_part-mag_*MEGRE.nii*", "*/*_part-mag_*MEGRE.nii*", "*/*/*_part-mag_*MEGRE.nii*"):
-        if any(p for p in folder.glob(pat) if nifti_path_ok(p)):
-            return True
-    return False
+    from ..core.io.bids import has_megre
+    return Path(path).is_dir() and has_megre(path, depth=2)
 
 
 def read_megre_folder(path):

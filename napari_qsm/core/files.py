@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-__all__ = ["atomic_write", "default_file_mode", "sha256_file"]
+__all__ = ["atomic_write", "atomic_files", "default_file_mode", "sha256_file"]
 
 
 def default_file_mode() -> int:
@@ -52,6 +53,43 @@ def atomic_write(path, writer: Callable[[str], None]) -> Path:
             os.remove(tmp)
         raise
     return path
+
+
+@contextmanager
+def atomic_files(*paths) -> Iterator[list]:
+    """Temporary files beside ``paths`` (one each, same suffix) that become ``paths`` together.
+
+    For a set written as one (a checkpoint and its card): the ``with`` body writes the temporary
+    names it is given; on success each gets the user's normal mode (:func:`default_file_mode`,
+    ``-rw-r--r--`` under umask 022, not ``mkstemp``'s ``-rw-------``) and is renamed over its
+    target, in the order given. On failure nothing is left behind.
+
+    Parameters
+    ----------
+    *paths : path-like
+        The final file names.
+
+    Returns
+    -------
+    list of str
+        The temporary names, in the order of ``paths`` (yielded by the context manager).
+    """
+    tmps = []
+    try:
+        for p in map(Path, paths):
+            suffix = "".join(p.suffixes[-2:]) if p.name.lower().endswith(".nii.gz") else p.suffix
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=str(p.parent))
+            os.close(fd)
+            tmps.append(tmp)
+        yield list(tmps)
+        mode = default_file_mode()
+        for tmp, p in zip(tmps, paths):
+            os.chmod(tmp, mode)
+            os.replace(tmp, p)
+    finally:
+        for t in tmps:
+            if os.path.exists(t):
+                os.remove(t)
 
 
 def sha256_file(path) -> str:

@@ -107,8 +107,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1002,23 +1000,14 @@ def save_adapted(result: AdaptResult, path, base_weights_path=None, scan=None) -
                                 | {"ref_mean": result.info.get("ref_mean")})}
     path.parent.mkdir(parents=True, exist_ok=True)
     side = path.with_suffix(".json")
-    fd, tmp_pt = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=str(path.parent))
-    os.close(fd)
-    fd, tmp_js = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=str(path.parent))
-    os.close(fd)
-    try:
+    from ..core.files import atomic_files
+    with atomic_files(path, side) as (tmp_pt, tmp_js):  # both 0644 (umask 022) like every other output
         torch.save(ck, tmp_pt)
         meta["sha256"] = file_sha256(tmp_pt)
         meta["file"] = path.name
         with open(tmp_js, "w") as fh:
             json.dump(meta, fh, indent=2)
             fh.write("\n")
-        os.replace(tmp_pt, path)
-        os.replace(tmp_js, side)
-    finally:
-        for t in (tmp_pt, tmp_js):
-            if os.path.exists(t):
-                os.remove(t)
     return path
 
 

@@ -215,6 +215,8 @@ def test_cli_adapt_then_recon(scan, base, tmp_path):
                  str(w), "--param", "mode=finetune", "--param", "patch=32", "--device", "cpu", "--b0-dir", *b0,
                  "-q", "-o", str(o1)]) == 0
     assert w.exists() and w.with_suffix(".json").exists()
+    from napari_qsm.core.files import default_file_mode
+    assert [p.stat().st_mode & 0o777 for p in (w, w.with_suffix(".json"))] == [default_file_mode()] * 2  # was 0600
     o2 = tmp_path / "recon.nii.gz"
     assert main(["recon", str(fp), "--mask", str(mp), "--method", "dsbn", "--weights", str(w), "--device", "cpu",
                  "--b0-dir", *b0, "-q", "-o", str(o2)]) == 0

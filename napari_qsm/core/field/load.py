@@ -43,7 +43,8 @@ import nibabel as nib
 import numpy as np
 
 from ..constants import GAMMA_BAR_MHZ_PER_T, PHASE_SCALES
-from ..io import load_image, nifti_path_ok, read_sidecar
+from ..io import load_image, read_sidecar
+from ..io.bids import find_megre, has_megre, strip_ext as _strip_ext
 from ..scan import ScanError
 from .records import Echoes
 
@@ -164,34 +165,15 @@ def _first(sides, key):
 
 # ----------------------------------------------------------------------------------------------- BIDS
 
-_ECHO_RE = re.compile(r"_echo-(\d+)_")
-_PART_RE = re.compile(r"_part-(mag|phase)_")
-
-
-def _strip_ext(name: str) -> str:
-    for ext in (".nii.gz", ".nii"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
 def find_bids_echoes(folder) -> tuple[list[Path], list[Path]]:
     """(magnitude files, phase files) of the one MEGRE acquisition under ``folder``, in echo order."""
     folder = Path(folder)
-    files = [p for p in sorted(folder.rglob("*MEGRE.nii*")) if nifti_path_ok(p) and "derivatives" not in p.parts]
-    groups: dict[str, dict[str, dict[int, Path]]] = {}
-    for p in files:
-        stem = _strip_ext(p.name) + "_"
-        e, part = _ECHO_RE.search(stem), _PART_RE.search(stem)
-        if not e or not part:
-            continue
-        key = str(p.parent / _PART_RE.sub("_", _ECHO_RE.sub("_", stem)))
-        groups.setdefault(key, {"mag": {}, "phase": {}})[part.group(1)][int(e.group(1))] = p
+    groups = find_megre(folder)
     if not groups:
         raise ScanError(f"input: no BIDS multi-echo GRE files (*_echo-N_part-mag_MEGRE.nii.gz and "
                         f"*_echo-N_part-phase_MEGRE.nii.gz) under {folder}")
     if len(groups) > 1:
-        names = "\n  ".join(sorted(Path(k).name.rstrip("_") for k in groups))
+        names = "\n  ".join(sorted(prefix + "_MEGRE" for _, prefix in groups))
         raise ScanError(f"input: {folder} holds {len(groups)} MEGRE acquisitions; give the folder or files of one:"
                         f"\n  {names}")
     g = next(iter(groups.values()))
@@ -337,8 +319,7 @@ def load_echoes(inputs=None, *, magnitude: Sequence = (), phase: Sequence = (), 
             raise ScanError(f"input: {folder} does not exist")
         if not folder.is_dir():
             raise ScanError(f"input: {folder} is not a folder; give a BIDS or DICOM folder, or magnitude=/phase= files")
-        has_bids = any(folder.rglob("*_part-mag_*MEGRE.nii*")) or any(folder.rglob("*_part-phase_*MEGRE.nii*"))
-        if has_bids:
+        if has_megre(folder):
             mags, phs = find_bids_echoes(folder)
             kind = "bids"
         elif _looks_like_dicom(folder):

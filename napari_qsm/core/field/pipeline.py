@@ -53,7 +53,12 @@ def core_steps() -> dict[tuple[str, str], Step]:
 
 
 def find_step(family: str, name: Optional[str] = None) -> Step:
-    """A shipped step by family and name (None: the family's default)."""
+    """A shipped step by family and name (None: the family's default).
+
+    Only this package's steps: the registry (:func:`napari_qsm.methods.get_step`) also has the
+    third-party ones, and :func:`napari_qsm.pipeline.make_recipe` puts its :class:`Step` records in
+    a recipe. Every caller outside ``core`` goes through it; this lookup serves core-only use.
+    """
     if family not in FAMILIES:
         raise ValueError(f"step family: expected one of {FAMILIES}, got {family!r}")
     steps = [s for (f, _), s in core_steps().items() if f == family]
