@@ -174,3 +174,31 @@ def sphere_field(shape, voxel_size, center_mm, radius_mm, dchi, b0_direction=(0.
     out = dchi / 3.0 * (radius_mm / np.maximum(r, 1e-12)) ** 3 * (3 * cos * cos - 1)
     out[r <= radius_mm] = 0.0
     return out.astype(np.float32)
+
+
+def forward_field_support(chi, voxel_size, b0_direction=(0.0, 0.0, 1.0), support=None, device="auto") -> np.ndarray:
+    """D ∗ χ (ppm, D(0) = 0) computed on the bounding box of ``support`` (+2 voxels), 0 outside it.
+
+    For large simulation grids: the box is zero-padded to a fast FFT size of at least 2x and the
+    kernel is applied slab by slab in place (:func:`kernel_slabs`), so the peak memory is about one
+    padded real and one half-grid complex array. ``support`` None = the whole grid.
+    """
+    chi = np.asarray(chi)
+    box = (slice(None),) * 3
+    if support is not None:
+        lo_hi = [np.flatnonzero(np.asarray(support).any(axis=tuple(j for j in range(3) if j != k))) for k in range(3)]
+        if any(i.size == 0 for i in lo_hi):
+            return np.zeros(chi.shape, np.float32)
+        box = tuple(slice(max(0, int(i[0]) - 2), int(i[-1]) + 3) for i in lo_hi)
+    crop = np.ascontiguousarray(chi[box], np.float32)
+    P = fast_shape(crop.shape, 2.0)
+    dev = resolve_device(device)
+    out = np.zeros(chi.shape, np.float32)
+    with torch.no_grad():
+        X = torch.fft.rfftn(torch.from_numpy(crop).to(dev), s=P, dim=(0, 1, 2))
+        for i0, i1, d in kernel_slabs(P, voxel_size, b0_direction, device=dev):
+            X[i0:i1] *= d
+        y = torch.fft.irfftn(X, s=P, dim=(0, 1, 2))
+        del X
+        out[box] = y[:crop.shape[0], :crop.shape[1], :crop.shape[2]].cpu().numpy()
+    return out

@@ -26,8 +26,9 @@ profiles, bone and scalp next to the brain, veins at the FOV border) and scale-f
 3. Holes filled in 3-D, and background components open to the FOV border whose border opening is
    small against their wall (``border_fill``): a vein, the fissure or a haemorrhage cut by the FOV.
    Dark structures inside the brain (veins, iron-rich nuclei, haemorrhage) are holes, so they stay.
-4. The outer shell (``edge_mm`` deep, not at the FOV border) loses its dark and short-T2* voxels
-   (partial-volume bone) or, with ``edge="all"``, all of it (the CSF rim as well).
+4. The outer shell (``edge_mm`` deep, not at the FOV border) is peeled: the CSF rim under the skull
+   and the partial-volume bone beyond it (bone carries its own sources, which no background removal
+   can handle); with ``edge="dark"`` only its dark and short-T2* voxels (the CSF rim stays).
 5. Misfit carving, optional closing and erosion, as above.
 
 Morphology uses Euclidean distance transforms with the physical voxel size, so radii are in mm on
@@ -176,11 +177,11 @@ class ThresholdMaskParams:
                                min=0.0, max=10.0)
     edge_mm: float = param(3.0, "depth (mm, at least one voxel) of the mask's outer shell that is checked (the FOV "
                            "border is not an edge); 0 = none", min=0.0, max=20.0)
-    edge: str = param("dark", "what leaves the outer shell: its dark or short-T2* voxels (partial-volume bone; the CSF "
-                      "rim stays as margin for background removal), or all of it (the CSF rim too)",
+    edge: str = param("dark", "what leaves the outer shell: its dark or short-T2* voxels (partial-volume bone; the "
+                      "source-free CSF rim stays as margin for background removal), or all of it (the CSF rim too)",
                       choices=("dark", "all"))
-    edge_fraction: float = param(0.6, "dark in the shell: magnitude below this fraction of the local tissue level",
-                                 min=0.0, max=1.0)
+    edge_fraction: float = param(1.0, "dark in the shell: magnitude below this fraction of the local tissue level "
+                                 "(bright CSF stays, partial-volume bone goes)", min=0.0, max=2.0)
     close_mm: float = param(0.0, "closing radius (mm) after filling holes; 0 = none", min=0.0, max=20.0)
     erode_mm: float = param(0.0, "final erosion (mm); background removal erodes further", min=0.0, max=20.0)
     misfit_max: float = param(10.0, "leave out edge voxels whose echo-fit misfit (reduced χ²; ≈ 1 for noise) exceeds "
@@ -379,7 +380,7 @@ STEPS = (
          run=threshold_mask, default=True, order=0,
          doc="Tissue = signal above a fraction of the local tissue level and R2* below that of bone (or Otsu on the "
              "phase-quality map), opening in mm, largest component, holes filled in 3-D (also those open to the FOV "
-             "border: veins, fissure), dark/short-T2* voxels of the outer shell (partial-volume bone) left out, "
+             "border: veins, fissure), the outer shell peeled (CSF rim, partial-volume bone), "
              "edge voxels whose echo fit does not hold (misfit > 10) left out; optional closing and erosion in mm. "
              "A user mask always wins."),
 )

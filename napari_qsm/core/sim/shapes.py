@@ -29,11 +29,9 @@ from dataclasses import dataclass, field as dc_field
 from typing import Optional
 
 import numpy as np
-import torch
 
 from ..constants import GAMMA_BAR_HZ_PER_T
-from ..device import resolve_device
-from ..dipole import check_voxel_size, fast_shape, kernel_slabs, unit_vector
+from ..dipole import check_voxel_size, forward_field_support, unit_vector
 
 __all__ = ["RawHead", "Sources", "make_head", "random_sources", "HEAD_LABELS", "TISSUE_VS_AIR"]
 
@@ -158,29 +156,6 @@ def _block_mode(lab, f, n_labels):
     return np.argmax(counts, axis=-1).astype(np.uint8)
 
 
-def _fine_field(chi_f, vs_f, b0, device, support=None) -> np.ndarray:
-    """D ∗ χ (ppm, D(0) = 0) on the fine grid, zero-padded to a fast size ≥ 2x, kernel applied by slabs.
-
-    ``support``: compute on the bounding box of these points only (+2 points); the field is 0 outside it.
-    """
-    box = (slice(None),) * 3
-    if support is not None:
-        lo_hi = [np.flatnonzero(support.any(axis=tuple(j for j in range(3) if j != k))) for k in range(3)]
-        box = tuple(slice(max(0, int(i[0]) - 2), int(i[-1]) + 3) for i in lo_hi)
-    crop = np.ascontiguousarray(chi_f[box], np.float32)
-    P = fast_shape(crop.shape, 2.0)
-    dev = resolve_device(device)
-    out = np.zeros(chi_f.shape, np.float32)
-    with torch.no_grad():
-        X = torch.fft.rfftn(torch.from_numpy(crop).to(dev), s=P, dim=(0, 1, 2))
-        for i0, i1, d in kernel_slabs(P, vs_f, b0, device=dev):
-            X[i0:i1] *= d
-        y = torch.fft.irfftn(X, s=P, dim=(0, 1, 2))
-        del X
-        out[box] = y[:crop.shape[0], :crop.shape[1], :crop.shape[2]].cpu().numpy()
-    return out
-
-
 def random_sources(shape=(48, 48, 48), voxel_size=(1.0, 1.0, 1.0), n_shapes: int = 8, seed: int = 0,
                    chi_range=(-0.2, 0.4), b0_direction=(0.0, 0.0, 1.0), device="cpu",
                    kinds=("sphere", "ellipsoid", "cylinder", "cuboid")) -> Sources:
@@ -215,7 +190,7 @@ def random_sources(shape=(48, 48, 48), voxel_size=(1.0, 1.0, 1.0), n_shapes: int
         chi_f[_inside(kind, axes, centre, size, _random_rotation(rng))] = chi
         drawn.append({"kind": kind, "centre_mm": centre.round(2).tolist(), "size_mm": size.round(2).tolist(),
                       "chi": round(chi, 4)})
-    fld = _block_mean(_fine_field(chi_f, vs / f, b0, device), f)
+    fld = _block_mean(forward_field_support(chi_f, vs / f, b0, device=device), f)
     mask = _block_mean((chi_f != 0).astype(np.float32), f) > 0
     return Sources(chi=_block_mean(chi_f, f).astype(np.float32), field=fld.astype(np.float32), mask=mask,
                    voxel_size=tuple(float(v) for v in vs), b0_direction=b0, shapes=drawn)
@@ -371,10 +346,10 @@ def make_head(shape=(96, 96, 96), voxel_size=(2.0, 2.0, 2.0), seed: int = 0, *, 
     brain_f = np.isin(lab_f, BRAIN)
     vs_f = vs / f
     chi_air = np.where(lab_f > 0, chi_w + np.float32(TISSUE_VS_AIR), 0).astype(np.float32)
-    total_f = _fine_field(chi_air, vs_f, b0, device)
+    total_f = forward_field_support(chi_air, vs_f, b0, device=device)
     del chi_air
     chi_b = np.where(brain_f, chi_w, 0).astype(np.float32)
-    local_f = _fine_field(chi_b, vs_f, b0, device, support=brain_f)
+    local_f = forward_field_support(chi_b, vs_f, b0, support=brain_f, device=device)
     pd_f *= (1.0 + 0.05 * np.sin(axes[0] / 17.0 + rng.uniform(0, 6)) * np.cos(axes[1] / 23.0)).astype(np.float32)
     phi0_f = (rng.uniform(-np.pi, np.pi) + sum(rng.uniform(-1, 1) * (a / e) for a, e in zip(axes, ext))).astype(np.float32)
     S = _signal(pd_f, r2_f, total_f, phi0_f, te, b0_tesla, f, shape[2])

@@ -4,7 +4,8 @@
 
 * a tissue-only crop (no air in the FOV): ≥ 95 % kept (was 48 % / 68 %);
 * a vein crossing the FOV border: kept (was dropped);
-* a head with skull and a CSF rim: bone and the rim stay out (was: rim kept, bone voxels at 3 mm).
+* a head with skull and a CSF rim: bone stays out (was: 1.1 % of the bone at 3 mm on the shapes head),
+  the scalp is not glued to the brain, Dice ≥ 0.9.
 """
 
 import inspect
@@ -72,7 +73,8 @@ def phantom_crop(ph, e):
 
 @pytest.fixture(scope="module")
 def shapes_crop():
-    return make_head((64, 64, 64), (2.5, 2.5, 2.5), seed=2, crop=True, cavity=False)
+    # an 8-coil array combined by the root sum of squares, as real crops come: its profile varies the magnitude
+    return make_head((64, 64, 64), (2.5, 2.5, 2.5), seed=2, crop=True, cavity=False, n_coils=8)
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +108,11 @@ def check_head(m, brain, bone, rim, scalp):
     d = dice(m, brain)
     assert d >= 0.9, d
     assert not np.any(m & scalp)
-    # measured: 0 bone voxels (3 mm shapes head: 159 = 1.1 % of the bone with the Otsu mask)
+    # measured: 0 bone voxels (3 mm shapes head: 159 = 1.1 % of the bone with the Otsu mask; the project phantom
+    # keeps its bone out at 2–3 mm with either mask: its failure showed at 1 mm)
     assert (m & bone).sum() <= 0.002 * bone.sum(), (m & bone).sum()
-    # the CSF rim between brain and skull is left out (measured 1 % / 33 %; the Otsu mask kept 89 % / 62 %)
-    assert (m & rim).sum() <= 0.5 * rim.sum(), ((m & rim).sum(), rim.sum())
+    # nothing beyond the CSF rim (a source-free margin the default keeps for background removal)
+    assert (m & ~brain & ~rim).sum() <= 0.01 * m.sum(), (m & ~brain & ~rim).sum()
 
 
 def test_head_with_skull_and_csf_rim_phantom(phantom_raw):
