@@ -19,6 +19,10 @@ It loads the 1 mm sample phantom, runs TKD in the "QSM reconstruction" dock, and
 * ``docs/screenshot_field.png``            the Field dock after a run on the raw multi-echo head sample: total
                                            field, local field, R2* and magnitude side by side (grid)
 * ``docs/screenshot_field_dock.png``       the Field dock alone; ``screenshot_field_1280x800.png``: a 1280×800 window
+* ``docs/screenshot_raw_<W>x<H>_{open,mask,compare}.png``  the newcomer's path at 1600×1000 and 1280×800 (``raw``):
+                                           the raw head sample with the docks opened through napari (Field in
+                                           front, nothing red), after Field → Run (the brain mask to correct), and
+                                           Compare after TKD (the field residual, as the hand-off sets it up)
 
 The Adapt screenshots need QSMInvNet+ weights: the shipped checkpoint, or ``--weights CKPT``
 (e.g. a training checkpoint); without either they are skipped.
@@ -39,7 +43,7 @@ import numpy as np
 
 DOCS = Path(__file__).resolve().parent
 WINDOW = [1600, 1000]
-SCREENS = ("docks", "reconstruct", "truth", "medi", "clinical", "adapt", "field")
+SCREENS = ("docks", "reconstruct", "truth", "medi", "clinical", "adapt", "field", "raw")
 
 
 def _pump(app, seconds: float) -> None:
@@ -124,6 +128,8 @@ def main(argv=None) -> int:
         _adapt_screens(app, args.weights, args.adapt_steps)
     if "field" in only:
         _field_screens(app)
+    if "raw" in only:
+        _raw_path_screens(app)
     return 0
 
 
@@ -147,7 +153,7 @@ def _docks_screen(app) -> None:
 
 def _reconstruct_screens(app, only=SCREENS) -> None:
     from napari_qsm._napari.sample_data import make_phantom_1mm, make_phantom_clinical
-    from napari_qsm._napari.widgets import QSMWidget
+    from napari_qsm._napari.reconstruct_dock import QSMWidget
     from napari_qsm.methods import available_methods
 
     # 1. 1 mm phantom, TKD -----------------------------------------------------------------
@@ -300,6 +306,39 @@ def _field_screens(app) -> None:
         _save_window(viewer, app, name)
         if size == tuple(WINDOW):
             _save_widget(dock, app, "screenshot_field_dock.png")
+        viewer.close()
+
+
+def _raw_path_screens(app) -> None:
+    """Raw echoes → Field → Reconstruct (TKD) → Compare, every dock opened through napari, at two window sizes."""
+    for size in (tuple(WINDOW), (1280, 800)):
+        tag = f"{size[0]}x{size[1]}"
+        viewer = _new_viewer(app)
+        qtw = viewer.window._qt_window
+        viewer.open_sample("napari-qsm", "raw_head")
+        docks = {}
+        for name in ("QSM reconstruction", "Adapt network (QSMInvNet+)", "Compare", "Field"):
+            _, docks[name] = viewer.window.add_plugin_dock_widget("napari-qsm", name)
+        for _ in range(10):
+            qtw.resize(*size)
+            _pump(app, 1.0)
+            if (qtw.width(), qtw.height()) == size:
+                break
+        _save_window(viewer, app, f"screenshot_raw_{tag}_open.png")
+        fld, rec, cmp_ = docks["Field"], docks["QSM reconstruction"], docks["Compare"]
+        fld.run()
+        _wait(app, lambda: not fld.runner.running, 900)
+        print("Field dock:", fld.status.text())
+        fld.edit_mask()  # the brain mask selected with napari's brush, as a user starts a correction
+        viewer.reset_view()
+        _save_window(viewer, app, f"screenshot_raw_{tag}_mask.png")
+        rec.set_method("tkd")
+        rec.run()
+        _wait(app, lambda: not rec.runner.running, 300)
+        from napari_qsm._napari.docks import raise_dock
+        raise_dock(cmp_)
+        _pump(app, 4.0)
+        _save_window(viewer, app, f"screenshot_raw_{tag}_compare.png")
         viewer.close()
 
 

@@ -109,10 +109,19 @@ def _add_scan_args(p: argparse.ArgumentParser, raw: bool = False) -> None:
 
 FIELD_EPILOG = """outputs in OUTDIR, on the input's grid and orientation:
   local_field.nii.gz (ppm), mask.nii.gz (the eroded brain mask), magnitude.nii.gz, total_field.nii.gz (ppm),
-  noise_std.nii.gz (ppm), r2star.nii.gz (1/s), field.json (inputs, vendor facts, every step with its
-  parameters and seconds). Then: napari-qsm recon OUTDIR/local_field.nii.gz --mask OUTDIR/mask.nii.gz
+  noise_std.nii.gz (ppm), r2star.nii.gz (1/s), each with a JSON sidecar (B0 in T, echo times and ΔTE in s,
+  units, B0 direction, phase units and why, noise σ and its source: recon and adapt read them), field.json
+  (inputs, vendor facts, every step with its parameters and seconds).
+  Then: napari-qsm recon OUTDIR/local_field.nii.gz --mask OUTDIR/mask.nii.gz
   --magnitude OUTDIR/magnitude.nii.gz --noise-std OUTDIR/noise_std.nii.gz --method medi -o chi.nii.gz"""
 
+#: --phase-units of raw echoes (napari_qsm.core.field.load.PHASE_UNITS; kept here so that --help imports nothing heavy)
+PHASE_UNIT_CHOICES = ("auto", "rad", "siemens", "siemens-unsigned", "mrad", "rescale")
+PHASE_UNITS_HELP = ("auto (default): radians, Siemens integers (signed −4096..4095 or unsigned 0..4095), Philips "
+                    "milliradians, or, only with evidence of wrapped phase (saturating at both ends, even histogram), "
+                    "rescale; otherwise an error. rescale: min..max → −π..π (ROMEO, CLEAR-SWI). Reported on stderr and "
+                    "in field.json")
+PHASE_SIGN_HELP = "-1 flips the phase, 1 keeps it (default: -1 when the sidecar's Manufacturer is GE, else 1)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,9 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--te", nargs="+", type=float, help="echo times in seconds (default: the JSON sidecars)")
     fl.add_argument("--b0", type=float, help="field strength in tesla (default: ImagingFrequency/γ̄ or "
                                             "MagneticFieldStrength of the sidecars)")
-    fl.add_argument("--phase-units", default="auto", choices=["auto", "rad", "siemens", "mrad"],
-                    help="auto: detected from the value range and the vendor (reported)")
-    fl.add_argument("--phase-sign", type=int, default=1, choices=[1, -1], help="-1 flips the phase (e.g. GE)")
+    fl.add_argument("--phase-units", default="auto", choices=list(PHASE_UNIT_CHOICES), help=PHASE_UNITS_HELP)
+    fl.add_argument("--phase-sign", type=int, default=None, choices=[1, -1], help=PHASE_SIGN_HELP)
     fl.add_argument("--mask", help="brain mask (NIfTI on the echoes' grid); replaces the mask step")
     fl.add_argument("--fit", default=None, help="echo fit: linear (default) or nonlinear")
     fl.add_argument("--unwrap", default=None, help="spatial unwrapping: quality (default, exact) or laplacian")
@@ -258,8 +266,8 @@ def _add_raw_recon_args(r: argparse.ArgumentParser) -> None:
     """recon from raw echoes (napari_qsm.pipeline): the options of `napari-qsm field`."""
     g = r.add_argument_group("raw echoes (a BIDS/DICOM folder or --magnitude/--phase lists: the field steps first)")
     g.add_argument("--phase", nargs="+", default=[], help="phase echoes, in the magnitude's order")
-    g.add_argument("--phase-units", default="auto", choices=["auto", "rad", "siemens", "mrad"])
-    g.add_argument("--phase-sign", type=int, default=1, choices=[1, -1], help="-1 flips the phase (e.g. GE)")
+    g.add_argument("--phase-units", default="auto", choices=list(PHASE_UNIT_CHOICES), help=PHASE_UNITS_HELP)
+    g.add_argument("--phase-sign", type=int, default=None, choices=[1, -1], help=PHASE_SIGN_HELP)
     g.add_argument("--fit", help="echo fit: linear (default) or nonlinear")
     g.add_argument("--unwrap", help="spatial unwrapping: quality (default, exact) or laplacian")
     g.add_argument("--mask-method", help="brain mask step: threshold (default)")
@@ -491,6 +499,7 @@ def cmd_field(args) -> int:
     echoes, run = raw_field(args, args.inputs, recipe, _progress(args.quiet))
     write_field_folder(run, echoes, args.output)
     steps = ", ".join(f"{s['label']} {s['seconds']:.1f} s" for s in run.steps)
+    print(run.total.report, file=sys.stderr)   # phase units (why), B0, TE, noise σ (source)
     print(f"local field: {steps} -> {args.output}", file=sys.stderr)
     return 0
 

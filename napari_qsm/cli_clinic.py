@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -31,8 +30,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--phase", nargs="+", default=[], help="phase echoes, in the magnitude's order")
     s.add_argument("--te", nargs="+", type=float, help="echo times in seconds (default: the JSON sidecars)")
     s.add_argument("--b0", type=float, help="field strength in tesla (default: the sidecars)")
-    s.add_argument("--phase-units", default="auto", help="auto (detected and reported), rad, siemens, mrad, ...")
-    s.add_argument("--phase-sign", type=int, default=1, choices=[1, -1], help="-1 flips the phase (e.g. GE)")
+    from .cli import PHASE_SIGN_HELP, PHASE_UNIT_CHOICES, PHASE_UNITS_HELP
+    s.add_argument("--phase-units", default="auto", choices=list(PHASE_UNIT_CHOICES), help=PHASE_UNITS_HELP)
+    s.add_argument("--phase-sign", type=int, default=None, choices=[1, -1], help=PHASE_SIGN_HELP)
     s.add_argument("--mask", help="tissue mask (NIfTI on the echoes' grid); default: the front end's brain mask")
     s.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="SWI parameter: highpass_mm, power, magnitude (rss|te), reference_te, minip_mm")
@@ -72,8 +72,6 @@ def cmd_dicom(args) -> int:
 
 
 def cmd_swi(args) -> int:
-    import numpy as np
-
     from .core.io import save_volume
     from .core.params import make_params, parse_cli_params
     from .core.swi import SWIParams, swi
@@ -128,6 +126,8 @@ def _label_names(path):
 
 
 def cmd_report(args) -> int:
+    import numpy as np
+
     from .core.io import read_sidecar, read_volume
     from .core.metrics import field_residual
     from .core.report import write_report
@@ -135,7 +135,6 @@ def cmd_report(args) -> int:
     _refuse_existing([args.output], args.overwrite)
     chi, aff, info = read_volume(args.chi, "χ")
     mask, maff, _ = read_volume(args.mask, "mask")
-    import numpy as np
     if mask.shape != chi.shape or not np.allclose(maff, aff, atol=1e-3):
         raise ValueError("mask: not on χ's grid (shape or affine differ)")
     side = read_sidecar(args.chi, "χ")

@@ -70,7 +70,7 @@ def recon(args) -> int:
     if args.weights:
         extra["weights"] = args.weights
     if args.csf_mask:
-        extra["csf_mask"] = read_aligned(args.csf_mask, "csf-mask", scan._nifti_info) > 0.5
+        extra["csf_mask"] = read_aligned(args.csf_mask, "csf-mask", scan.nifti_info) > 0.5
     if args.orientation:
         scans = [scan]
         for o in args.orientation:
@@ -120,7 +120,7 @@ def split_recon_args(args) -> bool:
     if args.mask is None:
         raise ValueError("recon: --mask MASK is required with a local field map (raw echoes make their own mask: "
                          "give a BIDS/DICOM folder, or --magnitude M1 M2 … with --phase P1 P2 …)")
-    if args.field_param or args.phase_units != "auto" or args.phase_sign != 1 or any(
+    if args.field_param or args.phase_units != "auto" or args.phase_sign not in (None, 1) or any(
             getattr(args, k) is not None for k in ("fit", "unwrap", "mask_method", "background")):
         raise ValueError("recon: --field-param, --phase-units, --phase-sign, --fit, --unwrap, --mask-method and "
                          "--background apply to raw echoes (a BIDS/DICOM folder or --magnitude … --phase …), not to "
@@ -164,8 +164,17 @@ def _recon_raw(args) -> int:
         (field_items if "." in k and k.split(".", 1)[0] in FAMILIES else method_items)[k] = v
     field_items.update(parse_cli_params(args.field_param))
     params = make_params(method.params_cls, method_items)
+    # --- tfi-medi (issue 25): a method that takes the TOTAL field (Method.field_kind == "total", TFI) gets the
+    # fit → mask → unwrap chain and no background removal (the unwrapped total field and the un-eroded brain mask).
+    total_kind = getattr(method, "field_kind", "local") == "total"
+    if total_kind and (args.background or any(k == "background" or k.startswith("background.") for k in field_items)):
+        raise ValueError(f"--background: method {method.name} takes the total field; it runs no background removal")
+    # --- end tfi-medi
     recipe = make_recipe({"fit": args.fit, "mask": args.mask_method, "unwrap": args.unwrap,
                           "background": args.background}, field_items)
+    if total_kind:  # tfi-medi
+        from .core.inversion.tfi import KEEP_TOTAL_FIELD
+        recipe.background = KEEP_TOTAL_FIELD
     progress = _progress(args.quiet)
     echoes, run = raw_field(args, args.field, recipe, progress)
     extra = {"weights": args.weights} if args.weights else {}
@@ -175,5 +184,6 @@ def _recon_raw(args) -> int:
     _write_dicom(args, out)
     if not args.quiet:
         steps = ", ".join(f"{s['label']} {s['seconds']:.1f} s" for s in run.steps)
+        print(run.total.report, file=sys.stderr)   # phase units (why), B0, TE, noise σ (source)
         print(f"local field: {steps}; {res.name}: {res.seconds:.2f} s on {res.device} -> {out}", file=sys.stderr)
     return 0

@@ -43,7 +43,10 @@ QUICK_NOTE = (f"{QUICK_TITLE}: the demo's short run adapts only the scan domain'
 #: the machine ran at load 18-25 on 2 cores then (982 s for the same demo). ``dsbn_adapt_full``: the
 #: default 120-step adaptation (``--full``).
 EXPECTED_SECONDS = {"phantom": 5, "tkd": 2, "tsvd": 2, "medi": 16, "cosmos": 19, "dsbn": 6, "dsbn_adapt": 31,
-                    "dsbn_adapt_full": 270, "figure": 10}
+                    "dsbn_adapt_full": 270, "figure": 10,
+                    # estimated, not measured idle (load 25-30 on 2-06 Dec): FFT-pair counts of the 1 mm runs in
+                    # docs/benchmarks/inversions.md × 0.018 s (one pair at this demo's size) × 2 (the upper end)
+                    "tv": 5, "rts": 3, "hdqsm": 22, "ndi": 27}
 #: a method the table does not know yet (a new or third-party one)
 UNKNOWN_METHOD_SECONDS = 20
 
@@ -85,7 +88,9 @@ def run_demo(outdir="demo_output", size="small", snr=40.0, device="auto", method
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    wanted = [m for m in available_methods() if methods is None or m.name in methods]
+    # tfi-medi: the demo phantom gives a local field; a method taking the total field (TFI) runs only when named
+    wanted = [m for m in available_methods()
+              if (m.name in methods if methods is not None else getattr(m, "field_kind", "local") == "local")]
     est = expected_seconds([m.name for m in wanted], full, size)
     when = f"{est:.0f} s" if est < 120 else f"{est / 60:.0f} min"
     log(f"napari-qsm demo: {len(wanted)} methods on the {size} phantom; expect about {when} on an idle 2-core CPU"

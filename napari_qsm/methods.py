@@ -28,7 +28,12 @@ ENTRY_POINT_GROUP = "napari_qsm.methods"
 _METHOD_MODULES = (
     "napari_qsm.core.inversion.tkd",
     "napari_qsm.core.inversion.medi",
+    "napari_qsm.core.inversion.tfi",
     "napari_qsm.core.inversion.cosmos",
+    "napari_qsm.core.inversion.tv",
+    "napari_qsm.core.inversion.rts",
+    "napari_qsm.core.inversion.hdqsm",
+    "napari_qsm.core.inversion.ndi",
     "napari_qsm.nn.infer",
     "napari_qsm.nn.adapt",
 )

@@ -170,8 +170,8 @@ def field_from_echoes(echoes: Echoes, recipe: Optional[FieldRecipe] = None, *, m
 
 
 def field_from_inputs(inputs=None, recipe: Optional[FieldRecipe] = None, *, magnitude: Sequence = (),
-                      phase: Sequence = (), te=None, b0=None, phase_units: str = "auto", phase_sign: int = 1,
-                      name: Optional[str] = None, mask=None, device="auto", progress=None,
+                      phase: Sequence = (), te=None, b0=None, phase_units: str = "auto",
+                      phase_sign: Optional[int] = None, name: Optional[str] = None, mask=None, device="auto", progress=None,
                       cancel=None) -> tuple[Echoes, FieldRun]:
     """Files → echoes → local field: what ``napari-qsm field`` and ``recon`` on raw echoes run.
 
@@ -187,8 +187,10 @@ def field_from_inputs(inputs=None, recipe: Optional[FieldRecipe] = None, *, magn
         Echo times in seconds (default: the JSON sidecars).
     b0 : float, optional
         Field strength in tesla (default: the sidecars).
-    phase_units : {"auto", "rad", "siemens", "mrad"}
-    phase_sign : {1, -1}
+    phase_units : {"auto", "rad", "siemens", "siemens-unsigned", "mrad", "rescale"}
+        See :mod:`napari_qsm.core.field.phase_units`.
+    phase_sign : {1, -1, None}
+        None: −1 when the sidecar's Manufacturer is GE, else 1.
     name : str, optional
         The scan's name in provenance.
     mask, device, progress, cancel
@@ -238,7 +240,7 @@ def chi_from_field(run, method: Optional[str] = None, params=None, *, nifti_info
 
     scan = run.scan if isinstance(run, FieldRun) else run
     if nifti_info is not None:
-        scan._nifti_info = nifti_info  # write χ back on the echoes' grid and orientation
+        scan.nifti_info = nifti_info  # write χ back on the echoes' grid and orientation
     name = method or default_method(scan.magnitude is not None)
     res = reconstruct(scan, name, params, device=device, progress=progress, cancel=cancel, **extra)
     if isinstance(run, FieldRun):
@@ -284,7 +286,8 @@ def field_folder_paths(outdir) -> dict[str, Path]:
 
 
 def write_field_folder(run: FieldRun, echoes: Echoes, outdir) -> dict[str, Path]:
-    """Write ``napari-qsm field``'s outputs: the maps on the echoes' grid and ``field.json`` (provenance).
+    """Write ``napari-qsm field``'s outputs: the maps on the echoes' grid, each with a JSON sidecar of facts
+    (:func:`napari_qsm.core.field.facts.field_sidecar`), and ``field.json`` (provenance).
 
     Parameters
     ----------
@@ -300,7 +303,8 @@ def write_field_folder(run: FieldRun, echoes: Echoes, outdir) -> dict[str, Path]
         ``{map key: path}`` and ``"json"``.
     """
     from . import __version__
-    from .core.io import save_volume, write_json
+    from .core.field.facts import field_facts, field_sidecar
+    from .core.io import save_volume, sidecar_path, write_json
 
     paths = field_folder_paths(outdir)
     Path(outdir).mkdir(parents=True, exist_ok=True)
@@ -311,6 +315,12 @@ def write_field_folder(run: FieldRun, echoes: Echoes, outdir) -> dict[str, Path]
     prov = {"software": "napari-qsm", "version": __version__, **run.provenance,
             "b0_tesla": run.scan.b0_tesla, "b0_direction": [float(v) for v in run.scan.b0_direction],
             "voxel_size": [float(v) for v in run.scan.voxel_size],
-            "outputs": {k: str(p) for k, p in paths.items() if k != "json"}}
+            "outputs": {k: str(p) for k, p in paths.items() if k != "json"}, **field_facts(run.total)}
     write_json(paths["json"], prov)
+    # facts that travel with each map (B0, TE/ΔTE, units, B0 direction, phase units, noise): recon/adapt read them
+    orig = (echoes.nifti_info or {}).get("original_affine")
+    for k in field_maps(run):
+        write_json(sidecar_path(paths[k]), field_sidecar(FIELD_MAPS[k][0], FIELD_MAPS[k][1], run.total,
+                                                         original_affine=orig,
+                                                         extra={"GeneratedBy": "napari-qsm", "Provenance": "field.json"}))
     return paths

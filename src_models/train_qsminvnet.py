@@ -8,6 +8,13 @@ Writes into ``--out`` (default ``runs/<config name>``, not committed): ``checkpo
 (the committed training state) exists, training continues from that state (``--fresh`` starts
 over); ``--save-state`` copies the current state there for committing. ``--export`` writes the shipped weights (``napari_qsm/nn/weights/<name>.pt`` + ``.json``)
 from the current checkpoint; ``--steps N`` raises the step target (to continue a finished run).
+
+Config keys besides ``net`` / ``synth`` / ``train``: ``init_weights`` (fine-tune from a shipped
+state_dict or a training state), ``selection`` ("families": periodic validation on the SELECTION set
+of :mod:`src_models.validate_families` only; "none": no validation; default: the old validation
+patches of seeds 1-2), ``auto_export`` (false: never write ``napari_qsm/nn/weights/`` at the end),
+``publish_logs`` (copy ``losses.csv`` / ``losses.png`` to ``src_models/<name>_losses.*`` at every
+checkpoint, for committing).
 """
 
 from __future__ import annotations
@@ -84,6 +91,34 @@ def make_val_fn(model, patches, net: NetConfig, device):
         return {"val_L_S": float(np.mean(losses)), "val_nrmse": float(np.mean(vals))}
 
     return fn
+
+
+def make_selection_val_fn(model, device, log=print):
+    """(val_fn, TKD reference) on the SELECTION set of :mod:`src_models.validate_families` (the only set a
+    checkpoint choice may look at): demeaned NRMSE of the network per resolution ("sel_nrmse_1mm",
+    "sel_nrmse_slab") and overall ("val_nrmse"); the reference is TKD at its best δ per case."""
+    from napari_qsm.core.metrics import nrmse_demeaned
+    from napari_qsm.nn.infer import predict
+    from src_models.validate_families import _Case, best_tkd, cases, make_case
+
+    sel = [(c, _Case(make_case(c))) for c in cases("selection")]
+    tkd = {}
+    for c, ph in sel:
+        tkd.setdefault(c["res"], []).append(best_tkd(ph)[1]["nrmse_demeaned"])
+    ref = {f"TKD best δ {k}": float(np.mean(v)) for k, v in tkd.items()}
+    log(f"selection set: {len(sel)} cases; " + ", ".join(f"{k} {v:.1f}%" for k, v in ref.items()))
+
+    def fn(step):
+        per = {}
+        for c, ph in sel:
+            chi, _ = predict(model, ph.field, ph.mask, domain=0, device=device, voxel_size=ph.voxel_size,
+                             b0_direction=ph.b0_direction)
+            per.setdefault(c["res"], []).append(nrmse_demeaned(chi, ph.chi, ph.mask))
+        out = {f"sel_nrmse_{k}": float(np.mean(v)) for k, v in per.items()}
+        out["val_nrmse"] = float(np.mean([x for v in per.values() for x in v]))
+        return out
+
+    return fn, ref
 
 
 def tkd_val(patches, threshold=0.15):
@@ -246,9 +281,16 @@ def main(argv=None) -> int:
     opt = torch.optim.Adam(model.parameters(), lr=train.lr)
     log(f"config {args.config}: {count_parameters(model)} parameters, "
         f"{flops_per_voxel(net)['forward'] / 1e3:.1f} kFLOP/voxel forward, device {dev}, threads {torch.get_num_threads()}")
-    val_patches = make_val_patches(synth)
-    tkd_nrmse = tkd_val(val_patches)
-    log(f"validation patches: {len(val_patches)}, TKD(0.15) NRMSE {tkd_nrmse:.1f}%")
+    if cfg.get("selection") == "families":
+        val_fn, refs = make_selection_val_fn(model, dev, log)
+        tkd_nrmse = float(np.mean(list(refs.values())))
+    elif cfg.get("selection") == "none":   # no periodic validation (smoke runs, tests)
+        val_fn, refs, tkd_nrmse = None, {}, float("nan")
+    else:
+        val_patches = make_val_patches(synth)
+        tkd_nrmse = tkd_val(val_patches)
+        log(f"validation patches: {len(val_patches)}, TKD(0.15) NRMSE {tkd_nrmse:.1f}%")
+        val_fn, refs = make_val_fn(model, val_patches, net, dev), {}
     pool = PhantomPool(synth, log=log)
     meta = {"config": cfg, "val_tkd_nrmse": tkd_nrmse,
             "hardware": {"device": str(dev), "cpu": platform.processor() or platform.machine(),
@@ -262,13 +304,27 @@ def main(argv=None) -> int:
         return step_fn(step)
 
     trainer = Trainer(model, opt, step_with_mark, train, out_dir=run_dir,
-                      val_fn=make_val_fn(model, val_patches, net, dev), meta=meta, log=log,
+                      val_fn=val_fn, meta=meta, log=log,
                       title=f"{cfg['name']} (TKD val NRMSE {tkd_nrmse:.0f}%)")
+    trainer.plot_refs = refs
+    if cfg.get("publish_logs"):
+        # keep the committed copies (src_models/<name>_losses.csv/.png) current at every checkpoint
+        save = trainer.save
+
+        def save_and_publish(path=None):
+            out = save(path)
+            for ext in ("csv", "png"):
+                src = run_dir / f"losses.{ext}"
+                if src.exists():
+                    shutil.copyfile(src, ROOT / "src_models" / f"{cfg['name']}_losses.{ext}")
+            return out
+
+        trainer.save = save_and_publish
     t0 = time.time()
     trainer.run()
     log(f"session done: step {trainer.step}, {time.time() - t0:.0f} s this session, {trainer.seconds:.0f} s total")
-    plot_losses(trainer.history, run_dir / "losses.png", trainer.title)
-    if not args.no_export:
+    plot_losses(trainer.history, run_dir / "losses.png", trainer.title, refs)
+    if not args.no_export and cfg.get("auto_export", True):
         log(f"exported {export(cfg, run_dir, Path(args.weights_dir))}")
     return 0
 

@@ -1,10 +1,7 @@
 import os
-import sys
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # shared helpers (qsm_test_geometry)
 
 # Keep the suite light on a 2-core machine and deterministic.
 os.environ.setdefault("OMP_NUM_THREADS", "2")

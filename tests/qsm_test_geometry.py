@@ -1,4 +1,4 @@
-"""Rotation and affine helpers shared by the geometry tests (tests/ is put on sys.path by tests/conftest.py)."""
+"""Rotation and affine helpers shared by the geometry tests (tests/ is on the path through pytest's pythonpath setting)."""
 
 import math
 

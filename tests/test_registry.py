@@ -19,7 +19,9 @@ FORBIDDEN = ("napari_qsm.nn", "napari_qsm._napari", "napari_qsm.cli", "napari_qs
              "napari_qsm.demo", "napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "superqt")
 
 #: what `napari-qsm methods`, `--method` and the Reconstruction dock listed before the registry moved
-METHODS_BEFORE = ["tkd", "tsvd", "medi", "cosmos", "dsbn", "dsbn_adapt"]
+METHODS_BEFORE = ["tkd", "tsvd", "tv", "rts", "hdqsm", "ndi", "medi", "cosmos", "dsbn", "dsbn_adapt"]
+#: methods added since (tfi-medi: TFI, issue 25), listed after them
+METHODS_ADDED = ["tfi"]
 
 
 _MODULE_NAME = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+")
@@ -93,13 +95,13 @@ def test_the_import_scan_can_fail(tmp_path):
 
 def test_methods_listed_as_before_everywhere():
     names = [m.name for m in registry.available_methods()]
-    assert names == METHODS_BEFORE, registry.import_errors()
+    assert names == METHODS_BEFORE + METHODS_ADDED, registry.import_errors()
     out = subprocess.run([sys.executable, "-m", "napari_qsm.cli", "methods"], capture_output=True, text=True,
                          check=True).stdout
     listed = [line.split()[0] for line in out.splitlines() if line and not line.startswith(" ")
               and not line.startswith("Steps") and ":" not in line.split()[0]]
-    assert listed == METHODS_BEFORE
-    for name in METHODS_BEFORE:
+    assert listed == METHODS_BEFORE + METHODS_ADDED
+    for name in METHODS_BEFORE + METHODS_ADDED:
         assert registry.get_method(name).name == name
 
 
@@ -139,11 +141,11 @@ def test_third_party_method_from_an_entry_point(tmp_path, monkeypatch, fresh_reg
     from napari_qsm.core.scan import Scan
 
     names = [m.name for m in fresh_registry.available_methods()]
-    assert names == METHODS_BEFORE + ["half"]
+    assert names == METHODS_BEFORE + METHODS_ADDED + ["half"]
     assert any("broken" in k for k in fresh_registry.import_errors())
     field = np.ones((4, 4, 4), np.float32)
     res = fresh_registry.reconstruct(Scan(field=field, mask=np.ones((4, 4, 4), bool), voxel_size=(1, 1, 1)),
-                                     "half", {"factor": "0.25"}, device="cpu")
+                                     "half", {"factor": "0.25", "reference": "none"}, device="cpu")
     assert res.method == "half" and np.allclose(res.chi, 0.25)
 
 

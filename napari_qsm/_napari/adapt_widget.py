@@ -22,14 +22,15 @@ from qtpy.QtWidgets import (QAbstractItemView, QFileDialog, QFormLayout, QHBoxLa
                             QPushButton, QVBoxLayout, QWidget)
 
 from ..methods import Result, get_method
+from ..core.method import apply_reference
 from ..core.params import display_name, params_to_dict
-from .docks import QSMDock
 from .form import ParamForm
+from .inputs_panel import inputs_section
+from .kit import (DIM_COLOR, OK_COLOR, WARN_COLOR, device_combo, hook_events, notify_info, pick_weights_file, section,
+                  unwrap, viewer_docks, weights_row, wrap_label)
+from .layer_roles import is_volume, layer_role
 from .layers import result_layer_data, scan_from_layers, show_chi_colorbar
-from .widgets import (DIM_COLOR, OK_COLOR, WARN_COLOR, PreviewLayer, RunnerDock, _device_combo, _inputs_section,
-                      _notify_info, _pick_weights_file, _run_footer, _scan_and_params, _scrolling_body, _section,
-                      _wrap_label, _weights_row)
-from .workers import JobRunner
+from .run_dock import PreviewLayer, RunDock, scan_and_params
 
 LOSS_KEYS = ("L_S", "L_T", "TV", "lambda")
 ABOUT = ("Adaptation fine-tunes the network on the scan that is open: it keeps what it learned from "
@@ -174,9 +175,7 @@ def _common_prefix(a: str, b: str) -> int:
 
 def _partner(field_layer, layers, role: str):
     """The open layer of ``role`` on the field's grid (same shape) whose name shares the longest start with it."""
-    from .widgets import _is_volume, _role
-
-    cands = [ly for ly in layers if ly is not field_layer and _is_volume(ly) and _role(ly) == role
+    cands = [ly for ly in layers if unwrap(ly) is not unwrap(field_layer) and is_volume(ly) and layer_role(ly) == role
              and tuple(ly.data.shape) == tuple(field_layer.data.shape)]
     return max(cands, key=lambda ly: _common_prefix(ly.name, field_layer.name), default=None)
 
@@ -191,7 +190,7 @@ class ProtocolScans(QWidget):
         self._exclude = None
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        lay.addWidget(_wrap_label("More scans of this protocol (optional): one adaptation for all of them, one "
+        lay.addWidget(wrap_label("More scans of this protocol (optional): one adaptation for all of them, one "
                                   "checkpoint that reconstructs every scan of the protocol. Each is paired with the "
                                   "mask layer of its grid whose name matches best.", DIM_COLOR, small=True))
         self.list = QListWidget()
@@ -199,23 +198,20 @@ class ProtocolScans(QWidget):
         self.list.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
         self.list.setMaximumHeight(90)
         lay.addWidget(self.list)
-        self.empty = _wrap_label("No other field layer is open.", DIM_COLOR, small=True)
+        self.empty = wrap_label("No other field layer is open.", DIM_COLOR, small=True)
         self.empty.setObjectName("adapt_protocol_empty")
         lay.addWidget(self.empty)
         ev = viewer.layers.events
-        for name in ("inserted", "removed"):
-            getattr(ev, name).connect(self.refresh)
+        hook_events(self, [(ev.inserted, self.refresh), (ev.removed, self.refresh)])
         self.refresh()
 
     def refresh(self, *_, exclude=None) -> None:
-        from .widgets import _is_volume, _role
-
         if exclude is not None:
             self._exclude = exclude
         chosen = {it.text() for it in self.list.selectedItems()}
         self.list.clear()
         for ly in self.viewer.layers:
-            if _is_volume(ly) and _role(ly) == "field" and ly is not self._exclude:
+            if is_volume(ly) and layer_role(ly) == "field" and unwrap(ly) is not unwrap(self._exclude):
                 it = QListWidgetItem(ly.name)
                 self.list.addItem(it)
                 it.setSelected(ly.name in chosen)
@@ -237,7 +233,7 @@ class ProtocolScans(QWidget):
 
         out = []
         for fl in self.selected_layers():
-            if fl is main_field:
+            if unwrap(fl) is unwrap(main_field):
                 continue
             mask = _partner(fl, self.viewer.layers, "mask")
             if mask is None:
@@ -251,22 +247,21 @@ class ProtocolScans(QWidget):
         return out
 
 
-class AdaptWidget(RunnerDock, QSMDock, QWidget):
+class AdaptWidget(RunDock):
     """Dock widget: adapt QSMInvNet+ to the open scan; loss plot, preview, save/use adapted weights.
 
-    ``_fail`` and ``_on_error`` are :class:`~napari_qsm._napari.widgets.RunnerDock`'s; ``cancel`` and
+    ``_fail`` and ``_on_error`` are :class:`~napari_qsm._napari.run_dock.RunDock`'s; ``cancel`` and
     ``_on_cancelled`` are its own (Cancel keeps the state after the last completed step).
     """
 
     qsm_dock_order = 1
+    min_width = 340
     qsm_dock_title = "Adapt network"
 
     def __init__(self, napari_viewer, parent=None):
-        super().__init__(parent)
+        super().__init__(napari_viewer, parent)
         from ..nn.adapt import AdaptParams  # registers the adapt method too
 
-        self.viewer = napari_viewer
-        self.runner = JobRunner(napari_viewer)
         self.adapted = None          # AdaptResult of the last run (complete or cancelled)
         self.saved_path: Optional[Path] = None
         self._scan = None
@@ -274,25 +269,25 @@ class AdaptWidget(RunnerDock, QSMDock, QWidget):
         self._preview: Optional[PreviewLayer] = None
         self.chi_layer = None
 
-        outer, scroll, body = _scrolling_body(self)
-        self.inputs = _inputs_section(body, napari_viewer)
+        body = self.body
+        self.inputs = inputs_section(body, napari_viewer)
 
-        box, lay = _section("Adaptation (QSMInvNet+)")
-        self.about = _wrap_label(ABOUT, small=True)
+        box, lay = section("Adaptation (QSMInvNet+)")
+        self.about = wrap_label(ABOUT, small=True)
         self.about.setObjectName("adapt_about")
         self.about.setToolTip(ABOUT_DETAIL)
         lay.addWidget(self.about)
-        self.estimate = _wrap_label("", DIM_COLOR, small=True)
+        self.estimate = wrap_label("", DIM_COLOR, small=True)
         self.estimate.setObjectName("adapt_estimate")
         lay.addWidget(self.estimate)
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-        wrow, self.weights_edit, self.weights_browse = _weights_row(
+        wrow, self.weights_edit, self.weights_browse = weights_row(
             "Base QSMInvNet+ checkpoint (.pt); empty = the one shipped with napari-qsm")
         form.addRow("Base weights", wrow)
         lay.addLayout(form)
         form2 = QFormLayout()
-        self.device_combo = _device_combo()
+        self.device_combo = device_combo()
         form2.addRow("Device", self.device_combo)
         lay.addLayout(form2)
         # the few settings a user changes first, the research knobs folded under "Advanced"
@@ -329,24 +324,15 @@ class AdaptWidget(RunnerDock, QSMDock, QWidget):
         self.use_button.setEnabled(False)
         row.addWidget(self.save_button)
         row.addWidget(self.use_button)
-        self.run_button, self.cancel_button, self.status = _run_footer(outer, top=self.plot, extra=row)
+        self.add_footer(top=self.plot, extra=row)
 
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button.clicked.connect(self.cancel)
         self.save_button.clicked.connect(lambda: self.save_weights())
         self.use_button.clicked.connect(lambda: self.use_weights())
         self.weights_browse.clicked.connect(self._browse)
-        runner = self.runner
-        self.destroyed.connect(lambda *_: runner.cancel(detach=True))
-        self._scroll = scroll
-        self.setMinimumWidth(max(340, scroll.minimumSizeHint().width()))
-
-    def showEvent(self, event) -> None:  # noqa: N802
-        super().showEvent(event)
-        QTimer.singleShot(0, lambda: self.setMinimumWidth(max(340, self._scroll.minimumSizeHint().width())))
+        self._fit_width()
 
     def _browse(self):
-        _pick_weights_file(self, "Base weights", self.weights_edit)
+        pick_weights_file(self, "Base weights", self.weights_edit)
 
     # -- run ------------------------------------------------------------------------------------
     def run(self) -> bool:
@@ -354,7 +340,7 @@ class AdaptWidget(RunnerDock, QSMDock, QWidget):
 
         if self.runner.running:
             return False
-        got = _scan_and_params(self, AdaptParams)
+        got = scan_and_params(self, AdaptParams)
         if got is None:
             return False
         scan, params = got
@@ -382,20 +368,17 @@ class AdaptWidget(RunnerDock, QSMDock, QWidget):
             return adapt(scans if more else scan, params, weights=weights, device=device, progress=progress,
                          cancel=runner.token, on_cancel="return")
 
-        self._set_running(True)
-        self.status.setText(f"adapting{f' to {len(scans)} scans' if more else ''} on "
-                            f"{html.escape(self.device_combo.currentText())}…")
         self._preview = PreviewLayer(self.viewer, "adapt (preview)", min_interval=0.0)
-        runner.start(job, description="QSMInvNet+ adaptation", total=params.steps,
-                     on_progress=lambda p: self._on_progress(p, field_layer),
-                     on_result=lambda res: self._on_result(res, field_layer, scans if more else scan, inputs, params),
-                     on_error=self._on_error, on_cancelled=self._on_cancelled, on_finished=self._on_finished)
+        self.start(job, "QSMInvNet+ adaptation", f"adapting{f' to {len(scans)} scans' if more else ''} on "
+                   f"{html.escape(self.device_combo.currentText())}…", total=params.steps,
+                   on_progress=lambda p: self._on_progress(p, field_layer),
+                   on_result=lambda res: self._on_result(res, field_layer, scans if more else scan, inputs, params))
         return True
 
     def cancel(self) -> None:
         """Stop after the current step; the state after the last completed step is kept (and can be saved).
 
-        Unlike :meth:`RunnerDock.cancel` the worker is not quit: only the token is set, and the job returns
+        Unlike :meth:`RunDock.cancel` the worker is not quit: only the token is set, and the job returns
         its partial result (``on_cancel="return"``), which :meth:`_on_result` keeps.
         """
         if self.runner.running and self.runner.token is not None:
@@ -406,11 +389,11 @@ class AdaptWidget(RunnerDock, QSMDock, QWidget):
         """The job ended without a partial result (cancelled while it was still setting up)."""
         self.status.setText(f"<span style='color:{WARN_COLOR}'>cancelled</span>")
 
+    def running_widgets(self) -> list:
+        return [self.inputs, self.form, self.protocol, self.device_combo, self.weights_edit, self.weights_browse]
+
     def _set_running(self, running: bool) -> None:
-        self.run_button.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
-        for w in (self.inputs, self.form, self.protocol, self.device_combo, self.weights_edit, self.weights_browse):
-            w.setEnabled(not running)
+        super()._set_running(running)
         if running:
             self.save_button.setEnabled(False)
             self.use_button.setEnabled(False)
@@ -454,12 +437,11 @@ class AdaptWidget(RunnerDock, QSMDock, QWidget):
                                   f"{total} steps take about {_duration(per * total)}, "
                                   f"about {_duration(left)} left.")
 
-    def _on_progress(self, p, field_layer) -> None:
+    def _on_progress(self, p, field_layer=None) -> None:
         for rec in getattr(p, "history", None) or [p]:
             self.plot.add(rec.step, rec.losses)
         self._measure(p)
-        msg = p.message or p.stage
-        self.status.setText(html.escape(f"{msg} ({p.elapsed:.0f} s)"))
+        super()._on_progress(p)
         if self._preview is not None:
             self._preview.show_progress(p, field_layer)
 
@@ -475,8 +457,11 @@ class AdaptWidget(RunnerDock, QSMDock, QWidget):
         fls = [field_layer] + list(getattr(self, "_more_layers", []) or [])[: len(scans) - 1]
         for k, (sc, fl, chi) in enumerate(zip(scans, fls, res.chis or [res.chi])):
             mname = "uqsm" if res.mode == "uqsm" else "dsbn_adapt"
+            # the same χ reference as every other method (core.method.apply_reference; default: mask mean)
+            chi, ref_info = apply_reference(chi, sc.mask, pd.get("reference", "mean"), scan=sc)
+            pd = {**pd, "reference": ref_info["reference"]}
             result = Result(chi=chi, method=mname, params=pd, seconds=res.seconds, device=res.device,
-                            extras={"steps_done": res.step, "base_weights": res.base_weights,
+                            extras={**ref_info, "steps_done": res.step, "base_weights": res.base_weights,
                                     "final_losses": res.history[-1] if res.history else {},
                                     **({"protocol_scans": len(scans)} if len(scans) > 1 else {})},
                             scan_info=sc.info())
@@ -504,7 +489,7 @@ class AdaptWidget(RunnerDock, QSMDock, QWidget):
         if self._preview is not None:
             self._preview.remove()
             self._preview = None
-        self._set_running(False)
+        super()._on_finished()
         ok = self.adapted is not None
         self.save_button.setEnabled(ok)
         self.use_button.setEnabled(ok)
@@ -530,18 +515,17 @@ class AdaptWidget(RunnerDock, QSMDock, QWidget):
         self.saved_path = Path(out)
         self.status.setText(f"<span style='color:{OK_COLOR}'>✓</span> saved {html.escape(str(out))} "
                             "(+ JSON card)")
-        _notify_info(f"napari-qsm: adapted weights saved to {out}")
+        notify_info(f"napari-qsm: adapted weights saved to {out}")
         return self.saved_path
 
     def use_weights(self, path=None):
         """Point the reconstruction dock at the adapted weights (saving them first if needed)."""
-        from .widgets import QSMWidget
+        from .reconstruct_dock import QSMWidget
 
         if self.saved_path is None or path is not None:
             if self.save_weights(path) is None:
                 return None
-        qt_window = self.viewer.window._qt_window
-        docks = qt_window.findChildren(QSMWidget)
+        docks = viewer_docks(self.viewer, QSMWidget)
         if not docks:
             try:
                 _, widget = self.viewer.window.add_plugin_dock_widget("napari-qsm", "QSM reconstruction")
@@ -556,6 +540,3 @@ class AdaptWidget(RunnerDock, QSMDock, QWidget):
         self.status.setText(f"reconstruction dock set to DSBN with {html.escape(self.saved_path.name)}")
         return target
 
-
-def make_adapt_widget(napari_viewer):
-    return AdaptWidget(napari_viewer)

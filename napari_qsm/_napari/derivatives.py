@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from qtpy.QtWidgets import QWidget
+
 from ..core.io.bids import CHI_SUFFIX as _CHI, DERIVATIVES, chi_method, chi_prefix
 
 __all__ = ["derivatives_folder", "subjects", "scans", "open_derivatives", "DerivativesWidget"]
@@ -127,39 +129,51 @@ def open_derivatives(viewer, root, subject: Optional[str] = None, scan: Optional
     return out
 
 
-def DerivativesWidget(napari_viewer):
-    """Dataset folder, subject, scan, and a button that opens them in Compare (npe2 widget)."""
-    from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+class DerivativesWidget(QWidget):
+    """Dataset folder, subject, scan, and a button that opens them in Compare (npe2 widget "Batch results").
 
-    folder = FileEdit(mode="d", name="folder", label="dataset", tooltip="a BIDS root with derivatives/napari-qsm, or that folder")
-    subject = ComboBox(name="subject", label="subject", choices=[])
-    scan = ComboBox(name="scan", label="scan", choices=[])
-    button = PushButton(name="button", text="Open in Compare")
-    status = Label(name="status", value="")
-    box = Container(widgets=[folder, subject, scan, button, status])
+    A widget class, as napari passes the viewer (``napari_viewer``) only to classes; the form is a magicgui
+    container whose fields are attributes here (``folder``, ``subject``, ``scan``, ``button``, ``status``).
+    """
 
-    def on_folder(*_):
+    def __init__(self, napari_viewer, parent=None):
+        from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+        from qtpy.QtWidgets import QVBoxLayout
+
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.folder = FileEdit(mode="d", name="folder", label="Dataset",
+                               tooltip="a BIDS root with derivatives/napari-qsm, or that folder")
+        self.subject = ComboBox(name="subject", label="Subject", choices=[])
+        self.scan = ComboBox(name="scan", label="Scan", choices=[])
+        self.button = PushButton(name="button", text="Open in Compare")
+        self.status = Label(name="status", value="")
+        self.form = Container(widgets=[self.folder, self.subject, self.scan, self.button, self.status])
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.form.native)
+        lay.addStretch(1)
+        self.folder.changed.connect(self._on_folder)
+        self.subject.changed.connect(self._on_subject)
+        self.button.changed.connect(self._on_open)
+
+    def _on_folder(self, *_) -> None:
         try:
-            subject.choices = subjects(folder.value)
-            status.value = f"{len(subject.choices)} subject(s) with results"
+            self.subject.choices = subjects(self.folder.value)
+            self.status.value = f"{len(self.subject.choices)} subject(s) with results"
         except ValueError as exc:
-            subject.choices = []
-            status.value = str(exc)
-        on_subject()
+            self.subject.choices = []
+            self.status.value = str(exc)
+        self._on_subject()
 
-    def on_subject(*_):
-        scan.choices = list(scans(folder.value, subject.value)) if subject.value else []
+    def _on_subject(self, *_) -> None:
+        self.scan.choices = list(scans(self.folder.value, self.subject.value)) if self.subject.value else []
 
-    def on_open(*_):
+    def _on_open(self, *_) -> None:
         try:
-            res = open_derivatives(napari_viewer, folder.value, subject.value, scan.value or None)
-            status.value = f"opened {len(res['chi'])} result(s) of {scan.value or subject.value}"
+            res = open_derivatives(self.viewer, self.folder.value, self.subject.value, self.scan.value or None)
+            self.status.value = f"opened {len(res['chi'])} result(s) of {self.scan.value or self.subject.value}"
         except (ValueError, OSError) as exc:
-            status.value = str(exc)
+            self.status.value = str(exc)
             from napari.utils.notifications import show_error
             show_error(str(exc))
-
-    folder.changed.connect(on_folder)
-    subject.changed.connect(on_subject)
-    button.changed.connect(on_open)
-    return box

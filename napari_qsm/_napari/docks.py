@@ -48,6 +48,21 @@ def qsm_docks(window: QMainWindow) -> list:
     return [d for _, d in sorted(out, key=lambda t: t[0])]
 
 
+def _plugin_widgets(dock: QDockWidget) -> list:
+    return [w for w in dock.findChildren(QWidget) if isinstance(w, QSMDock)]
+
+
+def raise_dock(widget: QWidget) -> None:
+    """Bring ``widget``'s dock to the front of its tab group."""
+    try:
+        dock = dock_of(widget)
+        if dock is not None:
+            dock.show()
+            dock.raise_()
+    except RuntimeError:  # the widget was deleted in the meantime
+        pass
+
+
 def available_geometry(widget: QWidget) -> Optional[QRect]:
     screen = widget.screen() if hasattr(widget, "screen") else None
     if screen is None:
@@ -106,8 +121,10 @@ def arrange(widget: QWidget) -> None:
             moved.append(d)
         prev = d
     if moved:
-        # several opened at once (napari-qsm view): show the first; one opened later: show it
-        front = anchor if len(moved) > 1 else moved[0]
+        # several opened at once (napari-qsm view): the one the data call for (raw echoes: Field), else the
+        # first; one opened later: show it
+        wanted = [d for d in group if any(w.wants_front() for w in _plugin_widgets(d))]
+        front = (wanted[0] if wanted else anchor) if len(moved) > 1 else moved[0]
         front.show()
         front.raise_()
     fit_to_screen(win)
@@ -152,6 +169,10 @@ class QSMDock:
 
     qsm_dock_order = 9
     qsm_dock_title: Optional[str] = None
+
+    def wants_front(self) -> bool:
+        """Whether the open data call for this dock first (opened with the others, it is shown in front)."""
+        return False
 
     def showEvent(self, event) -> None:  # noqa: N802 - Qt name
         super().showEvent(event)

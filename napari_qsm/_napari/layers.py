@@ -297,7 +297,7 @@ def scan_from_layers(field_layer, mask_layer, magnitude_layer=None, *, units: st
                 magnitude=arrays["magnitude"], noise_std=arrays["noise_std"], affine=geom.affine,
                 te=te, b0_tesla=b0_tesla, name=str(field_layer.name), source=source)
     if md.get("nifti_info") is not None:
-        scan._nifti_info = md["nifti_info"]
+        scan.nifti_info = md["nifti_info"]
     return scan
 
 

@@ -59,8 +59,10 @@ def _settings(method, params, field_params, weights, adapt_protocol, adapt_param
     recipe = make_recipe(fsteps, fparams)
     field_recipe = {f: {"step": recipe.step(f).name, "parameters": params_to_dict(recipe.record(f))}
                     for f in FIELD_FAMILIES}
-    if fload.get("phase_units", "auto") not in ("auto", "rad", "siemens", "mrad"):
-        raise ValueError(f"--field-param phase_units: expected auto, rad, siemens or mrad, got {fload['phase_units']!r}")
+    from ..core.field.phase_units import PHASE_UNITS
+    if fload.get("phase_units", "auto") not in PHASE_UNITS:
+        raise ValueError(f"--field-param phase_units: expected one of {', '.join(PHASE_UNITS)}, "
+                         f"got {fload['phase_units']!r}")
     if fload.get("phase_sign", 1) not in (1, -1):
         raise ValueError(f"--field-param phase_sign: expected 1 or -1, got {fload['phase_sign']!r}")
     return dict(m=m, par=par, w_path=w_path, w_sha=w_sha, a_par=a_par, fsteps=fsteps, recipe=recipe,

@@ -183,7 +183,7 @@ def _invert_and_write(job: dict, out: dict, common: dict, fi: dict, field: tuple
     chi_side = sidecar(out["chi"])
     if chi_side.exists():
         chi_side.unlink()
-    save_volume(res.chi, out["chi"], scan.affine, nifti_info=getattr(scan, "_nifti_info", None),
+    save_volume(res.chi, out["chi"], scan.affine, nifti_info=getattr(scan, "nifti_info", None),
                 description=f"napari-qsm chi (ppm) {res.method}")
     _report_and_dicom(job, out, res, scan, float(resid), state)
     state["step"] = "write"

@@ -45,6 +45,20 @@ class Progress:
     stage: str = ""
     elapsed: float = 0.0
 
+    def format(self) -> str:
+        """One line for a console or a dock's status: ``[stage] step/total message losses (elapsed s)``.
+
+        Losses the message already spells out (an adaptation writes ``L_T=… R=… λ=… ETA``) and NaN
+        placeholders (losses not computed in this run) are left out.
+        """
+        frac = f"{self.step}/{self.total}" if self.total else f"{self.step}"
+        msg = self.message or ""
+        losses = " ".join(f"{k}={v:.4g}" for k, v in self.losses.items()
+                          if not any(a in msg for a in (f"{k}=",) + _SPELLED.get(k, ()))
+                          and not (isinstance(v, float) and math.isnan(v)))
+        stage = f"[{self.stage}] " if self.stage else ""
+        return " ".join(part for part in (stage + frac, msg, losses, f"({self.elapsed:.1f}s)") if part)
+
     @property
     def fraction(self) -> Optional[float]:
         if not self.total:
@@ -131,14 +145,6 @@ def stderr_progress(min_interval: float = 0.5) -> ProgressCallback:
         if now - last[0] < min_interval and not final:
             return
         last[0] = now
-        frac = f"{p.step}/{p.total}" if p.total else f"{p.step}"
-        # losses the message does not already spell out (e.g. an adaptation message "L_T=… R=… λ=… ETA"),
-        # and no NaN placeholders (a loss that is not computed in this run)
-        msg = p.message or ""
-        losses = " ".join(f"{k}={v:.4g}" for k, v in p.losses.items()
-                          if not any(a in msg for a in (f"{k}=",) + _SPELLED.get(k, ()))
-                          and not (isinstance(v, float) and math.isnan(v)))
-        stage = f"[{p.stage}] " if p.stage else ""
-        print(f"{stage}{frac} {p.message} {losses} ({p.elapsed:.1f}s)".rstrip(), file=sys.stderr, flush=True)
+        print(p.format(), file=sys.stderr, flush=True)
 
     return _cb

@@ -42,6 +42,41 @@ def _as_3d(name: str, arr, dtype) -> np.ndarray:
 
 @dataclass
 class Scan:
+    """The inputs of one reconstruction, validated once (arrays in the scan's voxel frame (i, j, k)).
+
+    Parameters
+    ----------
+    field : ndarray, shape (X, Y, Z)
+        Local field in ppm of B0. NaN/Inf outside the mask are set to 0; inside they are an error.
+    mask : ndarray, shape (X, Y, Z)
+        Brain mask (voxels > 0.5); must not be empty.
+    voxel_size : tuple of 3 float
+        Voxel size in mm.
+    b0_direction : array_like of 3 float
+        B0 direction in the voxel frame (normalised here).
+    magnitude, noise_std, r2star : ndarray or None
+        Optional maps on the same grid: magnitude (a.u.), field noise σ (ppm), R2* (1/s).
+    affine : ndarray, shape (4, 4), or None
+        Voxel → scanner (mm) affine of the canonical (RAS+) voxel order.
+    te, b0_tesla : float or None
+        Echo time (s) and field strength (T), when known (positive).
+    name : str
+        Shown in messages and provenance.
+    source : dict
+        Where the inputs came from (paths, units, the source of B0 and TE), for provenance.
+    nifti_info : dict or None
+        Set by the NIfTI readers (:func:`napari_qsm.core.io.read_volume`): the source file's path,
+        ``original_affine``, orientation ``ornt`` and ``header``, so that results are written back on
+        the file's own grid and orientation (:func:`napari_qsm.core.io.save_volume`). None for scans
+        made in memory.
+
+    Raises
+    ------
+    ScanError
+        An input has the wrong shape or type, holds NaN/Inf inside the mask, or the mask is empty;
+        the message names the input.
+    """
+
     field: np.ndarray
     mask: np.ndarray
     voxel_size: tuple = (1.0, 1.0, 1.0)
@@ -54,6 +89,7 @@ class Scan:
     b0_tesla: Optional[float] = None
     name: str = "scan"
     source: dict = field(default_factory=dict)
+    nifti_info: Optional[dict] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.field = _as_3d("field", self.field, np.float32)
@@ -107,6 +143,16 @@ class Scan:
             v = getattr(self, nm)
             if v is not None and (not np.isfinite(v) or v <= 0):
                 raise ScanError(f"{nm}: expected a positive number, got {v!r}")
+
+    @property
+    def _nifti_info(self) -> Optional[dict]:
+        """Old name of :attr:`nifti_info` (was set as a private attribute by the readers); kept for callers
+        not yet updated."""
+        return self.nifti_info
+
+    @_nifti_info.setter
+    def _nifti_info(self, value: Optional[dict]) -> None:
+        self.nifti_info = value
 
     @property
     def shape(self) -> tuple:

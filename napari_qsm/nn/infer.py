@@ -63,13 +63,11 @@ def write_card(path, card: dict) -> None:
 
 
 def read_card(weights_path) -> dict:
-    p = card_path(weights_path)
-    if p.exists():
-        try:
-            return json.loads(p.read_text())
-        except Exception:
-            return {}
-    return {}
+    """The JSON card next to a checkpoint, or {}; a card that is not a JSON object is ignored with a warning
+    (:func:`napari_qsm.core.io.read_json_object`, optional)."""
+    from ..core.io import read_json_object
+
+    return read_json_object(card_path(weights_path), f"weights {Path(weights_path).name}", optional=True)
 
 
 def config_from_state_dict(sd: dict) -> NetConfig:

@@ -47,6 +47,10 @@ validation uses, at the cost of a kernel evaluation instead of a fine-grid FFT:
    magnitude and ``Sample.noise_std`` the fitted N_std; the label χ is unchanged. Cost ≈ 0.5 s per 64³
    patch on one thread (≈ 0.3 s more than the default).
 
+**Families** (issue 26): the pool's heads come from the families of :mod:`napari_qsm.nn.families`
+(procedural heads, random geometric sources, smooth random textures; vessel and calcification inserts)
+with the config's ``families`` weights; the default is the procedural pool above, unchanged.
+
 Everything is float32 numpy; :func:`to_tensors` builds the network input
 (:mod:`napari_qsm.nn.inputs`) and target (χ·chi_scale) of a batch.
 """
@@ -64,6 +68,7 @@ from scipy.special import expit
 
 from ..core.constants import GAMMA_BAR_HZ_PER_T
 from ..core.dipole import forward_field
+from .families import family_of, make_family_head
 from .inputs import network_input
 
 
@@ -119,6 +124,21 @@ class SynthConfig:
     honest_r2_base: tuple = (12.0, 25.0)    # R2* of tissue (1/s), drawn per patch
     honest_r2_per_ppm: tuple = (50.0, 150.0)  # R2* increase per ppm of |χ| (1/s/ppm), drawn per patch
     honest_dephasing: bool = True
+    # data families (napari_qsm.nn.families); the default is the original pool of procedural heads
+    families: dict = field(default_factory=lambda: {"procedural": 1.0})
+    family_box: float = 1.25          # non-procedural heads: this many patches, at most the regime's shape
+    geo_shapes: tuple = (6, 30)       # number of geometric sources per head
+    geo_chi: tuple = (-0.3, 0.6)      # their χ (ppm)
+    texture_sigma_mm: tuple = (2.0, 15.0)   # correlation length of smooth χ textures
+    texture_std: tuple = (0.02, 0.12)       # their std (ppm)
+    texture_offset: float = 0.1       # compartment χ offsets of the texture family (± ppm)
+    p_inserts: float = 0.0            # probability that a pooled head gets vessel / calcification inserts
+    max_vessels: int = 4
+    vessel_chi: tuple = (0.15, 0.6)
+    vessel_radius_mm: tuple = (0.4, 2.0)
+    max_calcifications: int = 3
+    calc_chi: tuple = (-2.0, -0.3)
+    calc_radius_mm: tuple = (0.5, 3.0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -136,7 +156,8 @@ class SynthConfig:
             d["regimes"] = tuple(Regime(tuple(r["shape"]), tuple(r["voxel_size"]), float(r.get("weight", 1.0)))
                                  for r in d["regimes"])
         for k in ("patch", "snr_range", "contrast_scale", "lesion_chi", "lesion_radius_mm", "honest_r2_base",
-                  "honest_r2_per_ppm"):
+                  "honest_r2_per_ppm", "geo_shapes", "geo_chi", "texture_sigma_mm", "texture_std", "vessel_chi",
+                  "vessel_radius_mm", "calc_chi", "calc_radius_mm"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -152,6 +173,8 @@ class Head:
     labels: np.ndarray
     voxel_size: tuple
     seed: int
+    family: str = "procedural"
+    inserts: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -207,11 +230,13 @@ class PhantomPool:
             if cancel_check is not None:
                 cancel_check()
             reg = self.regime_of(k)
-            head = make_head(self.cfg.seed_base + k, reg, self.device)
+            fam = family_of(self.cfg, k)
+            head = make_family_head(fam, self.cfg.seed_base + k, reg, self.cfg, self.device)
             self.slots[j] = (k, head)
             made += 1
             if self.log:
-                self.log(f"pool slot {j}: head {k} (seed {self.cfg.seed_base + k}) {reg.voxel_size} mm")
+                self.log(f"pool slot {j}: head {k} (seed {self.cfg.seed_base + k}) {fam} {reg.voxel_size} mm"
+                         + (f" inserts {head.inserts}" if head.inserts else ""))
         return made
 
     def heads(self) -> list[Head]:
@@ -309,7 +334,7 @@ def sample_pair(head: Head, rng: np.random.Generator, cfg: SynthConfig, augment:
     mag = crop_box(head.magnitude, bstart, big)
     lab = crop_box(head.labels, bstart, big)
     msk = crop_box(head.mask, bstart, big)
-    info = {"seed": head.seed, "voxel_size": list(head.voxel_size), "start": [int(s) for s in start]}
+    info = {"seed": head.seed, "family": head.family, "voxel_size": list(head.voxel_size), "start": [int(s) for s in start]}
     # -- elastic deformation -------------------------------------------------------------------
     if augment and rng.random() < cfg.p_elastic:
         grid = np.meshgrid(*[np.arange(n, dtype=np.float32) + m for n, m in zip(P, amp_vox)], indexing="ij")
@@ -443,7 +468,7 @@ def fine_grid_field(chi, voxel_size, b0_direction, factor=2, pad_factor: float =
 
 def _honest_field(chi, mag, msk, vs, b0, rng, cfg: SynthConfig, snr, info) -> Sample:
     """Steps 6h/7h of the module docstring."""
-    from ..core.sim.phantom import _fit_echoes, default_echo_protocol
+    from ..core.sim.signal import _fit_echoes, default_echo_protocol
 
     P = chi.shape
     true_field = fine_grid_field(chi, tuple(vs), b0, cfg.honest_factor) * msk

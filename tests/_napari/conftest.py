@@ -14,8 +14,8 @@ pytest.importorskip("pytestqt")
 
 from napari_qsm import methods as _methods  # noqa: E402
 from napari_qsm.methods import Method, register_method  # noqa: E402
-from napari_test_helpers import (MANIFEST, OBLIQUE_B0, TINY_SHAPE, TINY_VS, SlowParams,  # noqa: E402
-                                 _slow_run, add_layer_data, save_stored)
+from napari_test_helpers import (MANIFEST, OBLIQUE_B0, RAW_SHAPE, RAW_VS, TINY_SHAPE, TINY_VS,  # noqa: E402
+                                 SlowParams, _slow_run, add_layer_data, save_stored)
 
 def pytest_collection_modifyitems(items):
     for item in items:
@@ -61,6 +61,24 @@ def oblique_files(oblique_phantom, tmp_path_factory):
         "magnitude": save_stored(ph.magnitude, ph.affine, d / "sub-01_magnitude.nii.gz"),
         "dir": d,
     }
+
+
+@pytest.fixture(scope="session")
+def raw_head():
+    """The raw multi-echo head (4 mm, 5 echoes, honest signal with a background field), echoes kept."""
+    from napari_qsm.core.sim.phantom import make_phantom
+    return make_phantom(RAW_SHAPE, RAW_VS, seed=3, snr=50.0, device="cpu", honest=True, background=True,
+                        keep_echoes=True)
+
+
+@pytest.fixture(scope="session")
+def raw_bids(raw_head, tmp_path_factory):
+    """:func:`raw_head` written as a BIDS MEGRE subject folder (Siemens integer phase, JSON sidecars)."""
+    from napari_qsm.core.sim.phantom import save_raw_bids
+
+    out = tmp_path_factory.mktemp("bids")
+    save_raw_bids(raw_head, out, phase_units="siemens")
+    return out / "sub-phantom"
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ MANIFEST = ROOT / "napari.yaml"
 
 TINY_SHAPE = (32, 36, 28)
 TINY_VS = (1.5, 1.5, 1.8)  # anisotropic; the phantom needs ≥ 40 mm of field of view
+RAW_SHAPE, RAW_VS = (40, 48, 40), (4.0, 4.0, 4.0)  # the raw multi-echo head of the Field dock tests
 OBLIQUE_B0 = np.array([0.25, -0.30, 0.92]) / np.linalg.norm([0.25, -0.30, 0.92])
 # Stored (on-disk) orientation of the oblique files: sagittal-like, P-S-L, so that reading them
 # reorients (permutes and flips) the axes.

@@ -9,7 +9,7 @@ pytest.importorskip("napari_qsm.nn.adapt")
 torch = pytest.importorskip("torch")
 
 from napari_qsm._napari.adapt_widget import AdaptWidget  # noqa: E402
-from napari_qsm._napari.widgets import QSMWidget  # noqa: E402
+from napari_qsm._napari.reconstruct_dock import QSMWidget  # noqa: E402
 from napari_test_helpers import assert_responsive, form_row_labels, start_ticks  # noqa: E402
 
 FAST = {"patch": 32, "synth_batch": 0, "preview_every": 1}
@@ -158,12 +158,12 @@ def test_adapt_rows_are_words(phantom_viewer, qtbot, tiny_checkpoint):
 
 
 def test_adapt_error_and_cancel_handlers(phantom_viewer, qtbot, tiny_checkpoint):
-    """Errors go through the shared RunnerDock handler (ValueError as its message, else with the type); a
+    """Errors go through the shared RunDock handler (ValueError as its message, else with the type); a
     cancel before any step says "cancelled"; cancel with nothing running changes nothing."""
-    from napari_qsm._napari.widgets import RunnerDock
+    from napari_qsm._napari.run_dock import RunDock
 
     w = _dock(phantom_viewer, qtbot, tiny_checkpoint)
-    assert isinstance(w, RunnerDock)
+    assert isinstance(w, RunDock)
     w._on_error(ValueError("field layer x is empty"))
     assert "field layer x is empty" in w.status.text() and "ValueError" not in w.status.text()
     w._on_error(RuntimeError("out of memory"))

@@ -34,6 +34,8 @@ def _ref_vertical(qp, x, y0, y1, lut, lo, hi, unit, fg, font) -> None:
         yy = y0 + frac * h
         qp.drawLine(QPointF(x + 10, yy), QPointF(x + 13, yy))
         qp.drawText(QRectF(x + 15, yy - fmh / 2, RIGHT - 24, fmh), Qt.AlignmentFlag.AlignLeft, f"{val:+.3g}")
+    if QFontMetrics(font).horizontalAdvance(unit) > h and "(" in unit:   # a short bar: the unit alone
+        unit = unit[unit.rfind("(") + 1:].rstrip(")")
     qp.save()
     qp.translate(x - 3, y0 + h / 2)
     qp.rotate(-90)
@@ -50,10 +52,11 @@ def _ref_horizontal(qp, x0, x1, y, lut, lo, hi, unit, fg, font) -> None:
     qp.setFont(font)
     fm = QFontMetrics(font)
     fmh = fm.height()
-    uw = fm.horizontalAdvance(unit) + 8
-    qp.drawText(QRectF(x0 - uw, y + 5 - fmh / 2, uw - 4, fmh),
-                Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, unit)
-    for frac, val in ((0.0, lo), (0.5, 0.5 * (lo + hi)), (1.0, hi)):
+    uw = fm.horizontalAdvance(unit) + 8   # the unit over the bar's middle (it ran into the next bar on the left)
+    qp.drawText(QRectF(x0 + w / 2 - uw / 2, y - fmh - 1, uw, fmh),
+                Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignBottom, unit)
+    ticks = ((0.0, lo), (0.5, 0.5 * (lo + hi)), (1.0, hi)) if w >= 130 else ((0.0, lo), (1.0, hi))
+    for frac, val in ticks:
         xx = x0 + frac * w
         qp.drawLine(QPointF(xx, y + 10), QPointF(xx, y + 13))
         qp.drawText(QRectF(xx - 30, y + 14, 60, fmh), Qt.AlignmentFlag.AlignHCenter, f"{val:+.3g}")
@@ -89,6 +92,7 @@ CASES = [  # (a0, a1, at, lo, hi, unit): integer and fractional positions (the l
     (20, 300, 90, -0.15, 0.15, "ppm"),
     (33.25, 211.75, 101.5, -0.05, 0.05, "Δ ppm"),
     (40, 44, 60, 0.0, 1.0, "χ"),   # shorter than 10 px: drawn 10 px long
+    (20, 80, 90, -0.05, 0.05, "residual (ppm)"),   # a caption longer than its bar: the unit alone, not cut
 ]
 
 
@@ -106,7 +110,7 @@ def test_vertical_bar_pixels_unchanged(qapp, lut_name, case):
 @pytest.mark.parametrize("case", CASES)
 def test_horizontal_bar_pixels_unchanged(qapp, lut_name, case):
     a0, a1, at, lo, hi, unit = case
-    a0, a1, at = a0 - 10, a1 - 100, at + 180   # room for the unit on the left and the values under it
+    a0, a1, at = a0 - 10, a1 - 100, at + 180   # room for the unit over it and the values under it
     lut, fg, font = colormap_lut(lut_name), QColor(230, 230, 230), _font()
     new = _render(lambda qp: _Painter()._colorbar(qp, a0, a1, at, lut, lo, hi, unit, fg, font, vertical=False))
     ref = _render(lambda qp: _ref_horizontal(qp, a0, a1, at, lut, lo, hi, unit, fg, font))
@@ -128,7 +132,7 @@ def _rows_cols(mask):
 def test_bar_extents_and_label_places(qapp):
     """Independent of the reference: the gradient fills exactly its 10-px strip (high end at the top of a
     vertical bar, at the right of a horizontal one), the values sit right of / under the ends and the middle,
-    the unit left of the bar."""
+    the unit turned left of a vertical bar and over the middle of a horizontal one."""
     lut, fg, font = _green_lut(), QColor(255, 0, 0), _font()   # bar: green only; text and ticks: red only
     fmh = QFontMetrics(font).height()
     px = _render(lambda qp: _Painter()._colorbar(qp, 20, 300, 90, lut, -0.15, 0.15, "ppm", fg, font, vertical=True))
@@ -148,7 +152,12 @@ def test_bar_extents_and_label_places(qapp):
     text = px[..., 2] > 0
     for xx in (60, 140, 220):   # a value under each tick
         assert text[214: 214 + fmh, xx - 30: xx + 30].any(), xx
-    assert text[200:209, :56].any() and not text[200:208, 62:218].any()   # the unit left of the bar only
+    assert text[200 - fmh - 1: 199, 100:180].any()   # the unit over the bar's middle
+    assert not text[200 - fmh - 1: 199, :56].any() and not text[200:208, 62:218].any()   # not left, not on the bar
+    px = _render(lambda qp: _Painter()._colorbar(qp, 60, 160, 200, lut, -0.15, 0.15, "ppm", fg, font, vertical=False))
+    text = px[..., 2] > 0   # a short bar: its two end values only (three 60 px values would overlap)
+    assert text[214: 214 + fmh, 30:80].any() and text[214: 214 + fmh, 140:190].any()
+    assert not text[214: 214 + fmh, 95:125].any()
 
 
 def _grid_pixels(g) -> np.ndarray:

@@ -7,30 +7,22 @@ import time
 import numpy as np
 import pytest
 
-from napari_test_helpers import add_layer_data, assert_responsive, start_ticks
+from napari_test_helpers import RAW_VS, add_layer_data, assert_responsive, start_ticks
 
-RAW_SHAPE, RAW_VS = (40, 48, 40), (4.0, 4.0, 4.0)
-
-
-@pytest.fixture(scope="module")
-def raw_phantom():
-    from napari_qsm.core.sim.phantom import make_phantom
-    return make_phantom(RAW_SHAPE, RAW_VS, seed=3, snr=50.0, device="cpu", honest=True, background=True,
-                        keep_echoes=True)
 
 
 @pytest.fixture(scope="module")
-def headless_run(raw_phantom):
+def headless_run(raw_head):
     from napari_qsm.core.field.pipeline import FieldRecipe, local_field
-    return local_field(raw_phantom.to_echoes(name="raw"), FieldRecipe(), device="cpu")
+    return local_field(raw_head.to_echoes(name="raw"), FieldRecipe(), device="cpu")
 
 
-def _field_viewer(make_napari_viewer, raw_phantom):
+def _field_viewer(make_napari_viewer, raw_head):
     from napari_qsm._napari.field_widget import FieldWidget
     from napari_qsm._napari.reader import echoes_layer_data
 
     viewer = make_napari_viewer()
-    add_layer_data(viewer, echoes_layer_data(raw_phantom.to_echoes(name="raw")))
+    add_layer_data(viewer, echoes_layer_data(raw_head.to_echoes(name="raw")))
     w = FieldWidget(viewer)
     viewer.window.add_dock_widget(w, name="Field")
     w.device_combo.setCurrentIndex(w.device_combo.findData("cpu"))
@@ -42,11 +34,11 @@ def _to_canonical(layer):
     return to_canonical(np.asarray(layer.data), layer.metadata["axes"])
 
 
-def test_dock_run_equals_headless_and_hands_off(make_napari_viewer, qtbot, raw_phantom, headless_run):
+def test_dock_run_equals_headless_and_hands_off(make_napari_viewer, qtbot, raw_head, headless_run):
     from napari_qsm._napari.compare.dock import CompareWidget
-    from napari_qsm._napari.widgets import QSMWidget
+    from napari_qsm._napari.reconstruct_dock import QSMWidget
 
-    viewer, w = _field_viewer(make_napari_viewer, raw_phantom)
+    viewer, w = _field_viewer(make_napari_viewer, raw_head)
     rec = QSMWidget(viewer)
     viewer.window.add_dock_widget(rec, name="QSM reconstruction")
     cmp_ = CompareWidget(viewer)
@@ -54,8 +46,8 @@ def test_dock_run_equals_headless_and_hands_off(make_napari_viewer, qtbot, raw_p
     # the echoes are found, with TE and B0 from the layer metadata
     assert w.magnitude_source().layer.name == "raw magnitude"
     assert w.phase_source().layer.name == "raw phase"
-    assert w.echo_times() == pytest.approx(list(raw_phantom.echo_times))
-    assert w.b0_spin.value() == pytest.approx(raw_phantom.b0_tesla)
+    assert w.echo_times() == pytest.approx(list(raw_head.echo_times))
+    assert w.b0_spin.value() == pytest.approx(raw_head.b0_tesla)
     assert [w.step_combos[f].currentData() for f in ("fit", "unwrap", "mask", "background")] == \
         ["linear", "quality", "threshold", "vsharp"]
     assert w.run()
@@ -79,7 +71,7 @@ def test_dock_run_equals_headless_and_hands_off(make_napari_viewer, qtbot, raw_p
     assert cmp_.picker.mask_combo.currentText() == "raw eroded mask"
     scan = rec.inputs.build_scan()
     np.testing.assert_allclose(scan.field, headless_run.scan.field, atol=1e-4)
-    assert scan.b0_tesla == pytest.approx(raw_phantom.b0_tesla)
+    assert scan.b0_tesla == pytest.approx(raw_head.b0_tesla)
     np.testing.assert_allclose(scan.b0_direction, headless_run.scan.b0_direction, atol=1e-6)
     # a second run replaces the maps instead of adding more
     n_layers = len(viewer.layers)
@@ -90,7 +82,7 @@ def test_dock_run_equals_headless_and_hands_off(make_napari_viewer, qtbot, raw_p
     assert viewer.layers["raw local field"].metadata["field_steps"][-1]["name"] == "resharp"
 
 
-def test_cancel_stops_the_run_and_adds_nothing(make_napari_viewer, qtbot, raw_phantom, monkeypatch):
+def test_cancel_stops_the_run_and_adds_nothing(make_napari_viewer, qtbot, raw_head, monkeypatch):
     from napari_qsm import methods
     from napari_qsm.core.field.background import STEPS as BG
     from napari_qsm.core.progress import check_cancel
@@ -106,7 +98,7 @@ def test_cancel_stops_the_run_and_adds_nothing(make_napari_viewer, qtbot, raw_ph
     methods._load_all()
     monkeypatch.setitem(methods._STEPS, ("background", "slowtest"),
                         Step("background", "slowtest", "Slow test", BG[0].params_cls, slow, order=999))
-    viewer, w = _field_viewer(make_napari_viewer, raw_phantom)
+    viewer, w = _field_viewer(make_napari_viewer, raw_head)
     w.set_step("background", "slowtest")
     n = len(viewer.layers)
     timer, ticks = start_ticks()
@@ -122,8 +114,8 @@ def test_cancel_stops_the_run_and_adds_nothing(make_napari_viewer, qtbot, raw_ph
     assert len(viewer.layers) == n and w.run_button.isEnabled()
 
 
-def test_forms_labels_and_bad_input(make_napari_viewer, qtbot, raw_phantom):
-    viewer, w = _field_viewer(make_napari_viewer, raw_phantom)
+def test_forms_labels_and_bad_input(make_napari_viewer, qtbot, raw_head):
+    viewer, w = _field_viewer(make_napari_viewer, raw_head)
     w.set_step("background", "resharp")
     assert "radius" in w.form("background").names()
     from qtpy.QtWidgets import QLabel
@@ -140,13 +132,14 @@ def test_forms_labels_and_bad_input(make_napari_viewer, qtbot, raw_phantom):
     assert not w.run() and "not numbers" in w.status.text()
 
 
-def test_echo_last_layers_turn_echo_first(make_napari_viewer, qtbot, raw_phantom):
+def test_echo_last_layers_turn_echo_first(make_napari_viewer, qtbot, raw_head):
     """Echo-last 4-D layers added by hand (echo_axis 3): the dock reads them and lines them up with its 3-D maps."""
-    from napari_qsm._napari.field_widget import FieldWidget, source_array
+    from napari_qsm._napari.field_sources import source_array
+    from napari_qsm._napari.field_widget import FieldWidget
     from napari_qsm._napari.reader import echoes_layer_data
 
     viewer = make_napari_viewer()
-    for data, kw, typ in echoes_layer_data(raw_phantom.to_echoes(name="raw")):
+    for data, kw, typ in echoes_layer_data(raw_head.to_echoes(name="raw")):
         kw = dict(kw)
         order = [1, 2, 3, 0]
         for k in ("scale", "translate", "units", "axis_labels"):
@@ -159,7 +152,7 @@ def test_echo_last_layers_turn_echo_first(make_napari_viewer, qtbot, raw_phantom
     w = FieldWidget(viewer)
     src = w.magnitude_source()
     assert src.echo_axis == 3
-    np.testing.assert_array_equal(source_array(src, src.metadata["axes"]), raw_phantom.to_echoes().magnitude)
+    np.testing.assert_array_equal(source_array(src, src.metadata["axes"]), raw_head.to_echoes().magnitude)
     w.device_combo.setCurrentIndex(w.device_combo.findData("cpu"))
     assert w.run()
     qtbot.waitUntil(lambda: not w.runner.running, timeout=60000)
@@ -171,10 +164,10 @@ def test_echo_last_layers_turn_echo_first(make_napari_viewer, qtbot, raw_phantom
     assert viewer.dims.point[1] == pytest.approx(float(local.translate[0] + 20 * RAW_VS[2]))
 
 
-def test_a_mask_layer_replaces_the_mask_step(make_napari_viewer, qtbot, raw_phantom, headless_run):
+def test_a_mask_layer_replaces_the_mask_step(make_napari_viewer, qtbot, raw_head, headless_run):
     from napari_qsm._napari.layers import to_layer_order
 
-    viewer, w = _field_viewer(make_napari_viewer, raw_phantom)
+    viewer, w = _field_viewer(make_napari_viewer, raw_head)
     user = headless_run.brain_mask.copy()
     user[:, :, : user.shape[2] // 2] = False  # half a brain: clearly not what the mask step makes
     mag = viewer.layers["raw magnitude"]
@@ -187,3 +180,69 @@ def test_a_mask_layer_replaces_the_mask_step(make_napari_viewer, qtbot, raw_phan
     qtbot.waitUntil(lambda: not w.runner.running, timeout=60000)
     np.testing.assert_array_equal(_to_canonical(viewer.layers["raw brain mask"]) > 0, user)
     assert viewer.layers["raw local field"].metadata["field_steps"][1]["name"] == "user"
+
+
+def test_brain_mask_corrected_by_hand_is_used_by_the_next_run(make_napari_viewer, qtbot, raw_head):
+    """Issue 24: the run's brain mask is a Labels layer; painting it or Erode / Dilate makes it the mask of the
+    next run (the mask step is skipped), and the hand-off gives the other docks the mask eroded from it."""
+    from napari_qsm._napari.field_mask import morph_mask
+
+    viewer, w = _field_viewer(make_napari_viewer, raw_head)
+    assert not w.change_mask("erode") and "no brain mask yet" in w.status.text()
+    assert w.run()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=60000)
+    brain = viewer.layers["raw brain mask"]
+    assert brain.visible and w.mask_combo.currentText() == "(none: compute it)"
+    first = np.asarray(brain.data) > 0
+    # painting with napari's labels tools makes the layer the dock's mask
+    idx = tuple(int(i) for i in np.argwhere(~first)[0])
+    brain.paint(idx, 1, refresh=True)
+    qtbot.waitUntil(lambda: w.mask_combo.currentText() == "raw brain mask", timeout=3000)
+    assert not w.step_combos["mask"].isEnabled()
+    painted = np.asarray(brain.data) > 0
+    assert painted.sum() > first.sum()
+    # Erode (one voxel): the next run uses exactly that mask
+    w.erode_button.click()
+    eroded = np.asarray(brain.data) > 0
+    np.testing.assert_array_equal(eroded, morph_mask(painted, "erode"))
+    assert eroded.sum() < painted.sum() and "the next Run uses this mask" in w.mask_info.text()
+    assert w.run()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=60000)
+    local = viewer.layers["raw local field"]
+    assert local.metadata["field_steps"][1]["name"] == "user"
+    np.testing.assert_array_equal(np.asarray(viewer.layers["raw brain mask"].data) > 0, eroded)
+    handed = np.asarray(viewer.layers["raw eroded mask"].data) > 0
+    assert handed.sum() > 0 and not (handed & ~eroded).any()  # eroded from the corrected mask
+    w.dilate_button.click()
+    np.testing.assert_array_equal(np.asarray(brain.data) > 0, morph_mask(eroded, "dilate"))
+
+
+def test_field_forms_speak_words(make_napari_viewer, qtbot, raw_head):
+    """No code names in the step choices, and step descriptions are never cut inside a word."""
+    import html
+
+    from qtpy.QtWidgets import QComboBox
+
+    from napari_qsm._napari.field_words import short_doc
+    from napari_qsm.methods import available_steps
+
+    viewer, w = _field_viewer(make_napari_viewer, raw_head)
+    for fam in w.step_combos:
+        for s in available_steps(fam):
+            w.set_step(fam, s.name)
+            form = w.form(fam)
+            for name in form.names():
+                c = form.widget_for(name)
+                if isinstance(c, QComboBox) and not c.isEditable():
+                    texts = [c.itemText(i) for i in range(c.count())]
+                    assert not any(t in ("mcpc3ds", "template", "sincos", "voxel", "global") for t in texts), texts
+            doc = w.step_docs[fam].text()
+            assert w.step_docs[fam].toolTip() == s.doc
+            short = short_doc(s.doc)
+            assert html.escape(short) in doc
+            words = {x.strip("().,;:") for x in s.doc.split()}
+            shown = short.replace("…", "").split()
+            assert shown[-1].strip("().,;:") in words, (s.name, short)  # the last word shown is a whole word
+            assert short.count("(") == short.count(")"), short
+    long = "word " * 80 + "end."
+    assert short_doc(long).endswith("word …") and len(short_doc(long)) <= 202

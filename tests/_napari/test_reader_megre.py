@@ -9,17 +9,6 @@ import numpy as np
 import pytest
 
 
-@pytest.fixture(scope="module")
-def raw_bids(tmp_path_factory):
-    from napari_qsm.core.sim.phantom import make_phantom, save_raw_bids
-
-    ph = make_phantom((40, 48, 40), (4.0, 4.0, 4.0), seed=4, snr=50.0, device="cpu", honest=True, background=True,
-                      keep_echoes=True)
-    out = tmp_path_factory.mktemp("bids")
-    save_raw_bids(ph, out, phase_units="siemens")
-    return out / "sub-phantom"
-
-
 def test_bids_folder_opens_as_echo_layers(raw_bids, tmp_path):
     from napari_qsm._napari.layers import to_canonical
     from napari_qsm._napari.reader import napari_get_reader

@@ -224,4 +224,13 @@ def test_viewer_save_layer_through_plugin(make_napari_viewer, oblique_files, tmp
     viewer.open(str(oblique_files["field"]), plugin="napari-qsm")
     out = tmp_path / "saved_field.nii.gz"
     viewer.layers.save(str(out), selected=False, plugin="napari-qsm")
-    assert out.exists() and sidecar_path(out).exists()
+    src = nib.load(str(oblique_files["field"]))
+    back = nib.load(str(out))
+    # the voxels, the affine (written in the source's stored orientation) and the provenance sidecar
+    np.testing.assert_allclose(np.asanyarray(back.dataobj), np.asanyarray(src.dataobj), rtol=1e-6)
+    np.testing.assert_allclose(back.affine, src.affine, atol=1e-5)
+    prov = json.loads(sidecar_path(out).read_text())
+    layer = prov["layer"]
+    assert prov["software"] == "napari-qsm" and layer["name"] == viewer.layers[0].name
+    assert layer["role"] == "field" and layer["source"].endswith("sub-01_field.nii.gz")
+    np.testing.assert_allclose(layer["b0_direction"], OBLIQUE_B0, atol=1e-4)

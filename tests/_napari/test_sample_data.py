@@ -56,7 +56,8 @@ def test_clinical_sample_is_anisotropic_and_oblique(monkeypatch):
 def test_raw_head_sample_is_echo_first_like_the_reader(make_napari_viewer, qtbot, monkeypatch):
     """The raw multi-echo sample: 4-D echo-first layers with the reader's MEGRE metadata; the Field dock turns nothing."""
     from napari_qsm._napari import sample_data
-    from napari_qsm._napari.field_widget import FieldWidget, make_echo_first, source_echo_times
+    from napari_qsm._napari.field_sources import make_echo_first, source_echo_times
+    from napari_qsm._napari.field_widget import FieldWidget
     from napari_qsm._napari.reader import echoes_layer_data
     from napari_qsm.core.sim import phantom
     from napari_test_helpers import add_layer_data

@@ -7,7 +7,7 @@ import pytest
 from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QSpinBox
 
 from napari_qsm._napari.layers import to_canonical
-from napari_qsm._napari.widgets import QSMWidget
+from napari_qsm._napari.reconstruct_dock import QSMWidget
 from napari_qsm.methods import available_methods, reconstruct
 from napari_qsm.core.params import specs
 from napari_qsm.core.scan import Scan
@@ -81,7 +81,7 @@ def test_forms_generated_from_parameter_records(phantom_viewer, qtbot, slow_meth
     w.set_method("slowtest")
     kinds = {n: type(w.form.widget_for(n)) for n in w.form.names()}
     assert kinds == {"steps": QSpinBox, "delay": QDoubleSpinBox, "mode": QComboBox, "strength": QComboBox,
-                     "flag": QCheckBox, "fail_at": QSpinBox}
+                     "flag": QCheckBox, "fail_at": QSpinBox, "reference": QComboBox}  # every method: the χ reference
     assert "secret" not in kinds
     strength = w.form.widget_for("strength")
     strength.setCurrentText("auto")
@@ -270,20 +270,41 @@ def test_dsbn_runs_with_weights_file(phantom_viewer, qtbot, tmp_path):
     assert len(phantom_viewer.layers) == n and "weights" in w.status.text()
 
 
-def test_docks_closed_then_layers_change(phantom_viewer, qtbot):
-    """Removing the docks leaves no dangling callbacks on the viewer's events."""
-    from napari_qsm._napari.adapt_widget import AdaptWidget
+@pytest.mark.parametrize("which", ["reconstruct", "adapt", "field"])
+def test_docks_closed_then_layers_change(phantom_viewer, qtbot, which):
+    """A closed dock leaves no callback on the viewer's events (nothing keeps it alive), and later layer
+    changes raise nothing. The Field dock's callbacks were lambdas that kept it, and its deleted timer, alive."""
+    import gc
 
-    for cls in (QSMWidget, AdaptWidget):
-        w = cls(phantom_viewer)
-        dock = phantom_viewer.window.add_dock_widget(w, name=cls.__name__)
-        qtbot.wait(50)
-        phantom_viewer.window.remove_dock_widget(dock)
-        qtbot.wait(50)
-    layer = phantom_viewer.add_image(np.zeros((4, 5, 6), np.float32), name="later")
-    layer.name = "renamed"
-    phantom_viewer.layers.remove(layer)
+    from napari_qsm._napari.adapt_widget import AdaptWidget
+    from napari_qsm._napari.field_widget import FieldWidget
+
+    cls = {"reconstruct": QSMWidget, "adapt": AdaptWidget, "field": FieldWidget}[which]
+    ev = phantom_viewer.layers.events
+
+    def live():
+        return [len(e.callbacks) for e in (ev.inserted, ev.removed)]
+
+    def churn():  # a layer added, renamed and removed: what reaches the docks' callbacks
+        layer = phantom_viewer.add_image(np.zeros((4, 5, 6), np.float32), name="later")
+        layer.name = "renamed"
+        phantom_viewer.layers.remove(layer)
+
+    churn()
+    before = live()
+    w = cls(phantom_viewer)
+    dock = phantom_viewer.window.add_dock_widget(w, name=cls.__name__)
     qtbot.wait(50)
+    assert live() > before  # the dock listens while it is open
+    phantom_viewer.window.remove_dock_widget(dock)  # napari orphans the widget; the last reference goes here
+    del w, dock
+    gc.collect()
+    qtbot.wait(100)
+    with qtbot.capture_exceptions() as exceptions:
+        churn()
+        qtbot.wait(300)  # longer than the panels' validation delay
+    assert exceptions == []
+    assert live() == before
 
 
 def test_inputs_from_files_oblique(make_napari_viewer, qtbot, oblique_files):
@@ -338,7 +359,7 @@ def test_b0_and_te_for_ppm_field_reach_methods_and_provenance(make_napari_viewer
     in the layer's provenance and in the sidecar the writer saves; values typed in are used and recorded too."""
     import json
 
-    import napari_qsm._napari.widgets as wmod
+    import napari_qsm._napari.reconstruct_dock as wmod
     from napari_qsm._napari.writer import write_image
 
     freq = 123.2  # MHz: a "3 T" scanner at 2.8936 T

@@ -356,3 +356,70 @@ def test_written_files_follow_the_umask(tmp_path, umask):
         os.umask(old)
     for name in ("x.nii.gz", "x.json", "y.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize("text,what", [("[1, 2, 3]", "JSON array"), ('"B0"', "JSON string"),
+                                       ("{not json", "cannot read")])
+def test_one_sidecar_policy_names_the_file(tmp_path, text, what):
+    """A sidecar that is not a JSON object: SidecarError (a ScanError) naming the file, or, where the caller
+    says the sidecar is optional, ignored with a warning naming the file; a missing sidecar is {}."""
+    from napari_qsm.core.io import SidecarError, read_json_object, read_sidecar
+
+    nii = tmp_path / "sub-01_echo-1_part-phase_MEGRE.nii.gz"
+    side = sidecar_path(nii)
+    assert read_sidecar(nii, "phase 1") == {} and read_json_object(side, "phase 1", optional=True) == {}
+    side.write_text(text)
+    for read in (lambda **k: read_sidecar(nii, "phase 1", **k), lambda **k: read_json_object(side, "phase 1", **k)):
+        with pytest.raises(SidecarError, match=rf"phase 1: .*{what}") as err:
+            read()
+        assert isinstance(err.value, ScanError) and str(side) in str(err.value)
+        with pytest.warns(UserWarning, match=rf"{side.name}.*ignored"):
+            assert read(optional=True) == {}
+    side.write_text('{"EchoTime": 0.004}')
+    assert read_sidecar(nii, "phase 1") == {"EchoTime": 0.004}
+
+
+def test_load_scan_refuses_a_sidecar_holding_an_array(tmp_path):
+    A = np.eye(4)
+    fp = _write(tmp_path, "field.nii.gz", np.zeros((8, 8, 8), np.float32), A)
+    m = np.zeros((8, 8, 8), np.uint8)
+    m[2:6, 2:6, 2:6] = 1
+    mp = _write(tmp_path, "mask.nii.gz", m, A)
+    sidecar_path(fp).write_text("[]")
+    with pytest.raises(ScanError, match=r"field: JSON sidecar .*field\.json must hold an object"):
+        load_scan(fp, mp)
+    assert load_scan(fp, mp, sidecar=False).shape == (8, 8, 8)
+
+
+def test_weights_card_that_is_not_an_object_is_ignored_with_a_warning(tmp_path):
+    """read_card used to return a JSON array as it was (callers then call .get on a list)."""
+    from napari_qsm.nn.infer import card_path, read_card
+
+    w = tmp_path / "site.pt"
+    card_path(w).write_text("[1, 2]")
+    with pytest.warns(UserWarning, match="site.json"):
+        assert read_card(w) == {}
+
+
+def test_scan_nifti_info_is_a_declared_field(tmp_path):
+    """load_scan / load_orientation fill Scan.nifti_info (a dataclass field, not an attribute set from outside)."""
+    import dataclasses
+
+    from napari_qsm.core.scan import Scan
+
+    assert "nifti_info" in {f.name for f in dataclasses.fields(Scan)}
+    R = rot("x", 20)
+    A = affine(R, (1.0, 1.2, 2.0), (3, -4, 5))
+    A[:3, 0] *= -1
+    fp = _write(tmp_path, "field.nii.gz", np.zeros((8, 9, 6), np.float32), A)
+    m = np.zeros((8, 9, 6), np.uint8)
+    m[2:6, 2:6, 2:4] = 1
+    scan = load_scan(fp, _write(tmp_path, "mask.nii.gz", m, A))
+    assert scan.nifti_info["path"] == str(fp.resolve())
+    np.testing.assert_allclose(scan.nifti_info["original_affine"], A)
+    assert scan._nifti_info is scan.nifti_info               # old private name still reads it
+    other = load_orientation(_write(tmp_path, "field2.nii.gz", np.zeros((8, 9, 6), np.float32), A), scan)
+    assert other.nifti_info is scan.nifti_info
+    copy = dataclasses.replace(scan, te=0.01)                # a declared field travels with the scan
+    assert copy.nifti_info is scan.nifti_info
+    assert Scan(field=scan.field, mask=scan.mask).nifti_info is None

@@ -66,7 +66,7 @@ def test_gradient_divergence_exact_adjoint_anisotropic():
 
 
 def test_solver_regulariser_equals_minus_div_w_grad():
-    from napari_qsm.core.inversion.medi import EPSILON, _MEDIReporter, _Problem
+    from napari_qsm.core.inversion.medi_solver import EPSILON, GNReporter as _MEDIReporter, Problem as _Problem
 
     rng = np.random.default_rng(0)
     n, vs = (9, 10, 11), (0.7, 1.3, 2.1)
@@ -234,7 +234,8 @@ def test_lambda_auto_solves_every_lambda_from_zero():
 def test_upre_trace_matches_exact_trace():
     """tr(K·H), H = 2λ M D A⁻¹ Dᵀ M, from the Hutchinson probes equals the trace of the explicit
     matrices on a tiny problem (mean of 40 probes within 4 standard errors)."""
-    from napari_qsm.core.inversion.medi import _MEDIReporter, _Problem, _trace_KH
+    from napari_qsm.core.inversion.medi_solver import GNReporter as _MEDIReporter, Problem as _Problem
+    from napari_qsm.core.inversion.medi_lambda import trace_KH as _trace_KH
 
     rng = np.random.default_rng(0)
     n, vs, lam = (6, 7, 5), (1.0, 1.2, 1.5), 50.0
@@ -294,14 +295,55 @@ def test_lambda_auto_without_noise_map(small_phantom):
     assert nrmse(chi, ph.chi, ph.mask) < nrmse(tkd, ph.chi, ph.mask)
 
 
-def test_progress_reports_cg_and_gn():
-    chi, field, mask, mag = blob_problem()
+def test_progress_one_line_per_gauss_newton_step_then_a_final_line(capsys):
+    """Issue 23: one record per GN step (step = k, never one behind) with ratio, cost, CG iterations,
+    seconds and an ETA, then a final "converged at GN k, ratio r" (or "stopped at max iterations")
+    record; no per-CG records, so the CLI prints gn_iters + 1 lines."""
+    from napari_qsm.core.progress import stderr_progress
+
+    chi, field, mask, mag = blob_problem(noise=0.002)
     seen = []
-    medi_l1(field, mask, (1.5, 1.5, 1.5), magnitude=mag, max_iter=2, progress=seen.append)
-    cg = [p for p in seen if "cg_residual" in p.losses]
-    gn = [p for p in seen if "cost" in p.losses and "norm_ratio" in p.losses]
-    assert len(gn) == 2 and len(cg) >= 2
-    assert gn[-1].preview is not None and gn[-1].preview.shape == field.shape
+    _, info = medi_l1(field, mask, (1.5, 1.5, 1.5), magnitude=mag, lam=1000, max_iter=10, progress=seen.append,
+                      return_info=True)
+    h = info["history"]
+    n = h["gn_iters"]
+    assert h["converged"] and n >= 2
+    assert len(seen) == n + 1
+    for k, p in enumerate(seen[:-1], start=1):
+        assert p.step == k and p.total == 10
+        assert f"GN {k}/10" in p.message and "ETA" in p.message and "CG=" in p.message
+        assert p.losses["ratio"] == pytest.approx(h["norm_ratio"][k - 1])
+        assert p.losses["CG"] == h["cg_iters"][k - 1]
+        assert p.losses["eta_s"] >= 0
+        assert p.preview is not None and p.preview.shape == field.shape
+    last = seen[-1]
+    assert last.step == last.total == 10
+    assert f"converged at GN {n}, ratio {h['norm_ratio'][-1]:.3g}" in last.message
+    assert seen[-2].losses["eta_s"] == 0          # converged at that step: nothing left
+    # capped run: the final line says so
+    seen2 = []
+    medi_l1(field, mask, (1.5, 1.5, 1.5), magnitude=mag, lam=1000, max_iter=2, tol_norm_ratio=1e-9,
+            progress=seen2.append)
+    assert len(seen2) == 3 and "stopped at max iterations (GN 2/2" in seen2[-1].message
+    # the CLI's printer shows exactly these lines
+    medi_l1(field, mask, (1.5, 1.5, 1.5), magnitude=mag, lam=1000, max_iter=2, tol_norm_ratio=1e-9,
+            progress=stderr_progress(min_interval=0.0))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and "GN 1/2" in lines[0] and "max iterations" in lines[-1]
+
+
+def test_progress_eta_counts_the_remaining_lambda_solves():
+    from napari_qsm.core.inversion.medi_solver import GNReporter
+
+    rep = GNReporter(None, None, total=10)
+    rep.solves_left = 2
+    rep.start_solve("", 10, 0.1)
+    rep.step_seconds, rep.ratios = [2.0, 2.0], [np.inf, 0.4]
+    assert rep.eta(2) == pytest.approx(8 * 2.0 + 2 * 10 * 2.0)    # no rate yet: up to max_iter, 2 more solves
+    rep.ratios = [np.inf, 0.8, 0.4]
+    rep.step_seconds = [2.0, 2.0, 2.0]
+    rep.solve_seconds = [9.0]
+    assert rep.eta(3) == pytest.approx(2 * 2.0 + 2 * 9.0)        # 0.4 → 0.2 → 0.1: two more steps
 
 
 def test_cancel_is_prompt():
@@ -310,7 +352,7 @@ def test_cancel_is_prompt():
     state = {}
 
     def cb(p):
-        if "cg_residual" in p.losses and "t" not in state and p.losses and p.step >= 0:
+        if "t" not in state and p.step >= 1:     # the first GN step's record; cancel during the next
             state["t"] = time.perf_counter()
             token.cancel()
 

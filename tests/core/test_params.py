@@ -75,4 +75,4 @@ def test_result_name_and_full_record(rng):
                 voxel_size=(1, 1, 1))
     res = reconstruct(scan, "tkd", {"threshold": 0.3}, device="cpu")
     assert res.name == "TKD δ=0.3"
-    assert res.provenance()["parameters"] == {"threshold": 0.3, "correction": False, "pad_factor": 2.0}
+    assert res.provenance()["parameters"] == {"threshold": 0.3, "correction": False, "pad_factor": 2.0, "reference": "mean"}

@@ -360,8 +360,8 @@ def test_honest_field_has_model_error_but_same_low_frequencies(honest_pair):
 
 def test_honest_fine_field_matches_sphere_analytics():
     """The fine-grid forward model used by honest mode reproduces the analytic field of a sphere."""
-    from napari_qsm.core.dipole import sphere_field
-    from napari_qsm.core.sim.phantom import _block_mean, _fine_field
+    from napari_qsm.core.dipole import forward_field_support, sphere_field
+    from napari_qsm.core.sim.signal import _block_mean
 
     n, vs = 48, 1.0
     c = (n - 1) / 2 * vs  # sphere centre (mm) in the voxel-centre coordinates i·vs
@@ -369,7 +369,7 @@ def test_honest_fine_field_matches_sphere_analytics():
     g = np.meshgrid(x_fine, x_fine, x_fine, indexing="ij", sparse=True)
     chi_f = (np.sqrt(sum(x * x for x in g)) < 6.0).astype(np.float32) * 0.5
     everywhere = np.ones(chi_f.shape, bool)
-    fld = _block_mean(_fine_field(chi_f, (vs / 2,) * 3, np.array([0.0, 0.0, 1.0]), "cpu", everywhere), 2)
+    fld = _block_mean(forward_field_support(chi_f, (vs / 2,) * 3, (0.0, 0.0, 1.0), everywhere, "cpu"), 2)
     ref = sphere_field((n,) * 3, (vs,) * 3, (c, c, c), 6.0, 0.5)
     r = np.sqrt(sum(x * x for x in np.meshgrid(*[np.arange(n) * vs - c] * 3, indexing="ij")))
     ring = (r > 8.0) & (r < 18.0)

@@ -50,3 +50,41 @@ def rel_demeaned(a, b, m):
     a = a[m] - a[m].mean()
     b = b[m] - b[m].mean()
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def blob_scan(seed=0, shape=(32, 32, 32)):
+    """(Scan, χ): the field of :func:`blob_volume` with B0 tilted by 0.2 rad about y, a random magnitude,
+    TE 20 ms and 3 T (the small scan of the adaptation tests)."""
+    from napari_qsm.core.dipole import forward_field
+    from napari_qsm.core.scan import Scan
+
+    rng = np.random.default_rng(seed)
+    chi, mask = blob_volume(shape, rng)
+    b0 = np.array([np.sin(0.2), 0.0, np.cos(0.2)])
+    f = forward_field(chi, (1, 1, 1), b0, device="cpu") * mask
+    mag = (1.0 + 0.2 * rng.random(shape)).astype(np.float32)
+    return Scan(field=f, mask=mask, magnitude=mag, b0_direction=b0, te=0.02, b0_tesla=3.0), chi
+
+
+def tiny_checkpoint(path, *, tkd_delta=0.0, head_std=0.0, seed=0, offset=0.0):
+    """A tiny QSMInvNet+ checkpoint (width 2, two BN domains, domain 0 marked trained) saved at ``path``.
+
+    ``tkd_delta`` > 0 adds the TKD physics channel (residual output, like the shipped weights);
+    ``head_std`` draws the output layer's weights from N(0, head_std²); ``offset`` is added to every
+    parameter (distinct bases). Returns ``path``."""
+    import torch
+
+    from napari_qsm.nn.train import atomic_torch_save
+    from napari_qsm.nn.unet import NetConfig, QSMInvNet
+
+    torch.manual_seed(seed)
+    m = QSMInvNet(NetConfig(base_width=2, num_domains=2, tkd_delta=tkd_delta))
+    with torch.no_grad():
+        if head_std:
+            m.head.weight.normal_(0, head_std)
+        if offset:
+            for p in m.parameters():
+                p.add_(offset)
+    m.mark_trained(0)
+    atomic_torch_save(m.state_dict(), path)
+    return path

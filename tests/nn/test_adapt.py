@@ -17,9 +17,8 @@ from napari_qsm.core.progress import CancelToken, Cancelled
 from napari_qsm.core.scan import Scan
 from napari_qsm.nn.adapt import AdaptCancelled, AdaptParams, adapt, adapt_cli, load_adapted, save_adapted
 from napari_qsm.nn.infer import WEIGHTS_DIR, default_weights_path, load_model, predict
-from napari_qsm.nn.train import atomic_torch_save
 from napari_qsm.nn.unet import NetConfig, QSMInvNet
-from nn_test_helpers import blob_volume
+from nn_test_helpers import blob_volume, tiny_checkpoint
 
 SHAPE = (32, 32, 32)
 SMALL_HEAD = ((32, 40, 32), (4.5, 4.5, 4.5))   # synthetic heads for the tests: tiny and fast
@@ -37,27 +36,13 @@ def _blob_scan(seed=0, noise=0.0):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    m = QSMInvNet(NetConfig(base_width=2, num_domains=2))
-    m.mark_trained(0)
-    p = d / "tiny_plus.pt"
-    atomic_torch_save(m.state_dict(), p)
-    return p
+    return tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny_plus.pt")
 
 
 @pytest.fixture(scope="module")
 def tkd_base(tmp_path_factory):
     """A QSMInvNet+ with the TKD physics channel (residual output), like the shipped weights."""
-    d = tmp_path_factory.mktemp("base_tkd")
-    torch.manual_seed(0)
-    m = QSMInvNet(NetConfig(base_width=2, num_domains=2, tkd_delta=0.1))
-    with torch.no_grad():
-        m.head.weight.normal_(0, 0.05)
-    m.mark_trained(0)
-    p = d / "tiny_plus_tkd.pt"
-    atomic_torch_save(m.state_dict(), p)
-    return p
+    return tiny_checkpoint(tmp_path_factory.mktemp("base_tkd") / "tiny_plus_tkd.pt", tkd_delta=0.1, head_std=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +170,7 @@ def test_save_then_recon_reproduces_exactly(scan, which, request, tmp_path):
     b0 = [str(v) for v in scan.b0_direction]
     o = tmp_path / "chi.nii.gz"
     assert main(["recon", str(fp), "--mask", str(mp), "--method", "dsbn", "--weights", str(out), "--device", "cpu",
-                 "--b0-dir", *b0, "-q", "-o", str(o)]) == 0
+                 "--b0-dir", *b0, "-q", "--param", "reference=none", "-o", str(o)]) == 0
     np.testing.assert_array_equal(np.asarray(nib.load(str(o)).dataobj, np.float32), res.chi)
 
 

@@ -8,17 +8,14 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
-import napari_qsm.nn.adapt as adapt_mod
+import napari_qsm.nn.adaptation.loop as adapt_loop
 from napari_qsm.cli import main
 from napari_qsm.core.dipole import forward_field
 from napari_qsm.core.scan import Scan
 from napari_qsm.nn.adapt import AdaptParams, adapt, adapt_protocol, save_adapted
 from napari_qsm.nn.infer import load_model, predict
-from napari_qsm.nn.train import atomic_torch_save
-from napari_qsm.nn.unet import NetConfig, QSMInvNet
-from nn_test_helpers import blob_volume
+from nn_test_helpers import blob_volume, tiny_checkpoint
 
 SHAPE = (32, 32, 32)
 SMALL_HEAD = ((32, 40, 32), (4.5, 4.5, 4.5))
@@ -41,14 +38,7 @@ def scans():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    torch.manual_seed(0)
-    m = QSMInvNet(NetConfig(base_width=2, num_domains=2, tkd_delta=0.1))
-    with torch.no_grad():
-        m.head.weight.normal_(0, 0.05)
-    m.mark_trained(0)
-    p = tmp_path_factory.mktemp("proto") / "tiny_plus_tkd.pt"
-    atomic_torch_save(m.state_dict(), p)
-    return p
+    return tiny_checkpoint(tmp_path_factory.mktemp("proto") / "tiny_plus_tkd.pt", tkd_delta=0.1, head_std=0.05)
 
 
 def P(**kw):
@@ -59,13 +49,13 @@ def test_each_patch_uses_its_own_scans_kernel(scans, base, monkeypatch):
     """Spy on the data term: every call gets the voxel size and B0 direction of the scan its field patch came
     from (a 32³ patch on a 32³ scan is the whole field, so the patch says which scan it is)."""
     calls = []
-    real = adapt_mod.loss_field
+    real = adapt_loop.loss_field
 
     def spy(chi, f, mask, voxel_size, b0_direction, **kw):
         calls.append((f.detach().numpy().copy(), tuple(voxel_size), np.asarray(b0_direction, float)))
         return real(chi, f, mask, voxel_size, b0_direction, **kw)
 
-    monkeypatch.setattr(adapt_mod, "loss_field", spy)
+    monkeypatch.setattr(adapt_loop, "loss_field", spy)
     res = adapt_protocol(scans, P(steps=6, mode="finetune"), weights=base, device="cpu")
     seen = set()
     for f, vs, b0 in calls:

@@ -10,38 +10,21 @@ import pytest
 import torch
 
 from napari_qsm.cli import main
-from napari_qsm.core.dipole import forward_field
-from napari_qsm.core.scan import Scan
 from napari_qsm.methods import available_methods
 from napari_qsm.nn.adapt import AdaptParams, adapt, save_adapted
 from napari_qsm.nn.infer import load_model, predict
 from napari_qsm.nn.losses import loss_field
-from napari_qsm.nn.train import atomic_torch_save
-from napari_qsm.nn.unet import NetConfig, QSMInvNet
-from nn_test_helpers import blob_volume
+from nn_test_helpers import blob_scan, tiny_checkpoint
 
 SHAPE = (32, 32, 32)
 
 
 def _scan(seed=0):
-    rng = np.random.default_rng(seed)
-    chi, mask = blob_volume(SHAPE, rng)
-    b0 = np.array([np.sin(0.2), 0.0, np.cos(0.2)])
-    f = forward_field(chi, (1, 1, 1), b0, device="cpu") * mask
-    mag = (1.0 + 0.2 * rng.random(SHAPE)).astype(np.float32)
-    return Scan(field=f, mask=mask, magnitude=mag, b0_direction=b0, te=0.02, b0_tesla=3.0), chi
+    return blob_scan(seed, SHAPE)
 
 
 def _base(path, seed, tkd=0.1):
-    torch.manual_seed(seed)
-    m = QSMInvNet(NetConfig(base_width=2, num_domains=2, tkd_delta=tkd))
-    with torch.no_grad():
-        m.head.weight.normal_(0, 0.05)
-        for p in m.parameters():
-            p.add_(0.01 * seed)
-    m.mark_trained(0)
-    atomic_torch_save(m.state_dict(), path)
-    return path
+    return tiny_checkpoint(path, tkd_delta=tkd, head_std=0.05, seed=seed, offset=0.01 * seed)
 
 
 @pytest.fixture(scope="module")

@@ -78,10 +78,15 @@ class PanelPainting:
         small.setPointSizeF(max(7.0, self.font().pointSizeF() * 0.85))
         bold = QFont(self.font())
         bold.setBold(True)
-        fm = QFontMetrics(bold)
+        self._paint_titles(qp, geo, fg, bold, small)
+        self._paint_cells(qp, geo, fg, bold, small)
+        self._paint_labels(qp, geo, fg, bold, small)
+        self._paint_bars(qp, geo, fg, bold, small)
+
+    def _paint_titles(self, qp: QPainter, geo: dict, fg, bold: QFont, small: QFont) -> None:
+        """Column titles and subtitles, "χ" / "Δ" subheads, and what the difference is."""
         rows = geo["rows"]
-        rects = geo["rects"]
-        s = geo["scale"]
+        fm, sfm = QFontMetrics(bold), QFontMetrics(small)
         # column titles (wrapped over the column's width) and subtitles
         qp.setFont(bold)
         qp.setPen(fg)
@@ -105,8 +110,18 @@ class PanelPainting:
             qp.drawText(rect, Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignBottom, text)
         # what the difference is: a separator over the difference rows, or a line under the panel
         if geo["diff_title"] is not None and any(d for _, d in rows):
-            qp.drawText(geo["diff_title"], Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignVCenter,
-                        ("Δ: " if geo["arrangement"] == "beside" else "") + self._diff_title)
+            rect = geo["diff_title"]
+            text = ("Δ: " if geo["arrangement"] == "beside" else "") + self._diff_title
+            sfm_ = QFontMetrics(qp.font())
+            if sfm_.horizontalAdvance(text) > rect.width():  # too long for the room: without the parenthesis,
+                text = text.split(" (")[0]                    # then cut at a word, never inside one
+            while sfm_.horizontalAdvance(text) > rect.width() and " " in text.removesuffix(" …"):
+                text = text.removesuffix(" …").rsplit(" ", 1)[0].rstrip(" ,;:−-") + " …"
+            qp.drawText(rect, Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignVCenter, text)
+
+    def _paint_cells(self, qp: QPainter, geo: dict, fg, bold: QFont, small: QFont) -> None:
+        """The images, their cross-hairs and orientation letters, and notes in empty cells."""
+        rows, rects = geo["rows"], geo["rects"]
         # images, cross-hairs and notes
         cross_pen = QPen(QColor(255, 210, 0, 150))
         cross_pen.setWidthF(1.0)
@@ -144,6 +159,10 @@ class PanelPainting:
                 qp.drawText(QRectF(rect.right() - 16, rect.center().y() - hh / 2, 14, hh), Qt.AlignmentFlag.AlignRight, rt)
                 qp.drawText(QRectF(rect.center().x() - 8, rect.top() + 1, 16, hh), Qt.AlignmentFlag.AlignHCenter, tp)
                 qp.drawText(QRectF(rect.center().x() - 8, rect.bottom() - hh - 1, 16, hh), Qt.AlignmentFlag.AlignHCenter, bt)
+
+    def _paint_labels(self, qp: QPainter, geo: dict, fg, bold: QFont, small: QFont) -> None:
+        """Row labels: plane and slice index (mm)."""
+        rows = geo["rows"]
         # row labels: plane and slice index (mm)
         qp.setFont(small)
         qp.setPen(fg)
@@ -156,6 +175,11 @@ class PanelPainting:
                 label += f"\n{ax_name[pl.normal]} = {pl.index}\n{pl.index * self._vs[pl.normal]:.0f} mm"
             qp.drawText(QRectF(geo["label_x"], y, self.LEFT - 8, h),
                         Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, label)
+
+    def _paint_bars(self, qp: QPainter, geo: dict, fg, bold: QFont, small: QFont) -> None:
+        """Colour bars and the scale bar."""
+        rects, s = geo["rects"], geo["scale"]
+        sfm = QFontMetrics(small)
         # colour bars
         bars = geo["bars"]
         x_bar = geo["bar_x"]
@@ -186,7 +210,7 @@ class PanelPainting:
 
         ``vertical``: at x = ``at`` from y = ``a0`` (``hi``) down to ``a1`` (``lo``), values right of it and
         the unit turned along its left side; else at y = ``at`` from x = ``a0`` (``lo``) to ``a1`` (``hi``),
-        values under it and the unit on its left.
+        values under it and the unit over it.
         """
         n = max(10, int(a1 - a0))
         strip = lut[::-1][:, None] if vertical else lut[None, :]   # 256 × 1 or 1 × 256 RGBA
@@ -199,16 +223,21 @@ class PanelPainting:
         fm = QFontMetrics(font)
         fmh = fm.height()
         if vertical:
+            if fm.horizontalAdvance(unit) > n and "(" in unit:  # a short bar: its unit alone ("ppm"), not cut
+                unit = unit[unit.rfind("(") + 1:].rstrip(")")
             qp.save()
             qp.translate(at - 3, a0 + n / 2)
             qp.rotate(-90)
             qp.drawText(QRectF(-n / 2, -fmh, n, fmh), Qt.AlignmentFlag.AlignCenter, unit)
             qp.restore()
-        else:
+        else:  # the unit over the bar's middle, inside the bar's own part of the width
             uw = fm.horizontalAdvance(unit) + 8
-            qp.drawText(QRectF(a0 - uw, at + 5 - fmh / 2, uw - 4, fmh),
-                        Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, unit)
-        for frac, val in ((0.0, hi if vertical else lo), (0.5, 0.5 * (lo + hi)), (1.0, lo if vertical else hi)):
+            qp.drawText(QRectF(a0 + n / 2 - uw / 2, at - fmh - 1, uw, fmh),
+                        Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignBottom, unit)
+        ticks = ((0.0, hi if vertical else lo), (0.5, 0.5 * (lo + hi)), (1.0, lo if vertical else hi))
+        if not vertical and n < 130:  # three 60 px values would run into each other: the ends only
+            ticks = (ticks[0], ticks[2])
+        for frac, val in ticks:
             t = a0 + frac * n
             if vertical:
                 qp.drawLine(QPointF(at + 10, t), QPointF(at + 13, t))

@@ -16,8 +16,9 @@ from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QGridLayout, QLabel, Q
 from .geometry import meta
 
 NONE = "(none)"
-#: metadata roles of layers that are never offered as results (inputs, masks, raw phase, B0 maps)
-_NOT_RESULTS = ("field", "magnitude", "noise_std", "mask", "labels", "phase", "total_field")
+#: metadata roles of layers that are never offered as results (inputs, masks, raw phase, B0 maps, the echo
+#: fit's R2*, a solver's live preview): only χ maps are results
+_NOT_RESULTS = ("field", "magnitude", "noise_std", "mask", "labels", "phase", "total_field", "r2star", "preview")
 
 
 def is_image(layer) -> bool:
@@ -49,7 +50,9 @@ def is_result(layer) -> bool:
 
 def offered_as_result(layer) -> bool:
     """Whether the results list offers ``layer`` at all (unless the user checked it before)."""
-    return kind(layer) not in _NOT_RESULTS
+    from ..layer_roles import map_role
+
+    return kind(layer) not in _NOT_RESULTS and (kind(layer) or map_role(layer)) != "r2star"
 
 
 def guess(layers, roles, words=()) -> Optional[str]:

@@ -50,10 +50,13 @@ linear in TE; ``TotalField.misfit``) marks voxels whose phase cannot be trusted 
 dephasing at the brain's edge next to air and bone, signal voids — and lets the mask leave them
 out. R2* from the weighted (|M_n|²) log-linear fit of the magnitudes, clipped to [0, r2star_max]
 (500 1/s); combined magnitude = root sum of squares over echoes (MEDI's iMag). Noise σ per
-real/imaginary channel: ``noise_sigma`` when given, else the FOV's eight corner blocks (in air
-|S|² averages 2σ², median over corners), else, when the corners are empty (zero-filled or
-masked data), the fit's weighted phase residual Σ|M_n|²·r_n²/(E − 2) averaged over the brighter
-half of the voxels. Its value and source are in the provenance.
+real/imaginary channel: ``noise_sigma`` when given, else :func:`.noise.estimate_noise_sigma`: the
+FOV corners only when they test as air (χ statistics of a sum-of-squares magnitude with N
+channels, low level, no decay and no correlation over the echoes, agreement with the residual),
+else the fit's residual energy Σ|M_n|²·r_n² (median over bright voxels / median of χ² with the fit's
+degrees of freedom). Its value, source and the tests are in the provenance (``noise_sigma``,
+``noise_sigma_source``, ``noise_tests``); ``provenance["report"]`` is one line with the phase units
+(and why), B0, TE and σ, for the console and the Field dock.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ from ..device import resolve_device
 from ..params import check_params, params_to_dict, param
 from ..progress import Reporter
 from ..scan import ScanError
+from .facts import input_report
+from .noise import estimate_noise_sigma
 from .records import GAMMA_BAR_MHZ_PER_T, Echoes, TotalField
 from .steps import Step
 
@@ -198,40 +203,12 @@ def mcpc3ds(echoes: Echoes, sigma_mm: float = 10.0, *, device="auto") -> tuple[E
     return out, po_s
 
 
-def _corner_sigma(mag: np.ndarray) -> float:
-    """σ per channel from the eight corner blocks (|S|² averages 2σ² in air); median over corners."""
-    n = mag.shape[:3]
-    b = [max(2, k // 8) for k in n]
-    vals = []
-    for corner in np.ndindex(2, 2, 2):
-        sl = tuple(slice(0, bb) if c == 0 else slice(k - bb, k) for c, bb, k in zip(corner, b, n))
-        vals.append(float(np.mean(mag[sl].astype(np.float64) ** 2)) / 2.0)
-    return float(np.sqrt(np.median(vals)))
-
-
-def estimate_noise_sigma(echoes: Echoes, residual_fn=None) -> tuple[float, str]:
-    """(σ, source): the FOV corners, else ``residual_fn()`` (the fit's residual estimate)."""
-    s = _corner_sigma(echoes.magnitude)
-    ref = float(np.percentile(echoes.magnitude[..., 0], 99))
-    if s > 1e-6 * max(ref, 1e-30):
-        return s, "FOV corners (|S|² = 2σ² in air)"
-    if residual_fn is not None:
-        r = residual_fn()
-        if r is not None and np.isfinite(r) and r > 0:
-            return float(r), "fit residual (corners empty)"
-    return 1.0, "none found (corners empty, too few echoes for a residual): σ = 1, N_std is relative"
-
-
-def _residual_sigma(w, resid_sq_w, a11, n_echo):
-    """σ from the weighted phase residual: Σ w r² / (E − 2) over the brighter half of the voxels."""
-    if n_echo < 3:
-        return None
-    sel = a11 > np.percentile(a11, 50)
-    if not np.any(sel):
-        return None
-    v = resid_sq_w[sel] / (n_echo - 2)
-    v = v[v <= np.percentile(v, 99)]
-    return float(np.sqrt(np.mean(v))) if v.size else None
+def _noise(params, ech, resid_sq_w, dof):
+    """(σ, source, details): the parameter when given, else :func:`.noise.estimate_noise_sigma`."""
+    if params.noise_sigma > 0:
+        return float(params.noise_sigma), "parameter", {}
+    est = estimate_noise_sigma(ech.magnitude, resid_sq_w, dof)
+    return est.sigma, est.source, est.details
 
 
 def _misfit(resid_sq_w, sigma, dof):
@@ -250,10 +227,13 @@ def _r2star(mag, w, tau, a11, a12, det, ok, rmax):
     return np.clip(-slope, 0.0, float(rmax)).astype(np.float32)
 
 
-def _prov(method, params, echoes, sigma, sigma_src, t0, extra=None):
+def _prov(method, params, echoes, noise, t0, extra=None):
+    sigma, sigma_src, details = noise
     p = {"step": "fit", "method": method, "params": params_to_dict(params), "noise_sigma": float(sigma),
-         "noise_sigma_source": sigma_src, "seconds": round(time.perf_counter() - t0, 3), "echoes": echoes.info()}
+         "noise_sigma_source": sigma_src, "noise_tests": details, "seconds": round(time.perf_counter() - t0, 3),
+         "echoes": echoes.info()}
     p.update(extra or {})
+    p["report"] = input_report(echoes.vendor, echoes.b0_tesla, echoes.te, sigma, sigma_src)
     return p
 
 
@@ -365,10 +345,8 @@ def fit_linear(echoes: Echoes, params: Optional[LinearFitParams] = None, *, unwr
     resid_sq_w = (w * r * r).sum(-1)
     del r
     dof = E - 2 + (1 if params.intercept == "zero" else 0)   # E − 2 (free intercept) or E − 1 (through the origin)
-    if params.noise_sigma > 0:
-        sigma, src = float(params.noise_sigma), "parameter"
-    else:
-        sigma, src = estimate_noise_sigma(ech, lambda r=resid_sq_w: _residual_sigma(w, r, a11, dof + 2))
+    noise = _noise(params, ech, resid_sq_w, dof)
+    sigma = noise[0]
     misfit = _misfit(resid_sq_w, sigma, dof)
     del resid_sq_w
     ppm = _ppm_per_rad_s(ech.b0_tesla)
@@ -383,7 +361,7 @@ def fit_linear(echoes: Echoes, params: Optional[LinearFitParams] = None, *, unwr
                       b0_tesla=ech.b0_tesla, delta_te=dte, mask=mask, wrapped=wrapped, phase_offset=po,
                       affine=ech.affine, voxel_size=ech.voxel_size, b0_direction=ech.b0_direction,
                       nifti_info=ech.nifti_info, name=ech.name, misfit=misfit,
-                      provenance=_prov("linear", params, ech, sigma, src, t0,
+                      provenance=_prov("linear", params, ech, noise, t0,
                                        {"phase": "unwrapped (given)" if unwrapped_phase is not None
                                         else temporal, "wrapped": wrapped}))
 
@@ -465,10 +443,8 @@ def fit_nonlinear(echoes: Echoes, params: Optional[NonlinearFitParams] = None, *
     r = _wrap(ech.phase - p0[..., None] - p1[..., None] * tau)
     resid_sq_w = (w * r * r).sum(-1)
     del r
-    if params.noise_sigma > 0:
-        sigma, src = float(params.noise_sigma), "parameter"
-    else:
-        sigma, src = estimate_noise_sigma(ech, lambda r=resid_sq_w: _residual_sigma(w, r, a11, E))
+    noise = _noise(params, ech, resid_sq_w, E - 2)
+    sigma = noise[0]
     misfit = _misfit(resid_sq_w, sigma, E - 2)
     del resid_sq_w
     nrad = np.where(ok, np.float32(sigma) * np.sqrt(np.where(ok, a11 / safe, 0)), np.float32(np.pi))
@@ -483,7 +459,7 @@ def fit_nonlinear(echoes: Echoes, params: Optional[NonlinearFitParams] = None, *
                       delta_te=dte, mask=mask, wrapped=True, phase_offset=po, affine=ech.affine,
                       voxel_size=ech.voxel_size, b0_direction=ech.b0_direction, nifti_info=ech.nifti_info,
                       name=ech.name, misfit=misfit,
-                      provenance=_prov("nonlinear", params, ech, sigma, src, t0,
+                      provenance=_prov("nonlinear", params, ech, noise, t0,
                                        {"iterations": it_done, "unconverged_voxels": n_unconverged,
                                         "final_relative_update": global_rel,
                                         "wrapped": True}))

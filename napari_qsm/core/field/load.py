@@ -12,13 +12,9 @@ Inputs (``inputs`` or the explicit lists):
   ``pip install napari-qsm[dicom]``) into a temporary folder, renamed to BIDS MEGRE names from the
   sidecars (EchoNumber, ImageType M/P), then read by the BIDS path.
 
-Phase units (``phase_units``): "rad", "siemens" (integers −4096..4095 → ×π/4096), "mrad"
-(Philips, ÷1000), or "auto" (default): radians when every value lies in [−π, 2π]; Siemens when
-the largest |value| is in (3143.5, 4096.5]; Philips mrad when it is in (0.95·1000π, 3143.5]
-(≈ ±3142 filled) or the Manufacturer is Philips; a Siemens Manufacturer with |value| ≤ 4096.5
-and > 2π is Siemens. Anything else is refused with the range found. Header scaling
-(scl_slope/scl_inter) is applied by nibabel before this; it is reported. An explicit unit wins.
-``phase_sign`` (±1) multiplies the phase (e.g. −1 for GE's opposite convention).
+Phase units and sign (``phase_units``, ``phase_sign``): see :mod:`.phase_units` (auto-detection
+of radians, signed/unsigned Siemens integers, Philips milliradians, "rescale" only with evidence,
+GE's sign; what was chosen and why is in ``Echoes.vendor``).
 
 B0: the argument, else ImagingFrequency (MHz) / 42.577478 (a "3 T" Siemens is 2.89 T), else
 MagneticFieldStrength. TE: the argument, else each echo's sidecar EchoTime; values > 1 are taken
@@ -42,43 +38,15 @@ from typing import Optional, Sequence
 import nibabel as nib
 import numpy as np
 
-from ..constants import GAMMA_BAR_MHZ_PER_T, PHASE_SCALES
+from ..constants import GAMMA_BAR_MHZ_PER_T
 from ..io import load_image, read_sidecar
 from ..io.bids import find_megre, has_megre, strip_ext as _strip_ext
 from ..scan import ScanError
+from .phase_units import PHASE_UNITS, detect_phase_units, phase_to_radians
 from .records import Echoes
 
-__all__ = ["load_echoes", "detect_phase_units", "PHASE_UNITS", "find_bids_echoes", "dicom_to_bids",
+__all__ = ["load_echoes", "detect_phase_units", "phase_to_radians", "PHASE_UNITS", "find_bids_echoes", "dicom_to_bids",
            "dcm2niix_binary"]
-
-PHASE_UNITS = ("auto", "rad", "siemens", "mrad")
-_SCALE = PHASE_SCALES
-_PI_TOL = 1e-3        # radians: tolerated overshoot of ±π / 2π (float rounding of scaled data)
-_SIEMENS_MAX = 4096.5
-_MRAD_MAX = 1000.0 * np.pi + 2.0  # 3143.6
-
-
-def detect_phase_units(values: np.ndarray, manufacturer: str = "", name: str = "phase") -> tuple[str, str]:
-    """``(units, reason)`` for phase values already scaled by the header (see the module docstring)."""
-    v = np.asarray(values)
-    lo, hi = float(np.min(v)), float(np.max(v))
-    amax = max(abs(lo), abs(hi))
-    man = (manufacturer or "").lower()
-    rng = f"values in [{lo:.4g}, {hi:.4g}]"
-    if lo >= -np.pi - _PI_TOL and hi <= 2 * np.pi + _PI_TOL and (lo >= -_PI_TOL or hi <= np.pi + _PI_TOL):
-        return "rad", f"{rng}: radians"
-    if "siemens" in man and amax <= _SIEMENS_MAX:
-        return "siemens", f"{rng}, Manufacturer {manufacturer!r}: Siemens integers −4096..4095 (×π/4096)"
-    if "philips" in man and amax <= _MRAD_MAX:
-        return "mrad", f"{rng}, Manufacturer {manufacturer!r}: Philips milliradians (÷1000)"
-    if _MRAD_MAX < amax <= _SIEMENS_MAX:
-        return "siemens", f"{rng}: Siemens integers −4096..4095 (×π/4096)"
-    if 0.95 * 1000 * np.pi < amax <= _MRAD_MAX and "siemens" not in man:
-        return "mrad", f"{rng}: milliradians (±1000π, Philips) (÷1000)"
-    raise ScanError(f"{name}: {rng} are neither radians (−π..π or 0..2π), Siemens integers (−4096..4095) nor "
-                    f"Philips milliradians (−3142..3142){' (Manufacturer ' + repr(manufacturer) + ')' if man else ''}; "
-                    "give the units explicitly (phase_units= / --phase-units rad|siemens|mrad)")
-
 
 # ----------------------------------------------------------------------------------------------- reading
 
@@ -294,7 +262,7 @@ def _as_list(x) -> list:
 
 
 def load_echoes(inputs=None, *, magnitude: Sequence = (), phase: Sequence = (), te: Optional[Sequence[float]] = None,
-                b0: Optional[float] = None, phase_units: str = "auto", phase_sign: int = 1,
+                b0: Optional[float] = None, phase_units: str = "auto", phase_sign: Optional[int] = None,
                 name: Optional[str] = None) -> Echoes:
     """Raw multi-echo GRE → :class:`Echoes` (see the module docstring for inputs and rules).
 
@@ -305,7 +273,7 @@ def load_echoes(inputs=None, *, magnitude: Sequence = (), phase: Sequence = (), 
     units = str(phase_units).strip().lower()
     if units not in PHASE_UNITS:
         raise ScanError(f"phase_units: expected one of {PHASE_UNITS}, got {phase_units!r}")
-    if phase_sign not in (1, -1):
+    if phase_sign is not None and phase_sign not in (1, -1):
         raise ScanError(f"phase_sign: expected +1 or -1, got {phase_sign!r}")
     ins, mags, phs = _as_list(inputs), _as_list(magnitude), _as_list(phase)
     if ins and (mags or phs):
@@ -416,19 +384,11 @@ def _load_lists(mags, phs, te, b0, units, phase_sign, name, kind) -> Echoes:
             b0_t, b0_src = _num(f, "sidecar MagneticFieldStrength"), "sidecar MagneticFieldStrength"
     vendor["b0_source"] = b0_src
 
-    # phase units
-    if units == "auto":
-        found, reason = detect_phase_units(ph, manufacturer)
-        vendor["phase_units_source"] = f"auto: {reason}"
-    else:
-        found = units
-        vendor["phase_units_source"] = "argument"
-    vendor["phase_units"] = found
-    vendor["phase_scale"] = _SCALE[found]
+    # phase units and sign
+    phase_rad, facts = phase_to_radians(ph, units, manufacturer, phase_sign, "phase", magnitude=mag)
+    vendor.update(facts)
     hs = [s for s in pscal if s]
     vendor["phase_header_scaling"] = hs[0] if hs else None
-    vendor["phase_sign"] = int(phase_sign)
-    phase_rad = ph * np.float32(_SCALE[found] * phase_sign)
     if notes:
         vendor["notes"] = notes
     nm = name or _strip_ext(Path(mags[0]).name).replace("_part-mag", "").replace("_echo-1", "")

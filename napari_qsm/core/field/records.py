@@ -239,6 +239,11 @@ class TotalField:
         return tuple(self.field.shape)
 
     @property
+    def report(self) -> str:
+        """One line: phase units and why, B0, TE, noise σ and its source (the fit's ``provenance["report"]``)."""
+        return str(self.provenance.get("report", ""))
+
+    @property
     def rad_per_ppm(self) -> float:
         """Phase (rad) accumulated over ΔTE by 1 ppm: 2π·γ̄·B0·ΔTE (γ̄ in Hz/T)."""
         return float(2.0 * np.pi * GAMMA_BAR_MHZ_PER_T * self.b0_tesla * self.delta_te)

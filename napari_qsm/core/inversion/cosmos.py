@@ -1,34 +1,8 @@
 """COSMOS: calculation of susceptibility through multiple orientation sampling (Liu et al. 2009).
 
-Several co-registered local field maps f_i of one head, each acquired with its own B0 direction
-b̂_i (in the common voxel frame), determine χ without the ill-posedness of a single orientation:
-
-    χ = argmin Σ_i ‖D_i ∗ χ − f_i‖²   ⇒   χ̂(k) = Σ_i D_i(k) F_i(k) / (Σ_i D_i(k)² + ε)
-
-solved in closed form in k-space on the zero-padded grid (``pad_factor``, default 2). D_i is the
-dipole kernel of orientation i (D(0) = 0, so the k = 0 term, the mean, stays 0), ε a tiny
-Tikhonov term that only matters where Σ D_i² ≈ 0 (k = 0 and, for badly chosen orientations,
-lines where the magic-angle cones of all orientations meet). Each field is zeroed outside its own
-mask (``mask_fields``; fields outside the brain are not measured), and χ is returned on the union
-of the masks. All scans must share the grid (shape and voxel size). With noise-free fields known
-on the whole grid the closed form is exact up to ε and the field truncation at the FOV edge.
-
-Because a local field is only known inside its mask, the closed form (which treats the field as 0
-outside) is biased near the brain boundary (≈ 20 % NRMSE on a noise-free phantom). ``refine``
-(default 10) adds data-consistency iterations that solve the masked problem
-argmin Σ_i ‖M_i (D_i∗χ − f_i)‖²: χ ← χ + C[Σ_i D_i F(M_i (f_i − D_i∗χ))], with C the closed-form
-inverse (Σ D_i² + ε)⁻¹ as preconditioner (a preconditioned Landweber / Richardson iteration; each
-costs two FFT pairs per orientation). ``refine=0`` is the pure closed form.
-
-Command line: ``napari-qsm recon FIELD1 --mask MASK --method cosmos --orientation FIELD2 [X2 Y2 Z2]
---orientation FIELD3 [X3 Y3 Z3] -o chi.nii.gz``. Every field is registered (resampled) onto
-FIELD1's voxel grid. Registration rotates the head, not B0, so each orientation keeps its own B0:
-in the common voxel frame b̂_i = R_grid⁻¹ · M_i · ẑ, with M_i the rotation of its registration
-(acquisition scanner space → common world). It is taken, in order, from X Y Z (along the stored
-voxel axes i, j, k), from the field's JSON sidecar (``"B0Direction"`` in that frame, or
-``"RegistrationMatrix"`` = the 4x4 transform, of which the rotation M_i is used), or from the
-field's own header (right when the header places the common grid in that acquisition's scanner
-space). See :func:`napari_qsm.core.io.load_orientation`.
+Closed-form k-space solution χ̂ = Σ D_i F_i / (Σ D_i² + ε) on the zero-padded grid, refined by
+preconditioned data-consistency iterations on the masks (``refine``). The model, the command line and
+the B0 direction of each orientation are described in docs/cosmos.md.
 """
 
 from __future__ import annotations

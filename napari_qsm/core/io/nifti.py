@@ -1,46 +1,14 @@
-"""NIfTI input/output, affine geometry and unit conversion.
+"""NIfTI input/output: canonical (RAS+) reading, voxel size and B0 direction from the affine or the JSON
+sidecar, unit conversion to ppm, results written back in the source's orientation with a provenance sidecar.
 
-* Volumes are read with nibabel and reoriented with ``nib.as_closest_canonical`` (RAS+ voxel
-  order); voxel size comes from the reoriented header zooms.
-* The B0 direction in voxel coordinates is scanner z expressed in the voxel frame:
-  ``b̂ = R⁻¹ · (0, 0, 1)`` with R the affine's rotation (columns normalised by the voxel size).
-  This is right for axial, sagittal, coronal and oblique acquisitions.
-* User overrides of voxel size and B0 direction (``--voxel-size`` / ``--b0-dir``, ``load_scan``'s
-  ``voxel_size`` / ``b0_direction``) are given in the FILE's own voxel order, as stored on disk
-  (what ``fslinfo`` or the header's pixdim show), and converted here to the canonical frame:
-  sizes are permuted, directions permuted and sign-flipped with the ``as_closest_canonical``
-  transform (:func:`sizes_to_canonical`, :func:`direction_to_canonical`).
-* B0 direction of a field map, in order of precedence (:func:`b0_direction_in_file`):
-  1. an explicit vector (file's voxel order);
-  2. the JSON sidecar next to the file (``FIELD.nii.gz`` → ``FIELD.json``), key ``"B0Direction"``:
-     three numbers, B0 in the file's own voxel frame as stored (same frame as ``--b0-dir``);
-  3. the sidecar key ``"RegistrationMatrix"``: the 4x4 rigid transform (mm, NIfTI world/RAS)
-     that carried this acquisition onto the common grid, mapping a point of the acquisition's
-     scanner space to the same anatomical point in this file's world space. Registration
-     rotates the HEAD; B0 stays scanner z of the acquisition, so in this file's world B0 is
-     ``M · ẑ`` (M = rotation part of the matrix) and in its voxel frame ``R⁻¹ · M · ẑ`` (R = this
-     file's header rotation, i.e. the common grid's). The acquisition's slice orientation
-     cancels out: an ``"AcquisitionAffine"`` alone does not say how the head was turned onto
-     the common grid, so a sidecar that has it without ``"RegistrationMatrix"`` is refused;
-  4. the file's own header: ``R⁻¹ · ẑ``. Right for unregistered data, and for registered data
-     whose header places the common voxel grid in that acquisition's scanner space.
-  Multi-orientation data (COSMOS, :func:`load_orientation`) share the reference field's voxel
-  grid (same stored shape and voxel size); each orientation is reoriented with the reference's
-  canonical transform and keeps its own B0 from the rules above.
-* Field strength (T) and echo time (s), when not given, come from the BIDS sidecar keys
-  ``MagneticFieldStrength`` and ``EchoTime``; they are recorded in the result's provenance.
-* Units: ppm (of B0), hz (needs B0 in tesla), rad (needs TE in s and B0 in tesla);
-  γ̄ = γ/2π = 42.577478 MHz/T.
-* Results are written back in the orientation of the source file, with its affine and header,
-  plus a JSON provenance sidecar (``OUT.nii.gz`` → ``OUT.json``). Header fields that describe
-  the SOURCE's values (display range cal_min/cal_max, intent such as "phase", scaling,
-  description) are reset for the derived map. Writes are atomic (temporary file, then rename)
-  and refuse to overwrite an input.
+The rules (B0 precedence, user overrides in the file's own voxel order, sidecar keys, header reset on
+writing) are in docs/io.md.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -117,18 +85,63 @@ def direction_to_canonical(vec, affine) -> np.ndarray:
     return out
 
 
-def read_sidecar(path, name: str = "file") -> dict:
-    """The JSON sidecar next to a NIfTI file (``X.nii.gz`` → ``X.json``), or {} when there is none."""
-    p = sidecar_path(path)
+class SidecarError(NiftiError):
+    """A JSON sidecar exists but cannot be used: unreadable, not valid JSON, or not a JSON object."""
+
+
+def read_json_object(path, name: str = "file", *, optional: bool = False) -> dict:
+    """Read a JSON file that must hold one object: the one policy for every JSON sidecar.
+
+    Parameters
+    ----------
+    path : str or Path
+        The JSON file (a BIDS sidecar, ``dataset_description.json``, a model card...).
+    name : str
+        What the file belongs to, for messages (e.g. ``"field"``, ``"echo 2 phase"``).
+    optional : bool
+        False (default): a file that cannot be used is an error. True: the caller can do without it;
+        it is ignored with a warning that names the file.
+
+    Returns
+    -------
+    dict
+        The object; ``{}`` when the file does not exist (or, with ``optional``, cannot be used).
+
+    Raises
+    ------
+    SidecarError
+        (a :class:`~napari_qsm.core.scan.ScanError`) when ``optional`` is False and the file cannot be
+        read, is not valid JSON, or holds something other than an object (e.g. a JSON array); the
+        message names the file and what was expected.
+    """
+    p = Path(path)
     if not p.is_file():
         return {}
     try:
         d = json.loads(p.read_text())
-    except Exception as exc:
-        raise NiftiError(f"{name}: cannot read its JSON sidecar {p} ({type(exc).__name__}: {exc})") from None
-    if not isinstance(d, dict):
-        raise NiftiError(f"{name}: JSON sidecar {p} must hold an object, got {type(d).__name__}")
-    return d
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        msg = f"{name}: cannot read its JSON sidecar {p} ({type(exc).__name__}: {exc})"
+    else:
+        if isinstance(d, dict):
+            return d
+        msg = f"{name}: JSON sidecar {p} must hold an object ({{...}}), got a JSON {_json_kind(d)}"
+    if not optional:
+        raise SidecarError(msg)
+    warnings.warn(f"{msg}; ignored", stacklevel=2)
+    return {}
+
+
+def _json_kind(v) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(v), "number")
+
+
+def read_sidecar(path, name: str = "file", *, optional: bool = False) -> dict:
+    """The JSON sidecar next to a NIfTI file (``X.nii.gz`` → ``X.json``), or {} when there is none.
+
+    Same policy as :func:`read_json_object`: a sidecar that is not a JSON object raises
+    :class:`SidecarError` naming the file, or with ``optional=True`` is ignored with a warning.
+    """
+    return read_json_object(sidecar_path(path), name, optional=optional)
 
 
 def _unit3(v, what: str) -> np.ndarray:
@@ -199,6 +212,14 @@ def _sidecar_acquisition(side: dict, name: str, te, b0, echo):
             if v > 1.0:
                 raise ScanError(f"{name}: sidecar EchoTime {v} looks like milliseconds; BIDS wants seconds")
             te, src["te"] = v, "sidecar EchoTime"
+    if te is None and "DeltaTE" in side:  # a field made by `napari-qsm field`: the echo spacing of its fit
+        try:
+            v = float(side["DeltaTE"])
+        except (TypeError, ValueError):
+            raise ScanError(f"{name}: sidecar DeltaTE must be a number in seconds, got {side['DeltaTE']!r}") from None
+        if not np.isfinite(v) or not 0 < v <= 1.0:
+            raise ScanError(f"{name}: sidecar DeltaTE must be positive seconds (<= 1), got {v!r}")
+        te, src["te"] = v, "sidecar DeltaTE (echo spacing of the field's echo fit)"
     freq = side.get("ImagingFrequency")
     if b0 is not None:
         src["b0_tesla"] = "argument"
@@ -290,7 +311,7 @@ def read_volume(path, name: str = "file", echo: Optional[int] = None, combine_ec
 def read_aligned(path, name: str, ref_info: dict, echo: Optional[int] = None) -> np.ndarray:
     """Read a volume that must lie on a reference file's voxel grid (same stored shape and affine).
 
-    ``ref_info`` is the info dict of :func:`read_volume` (e.g. ``scan._nifti_info``). Returns the
+    ``ref_info`` is the info dict of :func:`read_volume` (e.g. ``scan.nifti_info``). Returns the
     data in the reference's canonical frame.
     """
     data, aff, info = read_volume(path, name, echo=echo)
@@ -301,6 +322,11 @@ def read_aligned(path, name: str, ref_info: dict, echo: Optional[int] = None) ->
     if not np.allclose(info["original_affine"], ref_info["original_affine"], atol=1e-3):
         raise ScanError(f"{name}: its affine differs from the field's; resample it onto the field grid first")
     return data
+
+
+#: sidecar keys of `napari-qsm field` outputs (core/field/facts.py) recorded in ``Scan.source["field_facts"]``
+_FIELD_FACTS = ("Quantity", "Units", "EchoTimes", "DeltaTE", "PhaseUnits", "PhaseUnitsReason", "PhaseSign",
+                "NoiseSigma", "NoiseSigmaSource", "Manufacturer")
 
 
 def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[float]] = None,
@@ -315,8 +341,9 @@ def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[floa
     Without an explicit direction, B0 comes from the field's JSON sidecar (``B0Direction`` or
     ``RegistrationMatrix``) or else its header (:func:`b0_direction_in_file`). ``te`` / ``b0``
     default to the sidecar's ``EchoTime`` / ``MagneticFieldStrength`` (``sidecar=False`` ignores
-    the sidecar). A 4-D field needs ``echo``; a 4-D magnitude uses ``echo`` when given, else its
-    first echo (not a root sum of squares, which mixes the later echoes' R2* decay into the edges). ``noise_std`` (ppm) and ``r2star`` (1/s, e.g. from the echo
+    the sidecar; a sidecar written by ``napari-qsm field`` gives ``DeltaTE``, the echo spacing MEDI
+    scales by, and its phase-unit and noise facts go to ``Scan.source["field_facts"]``). A 4-D field
+    needs ``echo``; a 4-D magnitude uses ``echo`` when given, else its first echo (not a root sum of squares, which mixes the later echoes' R2* decay into the edges). ``noise_std`` (ppm) and ``r2star`` (1/s, e.g. from the echo
     fit; MEDI+0 finds CSF in it) are optional maps on the field's grid (same shape and affine).
     """
     side = read_sidecar(field, "field") if sidecar else {}
@@ -355,6 +382,9 @@ def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[floa
     if voxel_size is not None:
         source["voxel_size_source"] = "argument" if frame == "file" else "argument (canonical frame)"
     source.update({f"{k}_source": v for k, v in acq_src.items()})
+    facts = {k: side[k] for k in _FIELD_FACTS if k in side}
+    if facts:  # written by `napari-qsm field`: how the field was made travels on to χ's provenance
+        source["field_facts"] = facts
     for key, val in (("magnitude", magnitude), ("noise_std", noise_std), ("r2star", r2star)):
         if val is not None:
             source[key] = str(Path(val).resolve())
@@ -362,8 +392,7 @@ def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[floa
         source["echo"] = int(echo)
     scan = Scan(field=fdata, mask=mdata, voxel_size=tuple(vs), b0_direction=b0d, magnitude=mag,
                 noise_std=nstd, affine=faff, te=te, b0_tesla=b0,
-                name=Path(field).name.split(".nii")[0], source=source, **extra)
-    scan._nifti_info = finfo  # original orientation and header, for writing results back
+                name=Path(field).name.split(".nii")[0], source=source, nifti_info=finfo, **extra)
     return scan
 
 
@@ -381,7 +410,7 @@ def load_orientation(field, ref: Scan, *, b0_direction: Optional[Sequence[float]
     file's sidecar, else ``ref``'s values.
     """
     label = name or f"orientation {Path(field).name}"
-    rinfo = getattr(ref, "_nifti_info", None)
+    rinfo = ref.nifti_info
     if rinfo is None:
         raise ValueError(f"{label}: the reference scan was not loaded from a file (use load_scan)")
     side = read_sidecar(field, label) if sidecar else {}
@@ -408,8 +437,7 @@ def load_orientation(field, ref: Scan, *, b0_direction: Optional[Sequence[float]
     if echo is not None:
         source["echo"] = int(echo)
     s = Scan(field=data, mask=ref.mask, voxel_size=ref.voxel_size, b0_direction=b0d, affine=ref.affine,
-             te=te, b0_tesla=b0, name=Path(field).name.split(".nii")[0], source=source)
-    s._nifti_info = rinfo
+             te=te, b0_tesla=b0, name=Path(field).name.split(".nii")[0], source=source, nifti_info=rinfo)
     return s
 
 
@@ -507,7 +535,7 @@ def save_result(result, path, scan: Optional[Scan] = None, inputs: Sequence = ()
     check_output_path(path, src)
     affine = scan.affine if (scan is not None and scan.affine is not None) else np.diag(
         list(scan.voxel_size if scan is not None else (1, 1, 1)) + [1.0])
-    info = getattr(scan, "_nifti_info", None) if scan is not None else None
+    info = getattr(scan, "nifti_info", None) if scan is not None else None
     prov = result.provenance()
     if scan is not None:
         sc = prov.setdefault("scan", {})
