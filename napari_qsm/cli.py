@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--fit", default=None, help="echo fit: linear (default) or nonlinear")
     fl.add_argument("--unwrap", default=None, help="spatial unwrapping: quality (default, exact) or laplacian")
     fl.add_argument("--mask-method", default=None, help="brain mask step: threshold (default)")
-    fl.add_argument("--background", default=None, help="background removal: vsharp (default), resharp, pdf, lbv")
+    fl.add_argument("--background", default=None, help="background removal: lbv (default), vsharp, ismv, resharp, pdf")
     fl.add_argument("--param", action="append", default=[], metavar="[STEP.]NAME=VALUE",
                     help="step parameter, e.g. background.radius=6 (repeatable; 'napari-qsm methods' lists them)")
     fl.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
@@ -271,7 +271,7 @@ def _add_raw_recon_args(r: argparse.ArgumentParser) -> None:
     g.add_argument("--fit", help="echo fit: linear (default) or nonlinear")
     g.add_argument("--unwrap", help="spatial unwrapping: quality (default, exact) or laplacian")
     g.add_argument("--mask-method", help="brain mask step: threshold (default)")
-    g.add_argument("--background", help="background removal: vsharp (default), resharp, pdf, lbv")
+    g.add_argument("--background", help="background removal: lbv (default), vsharp, ismv, resharp, pdf")
     g.add_argument("--field-param", action="append", default=[], metavar="[STEP.]NAME=VALUE",
                    help="field step parameter (repeatable); --param STEP.NAME=VALUE works too")
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -152,9 +153,15 @@ def local_field(echoes: Echoes, recipe: Optional[FieldRecipe] = None, *, mask=No
         check_cancel(cancel)
         s = recipe.step(family)
         t0 = time.perf_counter()
-        out = fn(s, records[family])
+        with warnings.catch_warnings(record=True) as caught:   # e.g. a solver that stopped short of its tolerance
+            warnings.simplefilter("always")
+            out = fn(s, records[family])
+        for w in caught:                                       # still shown on the console
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         done.append({"family": family, "name": s.name, "label": s.label,
                      "parameters": params_to_dict(records[family]), "seconds": round(time.perf_counter() - t0, 3)})
+        if caught:
+            done[-1]["warnings"] = [str(w.message) for w in caught]
         return out
 
     unwrap_check = None

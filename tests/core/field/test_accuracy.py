@@ -58,15 +58,28 @@ def test_no_residual_wrap_in_the_final_mask_and_local_field_accuracy(raw_head):
     phase = run.total.field * np.float32(run.total.rad_per_ppm)
     assert residual_jumps(phase, m) == 0
     assert np.median(np.abs(err[m])) < 2 * np.median(run.total.noise_std[m])
-    # local field: V-SHARP (the default), demeaned NRMSE inside the eroded mask ∩ brain, against the truth
-    # (the field of the brain's own χ). Measured 69.1 %; the same V-SHARP on the TRUE total field in the same
-    # mask gives 62.6 %, so the front end adds little; before the fix 169 %.
-    sm = run.scan.mask & ph.mask
-    nrmse = _nrmse(run.scan.field, ph.true_local_field, sm)
-    oracle, em = bgm.vsharp(ph.true_total_field * m, m, voxel_size=ph.voxel_size, device="cpu")
-    nrmse_oracle = _nrmse(oracle, ph.true_local_field, em & ph.mask)
+    # local field: the default background step, demeaned NRMSE over the phantom's brain with the voxels it drops
+    # counted as error (one region for every method), against the truth (the field of the brain's own χ); the same
+    # step on the TRUE total field in the same mask is what background removal alone can reach.
+    from napari_qsm.core.field.pipeline import find_step
+    step = find_step("background")
+    nrmse = _nrmse(np.where(run.scan.mask, run.scan.field, 0), ph.true_local_field, ph.mask)
+    oracle, em = step.run(ph.true_total_field * m, m, voxel_size=ph.voxel_size, device="cpu")
+    nrmse_oracle = _nrmse(np.where(em, oracle, 0), ph.true_local_field, ph.mask)
+    print(f"{step.name}: raw {nrmse:.3f}, true total {nrmse_oracle:.3f}")
     assert nrmse < 0.80, nrmse
-    assert nrmse < nrmse_oracle + 0.12, (nrmse, nrmse_oracle)
+    assert nrmse < nrmse_oracle + 0.15, (nrmse, nrmse_oracle)
+
+
+def test_voxel_centre_balls_on_the_raw_head(raw_head):
+    """Issue 24: V-SHARP with voxel-centre balls (QSM.jl, QSM.rs) from the true total field of the 2.5 mm head:
+    measured 50.0 % local-field NRMSE (own mask) / 51.7 % over the brain; the partial-volume ball gave 63.5 / 68.0 %
+    (its erosion and radius choice differ)."""
+    ph = raw_head
+    run = local_field(ph.to_echoes(), device="cpu")
+    m = run.brain_mask
+    loc, em = bgm.vsharp(ph.true_total_field * m, m, voxel_size=ph.voxel_size, device="cpu")
+    assert _nrmse(np.where(em, loc, 0), ph.true_local_field, ph.mask) < 0.60
 
 
 def test_jump_check_repairs_a_voxel_hanging_on_one_bad_edge():

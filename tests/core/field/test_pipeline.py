@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from napari_qsm.core.field.background import VSharpParams
+from napari_qsm.core.field.background import LBVParams
 from napari_qsm.core.field.pipeline import FieldRecipe, find_step, local_field, split_params
 from napari_qsm.core.sim.phantom import make_phantom
 from napari_qsm.methods import reconstruct
@@ -17,7 +17,7 @@ def head_in_air():
 
 def test_defaults_and_lookup():
     assert [find_step(f).name for f in ("fit", "mask", "unwrap", "background")] == \
-        ["linear", "threshold", "quality", "vsharp"]
+        ["linear", "threshold", "quality", "lbv"]
     with pytest.raises(ValueError, match="unknown step"):
         find_step("background", "sharp9")
     with pytest.raises(ValueError, match="family"):
@@ -35,7 +35,7 @@ def test_params_are_routed_to_their_step():
     r.params = {"background": {"radius": "0.01"}}
     with pytest.raises(ValueError):
         r.record("background")  # out of range: refused before any work
-    assert isinstance(FieldRecipe().record("background"), VSharpParams)
+    assert isinstance(FieldRecipe().record("background"), LBVParams)
 
 
 def test_head_in_air_to_local_field_and_chi(head_in_air):
