@@ -49,7 +49,7 @@ def test_dock_run_equals_headless_and_hands_off(make_napari_viewer, qtbot, raw_h
     assert w.echo_times() == pytest.approx(list(raw_head.echo_times))
     assert w.b0_spin.value() == pytest.approx(raw_head.b0_tesla)
     assert [w.step_combos[f].currentData() for f in ("fit", "unwrap", "mask", "background")] == \
-        ["linear", "quality", "threshold", "vsharp"]
+        ["linear", "quality", "threshold", "lbv"]  # LBV: the default by docs/benchmarks/field.md
     assert w.run()
     assert w.cancel_button.isEnabled() and not w.run_button.isEnabled()
     qtbot.waitUntil(lambda: not w.runner.running, timeout=60000)
