@@ -30,7 +30,7 @@ def raw_field(tmp_path_factory):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(["field", str(roots["siemens"]), "-o", str(out), "--device", "cpu",
-                     "--param", "background.radius_max=12"]) == 0
+                     "--background", "vsharp", "--param", "background.radius_max=12"]) == 0
     return ph, roots, out, err.getvalue()
 
 

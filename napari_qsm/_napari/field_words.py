@@ -81,8 +81,12 @@ def short_doc(doc: str, limit: int = 200) -> str:
     Never cut inside a word (the whole doc is the tooltip).
     """
     doc = " ".join((doc or "").split())
-    m = re.match(r"(.+?[.!?])(\s|$)", doc)
-    first = m.group(1) if m else doc
+    first = doc
+    for m in re.finditer(r"[.!?](?=\s|$)", doc):  # a sentence ends outside brackets ("(Wen et al. 2014)")
+        head = doc[: m.end()]
+        if head.count("(") == head.count(")"):
+            first = head
+            break
     if len(first) <= limit:
         return first
     cut = first[:limit]

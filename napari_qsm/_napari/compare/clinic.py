@@ -7,6 +7,8 @@ the work runs in a worker, and the outcome is a notification (path or the reason
 
 from __future__ import annotations
 
+import weakref
+
 from pathlib import Path
 from typing import Optional
 
@@ -155,8 +157,11 @@ class ClinicTools:
                                       "field residual when the field is chosen")
         row.insertWidget(2, self.dicom_button)
         row.insertWidget(3, self.report_button)
-        self.dicom_button.clicked.connect(self._ask_dicom)
-        self.report_button.clicked.connect(self._ask_report)
+        # through a weak reference: a Qt connection to a bound method of a plain Python object is a strong
+        # reference Python's gc cannot see, which kept the dock and its viewer alive after napari closed them
+        me = weakref.ref(self)
+        self.dicom_button.clicked.connect(lambda *_: me() is not None and me()._ask_dicom())
+        self.report_button.clicked.connect(lambda *_: me() is not None and me()._ask_report())
         runner = self.runner
         dock.destroyed.connect(lambda *_: runner.cancel(detach=True))
 

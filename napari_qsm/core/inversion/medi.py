@@ -77,6 +77,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .admm import check_inputs
 from ..constants import GAMMA_BAR_MHZ_PER_T
 from ..dipole import check_voxel_size, unit_vector
 from ..method import Method
@@ -251,18 +252,10 @@ def medi_l1(field, mask, voxel_size, b0_direction=(0.0, 0.0, 1.0), *, magnitude=
     (χ, info) with ``return_info`` (history per GN iteration, λ used, thresholds, λ search).
     """
     dev = device if isinstance(device, torch.device) else torch.device(device or "cpu")
-    field = np.asarray(field, np.float32)
     mask = np.asarray(mask) > 0.5 if np.asarray(mask).dtype != bool else np.asarray(mask)
+    field, mask = check_inputs(field, mask)  # shape, empty mask, NaN/Inf: the errors every inversion gives
     vs = tuple(float(v) for v in check_voxel_size(voxel_size))
     b0 = unit_vector(b0_direction)
-    if field.ndim != 3:
-        raise ValueError(f"field: expected a 3-D volume, got shape {field.shape}")
-    if mask.shape != field.shape:
-        raise ValueError(f"mask: shape {mask.shape} does not match field shape {field.shape}")
-    if not mask.any():
-        raise ValueError("mask: empty; expected a brain mask with at least one voxel")
-    if not np.all(np.isfinite(field[mask])):
-        raise ValueError("field: NaN or Inf inside the mask")
     if magnitude is not None:
         if np.ndim(magnitude) == 4:
             magnitude = medi_magnitude(magnitude, "first")
