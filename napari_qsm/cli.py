@@ -480,7 +480,7 @@ def cmd_methods(args) -> int:
         show(m.name, m.label, m.doc, m.params_cls)
     steps = available_steps()
     if steps:
-        print("\nSteps from raw echoes to a local field (napari-qsm field):")
+        print("\nSteps from raw echoes to a local field (napari-qsm field) and the maps made beside it (napari-qsm swi):")
         for st in steps:
             show(f"{st.family}:{st.name}", st.label + (" (default)" if st.default else ""), st.doc, st.params_cls)
     for where, err in import_errors().items():

@@ -74,10 +74,11 @@ def cmd_dicom(args) -> int:
 def cmd_swi(args) -> int:
     from .core.io import save_volume
     from .core.params import make_params, parse_cli_params
-    from .core.swi import SWIParams, swi
+    from .methods import get_step
     from .pipeline import field_from_inputs
 
-    params = make_params(SWIParams, parse_cli_params(args.param))  # checked before any work
+    step = get_step("swi")  # the registry's SWI step (the shipped CLEAR-SWI unless another is registered)
+    params = make_params(step.params_cls, parse_cli_params(args.param))  # checked before any work
     out = Path(args.output)
     targets = {k: out / f"{k}.nii.gz" for k in SWI_OUTPUTS}
     _refuse_existing(list(targets.values()), args.overwrite)
@@ -89,7 +90,8 @@ def cmd_swi(args) -> int:
                                     b0=args.b0, phase_units=args.phase_units, phase_sign=args.phase_sign,
                                     mask=args.mask, device=args.device, progress=progress)
     total = run.total
-    res = swi(echoes.magnitude, total.field, run.brain_mask, echoes.te, total.b0_tesla, total.voxel_size, params)
+    res = step.run(echoes.magnitude, total.field, run.brain_mask, echoes.te, total.b0_tesla, total.voxel_size,
+                   params)
     out.mkdir(parents=True, exist_ok=True)
     maps = {"swi": res.swi, "minip": res.min_ip, "swi_magnitude": res.magnitude, "swi_phase": res.phase_hp,
             "t2star_numart": res.t2star_ms, "r2star_numart": res.r2star}

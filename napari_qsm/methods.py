@@ -16,7 +16,7 @@ import inspect
 from importlib import metadata
 from typing import Iterable
 
-from .core.field.steps import FAMILIES, Step
+from .core.field.steps import DERIVED_FAMILIES, FAMILIES, Step
 from .core.method import Method, Result, run_method
 
 __all__ = ["available_methods", "get_method", "register_method", "reconstruct", "import_errors",
@@ -42,6 +42,7 @@ _STEP_MODULES = (
     "napari_qsm.core.field.unwrap",
     "napari_qsm.core.field.mask",
     "napari_qsm.core.field.background",
+    "napari_qsm.core.swi",
 )
 
 _METHODS: dict[str, Method] = {}
@@ -187,10 +188,11 @@ def reconstruct(scan, method: str = "tkd", params=None, *, device="auto", progre
 def available_steps(family: str | None = None) -> list[Step]:
     """Front-end steps of one family (or all), default first, then in display order."""
     _load_all()
-    if family is not None and family not in FAMILIES:
-        raise ValueError(f"step family: expected one of {FAMILIES}, got {family!r}")
+    every = FAMILIES + DERIVED_FAMILIES
+    if family is not None and family not in every:
+        raise ValueError(f"step family: expected one of {every}, got {family!r}")
     steps = [s for s in _STEPS.values() if family is None or s.family == family]
-    return sorted(steps, key=lambda s: (FAMILIES.index(s.family), not s.default, s.order, s.name))
+    return sorted(steps, key=lambda s: (every.index(s.family), not s.default, s.order, s.name))
 
 
 def get_step(family: str, name: str | None = None) -> Step:

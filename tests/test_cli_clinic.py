@@ -69,3 +69,12 @@ def test_recon_dicom_writes_the_series_and_respects_overwrite(raw_head, tmp_path
     assert len(files) == 40 and pydicom.dcmread(files[0]).RescaleType == "ppb"
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
+
+
+def test_swi_is_a_registered_step(capsys):
+    from napari_qsm.core.swi import SWIParams
+    from napari_qsm.methods import available_steps, get_step
+    step = get_step("swi")
+    assert step.name == "clear-swi" and step.params_cls is SWIParams and step in available_steps("swi")
+    assert main(["methods"]) == 0
+    assert "swi:clear-swi" in capsys.readouterr().out

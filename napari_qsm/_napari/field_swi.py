@@ -14,7 +14,8 @@ import numpy as np
 from qtpy.QtWidgets import QCheckBox
 
 from ..core.params import make_params
-from ..core.swi import SWIParams, swi
+from ..core.swi import SWIParams
+from ..methods import get_step
 from .form import ParamForm
 from .form import label_for
 from .kit import DIM_COLOR, relabel_form, section, wrap_label
@@ -43,7 +44,7 @@ class SWISection:
         lay.addWidget(wrap_label("Phase mask from the high-passed total field (power 4, Haacke 2004) × the "
                                  "combined magnitude; minIP over a slab along the head–foot axis.", DIM_COLOR,
                                  small=True))
-        self.form = ParamForm(SWIParams)
+        self.form = ParamForm(get_step("swi").params_cls)
         self.form.setObjectName("swi_form")
         relabel_form(self.form, lambda name: _LABELS.get(name, label_for(name)))
         lay.addWidget(self.form)
@@ -55,7 +56,7 @@ class SWISection:
         """The SWI parameters when the switch is on, else None (raises ParamError on a bad value)."""
         if not self.check.isChecked():
             return None
-        return make_params(SWIParams, self.form.values())
+        return make_params(get_step("swi").params_cls, self.form.values())
 
 
 def swi_layer_data(run, magnitude: np.ndarray, geom: Geometry, prefix: str, base_md: dict,
@@ -82,7 +83,7 @@ def swi_layer_data(run, magnitude: np.ndarray, geom: Geometry, prefix: str, base
         key → (data in layer order, Image kwargs, "image").
     """
     tot = run.total
-    res = swi(magnitude, tot.field, run.brain_mask, tot.te, tot.b0_tesla, tot.voxel_size, params)
+    res = get_step("swi").run(magnitude, tot.field, run.brain_mask, tot.te, tot.b0_tesla, tot.voxel_size, params)
     kw_geo = geom.layer_kwargs()
     prov = dict(res.provenance)
 

@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 import warnings
+import weakref
 from typing import Any, Callable, Optional
 
 from ..core.progress import Cancelled, CancelToken, Progress
@@ -229,8 +230,13 @@ class JobRunner:
         try:
             from napari.utils.task_status import Status
 
+            me = weakref.ref(self)  # napari's task registry keeps its items (and callbacks) for good: a strong
+            # reference here kept every dock's runner, and through it the viewer, alive after napari closed it
+
             def _cancel_cb():  # napari is closing the window
-                self.cancel(detach=True)
+                runner = me()
+                if runner is not None:
+                    runner.cancel(detach=True)
                 return True
 
             with warnings.catch_warnings():

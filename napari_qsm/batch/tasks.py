@@ -72,9 +72,11 @@ def _write_field_outputs(run, echoes, out: dict, prov: dict) -> None:
 def _write_swi(run, echoes, out: dict, prov: dict) -> None:
     """SWI, its minIP and NumART2* T2* of a raw scan (:mod:`napari_qsm.core.swi`, default parameters)."""
     from ..core.io import save_volume
-    from ..core.swi import swi
-    res = swi(echoes.magnitude, run.total.field, run.brain_mask, echoes.te, run.total.b0_tesla,
-              run.total.voxel_size)
+    from ..core.params import make_params
+    from ..methods import get_step
+    step = get_step("swi")  # the registry's SWI step, its default parameters
+    res = step.run(echoes.magnitude, run.total.field, run.brain_mask, echoes.te, run.total.b0_tesla,
+                   run.total.voxel_size, make_params(step.params_cls, {}))
     for suffix, arr in (("swi", res.swi), ("minIP", res.min_ip), ("T2starmap", res.t2star_ms)):
         quantity, units = SWI_MAPS[suffix]
         side = {"Description": f"napari-qsm {quantity}", "Units": units, **prov, **res.provenance,

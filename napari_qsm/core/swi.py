@@ -21,10 +21,11 @@ import numpy as np
 from scipy import ndimage
 
 from .constants import GAMMA_BAR_HZ_PER_T
+from .field.steps import Step
 from .params import param
 from .scan import ScanError
 
-__all__ = ["SWIParams", "SWIResult", "combine_magnitude", "highpass_field", "phase_mask", "swi",
+__all__ = ["STEPS", "SWIParams", "SWIResult", "combine_magnitude", "highpass_field", "phase_mask", "swi",
            "min_ip", "numart2star"]
 
 
@@ -168,3 +169,8 @@ def swi(magnitude: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray, te, b0_t
     return SWIResult(swi=image, min_ip=min_ip(image, voxel_size, p.minip_mm), magnitude=combined,
                      phase_hp=np.where(mask, phase, 0).astype(np.float32), mask_weight=weight,
                      t2star_ms=t2, r2star=r2, provenance=prov)
+
+
+STEPS = (Step(family="swi", name="clear-swi", label="CLEAR-SWI", params_cls=SWIParams, run=swi, default=True,
+              doc="Multi-echo SWI after CLEAR-SWI (Eckstein 2021): combined magnitude × Haacke's phase mask of the "
+                  "high-passed unwrapped field, a sliding minIP over a slab, and NumART2* T2*/R2*."),)

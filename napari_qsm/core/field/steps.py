@@ -16,15 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["Step", "FAMILIES"]
+__all__ = ["Step", "FAMILIES", "DERIVED_FAMILIES"]
 
 #: step families in pipeline order
 FAMILIES = ("fit", "unwrap", "mask", "background")
+#: families of maps made beside the local field from the same echoes (not part of its chain)
+DERIVED_FAMILIES = ("swi",)
 
 
 @dataclass(frozen=True)
 class Step:
-    family: str                   # one of FAMILIES
+    family: str                   # one of FAMILIES (or DERIVED_FAMILIES: maps beside the local field)
     name: str                     # key within the family, CLI value (e.g. "vsharp")
     label: str                    # human name ("V-SHARP")
     params_cls: type              # parameter record dataclass
@@ -35,5 +37,6 @@ class Step:
     order: int = 100              # position in drop-downs
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"Step {self.name!r}: family must be one of {FAMILIES}, got {self.family!r}")
+        if self.family not in FAMILIES + DERIVED_FAMILIES:
+            raise ValueError(f"Step {self.name!r}: family must be one of {FAMILIES + DERIVED_FAMILIES}, "
+                             f"got {self.family!r}")
