@@ -37,16 +37,11 @@ QUICK_NOTE = (f"{QUICK_TITLE}: the demo's short run adapts only the scan domain'
               "(120 steps, all weights).")
 #: THE time estimate of the demo (printed before it starts, quoted by the README; tests/test_readme.py
 #: checks they agree): wall seconds of each stage on this 2-core x86_64 CPU, idle, as the demo's own
-#: log reports them (``python benchmarks/bench_demo.py`` prints them per stage). Measured 2026-11-29:
-#: MEDI 16 s, COSMOS 19 s (with its two simulated orientations), the BatchNorm-only adaptation 31 s
-#: (22:15); a whole ``time napari-qsm demo`` the same evening took 80 s. Not re-measured for issue 23:
-#: the machine ran at load 18-25 on 2 cores then (982 s for the same demo). ``dsbn_adapt_full``: the
-#: default 120-step adaptation (``--full``).
-EXPECTED_SECONDS = {"phantom": 5, "tkd": 2, "tsvd": 2, "medi": 16, "cosmos": 19, "dsbn": 6, "dsbn_adapt": 31,
-                    "dsbn_adapt_full": 270, "figure": 10,
-                    # estimated, not measured idle (load 25-30 on 2-06 Dec): FFT-pair counts of the 1 mm runs in
-                    # docs/benchmarks/inversions.md × 0.018 s (one pair at this demo's size) × 2 (the upper end)
-                    "tv": 5, "rts": 3, "hdqsm": 22, "ndi": 27}
+#: log reports them (``python benchmarks/bench_demo.py`` prints them per stage). Measured idle on
+#: 2026-12-06 (62 s wall for the whole demo; "phantom" includes the start-up). ``dsbn_adapt_full``: the
+#: default 120-step adaptation (``--full``), measured 2026-11-29.
+EXPECTED_SECONDS = {"phantom": 3, "tkd": 1, "tsvd": 1, "tv": 1, "rts": 2, "hdqsm": 4, "ndi": 9, "medi": 8,
+                    "cosmos": 12, "dsbn": 2, "dsbn_adapt": 16, "dsbn_adapt_full": 270, "figure": 2}
 #: a method the table does not know yet (a new or third-party one)
 UNKNOWN_METHOD_SECONDS = 20
 
