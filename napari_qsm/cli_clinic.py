@@ -130,7 +130,7 @@ def _label_names(path):
 def cmd_report(args) -> int:
     import numpy as np
 
-    from .core.io import read_sidecar, read_volume
+    from .core.io import read_sidecar, read_volume, voxel_sizes
     from .core.metrics import field_residual
     from .core.report import write_report
 
@@ -140,7 +140,7 @@ def cmd_report(args) -> int:
     if mask.shape != chi.shape or not np.allclose(maff, aff, atol=1e-3):
         raise ValueError("mask: not on χ's grid (shape or affine differ)")
     side = read_sidecar(args.chi, "χ")
-    vs = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
+    vs = voxel_sizes(aff)
     residual = None
     if args.field:
         from .core.io import b0_from_affine

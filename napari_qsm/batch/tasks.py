@@ -69,8 +69,8 @@ def _write_field_outputs(run, echoes, out: dict, prov: dict) -> None:
                     description=f"napari-qsm {suffix}" + (f" ({units})" if units else ""))
 
 
-def _write_swi(run, echoes, out: dict, prov: dict) -> None:
-    """SWI, its minIP and NumART2* T2* of a raw scan (:mod:`napari_qsm.core.swi`, default parameters)."""
+def _write_swi(run, echoes, out: dict, prov: dict):
+    """SWI, its minIP and NumART2* T2* of a raw scan (:mod:`napari_qsm.core.swi`, default parameters); the minIP."""
     from ..core.io import save_volume
     from ..core.params import make_params
     from ..methods import get_step
@@ -83,6 +83,7 @@ def _write_swi(run, echoes, out: dict, prov: dict) -> None:
                 "output": {"file": out[suffix].name, "quantity": quantity, "units": units}}
         save_volume(arr, out[suffix], echoes.affine, nifti_info=echoes.nifti_info, provenance=side,
                     description=f"napari-qsm {suffix} ({units})")
+    return res.min_ip
 
 
 def _report_and_dicom(job: dict, out: dict, res, scan, resid: float, state: dict) -> None:
@@ -90,8 +91,8 @@ def _report_and_dicom(job: dict, out: dict, res, scan, resid: float, state: dict
     from ..core.io import read_volume
     from ..core.report import write_report
     state["step"] = "report"
-    minip = None
-    if out.get("minIP") is not None and out["minIP"].exists():
+    minip = state.get("minip")  # computed by this task's front end, else read back (a reused field)
+    if minip is None and out.get("minIP") is not None and out["minIP"].exists():
         minip = read_volume(str(out["minIP"]), "minIP")[0]
     write_report(out["report"], res.chi, scan.mask, scan.voxel_size, title=job["id"], method=res.name,
                  parameters=res.params, residual_percent=resid, min_ip=minip,
@@ -144,7 +145,7 @@ def _front_end(job: dict, out: dict, common: dict, state: dict) -> tuple[dict, l
         raise
     seconds = time.perf_counter() - tf
     state["step"] = "swi"
-    _write_swi(run, echoes, out, {**common, "field_fingerprint": job["field_fingerprint"]})
+    state["minip"] = _write_swi(run, echoes, out, {**common, "field_fingerprint": job["field_fingerprint"]})
     state["step"] = "write field"
     prov = {**common, "field_fingerprint": job["field_fingerprint"], "field_steps": run.steps,
             "seconds": round(seconds, 3), "device": device_label(resolve_device(job["device"])),

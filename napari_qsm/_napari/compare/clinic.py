@@ -51,16 +51,10 @@ def reference_note(prov) -> str:
 
 
 def series_description(layer) -> str:
-    """SeriesDescription from the layer's provenance: the quantity, method and parameters."""
+    """SeriesDescription from the layer's provenance (:func:`napari_qsm.core.io.dicom.series_description`)."""
+    from ...core.io.dicom import series_description as describe
     md = layer.metadata or {}
-    prov = md.get("provenance") if isinstance(md.get("provenance"), dict) else {}
-    params = prov.get("parameters") if isinstance(prov.get("parameters"), dict) else {}
-    ptxt = " ".join(f"{k}={v}" for k, v in params.items())
-    if md.get("role") == "chi":
-        what = "QSM " + str(prov.get("method") or md.get("method") or layer.name)
-    else:
-        what = layer.name
-    return f"{what} {ptxt}".strip()
+    return describe(md.get("provenance"), md.get("role") == "chi", layer.name)
 
 
 def dicom_job(layer, out_dir, like=None):

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import nibabel as nib
 import numpy as np
 
 from ..files import default_file_mode
 from ..scan import ScanError
 
-__all__ = ["DicomError", "SourceSeries", "display_scale", "read_source_series", "write_dicom_series", "nifti_to_dicom"]
+__all__ = ["DicomError", "SourceSeries", "display_scale", "read_source_series", "series_description", "write_dicom_series", "nifti_to_dicom"]
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 _LPS = np.diag([-1.0, -1.0, 1.0])
@@ -204,7 +203,7 @@ def _quantise(vol: np.ndarray, signed_window: bool) -> tuple[np.ndarray, float, 
 
 def _new_dataset(pydicom, uid_series, uid_sop, meta_extra):
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: F401
+    from pydicom.uid import ExplicitVRLittleEndian
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
@@ -325,6 +324,15 @@ def write_dicom_series(volume: np.ndarray, affine: np.ndarray, out_dir, *, descr
     return files
 
 
+def series_description(provenance: dict, is_chi: bool, what: str) -> str:
+    """SeriesDescription from a napari-qsm provenance record: "QSM <method> <parameters>" for χ, else
+    ``what`` (the quantity or the file/layer name) with the method and parameters when recorded."""
+    prov = provenance if isinstance(provenance, dict) else {}
+    params = prov.get("parameters") if isinstance(prov.get("parameters"), dict) else {}
+    ptxt = " ".join(f"{k}={v}" for k, v in params.items())
+    return " ".join(b for b in ("QSM" if is_chi else what, str(prov.get("method") or ""), ptxt) if b)
+
+
 def nifti_to_dicom(path, out_dir, *, like=None, description: Optional[str] = None,
                    overwrite: bool = False) -> list[Path]:
     """Export a NIfTI map (χ by default; SWI, minIP, R2*... by their sidecar) as a DICOM series.
@@ -357,10 +365,6 @@ def nifti_to_dicom(path, out_dir, *, like=None, description: Optional[str] = Non
         not quantity and any(t in Path(str(path)).name.lower() for t in ("chi", "qsm")))
     units = str(output.get("units") or ("ppm" if is_chi else "a.u."))
     if description is None:
-        method = side.get("label") or side.get("method")
-        params = side.get("parameters") or side.get("params") or {}
-        ptxt = " ".join(f"{k}={v}" for k, v in params.items()) if isinstance(params, dict) else ""
-        what = "QSM" if is_chi else (quantity or Path(str(path)).name.split(".")[0])
-        description = f"{what} {method or ''} {ptxt}".strip()
+        description = series_description(side, is_chi, quantity or Path(str(path)).name.split(".")[0])
     return write_dicom_series(data, img.affine, out_dir, description=description, like=like,
                               signed_window=is_chi, units=units, overwrite=overwrite)
