@@ -6,6 +6,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .cli import _refuse_existing  # the one overwrite rule of every command
+from .core.io.bids import strip_ext
+
 __all__ = ["add_parsers", "COMMANDS"]
 
 SWI_OUTPUTS = {  # file stem: (quantity, units)
@@ -52,12 +55,6 @@ def add_parsers(sub) -> None:
     r.add_argument("--label-names", help="TSV or JSON of label value -> name")
     r.add_argument("--overwrite", action="store_true", help="replace an existing report")
     r.add_argument("-o", "--output", required=True, help="report.png or report.pdf")
-
-
-def _refuse_existing(paths, overwrite: bool) -> None:
-    existing = [str(p) for p in paths if Path(p).exists()]
-    if existing and not overwrite:
-        raise ValueError(f"output: {', '.join(existing[:3])} already exist(s); choose another or pass --overwrite")
 
 
 def cmd_dicom(args) -> int:
@@ -153,7 +150,7 @@ def cmd_report(args) -> int:
     params = side.get("parameters") if isinstance(side.get("parameters"), dict) else None
     extras = side.get("extras") if isinstance(side.get("extras"), dict) else {}
     reference = str(extras.get("reference", side.get("reference", "mean of the mask")))
-    write_report(args.output, chi, mask > 0.5, vs, title=Path(args.chi).name.split(".")[0],
+    write_report(args.output, chi, mask > 0.5, vs, title=strip_ext(Path(args.chi).name),
                  method=str(side.get("method", "unknown")), parameters=params, residual_percent=residual,
                  min_ip=minip, labels=labels, label_names=_label_names(args.label_names), reference=reference)
     print(f"report -> {args.output}", file=sys.stderr)

@@ -27,9 +27,8 @@ def _dicom_targets(args) -> list:
     """``--dicom``: the series folder beside the χ map (``OUT_dicom/``), refused when it exists (no --overwrite)."""
     if not getattr(args, "dicom", False):
         return []
-    name = Path(args.output).name
-    stem = name[:-7] if name.endswith(".nii.gz") else name[:-4] if name.endswith(".nii") else name
-    return [Path(args.output).with_name(stem + "_dicom")]
+    from .core.io.bids import strip_ext
+    return [Path(args.output).with_name(strip_ext(Path(args.output).name) + "_dicom")]
 
 
 def _write_dicom(args, out) -> None:

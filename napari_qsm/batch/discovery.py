@@ -107,11 +107,13 @@ def _scans_in(anat: Path, subject: str, session: Optional[str]) -> list[BatchSca
     return out
 
 
-def output_paths(root, scan: BatchScan, method: str) -> dict[str, Path]:
+def output_paths(root, scan: BatchScan, method: str, dicom: bool = False) -> dict[str, Path]:
     """The derivative files of one scan: ``{"chi": ...}`` and, for raw scans, the :data:`FIELD_MAPS` suffixes."""
     d = bids.derivatives_anat(root, scan.subject, scan.session)
     out = {"chi": d / bids.chi_name(scan.id, method)}
     out["report"] = d / f"{scan.id}_desc-{method}_report.png"
+    if dicom:  # the χ series (--dicom): an output like the others, so a rerun that asks for it is not up to date
+        out["dicom"] = d / (bids.strip_ext(out["chi"].name) + "_dicom")
     if scan.kind == "raw":
         for suffix in FIELD_MAPS:
             out[suffix] = d / f"{scan.id}_{suffix}.nii.gz"

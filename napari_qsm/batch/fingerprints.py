@@ -84,7 +84,7 @@ def plan_scans(scans, all_hashes, *, root, m, par, fsteps, recipe, field_recipe,
     field_only: plan the front end alone (a raw scan is up to date when its field outputs are)."""
     rows, jobs = [], []
     for s, h in zip(scans, all_hashes):
-        out = output_paths(root, s, m.name)
+        out = output_paths(root, s, m.name, dicom=dicom)
         row = {"scan": s.id, "kind": s.kind, "status": "", "seconds": None, "field_residual": None,
                "step": "", "error": "", "worker": ""}
         rows.append(row)

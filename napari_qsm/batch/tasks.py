@@ -100,7 +100,7 @@ def _report_and_dicom(job: dict, out: dict, res, scan, resid: float, state: dict
     if job.get("dicom"):
         state["step"] = "dicom"
         from ..core.io.dicom import nifti_to_dicom
-        folder = out["chi"].parent / (out["chi"].name.replace(".nii.gz", "") + "_dicom")
+        folder = out["dicom"]
         nifti_to_dicom(out["chi"], folder, description=f"QSM {res.name}"[:64], overwrite=True)
 
 

@@ -177,7 +177,10 @@ def run_method(m: Method, scan, params=None, *, device="auto", progress=None, ca
     if chi.shape != scan.shape:
         raise RuntimeError(f"method {m.name} returned shape {chi.shape}, expected {scan.shape}")
     region = extras.get("mask") if isinstance(extras.get("mask"), np.ndarray) else scan.mask
-    chi, ref_info = apply_reference(chi, region, getattr(p, "reference", "none"), scan=scan)
+    reference = getattr(p, "reference", "none")
+    if "csf_reference_ppm" in extras and reference == "mean":
+        reference = "none"  # MEDI+0 has referenced χ to its CSF already: the default must not undo it
+    chi, ref_info = apply_reference(chi, region, reference, scan=scan, csf_mask=extra.get("csf_mask"))
     extras.update(ref_info)
     return Result(chi=chi, method=m.name, params=params_to_dict(p), seconds=seconds,
                   device=device_label(dev), extras=extras, scan_info=scan.info(),

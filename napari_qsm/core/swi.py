@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from .constants import GAMMA_BAR_HZ_PER_T
 from .field.steps import Step
-from .params import param
+from .params import param, params_to_dict
 from .scan import ScanError
 
 __all__ = ["STEPS", "SWIParams", "SWIResult", "combine_magnitude", "highpass_field", "phase_mask", "swi",
@@ -99,7 +99,7 @@ def numart2star(magnitude: np.ndarray, te) -> tuple[np.ndarray, np.ndarray]:
         raise ScanError(f"magnitude: expected (i, j, k, echo) with {t.size} echoes, got shape {m.shape}")
     if np.any(np.diff(t) <= 0):
         raise ScanError(f"te: echo times must increase, got {t.tolist()}")
-    integral = np.trapezoid(m, t, axis=-1)
+    integral = (np.trapezoid if hasattr(np, "trapezoid") else np.trapz)(m, t, axis=-1)  # numpy < 2: trapz
     decay = m[..., 0] - m[..., -1]
     ok = (decay > 0) & (integral > 0)
     t2 = np.zeros(m.shape[:3])
@@ -163,7 +163,7 @@ def swi(magnitude: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray, te, b0_t
         t2, r2 = numart2star(mag4, te)
     else:
         t2 = r2 = np.zeros(image.shape, np.float32)
-    prov = {"method": "swi", "parameters": {f: getattr(p, f) for f in p.__dataclass_fields__},
+    prov = {"method": "swi", "parameters": params_to_dict(p),
             "reference_te": te_ref, "b0_tesla": float(b0_tesla), "echo_times": te.tolist(),
             "references": ["Haacke 2004 (phase mask)", "Eckstein 2021 (CLEAR-SWI)", "Hagberg 2002 (NumART2*)"]}
     return SWIResult(swi=image, min_ip=min_ip(image, voxel_size, p.minip_mm), magnitude=combined,

@@ -40,13 +40,16 @@ def test_a_paramagnetic_vein_is_dark_in_swi_and_minip():
     field = forward_field(chi, vs, (0, 0, 1))
     mask = (ii - 24) ** 2 + (jj - 24) ** 2 + ((kk - 20) * 1.2) ** 2 <= 20 ** 2
     te = np.array([0.005, 0.010, 0.015, 0.020])
-    mag = np.repeat(np.exp(-te / 0.04)[None, None, None, :], 1, 0) * np.ones(shape + (4,), np.float32)
+    mag = np.exp(-te / 0.04)[None, None, None, :] * np.ones(shape + (4,), np.float32)
     out = swi(mag, field, mask, te, 3.0, vs, SWIParams(highpass_mm=4.0))
     core = vein & mask & (np.abs(kk - 20) < 8)
     ring = mask & ~vein & ((ii - 24) ** 2 + (jj - 20) ** 2 > 6 ** 2) & (np.abs(kk - 20) < 8)
     assert out.swi[core].mean() < 0.6 * out.swi[ring].mean()
     assert out.mask_weight[~mask].min() == 1.0
-    assert np.all(out.min_ip <= out.swi + 1e-6)
+    # the slab carries the dark vein into its neighbours along the projection axis: an oblique vein would
+    # widen; here (vein along z) the minIP of the vein equals its SWI and the brain around it keeps its level
+    assert out.min_ip[core].mean() == pytest.approx(out.swi[core].mean(), rel=0.02)
+    assert out.min_ip[ring].mean() == pytest.approx(out.swi[ring].mean(), rel=0.05)
     assert out.t2star_ms[mask].mean() == pytest.approx(40.0, rel=0.03)
 
 
