@@ -16,11 +16,11 @@ import torch
 from ..dipole import check_voxel_size, dipole_kernel, fast_shape, half_weights, unit_vector
 
 
-def bbox(mask: np.ndarray, margin: int, shape) -> tuple:
-    """Slices of the mask's bounding box grown by ``margin`` voxels (clipped to the volume)."""
+def bbox(mask: np.ndarray, margin: int, shape=None) -> tuple:
+    """Slices of the mask's bounding box grown by ``margin`` voxels (clipped to ``shape``, default the mask's)."""
     idx = np.argwhere(mask)
     lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + 1 + margin, shape)
+    hi = np.minimum(idx.max(0) + 1 + margin, mask.shape if shape is None else shape)
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 

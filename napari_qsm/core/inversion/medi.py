@@ -84,7 +84,8 @@ from ..method import Method
 from ..params import param
 from ..progress import check_cancel
 from .medi_lambda import discrepancy_lambda, noise_sigma_rad, upre_lambda
-from .medi_solver import (EPSILON, GNReporter, Problem, bbox, data_weight, divergence, gradient,  # noqa: F401
+from .admm import bbox
+from .medi_solver import (EPSILON, GNReporter, Problem, data_weight, divergence, gradient,  # noqa: F401
                           gradient_mask)
 from .medi_lambda import estimate_noise_scale  # noqa: F401  (public, re-exported)
 

@@ -118,13 +118,6 @@ def data_weight(mask: torch.Tensor, noise_std: Optional[torch.Tensor], uniform: 
 # the solver
 
 
-def bbox(mask: np.ndarray, margin: int):
-    idx = np.argwhere(mask)
-    lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + 1 + margin, mask.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-
-
 def sphere_kernel(pshape, voxel_size, radius, device) -> torch.Tensor:
     """Real rfft spectrum of the normalised sphere (radius mm) centred at the origin of the padded grid."""
     vs = check_voxel_size(voxel_size)
