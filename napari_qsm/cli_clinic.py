@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli import _refuse_existing  # the one overwrite rule of every command
 from .core.io.bids import strip_ext
 
 __all__ = ["add_parsers", "COMMANDS"]
@@ -55,6 +54,11 @@ def add_parsers(sub) -> None:
     r.add_argument("--label-names", help="TSV or JSON of label value -> name")
     r.add_argument("--overwrite", action="store_true", help="replace an existing report")
     r.add_argument("-o", "--output", required=True, help="report.png or report.pdf")
+
+
+def _refuse_existing(paths, overwrite: bool) -> None:
+    from .cli import _refuse_existing as rule  # the one overwrite rule of every command (imported late: cli
+    rule(paths, overwrite)                     # imports this module, also when it runs as __main__)
 
 
 def cmd_dicom(args) -> int:
