@@ -81,27 +81,6 @@ def test_solver_regulariser_equals_minus_div_w_grad():
     assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 
-def test_pruned_convolution_is_the_zero_padded_linear_convolution():
-    """Problem._conv (inverse FFT pruned to the box) equals the circular convolution on the padded grid, cropped
-    to the box (float64 reference), with the real kernel and its complex copy, on odd and even sizes."""
-    from napari_qsm.core.inversion.medi_solver import GNReporter as _MEDIReporter, Problem as _Problem
-
-    rng = np.random.default_rng(1)
-    n, vs = (7, 10, 9), (1.0, 1.2, 0.9)
-    p = _Problem(np.zeros(n, np.float32), np.ones(n, bool), None, None, None, vs, (0.1, 0.2, 1.0), 1.25, 0,
-                 torch.device("cpu"), _MEDIReporter(None, None, 1))
-    x = rng.standard_normal(n)
-    big = np.zeros(p.pshape)
-    big[: n[0], : n[1], : n[2]] = x
-    for K in (p.D, p.D.to(torch.complex64)):
-        # circular convolution on the padded grid by the explicit kernel in image space (float64)
-        k = np.fft.irfftn(K.to(torch.complex128).numpy(), s=p.pshape)
-        ref = np.real(np.fft.ifftn(np.fft.fftn(big) * np.fft.fftn(k)))[: n[0], : n[1], : n[2]]
-        got = p._conv(torch.as_tensor(x, dtype=torch.float32), K).double().numpy()
-        assert got.shape == n
-        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
-
-
 def test_gradient_is_forward_difference_neumann():
     x = torch.arange(5, dtype=torch.float32).reshape(5, 1, 1).expand(5, 2, 3).contiguous() ** 2
     gx = gradient(x, (2.0, 1.0, 1.0))
