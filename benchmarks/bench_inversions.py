@@ -30,11 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 from napari_qsm.core import metrics as M  # noqa: E402
 
-METHODS = ("tkd", "tsvd", "tv", "rts", "hdqsm", "ndi", "ilsqr", "medi", "dsbn")
+METHODS = ("tkd", "tsvd", "tv", "rts", "hdqsm", "whqsm", "ndi", "ilsqr", "medi", "dsbn")
+#: table rows that are a registered method with other parameters
+ROWS = {"whqsm": ("hdqsm", {"weak_harmonic": True})}
 TV_LAMBDAS = (5e-5, 1e-4, 2e-4, 4e-4)
 #: other defaults checked on the selection head (method, parameters); the first of each method is its default
 SELECT_VARIANTS = (("ilsqr", {}), ("ilsqr", {"weighting": "both"}), ("ilsqr", {"weighting": "mask"}),
-                   ("ilsqr", {"threshold": 0.1}))
+                   ("ilsqr", {"threshold": 0.1}), ("whqsm", {}), ("whqsm", {"beta": 1500.0, "mu_h": 30.0}))
 
 
 def log(*a):
@@ -96,6 +98,8 @@ def _fft_pair_seconds(shape, reps=3) -> float:
 
 
 def run(npz: Path, cache: Path, method: str, params: dict, threads: int) -> dict:
+    if method in ROWS:
+        method, params = ROWS[method][0], {**ROWS[method][1], **params}
     key = method + "".join(f"_{k}{v}" for k, v in sorted(params.items()))
     meta, chi_p = cache / f"{npz.stem}_{key}.json", cache / f"{npz.stem}_{key}.npy"
     if not meta.exists():

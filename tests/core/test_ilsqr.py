@@ -10,18 +10,14 @@ from napari_qsm.core.inversion.hdqsm import hdqsm
 from napari_qsm.core.inversion.ilsqr import ilsqr, laplacian_weight, lsqr
 from napari_qsm.core.scan import Scan
 from napari_qsm.methods import reconstruct
+from test_inversions import sphere as sphere_scan  # noqa: F401  (the analytic sphere, R 6 mm, Δχ 0.1 ppm)
 
 
 @pytest.fixture(scope="module")
-def sphere():
-    """Analytic (continuous, Lorentz-corrected) field of a uniformly magnetised sphere, R 6 mm, Δχ 0.1 ppm."""
-    n, R = 40, 6.0
-    c = [(n - 1) / 2] * 3
-    f = sphere_field((n,) * 3, (1.0, 1.0, 1.0), c, R, 0.1)
-    g = np.meshgrid(*[np.arange(n) - cc for cc in c], indexing="ij")
-    r = np.sqrt(sum(a * a for a in g))
-    mask = r <= 18
-    return f, mask, r <= R - 1.5, (r >= R + 3) & mask
+def sphere(sphere_scan):
+    """test_inversions' analytic sphere (R 6 mm, Δχ 0.1 ppm) as (field, mask, inside, outside)."""
+    scan, inside, outside = sphere_scan
+    return scan.field, scan.mask, inside, outside
 
 
 def _dchi(x, inside, outside):
