@@ -37,7 +37,7 @@ TV_LAMBDAS = (5e-5, 1e-4, 2e-4, 4e-4)
 #: other defaults checked on the selection head (method, parameters); the first of each method is its default
 SELECT_VARIANTS = (("ilsqr", {}), ("ilsqr", {"weighting": "laplacian"}), ("ilsqr", {"weighting": "both"}),
                    ("ilsqr", {"weighting": "mask"}), ("ilsqr", {"weighting": "laplacian", "threshold": 0.1}),
-                   ("whqsm", {}), ("whqsm", {"beta": 1500.0, "mu_h": 30.0}))
+                   ("hdqsm", {}), ("whqsm", {}), ("whqsm", {"beta": 1500.0, "mu_h": 30.0}))
 
 
 def log(*a):
@@ -116,6 +116,7 @@ def run(npz: Path, cache: Path, method: str, params: dict, threads: int) -> dict
         r["load_before"] = load0
         meta.write_text(json.dumps(r))
     r = json.loads(meta.read_text())
+    r.setdefault("measured", time.strftime("%Y-%m-%d %H:%M", time.gmtime(meta.stat().st_mtime)))
     r["chi"] = np.load(chi_p)
     return r
 
@@ -173,8 +174,9 @@ def main(argv=None):
     rows = {}
     for m in args.methods:
         r = run(npz, cache, m, {}, args.threads)
-        rows[m] = {**scores(r["chi"], d["chi"], d["mask"]), **{k: r.get(k, float("nan")) for k in ("seconds", "peak_mb", "load", "load_before", "fft_pair_s")},
-                   "extras": r["extras"]}
+        rows[m] = {**scores(r["chi"], d["chi"], d["mask"]),
+                   **{k: r.get(k, float("nan")) for k in ("seconds", "cpu_seconds", "peak_mb", "load", "load_before",
+                                                          "fft_pair_s")}, "measured": r["measured"], "extras": r["extras"]}
         log(m, {k: v for k, v in rows[m].items() if k != "extras"})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,14 +201,18 @@ def write_md(path, rows, sel, shape, vs, args, d, variants=None):
          "the 160×192×160 volume measured in the same process just before the run (the method's cost in units "
          "that carry over to other machines and loads). Peak memory: VmHWM of the run minus the process after loading inputs.",
          "", f"Regenerate: `nice -n 10 python benchmarks/bench_inversions.py{' --quick' if args.quick else ''} --select`", "",
-         "| method | demeaned NRMSE % | HFEN % | XSIM | seconds | FFT pairs | peak MB | load | notes |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         "CPU s: process time of the run (both threads; recorded since 2026-12-06 08:00, – before). Measured: when the "
+         "row's run finished (UTC; rows are cached, so one table can hold runs from different sessions and loads).", "",
+         "| method | demeaned NRMSE % | HFEN % | XSIM | seconds | CPU s | FFT pairs | peak MB | load | measured | notes |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in sorted(rows.items(), key=lambda t: t[1]["nrmse"]):
         ex = r["extras"]
         note = ", ".join(f"{k}={ex[k]:.3g}" if isinstance(ex[k], float) else f"{k}={ex[k]}"
-                         for k in ("iterations", "lambda", "rho_final") if k in ex)
-        L.append(f"| {m} | {r['nrmse']:.1f} | {r['hfen']:.1f} | {r['xsim']:.3f} | {r['seconds']:.1f} | "
-                 f"{r['seconds'] / r['fft_pair_s']:.0f} | {r['peak_mb']:.0f} | {r['load_before']:.1f}/{r['load']:.1f} | {note} |")
+                         for k in ("iterations", "lambda", "rho_final", "weak_harmonic") if k in ex)
+        cpu = "–" if not np.isfinite(r["cpu_seconds"]) else f"{r['cpu_seconds']:.0f}"
+        L.append(f"| {m} | {r['nrmse']:.1f} | {r['hfen']:.1f} | {r['xsim']:.3f} | {r['seconds']:.1f} | {cpu} | "
+                 f"{r['seconds'] / r['fft_pair_s']:.0f} | {r['peak_mb']:.0f} | {r['load_before']:.1f}/{r['load']:.1f} | "
+                 f"{r['measured']} | {note} |")
     if sel:
         L += ["", f"## TV λ chosen on a selection head (seed 1, not the reported seed {args.seed})", "",
               "| λ (ρ = 100λ) | demeaned NRMSE % | HFEN % | XSIM | seconds |", "|---|---|---|---|---|"]
