@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_qsm.core.dipole import forward_field, sphere_field
+from napari_qsm.core.dipole import forward_field
 from napari_qsm.core.inversion.admm import Grid
 from napari_qsm.core.inversion.hdqsm import hdqsm
 from napari_qsm.core.inversion.ilsqr import ilsqr, laplacian_weight, lsqr
