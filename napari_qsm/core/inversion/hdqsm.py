@@ -164,4 +164,5 @@ def _run(scan, p: HDQSMParams, *, device, progress=None, cancel=None, **_):
 METHODS = (Method(
     "hdqsm", "HD-QSM", HDQSMParams, _run, order=16, short="HD-QSM α={alpha}", long_running=True, uses_magnitude=True,
     doc="Hybrid data fidelity (Milovic): TV inversion with an L1 data term (meant to be less sensitive to outliers) for 20 iterations, "
-        "then an L2 data term for 80, by ADMM with closed-form k-space updates."),)
+        "then an L2 data term for 80, by ADMM with closed-form k-space updates. The weak-harmonic option (WH-QSM, "
+        "Milovic 2019) also fits a residual background field, for local fields with background-removal remnants."),)
