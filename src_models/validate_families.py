@@ -85,11 +85,12 @@ class _Case:
     def __init__(self, s):
         self.field, self.chi, self.voxel_size, self.b0_direction = s.field, s.chi, s.voxel_size, s.b0_direction
         self.mask = s.mask > 0.5
+        self.noise_std = getattr(s, "noise_std", None)
 
 
 def validate(which: str, weights=None, quick=False, device="cpu", log=print) -> dict:
     from napari_qsm.core.inversion.consistency import data_consistency
-    from napari_qsm.nn.infer import DC_ITERATIONS, DC_MU, load_model, predict
+    from napari_qsm.nn.infer import DC_ITERATIONS, DC_MU, consistency_weight, load_model, predict
 
     model = load_model(weights, device=device)
     rows = []
@@ -100,7 +101,8 @@ def validate(which: str, weights=None, quick=False, device="cpu", log=print) -> 
         chi_nn, _ = predict(model, ph.field, ph.mask, device=device, voxel_size=ph.voxel_size,
                             b0_direction=ph.b0_direction)
         t_nn = time.time() - t1
-        dc = dict(mu=DC_MU, iterations=DC_ITERATIONS, device=device)
+        dc = dict(mu=DC_MU, iterations=DC_ITERATIONS, device=device,
+                  weight=consistency_weight(ph.noise_std, ph.mask)[0])   # as the dsbn method: 1/N_std
         chi_dc = data_consistency(ph.field, ph.mask, chi_nn, ph.voxel_size, ph.b0_direction, **dc)
         t_dc = time.time() - t1 - t_nn
         chi_cg0 = data_consistency(ph.field, ph.mask, np.zeros_like(chi_nn), ph.voxel_size, ph.b0_direction, **dc)

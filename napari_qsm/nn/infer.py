@@ -266,10 +266,27 @@ def predict(model: QSMInvNet, field: np.ndarray, mask: np.ndarray, *, domain="au
 # method registration
 # ----------------------------------------------------------------------------------------------
 
-# data consistency after the network (core/inversion/consistency.py): chosen on the SELECTION set of
-# src_models/validate_families.py (procedural seeds 5001-5002, texture seeds 5101-5102, 1 mm and slab)
+# data consistency after the network (core/inversion/consistency.py), weighted by 1/N_std when the scan has a
+# noise map: chosen on the SELECTION set of src_models/validate_families.py (procedural seeds 5001-5002,
+# texture seeds 5101-5102, 1 mm and slab) and the selection head (seed 1) of benchmarks/bench_inversions.py
 DC_ITERATIONS = 10
 DC_MU = 0.003
+
+
+def consistency_weight(noise_std, mask) -> tuple:
+    """Data weights of the data consistency: 1/N_std normalised to mean 1 in the mask when a noise map is
+    given (noisy voxels count less), else the mask. Returns (W or None, what was used)."""
+    if noise_std is None:
+        return None, "mask"
+    from ..core.inversion.admm import data_weight
+
+    class _NoiseOnly:   # data_weight falls back to the magnitude; the network's consistency does not
+        pass
+
+    src = _NoiseOnly()
+    src.noise_std = noise_std
+    w, kind = data_weight(src, np.asarray(mask) > 0)
+    return w, kind
 
 
 @dataclass
@@ -316,10 +333,11 @@ def _run(scan, p: DSBNParams, *, device, progress=None, cancel=None, weights=Non
     if p.consistency > 0:
         from ..core.inversion.consistency import data_consistency
 
-        chi, dc = data_consistency(scan.field, scan.mask, chi, scan.voxel_size, scan.b0_direction,
+        w, kind = consistency_weight(scan.noise_std, scan.mask)
+        chi, dc = data_consistency(scan.field, scan.mask, chi, scan.voxel_size, scan.b0_direction, weight=w,
                                    mu=p.consistency_mu, iterations=p.consistency, device=device,
                                    progress=progress, cancel=cancel, return_info=True)
-        info["consistency"] = dc
+        info["consistency"] = dict(dc, weights=kind)
     card = getattr(model, "card", {}) or {}
     info.update(weights=model.weights_path, weights_sha256=model.weights_sha256,
                 base_width=model.config.base_width, num_domains=model.num_domains,
