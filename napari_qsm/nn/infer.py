@@ -266,6 +266,12 @@ def predict(model: QSMInvNet, field: np.ndarray, mask: np.ndarray, *, domain="au
 # method registration
 # ----------------------------------------------------------------------------------------------
 
+# data consistency after the network (core/inversion/consistency.py): chosen on the SELECTION set of
+# src_models/validate_families.py (procedural seeds 5001-5002, texture seeds 5101-5102, 1 mm and slab)
+DC_ITERATIONS = 10
+DC_MU = 0.003
+
+
 @dataclass
 class DSBNParams:
     domain: str = param("auto", "BN domain: auto (adapted domain 1 when the checkpoint was adapted, else 0), 0 or 1",
@@ -273,6 +279,11 @@ class DSBNParams:
     memory_gb: float = param(3.0, "memory budget of one forward pass; larger volumes are tiled", min=0.1, max=256.0)
     tile: int = param(0, "tile size in voxels (0 = one pass if it fits the budget, else automatic)", min=0, max=1024)
     overlap: int = param(32, "tile overlap in voxels (outer half discarded, inner half cross-faded)", min=0, max=512)
+    consistency: int = param(DC_ITERATIONS, "data-consistency CG iterations after the network (0 = the raw network): "
+                             "χ is pulled back to agree with the measured field where the field is informative",
+                             min=0, max=500, short="DC")
+    consistency_mu: float = param(DC_MU, "weight μ of ‖χ − χ_network‖² in the data consistency (larger keeps more "
+                                  "of the network)", min=1e-6, max=1e3, widget="advanced", short="μ")
 
 
 _CACHE: dict = {}
@@ -302,6 +313,13 @@ def _run(scan, p: DSBNParams, *, device, progress=None, cancel=None, weights=Non
     chi, info = predict(model, scan.field, scan.mask, domain=p.domain, device=device, memory_gb=p.memory_gb,
                         tile=p.tile, overlap=p.overlap, progress=progress, cancel=cancel,
                         voxel_size=scan.voxel_size, b0_direction=scan.b0_direction)
+    if p.consistency > 0:
+        from ..core.inversion.consistency import data_consistency
+
+        chi, dc = data_consistency(scan.field, scan.mask, chi, scan.voxel_size, scan.b0_direction,
+                                   mu=p.consistency_mu, iterations=p.consistency, device=device,
+                                   progress=progress, cancel=cancel, return_info=True)
+        info["consistency"] = dc
     card = getattr(model, "card", {}) or {}
     info.update(weights=model.weights_path, weights_sha256=model.weights_sha256,
                 base_width=model.config.base_width, num_domains=model.num_domains,

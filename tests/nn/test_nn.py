@@ -338,6 +338,31 @@ def test_method_runs_with_given_weights(tmp_path):
     assert res.extras["weights_sha256"]
 
 
+def test_method_data_consistency_follows_the_field(tmp_path):
+    """consistency=0 is the raw network; the default pulls χ toward the field (lower misfit in the mask)."""
+    from napari_qsm.core.scan import Scan
+    from napari_qsm.methods import reconstruct
+
+    m = tiny()
+    p = tmp_path / "w.pt"
+    torch.save(m.state_dict(), p)
+    chi, mask = blob_volume((24, 28, 20))
+    field = forward_field(chi, (1, 1, 1), device="cpu") * mask
+    scan = Scan(field=field, mask=mask)
+    raw = reconstruct(scan, "dsbn", {"domain": "0", "consistency": 0, "reference": "none"}, device="cpu",
+                      weights=str(p))
+    plain, _ = predict(load_model(p), field, mask, domain=0, device="cpu")
+    np.testing.assert_allclose(raw.chi, plain, atol=1e-6)
+    dc = reconstruct(scan, "dsbn", {"domain": "0", "reference": "none"}, device="cpu", weights=str(p))
+    assert dc.extras["consistency"]["iterations"] > 0
+
+    def misfit(x):
+        return float(np.linalg.norm((forward_field(x, (1, 1, 1), device="cpu") - field)[mask > 0]))
+
+    assert misfit(dc.chi) < 0.5 * misfit(raw.chi)
+    assert np.linalg.norm(dc.chi - chi) < np.linalg.norm(raw.chi - chi)
+
+
 @pytest.mark.skipif(not default_weights_path().exists(), reason="no shipped weights")
 def test_shipped_weights_load_and_card():
     m = load_model()
