@@ -54,11 +54,20 @@ def _plugin_widgets(dock: QDockWidget) -> list:
 
 def call_later(owner, ms: int, fn) -> None:
     """Call ``fn`` after ``ms`` ms on a single-shot timer that is ``owner``'s child: when ``owner`` is
-    deleted first the call is dropped, and nothing queued keeps ``owner`` (a dock, its viewer) alive."""
+    deleted first the call is dropped with it. When it fires the timer lets go of ``fn`` (and of what
+    ``fn`` holds) at once, before it is deleted."""
     t = QTimer(owner)
     t.setSingleShot(True)
-    t.timeout.connect(fn)
-    t.timeout.connect(t.deleteLater)
+
+    def fire():
+        try:
+            t.timeout.disconnect()
+        except (RuntimeError, TypeError):
+            pass
+        t.deleteLater()
+        fn()
+
+    t.timeout.connect(fire)
     t.start(int(ms))
 
 
