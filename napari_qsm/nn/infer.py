@@ -337,5 +337,6 @@ METHODS = (Method(
     "dsbn", "QSMInvNet+ (DSBN)", DSBNParams, _run, order=40, short="QSMInvNet+", accepts_weights=True, long_running=True,
     uses_magnitude=False,
     doc="Deep dipole inversion: 3-D U-Net with domain-specific batch norms trained on synthetic heads "
-        "(field + mask, and the TKD of the field as a physics channel when the checkpoint has one → χ). Uses the shipped weights or --weights CKPT (an adapted checkpoint uses its "
-        "scan-specific BN)."),)
+        "(field + mask, and the TKD of the field as a physics channel when the checkpoint has one → χ), then a "
+        "data-consistency step that pulls χ back to agree with the measured field (0 steps: the raw network). "
+        "Uses the shipped weights or --weights CKPT (an adapted checkpoint uses its scan-specific BN)."),)
