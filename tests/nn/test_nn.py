@@ -412,3 +412,15 @@ def test_shipped_weights_beat_tkd_oracle_on_clinical_validation_case():
     _, best, oracle = best_tkd(ph)
     assert nn["hfen"] < oracle["hfen"], (nn, oracle)
     assert abs(1 - nn["slope"]) < abs(1 - best["slope"]), (nn, best)
+
+
+def test_one_reference_phase_scale():
+    """The 3 T / 20 ms phase scale is written once (core.constants): the training data, the adaptation's
+    L_T and NDI take the same number."""
+    from napari_qsm.core.constants import rad_per_ppm
+    from napari_qsm.core.inversion import ndi
+    from napari_qsm.nn.adaptation.patches import phase_scale
+    ref = rad_per_ppm()
+    assert ref == pytest.approx(16.0513, abs=1e-4)
+    assert phase_per_ppm() == ndi.phase_per_ppm() == phase_scale(None) == ref
+    assert ndi.phase_per_ppm(te=0.01, b0_tesla=7.0) == phase_per_ppm(7.0, 0.01) == rad_per_ppm(7.0, 0.01)
