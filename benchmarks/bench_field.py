@@ -141,18 +141,30 @@ class Truth:
         self.voxel_size = tuple(float(v) for v in voxel_size)
 
 
+def gen_key(generator: str, seed: int) -> str:
+    """The name of a generator's head in the cache and the tables: "phantom" (seed 0) or "phantom-s1"."""
+    return generator if int(seed) == 0 else f"{generator}-s{int(seed)}"
+
+
+def split_gen(key: str):
+    """gen_key → (generator, seed)."""
+    g, _, s = key.partition("-s")
+    return g, int(s or 0)
+
+
 def make_truth(case, generator) -> Truth:
     c = CASES[case]
+    generator, seed = split_gen(generator)
     if generator == "phantom":
         from napari_qsm.core.sim.phantom import CLINICAL_ECHOES, RESEARCH_ECHOES, make_phantom
-        ph = make_phantom(c["shape"], c["voxel_size"], seed=0, snr=50.0, honest=True, background=True,
+        ph = make_phantom(c["shape"], c["voxel_size"], seed=seed, snr=50.0, honest=True, background=True,
                           keep_echoes=True, shim_order=2, device="cpu",
                           echo_protocol=CLINICAL_ECHOES if c["protocol"] == "clinical" else RESEARCH_ECHOES)
         return Truth(ph.to_echoes(), ph.chi, ph.mask, ph.true_local_field, ph.true_total_field, ph.voxel_size)
     from napari_qsm.core.sim.shapes import make_head
     te = (tuple(0.0126 + 0.0041 * i for i in range(7)) if c["protocol"] == "clinical"
           else (0.004, 0.008, 0.012, 0.016, 0.020))
-    h = make_head(c["shape"], c["voxel_size"], seed=0, te=te, snr=40.0, device="cpu")
+    h = make_head(c["shape"], c["voxel_size"], seed=seed, te=te, snr=40.0, device="cpu")
     return Truth(h.to_echoes(), h.chi, h.brain_mask, h.local_field, h.total_field, h.voxel_size)
 
 
@@ -204,7 +216,7 @@ class Cache:
             with open(p, "rb") as f:
                 return pickle.load(f)
         old = self.dir / f"phantom_{case}.pkl"       # the phantom pickled by earlier versions of this script
-        if generator == "phantom" and old.exists():
+        if generator == "phantom" and old.exists():   # seed 0 only
             with open(old, "rb") as f:
                 ph = pickle.load(f)
             t = Truth(ph.to_echoes(), ph.chi, ph.mask, ph.true_local_field, ph.true_total_field, ph.voxel_size)
@@ -534,6 +546,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=["head1mm", "slab"], choices=list(CASES))
     ap.add_argument("--generator", nargs="+", default=["phantom"], choices=("phantom", "shapes"))
+    ap.add_argument("--seed", type=int, default=0, help="the generators' seed (0: the tables' heads; another seed is "
+                    "named GENERATOR-sSEED in the cache and the tables)")
     ap.add_argument("--part", choices=("all", "accuracy", "timing"), default="accuracy")
     ap.add_argument("--medi", type=int, default=99, help="MEDI runs per source kind (raw / true total), best first")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the timing part")
@@ -550,6 +564,7 @@ def main(argv=None):
         worker(*a.worker, a.cache, a.threads)
         return
     cache = Cache(Path(a.cache), readonly=a.report)
+    a.generator = [gen_key(g, a.seed) for g in a.generator]
     if a.local_only:
         for gen in a.generator:
             for case in a.cases:
