@@ -549,6 +549,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="the generators' seed (0: the tables' heads; another seed is "
                     "named GENERATOR-sSEED in the cache and the tables)")
     ap.add_argument("--part", choices=("all", "accuracy", "timing"), default="accuracy")
+    ap.add_argument("--background", nargs="+", choices=[b[0] for b in BACKGROUND], default=None,
+                    help="only these background rows (default: all)")
     ap.add_argument("--medi", type=int, default=99, help="MEDI runs per source kind (raw / true total), best first")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the timing part")
     ap.add_argument("--cache", default="/tmp/napari_qsm_bench_field")
@@ -564,6 +566,8 @@ def main(argv=None):
         worker(*a.worker, a.cache, a.threads)
         return
     cache = Cache(Path(a.cache), readonly=a.report)
+    if a.background:
+        BACKGROUND[:] = [b for b in BACKGROUND if b[0] in a.background]
     a.generator = [gen_key(g, a.seed) for g in a.generator]
     if a.local_only:
         for gen in a.generator:
