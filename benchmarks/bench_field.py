@@ -77,25 +77,40 @@ BACKGROUND = [("lbv", "lbv", {}, "LBV (7-point, peel 0)"),
 #: what the timing part measures (each in its own process): the default chain end to end and its background step
 TIMED = [("pipeline", "default"), ("background", "lbv")]
 NOTES = [
-    "Chain mask: frontend-mask's mask at its commit 64464bb (merged before these runs); its later commits "
-    "(52fc457, 0852b28: edge peeling) came after and are not in these numbers. MEDI at 1 mm (30+ min per run on the "
-    "shared machine) did not finish in time: those cells say 'not run'.",
+    "Seeds: seed 0 (*phantom*, *shapes*) is the selection head on which this session's default was chosen (issue "
+    "24: the echo fit's N_std × √misfit where the misfit exceeds 3); seed 1 (*phantom-s1*, *shapes-s1*) was not "
+    "looked at before these runs: read it as the report. The 1 mm head is seed 0 (a check that it stays ≤ 30 %).",
+    "N_std × √misfit (fit step, `misfit_noise` = 3): where the phase is not linear in TE (partial volume with bone, "
+    "air or CSF; intra-voxel dephasing across a 3 mm slice) the slope's standard error is the voxel's own residual "
+    "scatter, not σ's prediction; MEDI weighs those voxels down. Selection slab, default chain → MEDI: phantom 78.5 → "
+    "71.8 %, shapes 61.9 → 52.5 %; 1 mm 30.2 → 30.2 %. Taking the misfit above 1 instead of 3 gave the same (71.6, "
+    "52.7); N_std × misfit (weights ∝ 1/misfit²) 72.0 / 50.6.",
+    "The mask's shell peel (voxels darker than 1.0 × the local tissue level leave the outer 3 mm) also peels cortex, "
+    "which is darker than white matter: the phantom slab's chain mask misses 1.9 % of the brain, mostly by the misfit "
+    "carving near the sinuses (1,018 voxels without it, 9,201 with it). A peel at 0.75 × the level gave, on the "
+    "selection heads with the N_std change, phantom 71.8 → 60.4 %, shapes 52.5 → 53.8 %, 1 mm 30.2 → 29.4 %, but let "
+    "479 partial-volume bone voxels into the 3 mm shapes head's mask (3.4 % of its bone; "
+    "tests/core/field/test_mask_real.py allows 0.2 %): not adopted. 0.5: 54.1 / 55.1 / 30.4; no peel: 112.6 "
+    "(phantom, before the N_std change) / 46.6 (shapes, with it). A bone test that does not hit cortex (R2*, "
+    "misfit) is the open lever here.",
+    "Tried and dropped (selection slab, MEDI, shapes head): LBV on a region without the voxels of misfit > 3, the rest "
+    "of the mask kept with weight 0 (98.6 % against 61.9, before the N_std change); after it, keeping LBV's boundary "
+    "voxels in the mask with weight 0 (72.1 % against 52.5) and no misfit carving in the mask (56.4 %).",
+    "Where the rest sits (benchmarks/field_decompose.py → field_decompose.md): on the slab LBV's boundary takes away a "
+    "large harmonic part of the true local field (the brain's top and bottom are perpendicular to B0 and cut by 3 mm "
+    "slices; the local field there reaches 0.05 ppm rms against 0.01 in the middle), partial-volume bone in the "
+    "chain mask's margin adds its own sources, and the raw field differs from the true voxel-mean field in "
+    "partial-volume voxels (0.05–0.10 ppm rms in the margin, 0.007 in the brain).",
     "Default background step: LBV with the whole mask (peel 0), chosen by these tables (issue 24) and the previous "
     "ones (MEDI χ from raw echoes at 1 mm: LBV 31.1 vs V-SHARP 52.6 %). Peel 2 drops brain voxels, which count as "
-    "error (2.5 mm head: 75.5 vs 47.9 % local-field NRMSE from raw echoes).",
+    "error (2.5 mm head: 75.5 vs 47.9 % local-field NRMSE from raw echoes). This run has the LBV row only "
+    "(`--background lbv`); the other methods' rows of the previous session's run are in git history "
+    "(docs/benchmarks/field.md at d182084).",
     "Voxel-centre balls (V-SHARP, iSMV, RESHARP; QSM.jl and QSM.rs): on the 2.5 mm head from the true total field "
     "50.0 % local-field NRMSE in its own mask against 63.5 % with the earlier partial-volume ball (its erosion and "
     "radius choice). On strongly anisotropic voxels a voxel-centre ball has unequal second moments along the axes, "
     "so its mean of a harmonic field is not the centre value: on an analytic scene on 2×2×5 mm voxels V-SHARP leaves "
     "3.5 % of the background (LBV 1.4 %, LBV 19-point less; tests/core/field/test_background.py).",
-    "LBV on the slab (62.5 % from the true total field before, 13.3 % at 1 mm; measured on the chain mask before "
-    "frontend-mask's mask): not the Laplacian. Inside the "
-    "chain's brain mask the 'background' (true total − true local field) is not harmonic: the mask takes in "
-    "partial-volume voxels of CSF, bone and scalp whose sources are background but lie inside it (LBV leaves "
-    "0.0098 ppm rms of it there, 0.0009 ppm inside the phantom's own brain mask; the local field's std is 0.0093 "
-    "ppm), and the true local field's own boundary values (0.004–0.007 ppm rms) are a harmonic part no method can "
-    "recover. The 7-point Laplacian's truncation error grows with the slice thickness (0.0009 ppm inside the true "
-    "brain mask); the 19-point (Mehrstellen) option cuts it to 0.0002 ppm.",
     "True total field in the chain's mask: in partial-volume voxels the true total field (the voxel mean of the "
     "field, bone and air included) is not what the echoes measure (the phase of the voxel's summed signal, "
     "dominated by the tissue with signal), so this 'reachable' reference can be worse than the raw chain; read it "

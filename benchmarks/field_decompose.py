@@ -48,6 +48,15 @@ def one(case, gen, cache, key):
     from napari_qsm.methods import reconstruct
 
     torch.set_num_threads(1)
+    bench = {"raw/chain": "lbv/raw", "true/chain": "lbv/true", "truth": "truth"}.get(key)
+    if bench and find_step("background").name == "lbv":     # bench_field.py's own runs of the same rows
+        chi_p = cache.dir / f"chi_{gen}_{case}_medi_{bench.replace('/', '_')}.json"
+        bg_p = cache.dir / f"bg_{gen}_{case}_lbv.json"
+        if chi_p.exists() and (key == "truth" or bg_p.exists()):
+            c = json.loads(chi_p.read_text())
+            loc = 0.0 if key == "truth" else json.loads(bg_p.read_text())[bench.split("/")[1]]["nrmse"]
+            return {"row": key, "local_nrmse": loc, "medi_nrmse": c["nrmse"], "coverage": c["coverage"],
+                    "from": chi_p.name}
     t = cache.truth(case, gen)
     with open(cache.dir / f"run_{gen}_{case}.pkl", "rb") as f:
         tot, brain, _ = pickle.load(f)
@@ -81,14 +90,16 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     a = ap.parse_args(argv)
     cache = B.Cache(Path(a.cache))
+    sys.modules["__main__"].Truth = B.Truth       # bench_field.py (run as a script) pickles its heads as __main__.Truth
     out = Path(a.out)
     pj = out / "field_decompose.json"
     res = json.loads(pj.read_text()) if pj.exists() else {}
     for g in a.generator:
         gen = B.gen_key(g, a.seed)
         for case in a.cases:
+            first = sorted(ROWS, key=lambda r: r[0] in ("raw/chain", "true/chain", "truth"))   # bench_field's last
             rows = [cache.json(f"decomp_{gen}_{case}_{k.replace('/', '_')}", lambda k=k: one(case, gen, cache, k))
-                    for k, _ in ROWS]
+                    for k, _ in first]
             res[f"{gen} {case}"] = rows
             B.log(gen, case, rows)
             pj.write_text(json.dumps(res, indent=1) + "\n")

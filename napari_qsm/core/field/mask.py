@@ -180,8 +180,8 @@ class ThresholdMaskParams:
     edge: str = param("dark", "what leaves the outer shell: its dark or short-T2* voxels (partial-volume bone; the "
                       "source-free CSF rim stays as margin for background removal), or all of it (the CSF rim too)",
                       choices=("dark", "all"))
-    edge_fraction: float = param(0.75, "dark in the shell: magnitude below this fraction of the local tissue level "
-                                 "(bright CSF stays, partial-volume bone goes; cortex, darker than white matter, stays)", min=0.0, max=2.0)
+    edge_fraction: float = param(1.0, "dark in the shell: magnitude below this fraction of the local tissue level "
+                                 "(bright CSF stays, partial-volume bone goes)", min=0.0, max=2.0)
     close_mm: float = param(0.0, "closing radius (mm) after filling holes; 0 = none", min=0.0, max=20.0)
     erode_mm: float = param(0.0, "final erosion (mm); background removal erodes further", min=0.0, max=20.0)
     misfit_max: float = param(10.0, "leave out edge voxels whose echo-fit misfit (reduced χ²; ≈ 1 for noise) exceeds "
