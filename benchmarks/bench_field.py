@@ -77,6 +77,11 @@ BACKGROUND = [("lbv", "lbv", {}, "LBV (7-point, peel 0)"),
 #: what the timing part measures (each in its own process): the default chain end to end and its background step
 TIMED = [("pipeline", "default"), ("background", "lbv")]
 NOTES = [
+    "Runs behind these tables (issue 24, this session; cache /tmp/slab/f): `bench_field.py --cases slab --generator G "
+    "--seed S --background lbv --medi 1 --cache DIR` for G in phantom, shapes and S in 0, 1; `bench_field.py --cases "
+    "head1mm --generator phantom --background lbv --medi 1 --cache DIR`; then `--report` once per seed. Machine load "
+    "7–17 during the runs (other engineers' jobs): seconds are upper bounds. The timing table is the previous "
+    "session's (the N_std change adds one elementwise pass to the fit).",
     "Seeds: seed 0 (*phantom*, *shapes*) is the selection head on which this session's default was chosen (issue "
     "24: the echo fit's N_std × √misfit where the misfit exceeds 3); seed 1 (*phantom-s1*, *shapes-s1*) was not "
     "looked at before these runs: read it as the report. The 1 mm head is seed 0 (a check that it stays ≤ 30 %).",
@@ -84,7 +89,8 @@ NOTES = [
     "air or CSF; intra-voxel dephasing across a 3 mm slice) the slope's standard error is the voxel's own residual "
     "scatter, not σ's prediction; MEDI weighs those voxels down. Selection slab, default chain → MEDI: phantom 78.5 → "
     "71.8 %, shapes 61.9 → 52.5 %; 1 mm 30.2 → 30.2 %. Taking the misfit above 1 instead of 3 gave the same (71.6, "
-    "52.7); N_std × misfit (weights ∝ 1/misfit²) 72.0 / 50.6.",
+    "52.7); N_std × misfit (weights ∝ 1/misfit²) 72.0 / 50.6. Every MEDI here weighs by the chain's N_std, the true "
+    "local field's too: that reference moved with it (seed 0 slab: 19.8 → 23.2 % phantom, 11.0 → 13.6 % shapes).",
     "The mask's shell peel (voxels darker than 1.0 × the local tissue level leave the outer 3 mm) also peels cortex, "
     "which is darker than white matter: the phantom slab's chain mask misses 1.9 % of the brain, mostly by the misfit "
     "carving near the sinuses (1,018 voxels without it, 9,201 with it). A peel at 0.75 × the level gave, on the "
