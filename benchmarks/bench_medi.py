@@ -6,8 +6,9 @@ Writes docs/benchmarks/medi.md, medi.csv, medi_lambda.csv and medi_lambda.png.
     nice -n 10 python benchmarks/bench_medi.py --quick          # 2 mm 80×96×80 (minutes)
     nice -n 10 python benchmarks/bench_medi.py --extra          # + clinical-like 1×1×3 mm and 15°-oblique phantoms
     nice -n 10 python benchmarks/bench_medi.py --memory         # + peak memory of MEDI at 256×256×160
-    nice -n 10 python benchmarks/bench_medi.py --speed LABEL    # default and lambda=auto wall time on the 1 mm head,
-                                                                # as a ratio to one FFT pair; docs/benchmarks/medi_speed.md
+    nice -n 10 python benchmarks/bench_medi.py --speed LABEL [--code DIR] [--threads N]
+                      # default and lambda=auto on the 1 mm head as ratios to one FFT pair, peak memory, χ change
+                      # against the label "before"; docs/benchmarks/medi_speed.md (benchmarks/medi_speed.py)
 
 Intermediate results are cached in --cache (default /tmp/napari_qsm_bench_medi) so an interrupted
 run continues where it stopped; delete the folder to start afresh.
@@ -382,64 +383,6 @@ def md_table(rows, ph, lines, mask_note=None):
     return csv
 
 
-def speed(args):
-    """Default and lambda=auto MEDI on the honest 1 mm head: seconds, CPU seconds, ratio to one rfftn+irfftn pair of
-    the padded grid (measured in the same run), CG iterations and demeaned NRMSE; appended under ``args.speed`` (a
-    label, e.g. "before"/"after") to speed.json in the cache, and every label tabulated in medi_speed.md."""
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    npz = cache / "speed_head_1mm.npz"
-    if not npz.exists():
-        ph = make_phantom((160, 192, 160), (1.0, 1.0, 1.0), seed=0, snr=40, honest=True, device="cpu")
-        np.savez(npz, field=ph.field, mask=ph.mask, mag=ph.magnitude, noise=ph.noise_std, chi=ph.chi,
-                 b0t=ph.b0_tesla, b0d=np.asarray(ph.b0_direction))
-    d = np.load(npz)
-    path = cache / "speed.json"
-    allruns = json.loads(path.read_text()) if path.exists() else {}
-    for name, lam in (("default (λ = 1000)", 1000.0), ("lambda=auto", "auto")):
-        load0 = os.getloadavg()[0]
-        c0 = time.process_time()
-        (chi, info), sec = timed(lambda: medi_l1(d["field"], d["mask"], (1, 1, 1), d["b0d"], magnitude=d["mag"],
-                                                  noise_std=d["noise"], b0_tesla=float(d["b0t"]), lam=lam,
-                                                  device="cpu", return_info=True))
-        cpu = time.process_time() - c0
-        pshape, crop = tuple(info["fft_shape"]), tuple(b - a for a, b in info["crop"])
-        x = torch.randn(crop)
-        ts, cs = [], []
-        for _ in range(7):
-            t, c = time.perf_counter(), time.process_time()
-            torch.fft.irfftn(torch.fft.rfftn(x, s=pshape), s=pshape)
-            ts.append(time.perf_counter() - t)
-            cs.append(time.process_time() - c)
-        h = info["history"]
-        cg = (sum(t["cg_iters"] for t in info["lambda_search"]["tried"]) if "lambda_search" in info
-              else sum(h["cg_iters"]))
-        allruns.setdefault(args.speed, {})[name] = {
-            "seconds": sec, "cpu_seconds": cpu, "fft_pair": float(np.median(ts)), "fft_pair_cpu": float(np.median(cs)),
-            "fft_shape": list(pshape), "crop": list(crop), "cg": cg, "lambda": info["lambda"],
-            "nrmse": M.nrmse_demeaned(chi, d["chi"], d["mask"]), "load": [load0, os.getloadavg()[0]],
-            "threads": torch.get_num_threads()}
-        np.save(cache / f"speed_{args.speed}_{'auto' if lam == 'auto' else 'default'}.npy", chi)
-        path.write_text(json.dumps(allruns, indent=1))
-        log("speed", args.speed, name, f"{sec:.0f} s, {cg} CG")
-    lines = ["# MEDI speed on the 1 mm head", "",
-             "Honest 1 mm head `make_phantom((160, 192, 160), (1, 1, 1), seed=0, snr=40, honest=True)`, CPU, "
-             f"{torch.get_num_threads()} torch threads. The ratio divides the wall (CPU) seconds by one rfftn + irfftn "
-             "pair of the padded grid measured in the same run, so it carries over to other machines; the load "
-             "average (1 min, before/after) says how shared the 2 cores were.", "",
-             "| code | run | wall s | CPU s | FFT pair s | × FFT pair (wall) | × FFT pair (CPU) | CG iterations | λ | "
-             "NRMSE % | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for label, runs in allruns.items():
-        for name, r in runs.items():
-            lines.append(f"| {label} | {name} | {r['seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['fft_pair']:.3f} | "
-                         f"{r['seconds'] / r['fft_pair']:.0f} | {r['cpu_seconds'] / max(r['fft_pair_cpu'], 1e-9):.0f} | "
-                         f"{r['cg']} | {r['lambda']:.0f} | {r['nrmse']:.2f} | {r['load'][0]:.1f}/{r['load'][1]:.1f} |")
-    lines += ["", f"Regenerate: `nice -n 10 python benchmarks/bench_medi.py --speed LABEL` (cache {args.cache}).", ""]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "medi_speed.md").write_text("\n".join(lines))
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 mm 80×96×80 instead of 1 mm 160×192×160")
@@ -457,11 +400,15 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     ap.add_argument("--cache", default="/tmp/napari_qsm_bench_medi")
     ap.add_argument("--speed", metavar="LABEL", help="only the speed runs (default and lambda=auto on the 1 mm head), "
-                                                     "stored under LABEL; writes medi_speed.md")
+                                                     "stored under LABEL; writes medi_speed.md (benchmarks/medi_speed.py)")
+    ap.add_argument("--code", help="--speed: the checkout to time (its PYTHONPATH; default this one)")
+    ap.add_argument("--speed-runs", default="default,auto", help="--speed: which runs (default, auto)")
+    ap.add_argument("--speed-reference", default="before", help="--speed: the label χ differences are taken to")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.speed:
-        return speed(args)
+        from medi_speed import speed
+        return speed(args, ROOT, log)
     os.environ["BENCH_MEDI_CACHE"] = args.cache
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

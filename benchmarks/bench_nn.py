@@ -38,13 +38,27 @@ model = load_model(w, device="cpu")
 times = []
 for i in range(int(sys.argv[5])):
     t = time.perf_counter(); chi, info = predict(model, f, m, device="cpu", **geom); times.append(time.perf_counter() - t)
+# the dsbn method's data consistency after the network, at its defaults (what `--method dsbn` adds)
+from napari_qsm.core.inversion.consistency import data_consistency
+from napari_qsm.nn.infer import DC_ITERATIONS, DC_MU
+dc_times = []
+for i in range(int(sys.argv[5])):
+    t = time.perf_counter()
+    _, dc = data_consistency(f, m, chi, mu=DC_MU, iterations=DC_ITERATIONS, return_info=True, **geom)
+    dc_times.append(time.perf_counter() - t)
+x = torch.randn(dc["fft_shape"])
+t = time.perf_counter()
+for _ in range(3):
+    torch.fft.irfftn(torch.fft.rfftn(x), s=x.shape)
+fft_pair = (time.perf_counter() - t) / 3
 def vmhwm():
     # VmHWM is this process's own high-water mark (ru_maxrss would include the parent's RSS at fork)
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return float(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": times, "rss_before_mb": rss0 / 1024, "peak_rss_mb": vmhwm(), "info": info}))
+print(json.dumps({"seconds": times, "dc_seconds": dc_times, "dc": dc, "dc_fft_pair_seconds": fft_pair,
+                  "load_average": list(__import__("os").getloadavg()), "rss_before_mb": rss0 / 1024, "peak_rss_mb": vmhwm(), "info": info}))
 """
 
 
@@ -179,6 +193,15 @@ def main(argv=None) -> int:
         "",
         "Targets (issue 4): ≤ 30 s and ≤ 4 GB. Plain conv3d: one Conv3d 32→32, 3³, on 64³ (forward, no grad), "
         f"{args.threads} thread(s).",
+        "",
+        "The dsbn method follows the network with its data consistency (`core/inversion/consistency.py`, "
+        f"{i['dc']['iterations']} CG iterations, μ {i['dc']['mu']}, FFT grid {i['dc']['fft_shape']}):",
+        "",
+        "| network | data consistency | network + DC (issue 26 target ≤ 10 s) | DC in FFT pairs of its grid | "
+        "load average (1, 5, 15 min) |",
+        "|---|---|---|---|---|",
+        f"| {min(i['seconds']):.1f} s | {min(i['dc_seconds']):.1f} s | {min(i['seconds']) + min(i['dc_seconds']):.1f} s | "
+        f"{min(i['dc_seconds']) / i['dc_fft_pair_seconds']:.0f} | {', '.join(f'{v:.1f}' for v in i['load_average'])} |",
         "",
     ]
     if "inference_other_threads" in res:

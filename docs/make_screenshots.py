@@ -11,6 +11,8 @@ It loads the 1 mm sample phantom, runs TKD in the "QSM reconstruction" dock, and
                                            Reconstruct, Field, Adapt and Compare as tabs of one group)
 * ``docs/screenshot_reconstruct_tkd.png``  whole window: TKD result with its colour bar, dock with inputs and parameters
 * ``docs/screenshot_dock_tkd.png``         the dock alone (readable detail)
+* ``docs/screenshot_dock_dsbn.png``        (``dsbn``) the dock after a QSMInvNet+ run: the network's form with its
+                                           data-consistency settings
 * ``docs/screenshot_truth_vs_tkd.png``     grid view: true χ next to TKD, same ±0.15 ppm window
 * ``docs/screenshot_medi_running.png``     a MEDI run in flight (progress bar, Cancel enabled, live preview)
 * ``docs/screenshot_clinical_oblique.png`` the clinical-like phantom, 0.75×0.75×3 mm, B0 tilted 15°
@@ -47,7 +49,7 @@ import numpy as np
 
 DOCS = Path(__file__).resolve().parent
 WINDOW = [1600, 1000]
-SCREENS = ("docks", "reconstruct", "truth", "medi", "clinical", "adapt", "field", "raw", "clinic")
+SCREENS = ("docks", "reconstruct", "truth", "medi", "clinical", "adapt", "field", "raw", "clinic", "dsbn")
 
 
 def _pump(app, seconds: float) -> None:
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
     app = QApplication.instance() or napari.qt.get_qapp()
     if "docks" in only:
         _docks_screen(app)
-    if only & {"reconstruct", "truth", "medi", "clinical"}:
+    if only & {"reconstruct", "truth", "medi", "clinical", "dsbn"}:
         _reconstruct_screens(app, only)
     if "adapt" in only:
         _adapt_screens(app, args.weights, args.adapt_steps)
@@ -182,6 +184,12 @@ def _reconstruct_screens(app, only=SCREENS) -> None:
     if "reconstruct" in only:
         _save_window(viewer, app, "screenshot_reconstruct_tkd.png")
         _save_widget(dock, app, "screenshot_dock_tkd.png")
+
+    if "dsbn" in only:   # the network's form (data consistency), after a run
+        dock.set_method("dsbn")
+        dock.run()
+        _wait(app, lambda: not dock.runner.running, 300)
+        _save_widget(dock, app, "screenshot_dock_dsbn.png")
 
     # 2. truth vs TKD in grid mode -------------------------------------------------------------
     if "truth" in only:

@@ -34,6 +34,7 @@ _METHOD_MODULES = (
     "napari_qsm.core.inversion.rts",
     "napari_qsm.core.inversion.hdqsm",
     "napari_qsm.core.inversion.ndi",
+    "napari_qsm.core.inversion.ilsqr",
     "napari_qsm.nn.infer",
     "napari_qsm.nn.adapt",
 )

@@ -266,3 +266,32 @@ def test_batch_imports_no_qt_and_no_napari():
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_failing_field_step_is_named_by_its_family(raw_bids_head):
+    """The batch reports which front-end step failed: local_field records the family on the exception
+    (it used to be found by the name of a frame in the traceback)."""
+    from napari_qsm.batch.tasks import _failing_field_step
+    from napari_qsm.core.field.load import load_echoes
+    from napari_qsm.core.field.pipeline import FieldRecipe, local_field
+    from napari_qsm.core.field.steps import Step
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")    # no family in the message
+
+    vs = FieldRecipe().step("background")
+    recipe = FieldRecipe(background=Step("background", "broken", "Broken", vs.params_cls, run=broken))
+    with pytest.raises(RuntimeError, match="boom") as info:
+        local_field(load_echoes(str(raw_bids_head)), recipe, device="cpu")
+    assert info.value.field_step == "background"
+    assert _failing_field_step(info.value) == "field:background"
+    assert _failing_field_step(ValueError("mask: empty")) == "field:mask"   # an input check outside the steps
+    assert _failing_field_step(ValueError("something else")) == "field"
+
+
+def test_batch_field_suffixes_name_every_pipeline_map_once():
+    """One description per map (pipeline.FIELD_MAPS); the batch only names the BIDS suffix, the local
+    field (the set's marker) last."""
+    from napari_qsm.batch.discovery import FIELD_SUFFIXES
+    from napari_qsm.pipeline import FIELD_MAPS
+    assert sorted(FIELD_SUFFIXES.values()) == sorted(FIELD_MAPS) and list(FIELD_SUFFIXES)[-1] == "localfield"

@@ -20,8 +20,10 @@ FORBIDDEN = ("napari_qsm.nn", "napari_qsm._napari", "napari_qsm.cli", "napari_qs
 
 #: what `napari-qsm methods`, `--method` and the Reconstruction dock listed before the registry moved
 METHODS_BEFORE = ["tkd", "tsvd", "tv", "rts", "hdqsm", "ndi", "medi", "cosmos", "dsbn", "dsbn_adapt"]
-#: methods added since (tfi-medi: TFI, issue 25), listed after them
-METHODS_ADDED = ["tfi"]
+#: methods added since (issue 25: TFI, iLSQR)
+METHODS_ADDED = ["tfi", "ilsqr"]
+#: the order everything is listed in (Method.order): iLSQR sits with the other classic inversions, TFI last
+METHODS_LISTED = ["tkd", "tsvd", "tv", "rts", "hdqsm", "ndi", "ilsqr", "medi", "cosmos", "dsbn", "dsbn_adapt", "tfi"]
 
 
 _MODULE_NAME = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+")
@@ -95,13 +97,15 @@ def test_the_import_scan_can_fail(tmp_path):
 
 def test_methods_listed_as_before_everywhere():
     names = [m.name for m in registry.available_methods()]
-    assert names == METHODS_BEFORE + METHODS_ADDED, registry.import_errors()
+    assert sorted(METHODS_LISTED) == sorted(METHODS_BEFORE + METHODS_ADDED)
+    assert [n for n in METHODS_LISTED if n in METHODS_BEFORE] == METHODS_BEFORE   # the old ones keep their order
+    assert names == METHODS_LISTED, registry.import_errors()
     out = subprocess.run([sys.executable, "-m", "napari_qsm.cli", "methods"], capture_output=True, text=True,
                          check=True).stdout
     listed = [line.split()[0] for line in out.splitlines() if line and not line.startswith(" ")
               and not line.startswith("Steps") and ":" not in line.split()[0]]
-    assert listed == METHODS_BEFORE + METHODS_ADDED
-    for name in METHODS_BEFORE + METHODS_ADDED:
+    assert listed == METHODS_LISTED
+    for name in METHODS_LISTED:
         assert registry.get_method(name).name == name
 
 
@@ -141,7 +145,7 @@ def test_third_party_method_from_an_entry_point(tmp_path, monkeypatch, fresh_reg
     from napari_qsm.core.scan import Scan
 
     names = [m.name for m in fresh_registry.available_methods()]
-    assert names == METHODS_BEFORE + METHODS_ADDED + ["half"]
+    assert names == METHODS_LISTED + ["half"]
     assert any("broken" in k for k in fresh_registry.import_errors())
     field = np.ones((4, 4, 4), np.float32)
     res = fresh_registry.reconstruct(Scan(field=field, mask=np.ones((4, 4, 4), bool), voxel_size=(1, 1, 1)),
@@ -153,7 +157,7 @@ def test_register_method_at_run_time(fresh_registry):
     m = Method("echo_test", "Echo", object, lambda *a, **k: None, order=999)
     fresh_registry.register_method(m)
     assert fresh_registry.get_method("echo_test") is m
-    assert [x.name for x in fresh_registry.available_methods()][:len(METHODS_BEFORE)] == METHODS_BEFORE
+    assert [x.name for x in fresh_registry.available_methods()][:len(METHODS_LISTED)] == METHODS_LISTED
     with pytest.raises(TypeError):
         fresh_registry.register_method("tkd")
 

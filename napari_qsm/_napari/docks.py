@@ -52,6 +52,25 @@ def _plugin_widgets(dock: QDockWidget) -> list:
     return [w for w in dock.findChildren(QWidget) if isinstance(w, QSMDock)]
 
 
+def call_later(owner, ms: int, fn) -> None:
+    """Call ``fn`` after ``ms`` ms on a single-shot timer that is ``owner``'s child: when ``owner`` is
+    deleted first the call is dropped with it. When it fires the timer lets go of ``fn`` (and of what
+    ``fn`` holds) at once, before it is deleted."""
+    t = QTimer(owner)
+    t.setSingleShot(True)
+
+    def fire():
+        try:
+            t.timeout.disconnect()
+        except (RuntimeError, TypeError):
+            pass
+        t.deleteLater()
+        fn()
+
+    t.timeout.connect(fire)
+    t.start(int(ms))
+
+
 def raise_dock(widget: QWidget) -> None:
     """Bring ``widget``'s dock to the front of its tab group."""
     try:
@@ -129,7 +148,7 @@ def arrange(widget: QWidget) -> None:
         front.raise_()
     fit_to_screen(win)
     # the layout takes the smaller minimum (tabs, not a stack) on the next passes: fit again then
-    QTimer.singleShot(50, lambda: _safe_fit(win))
+    call_later(win, 50, lambda: _safe_fit(win))
 
 
 def _safe_fit(win) -> None:
@@ -152,7 +171,7 @@ def toggle_large(widget: QWidget, large: bool, fraction: float = 0.85) -> bool:
             dock.setFloating(False)
             win = _main_window(dock)
             if win is not None:
-                QTimer.singleShot(0, lambda: fit_to_screen(win))
+                call_later(win, 0, lambda: _safe_fit(win))
         return False
     avail = available_geometry(dock)
     dock.setFloating(True)
@@ -178,7 +197,7 @@ class QSMDock:
         super().showEvent(event)
         if not getattr(self, "_qsm_arranged", False):
             self._qsm_arranged = True
-            QTimer.singleShot(0, lambda: _safe_arrange(self))
+            call_later(self, 0, lambda: _safe_arrange(self))
 
 
 def _safe_arrange(widget) -> None:

@@ -32,7 +32,7 @@ from ..core.params import ParamError
 from ..core.scan import ScanError
 from ..methods import available_steps, get_step
 from ..pipeline import field_from_echoes
-from .docks import raise_dock
+from .docks import call_later, raise_dock
 from .field_mask import NO_MASK, MaskTools
 from .field_swi import SWISection, swi_layer_data
 from .field_words import FAMILY_TITLES, PHASE_UNITS, relabel_step_form, short_doc
@@ -231,7 +231,7 @@ class FieldWidget(MaskTools, RunDock):
         self._on_mag_changed()
         if self.wants_front() and not self._fronted:  # raw echoes came in, nothing computed yet: this dock first
             self._fronted = True
-            QTimer.singleShot(0, lambda: raise_dock(self))
+            call_later(self, 0, lambda: raise_dock(self))   # the dock's child: dropped if the dock goes first
 
     def _schedule_refresh(self, *_) -> None:
         self._refresh_timer.start()

@@ -36,6 +36,7 @@ PARAM_LABELS = {
     "discrepancy": "Discrepancy target", "auto_max_solves": "Automatic λ: most solves", "domain": "BN domain",
     "memory_gb": "Memory (GB)", "tile": "Tile (voxels)", "overlap": "Tile overlap (voxels)", "eps": "Tikhonov ε",
     "lr": "Learning rate", "patch": "Patch (voxels)", "seed": "Random seed",
+    "consistency": "Data consistency (CG steps)", "consistency_mu": "Data consistency μ",
 }
 
 

@@ -12,11 +12,11 @@ import html
 from typing import Callable, Optional
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QHBoxLayout, QWidget
 
 from ..core.params import ParamError, make_params
-from .docks import QSMDock
+from .docks import QSMDock, call_later
 from .kit import WARN_COLOR, run_footer, scrolling_body, show_failure
 from .workers import JobRunner
 
@@ -58,7 +58,7 @@ class RunDock(QSMDock, QWidget):
     def showEvent(self, event) -> None:  # noqa: N802 - Qt name
         super().showEvent(event)
         # the napari style sheet (fonts, padding) applies once the dock is shown: measure again
-        QTimer.singleShot(0, self._fit_width)
+        call_later(self, 0, self._fit_width)
 
     # -- running ------------------------------------------------------------------------------
     def run(self) -> bool:  # pragma: no cover - every dock has its own

@@ -9,18 +9,12 @@ from typing import Optional, Sequence
 from ..core.io import bids
 from ..core.io.bids import DERIVATIVES, strip_ext
 
-__all__ = ["BatchScan", "discover", "output_paths", "sidecar", "FIELD_MAPS", "SWI_MAPS", "DERIVATIVES"]
+__all__ = ["BatchScan", "discover", "output_paths", "sidecar", "FIELD_SUFFIXES", "SWI_MAPS", "DERIVATIVES"]
 
-#: output suffix -> (key of :data:`napari_qsm.pipeline.FIELD_MAPS`, description, units); the local field
-#: is written last: the set's marker
-FIELD_MAPS = {
-    "mask": ("mask", "brain mask, eroded by background removal (1 = inside)", None),
-    "magnitude": ("magnitude", "combined magnitude of the echoes", None),
-    "totalfield": ("total_field", "total field (background not removed)", "ppm"),
-    "noisestd": ("noise_std", "field noise standard deviation from the echo fit", "ppm"),
-    "R2starmap": ("r2star", "R2* from the echo fit", "1/s"),
-    "localfield": ("local_field", "local (tissue) field, background removed", "ppm"),
-}
+#: BIDS output suffix -> key of :data:`napari_qsm.pipeline.FIELD_MAPS` (which holds each map's description
+#: and units); the local field is written last: the set's marker
+FIELD_SUFFIXES = {"mask": "mask", "magnitude": "magnitude", "totalfield": "total_field", "noisestd": "noise_std",
+                  "R2starmap": "r2star", "localfield": "local_field"}
 #: SWI maps written beside the front end's (raw scans): suffix -> (quantity, units)
 SWI_MAPS = {"swi": ("susceptibility-weighted image (CLEAR-SWI style)", "a.u."),
             "minIP": ("SWI minimum-intensity projection", "a.u."),
@@ -108,14 +102,14 @@ def _scans_in(anat: Path, subject: str, session: Optional[str]) -> list[BatchSca
 
 
 def output_paths(root, scan: BatchScan, method: str, dicom: bool = False) -> dict[str, Path]:
-    """The derivative files of one scan: ``{"chi": ...}`` and, for raw scans, the :data:`FIELD_MAPS` suffixes."""
+    """The derivative files of one scan: ``{"chi": ...}`` and, for raw scans, the :data:`FIELD_SUFFIXES`."""
     d = bids.derivatives_anat(root, scan.subject, scan.session)
     out = {"chi": d / bids.chi_name(scan.id, method)}
     out["report"] = d / f"{scan.id}_desc-{method}_report.png"
     if dicom:  # the χ series (--dicom): an output like the others, so a rerun that asks for it is not up to date
         out["dicom"] = d / (bids.strip_ext(out["chi"].name) + "_dicom")
     if scan.kind == "raw":
-        for suffix in FIELD_MAPS:
+        for suffix in FIELD_SUFFIXES:
             out[suffix] = d / f"{scan.id}_{suffix}.nii.gz"
         for suffix in SWI_MAPS:
             out[suffix] = d / f"{scan.id}_{suffix}.nii.gz"

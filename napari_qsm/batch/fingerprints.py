@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.files import sha256_file
-from .discovery import FIELD_MAPS, BatchScan, output_paths, sidecar
+from .discovery import FIELD_SUFFIXES, BatchScan, output_paths, sidecar
 
 __all__ = ["input_hashes", "digest", "read_json", "field_units", "plan_scans", "field_inputs"]
 
@@ -64,7 +64,7 @@ def _up_to_date(s: BatchScan, out: dict, row: dict, fps: tuple, overwrite: bool,
     field_ready = False
     if s.kind == "raw" and not overwrite:
         fside = read_json(sidecar(out["localfield"])) or {}
-        field_ready = fside.get("field_fingerprint") == field_fp and all(out[k].exists() for k in FIELD_MAPS)
+        field_ready = fside.get("field_fingerprint") == field_fp and all(out[k].exists() for k in FIELD_SUFFIXES)
     if field_only:
         if s.kind == "field" or field_ready:
             row.update(status="skipped", seconds=0.0)

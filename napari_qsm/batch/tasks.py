@@ -11,21 +11,17 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.field.steps import FAMILIES as FIELD_FAMILIES
-from .discovery import FIELD_MAPS, SWI_MAPS, sidecar
+from .discovery import FIELD_SUFFIXES, SWI_MAPS, sidecar
 from .fingerprints import read_json
 
 __all__ = ["process_scan", "adapt_task", "warm_worker", "load_field_inputs"]
 
 
 def _failing_field_step(exc: BaseException) -> str:
-    """The front-end family running when ``exc`` was raised (from the traceback of local_field)."""
-    fam = ""
-    tb = exc.__traceback__
-    while tb is not None:
-        f = tb.tb_frame
-        if f.f_code.co_name == "timed" and "family" in f.f_locals:
-            fam = f.f_locals["family"]
-        tb = tb.tb_next
+    """``field:<family>`` of the front-end step that raised ``exc``: the family
+    :func:`~napari_qsm.core.field.pipeline.local_field` records on the exception (``exc.field_step``), else
+    the family an input check names first in its message (``"mask: ..."``), else ``field``."""
+    fam = getattr(exc, "field_step", None) or ""
     if not fam:
         msg = str(exc)
         fam = next((f for f in FIELD_FAMILIES if msg.startswith(f + ":")), "")
@@ -58,12 +54,13 @@ def load_field_inputs(fi: dict):
 def _write_field_outputs(run, echoes, out: dict, prov: dict) -> None:
     """The front end's maps on the echoes' grid; the local field (the set's marker) last."""
     from ..core.io import save_volume
-    from ..pipeline import field_maps
+    from ..pipeline import FIELD_MAPS, field_maps
     maps = field_maps(run)
     marker = sidecar(out["localfield"])
     if marker.exists():
         marker.unlink()
-    for suffix, (key, desc, units) in FIELD_MAPS.items():
+    for suffix, key in FIELD_SUFFIXES.items():
+        desc, units = FIELD_MAPS[key]
         side = {"Description": f"napari-qsm {desc}", **({"Units": units} if units else {}), **prov}
         save_volume(maps[key], out[suffix], echoes.affine, nifti_info=echoes.nifti_info, provenance=side,
                     description=f"napari-qsm {suffix}" + (f" ({units})" if units else ""))

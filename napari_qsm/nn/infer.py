@@ -266,6 +266,29 @@ def predict(model: QSMInvNet, field: np.ndarray, mask: np.ndarray, *, domain="au
 # method registration
 # ----------------------------------------------------------------------------------------------
 
+# data consistency after the network (core/inversion/consistency.py), weighted by 1/N_std when the scan has a
+# noise map: chosen on the SELECTION set of src_models/validate_families.py (procedural seeds 5001-5002,
+# texture seeds 5101-5102, 1 mm and slab) and the selection head (seed 1) of benchmarks/bench_inversions.py
+DC_ITERATIONS = 10
+DC_MU = 0.003
+
+
+def consistency_weight(noise_std, mask) -> tuple:
+    """Data weights of the data consistency: 1/N_std normalised to mean 1 in the mask when a noise map is
+    given (noisy voxels count less), else the mask. Returns (W or None, what was used)."""
+    if noise_std is None:
+        return None, "mask"
+    from ..core.inversion.admm import data_weight
+
+    class _NoiseOnly:   # data_weight falls back to the magnitude; the network's consistency does not
+        pass
+
+    src = _NoiseOnly()
+    src.noise_std = noise_std
+    w, kind = data_weight(src, np.asarray(mask) > 0)
+    return w, kind
+
+
 @dataclass
 class DSBNParams:
     domain: str = param("auto", "BN domain: auto (adapted domain 1 when the checkpoint was adapted, else 0), 0 or 1",
@@ -273,6 +296,11 @@ class DSBNParams:
     memory_gb: float = param(3.0, "memory budget of one forward pass; larger volumes are tiled", min=0.1, max=256.0)
     tile: int = param(0, "tile size in voxels (0 = one pass if it fits the budget, else automatic)", min=0, max=1024)
     overlap: int = param(32, "tile overlap in voxels (outer half discarded, inner half cross-faded)", min=0, max=512)
+    consistency: int = param(DC_ITERATIONS, "data-consistency CG iterations after the network (0 = the raw network): "
+                             "χ is pulled back to agree with the measured field where the field is informative",
+                             min=0, max=500, short="DC")
+    consistency_mu: float = param(DC_MU, "weight μ of ‖χ − χ_network‖² in the data consistency (larger keeps more "
+                                  "of the network)", min=1e-6, max=1e3, widget="advanced", short="μ")
 
 
 _CACHE: dict = {}
@@ -302,6 +330,14 @@ def _run(scan, p: DSBNParams, *, device, progress=None, cancel=None, weights=Non
     chi, info = predict(model, scan.field, scan.mask, domain=p.domain, device=device, memory_gb=p.memory_gb,
                         tile=p.tile, overlap=p.overlap, progress=progress, cancel=cancel,
                         voxel_size=scan.voxel_size, b0_direction=scan.b0_direction)
+    if p.consistency > 0:
+        from ..core.inversion.consistency import data_consistency
+
+        w, kind = consistency_weight(scan.noise_std, scan.mask)
+        chi, dc = data_consistency(scan.field, scan.mask, chi, scan.voxel_size, scan.b0_direction, weight=w,
+                                   mu=p.consistency_mu, iterations=p.consistency, device=device,
+                                   progress=progress, cancel=cancel, return_info=True)
+        info["consistency"] = dict(dc, weights=kind)
     card = getattr(model, "card", {}) or {}
     info.update(weights=model.weights_path, weights_sha256=model.weights_sha256,
                 base_width=model.config.base_width, num_domains=model.num_domains,
@@ -319,5 +355,6 @@ METHODS = (Method(
     "dsbn", "QSMInvNet+ (DSBN)", DSBNParams, _run, order=40, short="QSMInvNet+", accepts_weights=True, long_running=True,
     uses_magnitude=False,
     doc="Deep dipole inversion: 3-D U-Net with domain-specific batch norms trained on synthetic heads "
-        "(field + mask, and the TKD of the field as a physics channel when the checkpoint has one → χ). Uses the shipped weights or --weights CKPT (an adapted checkpoint uses its "
-        "scan-specific BN)."),)
+        "(field + mask, and the TKD of the field as a physics channel when the checkpoint has one → χ), then a "
+        "data-consistency step that pulls χ back to agree with the measured field (0 steps: the raw network). "
+        "Uses the shipped weights or --weights CKPT (an adapted checkpoint uses its scan-specific BN)."),)

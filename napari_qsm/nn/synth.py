@@ -66,16 +66,17 @@ import torch
 from scipy import ndimage
 from scipy.special import expit
 
-from ..core.constants import GAMMA_BAR_HZ_PER_T
+from ..core.constants import GAMMA_BAR_HZ_PER_T, REFERENCE_B0_T, REFERENCE_TE_S, rad_per_ppm
 from ..core.dipole import forward_field
 from .families import family_of, make_family_head
 from .inputs import network_input
 
 
 
-def phase_per_ppm(b0_tesla: float = 3.0, te: float = 0.02) -> float:
-    """Radians of phase per ppm of field: 2π·γ̄·B0·TE·1e-6 (16.05 rad/ppm at 3 T, TE 20 ms)."""
-    return 2.0 * math.pi * GAMMA_BAR_HZ_PER_T * float(b0_tesla) * float(te) * 1e-6
+def phase_per_ppm(b0_tesla: float = REFERENCE_B0_T, te: float = REFERENCE_TE_S) -> float:
+    """Radians of phase per ppm of field: 2π·γ̄·B0·TE·1e-6 (16.05 rad/ppm at 3 T, TE 20 ms;
+    :func:`napari_qsm.core.constants.rad_per_ppm`)."""
+    return rad_per_ppm(b0_tesla, te)
 
 
 @dataclass
@@ -103,8 +104,8 @@ class SynthConfig:
     tilt_max_deg: float = 25.0
     snr_range: tuple = (40.0, 400.0)
     p_noise_free: float = 0.1
-    b0_tesla: float = 3.0
-    te: float = 0.02
+    b0_tesla: float = REFERENCE_B0_T
+    te: float = REFERENCE_TE_S
     min_mask_fraction: float = 0.2
     p_flip: float = 0.5
     p_elastic: float = 0.5

@@ -246,3 +246,26 @@ def test_field_forms_speak_words(make_napari_viewer, qtbot, raw_head):
             assert short.count("(") == short.count(")"), short
     long = "word " * 80 + "end."
     assert short_doc(long).endswith("word …") and len(short_doc(long)) <= 202
+
+
+def test_a_closed_field_dock_leaves_no_pending_call(make_napari_viewer, qtbot, raw_head, monkeypatch):
+    """With raw echoes open the Field dock queues a call that brings it to the front. That call was a
+    free-standing QTimer.singleShot holding the dock: deleted before it ran, the dock (and its viewer) was
+    kept until it ran. The dock's timers are now its children and die with it: the call never runs."""
+    from qtpy.QtCore import QCoreApplication, QEvent
+
+    import napari_qsm._napari.field_widget as fw
+    from napari_qsm._napari.reader import echoes_layer_data
+
+    calls = []
+    monkeypatch.setattr(fw, "raise_dock", lambda w: calls.append(w))
+    viewer = make_napari_viewer()
+    add_layer_data(viewer, echoes_layer_data(raw_head.to_echoes(name="raw")))
+    w = fw.FieldWidget(viewer)
+    w.refresh_sources()                       # raw echoes, no local field: the raise is queued
+    assert w._fronted
+    w.deleteLater()
+    del w
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete.value)   # deletes; runs no timer
+    qtbot.wait(100)                           # a queued call would run now
+    assert calls == []

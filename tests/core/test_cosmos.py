@@ -83,3 +83,19 @@ def test_cosmos_bad_inputs(three_orientations):
     other_vs = Scan(field=fields[1], mask=ph.mask, voxel_size=(3.5, 3.5, 3.0), b0_direction=dirs[1])
     with pytest.raises(ValueError, match="voxel size"):
         cosmos([scans[0], other_vs])
+
+
+def test_cosmos_refine_transforms_chi_once_per_step(three_orientations, monkeypatch):
+    """Each refinement step needs D_i·χ for every orientation: one rfftn of χ serves them all (it was
+    taken once per orientation), plus one per residual; the result is the same numbers."""
+    import torch
+    ph, dirs, fields = three_orientations
+    scans = _scans(ph, dirs, fields)
+    ref = cosmos(scans, refine=2, device="cpu")
+    calls = []
+    real = torch.fft.rfftn
+    monkeypatch.setattr(torch.fft, "rfftn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    chi = cosmos(scans, refine=2, device="cpu")
+    n = len(scans)
+    assert len(calls) == n + 2 * (1 + n)        # closed form: one per field; each step: χ once, each residual
+    np.testing.assert_array_equal(chi, ref)

@@ -1,5 +1,7 @@
 """Forward model against physics: the analytic field of a uniformly magnetised sphere."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,53 @@ def test_forward_field_support_equals_the_padded_forward_model_on_its_box():
     # the box version pads 2x around the sources' box: the same field there up to wrap-around of the far field
     assert np.abs(box - ref)[inside].max() < 0.05 * np.abs(ref).max()
     assert not box[~inside].any()                         # 0 outside the box (+2 voxels) of the support
+
+
+@pytest.mark.parametrize("extend", [0, 7])
+def test_convolve_padded_equals_the_padded_real_fft_convolution(extend):
+    """One axis at a time, in blocks (tiny blocks: every loop runs many times), against numpy's float64
+    rfftn of the explicitly padded array (with the bottom plane continued into the padding)."""
+    from napari_qsm.core.dipole import convolve_padded, dipole_kernel
+    rng = np.random.default_rng(0)
+    src = rng.normal(size=(21, 26, 17)).astype(np.float32)
+    P, vs, b = (45, 56, 38), (1.0, 1.2, 1.5), (0.2, 0.1, 0.97)
+    x = np.zeros(P)
+    x[:21, :26, :17] = src
+    if extend:
+        x[:21, :26, P[2] - extend:] = x[:21, :26, :1]
+    D = dipole_kernel(P, vs, b, device="cpu", dtype=torch.float64).numpy()
+    ref = np.fft.irfftn(np.fft.rfftn(x, axes=(0, 1, 2)) * D, s=P, axes=(0, 1, 2))[:21, :26, :17]
+    for mb in (1e-4, 32.0):
+        y = convolve_padded(src, P, vs, b, device="cpu", extend_last=extend, chunk_mb=mb)
+        assert y.dtype == np.float32 and y.shape == src.shape
+        assert np.abs(y - ref).max() < 1e-6 * np.abs(ref).max()
+    with pytest.raises(ValueError, match="padded shape"):
+        convolve_padded(src, (20, 56, 38), vs, b, device="cpu")
+
+
+_PEAK_SCRIPT = """
+import numpy as np, torch
+torch.set_num_threads(1)
+from napari_qsm.core.dipole import fast_shape, forward_field_support
+chi = np.random.default_rng(0).normal(size=(160, 160, 160)).astype(np.float32)
+forward_field_support(chi[:8, :8, :8], (1, 1, 1), device="cpu")     # warm up torch's FFT plans
+def rss(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) * 1024
+open("/proc/self/clear_refs", "w").write("5")                      # resets the peak (VmHWM)
+base = rss("VmRSS")
+forward_field_support(chi, (1, 1, 1), device="cpu")
+P = fast_shape(chi.shape, 2.0)
+padded = 4 * P[0] * P[1] * P[2]
+print((rss("VmHWM") - base) / padded)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_forward_model_never_holds_a_padded_array():
+    """Issue 23: the whole-grid forward model (fine-grid phantom fields) peaked at a padded real array plus
+    its half spectrum (≥ 2x the padded grid in float32); now one half spectrum of the source plus blocks."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, check=True)
+    ratio = float(out.stdout.strip().splitlines()[-1])
+    assert ratio < 2.0, f"peak {ratio:.2f} x the padded float32 grid"

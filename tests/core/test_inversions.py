@@ -14,7 +14,7 @@ from napari_qsm.core.progress import Cancelled, CancelToken
 from napari_qsm.core.scan import Scan
 from napari_qsm.methods import reconstruct
 
-NEW = ("tv", "rts", "hdqsm", "ndi")
+NEW = ("tv", "rts", "hdqsm", "ndi", "ilsqr")
 # B0 along the third axis in the optimality tests: with an oblique B0 the sampled kernel is not Hermitian-symmetric
 # on even-size Nyquist planes (D(−½, k_y, k_z) ≠ D(½, −k_y, −k_z)), so F⁻¹DF is not exactly self-adjoint there and
 # KKT conditions hold only to ~1 %.

@@ -423,3 +423,33 @@ def test_scan_nifti_info_is_a_declared_field(tmp_path):
     copy = dataclasses.replace(scan, te=0.01)                # a declared field travels with the scan
     assert copy.nifti_info is scan.nifti_info
     assert Scan(field=scan.field, mask=scan.mask).nifti_info is None
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_load_image_decodes_a_nii_gz_once(tmp_path, monkeypatch, scaled):
+    """load_image reads the data (a corrupt file fails there); the caller's first read of the whole array
+    gets those data instead of decompressing the file again, with the same values (header scaling
+    included); a later read reads the file again (a caller may have changed its array in place)."""
+    import nibabel as nib
+    import nibabel.arrayproxy as ap
+    from napari_qsm.core.io.nifti import load_image, read_volume
+    rng = np.random.default_rng(0)
+    data = rng.integers(-2000, 2000, (9, 8, 7)).astype(np.int16)
+    img = nib.Nifti1Image(data, np.diag([1.5, 1.0, 2.0, 1.0]))
+    if scaled:
+        img.header.set_slope_inter(0.25, -3.0)
+    p = tmp_path / "x.nii.gz"
+    nib.save(img, str(p))
+    expect = np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
+    reads = []
+    real = ap.array_from_file
+    monkeypatch.setattr(ap, "array_from_file", lambda *a, **k: reads.append(1) or real(*a, **k))
+    got = load_image(p)
+    first = np.asarray(got.dataobj, dtype=np.float32)
+    assert len(reads) == 1
+    np.testing.assert_array_equal(first, expect)
+    np.testing.assert_array_equal(np.asarray(got.dataobj, dtype=np.float32), expect)
+    assert len(reads) == 2
+    vol, _, _ = read_volume(p)
+    assert len(reads) == 3                         # read_volume: one decode (it was two)
+    np.testing.assert_array_equal(vol, np.asarray(nib.as_closest_canonical(nib.load(str(p))).dataobj, np.float32))

@@ -16,7 +16,7 @@ from napari_qsm.methods import available_methods, get_method, reconstruct
 
 # small, fast settings per method (the reference is what is tested, not the inversion)
 FAST = {"medi": {"max_iter": 2, "cg_max_iter": 5}, "tv": {"max_iter": 10}, "hdqsm": {"iters_l1": 2, "iters_l2": 4},
-        "ndi": {"max_iter": 5}, "rts": {"max_iter": 3}, "dsbn_adapt": {"steps": 1}}
+        "ndi": {"max_iter": 5}, "rts": {"max_iter": 3}, "dsbn_adapt": {"steps": 1}, "ilsqr": {"max_iter": 5}}
 
 
 @pytest.fixture(scope="module")

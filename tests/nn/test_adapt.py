@@ -170,7 +170,7 @@ def test_save_then_recon_reproduces_exactly(scan, which, request, tmp_path):
     b0 = [str(v) for v in scan.b0_direction]
     o = tmp_path / "chi.nii.gz"
     assert main(["recon", str(fp), "--mask", str(mp), "--method", "dsbn", "--weights", str(out), "--device", "cpu",
-                 "--b0-dir", *b0, "-q", "--param", "reference=none", "-o", str(o)]) == 0
+                 "--b0-dir", *b0, "-q", "--param", "reference=none", "--param", "consistency=0", "-o", str(o)]) == 0
     np.testing.assert_array_equal(np.asarray(nib.load(str(o)).dataobj, np.float32), res.chi)
 
 
@@ -203,8 +203,9 @@ def test_cli_adapt_then_recon(scan, base, tmp_path):
     from napari_qsm.core.files import default_file_mode
     assert [p.stat().st_mode & 0o777 for p in (w, w.with_suffix(".json"))] == [default_file_mode()] * 2  # was 0600
     o2 = tmp_path / "recon.nii.gz"
+    # the adapted network's own χ (recon's dsbn adds its data consistency unless consistency=0)
     assert main(["recon", str(fp), "--mask", str(mp), "--method", "dsbn", "--weights", str(w), "--device", "cpu",
-                 "--b0-dir", *b0, "-q", "-o", str(o2)]) == 0
+                 "--b0-dir", *b0, "-q", "--param", "consistency=0", "-o", str(o2)]) == 0
     np.testing.assert_array_equal(np.asarray(nib.load(str(o1)).dataobj), np.asarray(nib.load(str(o2)).dataobj))
 
 
@@ -400,3 +401,64 @@ def test_adaptation_improves_chi_on_a_domain_shifted_head(shifted_head):
     prior_only = adapt(scan, AdaptParams(lam_start=0.0, lam_end=0.0, **kw), weights=w, device="cpu",
                        synth_regime=regime)
     assert _nrmse_demeaned(prior_only.chi, chi, m) > base_err - 0.5
+
+
+class _FakeClock:
+    """perf_counter of the adaptation loop: advances only by the costs a test assigns."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+@pytest.mark.parametrize("keep_mean", [True, False])
+def test_eta_accounts_for_steps_previews_and_the_final_inference(base, keep_mean, monkeypatch):
+    """Issue 23: the ETA was the mean step × the steps left; the final whole-volume inference (twice with
+    keep_mean), the previews and, without keep_mean, an inference never timed before were missing (200 s
+    short at 1 mm). With a clock that advances 0.5 s per step and 2e-5 s per inferred voxel, the ETA after
+    each step must equal the time that remained until adapt returned."""
+    import napari_qsm.nn.adaptation.loop as loop
+    fake = _FakeClock()
+    monkeypatch.setattr(loop, "time", fake)
+    real_predict, real_step = loop.predict, loop._step
+
+    def predict(model, field, *a, **k):
+        fake.now += 2e-5 * np.asarray(field).size
+        return real_predict(model, field, *a, **k)
+
+    def step(run, t):
+        fake.now += 0.5
+        return real_step(run, t)
+
+    monkeypatch.setattr(loop, "predict", predict)
+    monkeypatch.setattr(loop, "_step", step)
+    sc = _blob_scan()[0]
+    seen = []
+    adapt(sc, P(steps=4, patch=32, synth_batch=0, keep_mean=keep_mean, preview_every=3),
+          weights=base, device="cpu", progress=lambda p: seen.append((fake.now, p)))
+    steps = [(t, p) for t, p in seen if p.message.startswith("step")]
+    assert [p.step for _, p in steps] == [1, 2, 3, 4]
+    for t, p in steps[1:]:
+        assert p.losses["eta_s"] == pytest.approx(fake.now - t, rel=1e-6), p.message
+
+
+def test_eta_is_near_the_time_that_remained(base):
+    """The same with the real clock on a tiny case where the final inference is most of what is left
+    (a 64³ volume, 32³ patches): the ETA after step k within a factor 4 of the time that remained."""
+    rng = np.random.default_rng(4)
+    shape = (64, 64, 64)
+    chi, mask = blob_volume(shape, rng)
+    f = forward_field(chi, (1, 1, 1), device="cpu") * mask
+    sc = Scan(field=f, mask=mask, magnitude=np.ones(shape, np.float32), te=0.02, b0_tesla=3.0)
+    seen = []
+    res = adapt(sc, P(steps=5, patch=32, synth_batch=0, keep_mean=True, preview_every=3), weights=base,
+                device="cpu", progress=lambda p: seen.append((time.perf_counter(), p)))
+    t_end = time.perf_counter()
+    assert res.chi is not None
+    steps = [(t, p) for t, p in seen if p.message.startswith("step")]
+    for t, p in steps[1:]:                       # from step 2 on (step 1 alone has no mean to go by)
+        actual = t_end - t
+        eta = p.losses["eta_s"]
+        assert actual / 4 <= eta <= 4 * actual, f"step {p.step}: ETA {eta:.2f} s, remaining {actual:.2f} s"

@@ -338,6 +338,31 @@ def test_method_runs_with_given_weights(tmp_path):
     assert res.extras["weights_sha256"]
 
 
+def test_method_data_consistency_follows_the_field(tmp_path):
+    """consistency=0 is the raw network; the default pulls χ toward the field (lower misfit in the mask)."""
+    from napari_qsm.core.scan import Scan
+    from napari_qsm.methods import reconstruct
+
+    m = tiny()
+    p = tmp_path / "w.pt"
+    torch.save(m.state_dict(), p)
+    chi, mask = blob_volume((24, 28, 20))
+    field = forward_field(chi, (1, 1, 1), device="cpu") * mask
+    scan = Scan(field=field, mask=mask)
+    raw = reconstruct(scan, "dsbn", {"domain": "0", "consistency": 0, "reference": "none"}, device="cpu",
+                      weights=str(p))
+    plain, _ = predict(load_model(p), field, mask, domain=0, device="cpu")
+    np.testing.assert_allclose(raw.chi, plain, atol=1e-6)
+    dc = reconstruct(scan, "dsbn", {"domain": "0", "reference": "none"}, device="cpu", weights=str(p))
+    assert dc.extras["consistency"]["iterations"] > 0
+
+    def misfit(x):
+        return float(np.linalg.norm((forward_field(x, (1, 1, 1), device="cpu") - field)[mask > 0]))
+
+    assert misfit(dc.chi) < 0.5 * misfit(raw.chi)
+    assert np.linalg.norm(dc.chi - chi) < np.linalg.norm(raw.chi - chi)
+
+
 @pytest.mark.skipif(not default_weights_path().exists(), reason="no shipped weights")
 def test_shipped_weights_load_and_card():
     m = load_model()
@@ -387,3 +412,15 @@ def test_shipped_weights_beat_tkd_oracle_on_clinical_validation_case():
     _, best, oracle = best_tkd(ph)
     assert nn["hfen"] < oracle["hfen"], (nn, oracle)
     assert abs(1 - nn["slope"]) < abs(1 - best["slope"]), (nn, best)
+
+
+def test_one_reference_phase_scale():
+    """The 3 T / 20 ms phase scale is written once (core.constants): the training data, the adaptation's
+    L_T and NDI take the same number."""
+    from napari_qsm.core.constants import rad_per_ppm
+    from napari_qsm.core.inversion import ndi
+    from napari_qsm.nn.adaptation.patches import phase_scale
+    ref = rad_per_ppm()
+    assert ref == pytest.approx(16.0513, abs=1e-4)
+    assert phase_per_ppm() == ndi.phase_per_ppm() == phase_scale(None) == ref
+    assert ndi.phase_per_ppm(te=0.01, b0_tesla=7.0) == phase_per_ppm(7.0, 0.01) == rad_per_ppm(7.0, 0.01)

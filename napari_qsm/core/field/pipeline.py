@@ -153,9 +153,13 @@ def local_field(echoes: Echoes, recipe: Optional[FieldRecipe] = None, *, mask=No
         check_cancel(cancel)
         s = recipe.step(family)
         t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:   # e.g. a solver that stopped short of its tolerance
-            warnings.simplefilter("always")
-            out = fn(s, records[family])
+        try:
+            with warnings.catch_warnings(record=True) as caught:   # e.g. a solver that stopped short of its tolerance
+                warnings.simplefilter("always")
+                out = fn(s, records[family])
+        except Exception as exc:
+            exc.field_step = getattr(exc, "field_step", None) or family   # which family failed (batch reports it)
+            raise
         for w in caught:                                       # still shown on the console
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         done.append({"family": family, "name": s.name, "label": s.label,

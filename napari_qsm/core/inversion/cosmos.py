@@ -100,9 +100,11 @@ def cosmos(scans, eps: float = 1e-4, pad_factor: float = 2.0, device="auto", mas
         hist = []
         for it in range(steps):
             res = []
+            X = torch.fft.rfftn(chi, s=pshape)       # once per step: every orientation's D·χ starts from it
             for f, D, M in zip(fields, kernels, masks):
-                Dx = torch.fft.irfftn(torch.fft.rfftn(chi, s=pshape) * D, s=pshape)[:n0, :n1, :n2]
+                Dx = torch.fft.irfftn(X * D, s=pshape)[:n0, :n1, :n2]
                 res.append((f - Dx) * M)
+            del X
             rel = float(torch.sqrt(sum((r * r).sum() for r in res) / sum((f * f).sum() for f in fields)))
             hist.append(rel)
             rep(it + 1, f"COSMOS refine {it + 1}/{steps}", residual=rel)

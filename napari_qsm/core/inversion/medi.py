@@ -44,9 +44,12 @@ Grid and FFTs
 mask as the toolbox's χ is free over its whole field of view, and returned masked. The dipole
 convolutions use real FFTs (rfftn) on a fast size ≥ ``pad_factor`` × that box (zero padding;
 ``pad_factor`` = 1 is the toolbox's periodic convolution). One CG iteration costs two FFT pairs
-(D p, then Dᵀ(2λm²·D p)) plus the finite differences; one GN step adds two more. On a 2 mm phantom
-the NRMSE at λ = 1000 was 15.1 % (pad 1.0), 14.6 % (1.25), 14.6 % (1.5) and 14.6 % (2.0), so the
-default is 1.25 (half the FFT volume of 1.5).
+(D p, then Dᵀ(2λm²·D p)) plus the finite differences; one GN step adds two more. The inverse FFTs
+are pruned to the box (the transforms along the last two axes skip the padding rows the crop drops).
+On a 2 mm phantom the NRMSE at λ = 1000 was 15.1 % (pad 1.0), 14.6 % (1.25), 14.6 % (1.5) and 14.6 %
+(2.0), so the default is 1.25 (half the FFT volume of 1.5). On the honest 1 mm head (box
+140×156×137) pad 1.0 / 1.1 / 1.25 give FFT grids of 144×160×144 / 160×180×160 / 180×200×180 and
+NRMSE 19.40 / 18.94 / 18.80 % (``docs/benchmarks/medi_speed.md``); 1.1 costs about 30 % less.
 
 Scaling (ppm ↔ the toolbox's radians)
 -------------------------------------

@@ -23,13 +23,10 @@ from ..params import param
 from ..progress import Reporter
 from .admm import Grid, check_inputs, data_weight
 
-REFERENCE_TE = 0.020     # s
-REFERENCE_B0 = 3.0       # T
-
-
 def phase_per_ppm(te=None, b0_tesla=None) -> float:
-    """s = 2π·γ̄·B0·TE (rad per ppm) with the reference 3 T / 20 ms for what is unknown."""
-    return rad_per_ppm(b0_tesla or REFERENCE_B0, te or REFERENCE_TE)
+    """s = 2π·γ̄·B0·TE (rad per ppm) with the reference 3 T / 20 ms for what is unknown
+    (:func:`napari_qsm.core.constants.rad_per_ppm`)."""
+    return rad_per_ppm(b0_tesla, te)
 
 
 @dataclass

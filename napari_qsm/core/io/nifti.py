@@ -31,8 +31,29 @@ def nifti_path_ok(path) -> bool:
     return p.endswith(".nii") or p.endswith(".nii.gz")
 
 
+def _keep_first_read(proxy, raw: np.ndarray) -> None:
+    """Let ``proxy`` hand out ``raw`` (its whole stored array, already read) the next time the whole
+    array is read, instead of reading (decompressing) the file again; later reads read the file as before
+    (a caller may change the array it got in place)."""
+    read = proxy._get_unscaled
+    kept = [raw]
+
+    def get_unscaled(slicer):
+        if kept and isinstance(slicer, tuple) and slicer == ():
+            return kept.pop()
+        kept.clear()
+        return read(slicer)
+
+    proxy._get_unscaled = get_unscaled
+
+
 def load_image(path, name: str = "file") -> nib.Nifti1Image:
-    """Load a NIfTI image, with errors naming the input."""
+    """Load a NIfTI image, with errors naming the input.
+
+    The data are read here, so that a corrupt or truncated file fails with a clear error; the first
+    read of the whole array afterwards (``np.asarray(img.dataobj)``, ``get_fdata``, a reorientation)
+    gets that data instead of decompressing a ``.nii.gz`` a second time.
+    """
     p = Path(path)
     if not p.exists():
         raise NiftiError(f"{name}: file not found: {p}")
@@ -41,7 +62,13 @@ def load_image(path, name: str = "file") -> nib.Nifti1Image:
     try:
         img = nib.load(str(p))
         # Force reading so corrupted/truncated data fails here, not later.
-        np.asanyarray(img.dataobj)
+        proxy = img.dataobj
+        if hasattr(proxy, "get_unscaled") and hasattr(proxy, "_get_unscaled"):
+            raw = proxy.get_unscaled()
+            if not isinstance(raw, np.memmap):       # a memory map reads nothing twice
+                _keep_first_read(proxy, raw)
+        else:
+            np.asanyarray(proxy)
     except Exception as exc:
         raise NiftiError(f"{name}: cannot read {p} as NIfTI ({type(exc).__name__}: {exc})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):

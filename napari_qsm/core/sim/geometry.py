@@ -65,6 +65,9 @@ def _smin(a, b, k):
     return b + (a - b) * h - k * h * (1.0 - h)
 
 
+_SAMPLE_BLOCK = 1 << 22  # elements per block of _SmoothNoise.sample (16 MB of float32)
+
+
 class _SmoothNoise:
     """Zero-mean, unit-variance smooth random field on a fixed physical box.
 
@@ -96,6 +99,26 @@ class _SmoothNoise:
         return out
 
     def sample(self, axes) -> np.ndarray:
+        """The field on the rectilinear grid ``axes`` (mm, one 1-D array per axis), float32.
+
+        Large grids are filled in blocks of first-axis rows: each value depends only on its own
+        coordinates, so the blocks give the same numbers as one pass, with block-sized temporaries
+        (issue 23: the fine grid of the 1 mm head is 157 MB per array).
+        """
+        n = [np.size(a) for a in axes]
+        rows = max(1, _SAMPLE_BLOCK // max(int(np.prod(n[1:])), 1))
+        if len(axes) != 3 or n[0] <= rows:
+            return self._sample(axes)
+        x0 = np.asarray(axes[0])
+        out = None
+        for r0 in range(0, n[0], rows):
+            blk = self._sample([x0[r0:r0 + rows], axes[1], axes[2]])
+            if out is None:
+                out = np.empty(n, blk.dtype)
+            out[r0:r0 + rows] = blk
+        return out
+
+    def _sample(self, axes) -> np.ndarray:
         out = self.c
         for ax, x in enumerate(axes):
             u = (np.asarray(x, dtype=np.float64) - self.lo[ax]) / self.h
@@ -106,7 +129,10 @@ class _SmoothNoise:
             b = np.take(out, i + 1, axis=ax)
             shape = [1, 1, 1]
             shape[ax] = -1
-            out = a + (b - a) * w.reshape(shape)
+            b -= a                     # a + (b − a)·w, in place (the same float32 operations)
+            b *= w.reshape(shape)
+            a += b
+            out = a
         return out
 
 

@@ -252,7 +252,9 @@ def _paint_grid(anat, shape, vs, s_fit, props, te=None, silent_veins=(), sub=Non
 
     Returns chi, labels (mode), tissue (fraction of textured tissue) and, with ``te`` given, the
     magnitude pd·exp(−te·R2*); without ``te``, pd, r2s and deep (fraction of deep grey matter).
-    ``sub``: sample points per voxel along each axis (default :func:`_supersampling`).
+    ``sub``: sample points per voxel along each axis (default :func:`_supersampling`). With one
+    sample per voxel the fractions are 0 or 1 and are returned as bool (a quarter of the memory;
+    multiplying by them gives the same numbers).
     """
     sub = _supersampling(vs) if sub is None else tuple(int(v) for v in sub)
     eff = vs / np.asarray(sub)
@@ -264,12 +266,12 @@ def _paint_grid(anat, shape, vs, s_fit, props, te=None, silent_veins=(), sub=Non
         axes_x.append((centres[:, None] + offs[None, :]).reshape(-1))
     ax_u = [x / s_fit for x in axes_x]  # head-frame mm (scaled to fit the FOV)
 
-    out = {"chi": np.empty(shape, np.float32), "labels": np.empty(shape, np.int16),
-           "tissue": np.empty(shape, np.float32)}
+    F = int(np.prod(sub))
+    frac = np.float32 if F > 1 else np.bool_
+    out = {"chi": np.empty(shape, np.float32), "labels": np.empty(shape, np.int16), "tissue": np.empty(shape, frac)}
     names = ("mag",) if te is not None else ("pd", "r2s", "deep")
     for nm in names:
-        out[nm] = np.empty(shape, np.float32)
-    F = int(np.prod(sub))
+        out[nm] = np.empty(shape, frac if nm == "deep" else np.float32)
     plane = len(ax_u[1]) * len(ax_u[2])
     step = max(1, int(1_500_000 // max(plane * sub[0], 1)))
     tissue_lut = np.zeros(32, np.float32)
@@ -304,17 +306,60 @@ def _paint_grid(anat, shape, vs, s_fit, props, te=None, silent_veins=(), sub=Non
 
 
 def _texture(rng_tex, shape, vs, s_fit, amp, ax_mm):
-    """Smooth zero-mean χ texture (ppm) with correlation lengths of about 1.5 mm and 8 mm."""
-    fine = rng_tex.standard_normal(shape).astype(np.float32)
-    fine = ndimage.gaussian_filter(fine, 1.5 / (vs / s_fit), mode="reflect")
+    """Smooth zero-mean χ texture (ppm) with correlation lengths of about 1.5 mm and 8 mm.
+
+    Computed in place and in blocks (the same numbers as whole-array expressions: the normal draws are
+    one stream, the operations the same float32 ones), so the peak is about one array of ``shape``.
+    """
+    fine = _normal_f32(rng_tex, shape)
+    ndimage.gaussian_filter(fine, 1.5 / (vs / s_fit), mode="reflect", output=fine)
     fine /= max(float(fine.std()), 1e-12)
-    coarse = _SmoothNoise(rng_tex, sigma=8.0, spacing=4.0).sample(ax_mm)
-    return (np.float32(0.6) * fine + np.float32(0.8) * coarse) * np.float32(amp)
+    coarse = _SmoothNoise(rng_tex, sigma=8.0, spacing=4.0)
+    fine *= np.float32(0.6)
+    rows = _block_rows(shape)
+    for r0 in range(0, shape[0], rows):   # (0.6·fine + 0.8·coarse)·amp, block by block
+        c = coarse.sample([ax_mm[0][r0:r0 + rows], ax_mm[1], ax_mm[2]])
+        c *= np.float32(0.8)
+        blk = fine[r0:r0 + rows]
+        blk += c
+        blk *= np.float32(amp)
+    return fine
 
 
-def _receive_bias(rng_tex, ax_mm):
-    """Smooth coil-sensitivity factor (about 1 ± 0.1, brighter towards the periphery)."""
-    bias_noise = _SmoothNoise(rng_tex, sigma=40.0, spacing=10.0).sample(ax_mm)
-    r2 = sum((np.asarray(a, np.float32).reshape([-1 if k == i else 1 for k in range(3)]) / np.float32(h)) ** 2
-             for i, (a, h) in enumerate(zip(ax_mm, _HEAD_EXTENT)))
-    return (1.0 + np.float32(0.08) * bias_noise) * (1.0 + np.float32(0.15) * np.minimum(r2, 1.5))
+def _block_rows(shape, block: int = 1 << 22) -> int:
+    """First-axis rows of ``shape`` in a block of about ``block`` elements."""
+    return max(1, block // max(int(np.prod(shape[1:])), 1))
+
+
+def _normal_f32(rng, shape) -> np.ndarray:
+    """``rng.standard_normal(shape).astype(np.float32)`` without the float64 array (drawn in blocks: the
+    generator's stream is the same)."""
+    out = np.empty(shape, np.float32)
+    flat = out.reshape(-1)
+    step = 1 << 22
+    for i in range(0, flat.size, step):
+        flat[i:i + step] = rng.standard_normal(min(step, flat.size - i))
+    return out
+
+
+def _receive_bias(rng_tex, ax_mm, apply_to=None):
+    """Smooth coil-sensitivity factor (about 1 ± 0.1, brighter towards the periphery).
+
+    ``apply_to``: multiply that array (on the ``ax_mm`` grid) by the factor in place, block by block,
+    and return it (the same numbers as ``apply_to * _receive_bias(...)`` without a full-size factor).
+    """
+    noise = _SmoothNoise(rng_tex, sigma=40.0, spacing=10.0)
+
+    def factor(ax0):
+        axes = [ax0, ax_mm[1], ax_mm[2]]
+        bias_noise = noise.sample(axes)
+        r2 = sum((np.asarray(a, np.float32).reshape([-1 if k == i else 1 for k in range(3)]) / np.float32(h)) ** 2
+                 for i, (a, h) in enumerate(zip(axes, _HEAD_EXTENT)))
+        return (1.0 + np.float32(0.08) * bias_noise) * (1.0 + np.float32(0.15) * np.minimum(r2, 1.5))
+
+    if apply_to is None:
+        return factor(ax_mm[0])
+    rows = _block_rows(apply_to.shape)
+    for r0 in range(0, apply_to.shape[0], rows):
+        apply_to[r0:r0 + rows] *= factor(ax_mm[0][r0:r0 + rows])
+    return apply_to

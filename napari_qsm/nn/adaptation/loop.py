@@ -17,6 +17,7 @@ from ...core.device import device_label
 from ...core.progress import Cancelled, Reporter, check_cancel
 from ..infer import DSBNParams, WeightsError, default_weights_path, predict
 from ..losses import DipoleOperator, LambdaSchedule, loss_edge_tv, loss_field, loss_supervised
+from .clock import AdaptClock
 from .model import (_CancelHooks, _buffers, _load_base, _restore_buffers, _scan_name, _single_domain,
                     _train_mode, _uqsm_model, load_adapted)
 from .patches import _check_scan, _ProtocolPatches, _synth_regime
@@ -111,6 +112,9 @@ def prepare(run: Run) -> None:
     run.op = DipoleOperator()
     run.geoms = [{"voxel_size": part.vs, "b0_direction": part.b0} for part in run.patches.parts]
     run.rep = Reporter(run.progress, run.cancel, total=p.steps, stage=_STAGE[p.mode])
+    mult = model.config.multiple
+    run.clock = AdaptClock(p.steps, p.preview_every,
+                           [math.prod(-(-n // mult) * mult for n in sc.shape) for sc in run.scans])
 
 
 def synthetic_pool(run: Run, synth_regime) -> None:
@@ -132,19 +136,36 @@ def synthetic_pool(run: Run, synth_regime) -> None:
 
 
 def reference_mean(run: Run) -> None:
-    """``keep_mean``: the mean χ in the mask(s) of the unadapted network, kept at the end."""
+    """``keep_mean``: the mean χ in the mask(s) of the unadapted network, kept at the end (each inference
+    timed for the ETA); otherwise the inference of a patch-sized crop of each scan is timed."""
     p = run.p
     keep_mean = p.keep_mean and not (p.mode == "uqsm" and not run.model.config.has_tkd)
     if not keep_mean or run.ref_mean is not None:
+        if run.step0 < p.steps:
+            _time_crops(run)
         return
     run.rep(run.step0, "reference χ mean of the unadapted network", L_S=_NAN, L_T=_NAN)
     run.ref_means = []
-    for sc, g in zip(run.scans, run.geoms):
+    for k, (sc, g) in enumerate(zip(run.scans, run.geoms)):
+        t0 = time.perf_counter()
         chi0, _ = predict(run.model, sc.field, sc.mask, domain=run.dom_t, device=run.dev, cancel=run.cancel, **g)
+        run.clock.add_predict(k, time.perf_counter() - t0)
         run.ref_means.append(float(chi0[sc.mask].mean(dtype=np.float64)))
         del chi0
     run.ref_mean = float(np.mean(run.ref_means))
     _train_mode(run.model, p)
+
+
+def _time_crops(run: Run) -> None:
+    """The ETA's inference rate without a whole-volume inference: a centred crop of each scan of its
+    patch shape, inferred and timed (the model's mode is restored)."""
+    for k, (sc, g, part) in enumerate(zip(run.scans, run.geoms, run.patches.parts)):
+        sl = tuple(slice((n - min(n, c)) // 2, (n - min(n, c)) // 2 + min(n, c)) for n, c in zip(sc.shape, part.pshape))
+        t0 = time.perf_counter()
+        predict(run.model, sc.field[sl], sc.mask[sl], domain=run.dom_t, device=run.dev, cancel=run.cancel, **g)
+        mult = run.model.config.multiple
+        run.clock.add_rate(k, time.perf_counter() - t0, math.prod(-(-(s.stop - s.start) // mult) * mult for s in sl))
+    _train_mode(run.model, run.p)
 
 
 def _synth_batch(run: Run, step: int):
@@ -162,7 +183,9 @@ def _synth_batch(run: Run, step: int):
 
 def _preview_chi(run: Run) -> np.ndarray:
     sc = run.scans[0]
+    t0 = time.perf_counter()
     chi, _ = predict(run.model, sc.field, sc.mask, domain=run.dom_t, device=run.dev, cancel=run.cancel, **run.geoms[0])
+    run.clock.add_predict(0, time.perf_counter() - t0)
     _train_mode(run.model, run.p)
     if run.ref_mean is not None:
         chi = np.where(sc.mask, chi + (run.ref_mean - float(chi[sc.mask].mean(dtype=np.float64))), 0.0)
@@ -226,17 +249,19 @@ def _step(run: Run, step: int) -> tuple[float, float, float, float, float]:
     return lam, ls_val, lt_val, tv_val, scan_val
 
 
-def _log_step(run: Run, step: int, t0: float, t_loop: float, lam, ls_val, lt_val, tv_val, scan_val) -> None:
-    """History row, progress message (with ETA) and, every ``preview_every`` steps, a χ preview."""
+def _log_step(run: Run, step: int, t0: float, lam, ls_val, lt_val, tv_val, scan_val) -> None:
+    """History row, progress message (with the ETA of :class:`~.clock.AdaptClock`) and, every
+    ``preview_every`` steps, a χ preview."""
     p = run.p
     now = time.perf_counter()
-    eta = (now - t_loop) / (step - run.step0) * (p.steps - step)
+    run.clock.add_step(now - t0)
     run.history.append({"step": step, "L_S": ls_val, "L_T": lt_val, "lambda": lam, "TV": tv_val,
                         "loss": (ls_val if run.use_synth else 0.0) + scan_val,
                         "seconds": round(run.seconds0 + now - run.t_start, 3), "step_seconds": round(now - t0, 3)})
     preview = None
     if p.preview_every and (step % p.preview_every == 0 or step == p.steps):
         preview = _preview_chi(run)
+    eta = run.clock.eta(step, keep_mean=run.ref_mean is not None)
     msg = (f"step {step}/{p.steps}" + (f" L_S={ls_val:.4g}" if math.isfinite(ls_val) else "")
            + f" L_T={lt_val:.4g}" + (f" R={tv_val:.3g}" if math.isfinite(tv_val) else "")
            + f" λ={lam:.3g} ETA {eta:.0f}s")
@@ -249,7 +274,6 @@ def train(run: Run) -> tuple[int, bool]:
     hooks = _CancelHooks(run.model, run.cancel)
     good = _buffers(run.model)
     step = run.step0
-    t_loop = time.perf_counter()
     cancelled = False
     try:
         while step < run.p.steps:
@@ -258,7 +282,7 @@ def train(run: Run) -> tuple[int, bool]:
             vals = _step(run, step)
             step += 1
             good = _buffers(run.model)
-            _log_step(run, step, t0, t_loop, *vals)
+            _log_step(run, step, t0, *vals)
     except Cancelled:
         cancelled = True
         _restore_buffers(run.model, good)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from ...core.constants import GAMMA_BAR_HZ_PER_T
+from ...core import constants
 from ..inputs import network_input, tkd_channel
 from ..losses import noise_weights
 from ..synth import crop_box
@@ -26,9 +26,7 @@ def scan_patch_shape(scan_shape, patch: int, mult: int = 16) -> tuple:
 
 def _rad_per_ppm(scan) -> float:
     """2π·γ̄·B0·TE of ``scan`` (3 T and 20 ms where it does not say; ``None`` = the reference scale)."""
-    te = scan.te if getattr(scan, "te", None) else 0.02
-    b0 = scan.b0_tesla if getattr(scan, "b0_tesla", None) else 3.0
-    return 2.0 * math.pi * GAMMA_BAR_HZ_PER_T * float(b0) * float(te) * 1e-6
+    return constants.rad_per_ppm(getattr(scan, "b0_tesla", None), getattr(scan, "te", None))
 
 
 def phase_scale(scan, rad_per_ppm="reference") -> float:
