@@ -91,6 +91,11 @@ NOTES = [
     "71.8 %, shapes 61.9 → 52.5 %; 1 mm 30.2 → 30.2 %. Taking the misfit above 1 instead of 3 gave the same (71.6, "
     "52.7); N_std × misfit (weights ∝ 1/misfit²) 72.0 / 50.6. Every MEDI here weighs by the chain's N_std, the true "
     "local field's too: that reference moved with it (seed 0 slab: 19.8 → 23.2 % phantom, 11.0 → 13.6 % shapes).",
+    "Before → after this session's change (N_std from σ alone → × √misfit), default chain → MEDI on the slab: "
+    "selection phantom 78.5 → 71.8 %, shapes 61.9 → 52.5 %; report phantom-s1 59.7 → 54.3 %, shapes-s1 69.5 → 61.5 %; "
+    "1 mm 30.2 → 30.2 % (the 'before' runs: the same chain with LinearFitParams(misfit_noise=0), a scratch script). "
+    "The previous table's 64.9 % (phantom slab) was made with the mask before its last edge-peeling commits "
+    "(52fc457, 0852b28); the code this session started from gives 78.5 % on that head.",
     "The mask's shell peel (voxels darker than 1.0 × the local tissue level leave the outer 3 mm) also peels cortex, "
     "which is darker than white matter: the phantom slab's chain mask misses 1.9 % of the brain, mostly by the misfit "
     "carving near the sinuses (1,018 voxels without it, 9,201 with it). A peel at 0.75 × the level gave, on the "
@@ -102,7 +107,12 @@ NOTES = [
     "Tried and dropped (selection slab, MEDI, shapes head): LBV on a region without the voxels of misfit > 3, the rest "
     "of the mask kept with weight 0 (98.6 % against 61.9, before the N_std change); after it, keeping LBV's boundary "
     "voxels in the mask with weight 0 (72.1 % against 52.5) and no misfit carving in the mask (56.4 %).",
-    "Where the rest sits (benchmarks/field_decompose.py → field_decompose.md): on the slab LBV's boundary takes away a "
+    "Where the rest sits (benchmarks/field_decompose.py → field_decompose.md; selection slab, MEDI %, raw total / "
+    "chain mask → true total / chain mask → true local / chain mask → true local alone): phantom 71.8 → 68.9 → 59.7 → "
+    "23.2, shapes 52.5 → 40.2 → 33.6 → 13.6; true local in the generator's brain mask instead of the chain mask: 81.1 "
+    "/ 58.6 (the chain mask's CSF margin helps). So the largest part is the harmonic part of the local field that LBV "
+    "removes with the mask boundary (36 / 20 points), then the raw field's error (3 / 12), then sources inside the "
+    "mask (9 / 7). On the slab LBV's boundary takes away a "
     "large harmonic part of the true local field (the brain's top and bottom are perpendicular to B0 and cut by 3 mm "
     "slices; the local field there reaches 0.05 ppm rms against 0.01 in the middle), partial-volume bone in the "
     "chain mask's margin adds its own sources, and the raw field differs from the true voxel-mean field in "
