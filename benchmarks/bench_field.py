@@ -323,14 +323,19 @@ def chi_one(case, gen, t: Truth, tot, sid, inv, cache: Cache):
             d = np.load(cache.dir / f"local_{gen}_{case}_{sid.replace('/', '_')}.npz")
             scan = Scan(field=d["local"], mask=d["mask"], name=sid, **common)
         log(f"{gen} {case}: {inv} on {sid}")
-        t0 = time.perf_counter()
+        _reset_peak()
+        rss0 = _status_mb("VmRSS")
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             res = reconstruct(scan, inv, device="cpu")
         except Exception as e:  # noqa: BLE001 - recorded in the table
             return {"inversion": inv, "source": sid, "error": f"{type(e).__name__}: {e}"}
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         chi = np.where(scan.mask, res.chi, 0).astype(np.float32)
-        return {"inversion": inv, "source": sid, "seconds": round(time.perf_counter() - t0, 1),
+        return {"inversion": inv, "source": sid, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+                "peak_mb": round(_status_mb("VmHWM") - rss0, 0), "load": list(os.getloadavg()),
                 "nrmse": float(M.nrmse_demeaned(chi, t.chi, t.brain)), "xsim": float(M.xsim(chi, t.chi, t.brain)),
+                "hfen": float(M.hfen(chi, t.chi, t.brain)),
                 "coverage": float((scan.mask & t.brain).sum() / t.brain.sum())}
     res = cache.json(f"chi_{gen}_{case}_{inv}_{sid.replace('/', '_')}", one)
     log(f"{gen} {case}: χ {res}")
