@@ -39,10 +39,9 @@ QUICK_NOTE = (f"{QUICK_TITLE}: the demo's short run adapts only the scan domain'
 #: checks they agree): wall seconds of each stage on this 2-core x86_64 CPU, idle, as the demo's own
 #: log reports them (``python benchmarks/bench_demo.py`` prints them per stage). Measured idle on
 #: 2026-12-06 (62 s wall for the whole demo; "phantom" includes the start-up). ``dsbn_adapt_full``: the
-#: default 120-step adaptation (``--full``), measured 2026-11-29. ``ilsqr`` (added 2026-12-06 08:45) is NOT an
-#: idle measurement: on the demo phantom it took 1.4-1.6x HD-QSM's CPU time (two runs each, 2 threads, load 15),
-#: so 1.5 x HD-QSM's idle 4 s; replace it with bench_demo.py's figure on an idle machine.
-EXPECTED_SECONDS = {"phantom": 3, "tkd": 1, "tsvd": 1, "tv": 1, "rts": 2, "hdqsm": 4, "ndi": 9, "ilsqr": 6, "medi": 8,
+#: default 120-step adaptation (``--full``), measured 2026-11-29. ``ilsqr`` and ``ndi`` (and a whole run of
+#: 66-70 s, with dsbn's data consistency) re-measured idle on 2026-12-06 09:35 (load 1.6-1.9).
+EXPECTED_SECONDS = {"phantom": 3, "tkd": 1, "tsvd": 1, "tv": 1, "rts": 2, "hdqsm": 4, "ndi": 11, "ilsqr": 5, "medi": 8,
                     "cosmos": 12, "dsbn": 2, "dsbn_adapt": 16, "dsbn_adapt_full": 270, "figure": 2}
 #: a method the table does not know yet (a new or third-party one)
 UNKNOWN_METHOD_SECONDS = 20
