@@ -278,15 +278,12 @@ def consistency_weight(noise_std, mask) -> tuple:
     given (noisy voxels count less), else the mask. Returns (W or None, what was used)."""
     if noise_std is None:
         return None, "mask"
+    from types import SimpleNamespace
+
     from ..core.inversion.admm import data_weight
 
-    class _NoiseOnly:   # data_weight falls back to the magnitude; the network's consistency does not
-        pass
-
-    src = _NoiseOnly()
-    src.noise_std = noise_std
-    w, kind = data_weight(src, np.asarray(mask) > 0)
-    return w, kind
+    # data_weight falls back to the magnitude; the network's data consistency uses the noise map or nothing
+    return data_weight(SimpleNamespace(noise_std=noise_std, magnitude=None), np.asarray(mask) > 0)
 
 
 @dataclass
