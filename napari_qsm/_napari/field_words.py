@@ -21,7 +21,8 @@ PHASE_UNITS = [("auto", "detect from the values"), ("rad", "radians"), ("siemens
 # parameter rows: words a person would write, units in the label (the record's name stays the key)
 _LABELS = {
     "offsets": "Phase offsets", "offset_sigma_mm": "Offset smoothing σ (mm)", "intercept": "Intercept",
-    "noise_sigma": "Noise σ (0 = estimate)", "r2star_max": "R2* clip (1/s)", "max_iter": "Max iterations",
+    "noise_sigma": "Noise σ (0 = estimate)", "r2star_max": "R2* clip (1/s)",
+    "misfit_noise": "Raise N_std where misfit > (0 = off)", "max_iter": "Max iterations",
     "tol": "Tolerance", "stop": "Stop rule", "echo_mode": "Echo mode", "template_echo": "Template echo",
     "use_magnitude": "Use the magnitude", "form": "Laplacian form", "pad_factor": "Padding factor",
     "source": "Threshold on", "threshold_scale": "Threshold scale", "open_mm": "Opening radius (mm)",
