@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     seed = int(argv[0]) if argv else 5
     snr = float(argv[1]) if len(argv) > 1 else 100.0
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     from napari_qsm import demo
     from napari_qsm.core import metrics as M
     from napari_qsm.core.inversion.consistency import data_consistency
