@@ -345,7 +345,8 @@ def seed_reuse(results: Path, work: Path, weights: str, source: str) -> None:
         bad = [(a, b) for a, b in checks if abs(a - b) > 1e-6]
         if bad:
             raise SystemExit(f"--reuse {results}: case {i} differs from this run ({bad[0]}); not reused")
-        medi = {k: dict(c["methods"][k], reused_from=source) for k in (*MEDI_RUNS, *MEDI_EXTRA) if k in c["methods"]}
+        medi = {k: dict(c["methods"][k], reused_from=c["methods"][k].get("reused_from") or source)
+                for k in (*MEDI_RUNS, *MEDI_EXTRA) if k in c["methods"]}
         if medi:
             (work / f"reuse{i}.json").write_text(json.dumps(
                 {"source": source, "methods": medi, "tkd_sweep": c["tkd_sweep"],
