@@ -342,7 +342,7 @@ def seed_reuse(results: Path, work: Path, weights: str, source: str) -> None:
         if (wdir / f"case{i}_base.json").exists():
             new = json.loads((wdir / f"case{i}_base.json").read_text())["methods"]["QSMInvNet+ base"]
             checks.append((new["nrmse"], c["methods"]["QSMInvNet+ base"]["nrmse"]))
-        bad = [(a, b) for a, b in checks if abs(a - b) > 1e-6]
+        bad = [(a, b) for a, b in checks if abs(a - b) > 1e-3]   # points; the report gives the drift
         if bad:
             raise SystemExit(f"--reuse {results}: case {i} differs from this run ({bad[0]}); not reused")
         medi = {k: dict(c["methods"][k], reused_from=c["methods"][k].get("reused_from") or source)
