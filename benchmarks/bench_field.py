@@ -76,6 +76,8 @@ BACKGROUND = [("lbv", "lbv", {}, "LBV (7-point, peel 0)"),
               ("resharp", "resharp", {}, "RESHARP (6 mm, λ 1e-4)")]
 #: what the timing part measures (each in its own process): the default chain end to end and its background step
 TIMED = [("pipeline", "default"), ("background", "lbv")]
+#: inversion names of ``--chi`` that are a registry method with other parameters (name → (method, parameters))
+CHI_ALIASES = {"whqsm": ("hdqsm", {"weak_harmonic": True})}
 NOTES = [
     "Runs behind these tables (issue 24, this session; cache /tmp/slab/f): `bench_field.py --cases slab --generator G "
     "--seed S --background lbv --medi 1 --cache DIR` for G in phantom, shapes and S in 0, 1; `bench_field.py --cases "
@@ -323,11 +325,12 @@ def chi_one(case, gen, t: Truth, tot, sid, inv, cache: Cache):
             d = np.load(cache.dir / f"local_{gen}_{case}_{sid.replace('/', '_')}.npz")
             scan = Scan(field=d["local"], mask=d["mask"], name=sid, **common)
         log(f"{gen} {case}: {inv} on {sid}")
+        method, params = CHI_ALIASES.get(inv, (inv, None))
         _reset_peak()
         rss0 = _status_mb("VmRSS")
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            res = reconstruct(scan, inv, device="cpu")
+            res = reconstruct(scan, method, params, device="cpu")
         except Exception as e:  # noqa: BLE001 - recorded in the table
             return {"inversion": inv, "source": sid, "error": f"{type(e).__name__}: {e}"}
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -364,9 +367,10 @@ def _chi(case, gen, t: Truth, tot, rows, default_key, n_medi, cache: Cache):
     return out
 
 
-def accuracy(case, gen, cache: Cache, n_medi: int):
+def accuracy(case, gen, cache: Cache, n_medi: int, params: dict | None = None):
+    """The default chain (with ``params``, ``{"mask.edge_fraction": "0.9"}``, when given) and its tables."""
     import torch
-    from napari_qsm.core.field.pipeline import FieldRecipe, find_step, local_field
+    from napari_qsm.core.field.pipeline import FieldRecipe, find_step, local_field, split_params
     from napari_qsm.core.field.unwrap import residual_jumps
 
     torch.set_num_threads(1)
@@ -382,8 +386,10 @@ def accuracy(case, gen, cache: Cache, n_medi: int):
     else:
         log(f"{gen} {case}: default chain")
         t0 = time.perf_counter()
-        run = local_field(t.echoes, FieldRecipe(), device="cpu")
-        chain = {"seconds": round(time.perf_counter() - t0, 2), "steps": run.steps}
+        recipe = FieldRecipe()
+        recipe.params = split_params(dict(params or {}), recipe)
+        run = local_field(t.echoes, recipe, device="cpu")
+        chain = {"seconds": round(time.perf_counter() - t0, 2), "steps": run.steps, "params": dict(params or {})}
         tot, brain = run.total, run.brain_mask
         with open(run_p, "wb") as f:
             pickle.dump((tot, brain, chain), f, protocol=4)
@@ -587,6 +593,8 @@ def main(argv=None):
     ap.add_argument("--part", choices=("all", "accuracy", "timing"), default="accuracy")
     ap.add_argument("--background", nargs="+", choices=[b[0] for b in BACKGROUND], default=None,
                     help="only these background rows (default: all)")
+    ap.add_argument("--param", nargs="+", default=[], metavar="FAMILY.NAME=VALUE",
+                    help="parameters of the default chain's steps (as `napari-qsm field --param`); use another --cache")
     ap.add_argument("--medi", type=int, default=99, help="MEDI runs per source kind (raw / true total), best first")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the timing part")
     ap.add_argument("--cache", default="/tmp/napari_qsm_bench_field")
@@ -595,7 +603,9 @@ def main(argv=None):
                     "helper process next to a run busy with MEDI)")
     ap.add_argument("--report", action="store_true", help="write the tables from what --cache holds; compute nothing")
     ap.add_argument("--chi", nargs=2, metavar=("INVERSION", "SOURCE"),
-                    help="only this inversion of this local field (truth or KEY/raw|true) for the first case (cached)")
+                    help="only this inversion of this local field (truth or KEY/raw|true) for the first case (cached); "
+                    "INVERSION is a registry method or one of " + ", ".join(
+                        f"{k} ({v[0]} with {v[1]})" for k, v in CHI_ALIASES.items()))
     ap.add_argument("--worker", nargs=4, metavar=("GEN", "CASE", "FAMILY", "NAME"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -613,6 +623,8 @@ def main(argv=None):
                 _local_fields(case, gen, cache.truth(case, gen), tot, brain, cache, BACKGROUND)
         return
     if a.chi:
+        import torch
+        torch.set_num_threads(1)
         gen, case = a.generator[0], a.cases[0]
         with open(cache.dir / f"run_{gen}_{case}.pkl", "rb") as f:
             tot = pickle.load(f)[0]
@@ -630,7 +642,7 @@ def main(argv=None):
     for gen in a.generator:
         for case in a.cases:
             if a.part in ("all", "accuracy"):
-                acc = accuracy(case, gen, cache, a.medi)
+                acc = accuracy(case, gen, cache, a.medi, dict(kv.split("=", 1) for kv in a.param))
                 if acc is None:
                     continue
                 if pj.exists():                      # another run may have written other cases meanwhile
