@@ -84,7 +84,9 @@ NOTES = [
     "(phantom, 0, head1mm), (phantom, 1, slab), (shapes, 1, slab). TKD and MEDI on the true local field come from the "
     "previous session's cache (the same fit and inputs: the mask does not enter them). Machine load 1.1–2.0 (the other "
     "engineer's jobs on the second core): the chain's wall seconds (1 thread) are near idle; the 1 mm chain took "
-    "10.5 s (fit 3.1, mask 2.3, unwrap 1.4, LBV 3.5). The timing table is the integrator's.",
+    "10.5 s (fit 3.1, mask 2.3, unwrap 1.4, LBV 3.5); `bench_field.py --part timing --cases head1mm --threads 1 "
+    "--cache DIR --out /tmp/DIR`: pipeline/default 10.1 s wall, 9.8 CPU s, 848 MB (load 1.8). The timing table is the "
+    "integrator's.",
     "Seeds: seed 0 (*phantom*, *shapes*, and the 1 mm head) is the selection on which this session's default was "
     "chosen (the mask shell's dark test on the proton density at 0.9 × the local level); seed 1 (*phantom-s1*, "
     "*shapes-s1*) was run with the chosen default only: read it as the report.",
