@@ -301,6 +301,16 @@ def fill_open_holes(m, ratio):
     return m | fill[lab]
 
 
+def _shell_contrast(mag, r2star, te, facts, p: ThresholdMaskParams, vs):
+    """(image, its local tissue level) on which the shell's dark test is made: the proton density
+    (:func:`proton_density`) with ``edge_contrast="pd"`` when R2* and the echo times are given, else the magnitude."""
+    r2_med = facts.get("r2star_median")
+    if p.edge_contrast == "pd" and te is not None and r2_med:
+        pd = proton_density(mag, r2star, te, 2.0 * r2_med)     # above 2× the median R2* marks a voxel anyway
+        return pd, tissue_level(pd, facts["seed"], vs, p.bias_mm)
+    return mag, facts["level"]
+
+
 def _depth(m, vs):
     """Distance (mm) of each voxel of ``m`` to the nearest voxel outside it, the FOV border not counting as outside
     (the tissue goes on beyond it)."""
@@ -357,6 +367,7 @@ def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, qual
     Otsu, IEEE SMC 9:62 (1979). SEPIA (Chan & Marques 2021) refines masks by R2*; QSMxT (Stewart et
     al. 2022) thresholds a phase-quality map in two passes.
     """
+    # over 80 lines: the checks of five optional inputs, then the module docstring's steps in order (one reading)
     p = params or ThresholdMaskParams()
     mag = np.asarray(magnitude) if magnitude is not None else None
     if mag is not None:
@@ -408,11 +419,8 @@ def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, qual
         m = fill(peel_edge(m, p, vs, r_open))
     else:
         r2_med = facts.get("r2star_median")
-        dark_img, dark_level = img, facts["level"]
-        if p.edge_contrast == "pd" and te is not None and r2_med:
-            dark_img = proton_density(img, r2, te, 2.0 * r2_med)     # above 2× the median R2* marks a voxel anyway
-            dark_level = tissue_level(dark_img, facts["seed"], vs, p.bias_mm)
-        m = fill(peel_edge(m, p, vs, r_open, dark_img, dark_level, r2 if r2_med else None, r2_med))
+        m = fill(peel_edge(m, p, vs, r_open, *_shell_contrast(img, r2, te, facts, p, vs), r2 if r2_med else None,
+                           r2_med))
     if p.close_mm > 0:
         m = fill(_erode(_dilate(m, p.close_mm, vs), p.close_mm, vs))
     mf = _check_map("misfit", misfit, shape)
