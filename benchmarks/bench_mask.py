@@ -91,7 +91,7 @@ def masks(path: str) -> list:
         total = find_step("fit").run(e, None, device="cpu")
         step = find_step("mask")
         sig = inspect.signature(step.run).parameters
-        extra = {k: getattr(total, k) for k in ("misfit", "r2star") if k in sig}
+        extra = {k: getattr(total, k) for k in ("misfit", "r2star", "te") if k in sig}
         q = unwrap.voxel_quality(e.phase[..., :2], e.magnitude[..., :2], e.te[:2])
         t0 = time.perf_counter()
         m = step.run(total.magnitude, None, quality=q, voxel_size=total.voxel_size, **extra)

@@ -8,6 +8,8 @@ misfit=None, r2star=None, progress=None, cancel=None) -> np.ndarray`` (bool, 3-D
 * ``quality``: optional 3-D phase-quality map in [0, 1] (e.g. :func:`napari_qsm.core.field.unwrap.voxel_quality`),
   thresholded by Otsu with ``source="quality"`` (QSMxT's default).
 * ``r2star``: optional 3-D R2* (1/s) from the echo fit; with ``source="auto"`` it marks bone.
+* ``te``: optional echo times (s) of the magnitude's echoes; with ``r2star``, the shell's dark test is made on
+  the proton density (step 4).
 * ``misfit``: optional 3-D echo-fit misfit (reduced χ², ``TotalField.misfit``): voxels above
   ``misfit_max`` are left out after the holes are filled, and the holes are filled once more, so
   the exclusion carves the mask's edge (where intra-voxel dephasing next to air and bone makes the
@@ -28,7 +30,11 @@ profiles, bone and scalp next to the brain, veins at the FOV border) and scale-f
    Dark structures inside the brain (veins, iron-rich nuclei, haemorrhage) are holes, so they stay.
 4. The outer shell (``edge_mm`` deep, not at the FOV border) is peeled: the CSF rim under the skull
    and the partial-volume bone beyond it (bone carries its own sources, which no background removal
-   can handle); with ``edge="dark"`` only its dark and short-T2* voxels (the CSF rim stays).
+   can handle); with ``edge="dark"`` only its dark and short-T2* voxels (the CSF rim stays). Dark is
+   measured on the proton density (``edge_contrast="pd"``, :func:`proton_density`: the magnitude
+   extrapolated to TE 0 with the fit's R2*) when R2* and the echo times are given: a partial-volume
+   bone or air voxel is dark there by its void fraction, while cortex, which T2* decay makes darker
+   than the CSF-lit tissue level at long echo times, is not.
 5. Misfit carving, optional closing and erosion, as above.
 
 Morphology uses Euclidean distance transforms with the physical voxel size, so radii are in mm on
@@ -180,8 +186,14 @@ class ThresholdMaskParams:
     edge: str = param("dark", "what leaves the outer shell: its dark or short-T2* voxels (partial-volume bone; the "
                       "source-free CSF rim stays as margin for background removal), or all of it (the CSF rim too)",
                       choices=("dark", "all"))
-    edge_fraction: float = param(1.0, "dark in the shell: magnitude below this fraction of the local tissue level "
-                                 "(bright CSF stays, partial-volume bone goes)", min=0.0, max=2.0)
+    edge_fraction: float = param(0.9, "dark in the shell: below this fraction of the local tissue level (bright "
+                                 "CSF stays, partial-volume bone goes; chosen on the selection heads, issue 24)",
+                                 min=0.0, max=2.0)
+    edge_contrast: str = param("pd", "what 'dark' is measured on in the shell: pd = the magnitude extrapolated to "
+                               "TE 0 with the fit's R2* (a proton-density deficit: the void fraction of bone or air "
+                               "in the voxel, not T2* decay, so cortex is not dark); magnitude = the echoes' combined "
+                               "magnitude (T2*-weighted); pd needs R2* and the echo times, else magnitude is used",
+                               choices=("pd", "magnitude"))
     close_mm: float = param(0.0, "closing radius (mm) after filling holes; 0 = none", min=0.0, max=20.0)
     erode_mm: float = param(0.0, "final erosion (mm); background removal erodes further", min=0.0, max=20.0)
     misfit_max: float = param(10.0, "leave out edge voxels whose echo-fit misfit (reduced χ²; ≈ 1 for noise) exceeds "
@@ -224,13 +236,46 @@ def tissue_candidates(mag, r2star, p: ThresholdMaskParams, vs):
     seed = mag > frac * float(np.median(mag[upper]))           # pass 1: one level for the whole FOV
     level = tissue_level(mag, seed, vs, p.bias_mm)
     cand = mag > frac * level                                   # pass 2: the local level (coil profiles)
-    facts = {"otsu": otsu, "level": level}
+    facts = {"otsu": otsu, "level": level, "seed": seed}
     if r2star is not None and p.r2star_factor > 0 and cand.any():
         r2_med = float(np.median(r2star[cand]))
         facts["r2star_median"] = r2_med
         if r2_med > 0:
             cand &= ~(r2star > p.r2star_factor * r2_med)
     return cand, facts
+
+
+def proton_density(mag, r2star, te, r2_cap):
+    """The combined magnitude extrapolated to TE = 0 with the fit's R2* (a proton-density map times the receive
+    profile): M0 = RSS / √Σₙ exp(−2·R2*·TEₙ), the root sum of squares of Mₙ = M0·exp(−R2*·TEₙ) solved for M0.
+    R2* is clipped to [0, ``r2_cap``] so that noise-only voxels with a large fitted R2* are not blown up (voxels
+    above the cap are marked by their R2* instead).
+
+    T2* decay, not a lack of protons, is what makes grey matter (lower R2* but longer-lived) and white matter
+    differ from CSF at long echo times; at TE 0 tissue spans little (proton density about 0.7 white matter, 0.8
+    grey matter, 1.0 CSF), and a voxel that is partly bone or air (a void at every echo of a GRE protocol: bone's
+    T2* is below 3 ms) is dark by its void fraction.
+
+    References
+    ----------
+    Whittall et al., MRM 37:34 (1997) and Neeb et al., NeuroImage 31:1156 (2006) (proton density of brain tissue);
+    Du & Bydder, NMR Biomed 26:489 (2013) (cortical bone T2* ≈ 0.4–0.5 ms).
+    """
+    te = np.asarray(te, np.float64).ravel()
+    r2 = np.clip(r2star, 0.0, float(r2_cap)).astype(np.float32)
+    decay = np.zeros(mag.shape, np.float32)
+    for t in te:
+        decay += np.exp(np.float32(-2.0 * t) * r2)
+    return (mag / np.sqrt(decay)).astype(np.float32)
+
+
+def _check_te(te):
+    if te is None:
+        return None
+    t = np.asarray(te, np.float64).ravel()
+    if t.size == 0 or not np.all(np.isfinite(t)) or np.any(t <= 0) or np.any(t >= 1.0):
+        raise ScanError(f"te: expected echo times in seconds in (0, 1), got {te!r}")
+    return t
 
 
 def fill_open_holes(m, ratio):
@@ -256,6 +301,16 @@ def fill_open_holes(m, ratio):
     return m | fill[lab]
 
 
+def _shell_contrast(mag, r2star, te, facts, p: ThresholdMaskParams, vs):
+    """(image, its local tissue level) on which the shell's dark test is made: the proton density
+    (:func:`proton_density`) with ``edge_contrast="pd"`` when R2* and the echo times are given, else the magnitude."""
+    r2_med = facts.get("r2star_median")
+    if p.edge_contrast == "pd" and te is not None and r2_med:
+        pd = proton_density(mag, r2star, te, 2.0 * r2_med)     # above 2× the median R2* marks a voxel anyway
+        return pd, tissue_level(pd, facts["seed"], vs, p.bias_mm)
+    return mag, facts["level"]
+
+
 def _depth(m, vs):
     """Distance (mm) of each voxel of ``m`` to the nearest voxel outside it, the FOV border not counting as outside
     (the tissue goes on beyond it)."""
@@ -269,9 +324,9 @@ def peel_edge(m, p: ThresholdMaskParams, vs, r_open, mag=None, level=None, r2sta
 
     In a head the outer edge of the brain-and-CSF component lies on the skull. ``edge="all"`` peels the
     whole shell (the extra-axial CSF rim and the partial-volume bone beyond it); ``edge="dark"`` only its
-    voxels darker than ``edge_fraction`` × the local tissue level or with R2* above twice the tissue
-    median: bone carries its own sources, which no background removal can handle, while the CSF rim
-    has none and leaves background removal a margin.
+    voxels darker than ``edge_fraction`` × the local tissue level of ``mag`` (the magnitude, or the proton
+    density) or with R2* above twice the tissue median: bone carries its own sources, which no background
+    removal can handle, while the CSF rim has none and leaves background removal a margin.
     """
     if p.edge_mm <= 0:
         return m
@@ -287,7 +342,8 @@ def peel_edge(m, p: ThresholdMaskParams, vs, r_open, mag=None, level=None, r2sta
 
 
 def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, quality=None, user_mask=None,
-                   voxel_size=(1.0, 1.0, 1.0), misfit=None, r2star=None, progress=None, cancel=None) -> np.ndarray:
+                   voxel_size=(1.0, 1.0, 1.0), misfit=None, r2star=None, te=None, progress=None,
+                   cancel=None) -> np.ndarray:
     """Brain mask from signal, R2* and topology; a user mask always wins. See the module docstring.
 
     Parameters
@@ -298,6 +354,8 @@ def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, qual
     user_mask : returned as is (validated) when given.
     voxel_size : mm, for radii in mm.
     misfit, r2star : optional echo-fit misfit (reduced χ²) and R2* (1/s) maps.
+    te : optional echo times (s) of the echoes behind ``magnitude`` (with ``r2star``: the shell's dark test on
+        the proton density, ``edge_contrast="pd"``).
     progress, cancel : see :mod:`napari_qsm.core.progress`.
 
     Returns
@@ -309,6 +367,7 @@ def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, qual
     Otsu, IEEE SMC 9:62 (1979). SEPIA (Chan & Marques 2021) refines masks by R2*; QSMxT (Stewart et
     al. 2022) thresholds a phase-quality map in two passes.
     """
+    # over 80 lines: the checks of five optional inputs, then the module docstring's steps in order (one reading)
     p = params or ThresholdMaskParams()
     mag = np.asarray(magnitude) if magnitude is not None else None
     if mag is not None:
@@ -330,6 +389,7 @@ def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, qual
     if q is not None and not np.all(np.isfinite(q)):
         raise ScanError("quality: contains NaN or Inf")
     r2 = _check_map("r2star", r2star, shape)
+    te = _check_te(te)
     if r2 is not None:
         r2 = np.where(np.isfinite(r2), r2, np.float32(np.inf))
     use_q = p.source == "quality"
@@ -358,8 +418,9 @@ def threshold_mask(magnitude, params: ThresholdMaskParams | None = None, *, qual
     if use_q:
         m = fill(peel_edge(m, p, vs, r_open))
     else:
-        m = fill(peel_edge(m, p, vs, r_open, img, facts["level"], r2 if facts.get("r2star_median") else None,
-                           facts.get("r2star_median")))
+        r2_med = facts.get("r2star_median")
+        m = fill(peel_edge(m, p, vs, r_open, *_shell_contrast(img, r2, te, facts, p, vs), r2 if r2_med else None,
+                           r2_med))
     if p.close_mm > 0:
         m = fill(_erode(_dilate(m, p.close_mm, vs), p.close_mm, vs))
     mf = _check_map("misfit", misfit, shape)
@@ -380,7 +441,8 @@ STEPS = (
          run=threshold_mask, default=True, order=0,
          doc="Tissue = signal above a fraction of the local tissue level and R2* below that of bone (or Otsu on the "
              "phase-quality map), opening in mm, largest component, holes filled in 3-D (also those open to the FOV "
-             "border: veins, fissure), the outer shell peeled (CSF rim, partial-volume bone), "
+             "border: veins, fissure), the outer shell's partial-volume bone peeled (dark on the proton density, the "
+             "magnitude extrapolated to TE 0 with R2*: cortex stays), "
              "edge voxels whose echo fit does not hold (misfit > 10) left out; optional closing and erosion in mm. "
              "A user mask always wins."),
 )

@@ -183,6 +183,8 @@ def local_field(echoes: Echoes, recipe: Optional[FieldRecipe] = None, *, mask=No
                 extra["misfit"] = total.misfit   # edge voxels whose phase is not linear in TE are left out
             if "r2star" in inspect.signature(s.run).parameters:
                 extra["r2star"] = total.r2star   # short T2* (bone) is left out unless enclosed by brain
+            if "te" in inspect.signature(s.run).parameters:
+                extra["te"] = total.te           # with R2*: the shell's dark test on the proton density
             return s.run(total.magnitude, p, quality=quality, voxel_size=total.voxel_size, progress=progress,
                          cancel=cancel, **extra)
         brain = timed("mask", make_mask)

@@ -28,7 +28,7 @@ def chain_mask(e: Echoes) -> np.ndarray:
     step = find_step("mask")
     q = unwrap.voxel_quality(e.phase[..., :2], e.magnitude[..., :2], e.te[:2])
     sig = inspect.signature(step.run).parameters
-    extra = {k: getattr(total, k) for k in ("misfit", "r2star") if k in sig and getattr(total, k) is not None}
+    extra = {k: getattr(total, k) for k in ("misfit", "r2star", "te") if k in sig and getattr(total, k) is not None}
     return step.run(total.magnitude, None, quality=q, voxel_size=total.voxel_size, **extra)
 
 
