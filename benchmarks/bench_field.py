@@ -77,7 +77,10 @@ BACKGROUND = [("lbv", "lbv", {}, "LBV (7-point, peel 0)"),
 #: what the timing part measures (each in its own process): the default chain end to end and its background step
 TIMED = [("pipeline", "default"), ("background", "lbv")]
 #: inversion names of ``--chi`` that are a registry method with other parameters (name → (method, parameters))
-CHI_ALIASES = {"whqsm": ("hdqsm", {"weak_harmonic": True})}
+CHI_ALIASES = {"whqsm": ("hdqsm", {"weak_harmonic": True}),
+               "medi_wh": ("medi", {"weak_harmonic": True}),           # β 150 (the record's default)
+               "medi_wh15": ("medi", {"weak_harmonic": True, "beta": 15.0}),
+               "medi_wh1500": ("medi", {"weak_harmonic": True, "beta": 1500.0})}
 NOTES = [
     "Runs behind these tables (issue 24, session 10; cache /tmp/slabwt/final): `bench_field.py --cases C --generator G "
     "--seed S --background lbv --medi 1 --cache DIR --out DIR` for (G, S, C) = (phantom, 0, slab), (shapes, 0, slab), "

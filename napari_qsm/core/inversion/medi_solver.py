@@ -177,6 +177,7 @@ class Problem:
         if self.csf is not None and not self.csf.any():
             self.csf = None
         self.set_weight(noise_t)
+        self.wh = None                # weak-harmonic remnant φ (medi_harmonic.WeakHarmonic) when on
         self.linear = False           # data term ‖m(Dχ − f)‖² instead of ‖m(e^{iDχ} − e^{if})‖² (TFI)
 
     # ---- building blocks
@@ -253,7 +254,8 @@ class Problem:
         if Dx is None:
             Dx = self.Dconv(x)
         reg = float(self.wgrad(x).abs_().sum(dtype=torch.float64))
-        r = Dx - self.f
+        wh = self.wh
+        r = Dx - self.f if wh is None else Dx + wh.phi - self.f
         r = r.square_() if self.linear else (2.0 - 2.0 * torch.cos(r))
         data = float((self.m2 * r).sum(dtype=torch.float64))
         return reg, data
@@ -319,36 +321,44 @@ class Problem:
         it = 0
         x = y if P is None else P * y
         Dx = None  # D∗χ of the current χ (kept from the cost evaluation of the previous step)
+        wh = self.wh
+        if wh is not None:
+            wh.reset()
         self.rep.start_solve(label, max_iter, tol_norm_ratio)
         while ratio > tol_norm_ratio and it < max_iter:
             it += 1
             W = self.lagged_weights(x)
             if Dx is None:
                 Dx = self.Dconv(x)
-            b = self.reg_op(x, W)
-            r = Dx - self.f if self.linear else torch.sin(Dx - self.f)
-            b += self.Dconv(self.m2 * r).mul_(2.0 * lam)
-            del r
-            if use_csf:
-                b += self.csf_op(x).mul_(lambda_csf)
-            del Dx
-            if P is not None:
-                b *= P
-            m2s = self.m2 * (2.0 * lam)
-
-            def A(p):
-                if P is not None:
-                    p = P * p
-                out = self.reg_op(p, W)
-                out += self.Dconv(m2s * self.Dconv(p))
+            if wh is None:
+                b = self.reg_op(x, W)
+                r = Dx - self.f if self.linear else torch.sin(Dx - self.f)
+                b += self.Dconv(self.m2 * r).mul_(2.0 * lam)
+                del r
                 if use_csf:
-                    out += self.csf_op(p).mul_(lambda_csf)
+                    b += self.csf_op(x).mul_(lambda_csf)
+                del Dx
                 if P is not None:
-                    out *= P
-                return out
+                    b *= P
+                m2s = self.m2 * (2.0 * lam)
 
-            dy, cg_it, cg_res = self.cg(A, b.neg_(), cg_tol, cg_max_iter)
-            del b, W, A, m2s
+                def A(p):
+                    if P is not None:
+                        p = P * p
+                    out = self.reg_op(p, W)
+                    out += self.Dconv(m2s * self.Dconv(p))
+                    if use_csf:
+                        out += self.csf_op(p).mul_(lambda_csf)
+                    if P is not None:
+                        out *= P
+                    return out
+
+                dy, cg_it, cg_res = self.cg(A, b.neg_(), cg_tol, cg_max_iter)
+                del b, W, A, m2s
+            else:                    # weak-harmonic MEDI: χ and the remnant φ in one GN step (medi_harmonic)
+                dy, dphi, cg_it, cg_res = wh.step(self, x, Dx, W, lam, lambda_csf, use_csf, cg_tol, cg_max_iter)
+                wh.phi += dphi
+                del Dx, W, dphi
             ny = float(torch.linalg.vector_norm(y))
             ndy = float(torch.linalg.vector_norm(dy))
             ratio = ndy / ny if ny > 0 else math.inf
@@ -363,11 +373,13 @@ class Problem:
             else:
                 reg_csf = 0.0
             cost = reg + lam * data + reg_csf
+            if wh is not None:
+                cost += lam * wh.beta * wh.cost()
             for key, v in (("norm_ratio", ratio), ("cost", cost), ("cost_reg", reg), ("cost_data", data),
                            ("cg_iters", cg_it), ("cg_residual", cg_res)):
                 hist[key].append(v)
             if merit:
-                self._merit(Dx)
+                self._merit(Dx if wh is None else Dx + wh.phi)
             self.rep.gn_report(it, ratio, cost, cg_it, x)
         hist["gn_iters"] = it
         hist["converged"] = ratio <= tol_norm_ratio
