@@ -91,5 +91,8 @@ def test_parameters_reach_the_registry_and_cli(scene):
     res = reconstruct(scan, "medi", {"weak_harmonic": "true", "beta": "50", "max_iter": "2"}, device="cpu")
     assert res.extras["weak_harmonic"]["beta"] == 50.0
     assert res.extras["weak_harmonic"]["harmonic_rms_ppm"] > 0
+    phi = res.extras["harmonic_field"]           # φ in ppm on the scan grid (a layer in the dock)
+    assert phi.shape == field.shape and np.all(phi[~mask] == 0) and np.any(phi[mask] != 0)
+    assert "harmonic_field" not in reconstruct(scan, "medi", {"max_iter": "1"}, device="cpu").extras
     with pytest.raises(ValueError, match="auto_rule=discrepancy"):
         medi_l1(field, mask, VS, magnitude=mag, weak_harmonic=True, lam="auto")

@@ -32,6 +32,9 @@ Problem (all arrays on the scan grid, χ in radians of phase, see *Scaling* belo
   ``merit``: after each GN step, voxels whose demeaned complex residual exceeds 6·std get
   N_std ×= (|r|/6σ)² and m, b0 are rebuilt. MEDI+0 (``csf``): see :func:`derive_csf_mask` (R2* < 5 s⁻¹
   central regions as the toolbox when an R2* map is given, else a magnitude rule).
+  ``weak_harmonic`` (WH-QSM's model, Milovic et al. 2019, in MEDI's cost): f = D∗χ + φ with a
+  residual background φ penalised by λβ‖M∇²φ‖², solved with χ in the same Gauss-Newton/CG
+  (:mod:`~.medi_harmonic`); for local fields with background-removal remnants.
 * Magnitude: a 4-D (multi-echo) magnitude (echoes last) is reduced to its first echo
   (:func:`medi_magnitude`): the least T2*-weighted, highest-SNR image, so the gradient mask follows
   tissue boundaries rather than the R2* decay of later echoes. Note that the toolbox's example
@@ -444,6 +447,7 @@ def _run(scan, p: MEDIParams, *, device, progress=None, cancel=None, csf_mask=No
     if "harmonic_field" in info:
         hf = info["harmonic_field"][np.asarray(scan.mask, bool)]
         extras["weak_harmonic"] = {"beta": p.beta, "harmonic_rms_ppm": float(np.sqrt(np.mean(hf * hf)))}
+        extras["harmonic_field"] = info["harmonic_field"]     # φ (ppm) on the scan grid: a layer in the dock
     for k in ("gradient_threshold", "edge_share", "csf_voxels", "csf_source", "csf_rule", "csf_reference_ppm",
               "merit_voxels"):
         if k in info:
@@ -459,4 +463,5 @@ METHODS = (Method(
     "medi", "MEDI-L1", MEDIParams, _run, order=20, short="MEDI λ={lambda}", uses_magnitude=True, long_running=True,
     doc="Morphology enabled dipole inversion (Cornell MEDI_L1 semantics): L1 of the gradient outside magnitude "
         "edges + λ·nonlinear data fidelity, Gauss-Newton with CG. lambda=auto picks λ by UPRE "
-        "(or the discrepancy principle with auto_rule=discrepancy)."),)
+        "(or the discrepancy principle with auto_rule=discrepancy). weak_harmonic also fits a residual background "
+        "field (after WH-QSM, Milovic 2019), for local fields with background-removal remnants."),)
