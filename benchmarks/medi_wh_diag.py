@@ -7,7 +7,8 @@ DIR is a ``bench_field.py`` cache with the head's chain run (run_*.pkl, truth_*.
 a comma-separated list of MEDI parameters (``--param`` syntax; '' = the registry's defaults). Prints, per variant,
 the demeaned NRMSE % over the generator's brain (as bench_field.py scores χ), the GN steps, the CG iterations of
 each step, the last stop ratio, the RMS of the fitted harmonic field φ (ppm), its correlation with what the local
-field lacks of the true local field (true local − local over the field's mask ∩ the brain) and CPU seconds (1 thread).
+field has that the true local field has not (local − true local over the field's mask ∩ the brain; φ models it)
+and CPU seconds (1 thread).
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def main(argv=None):
         corr = ""
         if "harmonic_field" in e and a.source != "truth":
             region = mask & t.brain                      # the part of the true local field this local field lacks
-            lost = (t.local - field)[region]
-            corr = (f", corr(φ, true local − local) {np.corrcoef(e['harmonic_field'][region], lost)[0, 1]:.2f}"
-                    f" (rms of the difference {np.sqrt(np.mean(lost * lost)):.4f} ppm)")
+            extra = (field - t.local)[region]
+            corr = (f", corr(φ, local − true local) {np.corrcoef(e['harmonic_field'][region], extra)[0, 1]:.2f}"
+                    f" (rms of the difference {np.sqrt(np.mean(extra * extra)):.4f} ppm)")
         print(f"{a.head} {a.source} [{v or 'defaults'}]: NRMSE {M.nrmse_demeaned(chi, t.chi, t.brain):.1f} %, "
               f"GN {e['gn_iterations']}, CG {e['cg_iterations']}, last ratio {e['norm_ratio'][-1]:.3g}, "
               f"φ rms {rms:.4f} ppm{corr}, {cpu:.0f} CPU s", flush=True)

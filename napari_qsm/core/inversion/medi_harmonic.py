@@ -121,37 +121,5 @@ class WeakHarmonic:
         def precond(r):
             return torch.stack([r[0], prob._conv(r[1] * self.S, self.K) * self.S])
 
-        d, it, rel = pcg(prob.rep, A, b, precond, cg_tol, cg_max_iter)
+        d, it, rel = prob.cg(A, b, cg_tol, cg_max_iter, precond=precond)
         return d[0], d[1], it, rel
-
-
-def pcg(rep, A, b, precond, tol, max_iter):
-    """Preconditioned CG on A x = b from x = 0 until ‖r‖ ≤ tol·‖b‖ (or ``max_iter``); cancel checked per iteration.
-
-    Returns (x, iterations, ‖r‖/‖b‖)."""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    rr0 = float(torch.dot(r.reshape(-1), r.reshape(-1)))
-    if rr0 == 0.0:
-        return x, 0, 0.0
-    z = precond(r)
-    d = z.clone()
-    rz = float(torch.dot(r.reshape(-1), z.reshape(-1)))
-    rr = rr0
-    it = 0
-    while it < max_iter and rr > tol * tol * rr0:
-        rep.check()
-        q = A(d)
-        dq = float(torch.dot(d.reshape(-1), q.reshape(-1)))
-        if not dq > 0:
-            break
-        alpha = rz / dq
-        x.add_(d, alpha=alpha)
-        r.sub_(q, alpha=alpha)
-        rr = float(torch.dot(r.reshape(-1), r.reshape(-1)))
-        z = precond(r)
-        old = rz
-        rz = float(torch.dot(r.reshape(-1), z.reshape(-1)))
-        d.mul_(rz / old).add_(z)
-        it += 1
-    return x, it, math.sqrt(rr / rr0)
