@@ -34,7 +34,9 @@ Problem (all arrays on the scan grid, χ in radians of phase, see *Scaling* belo
   central regions as the toolbox when an R2* map is given, else a magnitude rule).
   ``weak_harmonic`` (WH-QSM's model, Milovic et al. 2019, in MEDI's cost): f = D∗χ + φ with a
   residual background φ penalised by λβ‖M∇²φ‖², solved with χ in the same Gauss-Newton/CG
-  (:mod:`~.medi_harmonic`); for local fields with background-removal remnants.
+  (:mod:`~.medi_harmonic`); for local fields with background-removal remnants. The record's default
+  ``"auto"`` turns it on for a local field made by this package's background removal, as ``scan.source``
+  records it (:func:`weak_harmonic_for`), else off.
 * Magnitude: a 4-D (multi-echo) magnitude (echoes last) is reduced to its first echo
   (:func:`medi_magnitude`): the least T2*-weighted, highest-SNR image, so the gradient mask follows
   tissue boundaries rather than the R2* decay of later echoes. Note that the toolbox's example
@@ -131,10 +133,10 @@ class MEDIParams:
                                min=0.05, max=10.0)
     auto_max_solves: int = param(5, "lambda=auto: at most this many solves (each from zero)", min=2, max=20)
     weak_harmonic: str = param("auto", "weak-harmonic MEDI (after WH-QSM, Milovic 2019): also fit a residual "
-                               "background field φ with ‖M∇²φ‖² small. auto: on when the local field was made by "
-                               "this package's background removal (its boundary loses part of the local field, "
-                               "φ takes it back), else off, and off with lambda=auto by UPRE; on/off (true/false) "
-                               "force it", choices=("auto", "on", "off"))
+                               "background field φ with ‖M∇²φ‖² small. auto: on for a local field made by this "
+                               "package's background removal (its boundary loses part of the local field, φ gives "
+                               "it back), off for any other field and with lambda=auto by UPRE; on/off (or "
+                               "true/false) force it", choices=("auto", "on", "off"))
     beta: float = param(150.0, "weak_harmonic: β, the weight of λ‖M∇²φ‖² relative to the data term (WH-QSM's 150)",
                         min=1e-6, max=1e8, short="β")
 
