@@ -7,7 +7,7 @@ import torch
 from napari_qsm.core.dipole import forward_field
 from napari_qsm.core.inversion.medi import MEDIParams, medi_l1
 from napari_qsm.core.metrics import nrmse_demeaned as nrmse
-from napari_qsm.core.params import make_params
+from napari_qsm.core.params import ParamError, make_params
 from napari_qsm.core.scan import Scan
 from napari_qsm.methods import reconstruct
 
@@ -36,7 +36,7 @@ def scene():
 
 def test_off_is_the_default_and_beta_is_ignored_when_off(scene):
     chi, field, mask, mag, _ = scene
-    assert MEDIParams().weak_harmonic is False
+    assert MEDIParams().weak_harmonic == "auto"       # off for a field whose origin is not known (this scene)
     ref = medi_l1(field, mask, VS, magnitude=mag, max_iter=3)
     off = medi_l1(field, mask, VS, magnitude=mag, max_iter=3, weak_harmonic=False, beta=7.0)
     assert np.array_equal(ref, off)
@@ -86,13 +86,54 @@ def test_laplacian_is_symmetric_and_exact_on_quadratics():
 def test_parameters_reach_the_registry_and_cli(scene):
     chi, field, mask, mag, _ = scene
     p = make_params(MEDIParams, {"weak_harmonic": "true", "beta": "50"})
-    assert p.weak_harmonic is True and p.beta == 50.0
+    assert p.weak_harmonic == "on" and p.beta == 50.0           # true/false still accepted: on/off
+    assert make_params(MEDIParams, {"weak_harmonic": False}).weak_harmonic == "off"
+    assert make_params(MEDIParams, {"weak_harmonic": "auto"}).weak_harmonic == "auto"
+    with pytest.raises(ParamError, match="weak_harmonic"):
+        make_params(MEDIParams, {"weak_harmonic": "maybe"})
     scan = Scan(field=field, mask=mask, voxel_size=VS, magnitude=mag, name="wh")
     res = reconstruct(scan, "medi", {"weak_harmonic": "true", "beta": "50", "max_iter": "2"}, device="cpu")
-    assert res.extras["weak_harmonic"]["beta"] == 50.0
-    assert res.extras["weak_harmonic"]["harmonic_rms_ppm"] > 0
+    assert res.extras["weak_harmonic"] == "on (given)" and res.params["weak_harmonic"] == "on"
+    assert res.extras["harmonic"]["beta"] == 50.0
+    assert res.extras["harmonic"]["harmonic_rms_ppm"] > 0
     phi = res.extras["harmonic_field"]           # φ in ppm on the scan grid (a layer in the dock)
     assert phi.shape == field.shape and np.all(phi[~mask] == 0) and np.any(phi[mask] != 0)
-    assert "harmonic_field" not in reconstruct(scan, "medi", {"max_iter": "1"}, device="cpu").extras
+    plain = reconstruct(scan, "medi", {"max_iter": "1"}, device="cpu")   # auto, a field of unknown origin: off
+    assert "harmonic_field" not in plain.extras and plain.extras["weak_harmonic"].startswith("auto → off")
+    assert res.name == "MEDI λ=1000 max_iter=2 weak_harmonic=on β=50" and plain.name == "MEDI λ=1000 max_iter=1"
     with pytest.raises(ValueError, match="auto_rule=discrepancy"):
         medi_l1(field, mask, VS, magnitude=mag, weak_harmonic=True, lam="auto")
+    with pytest.raises(ValueError, match="auto_rule=discrepancy"):   # explicit on + UPRE: still refused
+        reconstruct(scan, "medi", {"weak_harmonic": "on", "lambda": "auto"}, device="cpu")
+
+
+def _with_source(scan, source):
+    return Scan(field=scan.field, mask=scan.mask, voxel_size=scan.voxel_size, magnitude=scan.magnitude,
+                name=scan.name, source=source)
+
+
+def test_auto_decision_follows_where_the_field_came_from(scene):
+    """weak_harmonic=auto: on for a field from this package's background removal (in-process field_steps, or
+    the sidecar/layer fact BackgroundRemoval), off otherwise, and off with lambda=auto by UPRE (with the reason)."""
+    from napari_qsm.core.inversion.medi import weak_harmonic_for
+    _, field, mask, mag, _ = scene
+    plain = Scan(field=field, mask=mask, voxel_size=VS, magnitude=mag, name="plain")
+    steps = [{"family": "fit", "name": "linear"}, {"family": "background", "name": "lbv", "label": "LBV"}]
+    in_process = _with_source(plain, {"field_steps": steps})
+    from_file = _with_source(plain, {"field_facts": {"Quantity": "local field", "BackgroundRemoval": "resharp"}})
+    auto = MEDIParams()
+    assert weak_harmonic_for(plain, auto)[0] is False
+    assert weak_harmonic_for(_with_source(plain, {"field_steps": steps[:1]}), auto)[0] is False   # no background step
+    assert weak_harmonic_for(in_process, auto) == (
+        True, "auto → on: local field from LBV (this package's background removal)")
+    on, why = weak_harmonic_for(from_file, auto)
+    assert on and "RESHARP" in why
+    upre = make_params(MEDIParams, {"lambda": "auto"})
+    on, why = weak_harmonic_for(in_process, upre)
+    assert not on and why.startswith("auto → off") and "UPRE" in why
+    assert weak_harmonic_for(in_process, make_params(MEDIParams, {"lambda": "auto", "auto_rule": "discrepancy"}))[0]
+    assert weak_harmonic_for(plain, make_params(MEDIParams, {"weak_harmonic": "on"})) == (True, "on (given)")
+    assert weak_harmonic_for(in_process, make_params(MEDIParams, {"weak_harmonic": "off"})) == (False, "off (given)")
+    # through the registry: φ is fitted, and the decision is in the provenance
+    res = reconstruct(in_process, "medi", {"max_iter": "1"}, device="cpu")
+    assert "harmonic_field" in res.extras and res.provenance()["extras"]["weak_harmonic"].startswith("auto → on")

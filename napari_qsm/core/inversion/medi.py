@@ -34,7 +34,9 @@ Problem (all arrays on the scan grid, χ in radians of phase, see *Scaling* belo
   central regions as the toolbox when an R2* map is given, else a magnitude rule).
   ``weak_harmonic`` (WH-QSM's model, Milovic et al. 2019, in MEDI's cost): f = D∗χ + φ with a
   residual background φ penalised by λβ‖M∇²φ‖², solved with χ in the same Gauss-Newton/CG
-  (:mod:`~.medi_harmonic`); for local fields with background-removal remnants.
+  (:mod:`~.medi_harmonic`); for local fields with background-removal remnants. The record's default
+  ``"auto"`` turns it on for a local field made by this package's background removal, as ``scan.source``
+  records it (:func:`weak_harmonic_for`), else off.
 * Magnitude: a 4-D (multi-echo) magnitude (echoes last) is reduced to its first echo
   (:func:`medi_magnitude`): the least T2*-weighted, highest-SNR image, so the gradient mask follows
   tissue boundaries rather than the R2* decay of later echoes. Note that the toolbox's example
@@ -130,9 +132,11 @@ class MEDIParams:
     discrepancy: float = param(1.0, "lambda=auto with the discrepancy rule: target residual = this × the noise energy",
                                min=0.05, max=10.0)
     auto_max_solves: int = param(5, "lambda=auto: at most this many solves (each from zero)", min=2, max=20)
-    weak_harmonic: bool = param(False, "weak-harmonic MEDI (after WH-QSM, Milovic 2019): also fit a residual "
-                                "background field φ with ‖M∇²φ‖² small, for local fields with background-removal "
-                                "remnants (e.g. thick-slice slabs)")
+    weak_harmonic: str = param("auto", "weak-harmonic MEDI (after WH-QSM, Milovic 2019): also fit a residual "
+                               "background field φ with ‖M∇²φ‖² small. auto: on for a local field made by this "
+                               "package's background removal (its boundary loses part of the local field, φ gives "
+                               "it back), off for any other field and with lambda=auto by UPRE; on/off (or "
+                               "true/false) force it", choices=("auto", "on", "off"))
     beta: float = param(150.0, "weak_harmonic: β, the weight of λ‖M∇²φ‖² relative to the data term (WH-QSM's 150)",
                         min=1e-6, max=1e8, short="β")
 
@@ -428,7 +432,70 @@ def _to_full(x, prob, s, box, shape):
     return out
 
 
+def background_removal_of(scan) -> Optional[str]:
+    """The name of this package's background-removal step that made ``scan``'s local field, or None.
+
+    The fact travels in ``scan.source``: ``"field_steps"`` (:func:`napari_qsm.core.field.pipeline.local_field`,
+    in process) or ``"field_facts"["BackgroundRemoval"]`` (the JSON sidecar of ``napari-qsm field``'s
+    local_field.nii.gz read by :func:`napari_qsm.core.io.load_scan`, or a Field-dock layer's metadata).
+    """
+    src = getattr(scan, "source", None) or {}
+    for step in src.get("field_steps") or ():
+        if isinstance(step, dict) and step.get("family") == "background" and step.get("name"):
+            return str(step["name"])
+    name = (src.get("field_facts") or {}).get("BackgroundRemoval")
+    return str(name) if name else None
+
+
+def _step_label(name: str) -> str:
+    try:   # the step's label ("LBV") when it is a shipped step; lazily: core.field is not needed otherwise
+        from ..field.pipeline import find_step
+        return find_step("background", name).label
+    except Exception:  # noqa: BLE001 - a third-party or renamed step: its name
+        return name
+
+
+def weak_harmonic_for(scan, p: MEDIParams) -> tuple[bool, str]:
+    """Whether MEDI fits the residual background φ (``weak_harmonic``) for ``scan``, and why.
+
+    Parameters
+    ----------
+    scan : Scan
+        Its ``source`` tells whether the local field came from this package's background removal
+        (:func:`background_removal_of`).
+    p : MEDIParams
+        ``weak_harmonic``: "on" / "off" force it; "auto" is on for a local field from this package's
+        background removal (its boundary takes the harmonic part of the local field near the mask edge, which
+        φ gives back: 7–18 points of demeaned NRMSE on the chain's fields, docs/benchmarks/field.md), off for
+        any other field (on a field without that loss φ costs 1–10 points), and off when ``lambda=auto``
+        uses UPRE (its trace is derived for χ alone).
+
+    Returns
+    -------
+    (bool, str)
+        The decision and a reason for the provenance, e.g. "auto → on: local field from LBV (this
+        package's background removal)".
+
+    References
+    ----------
+    Milovic C et al. Weak-harmonic regularization for quantitative susceptibility mapping. MRM 2019;81:1399-1411.
+    """
+    mode = p.weak_harmonic
+    if mode in ("on", "off"):
+        return mode == "on", f"{mode} (given)"
+    if mode != "auto":
+        raise ValueError(f"weak_harmonic: expected auto, on or off, got {mode!r}")
+    step = background_removal_of(scan)
+    if step is None:
+        return False, "auto → off: the local field's origin is not this package's background removal"
+    if isinstance(p.lam, str) and p.auto_rule == "upre":
+        return False, (f"auto → off: lambda=auto with UPRE (its trace is derived for χ alone), although the local "
+                       f"field is from {_step_label(step)}; use auto_rule=discrepancy or a numeric lambda for φ")
+    return True, f"auto → on: local field from {_step_label(step)} (this package's background removal)"
+
+
 def _run(scan, p: MEDIParams, *, device, progress=None, cancel=None, csf_mask=None, **_):
+    wh, wh_reason = weak_harmonic_for(scan, p)
     chi, info = medi_l1(scan.field, scan.mask, scan.voxel_size, scan.b0_direction, magnitude=scan.magnitude,
                         noise_std=getattr(scan, "noise_std", None), r2star=getattr(scan, "r2star", None),
                         lam=p.lam, percentage=p.percentage,
@@ -437,16 +504,16 @@ def _run(scan, p: MEDIParams, *, device, progress=None, cancel=None, csf_mask=No
                         cg_max_iter=p.cg_max_iter, max_iter=p.max_iter, tol_norm_ratio=p.tol_norm_ratio,
                         delta_te=p.delta_te, b0_tesla=getattr(scan, "b0_tesla", None), pad_factor=p.pad_factor,
                         auto_rule=p.auto_rule, discrepancy=p.discrepancy, auto_max_solves=p.auto_max_solves,
-                        weak_harmonic=p.weak_harmonic, beta=p.beta, device=device,
+                        weak_harmonic=wh, beta=p.beta, device=device,
                         progress=progress, cancel=cancel, return_info=True)
     hist = info["history"]
     extras = {"lambda": info["lambda"], "gn_iterations": hist["gn_iters"], "cg_iterations": list(hist["cg_iters"]),
               "cost": list(hist["cost"]), "norm_ratio": list(hist["norm_ratio"]),
               "data_residual": info["residual"], "phase_scale_rad_per_ppm": info["phase_scale_rad_per_ppm"],
-              "data_weighting": info["data_weighting"], "fft_shape": info["fft_shape"]}
+              "data_weighting": info["data_weighting"], "fft_shape": info["fft_shape"], "weak_harmonic": wh_reason}
     if "harmonic_field" in info:
         hf = info["harmonic_field"][np.asarray(scan.mask, bool)]
-        extras["weak_harmonic"] = {"beta": p.beta, "harmonic_rms_ppm": float(np.sqrt(np.mean(hf * hf)))}
+        extras["harmonic"] = {"beta": p.beta, "harmonic_rms_ppm": float(np.sqrt(np.mean(hf * hf)))}
         extras["harmonic_field"] = info["harmonic_field"]     # φ (ppm) on the scan grid: a layer in the dock
     for k in ("gradient_threshold", "edge_share", "csf_voxels", "csf_source", "csf_rule", "csf_reference_ppm",
               "merit_voxels"):
@@ -463,5 +530,5 @@ METHODS = (Method(
     "medi", "MEDI-L1", MEDIParams, _run, order=20, short="MEDI λ={lambda}", uses_magnitude=True, long_running=True,
     doc="Morphology enabled dipole inversion (Cornell MEDI_L1 semantics): L1 of the gradient outside magnitude "
         "edges + λ·nonlinear data fidelity, Gauss-Newton with CG. lambda=auto picks λ by UPRE "
-        "(or the discrepancy principle with auto_rule=discrepancy). weak_harmonic also fits a residual background "
-        "field (after WH-QSM, Milovic 2019), for local fields with background-removal remnants."),)
+        "(or the discrepancy principle with auto_rule=discrepancy). weak_harmonic (auto: on for local fields from this "
+        "package's background removal) also fits a residual background field (after WH-QSM, Milovic 2019)."),)
