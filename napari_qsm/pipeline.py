@@ -319,8 +319,12 @@ def write_field_folder(run: FieldRun, echoes: Echoes, outdir) -> dict[str, Path]
     write_json(paths["json"], prov)
     # facts that travel with each map (B0, TE/ΔTE, units, B0 direction, phase units, noise): recon/adapt read them
     orig = (echoes.nifti_info or {}).get("original_affine")
+    # the local field says which background removal made it (MEDI's weak_harmonic=auto turns on for such fields)
+    bg = next((st["name"] for st in run.steps if st.get("family") == "background"), None)
     for k in field_maps(run):
+        extra = {"GeneratedBy": "napari-qsm", "Provenance": "field.json"}
+        if k == "local_field" and bg:
+            extra["BackgroundRemoval"] = bg
         write_json(sidecar_path(paths[k]), field_sidecar(FIELD_MAPS[k][0], FIELD_MAPS[k][1], run.total,
-                                                         original_affine=orig,
-                                                         extra={"GeneratedBy": "napari-qsm", "Provenance": "field.json"}))
+                                                         original_affine=orig, extra=extra))
     return paths

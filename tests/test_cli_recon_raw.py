@@ -70,3 +70,38 @@ def test_raw_recon_errors_write_nothing(raw_bids, tmp_path, capsys):
                  "-q", "-o", str(out)]) == 2
     assert "--mask MASK is required" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_medi_weak_harmonic_auto_follows_the_field_through_process_and_files(raw_bids, tmp_path):
+    """MEDI's weak_harmonic=auto is on for a local field made by this package's background removal: in process
+    (local_field's field_steps), from raw echoes on the command line, and after a `field` NIfTI round trip (the
+    local field's sidecar says BackgroundRemoval); off for the total field of the same run and for a plain Scan."""
+    from napari_qsm.core.inversion.medi import MEDIParams, weak_harmonic_for
+    from napari_qsm.core.io import load_scan
+    from napari_qsm.core.scan import Scan
+
+    auto = MEDIParams()
+    # raw echoes → χ in one command (local_field in process, its field_steps): the decision reaches χ's sidecar
+    one = tmp_path / "one.nii.gz"
+    assert main(["recon", str(raw_bids), "--method", "medi", "--param", "max_iter=1", "--param", "cg_max_iter=10",
+                 "--device", "cpu", "-q", "-o", str(one)]) == 0
+    side = json.loads((tmp_path / "one.json").read_text())
+    assert side["parameters"]["weak_harmonic"] == "auto"
+    assert side["extras"]["weak_harmonic"].startswith("auto → on: local field from LBV")
+    assert side["extras"]["harmonic"]["harmonic_rms_ppm"] > 0
+    # `field` then `recon`: the fact travels in local_field.json
+    fld = tmp_path / "field"
+    assert main(["field", str(raw_bids), "-o", str(fld), "--device", "cpu", "-q", "--background", "resharp"]) == 0
+    assert json.loads((fld / "local_field.json").read_text())["BackgroundRemoval"] == "resharp"
+    assert "BackgroundRemoval" not in json.loads((fld / "total_field.json").read_text())
+    scan = load_scan(str(fld / "local_field.nii.gz"), str(fld / "mask.nii.gz"), str(fld / "magnitude.nii.gz"))
+    assert scan.source["field_facts"]["BackgroundRemoval"] == "resharp"
+    on, why = weak_harmonic_for(scan, auto)
+    assert on and "RESHARP" in why
+    total = load_scan(str(fld / "total_field.nii.gz"), str(fld / "mask.nii.gz"))
+    assert weak_harmonic_for(total, auto)[0] is False
+    plain = Scan(field=scan.field, mask=scan.mask, voxel_size=scan.voxel_size)
+    assert weak_harmonic_for(plain, auto)[0] is False
+    # lambda=auto (UPRE) with auto: off, and the reason says why
+    on, why = weak_harmonic_for(scan, MEDIParams(lam="auto"))
+    assert not on and "UPRE" in why

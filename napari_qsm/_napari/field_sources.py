@@ -208,6 +208,7 @@ def field_layer_data(run, geom: Geometry, prefix: str, source_md: Optional[dict]
                  "field_steps": [dict(s) for s in run.steps], "echoes": run.provenance.get("echoes", {})})
     ax = geom.axes
     tot = run.total
+    bg = next((st["name"] for st in run.steps if st.get("family") == "background"), None)
 
     def img(arr, name, role, units=None, visible=False, symmetric=None, cmap="gray", **extra):
         d = to_layer_order(np.asarray(arr, np.float32), ax)
@@ -228,7 +229,9 @@ def field_layer_data(run, geom: Geometry, prefix: str, source_md: Optional[dict]
         "noise_std": img(tot.noise_std, "noise (N_std)", "noise_std", "ppm", symmetric=False),
         "magnitude": img(tot.magnitude, "combined magnitude", "magnitude", symmetric=False),
         "mask": lab(scan.mask, "eroded mask", stage="eroded by background removal"),
-        "local_field": img(scan.field, "local field", "field", "ppm", visible=True, symmetric=True),
+        # which background removal made it: scan_from_layers carries it to the Scan (MEDI's weak_harmonic=auto)
+        "local_field": img(scan.field, "local field", "field", "ppm", visible=True, symmetric=True,
+                           **({"background_removal": bg} if bg else {})),
         # on top (added last), visible: the mask to check and correct by hand (field_mask)
         "brain_mask": lab(run.brain_mask, "brain mask", visible=True, stage="before background removal"),
     }

@@ -291,6 +291,8 @@ def scan_from_layers(field_layer, mask_layer, magnitude_layer=None, *, units: st
         source["te"] = float(te)
     if b0_tesla is not None:
         source["b0_tesla"] = float(b0_tesla)
+    if md.get("background_removal"):   # a local field from the Field dock: which background removal made it
+        source["field_facts"] = {"BackgroundRemoval": str(md["background_removal"])}
     scan = Scan(field=field, mask=mask,
                 voxel_size=tuple(voxel_size) if voxel_size is not None else tuple(geom.voxel_size),
                 b0_direction=b0_direction if b0_direction is not None else geom.b0_direction,

@@ -59,9 +59,12 @@ def _write_field_outputs(run, echoes, out: dict, prov: dict) -> None:
     marker = sidecar(out["localfield"])
     if marker.exists():
         marker.unlink()
+    bg = next((st["name"] for st in run.steps if st.get("family") == "background"), None)
     for suffix, key in FIELD_SUFFIXES.items():
         desc, units = FIELD_MAPS[key]
         side = {"Description": f"napari-qsm {desc}", **({"Units": units} if units else {}), **prov}
+        if key == "local_field" and bg:   # MEDI's weak_harmonic=auto (load_scan → Scan.source["field_facts"])
+            side["BackgroundRemoval"] = bg
         save_volume(maps[key], out[suffix], echoes.affine, nifti_info=echoes.nifti_info, provenance=side,
                     description=f"napari-qsm {suffix}" + (f" ({units})" if units else ""))
 

@@ -78,15 +78,25 @@ def specs(cls) -> list[ParamSpec]:
     return out
 
 
+#: true/false spellings a tri-state ("on"/"off"/...) choice accepts for "on"/"off" (a former bool parameter)
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _convert(spec: ParamSpec, value: Any) -> Any:
+    if spec.type is str and spec.choices and "on" in spec.choices and "off" in spec.choices:
+        v = value.strip().lower() if isinstance(value, str) else value
+        if v is True or v in _TRUE:
+            return "on"
+        if v is False or v in _FALSE:
+            return "off"
     if isinstance(value, str):
         v = value.strip()
         if v.lower() in [a.lower() for a in spec.allow]:
             return v.lower()
         if spec.type is bool:
-            if v.lower() in ("1", "true", "yes", "on"):
+            if v.lower() in _TRUE:
                 return True
-            if v.lower() in ("0", "false", "no", "off"):
+            if v.lower() in _FALSE:
                 return False
             raise ParamError(f"parameter '{spec.name}': expected true/false, got {value!r}")
         if spec.type in (int, float):

@@ -73,6 +73,14 @@ def test_dock_run_equals_headless_and_hands_off(make_napari_viewer, qtbot, raw_h
     np.testing.assert_allclose(scan.field, headless_run.scan.field, atol=1e-4)
     assert scan.b0_tesla == pytest.approx(raw_head.b0_tesla)
     np.testing.assert_allclose(scan.b0_direction, headless_run.scan.b0_direction, atol=1e-6)
+    # the local field says it came from LBV: MEDI's weak_harmonic=auto is on for it, off for the total field
+    from napari_qsm._napari.layers import scan_from_layers
+    from napari_qsm.core.inversion.medi import MEDIParams, weak_harmonic_for
+    assert scan.source["field_facts"] == {"BackgroundRemoval": "lbv"}
+    assert weak_harmonic_for(scan, MEDIParams()) == (True, "auto → on: local field from LBV (this package's "
+                                                           "background removal)")
+    total = scan_from_layers(viewer.layers["raw total field"], viewer.layers["raw brain mask"])
+    assert weak_harmonic_for(total, MEDIParams())[0] is False
     # a second run replaces the maps instead of adding more
     n_layers = len(viewer.layers)
     w.set_step("background", "resharp")
@@ -80,6 +88,8 @@ def test_dock_run_equals_headless_and_hands_off(make_napari_viewer, qtbot, raw_h
     qtbot.waitUntil(lambda: not w.runner.running, timeout=60000)
     assert len(viewer.layers) == n_layers
     assert viewer.layers["raw local field"].metadata["field_steps"][-1]["name"] == "resharp"
+    assert viewer.layers["raw local field"].metadata["background_removal"] == "resharp"
+    assert "background_removal" not in viewer.layers["raw total field"].metadata
 
 
 def test_cancel_stops_the_run_and_adds_nothing(make_napari_viewer, qtbot, raw_head, monkeypatch):

@@ -14,6 +14,8 @@
   ``B0Direction``               unit vector in the file's STORED voxel frame (as ``--b0-dir``)
   ``PhaseUnits`` …              units, scale, sign and why (``PhaseUnitsReason``)
   ``NoiseSigma``                σ per channel (magnitude units) and ``NoiseSigmaSource``
+  ``BackgroundRemoval``         local_field only: the background step's name (e.g. "lbv"); MEDI's
+                                ``weak_harmonic=auto`` turns on for such fields
   ============================  ===================================================================
 """
 

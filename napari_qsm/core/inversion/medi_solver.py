@@ -177,6 +177,7 @@ class Problem:
         if self.csf is not None and not self.csf.any():
             self.csf = None
         self.set_weight(noise_t)
+        self.wh = None                # weak-harmonic remnant φ (medi_harmonic.WeakHarmonic) when on
         self.linear = False           # data term ‖m(Dχ − f)‖² instead of ‖m(e^{iDχ} − e^{if})‖² (TFI)
 
     # ---- building blocks
@@ -253,7 +254,8 @@ class Problem:
         if Dx is None:
             Dx = self.Dconv(x)
         reg = float(self.wgrad(x).abs_().sum(dtype=torch.float64))
-        r = Dx - self.f
+        wh = self.wh
+        r = Dx - self.f if wh is None else Dx + wh.phi - self.f
         r = r.square_() if self.linear else (2.0 - 2.0 * torch.cos(r))
         data = float((self.m2 * r).sum(dtype=torch.float64))
         return reg, data
@@ -266,15 +268,18 @@ class Problem:
         return float(e[self.mask].sum(dtype=torch.float64))
 
     # ---- conjugate gradients
-    def cg(self, A, b, tol, max_iter):
+    def cg(self, A, b, tol, max_iter, precond=None):
         """CG on A x = b from x = 0 until ‖r‖ ≤ tol·‖b‖ (or ``max_iter``); checks cancel at every iteration.
 
+        ``precond``: an SPD z = M⁻¹r (preconditioned CG; the weak-harmonic φ block), None for plain CG.
         Returns (x, iterations, ‖r‖/‖b‖). (A Jacobi preconditioner was tried: no fewer iterations on the
         1 mm head, and it spoiled TFI's preconditioning by P.)"""
         x = torch.zeros_like(b)
         r = b.clone()
-        d = r.clone()
-        delta = float(torch.dot(r.reshape(-1), r.reshape(-1)))
+        z = r if precond is None else precond(r)
+        d = z.clone()
+        delta = float(torch.dot(r.reshape(-1), r.reshape(-1)))     # ‖r‖²
+        rz = delta if precond is None else float(torch.dot(r.reshape(-1), z.reshape(-1)))
         delta0 = delta
         it = 0
         if delta0 == 0.0:
@@ -285,12 +290,17 @@ class Problem:
             dq = float(torch.dot(d.reshape(-1), q.reshape(-1)))
             if not dq > 0:
                 break
-            alpha = delta / dq
+            alpha = rz / dq
             x.add_(d, alpha=alpha)
             r.sub_(q, alpha=alpha)
-            old = delta
+            old = rz
             delta = float(torch.dot(r.reshape(-1), r.reshape(-1)))
-            d.mul_(delta / old).add_(r)
+            if precond is None:
+                rz = delta
+            else:
+                z = precond(r)
+                rz = float(torch.dot(r.reshape(-1), z.reshape(-1)))
+            d.mul_(rz / old).add_(z)
             it += 1
         return x, it, math.sqrt(delta / delta0)
 
@@ -319,36 +329,44 @@ class Problem:
         it = 0
         x = y if P is None else P * y
         Dx = None  # D∗χ of the current χ (kept from the cost evaluation of the previous step)
+        wh = self.wh
+        if wh is not None:
+            wh.reset()
         self.rep.start_solve(label, max_iter, tol_norm_ratio)
         while ratio > tol_norm_ratio and it < max_iter:
             it += 1
             W = self.lagged_weights(x)
             if Dx is None:
                 Dx = self.Dconv(x)
-            b = self.reg_op(x, W)
-            r = Dx - self.f if self.linear else torch.sin(Dx - self.f)
-            b += self.Dconv(self.m2 * r).mul_(2.0 * lam)
-            del r
-            if use_csf:
-                b += self.csf_op(x).mul_(lambda_csf)
-            del Dx
-            if P is not None:
-                b *= P
-            m2s = self.m2 * (2.0 * lam)
-
-            def A(p):
-                if P is not None:
-                    p = P * p
-                out = self.reg_op(p, W)
-                out += self.Dconv(m2s * self.Dconv(p))
+            if wh is None:
+                b = self.reg_op(x, W)
+                r = Dx - self.f if self.linear else torch.sin(Dx - self.f)
+                b += self.Dconv(self.m2 * r).mul_(2.0 * lam)
+                del r
                 if use_csf:
-                    out += self.csf_op(p).mul_(lambda_csf)
+                    b += self.csf_op(x).mul_(lambda_csf)
+                del Dx
                 if P is not None:
-                    out *= P
-                return out
+                    b *= P
+                m2s = self.m2 * (2.0 * lam)
 
-            dy, cg_it, cg_res = self.cg(A, b.neg_(), cg_tol, cg_max_iter)
-            del b, W, A, m2s
+                def A(p):
+                    if P is not None:
+                        p = P * p
+                    out = self.reg_op(p, W)
+                    out += self.Dconv(m2s * self.Dconv(p))
+                    if use_csf:
+                        out += self.csf_op(p).mul_(lambda_csf)
+                    if P is not None:
+                        out *= P
+                    return out
+
+                dy, cg_it, cg_res = self.cg(A, b.neg_(), cg_tol, cg_max_iter)
+                del b, W, A, m2s
+            else:                    # weak-harmonic MEDI: χ and the remnant φ in one GN step (medi_harmonic)
+                dy, dphi, cg_it, cg_res = wh.step(self, x, Dx, W, lam, lambda_csf, use_csf, cg_tol, cg_max_iter)
+                wh.phi += dphi
+                del Dx, W, dphi
             ny = float(torch.linalg.vector_norm(y))
             ndy = float(torch.linalg.vector_norm(dy))
             ratio = ndy / ny if ny > 0 else math.inf
@@ -363,11 +381,13 @@ class Problem:
             else:
                 reg_csf = 0.0
             cost = reg + lam * data + reg_csf
+            if wh is not None:
+                cost += lam * wh.beta * wh.cost()
             for key, v in (("norm_ratio", ratio), ("cost", cost), ("cost_reg", reg), ("cost_data", data),
                            ("cg_iters", cg_it), ("cg_residual", cg_res)):
                 hist[key].append(v)
             if merit:
-                self._merit(Dx)
+                self._merit(Dx if wh is None else Dx + wh.phi)
             self.rep.gn_report(it, ratio, cost, cg_it, x)
         hist["gn_iters"] = it
         hist["converged"] = ratio <= tol_norm_ratio

@@ -353,7 +353,7 @@ def read_aligned(path, name: str, ref_info: dict, echo: Optional[int] = None) ->
 
 #: sidecar keys of `napari-qsm field` outputs (core/field/facts.py) recorded in ``Scan.source["field_facts"]``
 _FIELD_FACTS = ("Quantity", "Units", "EchoTimes", "DeltaTE", "PhaseUnits", "PhaseUnitsReason", "PhaseSign",
-                "NoiseSigma", "NoiseSigmaSource", "Manufacturer")
+                "NoiseSigma", "NoiseSigmaSource", "Manufacturer", "BackgroundRemoval")
 
 
 def load_scan(field, mask, magnitude=None, *, voxel_size: Optional[Sequence[float]] = None,
