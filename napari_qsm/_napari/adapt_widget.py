@@ -25,9 +25,10 @@ from ..methods import Result, get_method
 from ..core.method import apply_reference
 from ..core.params import display_name, params_to_dict
 from .form import ParamForm
+from .reconstruct_dock import param_label
 from .inputs_panel import inputs_section
-from .kit import (DIM_COLOR, OK_COLOR, WARN_COLOR, device_combo, hook_events, notify_info, pick_weights_file, section,
-                  unwrap, viewer_docks, weights_row, wrap_label)
+from .kit import (DIM_COLOR, OK_COLOR, WARN_COLOR, device_combo, hook_events, notify_info, pick_weights_file,
+                  relabel_form, section, unwrap, viewer_docks, weights_row, wrap_label)
 from .layer_roles import is_volume, layer_role
 from .layers import result_layer_data, scan_from_layers, show_chi_colorbar
 from .run_dock import PreviewLayer, RunDock, scan_and_params
@@ -292,6 +293,7 @@ class AdaptWidget(RunDock):
         lay.addLayout(form2)
         # the few settings a user changes first, the research knobs folded under "Advanced"
         self.form = ParamForm(AdaptParams)
+        relabel_form(self.form, param_label)   # the Reconstruct dock's words ("Data consistency (CG steps)", ...)
         if "preview_every" in self.form.names():
             self.form.set_values({"preview_every": PREVIEW_EVERY})
         lay.addWidget(self.form)

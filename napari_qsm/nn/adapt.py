@@ -66,8 +66,9 @@ def adapt(scan, params: AdaptParams | dict | None = None, *, weights=None, devic
     Returns
     -------
     AdaptResult
-        The adapted model, χ (ppm; whole-volume inference exactly as ``recon --method dsbn --weights
-        ADAPTED.pt`` computes it; ``chis`` for every scan), the loss history, seconds and device.
+        The adapted model, χ (ppm; whole-volume inference followed by the dsbn method's data consistency
+        (``consistency``, ``consistency_mu``), exactly as ``recon --method dsbn --weights ADAPTED.pt --param
+        reference=none`` computes it; ``chis`` for every scan), the loss history, seconds and device.
 
     References
     ----------

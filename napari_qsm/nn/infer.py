@@ -286,6 +286,58 @@ def consistency_weight(noise_std, mask) -> tuple:
     return data_weight(SimpleNamespace(noise_std=noise_std, magnitude=None), np.asarray(mask) > 0)
 
 
+def consistency_param():
+    """The ``consistency`` field (CG iterations of the data consistency) of every record whose χ comes out of the
+    network: the dsbn method's :class:`DSBNParams` and the adaptation's
+    :class:`~napari_qsm.nn.adaptation.records.AdaptParams` (one definition, one default)."""
+    return param(DC_ITERATIONS, "data-consistency CG iterations after the network (0 = the raw network): "
+                 "χ is pulled back to agree with the measured field where the field is informative",
+                 min=0, max=500, short="DC")
+
+
+def consistency_mu_param():
+    """The ``consistency_mu`` field (weight μ of the data consistency's anchor), shared like :func:`consistency_param`."""
+    return param(DC_MU, "weight μ of ‖χ − χ_network‖² in the data consistency (larger keeps more "
+                 "of the network)", min=1e-6, max=1e3, widget="advanced", short="μ")
+
+
+def network_consistency(scan, chi, iterations: int, mu: float, *, device="cpu", progress=None, cancel=None):
+    """The data consistency after the network (:func:`napari_qsm.core.inversion.consistency.data_consistency`),
+    weighted by :func:`consistency_weight`: the step of the dsbn method and of the adaptation's final χ.
+
+    Parameters
+    ----------
+    scan : Scan
+        Field (ppm), mask, voxel size, B0 direction and, when present, the noise map.
+    chi : ndarray
+        The network's χ (ppm), the CG's start and anchor.
+    iterations, mu : int, float
+        ``consistency`` and ``consistency_mu`` of the parameter record (0 iterations: ``chi`` unchanged).
+    device, progress, cancel
+        As for the other methods.
+
+    Returns
+    -------
+    chi : ndarray (float32)
+    info : dict or None
+        The CG's facts and the weights used (None when ``iterations`` is 0).
+
+    References
+    ----------
+    Aggarwal HK, Mani MP, Jacob M. MoDL: model-based deep learning architecture for inverse problems.
+    IEEE Trans Med Imaging 2019;38:394-405.
+    """
+    if iterations <= 0:
+        return chi, None
+    from ..core.inversion.consistency import data_consistency
+
+    w, kind = consistency_weight(scan.noise_std, scan.mask)
+    chi, dc = data_consistency(scan.field, scan.mask, chi, scan.voxel_size, scan.b0_direction, weight=w, mu=mu,
+                               iterations=iterations, device=device, progress=progress, cancel=cancel,
+                               return_info=True)
+    return chi, dict(dc, weights=kind)
+
+
 @dataclass
 class DSBNParams:
     domain: str = param("auto", "BN domain: auto (adapted domain 1 when the checkpoint was adapted, else 0), 0 or 1",
@@ -293,11 +345,8 @@ class DSBNParams:
     memory_gb: float = param(3.0, "memory budget of one forward pass; larger volumes are tiled", min=0.1, max=256.0)
     tile: int = param(0, "tile size in voxels (0 = one pass if it fits the budget, else automatic)", min=0, max=1024)
     overlap: int = param(32, "tile overlap in voxels (outer half discarded, inner half cross-faded)", min=0, max=512)
-    consistency: int = param(DC_ITERATIONS, "data-consistency CG iterations after the network (0 = the raw network): "
-                             "χ is pulled back to agree with the measured field where the field is informative",
-                             min=0, max=500, short="DC")
-    consistency_mu: float = param(DC_MU, "weight μ of ‖χ − χ_network‖² in the data consistency (larger keeps more "
-                                  "of the network)", min=1e-6, max=1e3, widget="advanced", short="μ")
+    consistency: int = consistency_param()
+    consistency_mu: float = consistency_mu_param()
 
 
 _CACHE: dict = {}
@@ -327,14 +376,10 @@ def _run(scan, p: DSBNParams, *, device, progress=None, cancel=None, weights=Non
     chi, info = predict(model, scan.field, scan.mask, domain=p.domain, device=device, memory_gb=p.memory_gb,
                         tile=p.tile, overlap=p.overlap, progress=progress, cancel=cancel,
                         voxel_size=scan.voxel_size, b0_direction=scan.b0_direction)
-    if p.consistency > 0:
-        from ..core.inversion.consistency import data_consistency
-
-        w, kind = consistency_weight(scan.noise_std, scan.mask)
-        chi, dc = data_consistency(scan.field, scan.mask, chi, scan.voxel_size, scan.b0_direction, weight=w,
-                                   mu=p.consistency_mu, iterations=p.consistency, device=device,
-                                   progress=progress, cancel=cancel, return_info=True)
-        info["consistency"] = dict(dc, weights=kind)
+    chi, dc = network_consistency(scan, chi, p.consistency, p.consistency_mu, device=device, progress=progress,
+                                  cancel=cancel)
+    if dc is not None:
+        info["consistency"] = dc
     card = getattr(model, "card", {}) or {}
     info.update(weights=model.weights_path, weights_sha256=model.weights_sha256,
                 base_width=model.config.base_width, num_domains=model.num_domains,

@@ -110,15 +110,16 @@ def test_adapt_uses_the_docks_b0_and_te(phantom_viewer, qtbot, tiny_checkpoint):
 
 
 def test_adapt_dock_simple_form_with_advanced_folded(phantom_viewer, qtbot, tiny_checkpoint):
-    """Steps and mode (with weights and device) in sight; the research parameters folded under "Advanced"."""
+    """Steps, mode and the data consistency after the network (as in the dsbn method's form; with weights and
+    device) in sight; the research parameters folded under "Advanced"."""
     from napari_qsm.core.params import specs
     from napari_qsm.nn.adapt import AdaptParams
 
     w = _dock(phantom_viewer, qtbot, tiny_checkpoint)
     form = w.form
     simple = [n for n in form.names() if n not in form.advanced_names()]
-    assert simple == ["steps", "mode"]
-    assert {"lam_start", "rad_per_ppm", "margin_mm", "lr"} <= set(form.advanced_names())
+    assert simple == ["steps", "mode", "consistency"]
+    assert {"lam_start", "rad_per_ppm", "margin_mm", "lr", "consistency_mu"} <= set(form.advanced_names())
     assert form.names() == [s.name for s in specs(AdaptParams) if s.widget != "hidden"]  # nothing lost
     assert form.advanced_toggle.isVisibleTo(w) and form.advanced_toggle.text() == f"Advanced ({len(form.advanced_names())})"
     assert not form.widget_for("lam_start").isVisibleTo(w) and form.widget_for("steps").isVisibleTo(w)
@@ -149,12 +150,13 @@ def test_adapt_time_estimate_from_the_first_steps(phantom_viewer, qtbot, tiny_ch
 
 
 def test_adapt_rows_are_words(phantom_viewer, qtbot, tiny_checkpoint):
-    """The Adapt dock's generated rows read as words too ("Steps", "Mode", "Lr"), not raw names."""
+    """The Adapt dock's generated rows read as words too ("Steps", "Mode", "Learning rate"), not raw names; the
+    data consistency reads as in the Reconstruct dock's dsbn form."""
     w = _dock(phantom_viewer, qtbot, tiny_checkpoint)
     texts = form_row_labels(w.form)
     assert len(texts) == len(w.form.names())
     assert not [t for t in texts if "_" in t or not t[:1].isupper()], texts
-    assert {"Steps", "Mode"} <= set(texts)
+    assert {"Steps", "Mode", "Learning rate", "Data consistency (CG steps)", "Data consistency μ"} <= set(texts)
 
 
 def test_adapt_error_and_cancel_handlers(phantom_viewer, qtbot, tiny_checkpoint):

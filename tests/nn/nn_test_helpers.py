@@ -88,3 +88,11 @@ def tiny_checkpoint(path, *, tkd_delta=0.0, head_std=0.0, seed=0, offset=0.0):
     m.mark_trained(0)
     atomic_torch_save(m.state_dict(), path)
     return path
+
+
+def dsbn_chi(weights, scan, **params):
+    """χ of ``recon --method dsbn --weights WEIGHTS --param reference=none`` on ``scan`` (the network, then the
+    dsbn method's data consistency), on the CPU: what an adapted χ must equal."""
+    from napari_qsm.methods import reconstruct
+
+    return reconstruct(scan, "dsbn", {"reference": "none", **params}, weights=weights, device="cpu").chi

@@ -10,7 +10,10 @@ The ETA of step s is the time until :func:`napari_qsm.nn.adapt.adapt` returns:
   is baked into the output bias and χ is inferred again), each timed when the reference mean or a
   preview inferred that scan; else the seconds per voxel of an inference of a patch-sized crop of
   the scan, timed before the first step (:func:`napari_qsm.nn.adaptation.loop.reference_mean`),
-  times the scan's padded volume.
+  times the scan's padded volume;
+* the data consistency of each preview and of each scan's final χ (``AdaptParams.consistency`` CG
+  steps): timed when a preview ran it, else one CG iteration timed before the first step scaled to
+  the whole step (``3 + 2·iterations`` FFT pairs of the mask's box).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class AdaptClock:
         self.step_seconds: list[float] = []
         self.predict_seconds: dict[int, float] = {}
         self.predict_rate: dict[int, float] = {}     # seconds per voxel of a crop's inference (fallback)
+        self.consistency_seconds: dict[int, float] = {}
+        self.consistency_probe: dict[int, float] = {}  # the whole data consistency rated from one CG iteration
 
     def add_step(self, seconds: float) -> None:
         self.step_seconds.append(float(seconds))
@@ -48,6 +53,19 @@ class AdaptClock:
     def add_rate(self, scan: int, seconds: float, voxels: int) -> None:
         """An inference of ``voxels`` voxels (a crop) of scan ``scan`` took ``seconds``."""
         self.predict_rate[int(scan)] = float(seconds) / max(int(voxels), 1)
+
+    def add_consistency(self, scan: int, seconds: float) -> None:
+        """The data consistency of scan ``scan`` took ``seconds`` (the latest one counts)."""
+        self.consistency_seconds[int(scan)] = float(seconds)
+
+    def add_consistency_probe(self, scan: int, seconds: float, iterations: int) -> None:
+        """One CG iteration of scan ``scan``'s data consistency (3 + 2 FFT pairs) took ``seconds``: the whole
+        step of ``iterations`` iterations is rated at ``seconds·(3 + 2·iterations)/5``."""
+        self.consistency_probe[int(scan)] = float(seconds) * (3 + 2 * int(iterations)) / 5.0
+
+    def consistency(self, scan: int) -> float:
+        """Seconds of the data consistency of scan ``scan``: measured, else rated from one iteration (0 when off)."""
+        return self.consistency_seconds.get(scan, self.consistency_probe.get(scan, 0.0))
 
     def per_step(self) -> float:
         s = self.step_seconds
@@ -84,7 +102,7 @@ class AdaptClock:
         float
         """
         left = max(self.steps - step, 0)
-        t = left * self.per_step() + self.previews_left(step) * self.predict(0)
+        t = left * self.per_step() + self.previews_left(step) * (self.predict(0) + self.consistency(0))
         passes = 2 if (keep_mean and len(self.volumes) == 1) else 1
-        t += passes * sum(self.predict(k) for k in range(len(self.volumes)))
+        t += sum(passes * self.predict(k) + self.consistency(k) for k in range(len(self.volumes)))
         return t if math.isfinite(t) else 0.0

@@ -15,7 +15,7 @@ import torch
 
 from ...core.device import device_label
 from ...core.progress import Cancelled, Reporter, check_cancel
-from ..infer import DSBNParams, WeightsError, default_weights_path, predict
+from ..infer import DSBNParams, WeightsError, default_weights_path, network_consistency, predict
 from ..losses import DipoleOperator, LambdaSchedule, loss_edge_tv, loss_field, loss_supervised
 from .clock import AdaptClock
 from .model import (_CancelHooks, _buffers, _load_base, _restore_buffers, _scan_name, _single_domain,
@@ -154,6 +154,32 @@ def reference_mean(run: Run) -> None:
         del chi0
     run.ref_mean = float(np.mean(run.ref_means))
     _train_mode(run.model, p)
+    if run.step0 < p.steps:
+        _time_consistency(run)
+
+
+def _time_consistency(run: Run) -> None:
+    """The ETA's data-consistency time: one CG iteration on each scan, timed (the whole step costs
+    ``3 + 2·iterations`` FFT pairs of the mask's box, :meth:`~.clock.AdaptClock.add_consistency_probe`)."""
+    if run.p.consistency <= 0:
+        return
+    for k, sc in enumerate(run.scans):
+        t0 = time.perf_counter()
+        network_consistency(sc, np.zeros(sc.shape, np.float32), 1, run.p.consistency_mu, device=run.dev,
+                            cancel=run.cancel)
+        run.clock.add_consistency_probe(k, time.perf_counter() - t0, run.p.consistency)
+
+
+def _consistency(run: Run, k: int, chi: np.ndarray) -> np.ndarray:
+    """χ of scan ``k`` through the data consistency of ``consistency`` / ``consistency_mu`` (as the dsbn method
+    does after the network); timed for the ETA."""
+    if run.p.consistency <= 0:
+        return chi
+    t0 = time.perf_counter()
+    chi, _ = network_consistency(run.scans[k], chi, run.p.consistency, run.p.consistency_mu, device=run.dev,
+                                 cancel=run.cancel)
+    run.clock.add_consistency(k, time.perf_counter() - t0)
+    return chi
 
 
 def _time_crops(run: Run) -> None:
@@ -166,6 +192,7 @@ def _time_crops(run: Run) -> None:
         mult = run.model.config.multiple
         run.clock.add_rate(k, time.perf_counter() - t0, math.prod(-(-(s.stop - s.start) // mult) * mult for s in sl))
     _train_mode(run.model, run.p)
+    _time_consistency(run)
 
 
 def _synth_batch(run: Run, step: int):
@@ -189,7 +216,7 @@ def _preview_chi(run: Run) -> np.ndarray:
     _train_mode(run.model, run.p)
     if run.ref_mean is not None:
         chi = np.where(sc.mask, chi + (run.ref_mean - float(chi[sc.mask].mean(dtype=np.float64))), 0.0)
-    return chi.astype(np.float32)
+    return _consistency(run, 0, chi.astype(np.float32))
 
 
 def _scan_losses(run: Run, step: int, lam: float, beta_t: float) -> tuple[float, float, float]:
@@ -332,7 +359,9 @@ def _bake_mean_shift(model, info: dict, delta: float, cs: float) -> None:
 
 def final_chis(run: Run, res: AdaptResult, step: int) -> tuple[list, dict]:
     """χ of every scan with the adapted model (``keep_mean``: the mean correction baked into the output
-    bias first); returns (χ per scan, the first prediction's facts)."""
+    bias first), then the data consistency of the dsbn method (``consistency`` CG steps, anchored at the
+    network's χ, whose mean ``keep_mean`` kept); returns (χ per scan, the first prediction's facts). χ is what
+    ``recon --method dsbn --weights ADAPTED.pt --param reference=none`` gives with the same ``consistency``."""
     dp = DSBNParams()
     kw = dict(domain="auto", device=run.dev, memory_gb=dp.memory_gb, tile=dp.tile, overlap=dp.overlap,
               cancel=run.cancel)
@@ -355,4 +384,10 @@ def final_chis(run: Run, res: AdaptResult, step: int) -> tuple[list, dict]:
                      for (c, pi), sc in zip(preds, run.scans)]
         else:
             preds = infer()
-    return [c for c, _ in preds], preds[0][1]
+    chis = []
+    for k, (c, _) in enumerate(preds):
+        if run.p.consistency > 0:
+            run.rep(step, f"data consistency of scan {k + 1}/{len(preds)} ({run.p.consistency} CG steps)",
+                    L_S=_NAN, L_T=_NAN)
+        chis.append(_consistency(run, k, c))
+    return chis, preds[0][1]

@@ -9,6 +9,7 @@ import numpy as np
 
 from ...core.params import param
 from ...core.progress import Cancelled
+from ..infer import consistency_mu_param, consistency_param
 from ..unet import QSMInvNet
 
 
@@ -59,8 +60,11 @@ class AdaptParams:
                       min=0.0, max=1e6, widget="advanced")
     tv_follow: bool = param(False, "scale the prior's weight with λ(t): β(t) = tv·λ(t)/lam_end (fixed ratio of prior "
                                    "to field term over the run) instead of a constant tv", widget="advanced")
-    keep_mean: bool = param(True, "keep the mean χ in the mask at the unadapted network's (the field carries no "
-                                  "information about it; L_T alone lets it drift): shifts the output bias at the end", widget="advanced")
+    keep_mean: bool = param(True, "keep the network's mean χ in the mask at the unadapted network's (the field "
+                                  "carries little information about it; L_T alone lets it drift): shifts the output "
+                                  "bias at the end, before the data consistency", widget="advanced")
+    consistency: int = consistency_param()          # the final χ (and the previews), as the dsbn method
+    consistency_mu: float = consistency_mu_param()
     update: str = param("all", "what the optimiser changes: all weights, or only the scan domain's BatchNorm "
                         "scale/shift (shared convolutions frozen)", choices=("all", "bn"), widget="advanced")
     grad_clip: float = param(1.0, "max gradient norm (0 = off)", min=0.0, max=1e6, widget="advanced")
