@@ -320,7 +320,7 @@ def write_field_folder(run: FieldRun, echoes: Echoes, outdir) -> dict[str, Path]
     # facts that travel with each map (B0, TE/ΔTE, units, B0 direction, phase units, noise): recon/adapt read them
     orig = (echoes.nifti_info or {}).get("original_affine")
     # the local field says which background removal made it (MEDI's weak_harmonic=auto turns on for such fields)
-    bg = next((st["name"] for st in run.steps if st.get("family") == "background"), None)
+    bg = run.background_name
     for k in field_maps(run):
         extra = {"GeneratedBy": "napari-qsm", "Provenance": "field.json"}
         if k == "local_field" and bg:

@@ -208,7 +208,7 @@ def field_layer_data(run, geom: Geometry, prefix: str, source_md: Optional[dict]
                  "field_steps": [dict(s) for s in run.steps], "echoes": run.provenance.get("echoes", {})})
     ax = geom.axes
     tot = run.total
-    bg = next((st["name"] for st in run.steps if st.get("family") == "background"), None)
+    bg = run.background_name
 
     def img(arr, name, role, units=None, visible=False, symmetric=None, cmap="gray", **extra):
         d = to_layer_order(np.asarray(arr, np.float32), ax)

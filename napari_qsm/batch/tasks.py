@@ -59,7 +59,7 @@ def _write_field_outputs(run, echoes, out: dict, prov: dict) -> None:
     marker = sidecar(out["localfield"])
     if marker.exists():
         marker.unlink()
-    bg = next((st["name"] for st in run.steps if st.get("family") == "background"), None)
+    bg = run.background_name
     for suffix, key in FIELD_SUFFIXES.items():
         desc, units = FIELD_MAPS[key]
         side = {"Description": f"napari-qsm {desc}", **({"Units": units} if units else {}), **prov}

@@ -65,6 +65,10 @@ def test_field_run_hands_off_to_docks_opened_by_napari(make_napari_viewer, qtbot
     scan = rec.inputs.build_scan()
     eroded = np.asarray(viewer.layers["raw eroded mask"].data) > 0
     assert int(scan.mask.sum()) == int(eroded.sum())
+    # and it knows which background removal made the field (MEDI's weak_harmonic=auto turns on for it)
+    from napari_qsm.core.inversion.medi import MEDIParams, weak_harmonic_for
+    assert scan.source["field_facts"] == {"BackgroundRemoval": "lbv"}
+    assert weak_harmonic_for(scan, MEDIParams())[0] is True
 
 
 def test_raw_echoes_open_with_field_in_front_and_no_error_yet(make_napari_viewer, qtbot, raw_head):

@@ -135,6 +135,12 @@ class FieldRun:
     steps: list                      # [{family, name, label, parameters, seconds}]
     provenance: dict
 
+    @property
+    def background_name(self) -> Optional[str]:
+        """The name of the background-removal step that made the local field (None when it did not run);
+        the local field's sidecar and layer carry it as ``BackgroundRemoval`` (MEDI's ``weak_harmonic=auto``)."""
+        return next((st["name"] for st in self.steps if st.get("family") == "background"), None)
+
 
 def local_field(echoes: Echoes, recipe: Optional[FieldRecipe] = None, *, mask=None, device="auto",
                 progress=None, cancel=None) -> FieldRun:

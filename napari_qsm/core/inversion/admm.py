@@ -39,6 +39,19 @@ def check_inputs(field, mask) -> tuple[np.ndarray, np.ndarray]:
     return field, mask
 
 
+def laplace_symbol(pshape, voxel_size, device) -> torch.Tensor:
+    """L̂ = Σ_a (2 − 2cos(2πk_a/N_a))/h_a², the symbol of ∇ᴴ∇ = −∇² (periodic forward differences / voxel size) on
+    the rfft half grid of ``pshape``."""
+    out = None
+    for ax, (n, h) in enumerate(zip(pshape, voxel_size)):
+        k = np.fft.rfftfreq(n) if ax == 2 else np.fft.fftfreq(n)
+        s = torch.as_tensor((2.0 - 2.0 * np.cos(2.0 * math.pi * k)) / (h * h), dtype=torch.float32, device=device)
+        view = [1, 1, 1]
+        view[ax] = s.numel()
+        out = s.reshape(view) if out is None else out + s.reshape(view)
+    return out
+
+
 class Grid:
     """The cropped, padded FFT grid of one problem, with its kernels and operators (torch)."""
 
@@ -51,20 +64,9 @@ class Grid:
         self.shape = tuple(b.stop - b.start for b in self.box)
         self.pshape = fast_shape(self.shape, pad_factor)
         self.D = dipole_kernel(self.pshape, self.vs, unit_vector(b0_direction), device=self.dev)
-        self.L = self._laplace_symbol()
+        self.L = laplace_symbol(self.pshape, self.vs, self.dev)
         self.hw = half_weights(self.pshape, device=self.dev)   # rfft half-grid multiplicities
         self.mask = self.embed(mask.astype(np.float32)) > 0.5
-
-    def _laplace_symbol(self) -> torch.Tensor:
-        """Symbol of ∇ᴴ∇ (periodic forward differences / voxel size) on the rfft half grid."""
-        out = None
-        for ax, (n, d) in enumerate(zip(self.pshape, self.vs)):
-            k = np.fft.rfftfreq(n) if ax == 2 else np.fft.fftfreq(n)
-            s = torch.as_tensor((2.0 - 2.0 * np.cos(2.0 * math.pi * k)) / (d * d), dtype=torch.float32, device=self.dev)
-            view = [1, 1, 1]
-            view[ax] = s.numel()
-            out = s.reshape(view) if out is None else out + s.reshape(view)
-        return out
 
     # ---- moving between the scan's grid and the padded grid
     def embed(self, a: np.ndarray) -> torch.Tensor:

@@ -43,6 +43,7 @@ from ..method import Method
 from ..params import param
 from ..progress import Reporter
 from .admm import Grid, check_inputs, data_weight
+from .tkd import inverse_kernel
 
 
 @dataclass
@@ -178,9 +179,7 @@ def fast_qsm(g: Grid, f: torch.Tensor, smv_radius_mm: float = 3.0) -> torch.Tens
     m = g.mask.float()
     x = g.ifft(F * torch.sign(g.D) * blend) * m
     x = g.ifft(g.fft(x) * blend) * m
-    t0 = 1.0 / 8.0
-    inv = torch.where(d >= t0, 1.0 / torch.where(d > 0, g.D, torch.ones_like(g.D)), torch.sign(g.D) / t0)
-    tkd = g.ifft(F * inv)
+    tkd = g.ifft(F * inverse_kernel(g.D, 1.0 / 8.0))   # TKD at δ = 1/8, the reference of the linear fit
     xs, ts = x[g.mask].double(), tkd[g.mask].double()
     xc = xs - xs.mean()
     var = float((xc * xc).sum())

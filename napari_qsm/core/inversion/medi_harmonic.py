@@ -33,10 +33,9 @@ with COSMOS in human brain imaging. Magn Reson Med 2011;66:777-783.
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
+
+from .admm import laplace_symbol
 
 
 def laplacian(x: torch.Tensor, voxel_size) -> torch.Tensor:
@@ -49,18 +48,6 @@ def laplacian(x: torch.Tensor, voxel_size) -> torch.Tensor:
         c = 1.0 / (h * h)
         out.narrow(a, 0, n - 1).add_(x.narrow(a, 1, n - 1), alpha=c)
         out.narrow(a, 1, n - 1).add_(x.narrow(a, 0, n - 1), alpha=c)
-    return out
-
-
-def laplace_symbol(pshape, voxel_size, device) -> torch.Tensor:
-    """L̂ = Σ_a (2 − 2cos(2πk_a/N_a))/h_a², the symbol of −∇² on the rfft half grid of ``pshape``."""
-    out = None
-    for ax, (n, h) in enumerate(zip(pshape, voxel_size)):
-        k = np.fft.rfftfreq(n) if ax == 2 else np.fft.fftfreq(n)
-        s = torch.as_tensor((2.0 - 2.0 * np.cos(2.0 * math.pi * k)) / (h * h), dtype=torch.float32, device=device)
-        view = [1, 1, 1]
-        view[ax] = s.numel()
-        out = s.reshape(view) if out is None else out + s.reshape(view)
     return out
 
 
