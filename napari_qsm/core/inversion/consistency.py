@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..dipole import crop_volume, dipole_kernel, fast_shape, pad_volume, unit_vector
+from ..dipole import convolve_kernel, dipole_kernel, fast_shape, unit_vector
+from ..field.bgtools import cg
 from ..progress import Reporter
 from .admm import bbox, check_inputs
 
@@ -80,35 +81,19 @@ def data_consistency(field, mask, chi0, voxel_size, b0_direction=(0.0, 0.0, 1.0)
     as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a[box], dtype=np.float32), device=dev)
 
     def conv(v):   # D∗v on the box: zero-padded, cropped back (self-adjoint: D is real and even)
-        return crop_volume(torch.fft.irfftn(torch.fft.rfftn(pad_volume(v, pshape), dim=(0, 1, 2)) * D, s=pshape,
-                                            dim=(0, 1, 2)), shape)
+        return convolve_kernel(v, D, pshape)
 
     with torch.no_grad():
         w2 = as_t(w).square_()
-        x = as_t(np.where(mask, chi0, 0.0))
+        x0 = as_t(np.where(mask, chi0, 0.0))
 
         def normal(v):
             return conv(w2 * conv(v)).add_(v, alpha=mu)
 
-        b = conv(w2 * as_t(field * mask)).add_(x, alpha=mu)
-        bn = float(torch.linalg.vector_norm(b)) or 1.0
-        r = b - normal(x)
-        p = r.clone()
-        rs = float((r * r).sum(dtype=torch.float64))
-        it = 0
-        for it in range(1, int(iterations) + 1):
-            rep(it - 1, f"CG {it}/{iterations}")
-            ap = normal(p)
-            alpha = rs / max(float((p * ap).sum(dtype=torch.float64)), 1e-300)
-            x.add_(p, alpha=alpha)
-            r.sub_(ap, alpha=alpha)
-            rs_new = float((r * r).sum(dtype=torch.float64))
-            if np.sqrt(rs_new) <= tol * bn:
-                rs = rs_new
-                break
-            p.mul_(rs_new / rs).add_(r)
-            rs = rs_new
-        rel = float(np.sqrt(rs)) / bn
+        b = conv(w2 * as_t(field * mask)).add_(x0, alpha=mu)
+        rep(0, f"CG 0/{iterations}")
+        x, solver = cg(normal, b, x0, tol, int(iterations), rep=rep, label="CG")
+        it, rel = solver.iterations, solver.residual
         rep(int(iterations), f"done: ‖r‖/‖b‖={rel:.3g}", residual=rel)
         chi = np.zeros(mask.shape, np.float32)
         chi[box] = x.cpu().numpy()
