@@ -37,6 +37,7 @@ PARAM_LABELS = {
     "memory_gb": "Memory (GB)", "tile": "Tile (voxels)", "overlap": "Tile overlap (voxels)", "eps": "Tikhonov ε",
     "lr": "Learning rate", "patch": "Patch (voxels)", "seed": "Random seed",
     "consistency": "Data consistency (CG steps)", "consistency_mu": "Data consistency μ",
+    "weak_harmonic": "Residual background φ", "beta": "Residual background weight β", "mu_h": "Residual background ADMM μh",
 }
 
 
