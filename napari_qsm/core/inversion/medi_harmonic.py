@@ -57,6 +57,8 @@ class WeakHarmonic:
     def __init__(self, prob, beta: float):
         if not beta > 0:
             raise ValueError(f"beta: the weak-harmonic penalty needs β > 0, got {beta!r}")
+        if getattr(prob, "P", None) is not None:   # the joint step is derived for χ itself, not TFI's χ = P·y
+            raise ValueError("weak_harmonic: not available with a preconditioned (TFI) problem")
         self.beta = float(beta)
         self.vs = prob.vs
         self.M = prob.mask.float()
