@@ -1,0 +1,375 @@
+"""Where MEDI's χ error sits on the 0.75×0.75×3 mm slab, and which of MEDI's levers move it (issue 24).
+
+    nice -n 10 python benchmarks/slab_chi.py --cache DIR --work WORK [--part diag levers check report]
+
+DIR is a ``bench_field.py`` cache holding, per head, ``truth_G_C.pkl``, ``run_G_C.pkl`` (the chain's total field,
+magnitude, noise map) and ``local_G_C_lbv_{true,raw}.npz`` (LBV of the true / the chain's total field on the chain's
+mask). It is only read. WORK keeps one JSON per χ (head, source, MEDI variant), so a rerun computes only what is
+missing; ``--part report`` writes ``docs/benchmarks/slab_chi.md`` from WORK alone.
+
+Sources of the local field (all scored like ``bench_field.py``: demeaned NRMSE % over the generator's brain, brain
+voxels outside the field's mask count as error with χ = 0):
+
+* ``truth``: the generator's true local field on its brain mask (MEDI, no φ);
+* ``truth_chain``: the true local field on the chain's mask (what the mask alone costs an inversion);
+* ``lbv/true``: LBV of the generator's true total field on the chain's mask (the reachable reference);
+* ``lbv/raw``: LBV of the chain's total field from the raw echoes (the default chain).
+
+Error decomposition (the error e = (χ − mean χ) − (χ_true − mean χ_true) over the brain, means over the brain;
+shares are of Σe²; "points" split the NRMSE in quadrature, NRMSE² = Σ points²):
+
+* ``floor``: the NRMSE of a perfect χ inside the chain's mask and 0 in the brain voxels the mask drops;
+* ``dropped`` / ``inside``: the points from the dropped brain voxels / from the voxels inside the mask;
+* ``edge 0–3 mm``: share of Σe² in mask voxels within 3 mm (physical distance) of the mask's edge;
+* ``ends``: share in the 5 lowest and 5 highest brain slices (where 3 mm slices cut the brain obliquely);
+* ``shading``: share carried by each slice's mean error (the slice-to-slice offset the demeaned metric keeps);
+* ``low``: share of the error's 6 mm Gaussian low-pass inside the brain (mean and shading-like error);
+* ``strong``: share in the 5 % brain voxels of largest |χ_true − mean| (veins, nuclei);
+* ``slope``: least-squares slope of demeaned χ against the demeaned truth over the brain (1 = no underestimation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+SLABS = ("phantom:slab", "shapes:slab", "phantom-s1:slab", "shapes-s1:slab")
+SELECTION = ("phantom:slab", "shapes:slab")           # seed 0: levers are chosen here
+REPORT = ("phantom-s1:slab", "shapes-s1:slab")        # seed 1: run once with the chosen setting
+HEAD_1MM = "phantom:head1mm"
+DIAG_SOURCES = (("truth", "weak_harmonic=off"), ("truth_chain", "weak_harmonic=off"),
+                ("lbv/true", "weak_harmonic=on"), ("lbv/raw", "weak_harmonic=on"))
+MD = ROOT / "docs" / "benchmarks" / "slab_chi.md"
+
+
+def parse_variant(v: str) -> dict:
+    """'a=1,b=x' → {'a': 1, 'b': 'x'} (numbers parsed)."""
+    out = {}
+    for kv in filter(None, v.split(",")):
+        k, x = kv.split("=", 1)
+        try:
+            out[k] = int(x) if x.lstrip("-").isdigit() else float(x)
+        except ValueError:
+            out[k] = x
+    return out
+
+
+class Heads:
+    """The bench_field cache, read only: truth, chain scan and local fields per head."""
+
+    def __init__(self, cache: Path):
+        import bench_field as B
+        sys.modules["__main__"].Truth = B.Truth       # bench_field.py (run as a script) pickles heads as __main__.Truth
+        self.B, self.dir, self._t = B, cache, {}
+        self.cache = B.Cache(cache, readonly=True)
+
+    def truth(self, head):
+        if head not in self._t:
+            self._t.clear()                           # one head in memory at a time (truth pickles are large)
+            gen, case = head.split(":")
+            self._t[head] = self.cache.truth(case, gen)
+        return self._t[head]
+
+    def chain_mask(self, head):
+        gen, case = head.split(":")
+        return np.load(self.dir / f"local_{gen}_{case}_lbv_true.npz")["mask"]
+
+    def scan(self, head, source):
+        from napari_qsm.core.scan import Scan
+        gen, case = head.split(":")
+        t = self.truth(head)
+        with open(self.dir / f"run_{gen}_{case}.pkl", "rb") as f:
+            tot = pickle.load(f)[0]
+        if source == "truth":
+            field, mask = (t.local * t.brain).astype(np.float32), t.brain
+        elif source == "truth_chain":
+            mask = self.chain_mask(head)
+            field = (t.local * mask).astype(np.float32)
+        else:
+            d = np.load(self.dir / f"local_{gen}_{case}_{source.replace('/', '_')}.npz")
+            field, mask = d["local"], d["mask"]
+        return Scan(field=field, mask=mask, name=source, voxel_size=tot.voxel_size, b0_direction=tot.b0_direction,
+                    magnitude=tot.magnitude, noise_std=tot.noise_std, r2star=tot.r2star, affine=tot.affine,
+                    te=float(tot.delta_te), b0_tesla=tot.b0_tesla)   # the scan bench_field.py's chi_one builds
+
+
+def decompose(chi, t, chain_mask, field_mask) -> dict:
+    """The error decomposition of the module docstring (χ already zero outside ``field_mask``)."""
+    from scipy import ndimage
+    from napari_qsm.core import metrics as M
+
+    b, vs = t.brain, t.voxel_size
+    ref = np.where(b, t.chi - t.chi[b].mean(), 0.0)
+    x = np.where(b, chi - chi[b].mean(), 0.0)
+    e = x - ref
+    den, tot = float(np.sum(ref ** 2)), float(np.sum(e ** 2))
+    share = lambda m: 100.0 * float(np.sum(e[m & b] ** 2)) / tot          # noqa: E731
+    dist = ndimage.distance_transform_edt(chain_mask, sampling=vs)
+    zs = np.flatnonzero(b.any((0, 1)))
+    ends = np.zeros(b.shape, bool)
+    ends[:, :, np.r_[zs[:5], zs[-5:]]] = True
+    shade = sum(float(e[:, :, z][b[:, :, z]].mean()) ** 2 * int(b[:, :, z].sum()) for z in zs)
+    sig = [6.0 / v for v in vs]
+    wlp = ndimage.gaussian_filter(b.astype(np.float64), sig)
+    low = np.where(b, ndimage.gaussian_filter(e, sig) / np.maximum(wlp, 1e-6), 0.0)
+    a = np.abs(ref)
+    strong = b & (a > np.percentile(a[b], 95))
+    nr = M.nrmse_demeaned(chi, t.chi, b)
+    dropped = b & ~field_mask
+    return {"nrmse": float(nr), "floor": float(M.nrmse_demeaned(np.where(field_mask, t.chi, 0), t.chi, b)),
+            "dropped_pts": float(100 * np.sqrt(np.sum(e[dropped] ** 2) / den)),
+            "inside_pts": float(100 * np.sqrt(np.sum(e[b & field_mask] ** 2) / den)),
+            "edge3": share(field_mask & (dist <= 3.1)), "ends": share(ends), "shading": 100.0 * shade / tot,
+            "low": 100.0 * float(np.sum(low[b] ** 2)) / tot, "strong": share(strong),
+            "slope": float(np.sum(x[b] * ref[b]) / den), "xsim": float(M.xsim(chi, t.chi, b)),
+            "coverage": float((field_mask & b).sum() / b.sum())}
+
+
+@contextlib.contextmanager
+def _unit_spacing_edges(on: bool):
+    """Benchmark-only variant ``wg_spacing=unit``: MEDI's gradient mask w_G from voxel differences (a step between
+    3 mm slices counts as much as one between 0.75 mm columns) instead of differences / voxel size (the toolbox)."""
+    from napari_qsm.core.inversion import medi
+    orig = medi.gradient_mask
+    if on:
+        medi.gradient_mask = lambda mag, mask, vs, pct, **k: orig(mag, mask, (1.0, 1.0, 1.0), pct, **k)
+    try:
+        yield
+    finally:
+        medi.gradient_mask = orig
+
+
+def run(heads: Heads, work: Path, head: str, source: str, variant: str) -> dict:
+    """MEDI on one head/source with one variant; cached as JSON in ``work``."""
+    key = f"{head}_{source}_{variant or 'defaults'}".replace(":", "_").replace("/", "_").replace(",", "_")
+    p = work / f"{key}.json"
+    if p.exists():
+        return json.loads(p.read_text())
+    import torch
+    from napari_qsm.methods import reconstruct
+
+    torch.set_num_threads(1)
+    scan = heads.scan(head, source)
+    t = heads.truth(head)
+    mask = np.asarray(scan.mask, bool)
+    params = parse_variant(variant)
+    unit = params.pop("wg_spacing", "physical") == "unit"
+    c0 = time.process_time()
+    with _unit_spacing_edges(unit):
+        res = reconstruct(scan, "medi", params, device="cpu")
+    cpu = time.process_time() - c0
+    e = res.extras
+    # one FFT pair of the padded grid, measured here: CPU is also given as a ratio to it (load-independent-ish)
+    x = torch.zeros(tuple(e["fft_shape"]))
+    f0 = time.process_time()
+    for _ in range(3):
+        torch.fft.irfftn(torch.fft.rfftn(x), s=x.shape)
+    fft = (time.process_time() - f0) / 3
+    chi = np.where(mask, res.chi, 0).astype(np.float32)
+    out = {"head": head, "source": source, "variant": variant, "cpu_s": round(cpu, 1),
+           "fft_pairs": round(cpu / fft), "fft_shape": e["fft_shape"], "gn": e["gn_iterations"],
+           "cg": e["cg_iterations"], "load": list(os.getloadavg()),
+           **decompose(chi, t, heads.chain_mask(head), mask)}
+    p.write_text(json.dumps(out))
+    print(f"{head} {source} [{variant}]: NRMSE {out['nrmse']:.1f} (inside {out['inside_pts']:.1f}, "
+          f"dropped {out['dropped_pts']:.1f}), {cpu:.0f} CPU s", flush=True)
+    return out
+
+
+LEVERS = ("weak_harmonic=on",                                   # today's default for chain fields
+          "weak_harmonic=on,pad_factor=2.0",                    # z wrap-around: twice the box in every axis
+          "weak_harmonic=on,lam=500.0", "weak_harmonic=on,lam=2000.0",
+          "weak_harmonic=on,percentage=0.5", "weak_harmonic=on,percentage=1.5",
+          "weak_harmonic=on,beta=15.0", "weak_harmonic=on,beta=1500.0",
+          "weak_harmonic=on,cg_max_iter=300",
+          "weak_harmonic=on,wg_spacing=unit")                   # w_G from voxel steps (benchmark-only switch)
+
+def kernel_check(heads: Heads, work: Path, head: str) -> dict:
+    """How well the dipole model on the slab grid explains the generator's true local field (χ_true → field).
+
+    Residual ‖D∗χ_true − f_true‖ / ‖f_true‖ over the brain (%), with the continuous kernel of every inversion
+    (FFT grid 2× the volume: no wrap-around) and with the kernel times a voxel-averaging sinc² (the field and χ
+    averaged over 2 sub-voxels per axis, as the generator's 2× finer grid does) along z only and along every axis;
+    and the continuous kernel's residual by depth in the brain (mm)."""
+    p = work / f"kernel_{head.replace(':', '_')}.json"
+    if p.exists():
+        return json.loads(p.read_text())
+    import torch
+    from scipy import ndimage
+    from napari_qsm.core.dipole import dipole_kernel, fast_shape
+
+    gen, case = head.split(":")
+    t = heads.truth(head)
+    with open(heads.dir / f"run_{gen}_{case}.pkl", "rb") as f:
+        b0 = pickle.load(f)[0].b0_direction
+    b, vs, n = t.brain, t.voxel_size, t.brain.shape
+    ps = fast_shape(n, 2.0)
+    D = dipole_kernel(ps, vs, b0, device="cpu")
+    X = torch.fft.rfftn(torch.as_tensor(np.where(b, t.chi, 0).astype(np.float32)), s=ps)
+    ks = [np.fft.fftfreq(m, d) for m, d in zip(ps[:2], vs[:2])] + [np.fft.rfftfreq(ps[2], vs[2])]
+    grids = np.meshgrid(*ks, indexing="ij")
+
+    def resid(K, region=b):
+        f = torch.fft.irfftn(X * K, s=ps)[:n[0], :n[1], :n[2]].numpy()
+        return float(100 * np.sqrt(np.sum((f - t.local)[region] ** 2) / np.sum(t.local[region] ** 2)))
+
+    out = {"head": head, "continuous": resid(D)}
+    for name, axes in (("sinc2_z", (2,)), ("sinc2_xyz", (0, 1, 2))):
+        w = np.ones(grids[0].shape)
+        for a in axes:
+            w = w * np.sinc(grids[a] * vs[a] / 2) ** 2
+        out[name] = resid(D * torch.as_tensor(w, dtype=torch.float32))
+    depth = ndimage.distance_transform_edt(b, sampling=vs)
+    out["by_depth"] = {f"{lo}-{hi}": resid(D, b & (depth > lo) & (depth <= hi))
+                       for lo, hi in ((0, 1.6), (1.6, 3.1), (3.1, 6.1), (6.1, 999))}
+    # what LBV of the true total field lacks (or has) against the true local field, on the chain's mask: is it
+    # harmonic (φ can model it) or does it carry sources? 7-point ∇² two voxels inside the mask's edge
+    from napari_qsm.core.inversion.medi_harmonic import laplacian
+    d = np.load(heads.dir / f"local_{gen}_{case}_lbv_true.npz")
+    em = d["mask"]
+    inner = ndimage.binary_erosion(em, iterations=2)
+    lap = lambda a: laplacian(torch.as_tensor(np.where(em, a, 0).astype(np.float32)), vs).numpy()   # noqa: E731
+    ld, lt = lap(d["local"] - t.local), lap(t.local)
+    rms = lambda a, m: float(np.sqrt(np.mean(a[m] ** 2)))                                            # noqa: E731
+    out["nonbrain_in_mask"] = int((em & ~b).sum())
+    out["lap_diff_brain"], out["lap_diff_nonbrain"] = rms(ld, inner & b), rms(ld, inner & ~b)
+    out["lap_true_brain"] = rms(lt, inner & b)
+    out["lap_diff_nonbrain_share"] = float(100 * np.sum(ld[inner & ~b] ** 2) / np.sum(ld[inner] ** 2))
+    p.write_text(json.dumps(out))
+    return out
+
+
+FIRST_ONLY = ("weak_harmonic=on,pad_factor=2.0",)              # 4× the CPU; no change on the first head: not repeated
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", required=True, help="bench_field.py cache (read only)")
+    ap.add_argument("--work", required=True, help="folder for this script's per-χ JSON results")
+    ap.add_argument("--part", nargs="+", default=["diag", "levers", "check", "kernel", "report"],
+                    choices=("diag", "levers", "check", "kernel", "report"))
+    ap.add_argument("--chosen", default="weak_harmonic=on",
+                    help="the variant chosen on seed 0, run once on seed 1 and on the 1 mm head")
+    ap.add_argument("--out", default=str(MD))
+    a = ap.parse_args(argv)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    heads = Heads(Path(a.cache))
+    if "diag" in a.part:
+        for head in SLABS:
+            for source, v in DIAG_SOURCES:
+                run(heads, work, head, source, v)
+    if "levers" in a.part:
+        for head in SELECTION:
+            for v in LEVERS:
+                if head == SELECTION[0] or v not in FIRST_ONLY:
+                    run(heads, work, head, "lbv/raw", v)
+    if "check" in a.part:
+        for head in REPORT:
+            run(heads, work, head, "lbv/raw", a.chosen)
+        for v in dict.fromkeys(("weak_harmonic=on", a.chosen)):
+            run(heads, work, HEAD_1MM, "lbv/raw", v)
+    if "kernel" in a.part:
+        for head in SELECTION:
+            kernel_check(heads, work, head)
+    if "report" in a.part:
+        Path(a.out).write_text(report(work, a))
+        print(f"wrote {a.out}")
+
+
+def _load(work: Path):
+    rows = {}
+    for p in sorted(work.glob("*.json")):
+        r = json.loads(p.read_text())
+        rows[(r["head"], r["source"], r["variant"])] = r
+    return rows
+
+
+def report(work: Path, a) -> str:
+    rows = _load(work)
+    cmd = (f"nice -n 10 python benchmarks/slab_chi.py --cache {a.cache} --work {a.work} --chosen '{a.chosen}'")
+    out = ["# MEDI on the 3 mm slab: where χ's error sits (issue 24)", "",
+           f"Regenerate: `{cmd}` (the cache is a `bench_field.py` cache with the four slab heads and the 1 mm head; "
+           "WORK keeps one JSON per χ). Demeaned NRMSE % over the generator's brain; brain voxels outside the field's "
+           "mask count as error (χ = 0), as in `field.md`. MEDI runs with 1 thread; CPU seconds and their ratio to "
+           "one FFT pair of the padded grid measured in the same process. Definitions of the columns: the script's "
+           "docstring.", "", "## Diagnosis", "",
+           "| head | source → MEDI | NRMSE | mask floor | dropped pts | inside pts | edge 0–3 mm % | ends % | "
+           "shading % | low-pass % | strong χ % | slope | coverage |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for head in SLABS:
+        for source, v in DIAG_SOURCES:
+            r = rows.get((head, source, v))
+            if r is None:
+                continue
+            name = f"{source} → MEDI{'-WH' if v.endswith('on') else ''}"
+            out.append(f"| {head} | {name} | {r['nrmse']:.1f} | {r['floor']:.1f} | {r['dropped_pts']:.1f} | "
+                       f"{r['inside_pts']:.1f} | {r['edge3']:.0f} | {r['ends']:.0f} | {r['shading']:.1f} | "
+                       f"{r['low']:.0f} | {r['strong']:.0f} | {r['slope']:.2f} | {r['coverage']:.3f} |")
+    out += ["", "## The ladder: what each stage adds (MEDI; -WH where the field came from LBV)", "",
+            "NRMSE % (inside-mask points in brackets). *budget*: the inside-mask points a χ may have for the "
+            "chain's mask to still reach 40 %: √(40² − dropped²), dropped as in *true local, chain mask*.", "",
+            "| head | true local, brain mask | true local, chain mask | mask floor | LBV of the true total | "
+            "LBV of the chain's total (default chain) | budget |", "|---|---|---|---|---|---|---|"]
+    for head in SLABS:
+        rs = [rows.get((head, src, v)) for src, v in DIAG_SOURCES]
+        if not all(rs):
+            continue
+        drop = rs[1]["dropped_pts"]
+        budget = f"{np.sqrt(40.0 ** 2 - drop ** 2):.1f}" if drop < 40 else "none"
+        out.append(f"| {head} | " + " | ".join(f"{r['nrmse']:.1f} ({r['inside_pts']:.1f})" for r in rs[:2])
+                   + f" | {rs[1]['floor']:.1f} | "
+                   + " | ".join(f"{r['nrmse']:.1f} ({r['inside_pts']:.1f})" for r in rs[2:]) + f" | {budget} |")
+    out += ["", "## Levers (selection: seed 0, default chain lbv/raw → MEDI)", "",
+            "| variant | " + " | ".join(SELECTION) + " | CPU s | FFT pairs |", "|---|---|---|---|---|"]
+    for v in LEVERS:
+        rs = [r for r in (rows.get((h, "lbv/raw", v)) for h in SELECTION) if r]
+        if not rs:
+            continue
+        cells = " | ".join(f"{r['nrmse']:.1f} (in {r['inside_pts']:.1f})" if r else "not run"
+                           for r in (rows.get((h, "lbv/raw", v)) for h in SELECTION))
+        out.append(f"| {v} | {cells} | {' / '.join(format(r['cpu_s'], '.0f') for r in rs)} | "
+                   f"{' / '.join(str(r['fft_pairs']) for r in rs)} |")
+    out += ["", f"## Report (seed 1) and the 1 mm head, chosen variant `{a.chosen}`", "",
+            "| head | variant | NRMSE | inside pts | CPU s |", "|---|---|---|---|---|"]
+    for head in REPORT + (HEAD_1MM,):
+        for v in dict.fromkeys(("weak_harmonic=on", a.chosen)):
+            r = rows.get((head, "lbv/raw", v))
+            if r:
+                out.append(f"| {head} | {v} | {r['nrmse']:.1f} | {r['inside_pts']:.1f} | {r['cpu_s']:.0f} |")
+    ks = [json.loads(p.read_text()) for p in sorted(work.glob("kernel_*.json"))]
+    if ks:
+        out += ["", "## The dipole model on the slab grid (`--part kernel`)", "",
+                "‖D∗χ_true − f_true‖/‖f_true‖ over the brain, % (f_true: the generator's local field, made on a 2× "
+                "finer grid and averaged per voxel); continuous kernel by depth in the brain (mm).", "",
+                "| head | continuous | × sinc² in z | × sinc² in x, y, z | " +
+                " | ".join(f"depth {k}" for k in ks[0]["by_depth"]) + " |", "|---" * (4 + len(ks[0]["by_depth"])) + "|"]
+        for k in ks:
+            out.append(f"| {k['head']} | {k['continuous']:.1f} | {k['sinc2_z']:.1f} | {k['sinc2_xyz']:.1f} | "
+                       + " | ".join(f"{v:.1f}" for v in k["by_depth"].values()) + " |")
+        out += ["", "What LBV of the true total field differs by from the true local field (d = LBV − f_true on the "
+                "chain's mask): rms of its 7-point ∇² (ppm/mm²) two voxels inside the mask's edge, in brain voxels and "
+                "in the non-brain voxels the chain's mask holds, against the rms ∇² of f_true in the brain. A "
+                "harmonic d is what φ models; ∇²d ≠ 0 marks sources the mask took in.", "",
+                "| head | non-brain voxels in the mask | rms ∇²d, brain | rms ∇²d, non-brain | share of ‖∇²d‖² in "
+                "non-brain voxels % | rms ∇²f_true, brain |", "|---|---|---|---|---|---|"]
+        for k in ks:
+            out.append(f"| {k['head']} | {k['nonbrain_in_mask']} | {k['lap_diff_brain']:.5f} | "
+                       f"{k['lap_diff_nonbrain']:.5f} | {k['lap_diff_nonbrain_share']:.0f} | {k['lap_true_brain']:.5f} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()
