@@ -11,16 +11,22 @@ Sources of the local field (all scored like ``bench_field.py``: demeaned NRMSE %
 voxels outside the field's mask count as error with χ = 0):
 
 * ``truth``: the generator's true local field on its brain mask (MEDI, no φ);
-* ``truth_chain``: the true local field on the chain's mask (what the mask alone costs an inversion);
+* ``truth_prelbv``: the true local field on the chain's mask (``core/field/mask.py``'s, the mask given to LBV);
+* ``truth_chain``: the true local field on LBV's mask (the chain's mask without LBV's one-voxel boundary layer, the
+  mask every LBV field comes with): what the masks alone cost an inversion;
 * ``lbv/true``: LBV of the generator's true total field on the chain's mask (the reachable reference);
-* ``lbv/raw``: LBV of the chain's total field from the raw echoes (the default chain).
+* ``lbv/raw``: LBV of the chain's total field from the raw echoes (the default chain);
+* ``lbv/raw+layer``: as ``lbv/raw``, but χ solved and returned on the chain's mask, with MEDI's data weight 0 in
+  LBV's boundary layer (can MEDI fill the layer without its field?).
+
+"The mask" in the decomposition is LBV's mask (the field's mask for ``truth``).
 
 Error decomposition (the error e = (χ − mean χ) − (χ_true − mean χ_true) over the brain, means over the brain;
 shares are of Σe²; "points" split the NRMSE in quadrature, NRMSE² = Σ points²):
 
-* ``floor``: the NRMSE of a perfect χ inside the chain's mask and 0 in the brain voxels the mask drops;
+* ``floor``: the NRMSE of a perfect χ inside the field's mask and 0 in the brain voxels the mask drops;
 * ``dropped`` / ``inside``: the points from the dropped brain voxels / from the voxels inside the mask;
-* ``edge 0–3 mm``: share of Σe² in mask voxels within 3 mm (physical distance) of the mask's edge;
+* ``edge 0–3 mm``: share of Σe² in mask voxels within 3 mm (physical distance) of LBV's mask's edge;
 * ``ends``: share in the 5 lowest and 5 highest brain slices (where 3 mm slices cut the brain obliquely);
 * ``shading``: share carried by each slice's mean error (the slice-to-slice offset the demeaned metric keeps);
 * ``low``: share of the error's 6 mm Gaussian low-pass inside the brain (mean and shading-like error);
@@ -92,16 +98,28 @@ class Heads:
         t = self.truth(head)
         with open(self.dir / f"run_{gen}_{case}.pkl", "rb") as f:
             tot = pickle.load(f)[0]
+        noise = tot.noise_std
         if source == "truth":
             field, mask = (t.local * t.brain).astype(np.float32), t.brain
+        elif source == "truth_prelbv":          # the true local field on the chain's mask before LBV's boundary layer
+            with open(self.dir / f"run_{gen}_{case}.pkl", "rb") as f:
+                mask = np.asarray(pickle.load(f)[1], bool)
+            field = (t.local * mask).astype(np.float32)
         elif source == "truth_chain":
             mask = self.chain_mask(head)
             field = (t.local * mask).astype(np.float32)
+        elif source == "lbv/raw+layer":         # χ also on LBV's boundary layer, no data there (weight 0)
+            d = np.load(self.dir / f"local_{gen}_{case}_lbv_raw.npz")
+            with open(self.dir / f"run_{gen}_{case}.pkl", "rb") as f:
+                mask = np.asarray(pickle.load(f)[1], bool) | d["mask"]
+            field = np.where(d["mask"], d["local"], 0).astype(np.float32)
+            noise = np.asarray(tot.noise_std, np.float32).copy()
+            noise[mask & ~d["mask"]] = np.inf      # MEDI's data weight m = mask / N_std is 0 there
         else:
             d = np.load(self.dir / f"local_{gen}_{case}_{source.replace('/', '_')}.npz")
             field, mask = d["local"], d["mask"]
         return Scan(field=field, mask=mask, name=source, voxel_size=tot.voxel_size, b0_direction=tot.b0_direction,
-                    magnitude=tot.magnitude, noise_std=tot.noise_std, r2star=tot.r2star, affine=tot.affine,
+                    magnitude=tot.magnitude, noise_std=noise, r2star=tot.r2star, affine=tot.affine,
                     te=float(tot.delta_te), b0_tesla=tot.b0_tesla)   # the scan bench_field.py's chi_one builds
 
 
@@ -265,7 +283,14 @@ def dropped_check(heads: Heads, work: Path, head: str) -> dict:
     ends = np.zeros(b.shape, bool)
     ends[:, :, np.r_[zs[:5], zs[-5:]]] = True
     ref = t.chi - t.chi[b].mean()
-    out = {"head": head, "dropped": int(d.sum()), "dropped_pct": float(100 * d.sum() / b.sum()),
+    from napari_qsm.core import metrics as M
+    gen, case = head.split(":")
+    with open(heads.dir / f"run_{gen}_{case}.pkl", "rb") as f:
+        pre = np.asarray(pickle.load(f)[1], bool)
+    out = {"pre_dropped_pct": float(100 * (b & ~pre).sum() / b.sum()),
+           "pre_floor": float(M.nrmse_demeaned(np.where(pre, t.chi, 0), t.chi, b)),
+           "lbv_layer_pct": float(100 * (b & pre & ~em).sum() / b.sum())}
+    out |= {"head": head, "dropped": int(d.sum()), "dropped_pct": float(100 * d.sum() / b.sum()),
            "depth_median_mm": float(np.median(depth[d])), "depth_p90_mm": float(np.percentile(depth[d], 90)),
            "in_ends_pct": float(100 * (d & ends).sum() / d.sum()), "ends_brain_pct": float(100 * (b & ends).sum() / b.sum()),
            "chi_mean_ppm": float(ref[d].mean()), "chi_rms_ppm": float(np.sqrt(np.mean(ref[d] ** 2))),
@@ -281,8 +306,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", required=True, help="bench_field.py cache (read only)")
     ap.add_argument("--work", required=True, help="folder for this script's per-χ JSON results")
-    ap.add_argument("--part", nargs="+", default=["diag", "levers", "check", "kernel", "report"],
-                    choices=("diag", "levers", "check", "kernel", "report"))
+    ap.add_argument("--part", nargs="+", default=["diag", "levers", "check", "kernel", "prelbv", "report"],
+                    choices=("diag", "levers", "check", "kernel", "prelbv", "report"))
     ap.add_argument("--chosen", default="weak_harmonic=on",
                     help="the variant chosen on seed 0, run once on seed 1 and on the 1 mm head")
     ap.add_argument("--out", default=str(MD))
@@ -306,10 +331,15 @@ def main(argv=None):
             run(heads, work, head, "lbv/raw", a.chosen)
         for v in dict.fromkeys(("weak_harmonic=on", a.chosen)):
             run(heads, work, HEAD_1MM, "lbv/raw", v)
+    if "prelbv" in a.part:                        # what LBV's one-voxel boundary layer costs (field known there)
+        for head in SLABS:
+            run(heads, work, head, "truth_prelbv", "weak_harmonic=off")
+        for head in SELECTION:
+            run(heads, work, head, "lbv/raw+layer", "weak_harmonic=on")
     if "kernel" in a.part:
         for head in SELECTION:
             kernel_check(heads, work, head)
-        for head in SLABS:
+        for head in SLABS + (HEAD_1MM,):
             dropped_check(heads, work, head)
     if "report" in a.part:
         Path(a.out).write_text(report(work, a))
@@ -333,6 +363,8 @@ def findings(rows, work: Path, a) -> list:
     fmt = lambda k, src, v: " / ".join(f"{g(h, src, v, k):.1f}" for h in SLABS)   # noqa: E731
     drop = [json.loads((work / f"dropped_{h.replace(':', '_')}.json").read_text()) for h in SLABS
             if (work / f"dropped_{h.replace(':', '_')}.json").exists()]
+    p1 = work / f"dropped_{HEAD_1MM.replace(':', '_')}.json"
+    d1 = json.loads(p1.read_text()) if p1.exists() else None
     ks = [json.loads((work / f"kernel_{h.replace(':', '_')}.json").read_text()) for h in SELECTION
           if (work / f"kernel_{h.replace(':', '_')}.json").exists()]
     rng = lambda xs, f=".0f": f"{min(xs):{f}}–{max(xs):{f}}"                       # noqa: E731
@@ -340,33 +372,47 @@ def findings(rows, work: Path, a) -> list:
     lev = lambda v: " / ".join(f"{g(h, 'lbv/raw', v, 'nrmse'):.1f}" for h in SELECTION)   # noqa: E731
     out = ["## Findings", "",
            f"Heads in the order {' / '.join(SLABS)}.", "",
-           "1. **The chain's mask sets a floor that no inversion can pass.** MEDI on the *true* local field, only "
-           f"restricted to the chain's mask, gives {fmt('nrmse', 'truth_chain', off)} % (on the brain mask: "
-           f"{fmt('nrmse', 'truth', off)}). A perfect χ inside that mask scores {fmt('floor', 'truth_chain', off)} %. "
-           "The dropped brain voxels ("
-           + " / ".join(f"{d['dropped_pct']:.1f}" for d in drop) + " % of the brain) are cortex "
+           "1. **LBV's boundary layer sets a floor that no inversion can pass.** LBV returns its local field on the "
+           "chain's mask eroded by one voxel (its Dirichlet boundary, where f_L = 0; `core/field/lbv.py`, also with "
+           "peel 0). On the slab that layer is 3 mm thick at the top and bottom of the brain, where 3 mm slices cut "
+           "it obliquely. The chain's mask (`core/field/mask.py`) drops "
+           + " / ".join(f"{d['pre_dropped_pct']:.1f}" for d in drop) + " % of the brain, LBV's layer another "
+           + " / ".join(f"{d['lbv_layer_pct']:.1f}" for d in drop) + " %. A perfect χ scores "
+           + " / ".join(f"{d['pre_floor']:.1f}" for d in drop) + " % on the chain's mask and "
+           + " / ".join(f"{d['floor']:.1f}" if 'floor' in d else f"{g(d['head'], 'truth_chain', off, 'floor'):.1f}"
+                        for d in drop) + " % on LBV's mask. MEDI on the *true* local field gives "
+           f"{fmt('nrmse', 'truth', off)} % on the brain mask, {fmt('nrmse', 'truth_prelbv', off)} on the chain's "
+           f"mask and {fmt('nrmse', 'truth_chain', off)} on LBV's mask. The voxels LBV's mask lacks are cortex "
            + " / ".join(f"{d['depth_median_mm']:.1f}" for d in drop) + " mm deep (median) with χ "
-           + " / ".join(f"{d['chi_mean_ppm']:+.3f}" for d in drop) + " ppm above the brain mean, concentrated in "
-           "the lowest and highest slices on *shapes* (" + " / ".join(f"{d['in_ends_pct']:.0f}" for d in drop)
-           + " % of them in the 5+5 end slices). On phantom seed 0 the 40 % target leaves "
-           f"{np.sqrt(max(40 ** 2 - g('phantom:slab', 'truth_chain', off, 'dropped_pts') ** 2, 0)):.1f} points for "
-           f"the voxels inside the mask, fewer than MEDI has on the true local field there "
-           f"({g('phantom:slab', 'truth_chain', off, 'inside_pts'):.1f}): out of reach from the inversion. The mask "
-           "is `core/field/mask.py` (rawfield's): keeping that cortex is the largest single lever for the slab.",
-           "2. **The front end costs more inside the mask than LBV's boundary does.** Inside-mask points, LBV of the "
+           + " / ".join(f"{d['chi_mean_ppm']:+.3f}" for d in drop) + " ppm above the brain mean ("
+           + " / ".join(f"{d['in_ends_pct']:.0f}" for d in drop) + " % of them in the 5+5 end slices). On phantom "
+           f"seed 0 the 40 % target leaves {np.sqrt(max(40 ** 2 - g('phantom:slab', 'truth_chain', off, 'dropped_pts') ** 2, 0)):.1f} "
+           "points for the voxels inside LBV's mask, fewer than MEDI has there on the true local field "
+           f"({g('phantom:slab', 'truth_chain', off, 'inside_pts'):.1f}): out of reach from the inversion while the "
+           "layer is dropped. MEDI cannot fill the layer itself: χ solved on the chain's mask with no data in the "
+           "layer (weight 0, φ on) scores " + " / ".join(f"{g(h, 'lbv/raw+layer', wh, 'nrmse'):.1f}" for h in SELECTION)
+           + " against " + " / ".join(f"{g(h, 'lbv/raw', wh, 'nrmse'):.1f}" for h in SELECTION) + " (seed 0): a "
+           "source just outside LBV's mask makes a field inside it that is harmonic there, the same as the residual "
+           "background φ models and LBV removes. The layer's own local field is needed, so the fix belongs to the "
+           "background removal (rawfield's `core/field/lbv.py`; or the chain's mask one 3 mm slice larger where it "
+           "caps the brain, `core/field/mask.py`): it is the largest single lever for the slab."
+           + (f" On the 1 mm head LBV's layer takes only {d1['lbv_layer_pct']:.1f} % of the brain: the chain's mask "
+              f"there holds {d1['nonbrain_in_mask']} non-brain voxels, so the layer mostly falls outside the brain."
+              if d1 else ""),
+           "2. **Inside LBV's mask, the front end costs more than LBV does.** Inside-mask points, LBV of the "
            f"true total → LBV of the chain's total: {fmt('inside_pts', 'lbv/true', wh)} → "
            f"{fmt('inside_pts', 'lbv/raw', wh)}. On *shapes* the raw-field error sits in the brain's interior (the "
            "≥ 12 mm share of Σe² grows; see the edge column), not at the edge. `core/field/*` (rawfield's).",
-           "3. **LBV's loss is mostly recovered by φ; what φ cannot take back are sources the mask took in.** "
+           "3. **Inside LBV's mask, φ takes back most of what LBV removes.** "
            f"Inside-mask points, true local → LBV of the true total with φ: {fmt('inside_pts', 'truth_chain', off)} → "
            f"{fmt('inside_pts', 'lbv/true', wh)}. In brain voxels the difference between LBV's field and the true "
            "local field is close to harmonic (rms ∇²d is "
            + rng([100 * k["lap_diff_brain"] / k["lap_true_brain"] for k in ks]) + " % of the local field's, last "
-           "table; seed 0), which φ models; its non-harmonic part sits in the non-brain voxels the chain's mask holds ("
+           "table; seed 0), which φ models; its non-harmonic part sits in the non-brain voxels LBV's mask holds ("
            + rng([k["lap_diff_nonbrain_share"] for k in ks]) + " % of ‖∇²d‖² in "
            + rng([100 * d["nonbrain_in_mask"] / (d["nonbrain_in_mask"] + rows[(d["head"], "lbv/true", wh)]["coverage"]
                   * d["dropped"] / (d["dropped_pct"] / 100)) for d in drop if d["head"] in SELECTION and (d["head"], "lbv/true", wh) in rows])
-           + " % of the mask): their sources are local to LBV but not to the truth. Again the mask.",
+           + " % of the mask): sources that are local to LBV but not to the truth, which φ cannot model.",
            "4. **Not the kernel, not the padding, not the slices' edges.** Zero padding ×2 in every axis (z "
            f"wrap-around) changes phantom seed 0 by {abs(g('phantom:slab', 'lbv/raw', wh + ',pad_factor=2.0', 'nrmse') - g('phantom:slab', 'lbv/raw', wh, 'nrmse')):.1f} "
            "at 4× the CPU. w_G from voxel steps instead of steps / voxel size (3 mm steps then count as edges as "
@@ -383,7 +429,8 @@ def findings(rows, work: Path, a) -> list:
            "a lower λ smooths the front end's error more than it helps the inversion. 300 CG iterations: "
            f"{lev(wh + ',cg_max_iter=300')}; β 15 / 1500: {lev(wh + ',beta=15.0')} / {lev(wh + ',beta=1500.0')}; "
            f"percentage 0.5 / 1.5: {lev(wh + ',percentage=0.5')} / {lev(wh + ',percentage=1.5')} (opposite signs on "
-           "the two generators)."]
+           "the two generators). λ 500 was run on seed 1 and the 1 mm head before λ 250 had been measured; λ 250 "
+           "was not checked there."]
     c = a.chosen
     if c != wh:
         def dd(heads_, src):
@@ -392,8 +439,8 @@ def findings(rows, work: Path, a) -> list:
                 f"({dd(SELECTION, 'lbv/raw')} points). It was run once on seed 1 ({dd(REPORT, 'lbv/raw')}) and on "
                 f"the 1 mm head ({dd((HEAD_1MM,), 'lbv/raw')}). On LBV of the true total field, the inversion's own "
                 f"reference, it gives {dd(SELECTION, 'lbv/true')}: the gain smooths the front end's error rather "
-                "than inverting better, and the front end is being fixed in `core/field/*`. MEDI's defaults are "
-                "therefore left as they are; no MEDI code changed."]
+                "than inverting better, the front end is being fixed in `core/field/*`, and no slab reaches 40 % with "
+                "it. MEDI's defaults are therefore left as they are; no MEDI code changed."]
     return out
 
 
@@ -414,24 +461,30 @@ def report(work: Path, a) -> str:
             r = rows.get((head, source, v))
             if r is None:
                 continue
-            name = f"{source} → MEDI{'-WH' if v.endswith('on') else ''}"
+            name = {"truth": "true local, brain mask", "truth_chain": "true local, LBV's mask",
+                    "lbv/true": "LBV of the true total", "lbv/raw": "LBV of the chain's total"}[source]
+            name += f" → MEDI{'-WH' if v.endswith('on') else ''}"
             out.append(f"| {head} | {name} | {r['nrmse']:.1f} | {r['floor']:.1f} | {r['dropped_pts']:.1f} | "
                        f"{r['inside_pts']:.1f} | {r['edge3']:.0f} | {r['ends']:.0f} | {r['shading']:.1f} | "
                        f"{r['low']:.0f} | {r['strong']:.0f} | {r['slope']:.2f} | {r['coverage']:.3f} |")
     out += ["", "## The ladder: what each stage adds (MEDI; -WH where the field came from LBV)", "",
-            "NRMSE % (inside-mask points in brackets). *budget*: the inside-mask points a χ may have for the "
-            "chain's mask to still reach 40 %: √(40² − dropped²), dropped as in *true local, chain mask*.", "",
-            "| head | true local, brain mask | true local, chain mask | mask floor | LBV of the true total | "
-            "LBV of the chain's total (default chain) | budget |", "|---|---|---|---|---|---|---|"]
+            "NRMSE % (inside-mask points in brackets). The chain's mask: `core/field/mask.py`'s, given to LBV; LBV's "
+            "mask: the chain's mask without LBV's one-voxel boundary layer, the mask every LBV field below comes "
+            "with. *budget*: the inside-mask points a χ may have on LBV's mask to still reach 40 %: √(40² − dropped²), "
+            "dropped as in *true local, LBV's mask*.", "",
+            "| head | true local, brain mask | true local, chain's mask | true local, LBV's mask | floor (LBV's mask) | "
+            "LBV of the true total | LBV of the chain's total (default chain) | budget |",
+            "|---|---|---|---|---|---|---|---|"]
     for head in SLABS:
         rs = [rows.get((head, src, v)) for src, v in DIAG_SOURCES]
+        pre = rows.get((head, "truth_prelbv", "weak_harmonic=off"))
         if not all(rs):
             continue
         drop = rs[1]["dropped_pts"]
         budget = f"{np.sqrt(40.0 ** 2 - drop ** 2):.1f}" if drop < 40 else "none"
-        out.append(f"| {head} | " + " | ".join(f"{r['nrmse']:.1f} ({r['inside_pts']:.1f})" for r in rs[:2])
-                   + f" | {rs[1]['floor']:.1f} | "
-                   + " | ".join(f"{r['nrmse']:.1f} ({r['inside_pts']:.1f})" for r in rs[2:]) + f" | {budget} |")
+        cell = lambda r: f"{r['nrmse']:.1f} ({r['inside_pts']:.1f})" if r else "not run"     # noqa: E731
+        out.append(f"| {head} | {cell(rs[0])} | {cell(pre)} | {cell(rs[1])} | {rs[1]['floor']:.1f} | "
+                   f"{cell(rs[2])} | {cell(rs[3])} | {budget} |")
     out += ["", "## Levers (selection: seed 0, default chain lbv/raw → MEDI)", "",
             "| variant | " + " | ".join(SELECTION) + " | CPU s | FFT pairs |", "|---|---|---|---|---|"]
     for v in LEVERS:
@@ -442,7 +495,8 @@ def report(work: Path, a) -> str:
                            for r in (rows.get((h, "lbv/raw", v)) for h in SELECTION))
         out.append(f"| {v} | {cells} | {' / '.join(format(r['cpu_s'], '.0f') for r in rs)} | "
                    f"{' / '.join(str(r['fft_pairs']) for r in rs)} |")
-    out += ["", f"## Report (seed 1) and the 1 mm head, chosen variant `{a.chosen}`", "",
+    out += ["", f"## Best seed-0 lever `{a.chosen}` (not adopted): LBV of the true total, seed 1 (report, run once) "
+            "and the 1 mm head", "",
             "| head | variant | NRMSE | inside pts | CPU s |", "|---|---|---|---|---|"]
     out[-2:] = ["| head | source | variant | NRMSE | inside pts | CPU s |", "|---|---|---|---|---|---|"]
     for head, src in [(h, "lbv/true") for h in SELECTION] + [(h, "lbv/raw") for h in REPORT + (HEAD_1MM,)]:
@@ -452,13 +506,15 @@ def report(work: Path, a) -> str:
                 out.append(f"| {head} | {src} | {v} | {r['nrmse']:.1f} | {r['inside_pts']:.1f} | {r['cpu_s']:.0f} |")
     ds = [json.loads(p.read_text()) for p in sorted(work.glob("dropped_*.json"))]
     if ds:
-        out += ["", "## The brain voxels the chain's mask drops (`--part kernel`)", "",
+        out += ["", "## The brain voxels LBV's mask lacks (`--part kernel`)", "",
                 "Depth: distance to the brain's edge (mm). Ends: the 5 lowest and 5 highest brain slices. χ: demeaned "
                 "over the brain (ppm).", "",
-                "| head | dropped voxels | % of the brain | depth median / 90th pct | in the ends % (ends hold % of "
-                "the brain) | χ mean | χ rms (brain rms) | non-brain voxels in the mask |", "|---|---|---|---|---|---|---|---|"]
+                "| head | dropped voxels | % of the brain | of which: outside the chain's mask / in LBV's layer % | "
+                "depth median / 90th pct | in the ends % (ends hold % of the brain) | χ mean | χ rms (brain rms) | "
+                "non-brain voxels in LBV's mask |", "|---|---|---|---|---|---|---|---|---|"]
         for d in ds:
-            out.append(f"| {d['head']} | {d['dropped']} | {d['dropped_pct']:.1f} | {d['depth_median_mm']:.1f} / "
+            out.append(f"| {d['head']} | {d['dropped']} | {d['dropped_pct']:.1f} | {d['pre_dropped_pct']:.1f} / "
+                       f"{d['lbv_layer_pct']:.1f} | {d['depth_median_mm']:.1f} / "
                        f"{d['depth_p90_mm']:.1f} | {d['in_ends_pct']:.0f} ({d['ends_brain_pct']:.0f}) | "
                        f"{d['chi_mean_ppm']:+.3f} | {d['chi_rms_ppm']:.3f} ({d['brain_rms_ppm']:.3f}) | "
                        f"{d['nonbrain_in_mask']} |")
@@ -474,9 +530,9 @@ def report(work: Path, a) -> str:
                        + " | ".join(f"{v:.1f}" for v in k["by_depth"].values()) + " |")
         out += ["", "What LBV of the true total field differs by from the true local field (d = LBV − f_true on the "
                 "chain's mask): rms of its 7-point ∇² (ppm/mm²) two voxels inside the mask's edge, in brain voxels and "
-                "in the non-brain voxels the chain's mask holds, against the rms ∇² of f_true in the brain. A "
+                "in the non-brain voxels LBV's mask holds, against the rms ∇² of f_true in the brain. A "
                 "harmonic d is what φ models; ∇²d ≠ 0 marks sources the mask took in.", "",
-                "| head | non-brain voxels in the mask | rms ∇²d, brain | rms ∇²d, non-brain | share of ‖∇²d‖² in "
+                "| head | non-brain voxels in LBV's mask | rms ∇²d, brain | rms ∇²d, non-brain | share of ‖∇²d‖² in "
                 "non-brain voxels % | rms ∇²f_true, brain |", "|---|---|---|---|---|---|"]
         for k in ks:
             out.append(f"| {k['head']} | {k['nonbrain_in_mask']} | {k['lap_diff_brain']:.5f} | "
