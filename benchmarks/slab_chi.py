@@ -108,6 +108,18 @@ class Heads:
         elif source == "truth_chain":
             mask = self.chain_mask(head)
             field = (t.local * mask).astype(np.float32)
+        elif source == "lbv/true+z":           # LBV of the true total on the chain's mask grown by one slice in z
+            from scipy import ndimage
+            from napari_qsm.core.field.pipeline import FieldRecipe, find_step
+            with open(self.dir / f"run_{gen}_{case}.pkl", "rb") as f:
+                pre = np.asarray(pickle.load(f)[1], bool)
+            zs = np.zeros((3, 3, 3), bool)
+            zs[1, 1, :] = True                      # LBV's Dirichlet layer then falls on the added slice
+            grown = ndimage.binary_dilation(pre, zs)
+            field, mask = find_step("background", "lbv").run(
+                t.total * grown, grown, FieldRecipe(background="lbv").record("background"), voxel_size=tot.voxel_size,
+                b0_direction=tot.b0_direction, noise_std=tot.noise_std, device="cpu")
+            field = np.where(mask, field, 0).astype(np.float32)
         elif source == "lbv/raw+layer":         # χ also on LBV's boundary layer, no data there (weight 0)
             d = np.load(self.dir / f"local_{gen}_{case}_lbv_raw.npz")
             with open(self.dir / f"run_{gen}_{case}.pkl", "rb") as f:
@@ -306,8 +318,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", required=True, help="bench_field.py cache (read only)")
     ap.add_argument("--work", required=True, help="folder for this script's per-χ JSON results")
-    ap.add_argument("--part", nargs="+", default=["diag", "levers", "check", "kernel", "prelbv", "report"],
-                    choices=("diag", "levers", "check", "kernel", "prelbv", "report"))
+    ap.add_argument("--part", nargs="+", default=["diag", "levers", "check", "kernel", "prelbv", "zgrow", "report"],
+                    choices=("diag", "levers", "check", "kernel", "prelbv", "zgrow", "report"))
     ap.add_argument("--chosen", default="weak_harmonic=on",
                     help="the variant chosen on seed 0, run once on seed 1 and on the 1 mm head")
     ap.add_argument("--out", default=str(MD))
@@ -336,6 +348,9 @@ def main(argv=None):
             run(heads, work, head, "truth_prelbv", "weak_harmonic=off")
         for head in SELECTION:
             run(heads, work, head, "lbv/raw+layer", "weak_harmonic=on")
+    if "zgrow" in a.part:                         # how much the slab gains when LBV's layer leaves the brain
+        for head in SELECTION:
+            run(heads, work, head, "lbv/true+z", "weak_harmonic=on")   # the chain's total is 0 outside its mask
     if "kernel" in a.part:
         for head in SELECTION:
             kernel_check(heads, work, head)
@@ -395,7 +410,11 @@ def findings(rows, work: Path, a) -> list:
            "source just outside LBV's mask makes a field inside it that is harmonic there, the same as the residual "
            "background φ models and LBV removes. The layer's own local field is needed, so the fix belongs to the "
            "background removal (rawfield's `core/field/lbv.py`; or the chain's mask one 3 mm slice larger where it "
-           "caps the brain, `core/field/mask.py`): it is the largest single lever for the slab."
+           "caps the brain, `core/field/mask.py`): it is the largest single lever for the slab. LBV of the true total "
+           "on the chain's mask grown by one slice in z (LBV's layer then falls on the added slice; `--part zgrow`) "
+           "gives " + " / ".join(f"{g(h, 'lbv/true+z', wh, 'nrmse'):.1f}" for h in SELECTION) + " against "
+           + " / ".join(f"{g(h, 'lbv/true', wh, 'nrmse'):.1f}" for h in SELECTION) + " (seed 0, MEDI-WH). From the "
+           "raw echoes this needs the total field on that slice, which the chain sets to 0 outside its mask today."
            + (f" On the 1 mm head LBV's layer takes only {d1['lbv_layer_pct']:.1f} % of the brain: the chain's mask "
               f"there holds {d1['nonbrain_in_mask']} non-brain voxels, so the layer mostly falls outside the brain."
               if d1 else ""),
