@@ -414,7 +414,9 @@ def findings(rows, work: Path, a) -> list:
            "on the chain's mask grown by one slice in z (LBV's layer then falls on the added slice; `--part zgrow`) "
            "gives " + " / ".join(f"{g(h, 'lbv/true+z', wh, 'nrmse'):.1f}" for h in SELECTION) + " against "
            + " / ".join(f"{g(h, 'lbv/true', wh, 'nrmse'):.1f}" for h in SELECTION) + " (seed 0, MEDI-WH). From the "
-           "raw echoes this needs the total field on that slice, which the chain sets to 0 outside its mask today."
+           "raw echoes this needs the total field on that slice, which the chain sets to 0 outside its mask today; "
+           "`lbv_coverage.md` finds the same layer on the tilted heads, where LBV's boundary moved one voxel out with "
+           "the chain's own total field did not gain (poor boundary values in partial-volume voxels)."
            + (f" On the 1 mm head LBV's layer takes only {d1['lbv_layer_pct']:.1f} % of the brain: the chain's mask "
               f"there holds {d1['nonbrain_in_mask']} non-brain voxels, so the layer mostly falls outside the brain."
               if d1 else ""),
@@ -468,7 +470,8 @@ def report(work: Path, a) -> str:
     cmd = (f"nice -n 10 python benchmarks/slab_chi.py --cache {a.cache} --work {a.work} --chosen '{a.chosen}'")
     out = ["# MEDI on the 3 mm slab: where χ's error sits (issue 24)", "",
            f"Regenerate: `{cmd}` (the cache is a `bench_field.py` cache with the four slab heads and the 1 mm head; "
-           "WORK keeps one JSON per χ). Demeaned NRMSE % over the generator's brain; brain voxels outside the field's "
+           "WORK keeps one JSON per χ; the numbers below used a copy of session 10's `/tmp/slabwt/final`, the runs behind "
+           "`field.md`). Demeaned NRMSE % over the generator's brain; brain voxels outside the field's "
            "mask count as error (χ = 0), as in `field.md`. MEDI runs with 1 thread; CPU seconds and their ratio to "
            "one FFT pair of the padded grid measured in the same process. Definitions of the columns: the script's "
            "docstring.", ""] + findings(rows, work, a) + ["", "## Diagnosis", "",
