@@ -41,10 +41,12 @@ def test_off_is_the_default_and_beta_is_ignored_when_off(scene):
     off = medi_l1(field, mask, VS, magnitude=mag, max_iter=3, weak_harmonic=False, beta=7.0)
     assert np.array_equal(ref, off)
     # and off is MEDI as it was before the option (the solver's CG gained a preconditioner slot): values of
-    # this scene computed with the code of commit 03d3b00, which had no weak-harmonic term
-    assert float(np.abs(ref).sum(dtype=np.float64)) == pytest.approx(107.1437874187227, rel=1e-6)
-    assert float(ref[14, 14, 12]) == pytest.approx(0.1442641168832779, rel=1e-5)
-    assert float(ref[10, 14, 12]) == pytest.approx(0.01970558613538742, rel=1e-4)
+    # this scene computed with the code of commit 03d3b00, which had no weak-harmonic term. Tolerance 1e-3: the
+    # scene's forward field moved by float rounding when dipole.convolve_kernel's inverse FFT was pruned (3acb1f6),
+    # which moves these values by up to 2e-4; φ switched on changes them by tens of per cent
+    assert float(np.abs(ref).sum(dtype=np.float64)) == pytest.approx(107.1437874187227, rel=1e-3)
+    assert float(ref[14, 14, 12]) == pytest.approx(0.1442641168832779, rel=1e-3)
+    assert float(ref[10, 14, 12]) == pytest.approx(0.01970558613538742, rel=1e-3)
 
 
 def test_recovers_chi_and_the_added_harmonic_background(scene):
