@@ -397,8 +397,8 @@ def findings(rows, work: Path, a) -> list:
            + " / ".join(f"{d['floor']:.1f}" if 'floor' in d else f"{g(d['head'], 'truth_chain', off, 'floor'):.1f}"
                         for d in drop) + " % on LBV's mask. MEDI on the *true* local field gives "
            f"{fmt('nrmse', 'truth', off)} % on the brain mask, {fmt('nrmse', 'truth_prelbv', off)} on the chain's "
-           f"mask and {fmt('nrmse', 'truth_chain', off)} on LBV's mask. The voxels LBV's mask lacks are cortex "
-           + " / ".join(f"{d['depth_median_mm']:.1f}" for d in drop) + " mm deep (median) with χ "
+           f"mask and {fmt('nrmse', 'truth_chain', off)} on LBV's mask. The brain voxels LBV's mask lacks lie "
+           + " / ".join(f"{d['depth_median_mm']:.1f}" for d in drop) + " mm deep in the brain (median) with χ "
            + " / ".join(f"{d['chi_mean_ppm']:+.3f}" for d in drop) + " ppm above the brain mean ("
            + " / ".join(f"{d['in_ends_pct']:.0f}" for d in drop) + " % of them in the 5+5 end slices). On phantom "
            f"seed 0 the 40 % target leaves {np.sqrt(max(40 ** 2 - g('phantom:slab', 'truth_chain', off, 'dropped_pts') ** 2, 0)):.1f} "
@@ -422,8 +422,7 @@ def findings(rows, work: Path, a) -> list:
               if d1 else ""),
            "2. **Inside LBV's mask, the front end costs more than LBV does.** Inside-mask points, LBV of the "
            f"true total → LBV of the chain's total: {fmt('inside_pts', 'lbv/true', wh)} → "
-           f"{fmt('inside_pts', 'lbv/raw', wh)}. On *shapes* the raw-field error sits in the brain's interior (the "
-           "≥ 12 mm share of Σe² grows; see the edge column), not at the edge. `core/field/*` (rawfield's).",
+           f"{fmt('inside_pts', 'lbv/raw', wh)}. `core/field/*` (rawfield's).",
            "3. **Inside LBV's mask, φ takes back most of what LBV removes.** "
            f"Inside-mask points, true local → LBV of the true total with φ: {fmt('inside_pts', 'truth_chain', off)} → "
            f"{fmt('inside_pts', 'lbv/true', wh)}. In brain voxels the difference between LBV's field and the true "
@@ -436,8 +435,8 @@ def findings(rows, work: Path, a) -> list:
            + " % of the mask): sources that are local to LBV but not to the truth, which φ cannot model.",
            "4. **Not the kernel, not the padding, not the slices' edges.** Zero padding ×2 in every axis (z "
            f"wrap-around) changes phantom seed 0 by {abs(g('phantom:slab', 'lbv/raw', wh + ',pad_factor=2.0', 'nrmse') - g('phantom:slab', 'lbv/raw', wh, 'nrmse')):.1f} "
-           "at 4× the CPU. w_G from voxel steps instead of steps / voxel size (3 mm steps then count as edges as "
-           f"often as in-plane ones): {lev(wh + ',wg_spacing=unit')} against {lev(wh)}. The continuous kernel "
+           "at 4× the CPU. w_G from voxel steps instead of steps / voxel size (a step between 3 mm slices no longer "
+           f"divided by 3): {lev(wh + ',wg_spacing=unit')} against {lev(wh)}. The continuous kernel "
            "explains the true local field to " + rng([k["continuous"] for k in ks], ".1f") + " % on the slab grid (seed 0), "
            "a voxel-averaging sinc² kernel is worse (" + rng([min(k["sinc2_z"], k["sinc2_xyz"]) for k in ks], ".1f")
            + " %), and the residual is largest at the brain's edge (partial volume). Slice-to-slice shading carries "
@@ -456,8 +455,10 @@ def findings(rows, work: Path, a) -> list:
     if c != wh:
         def dd(heads_, src):
             return " / ".join(f"{g(h, src, c, 'nrmse') - g(h, src, wh, 'nrmse'):+.1f}" for h in heads_)
-        out += ["", f"**Decision.** The best lever through the default chain on seed 0 is `{c}` "
-                f"({dd(SELECTION, 'lbv/raw')} points). It was run once on seed 1 ({dd(REPORT, 'lbv/raw')}) and on "
+        out += ["", f"**Decision.** The lever checked further is `{c}` ({dd(SELECTION, 'lbv/raw')} points on seed 0; "
+                "it was chosen before λ 250 was measured, which gains "
+                + " / ".join(f"{g(h, 'lbv/raw', wh + ',lam=250.0', 'nrmse') - g(h, 'lbv/raw', wh, 'nrmse'):+.1f}"
+                             for h in SELECTION) + f"). It was run once on seed 1 ({dd(REPORT, 'lbv/raw')}) and on "
                 f"the 1 mm head ({dd((HEAD_1MM,), 'lbv/raw')}). On LBV of the true total field, the inversion's own "
                 f"reference, it gives {dd(SELECTION, 'lbv/true')}: the gain smooths the front end's error rather "
                 "than inverting better, the front end is being fixed in `core/field/*`, and no slab reaches 40 % with "
