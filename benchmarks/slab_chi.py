@@ -518,7 +518,9 @@ def report(work: Path, a) -> str:
            "WORK keeps one JSON per χ; the numbers below used a copy of session 10's `/tmp/slabwt/final`, the runs behind "
            "`field.md`). Demeaned NRMSE % over the generator's brain; brain voxels outside the field's "
            "mask count as error (χ = 0), as in `field.md`. MEDI runs with 1 thread; CPU seconds and their ratio to "
-           "one FFT pair of the padded grid measured in the same process. Definitions of the columns: the script's "
+           "one FFT pair of the padded grid measured in the same process (load average over the runs "
+           + (f"{min(r['load'][0] for r in rows.values()):.1f}–{max(r['load'][0] for r in rows.values()):.1f}"
+              if rows else "n/a") + ": CPU seconds are upper bounds). Definitions of the columns: the script's "
            "docstring.", ""] + findings(rows, work, a) + ["", "## Diagnosis", "",
            "| head | source → MEDI | NRMSE | mask floor | dropped pts | inside pts | edge 0–3 mm % | ends % | "
            "shading % | low-pass % | strong χ % | slope | coverage |",
