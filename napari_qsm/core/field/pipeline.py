@@ -3,7 +3,9 @@
 ``Echoes`` → fit (total field, N_std, R2*, combined magnitude, misfit) → brain mask from the
 phase-quality map, edge voxels whose echo fit does not hold left out (a user mask always wins) →
 spatial unwrapping of the fitted field when the fit left it wrapped (``provenance["unwrap_check"]``
-counts the neighbour jumps above π left in the mask: 0 when exact) → background field removal → a :class:`~napari_qsm.core.scan.Scan` (local field in ppm, the eroded mask, magnitude,
+counts the neighbour jumps above π left in the mask: 0 when exact), then, for the linear fit with
+``refit="origin"`` (default), the unwrapped field refitted through the origin after offset removal
+(:mod:`.refit`: less biased by intra-voxel dephasing next to veins than the free slope) → background field removal → a :class:`~napari_qsm.core.scan.Scan` (local field in ppm, the eroded mask, magnitude,
 N_std, R2*, voxel size, B0 direction, B0 and TE) that every inversion, the adaptation included,
 accepts unchanged.
 
