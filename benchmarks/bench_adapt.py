@@ -64,7 +64,11 @@ TKD_THRESHOLDS = (0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3)
 CURVE_STEPS = (0, 25, 50, 100, 200, 400)
 MEDI_TV = "MEDI without magnitude edges (plain TV)"
 MEDI_AUTO = "MEDI (λ = auto)"
-MEDI_RUNS = {"MEDI": {}, MEDI_AUTO: {"lambda": "auto"}}   # label → MEDIParams overrides
+#: label → MEDIParams overrides. "MEDI" is MEDI without the residual background φ, explicitly: its default
+#: weak_harmonic=auto would be on for a freshly made pipeline case (its Scan carries the background step) and off
+#: for the same case read back from the case cache, so one label would mean two methods (peel_by_method.md
+#: measures the weak-harmonic variant on these heads). λ = auto (UPRE) resolves auto to off by itself.
+MEDI_RUNS = {"MEDI": {"weak_harmonic": "off"}, MEDI_AUTO: {"lambda": "auto"}}
 MEDI_EXTRA = {MEDI_TV: {"edge_mask": False}}               # --medi-tv: the former plain-TV row
 
 

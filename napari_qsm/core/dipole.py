@@ -132,13 +132,23 @@ def crop_volume(x: torch.Tensor, shape) -> torch.Tensor:
 
 
 def convolve_kernel(x: torch.Tensor, kernel: torch.Tensor, padded_shape) -> torch.Tensor:
-    """Real 3-D convolution by a real k-space kernel on the padded grid, cropped back (torch in/out)."""
-    shape = x.shape[-3:]
-    xp = pad_volume(x, padded_shape)
-    X = torch.fft.rfftn(xp, s=padded_shape, dim=(-3, -2, -1))
+    """Real 3-D convolution by a k-space kernel on the zero-padded grid, cropped back (torch in/out).
+
+    ``x`` is (..., n0, n1, n2), zero-padded at the end of each axis to ``padded_shape``; ``kernel`` is the
+    kernel's half spectrum on that grid (real or complex; a complex copy of a real kernel multiplies faster).
+    The inverse transform is pruned to the crop: ifft along the first axis and keep the crop's rows, ifft
+    along the second and keep its columns, then irfft along the last. The same numbers as
+    ``irfftn(rfftn(x) · kernel)[crop]`` up to float rounding, with the transforms along the later axes
+    skipping the rows the crop throws away (about 20 % of a CG iteration on the 1 mm head). Returns a view
+    of the cropped block (not contiguous).
+    """
+    n0, n1, n2 = x.shape[-3:]
+    X = torch.fft.rfftn(x, s=tuple(padded_shape), dim=(-3, -2, -1))
     X *= kernel
-    y = torch.fft.irfftn(X, s=padded_shape, dim=(-3, -2, -1))
-    return crop_volume(y, shape)
+    Y = torch.fft.ifft(X, dim=-3)[..., :n0, :, :]
+    del X
+    Y = torch.fft.ifft(Y, dim=-2)[..., :n1, :]
+    return torch.fft.irfft(Y, n=int(padded_shape[2]), dim=-1)[..., :n2]
 
 
 def forward_field(chi, voxel_size, b0_direction=(0.0, 0.0, 1.0), pad_factor: float = 2.0,

@@ -27,10 +27,15 @@ class ParamError(ValueError):
 
 def param(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
           choices: tuple | None = None, cli: str | None = None, allow: tuple = (),
-          widget: str | None = None, short: str | None = None):
-    """A dataclass field with the metadata the API, CLI and GUI share."""
+          widget: str | None = None, short: str | None = None, aliases: dict | None = None):
+    """A dataclass field with the metadata the API, CLI and GUI share.
+
+    ``aliases`` maps other spellings (strings, compared case-insensitively, or ``True``/``False``) to a value of
+    ``choices``: e.g. a former bool parameter that became a tri-state choice keeps accepting true/false.
+    """
     meta = {"doc": doc, "min": min, "max": max, "choices": choices, "cli": cli,
-            "allow": tuple(allow), "widget": widget, "short": short}
+            "allow": tuple(allow), "widget": widget, "short": short,
+            "aliases": tuple((aliases or {}).items())}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -51,6 +56,7 @@ class ParamSpec:
     allow: tuple
     widget: str | None
     short: str | None = None   # symbol in result names ("δ", "λ"); None: the public name
+    aliases: tuple = ()        # ((other spelling, value), ...): see :func:`param`
 
 
 def _base_type(tp: Any) -> Any:
@@ -74,21 +80,22 @@ def specs(cls) -> list[ParamSpec]:
         out.append(ParamSpec(attr=f.name, name=m.get("cli") or f.name, type=_base_type(hints[f.name]),
                              default=default, doc=m.get("doc", ""), min=m.get("min"), max=m.get("max"),
                              choices=m.get("choices"), allow=tuple(m.get("allow", ())),
-                             widget=m.get("widget"), short=m.get("short")))
+                             widget=m.get("widget"), short=m.get("short"), aliases=tuple(m.get("aliases", ()))))
     return out
 
 
-#: true/false spellings a tri-state ("on"/"off"/...) choice accepts for "on"/"off" (a former bool parameter)
+#: the spellings a bool parameter accepts
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+#: aliases of a tri-state "auto"/"on"/"off" choice that was a bool parameter: true/false spellings mean on/off
+ON_OFF_ALIASES = {**{k: "on" for k in _TRUE}, **{k: "off" for k in _FALSE}, True: "on", False: "off"}
 
 
 def _convert(spec: ParamSpec, value: Any) -> Any:
-    if spec.type is str and spec.choices and "on" in spec.choices and "off" in spec.choices:
-        v = value.strip().lower() if isinstance(value, str) else value
-        if v is True or v in _TRUE:
-            return "on"
-        if v is False or v in _FALSE:
-            return "off"
+    if spec.aliases:
+        key = value.strip().lower() if isinstance(value, str) else value
+        for alias, target in spec.aliases:
+            if type(alias) is type(key) and alias == key:
+                return target
     if isinstance(value, str):
         v = value.strip()
         if v.lower() in [a.lower() for a in spec.allow]:

@@ -76,3 +76,27 @@ def test_result_name_and_full_record(rng):
     res = reconstruct(scan, "tkd", {"threshold": 0.3}, device="cpu")
     assert res.name == "TKD δ=0.3"
     assert res.provenance()["parameters"] == {"threshold": 0.3, "correction": False, "pad_factor": 2.0, "reference": "mean"}
+
+
+@dataclass
+class _TriState:
+    mode: str = param("auto", "a tri-state choice", choices=("auto", "on", "off"))
+    legacy: str = param("auto", "a former bool parameter", choices=("auto", "on", "off"),
+                        aliases={"true": "on", "false": "off", True: "on", False: "off"})
+
+
+def test_aliases_belong_to_the_one_parameter_that_declares_them():
+    p = make_params(_TriState, {"legacy": "TRUE"})
+    assert p.legacy == "on"
+    assert make_params(_TriState, {"legacy": False}).legacy == "off"
+    assert make_params(_TriState, {"mode": "on"}).mode == "on"
+    with pytest.raises(ParamError, match="mode"):       # no alias declared: true is not a choice
+        make_params(_TriState, {"mode": "true"})
+
+
+def test_medi_weak_harmonic_keeps_accepting_true_false_and_hdqsm_refuses_beta_zero():
+    medi = get_method("medi")
+    assert make_params(medi.params_cls, {"weak_harmonic": "yes"}).weak_harmonic == "on"
+    assert make_params(medi.params_cls, {"weak_harmonic": True}).weak_harmonic == "on"
+    with pytest.raises(ParamError, match="beta"):
+        make_params(get_method("hdqsm").params_cls, {"beta": 0})

@@ -46,9 +46,10 @@ class HDQSMParams:
     pad_factor: float = param(1.0, "FFT grid = fast size ≥ pad_factor × the box", min=1.0, max=3.0, widget="advanced")
     weak_harmonic: bool = param(False, "WH-QSM: also fit a residual background field φ with ‖M∇²φ‖² small "
                                 "(Milovic 2019), for local fields with background-removal remnants")
-    beta: float = param(150.0, "WH-QSM: β weighting ‖M∇²φ‖² (FANSI default 150)", min=0.0, max=1e6, short="β")
-    mu_h: float = param(3.0, "WH-QSM: ADMM penalty μh of the Laplacian split (β/50)", min=1e-6, max=1e6,
-                        widget="advanced")
+    beta: float = param(150.0, "WH-QSM: β weighting ‖M∇²φ‖² (FANSI default 150; 0 would leave φ free)",
+                        min=1e-3, max=1e6, short="β")
+    mu_h: float = param(3.0, "WH-QSM: ADMM penalty μh of the Laplacian split (FANSI default 3, i.e. β/50 at the "
+                        "default β; set it with β)", min=1e-6, max=1e6, widget="advanced")
 
 
 class _Harmonic:

@@ -89,7 +89,7 @@ from .admm import check_inputs
 from ..constants import GAMMA_BAR_MHZ_PER_T
 from ..dipole import check_voxel_size, unit_vector
 from ..method import Method
-from ..params import param
+from ..params import ON_OFF_ALIASES, param
 from ..progress import check_cancel
 from .medi_lambda import discrepancy_lambda, noise_sigma_rad, upre_lambda
 from .admm import bbox
@@ -136,7 +136,8 @@ class MEDIParams:
                                "background field φ with ‖M∇²φ‖² small. auto: on for a local field made by this "
                                "package's background removal (its boundary loses part of the local field, φ gives "
                                "it back), off for any other field and with lambda=auto by UPRE; on/off (or "
-                               "true/false) force it", choices=("auto", "on", "off"))
+                               "true/false) force it", choices=("auto", "on", "off"),
+                               aliases=ON_OFF_ALIASES)
     beta: float = param(150.0, "weak_harmonic: β, the weight of λ‖M∇²φ‖² relative to the data term (WH-QSM's 150)",
                         min=1e-6, max=1e8, short="β")
 
