@@ -70,8 +70,8 @@ def smooth_phase(phase, weight, sigma_mm: float, voxel_size, device="auto") -> n
     c = G∗(w·x)/G∗w − x is the offset (mm) of the weighted window's centroid from the voxel: zero deep inside the
     weights, up to about σ where the window is cut (the mask's edge, the FOV border). Returned: the smoothed
     phase minus ∇φ·c, ∇ from the data's neighbour differences smoothed alike (:func:`_smooth_gradient`); exact for
-    a linear phase. Where the
-    weights vanish (G∗w below 1e-6 of its maximum) the result is the uncorrected smoothed phase.
+    a linear phase. Where the weights vanish (G∗w below 1e-6 of its maximum) the result is the uncorrected smoothed
+    phase.
 
     Parameters
     ----------
