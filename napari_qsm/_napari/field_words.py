@@ -30,6 +30,7 @@ _LABELS = {
     "radius_min": "Smallest radius (mm)", "radius_step": "Radius step (mm)", "threshold": "Truncation",
     "radius": "Radius (mm)", "lambda": "Regularisation λ", "use_noise": "Weight by N_std",
     "coarse_levels": "Coarse grids", "peel": "Boundary layers peeled",
+    "refit": "Refit after unwrapping", "refit_sigma_mm": "Refit offset smoothing σ (mm)",
 }
 
 
@@ -54,6 +55,7 @@ def nice_label(spec) -> str:
 CHOICE_WORDS = {
     ("offsets", "mcpc3ds"): "Estimate (MCPC-3D-S)", ("offsets", "none"): "None (assume zero)",
     ("intercept", "fit"): "Fitted", ("intercept", "zero"): "Zero (line through the origin)",
+    ("refit", "origin"): "Through the origin (offset removed)", ("refit", "none"): "None (keep the fitted slope)",
     ("stop", "global"): "When the whole volume converges", ("stop", "voxel"): "Each voxel on its own",
     ("echo_mode", "template"): "One echo, then the others from it", ("echo_mode", "individual"): "Each echo",
     ("form", "differences"): "Phase differences", ("form", "sincos"): "Sine and cosine",

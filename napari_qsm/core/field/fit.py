@@ -45,6 +45,14 @@ Field estimators:
   in ppm. The fitted field is WRAPPED per voxel to ω·ΔTE ∈ (−π, π] (``wrapped`` = True): it needs
   spatial unwrapping.
 
+In the chain (:func:`napari_qsm.core.field.pipeline.local_field`) the linear fit's spatially unwrapped field is
+refitted through the origin (``refit="origin"``, default; :mod:`napari_qsm.core.field.refit`): the offset from
+all echoes' residual phase against the unwrapped field, smoothed by ``refit_sigma_mm`` with the cut window's bias
+removed, then φ_n = ω·TE_n with each echo's 2π ambiguity from the unwrapped field. Next to veins and other strong
+sources the voxel's compartments dephase and the free slope over late echoes follows the long-lived one; the phase
+anchored at TE 0 is nearer the voxel-mean field (issue 24, shapes slab: brain field error 0.0068 → 0.0040 ppm;
+``benchmarks/field_raw_error.py``).
+
 Both: the misfit (reduced χ² of the phase fit, Σ|M_n|²·r_n²/(σ²·dof), about 1 where the phase is
 linear in TE; ``TotalField.misfit``) marks voxels whose phase cannot be trusted — intra-voxel
 dephasing at the brain's edge next to air and bone, signal voids — and lets the mask leave them
@@ -99,6 +107,13 @@ class LinearFitParams:
     misfit_noise: float = param(3.0, "where the fit's misfit (reduced χ²) exceeds this, N_std × √misfit: the slope's "
                                 "standard error from the voxel's own residual scatter (partial volume, intra-voxel "
                                 "dephasing); 0 = N_std from σ alone", min=0.0, max=1e6)
+    refit: str = param("origin", "after spatial unwrapping (the chain): origin = refit the field through the origin, "
+                       "φ = ω·TE after MCPC-3D-S offset removal, each echo's 2π ambiguity from the unwrapped field "
+                       "(the phase anchored at TE 0 is less biased by intra-voxel dephasing next to veins than the "
+                       "slope over late echoes; refit.py); none = keep the free-intercept slope",
+                       choices=("origin", "none"))
+    refit_sigma_mm: float = param(2.5, "refit: Gaussian σ (mm) smoothing the MCPC-3D-S phase offset (a smooth receive "
+                                  "phase bends within a larger σ)", min=0.5, max=50.0)
 
 
 @dataclass

@@ -3,7 +3,9 @@
 ``Echoes`` → fit (total field, N_std, R2*, combined magnitude, misfit) → brain mask from the
 phase-quality map, edge voxels whose echo fit does not hold left out (a user mask always wins) →
 spatial unwrapping of the fitted field when the fit left it wrapped (``provenance["unwrap_check"]``
-counts the neighbour jumps above π left in the mask: 0 when exact) → background field removal → a :class:`~napari_qsm.core.scan.Scan` (local field in ppm, the eroded mask, magnitude,
+counts the neighbour jumps above π left in the mask: 0 when exact), then, for the linear fit with
+``refit="origin"`` (default), the unwrapped field refitted through the origin after offset removal
+(:mod:`.refit`: less biased by intra-voxel dephasing next to veins than the free slope) → background field removal → a :class:`~napari_qsm.core.scan.Scan` (local field in ppm, the eroded mask, magnitude,
 N_std, R2*, voxel size, B0 direction, B0 and TE) that every inversion, the adaptation included,
 accepts unchanged.
 
@@ -36,6 +38,7 @@ from ..scan import Scan, ScanError
 from . import background as _background
 from . import fit as _fit
 from . import mask as _mask
+from . import refit as _refit
 from . import unwrap as _unwrap
 from .records import Echoes, TotalField
 from .steps import FAMILIES, Step
@@ -208,6 +211,10 @@ def local_field(echoes: Echoes, recipe: Optional[FieldRecipe] = None, *, mask=No
         # neighbours inside the mask whose unwrapped phases still differ by more than π: each is a 2π error
         # (or a true step no spatial unwrapper can resolve); 0 after exact unwrapping
         unwrap_check = {"residual_jumps": _unwrap.residual_jumps(total.field * np.float32(total.rad_per_ppm), brain)}
+        fit_p = records["fit"]
+        if getattr(fit_p, "refit", "none") == "origin":   # the through-origin refit needs the unwrapped field
+            total = _refit.through_origin(echoes, total, brain, sigma_mm=fit_p.refit_sigma_mm,
+                                          misfit_noise=fit_p.misfit_noise, device=device)
     else:
         total = total.replace(field=np.where(brain, total.field, 0).astype(np.float32), mask=brain)
     local, eroded = timed("background", lambda s, p: s.run(
