@@ -536,7 +536,10 @@ def report(work: Path, a) -> str:
     out = ["# MEDI on the 3 mm slab: where χ's error sits (issue 24)", "",
            f"Regenerate: `{cmd}` (the cache is a `bench_field.py` cache with the four slab heads and the 1 mm head; "
            "WORK keeps one JSON per χ; the numbers below used a copy of session 10's `/tmp/slabwt/final`, the runs behind "
-           "`field.md`). Demeaned NRMSE % over the generator's brain; brain voxels outside the field's "
+           "`field.md` before session 11's through-origin refit: *LBV of the chain's total* rows are the pre-refit "
+           "chain (field.md now has MEDI-WH 49.3 / 32.2 / 40.5 / 33.5 on these slabs after the refit); the rows from "
+           "the true fields weigh the data with the pre-refit noise map, which moved them by at most 0.6 points there; "
+           "the masks and floors do not depend on the fit). Demeaned NRMSE % over the generator's brain; brain voxels outside the field's "
            "mask count as error (χ = 0), as in `field.md`. MEDI runs with 1 thread; CPU seconds and their ratio to "
            "one FFT pair of the padded grid measured in the same process (load average over the runs "
            + (f"{min(r['load'][0] for r in rows.values()):.1f}–{max(r['load'][0] for r in rows.values()):.1f}"
