@@ -213,6 +213,7 @@ def local_field(echoes: Echoes, recipe: Optional[FieldRecipe] = None, *, mask=No
         unwrap_check = {"residual_jumps": _unwrap.residual_jumps(total.field * np.float32(total.rad_per_ppm), brain)}
         fit_p = records["fit"]
         if getattr(fit_p, "refit", "none") == "origin":   # the through-origin refit needs the unwrapped field
+            check_cancel(cancel)
             total = _refit.through_origin(echoes, total, brain, sigma_mm=fit_p.refit_sigma_mm,
                                           misfit_noise=fit_p.misfit_noise, device=device)
     else:
