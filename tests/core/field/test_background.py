@@ -192,7 +192,7 @@ def test_smv_ball_is_the_voxel_centre_ball():
     (The earlier kernel weighted each voxel by the fraction of its volume inside the sphere.)"""
     vs, r = (0.75, 0.75, 3.0), 3.0
     S = bgm.smv_kernel((16, 16, 8), vs, r, "cpu")
-    k = np.fft.irfftn(S.numpy().astype(np.complex128), s=(16, 16, 8))
+    k = np.fft.irfftn(S.numpy().astype(np.complex128), s=(16, 16, 8), axes=(0, 1, 2))
     k = np.roll(k, (8, 8, 4), axis=(0, 1, 2))
     g = np.meshgrid(*[(np.arange(n) - c) * d for n, c, d in zip((16, 16, 8), (8, 8, 4), vs)], indexing="ij")
     inside = sum(x * x for x in g) <= r * r + 1e-9
