@@ -88,10 +88,7 @@ class WeakHarmonic:
         res = Dx + self.phi - prob.f
         r = prob.m2 * (res if prob.linear else torch.sin(res))
         del res
-        bx = prob.reg_op(x, W)
-        bx += prob.Dconv(r).mul_(2.0 * lam)
-        if use_csf:
-            bx += prob.csf_op(x).mul_(lambda_csf)
+        bx = prob.chi_terms(x, W, r, 2.0 * lam, lambda_csf, use_csf)
         c = 2.0 * lam * self.beta
         bp = (r.mul_(2.0 * lam) + self.harm_op(self.phi).mul_(c)) * self.S
         b = torch.stack([bx, bp]).neg_()
@@ -100,10 +97,7 @@ class WeakHarmonic:
 
         def A(p):
             u = m2s * (prob.Dconv(p[0]) + p[1])
-            ox = prob.reg_op(p[0], W)
-            ox += prob.Dconv(u)
-            if use_csf:
-                ox += prob.csf_op(p[0]).mul_(lambda_csf)
+            ox = prob.chi_terms(p[0], W, u, 1.0, lambda_csf, use_csf)
             op = (u + self.harm_op(p[1]).mul_(c)) * self.S
             return torch.stack([ox, op])
 
