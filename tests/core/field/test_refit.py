@@ -53,6 +53,9 @@ def test_chain_field_of_two_compartment_voxels_is_near_their_mean():
     assert abs(float(e[pv].mean())) < 0.045
     assert float(np.sqrt(np.mean(e[~pv] ** 2))) < 0.003        # elsewhere: noise and a smooth offset's remnant
     assert "refit" in run.total.provenance
+    fit = run.provenance["steps"][0]                                  # the refit's time counts in the fit's step
+    assert fit["family"] == "fit" and fit["refit_seconds"] == run.total.provenance["refit"]["seconds"]
+    assert fit["seconds"] >= fit["refit_seconds"]
 
 
 def test_refit_none_keeps_the_free_slope_and_origin_halves_its_bias():
