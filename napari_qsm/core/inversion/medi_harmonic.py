@@ -94,15 +94,20 @@ class WeakHarmonic:
         b = torch.stack([bx, bp]).neg_()
         del bx, bp, r
         m2s = prob.m2 * (2.0 * lam)
+        # CG consumes A's and the preconditioner's result before it calls them again: each writes into its own
+        # buffer (torch.stack allocated and copied two volumes per call, 14 ms against 35 ms for one FFT pair at 1 mm)
+        q_buf, z_buf = torch.empty_like(b), torch.empty_like(b)
 
         def A(p):
             u = m2s * (prob.Dconv(p[0]) + p[1])
-            ox = prob.chi_terms(p[0], W, u, 1.0, lambda_csf, use_csf)
-            op = (u + self.harm_op(p[1]).mul_(c)) * self.S
-            return torch.stack([ox, op])
+            prob.chi_terms(p[0], W, u, 1.0, lambda_csf, use_csf, out=q_buf[0])
+            torch.mul(u.add_(self.harm_op(p[1]).mul_(c)), self.S, out=q_buf[1])
+            return q_buf
 
         def precond(r):
-            return torch.stack([r[0], prob._conv(r[1] * self.S, self.K) * self.S])
+            z_buf[0].copy_(r[0])
+            torch.mul(prob._conv(r[1] * self.S, self.K), self.S, out=z_buf[1])
+            return z_buf
 
         d, it, rel = prob.cg(A, b, cg_tol, cg_max_iter, precond=precond)
         return d[0], d[1], it, rel

@@ -218,13 +218,13 @@ class Problem:
                 W[a] /= self.vs[a] ** 2
         return W
 
-    def reg_op(self, x, W):
+    def reg_op(self, x, W, out=None):
         """∇ᵀ(W' ∘ ∇x) = −div(W' ∘ ∇x) with W' = w_G·V·w_G; ``W`` from :meth:`lagged_weights` (÷h²).
 
         Unit forward differences d_a (only the n−1 interior ones; the Neumann last one is 0) times
         W_a, then ∇ᵀ: out[i] += u[i−1], out[i] −= u[i]. Equal to ``-divergence(W'·gradient(x))``.
         """
-        out = torch.zeros_like(x)
+        out = torch.zeros_like(x) if out is None else out.zero_()
         for a in range(3):
             n = x.shape[a]
             if n < 2:
@@ -235,12 +235,11 @@ class Problem:
             out.narrow(a, 0, n - 1).sub_(d)
         return out
 
-
-    def chi_terms(self, v, W, u, scale, lambda_csf, use_csf):
+    def chi_terms(self, v, W, u, scale, lambda_csf, use_csf, out=None):
         """reg_op(v, W) + scale·(D ∗ u) (+ λ_CSF·csf_op(v)): the χ block of MEDI's Gauss-Newton system, its
         right-hand side (v = χ, u = m²·residual, scale = 2λ) and its operator (v = p, u = 2λ·m²·(D ∗ p), scale 1);
-        the weak-harmonic step builds its χ block from the same terms."""
-        out = self.reg_op(v, W)
+        the weak-harmonic step builds its χ block from the same terms. ``out``: a tensor to write into (no new one)."""
+        out = self.reg_op(v, W, out=out)
         out += self.Dconv(u).mul_(scale)
         if use_csf:
             out += self.csf_op(v).mul_(lambda_csf)
