@@ -108,11 +108,12 @@ class LinearFitParams:
                                 "standard error from the voxel's own residual scatter (partial volume, intra-voxel "
                                 "dephasing); 0 = N_std from σ alone", min=0.0, max=1e6)
     refit: str = param("origin", "after spatial unwrapping (the chain): origin = refit the field through the origin, "
-                       "φ = ω·TE after MCPC-3D-S offset removal, each echo's 2π ambiguity from the unwrapped field "
+                       "φ = ω·TE after removing the receive-phase offset (from all echoes' residual phase against the unwrapped "
+                       "field, smoothed), each echo's 2π ambiguity from the unwrapped field "
                        "(the phase anchored at TE 0 is less biased by intra-voxel dephasing next to veins than the "
                        "slope over late echoes; refit.py); none = keep the free-intercept slope",
                        choices=("origin", "none"))
-    refit_sigma_mm: float = param(2.5, "refit: Gaussian σ (mm) smoothing the MCPC-3D-S phase offset (a smooth receive "
+    refit_sigma_mm: float = param(2.5, "refit: Gaussian σ (mm) smoothing the refit's receive-phase offset (a smooth receive "
                                   "phase bends within a larger σ)", min=0.5, max=50.0)
 
 
