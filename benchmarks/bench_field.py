@@ -68,6 +68,7 @@ CASES = {
 }
 #: (key, step, parameters, label)
 BACKGROUND = [("lbv", "lbv", {}, "LBV (7-point, peel 0)"),
+              ("lbvgrid", "lbv", {"refine": "off"}, "LBV on the scan's grid (7-point, peel 0; before session 12)"),
               ("lbv2", "lbv", {"peel": 2}, "LBV (7-point, peel 2)"),
               ("lbv19", "lbv", {"stencil": 19}, "LBV (19-point, peel 0)"),
               ("vsharp", "vsharp", {}, "V-SHARP (12→1 mm)"),

@@ -31,6 +31,7 @@ _LABELS = {
     "radius": "Radius (mm)", "lambda": "Regularisation λ", "use_noise": "Weight by N_std",
     "coarse_levels": "Coarse grids", "peel": "Boundary layers peeled",
     "refit": "Refit after unwrapping", "refit_sigma_mm": "Refit offset smoothing σ (mm)",
+    "refine": "Thick voxels", "stencil": "Laplacian stencil (points)", "residual": "Residual background fit",
 }
 
 
@@ -59,6 +60,8 @@ CHOICE_WORDS = {
     ("stop", "global"): "When the whole volume converges", ("stop", "voxel"): "Each voxel on its own",
     ("echo_mode", "template"): "One echo, then the others from it", ("echo_mode", "individual"): "Each echo",
     ("form", "differences"): "Phase differences", ("form", "sincos"): "Sine and cosine",
+    ("refine", "auto"): "Cut into thin slices (when ≥ 1.5× the finest side)",
+    ("refine", "off"): "Keep the scan's grid",
     ("source", "auto"): "Automatic", ("source", "magnitude"): "Magnitude", ("source", "quality"): "Phase quality",
 }
 

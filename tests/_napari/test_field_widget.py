@@ -245,7 +245,7 @@ def test_field_forms_speak_words(make_napari_viewer, qtbot, raw_head):
                 c = form.widget_for(name)
                 if isinstance(c, QComboBox) and not c.isEditable():
                     texts = [c.itemText(i) for i in range(c.count())]
-                    assert not any(t in ("mcpc3ds", "template", "sincos", "voxel", "global", "origin") for t in texts), texts
+                    assert not any(t in ("mcpc3ds", "template", "sincos", "voxel", "global", "origin", "auto") for t in texts), texts
             doc = w.step_docs[fam].text()
             assert w.step_docs[fam].toolTip() == s.doc
             short = short_doc(s.doc)
