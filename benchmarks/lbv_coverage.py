@@ -40,6 +40,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--lbv-refine", default="off", choices=("off", "auto"),
+                    help="LBV's refine: off (the scan's grid, as the committed tables were made, before session 12) "
+                    "or auto (thin nodes, the default since; lbv_refine.md has those numbers)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from scipy import ndimage
@@ -53,7 +56,8 @@ def main(argv=None) -> int:
         return reconstruct(scan, "medi", {"weak_harmonic": "on"}, device="cpu").chi * scan.mask
 
     print("# Brain coverage on the tilted heads: mask step against LBV's boundary layer\n")
-    print(f"Made by `nice -n 10 python benchmarks/lbv_coverage.py --cases {' '.join(map(str, args.cases))}` "
+    print(f"Made by `nice -n 10 python benchmarks/lbv_coverage.py --cases {' '.join(map(str, args.cases))} "
+          f"--lbv-refine {args.lbv_refine}` "
           "(its docstring says what each column is). MEDI with φ (`weak_harmonic=on`), demeaned NRMSE % over the "
           "phantom's brain.\n")
     print("| case | brain in the chain's brain mask | brain in LBV's returned mask | MEDI-WH default | covered only "
@@ -63,7 +67,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         echoes, ph, chi = case_echoes(i)
         brain = ph.mask.astype(bool)
-        run = local_field(echoes, FieldRecipe(background="lbv"), device="cpu")
+        recipe = FieldRecipe(background="lbv", params={"background": {"refine": args.lbv_refine}})
+        run = local_field(echoes, recipe, device="cpu")
         m = run.scan.mask.astype(bool)
         x = medi_wh(run.scan)
         offset = x[m & brain].mean() - chi[m & brain].mean()
@@ -73,7 +78,7 @@ def main(argv=None) -> int:
         s0.mask = run.brain_mask.astype(bool)
         s0.noise_std = np.where(layer, np.inf, run.scan.noise_std).astype(np.float32)
         x0 = medi_wh(s0)
-        dil = local_field(echoes, FieldRecipe(background="lbv"), mask=ndimage.binary_dilation(run.brain_mask),
+        dil = local_field(echoes, recipe, mask=ndimage.binary_dilation(run.brain_mask),
                           device="cpu")
         md = dil.scan.mask.astype(bool)
         xd = medi_wh(dil.scan)
