@@ -95,24 +95,32 @@ class LBVParams:
 
 
 def _system(f, inner, st):
-    """Sparse −L on the interior voxels and the right-hand side −(L f) there (f known on the boundary)."""
-    idx = np.full(f.shape, -1, np.int64)
+    """Sparse −L on the interior voxels and the right-hand side −(L f) there (f known on the boundary).
+
+    Built straight into CSR with one slot per stencil point and row (a neighbour on the boundary keeps its slot with
+    the value 0 on the diagonal's column): int32 indices, no COO copy, about 100 bytes per interior voxel."""
     nin = int(inner.sum())
-    idx[inner] = np.arange(nin)
+    itype = np.int32 if nin < 2 ** 31 - 1 else np.int64
+    idx = np.full(f.shape, -1, itype)
+    idx[inner] = np.arange(nin, dtype=itype)
     fd = f.astype(np.float64)
+    offs = [o for o in st if o != (0, 0, 0)]
+    cols = np.empty((nin, len(offs) + 1), itype)
+    vals = np.empty((nin, len(offs) + 1), np.float64)
+    rows = np.arange(nin, dtype=itype)
+    cols[:, 0], vals[:, 0] = rows, -st[(0, 0, 0)]
     rhs = -st[(0, 0, 0)] * fd[inner]
-    rows, cols, vals = [np.arange(nin)], [np.arange(nin)], [np.full(nin, -st[(0, 0, 0)])]
-    for o, w in st.items():
-        if o == (0, 0, 0):
-            continue
+    for c, o in enumerate(offs, 1):
         sh = tuple(-x for x in o)
+        w = st[o]
         rhs -= w * np.roll(fd, sh, axis=(0, 1, 2))[inner]
         j = np.roll(idx, sh, axis=(0, 1, 2))[inner]
         ok = j >= 0
-        rows.append(np.nonzero(ok)[0])
-        cols.append(j[ok])
-        vals.append(np.full(int(ok.sum()), -w))
-    A = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(nin, nin))
+        cols[:, c] = np.where(ok, j, rows)
+        vals[:, c] = np.where(ok, -w, 0.0)
+    k = len(offs) + 1
+    indptr = np.arange(0, nin * k + 1, k, dtype=itype)
+    A = sp.csr_matrix((vals.ravel(), cols.ravel(), indptr), shape=(nin, nin))
     return A, rhs
 
 
@@ -251,8 +259,12 @@ def lbv(total_field, mask, params: LBVParams | None = None, *, voxel_size=(1.0, 
     fourth-order compact (Mehrstellen) Laplacian.
     """
     p = params or LBVParams()
-    f, m, _ = check_field_inputs(total_field, mask)
+    f_full, m_full, _ = check_field_inputs(total_field, mask)
     vs = check_voxel_size(voxel_size)
+    if not m_full.any():
+        raise ScanError("mask: empty; LBV needs a solid mask")
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(m_full))  # the work stays in the mask's box
+    f, m = f_full[box], m_full[box]
     fac = refine_factors(vs) if p.refine == "auto" else (1, 1, 1)
     if fac != (1, 1, 1):
         f, m = subdivide(f, m, fac)
@@ -276,4 +288,7 @@ def lbv(total_field, mask, params: LBVParams | None = None, *, voxel_size=(1.0, 
                                           border_value=0)
         if not out_mask.any():
             out_mask = inner
-    return remove_residual(local, out_mask, vs, p.residual), out_mask
+    local_full = np.zeros(m_full.shape, np.float32)
+    mask_full = np.zeros(m_full.shape, bool)
+    local_full[box], mask_full[box] = local, out_mask
+    return remove_residual(local_full, mask_full, vs, p.residual), mask_full

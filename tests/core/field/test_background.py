@@ -309,3 +309,17 @@ def test_residual_removal_bases():
     assert _rel(remove_residual(r2 * mask, mask, VS, "harmonic2"), r2, mask) > 0.5   # a local field's r² stays
     local, m = bgm.vsharp((h + 0.0) * mask, mask, bgm.VSharpParams(residual="harmonic2"), voxel_size=VS, device="cpu")
     assert np.abs(local[m]).max() < 1e-4 * np.abs(h[m]).max() + 1e-6
+
+
+def test_lbv_result_does_not_depend_on_the_grid_around_the_mask(one_torch_thread):
+    """LBV works in the mask's bounding box: the same head padded by empty space anywhere gives the same local field
+    (on the scan's grid and on thin nodes)."""
+    shape, vs = (26, 30, 12), (2.0, 2.0, 5.0)
+    mask = _mask(shape, vs)
+    f = (_spheres(BACKGROUND, shape, vs) + _spheres(LOCAL, shape, vs)) * mask
+    pad = ((7, 3), (0, 11), (4, 2))
+    for refine in ("off", "auto"):
+        l0, m0 = bgm.lbv(f, mask, bgm.LBVParams(refine=refine), voxel_size=vs)
+        l1, m1 = bgm.lbv(np.pad(f, pad), np.pad(mask, pad), bgm.LBVParams(refine=refine), voxel_size=vs)
+        assert np.array_equal(np.pad(m0, pad), m1) and m0.sum() > 0.5 * mask.sum()
+        assert np.allclose(np.pad(l0, pad), l1, atol=1e-6)
