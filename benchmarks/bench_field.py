@@ -113,7 +113,7 @@ NOTES = [
     "0.949–0.965. Cost: LBV's CG takes about as many iterations (280 against 240 on the phantom slab) on 5× the "
     'unknowns: 1.0 → 8.7 s and 86 → 422 MB above its inputs, idle, one thread (`python benchmarks/lbv_cost.py '
     '--cache DIR`, lbv_cost.md; the Laplacian is now built straight into CSR with int32 indices and LBV works in the '
-    "mask's bounding box: 1.3 GB before on nodes). Tests: `tests/core/field/test_lbv_refine.py` (analytic 1×1×3 mm'
+    "mask's bounding box: 1.3 GB before on nodes). Tests: `tests/core/field/test_lbv_refine.py` (analytic 1×1×3 mm"
     ' slabs with spheres under the brain\'s top and bottom: MEDI-WH χ 48.9 → 42.0 / 42.1 % with far / near −9 ppm '
     'air spheres; on the 2×2×5 mm scene with air spheres touching the brain the local field on the voxels the scan '
     "grid keeps costs 23.5 → 29.8 %: an under-resolved background interpolated between centres leaks).",
