@@ -60,8 +60,11 @@ CHOICE_WORDS = {
     ("stop", "global"): "When the whole volume converges", ("stop", "voxel"): "Each voxel on its own",
     ("echo_mode", "template"): "One echo, then the others from it", ("echo_mode", "individual"): "Each echo",
     ("form", "differences"): "Phase differences", ("form", "sincos"): "Sine and cosine",
-    ("refine", "auto"): "Cut into thin slices (when ≥ 1.5× the finest side)",
+    ("refine", "auto"): "Solve on a finer grid along thick sides",
     ("refine", "off"): "Keep the scan's grid",
+    ("residual", "none"): "None",
+    **{("residual", f"harmonic{n}"): f"Solid harmonics to degree {n}" for n in (1, 2, 3)},
+    **{("residual", f"poly{n}"): f"Polynomials to degree {n}" for n in (1, 2, 3)},
     ("source", "auto"): "Automatic", ("source", "magnitude"): "Magnitude", ("source", "quality"): "Phase quality",
 }
 
