@@ -426,6 +426,13 @@ class Cache:
         return t
 
 
+def open_cache(folder) -> "Cache":
+    """This script's cache opened from another script: its pickles name the Truth class as ``__main__.Truth`` (this
+    script run as a program), so that name is pointed here first."""
+    sys.modules["__main__"].Truth = Truth
+    return Cache(Path(folder))
+
+
 def _nrmse(x, ref, m):
     from napari_qsm.core import metrics as M
     return float(M.nrmse_demeaned(x, ref, m))

@@ -32,8 +32,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import bench_field as B
 
-    sys.modules["__main__"].Truth = B.Truth          # the cache's pickles name bench_field's Truth
-    cache = B.Cache(Path(args.cache))
+    cache = B.open_cache(args.cache)
     print("# The raw total field at the brain mask's edge voxels (0.75×0.75×3 mm slabs)\n")
     print(f"Made by `python benchmarks/edge_field_error.py --cache DIR --heads {' '.join(args.heads)}` (its docstring "
           "says what each column is).\n")

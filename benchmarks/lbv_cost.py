@@ -32,7 +32,7 @@ def worker(cache: str, head: str, refine: str) -> None:
 
     from napari_qsm.core.field.lbv import LBVParams, lbv, refine_factors
 
-    sys.modules["__main__"].Truth = B.Truth
+    B.open_cache(cache)
     gen, case = head.split(":")
     with open(Path(cache) / f"run_{gen}_{case}.pkl", "rb") as f:
         tot, brain, _ = pickle.load(f)

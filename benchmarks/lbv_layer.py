@@ -55,16 +55,13 @@ def main(argv=None) -> int:
                     "default, thin nodes since session 12) or lbvgrid (LBV on the scan's grid, as this table was run)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    import bench_field as B
-    from bench_field import Cache
-
-    sys.modules["__main__"].Truth = B.Truth          # the cache's pickles name bench_field's Truth
+    from bench_field import open_cache
 
     from napari_qsm.core import metrics as M
     from napari_qsm.core.scan import Scan
     from napari_qsm.methods import reconstruct
 
-    cache = Cache(Path(args.cache))
+    cache = open_cache(args.cache)
 
     def medi_wh(scan):
         t0 = time.perf_counter()

@@ -85,8 +85,7 @@ def main(argv=None) -> int:
     from napari_qsm.core.scan import Scan
     from napari_qsm.methods import reconstruct
 
-    sys.modules["__main__"].Truth = B.Truth          # the cache's pickles name bench_field's Truth
-    cache = B.Cache(Path(args.cache))
+    cache = B.open_cache(args.cache)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 

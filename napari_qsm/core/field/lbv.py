@@ -87,7 +87,7 @@ class LBVParams:
                                min=0, max=3)
     refine: str = param("auto", "solve on a grid with thick voxels cut into nodes about as far apart as the finest "
                         "voxel side (3 or 5 per voxel, the field between voxel centres interpolated by parabolas), so that the "
-                        "Dirichlet boundary stays at measured voxel centres but an edge voxel keeps its inner half; "
+                        "Dirichlet boundary stays at measured voxel centres and an edge voxel keeps its inner nodes; "
                         "auto = when a voxel side is ≥ 1.5x the finest; off = the scan's grid", choices=("auto", "off"))
     residual: str = param("none", "after removal, fit and subtract a smooth background inside the returned mask: "
                           "solid harmonics (harmonicN) or all polynomials (polyN) of degree ≤ N; none = off",
@@ -237,7 +237,8 @@ def lbv(total_field, mask, params: LBVParams | None = None, *, voxel_size=(1.0, 
 
     Solves −L f_L = −L f on the interior voxels (f_L = 0 on the boundary) by conjugate gradients to ``tol``
     (a :class:`~napari_qsm.core.field.bgtools.ConvergenceWarning` when ``max_iter`` comes first), then peels
-    ``peel`` layers off the interior (the values next to the boundary are the least reliable).
+    ``peel`` layers off the interior (the values next to the boundary are the least reliable). With ``refine="auto"``
+    it solves on thin nodes along thick voxel sides (the module's docstring says how).
 
     Parameters
     ----------
@@ -250,8 +251,8 @@ def lbv(total_field, mask, params: LBVParams | None = None, *, voxel_size=(1.0, 
     Returns
     -------
     local : ndarray (float32, ppm; 0 outside ``peeled``), peeled : ndarray of bool
-        On the scan's grid. With ``refine`` on, a voxel is returned when at least one of its thin slices is interior
-        (its value the mean over those), then ``peel`` layers are removed on the scan's grid.
+        On the scan's grid. With ``refine`` on, a voxel is returned when at least one of its nodes is interior (its
+        value the mean over those), then ``peel`` layers are removed on the scan's grid.
 
     References
     ----------
