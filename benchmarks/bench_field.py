@@ -84,7 +84,8 @@ CHI_ALIASES = {"whqsm": ("hdqsm", {"weak_harmonic": True}),
                "medi": ("medi", {"weak_harmonic": "off"}),
                "medi_wh": ("medi", {"weak_harmonic": "on"}),           # β 150 (the record's default)
                "medi_wh15": ("medi", {"weak_harmonic": "on", "beta": 15.0}),
-               "medi_wh1500": ("medi", {"weak_harmonic": "on", "beta": 1500.0})}
+               "medi_wh1500": ("medi", {"weak_harmonic": "on", "beta": 1500.0}),
+               "medi_wh_merit": ("medi", {"weak_harmonic": "on", "merit": True})}
 NOTES = [
     '**Session 12: LBV solves on thin nodes for thick slices** (`core/field/lbv.py`, `refine="auto"`, the default; '
     "`refine=off` is the row *LBV on the scan's grid*, the chain before). On 0.75×0.75×3 mm voxels LBV's Dirichlet "
