@@ -117,3 +117,19 @@ def test_thin_nodes_leave_a_harmonic_background_and_cost_little_inside(one_torch
     h = _harmonic(SHAPE_A, VS_A)
     lh, mh = lbv(h * mask, mask, voxel_size=VS_A)
     assert _rel(lh, h, mh) < 0.001                                     # quadratics are interpolated exactly
+
+
+def test_nodes_stay_within_a_memory_budget(monkeypatch):
+    """Two thick axes would multiply the nodes (0.5×2×2 mm: 5×5 per voxel); the largest count is lowered until the
+    mask's nodes fit the budget, and LBV says so."""
+    import napari_qsm.core.field.lbv as L
+
+    assert refine_factors((0.5, 2.0, 2.0)) == (1, 5, 5)
+    assert refine_factors((0.5, 2.0, 2.0), mask_voxels=1_000_000) == (1, 3, 5)       # 15 M nodes ≤ 20 M
+    assert refine_factors((0.5, 2.0, 2.0), mask_voxels=10_000_000) == (1, 1, 1)
+    monkeypatch.setattr(L, "MAX_NODES", 1000)
+    m = np.zeros((12, 12, 10), bool)
+    m[2:10, 2:10, 2:8] = True                                                  # 384 voxels: 1 node each fits
+    with pytest.warns(RuntimeWarning, match="refine=off"):
+        _, out = lbv(np.zeros(m.shape, np.float32), m, voxel_size=(1.0, 1.0, 3.0))
+    assert out.sum() == 6 * 6 * 4                                              # the scan grid's interior
