@@ -101,11 +101,11 @@ def _system(f, inner, st):
     Built straight into CSR with one slot per stencil point and row (a neighbour on the boundary keeps its slot with
     the value 0 on the diagonal's column): int32 indices, no COO copy, about 100 bytes per interior voxel."""
     nin = int(inner.sum())
-    itype = np.int32 if nin < 2 ** 31 - 1 else np.int64
+    offs = [o for o in st if o != (0, 0, 0)]
+    itype = np.int32 if nin * (len(offs) + 1) < 2 ** 31 - 1 else np.int64    # indptr's last entry is nin × slots
     idx = np.full(f.shape, -1, itype)
     idx[inner] = np.arange(nin, dtype=itype)
     fd = f.astype(np.float64)
-    offs = [o for o in st if o != (0, 0, 0)]
     cols = np.empty((nin, len(offs) + 1), itype)
     vals = np.empty((nin, len(offs) + 1), np.float64)
     rows = np.arange(nin, dtype=itype)
