@@ -110,8 +110,8 @@ NOTES = [
     'there is smoother and the chain gains. Gap to reachable 4.5 / −4.2 / −0.1 / 3.8 / 1.5 points (target ≤ 8: met on'
     ' all five). Slab ≤ 40 %: met on phantom-s1 and both shapes slabs, not on the phantom selection slab (45.5). A '
     "third generator, never used for a choice (bench_adapt's tilted lesion slabs, `python benchmarks/lbv_refine.py "
-    '--cache DIR --work DIR`, lbv_refine.md): 58.5 → 51.8, 50.9 → 43.4, 52.9 → 45.9, brain returned 0.878–0.914 → '
-    "0.949–0.965. Cost: LBV's CG takes about as many iterations (280 against 240 on the phantom slab) on 5× the "
+    '--cache DIR --work DIR`, lbv_refine.md): 58.5 → 51.8, 50.9 → 43.4, 52.9 → 45.9, 53.3 → 46.3, 50.7 → 46.5, '
+    "brain returned 0.878–0.922 → 0.949–0.967. Cost: LBV's CG takes about as many iterations (280 against 240 on the phantom slab) on 5× the "
     'unknowns: 1.0 → 8.7 s and 86 → 422 MB above its inputs, idle, one thread (`python benchmarks/lbv_cost.py '
     '--cache DIR`, lbv_cost.md; the Laplacian is now built straight into CSR with int32 indices and LBV works in the '
     "mask's bounding box: 1.3 GB before on nodes). Tests: `tests/core/field/test_lbv_refine.py` (analytic 1×1×3 mm"
