@@ -105,8 +105,8 @@ NOTES = [
     'after the choice) phantom-s1 40.5 → **39.5**, shapes-s1 33.5 → **27.9**. Plain MEDI 68.2 → 62.1, 39.8 → 34.9, '
     '51.3 → 49.9, 46.9 → 44.8; TKD 80.3 → 76.9, 67.0 → 65.1, 58.9 → 58.1, 76.0 → 73.1. Reachable MEDI-WH (the best '
     'LBV row on the true total field) 41.0 (nodes; 47.4 on the grid), 29.8 (grid; 49.1 on nodes), 35.7, 26.4: on the '
-    "shapes selection slab the chain mask's non-brain edge voxels (12,312, 905 of them skull in slice 0) return, on "
-    "nodes, the true total field's own non-brain sources, which no background removal takes out; the measured field "
+    "shapes selection slab the chain mask's non-brain edge voxels (22,958, 1,009 of them in the FOV's first slice, which holds no "
+    "brain; edge_field_error.md) return, on nodes, the true total field's own non-brain sources, which no background removal takes out; the measured field "
     'there is smoother and the chain gains. Gap to reachable 4.5 / −4.2 / −0.1 / 3.8 / 1.5 points (target ≤ 8: met on'
     ' all five). Slab ≤ 40 %: met on phantom-s1 and both shapes slabs, not on the phantom selection slab (45.5). A '
     "third generator, never used for a choice (bench_adapt's tilted lesion slabs, `python benchmarks/lbv_refine.py "

@@ -8,7 +8,7 @@ brain mask minus that returned mask (LBV's Dirichlet layer on the scan's grid: t
 *interior*: the returned mask. Error: the chain's total field minus the generator's true total field, its median over
 the brain mask removed (ppm). Columns: rms error; median |error| / N_std (how far the chain's noise map is from the
 error); the true local field's rms in the same voxels (the signal there). *edge ∩ brain* keeps the generator's brain
-voxels only; *edge, not brain* is the rest of the edge (CSF, skull, the mask's margin).
+voxels only; *edge, not brain* is the rest of the edge (CSF, skull, the mask's margin), and the part of it in the FOV's first slice.
 """
 
 from __future__ import annotations
@@ -47,10 +47,14 @@ def main(argv=None) -> int:
         err = tot.field - t.total
         err -= np.median(err[bm])
         edge = bm & ~inner
-        for name, sel in (("interior", inner), ("edge", edge), ("edge ∩ brain", edge & br), ("edge, not brain",
-                                                                                             edge & ~br)):
+        z0 = np.zeros(bm.shape, bool)
+        z0[:, :, 0] = True                                            # the FOV's first slice
+        for name, sel in (("interior", inner), ("edge", edge), ("edge ∩ brain", edge & br),
+                          ("edge, not brain", edge & ~br), ("edge, not brain, FOV slice 0", edge & ~br & z0)):
             e = err[sel]
-            loc = f"{np.sqrt(np.mean(t.local[sel] ** 2)):.4f}" if name != "edge, not brain" else "(not brain)"
+            if not sel.any():
+                continue
+            loc = f"{np.sqrt(np.mean(t.local[sel] ** 2)):.4f}" if "not brain" not in name else "(not brain)"
             print(f"| {gen} | {name} | {int(sel.sum())} | {np.sqrt(np.mean(e ** 2)):.4f} | "
                   f"{np.median(np.abs(e) / tot.noise_std[sel]):.2f} | {loc} |", flush=True)
     print("\nReading (session 12's run): in the brain's edge voxels the phantom's raw total field is off by 0.021–0.022 "

@@ -40,7 +40,8 @@ READING = (
     "tilted heads that never chose anything. The local field over the whole brain barely moves (the edge voxels' values are "
     "near a boundary that holds them close to 0; χ gains because MEDI gets those voxels with data). On the shapes "
     "selection slab the *true total* row loses (29.8 → 49.1): the chain mask's non-brain edge voxels now return the "
-    "true total field's own non-brain sources (skull in slice 0). LBV's time grows with the unknowns (5 nodes per "
+    "true total field's own non-brain sources (1,009 of them in the FOV's first slice, which holds no brain; "
+    "edge_field_error.md). LBV's time grows with the unknowns (5 nodes per "
     "3 mm voxel; about as many CG iterations).")
 
 HEADS = ["phantom:slab", "shapes:slab", "phantom-s1:slab", "shapes-s1:slab"]

@@ -235,10 +235,9 @@ def subdivide(f, m, fac):
 def coarsen(local, inner, fac):
     """The fine solution back on the scan's grid: the mean over each voxel's interior nodes; a voxel is returned when
     at least one of its nodes is interior."""
-    sh = [n // k for n, k in zip(local.shape, fac)]
-    s = np.where(inner, local, 0).reshape(sh[0], fac[0], sh[1], fac[1], sh[2], fac[2]).sum(axis=(1, 3, 5))
-    c = inner.reshape(sh[0], fac[0], sh[1], fac[1], sh[2], fac[2]).sum(axis=(1, 3, 5))
-    return np.where(c > 0, s / np.maximum(c, 1), 0).astype(np.float32), c > 0
+    s = _block_mean(np.where(inner, local, 0).astype(np.float64), fac)
+    c = _block_mean(inner.astype(np.float64), fac)
+    return np.where(c > 0, s / np.where(c > 0, c, 1), 0).astype(np.float32), c > 0
 
 
 def lbv(total_field, mask, params: LBVParams | None = None, *, voxel_size=(1.0, 1.0, 1.0),
@@ -271,7 +270,7 @@ def lbv(total_field, mask, params: LBVParams | None = None, *, voxel_size=(1.0, 
     """
     p = params or LBVParams()
     f_full, m_full, _ = check_field_inputs(total_field, mask)
-    vs = check_voxel_size(voxel_size)
+    vs = vs_scan = check_voxel_size(voxel_size)
     if not m_full.any():
         raise ScanError("mask: empty; LBV needs a solid mask")
     box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(m_full))  # the work stays in the mask's box
@@ -299,7 +298,7 @@ def lbv(total_field, mask, params: LBVParams | None = None, *, voxel_size=(1.0, 
     local[inner] = x.astype(np.float32)
     if fac != (1, 1, 1):
         local, inner = coarsen(local, inner, fac)
-        vs = check_voxel_size(voxel_size)
+        vs = vs_scan
     out_mask = inner
     if p.peel > 0:
         out_mask = ndimage.binary_erosion(inner, ndimage.generate_binary_structure(3, 1), iterations=int(p.peel),

@@ -244,6 +244,7 @@ class Problem:
         if use_csf:
             out += self.csf_op(v).mul_(lambda_csf)
         return out
+
     def csf_op(self, x):
         """P x = M_CSF (x − mean_CSF x)."""
         mu = x[self.csf].mean()
