@@ -11,8 +11,9 @@ Heads:
   ``peel_by_method.py``), the default chain run once and kept in ``--work``.
 
 Per head, the same total field and brain mask go through LBV with ``refine=off`` (the scan's grid, the default
-before session 12) and ``refine=auto``, from the chain's total field (*raw*) and, for bench_field's heads, from the
-generator's true total field in the same mask (*true total*: the reachable reference). Columns: the fraction of the
+before session 12) and ``refine=auto``, from the chain's total field (*raw*) and from the generator's true total
+field in the same mask (*true total*: the reachable reference; tilted heads kept in ``--work`` before session 13 have
+no true fields, so no such row). Columns: the fraction of the
 generator's brain returned, the local field's demeaned NRMSE % over the brain, and χ by MEDI with the residual
 background φ (``weak_harmonic=on``), demeaned NRMSE % over the brain. Voxels not returned count as error (0 there).
 """
@@ -65,10 +66,11 @@ def _tilted_head(i, work: Path):
         echoes, ph, chi = case_echoes(i)
         run = local_field(echoes, FieldRecipe(background="lbv"), device="cpu")
         with open(p, "wb") as f:
-            pickle.dump((run.total, run.brain_mask.astype(bool), chi, ph.mask.astype(bool)), f, protocol=4)
+            pickle.dump((run.total, run.brain_mask.astype(bool), chi, ph.mask.astype(bool), ph.true_total_field,
+                         ph.true_local_field), f, protocol=4)
     with open(p, "rb") as f:
-        tot, bm, chi, brain = pickle.load(f)
-    return tot, bm, chi, brain, None, None
+        head = pickle.load(f)
+    return head if len(head) == 6 else (*head, None, None)   # runs pickled before session 13 hold no true fields
 
 
 def main(argv=None) -> int:
