@@ -2,9 +2,15 @@
 
     nice -n 10 python benchmarks/unseen_slabs.py --work DIR [--heads 2:0.75:0 3:1:0 3:1:15] [--out docs/benchmarks]
 
-Each head is ``SEED:INPLANE:TILT``: ``napari-qsm phantom DIR/H --raw --clinical --seed SEED --oblique TILT`` (the
-clinical preset, 192×224×48 at 0.75×0.75×3 mm, or with INPLANE 1: ``--shape 144 168 48 --voxel-size 1 1 3``, the
-same field of view), seeds never used to choose anything (bench_field.py's selection heads are seeds 0 and 1).
+Each head is ``[GEN:]SEED:INPLANE:TILT``, seeds never used to choose anything (bench_field.py's selection heads are
+seeds 0 and 1), the field of view 144×168×144 mm (48 slices of 3 mm; INPLANE 0.75 is the clinical preset's
+192×224×48), B0 tilted by TILT degrees about x:
+
+* GEN ``phantom`` (the default): ``napari-qsm phantom DIR/H --raw --clinical --seed SEED --oblique TILT`` (with
+  ``--shape`` and ``--voxel-size`` when INPLANE is not 0.75), read back from its BIDS folder as a user's scan;
+* GEN ``shapes``: the independent ``core/sim/shapes.make_head`` (scalp, skull, CSF rim, veins; SNR 40, one channel)
+  with bench_field.py's clinical echoes (7, TE 12.6 ms + 4.1 ms steps), given to the chain as echoes.
+
 Then, as ``napari-qsm recon H/sub-phantom/anat --method medi`` does, the default field chain and MEDI with its
 registry defaults (``weak_harmonic=auto``: on for this chain's local field), and two references on the same head:
 
@@ -34,35 +40,58 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def simulate(work: Path, seed: int, inplane: float, tilt: float) -> Path:
+FOV_MM = (144.0, 168.0, 144.0)
+SLICE_MM = 3.0
+
+
+def _grid(inplane: float):
+    return (round(FOV_MM[0] / inplane), round(FOV_MM[1] / inplane), round(FOV_MM[2] / SLICE_MM)), \
+        (inplane, inplane, SLICE_MM)
+
+
+def phantom_head(work: Path, seed: int, inplane: float, tilt: float):
+    """(echoes, χ, brain, true total, true local) of ``napari-qsm phantom --raw --clinical``, read back from disk."""
+    import nibabel as nib
+
+    from napari_qsm.core.field.load import load_echoes
+
     d = work / f"s{seed}_{inplane:g}mm_tilt{tilt:g}"
     if not (d / "truth" / "chi.nii.gz").exists():
         cmd = ["napari-qsm", "phantom", str(d), "--raw", "--clinical", "--seed", str(seed), "--oblique", str(tilt),
                "-q", "--overwrite"]
         if inplane != 0.75:
-            n = (round(144 / inplane), round(168 / inplane))
-            cmd += ["--shape", str(n[0]), str(n[1]), "48", "--voxel-size", str(inplane), str(inplane), "3"]
+            shape, vs = _grid(inplane)
+            cmd += ["--shape", *map(str, shape), "--voxel-size", *map(str, vs)]
         subprocess.run(cmd, check=True)
-    return d
-
-
-def one(d: Path) -> dict:
-    import nibabel as nib
-    import torch
-
-    from napari_qsm.core import metrics as M
-    from napari_qsm.core.field.load import load_echoes
-    from napari_qsm.core.field.pipeline import find_step, local_field
-    from napari_qsm.methods import reconstruct
-
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 
     def rd(n):
         return np.asarray(nib.load(d / "truth" / f"{n}.nii.gz").dataobj)
 
-    chi_t, brain_t, tot_t, loc_t = rd("chi"), rd("mask") > 0, rd("total_field"), rd("local_field")
+    return (load_echoes(d / "sub-phantom" / "anat"), rd("chi"), rd("mask") > 0, rd("total_field"),
+            rd("local_field"))
+
+
+def shapes_head(seed: int, inplane: float, tilt: float):
+    """The same from the independent shapes generator (made in memory)."""
+    from napari_qsm.core.sim.phantom import oblique_direction
+    from napari_qsm.core.sim.shapes import make_head
+
+    shape, vs = _grid(inplane)
+    h = make_head(shape, vs, seed=seed, te=tuple(0.0126 + 0.0041 * i for i in range(7)), snr=40.0,
+                  b0_direction=oblique_direction(tilt, "x"), device="cpu")
+    return h.to_echoes(), h.chi, h.brain_mask.astype(bool), h.total_field, h.local_field
+
+
+def one(echoes, chi_t, brain_t, tot_t, loc_t) -> dict:
+    import torch
+
+    from napari_qsm.core import metrics as M
+    from napari_qsm.core.field.pipeline import find_step, local_field
+    from napari_qsm.methods import reconstruct
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     t0 = time.perf_counter()
-    run = local_field(load_echoes(d / "sub-phantom" / "anat"), device="cpu")
+    run = local_field(echoes, device="cpu")
     t_field = time.perf_counter() - t0
     sc = run.scan
 
@@ -82,14 +111,15 @@ def one(d: Path) -> dict:
                     voxel_size=sc.voxel_size, b0_direction=sc.b0_direction, noise_std=sc.noise_std, device="cpu")
     reach = medi(loc, em, {"weak_harmonic": "on"})
     true = medi(loc_t, brain_t, {"weak_harmonic": "off"})
-    return {"head": d.name, "voxel_size": [float(v) for v in sc.voxel_size], "shape": list(sc.field.shape),
+    return {"voxel_size": [float(v) for v in sc.voxel_size], "shape": list(sc.field.shape),
             "chain": chain, "reachable": reach, "true_local": true}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="folder for the simulated heads (kept: reruns reuse them)")
-    ap.add_argument("--heads", nargs="+", default=["2:0.75:0", "3:1:0", "3:1:15"])
+    ap.add_argument("--heads", nargs="+", default=["2:0.75:0", "3:1:0", "3:1:15", "4:0.75:10", "shapes:2:0.75:0",
+                                                       "shapes:3:1:0", "shapes:3:1:15"])
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     a = ap.parse_args(argv)
     work, out = Path(a.work), Path(a.out)
@@ -97,19 +127,20 @@ def main(argv=None):
     pj = out / "unseen_slabs.json"
     res = json.loads(pj.read_text()) if pj.exists() else {}
     for h in a.heads:
-        seed, inplane, tilt = h.split(":")
-        key = f"seed {seed}, {inplane}×{inplane}×3 mm, B0 tilt {tilt}°"
+        parts = h.split(":")
+        gen = parts.pop(0) if len(parts) == 4 else "phantom"
+        seed, inplane, tilt = int(parts[0]), float(parts[1]), float(parts[2])
+        key = f"{gen} seed {seed}, {inplane:g}×{inplane:g}×3 mm, B0 tilt {tilt:g}°"
         if key in res:
             continue
-        d = simulate(work, int(seed), float(inplane), float(tilt))
-        r = one(d)
+        r = one(*(phantom_head(work, seed, inplane, tilt) if gen == "phantom" else shapes_head(seed, inplane, tilt)))
         r["load"] = list(os.getloadavg())
         res[key] = r
         print(key, json.dumps(r), flush=True)
         pj.write_text(json.dumps(res, indent=1) + "\n")
     L = ["# Unseen thick-slice heads: the default chain against its reachable reference (issue 24)", "",
          f"Made by `nice -n 10 python benchmarks/unseen_slabs.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-         " (its docstring says how each head is made and scored). Phantom seeds never used to choose a default. "
+         " (its docstring says how each head is made and scored). Seeds never used to choose a default. "
          "Demeaned NRMSE % / XSIM over the generator's brain mask, dropped voxels counted as error.", "",
          "| head | default chain → MEDI (registry defaults) | reachable: LBV of the true total field → MEDI-WH | "
          "gap | true local field → MEDI (not reachable) | brain returned | chain + MEDI wall s |",
